@@ -1,0 +1,667 @@
+//! The context actor: the single writer of a data directory.
+//!
+//! Every request runs the same steps: **decide** (validate against the current state; may
+//! reject, changes nothing) → **stage** (number and encode the events, then `apply` them) →
+//! **durable** (the group commit that holds them is flushed and synced) → **answer**.
+//!
+//! Group commit: staged records collect in an open group while the previous group is being
+//! made durable on the committer thread; when it finishes, the whole open group goes in one
+//! `sled::Batch` and one flush + `fdatasync`. Under load a group holds everything that
+//! arrived during one sync. Reads are answered in the same order: a read waits for the
+//! changes staged before it, so nobody sees a change before it is durable.
+//!
+//! If a commit fails, every request of that group and of the open group gets an error, the
+//! journal takes the group back, and the state is rebuilt from the log: nothing half-applied,
+//! nothing answered and then lost. A panic while deciding is caught and answered as an error;
+//! the actor keeps serving.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use indexmap::IndexMap;
+use tokio::sync::oneshot;
+
+use crate::error::ContextError;
+use crate::event::Event;
+use crate::journal::{Commit, Journal, StoreError};
+use crate::kinds::{Deserialized, Kinds};
+use crate::model::{
+    Artifact, ArtifactRef, DebugInfo, Digest, DynamoCacheEntry, PrecompileCacheEntry, SystemInfo,
+};
+use crate::record::{encode_event, encode_saved_entry, encode_snapshot_of, Envelope, SCHEMA_VERSION};
+use crate::replay::{recover, Head};
+use crate::state::State;
+use crate::stitch::{create_cache_entries, Stitch};
+
+/// A successful answer: the value, and the sequence number of the last event the request
+/// wrote (none for a request that changed nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack<T> {
+    pub seq: Option<u64>,
+    pub value: T,
+}
+
+/// What every message answers.
+pub type Answer<T> = Result<Ack<T>, ContextError>;
+
+/// A stitched entry with its backends' content.
+pub type StitchedEntry = PrecompileCacheEntry<Artifact>;
+
+/// `create_cache_entries`' value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stitched {
+    pub entries: IndexMap<String, StitchedEntry>,
+    pub debug_info: DebugInfo,
+}
+
+/// `load_cache_entry`'s value: the entry, and each backend's ready-to-use form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    pub entry: StitchedEntry,
+    pub deserialized: IndexMap<String, Deserialized>,
+}
+
+/// Process-wide counts, as PyTorch's `counters["dynamo_cache"]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadCounters {
+    pub hit: u64,
+    pub miss: u64,
+    pub error: u64,
+}
+
+/// An edit's function: old content → new content, or a message saying why not.
+pub type EditFn = Box<dyn FnOnce(Vec<u8>) -> Result<Vec<u8>, String> + Send>;
+
+/// Settings the actor needs.
+#[derive(Clone, Debug)]
+pub struct ActorSettings {
+    pub snapshot_every: u64,
+    pub max_content_bytes: u64,
+    pub origin: String,
+    pub kinds: Kinds,
+}
+
+macro_rules! message {
+    ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* } -> $out:ty) => {
+        $(#[$doc])*
+        pub struct $name { $(pub $field: $ty),* }
+        impl Message for $name {
+            type Result = Answer<$out>;
+        }
+    };
+}
+
+message!(/// `record_artifact`.
+    RecordArtifact { artifact: Artifact } -> ());
+message!(/// `record_dynamo_cache_entry`.
+    RecordEntry { key: String, entry: DynamoCacheEntry } -> ());
+message!(/// `edit_artifact`: `edit` runs on the current content; `label` is logged with the result.
+    EditArtifact { key: String, label: String, edit: EditFn } -> ());
+message!(/// `serialize_artifact_by_key`.
+    GetArtifact { key: String } -> Option<Artifact>);
+message!(/// `take_artifact`.
+    TakeArtifact { key: String } -> Option<Artifact>);
+message!(/// `clear`.
+    Clear {} -> ());
+message!(/// `dump_debug_info`.
+    DumpDebugInfo {} -> DebugInfo);
+message!(/// `create_cache_entries` (stitch).
+    CreateCacheEntries {} -> Stitched);
+message!(/// `save_to_dynamo_cache`.
+    SaveToDynamoCache {} -> DebugInfo);
+message!(/// `load_cache_entry`, with the caller's system info to check against, if given.
+    LoadCacheEntry { key: String, system_info: Option<SystemInfo> } -> Loaded);
+message!(/// The current load counters.
+    GetLoadCounters {} -> LoadCounters);
+message!(/// A digest of the whole state (order included), for comparing contexts.
+    StateDigest {} -> Digest);
+message!(/// Waits until everything accepted is durable, then stops the actor and releases the data
+    /// directory.
+    Close {} -> ());
+
+type Waiter = Box<dyn FnOnce(Result<(), ContextError>) + Send>;
+
+/// A group of staged changes and the answers waiting for it.
+#[derive(Default)]
+struct Group {
+    commit: Commit,
+    waiters: Vec<Waiter>,
+}
+
+/// The committer thread's report.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Committed {
+    result: Result<(), StoreError>,
+    last_seq: u64,
+    snapshot: Option<u64>,
+}
+
+/// The actor. Its state is the fold of the log plus the changes staged after it.
+pub struct ContextActor {
+    journal: Arc<dyn Journal>,
+    settings: ActorSettings,
+    state: State,
+    /// The last staged event (speculative: may not be durable yet).
+    head: Head,
+    last_snapshot: u64,
+    open: Group,
+    inflight: Option<Vec<Waiter>>,
+    committer: Option<(mpsc::Sender<Commit>, JoinHandle<()>)>,
+    counters: LoadCounters,
+    closed: bool,
+}
+
+impl ContextActor {
+    /// An actor over a journal, with the state replayed from it.
+    pub fn new(journal: Arc<dyn Journal>, recovered: crate::replay::Recovered, settings: ActorSettings) -> Self {
+        ContextActor {
+            journal,
+            settings,
+            state: recovered.state,
+            head: recovered.head,
+            last_snapshot: recovered.snapshot.unwrap_or(0),
+            open: Group::default(),
+            inflight: None,
+            committer: None,
+            counters: LoadCounters::default(),
+            closed: false,
+        }
+    }
+
+    /// Runs one request: decide (panics caught), stage, and answer once durable.
+    fn run<T: Send + 'static>(
+        &mut self,
+        decide: impl FnOnce(&mut Self) -> Result<(Vec<Event>, T), ContextError>,
+        map_commit_error: impl FnOnce(ContextError) -> ContextError + Send + 'static,
+    ) -> ResponseFuture<Answer<T>> {
+        let (tx, rx) = oneshot::channel();
+        let decided = if self.closed {
+            Err(ContextError::Closed)
+        } else {
+            catch_unwind(AssertUnwindSafe(|| decide(self))).unwrap_or_else(|panic| {
+                let message = panic_message(&panic);
+                tracing::error!(%message, "request handler panicked; nothing was changed");
+                Err(ContextError::Panicked { message })
+            })
+        };
+        match decided.and_then(|(events, value)| Ok((self.stage(events)?, value))) {
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+            Ok((seq, value)) => self.when_durable(Box::new(move |r| {
+                let _ = tx.send(r.map(|()| Ack { seq, value }).map_err(map_commit_error));
+            })),
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
+    }
+
+    /// Numbers, encodes and applies events. Encoding comes first, so a failure applies none.
+    fn stage(&mut self, events: Vec<Event>) -> Result<Option<u64>, ContextError> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let time_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut head = self.head;
+        let mut records = Vec::with_capacity(events.len());
+        let mut cache_puts = Vec::new();
+        for event in events {
+            let envelope = Envelope {
+                schema: SCHEMA_VERSION,
+                seq: head.seq + 1,
+                time_ms,
+                origin: self.settings.origin.clone(),
+                prev: head.hash,
+                event,
+            };
+            let (bytes, hash) = encode_event(&envelope)?;
+            if let Event::SavedToDynamoCache { entries } = &envelope.event {
+                for (key, entry) in entries {
+                    cache_puts.push((key.clone(), encode_saved_entry(entry)?));
+                }
+            }
+            head = Head { seq: envelope.seq, hash };
+            records.push((envelope.seq, bytes, envelope.event));
+        }
+        for (seq, bytes, event) in records {
+            self.state.apply(&event);
+            self.open.commit.records.push((seq, bytes));
+        }
+        self.open.commit.cache_puts.extend(cache_puts);
+        self.head = head;
+        Ok(Some(head.seq))
+    }
+
+    /// Calls `waiter` once everything staged so far is durable.
+    fn when_durable(&mut self, waiter: Waiter) {
+        if self.inflight.is_none() && self.open.commit.records.is_empty() {
+            waiter(Ok(()));
+            return;
+        }
+        self.open.waiters.push(waiter);
+        if self.inflight.is_none() {
+            self.dispatch();
+        }
+    }
+
+    /// Sends the open group to the committer (or, holding no records, answers its waiters).
+    fn dispatch(&mut self) {
+        let mut group = std::mem::take(&mut self.open);
+        if group.commit.records.is_empty() {
+            for w in group.waiters {
+                w(Ok(()));
+            }
+            return;
+        }
+        if self.head.seq - self.last_snapshot >= self.settings.snapshot_every {
+            match encode_snapshot_of(self.head.seq, self.head.hash, &self.state) {
+                Ok(bytes) => group.commit.snapshot = Some((self.head.seq, bytes)),
+                Err(e) => tracing::warn!(error = %e, "snapshot skipped"),
+            }
+        }
+        let Some((tx, _)) = &self.committer else {
+            for w in group.waiters {
+                w(Err(ContextError::Closed));
+            }
+            return;
+        };
+        if tx.send(group.commit).is_err() {
+            for w in group.waiters {
+                w(Err(ContextError::Closed));
+            }
+            return;
+        }
+        self.inflight = Some(group.waiters);
+    }
+
+    /// After a failed commit: the log is the truth, so rebuild from it.
+    fn reload(&mut self) {
+        match recover(self.journal.as_ref()) {
+            Ok(r) => {
+                self.state = r.state;
+                self.head = r.head;
+                self.last_snapshot = r.snapshot.unwrap_or(0);
+                if let Err(e) = sync_cache_view(self.journal.as_ref(), &self.state) {
+                    tracing::error!(error = %e, "could not rebuild the dynamo cache view");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot replay the log after a failed commit; refusing further requests");
+                self.closed = true;
+            }
+        }
+    }
+
+    fn content(&self, key: &str, r: &ArtifactRef) -> Result<Vec<u8>, ContextError> {
+        let unavailable = |message: String| ContextError::ContentUnavailable {
+            key: key.to_string(),
+            digest: r.digest.to_hex(),
+            message,
+        };
+        match self.journal.blob(&r.digest) {
+            Ok(Some(c)) => Ok(c),
+            Ok(None) => Err(unavailable("missing from the blob store".into())),
+            Err(e) => Err(unavailable(e.to_string())),
+        }
+    }
+
+    fn artifact(&self, key: &str) -> Result<Option<Artifact>, ContextError> {
+        match self.state.artifacts.get(key) {
+            None => Ok(None),
+            Some(r) => Ok(Some(Artifact {
+                key: key.to_string(),
+                kind: r.kind.clone(),
+                content: self.content(key, r)?,
+            })),
+        }
+    }
+
+    /// Stores content and gives the reference an event carries.
+    fn store_content(&self, key: &str, kind: &str, content: &[u8]) -> Result<ArtifactRef, ContextError> {
+        let size = content.len() as u64;
+        if size > self.settings.max_content_bytes {
+            return Err(ContextError::TooLarge {
+                key: key.to_string(),
+                size,
+                limit: self.settings.max_content_bytes,
+            });
+        }
+        let digest = Digest::of(content);
+        self.journal.put_blob(&digest, content)?;
+        Ok(ArtifactRef { kind: kind.to_string(), digest, size })
+    }
+
+    fn stitch<B>(&self, resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>) -> Stitch<B> {
+        let out = create_cache_entries(&self.state, resolve);
+        for t in &out.trace {
+            crate::trace::structured(t);
+        }
+        out
+    }
+}
+
+/// Makes the sled dynamo cache view hold exactly the state's saved entries.
+pub fn sync_cache_view(journal: &dyn Journal, state: &State) -> Result<(), ContextError> {
+    let entries = state
+        .dynamo_cache
+        .iter()
+        .map(|(k, e)| Ok((k.clone(), encode_saved_entry(e)?)))
+        .collect::<Result<Vec<_>, crate::record::EncodeError>>()?;
+    journal.rewrite_cache_view(&entries)?;
+    Ok(())
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+fn same(e: ContextError) -> ContextError {
+    e
+}
+
+impl Actor for ContextActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Requests wait in the mailbox while a group is being synced: that wait is what makes
+        // the next group large, so the mailbox must hold many.
+        ctx.set_mailbox_capacity(65_536);
+        let (tx, rx) = mpsc::channel::<Commit>();
+        let journal = self.journal.clone();
+        let addr = ctx.address();
+        let spawned = std::thread::Builder::new().name("pcx-committer".into()).spawn(move || {
+            for commit in rx {
+                let last_seq = commit.records.last().map(|r| r.0).unwrap_or(0);
+                let snapshot = commit.snapshot.as_ref().map(|s| s.0);
+                let result = journal.commit(&commit);
+                drop(commit);
+                addr.do_send(Committed { result, last_seq, snapshot });
+            }
+        });
+        match spawned {
+            Ok(handle) => self.committer = Some((tx, handle)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the committer thread");
+                self.closed = true;
+            }
+        }
+    }
+}
+
+impl Handler<Committed> for ContextActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Committed, _ctx: &mut Self::Context) {
+        let waiters = self.inflight.take().unwrap_or_default();
+        match msg.result {
+            Ok(()) => {
+                tracing::debug!(last_seq = msg.last_seq, answers = waiters.len(), "group durable");
+                if let Some(s) = msg.snapshot {
+                    self.last_snapshot = s;
+                }
+                for w in waiters {
+                    w(Ok(()));
+                }
+                self.dispatch();
+            }
+            Err(e) => {
+                let err = ContextError::from(e);
+                tracing::error!(error = %err, last_seq = msg.last_seq, "commit failed; its changes were not applied");
+                for w in waiters {
+                    w(Err(err.clone()));
+                }
+                let open = std::mem::take(&mut self.open);
+                for w in open.waiters {
+                    w(Err(ContextError::Aborted { message: err.to_string() }));
+                }
+                self.reload();
+            }
+        }
+    }
+}
+
+impl Handler<RecordArtifact> for ContextActor {
+    type Result = ResponseFuture<Answer<()>>;
+
+    fn handle(&mut self, msg: RecordArtifact, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            move |this| {
+                let a = msg.artifact;
+                let r = this.store_content(&a.key, &a.kind, &a.content)?;
+                Ok((
+                    vec![Event::ArtifactRecorded { key: a.key, kind: r.kind, digest: r.digest, size: r.size }],
+                    (),
+                ))
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<RecordEntry> for ContextActor {
+    type Result = ResponseFuture<Answer<()>>;
+
+    fn handle(&mut self, msg: RecordEntry, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            move |_| {
+                msg.entry
+                    .validate()
+                    .map_err(|reason| ContextError::InvalidEntry { key: msg.key.clone(), reason })?;
+                Ok((vec![Event::DynamoEntryRecorded { key: msg.key, entry: msg.entry }], ()))
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<EditArtifact> for ContextActor {
+    type Result = ResponseFuture<Answer<()>>;
+
+    fn handle(&mut self, msg: EditArtifact, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            move |this| {
+                let EditArtifact { key, label, edit } = msg;
+                let Some(current) = this.state.artifacts.get(&key).cloned() else {
+                    return Err(ContextError::KeyNotFound { key });
+                };
+                let content = this.content(&key, &current)?;
+                let edited = match catch_unwind(AssertUnwindSafe(|| edit(content))) {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(message)) => return Err(ContextError::EditFailed { key, message }),
+                    Err(p) => {
+                        return Err(ContextError::EditFailed {
+                            key,
+                            message: format!("the edit panicked: {}", panic_message(&p)),
+                        })
+                    }
+                };
+                let r = this.store_content(&key, &current.kind, &edited)?;
+                Ok((vec![Event::ArtifactEdited { key, label, digest: r.digest, size: r.size }], ()))
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<GetArtifact> for ContextActor {
+    type Result = ResponseFuture<Answer<Option<Artifact>>>;
+
+    fn handle(&mut self, msg: GetArtifact, _: &mut Self::Context) -> Self::Result {
+        self.run(move |this| Ok((Vec::new(), this.artifact(&msg.key)?)), same)
+    }
+}
+
+impl Handler<TakeArtifact> for ContextActor {
+    type Result = ResponseFuture<Answer<Option<Artifact>>>;
+
+    fn handle(&mut self, msg: TakeArtifact, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            move |this| match this.artifact(&msg.key)? {
+                None => Ok((Vec::new(), None)),
+                Some(a) => Ok((vec![Event::ArtifactTaken { key: msg.key }], Some(a))),
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<Clear> for ContextActor {
+    type Result = ResponseFuture<Answer<()>>;
+
+    fn handle(&mut self, _: Clear, _: &mut Self::Context) -> Self::Result {
+        self.run(|_| Ok((vec![Event::Cleared], ())), same)
+    }
+}
+
+impl Handler<DumpDebugInfo> for ContextActor {
+    type Result = ResponseFuture<Answer<DebugInfo>>;
+
+    fn handle(&mut self, _: DumpDebugInfo, _: &mut Self::Context) -> Self::Result {
+        self.run(|this| Ok((Vec::new(), this.state.debug_info())), same)
+    }
+}
+
+impl Handler<CreateCacheEntries> for ContextActor {
+    type Result = ResponseFuture<Answer<Stitched>>;
+
+    fn handle(&mut self, _: CreateCacheEntries, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            |this| {
+                let out = this.stitch(|id, r| {
+                    this.content(id, r)
+                        .map(|content| Artifact { key: id.to_string(), kind: r.kind.clone(), content })
+                        .map_err(|e| e.to_string())
+                });
+                let event = out.event();
+                Ok((vec![event], Stitched { entries: out.entries, debug_info: out.debug_info }))
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<SaveToDynamoCache> for ContextActor {
+    type Result = ResponseFuture<Answer<DebugInfo>>;
+
+    fn handle(&mut self, _: SaveToDynamoCache, _: &mut Self::Context) -> Self::Result {
+        let first_key = self.state.entries.keys().next().cloned().unwrap_or_default();
+        self.run(
+            |this| {
+                // The saved entry refers to content by digest; check that each blob is there.
+                let out = this.stitch(|id, r| match this.journal.blob(&r.digest) {
+                    Ok(Some(_)) => Ok(r.clone()),
+                    Ok(None) => Err(format!("content of {id} (blob {}) is missing", r.digest)),
+                    Err(e) => Err(format!("content of {id} cannot be read: {e}")),
+                });
+                let events = vec![
+                    out.event(),
+                    Event::SavedToDynamoCache { entries: out.entries.clone() },
+                ];
+                Ok((events, out.debug_info))
+            },
+            // A failed write names an entry, in PyTorch's words.
+            move |e| match e {
+                ContextError::Storage { message, .. } => ContextError::SaveFailed { key: first_key, message },
+                e => e,
+            },
+        )
+    }
+}
+
+impl Handler<LoadCacheEntry> for ContextActor {
+    type Result = ResponseFuture<Answer<Loaded>>;
+
+    fn handle(&mut self, msg: LoadCacheEntry, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            move |this| {
+                let LoadCacheEntry { key, system_info } = msg;
+                let Some(saved) = this.state.dynamo_cache.get(&key).cloned() else {
+                    this.counters.miss += 1;
+                    tracing::info!(key = %key, counter = "dynamo_cache_miss", "no package found");
+                    return Err(ContextError::PackageNotFound { key });
+                };
+                let loaded = (|| {
+                    if let Some(current) = &system_info {
+                        saved
+                            .dynamo
+                            .system_info
+                            .check_compatibility(current, &saved.dynamo.device_type)
+                            .map_err(|message| ContextError::SystemMismatch { key: key.clone(), message })?;
+                    }
+                    let mut backends = IndexMap::new();
+                    let mut deserialized = IndexMap::new();
+                    for (id, r) in &saved.backends {
+                        let content = this.content(id, r)?;
+                        let d = this.settings.kinds.after_deserialization(id, &r.kind, content.clone())?;
+                        backends.insert(id.clone(), Artifact { key: id.clone(), kind: r.kind.clone(), content });
+                        deserialized.insert(id.clone(), d);
+                    }
+                    Ok(Loaded { entry: PrecompileCacheEntry { dynamo: saved.dynamo.clone(), backends }, deserialized })
+                })();
+                match loaded {
+                    Ok(value) => {
+                        this.counters.hit += 1;
+                        tracing::info!(key = %key, counter = "dynamo_cache_hit", "loaded package");
+                        Ok((vec![Event::EntryLoaded { key, backends: saved.backends }], value))
+                    }
+                    Err(e) => {
+                        this.counters.error += 1;
+                        tracing::warn!(key = %key, counter = "dynamo_cache_error", error = %e, "failed to load package");
+                        Err(e)
+                    }
+                }
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<GetLoadCounters> for ContextActor {
+    type Result = ResponseFuture<Answer<LoadCounters>>;
+
+    fn handle(&mut self, _: GetLoadCounters, _: &mut Self::Context) -> Self::Result {
+        let c = self.counters;
+        self.run(move |_| Ok((Vec::new(), c)), same)
+    }
+}
+
+impl Handler<StateDigest> for ContextActor {
+    type Result = ResponseFuture<Answer<Digest>>;
+
+    fn handle(&mut self, _: StateDigest, _: &mut Self::Context) -> Self::Result {
+        self.run(|this| Ok((Vec::new(), this.state.digest())), same)
+    }
+}
+
+impl Handler<Close> for ContextActor {
+    type Result = ResponseActFuture<Self, Answer<()>>;
+
+    fn handle(&mut self, _: Close, _: &mut Self::Context) -> Self::Result {
+        let barrier = self.run(|_| Ok((Vec::new(), ())), same);
+        Box::pin(actix::fut::wrap_future::<_, Self>(barrier).map(|answer, this, ctx| {
+            this.closed = true;
+            if let Some((tx, handle)) = this.committer.take() {
+                drop(tx);
+                if handle.join().is_err() {
+                    tracing::error!("the committer thread panicked");
+                }
+            }
+            // Release the journal (and sled's lock on the directory) now, not whenever the
+            // actor is dropped.
+            this.journal = Arc::new(crate::journal::ClosedJournal);
+            ctx.stop();
+            answer
+        }))
+    }
+}

@@ -1,0 +1,160 @@
+//! The library API for Rust orchestrators that embed pcx: [`Context`] opens a data
+//! directory, replays it, starts the context actor, and offers PyTorch's operations as async
+//! methods. Must be used inside an actix system (`actix::System::new().block_on(…)` or
+//! `#[actix::main]`).
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use crate::actor::{
+    sync_cache_view, ActorSettings, Answer, Clear, Close, ContextActor, CreateCacheEntries,
+    DumpDebugInfo, EditArtifact, GetArtifact, GetLoadCounters, LoadCacheEntry, LoadCounters, Loaded,
+    RecordArtifact, RecordEntry, SaveToDynamoCache, StateDigest, Stitched, TakeArtifact,
+};
+use crate::config::Config;
+use crate::error::ContextError;
+use crate::journal::{Journal, OpenError, SledJournal};
+use crate::kinds::Kinds;
+use crate::model::{Artifact, DebugInfo, Digest, DynamoCacheEntry, SystemInfo};
+use crate::replay::{recover, ReplayError};
+
+/// Why a context could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextOpenError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("cannot replay the event log: {0}")]
+    Replay(#[from] ReplayError),
+    #[error("cannot rebuild the dynamo cache view: {0}")]
+    CacheView(ContextError),
+}
+
+/// A handle to a running context actor. Cheap to clone; all clones talk to one actor.
+#[derive(Clone)]
+pub struct Context {
+    addr: Addr<ContextActor>,
+}
+
+impl Context {
+    /// Opens the configured data directory (creating it if missing) and replays its log.
+    pub fn open(config: &Config) -> Result<Context, ContextOpenError> {
+        let journal = SledJournal::open(&config.data_dir, config.cache_capacity_bytes)?;
+        Context::with_journal(Arc::new(journal), settings(config))
+    }
+
+    /// Starts a context over any journal (tests pass a fault-injecting one).
+    pub fn with_journal(journal: Arc<dyn Journal>, settings: ActorSettings) -> Result<Context, ContextOpenError> {
+        let recovered = recover(journal.as_ref())?;
+        tracing::info!(
+            head = recovered.head.seq,
+            snapshot = ?recovered.snapshot,
+            replayed = recovered.replayed,
+            "replayed the event log"
+        );
+        // The sled view of the dynamo cache may lag the log after a crash; the log wins.
+        if journal.cache_view_len().map_err(|e| ContextOpenError::CacheView(e.into()))?
+            != recovered.state.dynamo_cache.len()
+        {
+            sync_cache_view(journal.as_ref(), &recovered.state).map_err(ContextOpenError::CacheView)?;
+        }
+        let actor = ContextActor::new(journal, recovered, settings);
+        Ok(Context { addr: actor.start() })
+    }
+
+    /// The actor's address, for sending messages directly.
+    pub fn addr(&self) -> &Addr<ContextActor> {
+        &self.addr
+    }
+
+    async fn ask<M, T>(&self, msg: M) -> Answer<T>
+    where
+        M: Message<Result = Answer<T>> + Send + 'static,
+        T: Send + 'static,
+        ContextActor: Handler<M>,
+    {
+        self.addr.send(msg).await.unwrap_or(Err(ContextError::Closed))
+    }
+
+    /// `record_artifact`: stores a copy of the artifact under its key.
+    pub async fn record_artifact(&self, artifact: Artifact) -> Answer<()> {
+        self.ask(RecordArtifact { artifact }).await
+    }
+
+    /// `record_dynamo_cache_entry`.
+    pub async fn record_dynamo_cache_entry(&self, key: impl Into<String>, entry: DynamoCacheEntry) -> Answer<()> {
+        self.ask(RecordEntry { key: key.into(), entry }).await
+    }
+
+    /// `edit_artifact`: `content = edit(content)`; `label` is logged with the result.
+    pub async fn edit_artifact(
+        &self,
+        key: impl Into<String>,
+        label: impl Into<String>,
+        edit: impl FnOnce(Vec<u8>) -> Vec<u8> + Send + 'static,
+    ) -> Answer<()> {
+        self.ask(EditArtifact { key: key.into(), label: label.into(), edit: Box::new(move |c| Ok(edit(c))) }).await
+    }
+
+    /// `serialize_artifact_by_key`: the artifact, or none.
+    pub async fn serialize_artifact_by_key(&self, key: impl Into<String>) -> Answer<Option<Artifact>> {
+        self.ask(GetArtifact { key: key.into() }).await
+    }
+
+    /// `take_artifact`: removes and returns it, or none.
+    pub async fn take_artifact(&self, key: impl Into<String>) -> Answer<Option<Artifact>> {
+        self.ask(TakeArtifact { key: key.into() }).await
+    }
+
+    /// `clear`: empties both maps.
+    pub async fn clear(&self) -> Answer<()> {
+        self.ask(Clear {}).await
+    }
+
+    /// `dump_debug_info`.
+    pub async fn dump_debug_info(&self) -> Answer<DebugInfo> {
+        self.ask(DumpDebugInfo {}).await
+    }
+
+    /// `create_cache_entries`: stitches every entry (logged as an event).
+    pub async fn create_cache_entries(&self) -> Answer<Stitched> {
+        self.ask(CreateCacheEntries {}).await
+    }
+
+    /// `save_to_dynamo_cache`: stitches and saves every entry; returns `debug_info`.
+    pub async fn save_to_dynamo_cache(&self) -> Answer<DebugInfo> {
+        self.ask(SaveToDynamoCache {}).await
+    }
+
+    /// `load_cache_entry`: reads a saved entry, records its backends again and deserializes
+    /// each by its kind.
+    pub async fn load_cache_entry(&self, key: impl Into<String>, system_info: Option<SystemInfo>) -> Answer<Loaded> {
+        self.ask(LoadCacheEntry { key: key.into(), system_info }).await
+    }
+
+    /// PyTorch's `dynamo_cache_hit/miss/error` counts in this process.
+    pub async fn load_counters(&self) -> Answer<LoadCounters> {
+        self.ask(GetLoadCounters {}).await
+    }
+
+    /// A digest of the whole state, order included.
+    pub async fn state_digest(&self) -> Answer<Digest> {
+        self.ask(StateDigest {}).await
+    }
+
+    /// Waits for everything accepted to be durable, stops the actor and releases the data
+    /// directory (so it can be opened again, by this process or another).
+    pub async fn close(self) -> Answer<()> {
+        self.ask(Close {}).await
+    }
+}
+
+/// The actor's settings from a configuration.
+pub fn settings(config: &Config) -> ActorSettings {
+    ActorSettings {
+        snapshot_every: config.snapshot_every,
+        max_content_bytes: config.max_content_bytes,
+        origin: config.origin(),
+        kinds: Kinds::builtin(config.plugin_dir()),
+    }
+}

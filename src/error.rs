@@ -1,0 +1,74 @@
+//! What a request to the context can fail with. Each variant says whose failure it is: the
+//! caller's (a rejected request: bad input, unknown key) or the system's (storage, a panic).
+
+use crate::journal::StoreError;
+use crate::model::InvalidEntry;
+
+/// A request's failure. Cloneable, because one failed commit fails every request in its group.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    /// PyTorch's assertion message, word for word.
+    #[error("Key {key} not found in artifacts")]
+    KeyNotFound { key: String },
+    #[error("dynamo cache entry {key} is invalid: {reason}")]
+    InvalidEntry { key: String, reason: InvalidEntry },
+    #[error("content of {key} is {size} bytes, over the limit of {limit} bytes (max_content_bytes)")]
+    TooLarge { key: String, size: u64, limit: u64 },
+    #[error("edit of {key} failed: {message}")]
+    EditFailed { key: String, message: String },
+    /// PyTorch's words for a miss.
+    #[error("No package found with key {key}")]
+    PackageNotFound { key: String },
+    /// PyTorch's words for a system mismatch (`Compile package was created with …`).
+    #[error("{message}")]
+    SystemMismatch { key: String, message: String },
+    #[error("no plugin serves artifact kind `{kind}` (backend {backend}); plugin directory: {plugin_dir}")]
+    NoPlugin { kind: String, backend: String, plugin_dir: String },
+    #[error("content of {key} (blob {digest}) cannot be read: {message}")]
+    ContentUnavailable { key: String, digest: String, message: String },
+    /// PyTorch's words for a failed cache write.
+    #[error("Failed to save package to {key}: {message}")]
+    SaveFailed { key: String, message: String },
+    #[error("storage failed: {message}")]
+    Storage { message: String, no_space: bool },
+    #[error("not applied: an earlier change in the same commit group failed ({message})")]
+    Aborted { message: String },
+    #[error("internal error: a request handler panicked: {message}; nothing was changed")]
+    Panicked { message: String },
+    #[error("the context is closed")]
+    Closed,
+}
+
+impl ContextError {
+    /// The `snake_case` kind that answers carry in `error.kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ContextError::KeyNotFound { .. } => "key_not_found",
+            ContextError::InvalidEntry { .. } => "invalid_entry",
+            ContextError::TooLarge { .. } => "too_large",
+            ContextError::EditFailed { .. } => "edit_failed",
+            ContextError::PackageNotFound { .. } => "package_not_found",
+            ContextError::SystemMismatch { .. } => "system_mismatch",
+            ContextError::NoPlugin { .. } => "no_plugin",
+            ContextError::ContentUnavailable { .. } => "content_unavailable",
+            ContextError::SaveFailed { .. } => "save_failed",
+            ContextError::Storage { no_space: true, .. } => "no_space",
+            ContextError::Storage { .. } => "storage",
+            ContextError::Aborted { .. } => "aborted",
+            ContextError::Panicked { .. } => "internal",
+            ContextError::Closed => "closed",
+        }
+    }
+}
+
+impl From<StoreError> for ContextError {
+    fn from(e: StoreError) -> Self {
+        ContextError::Storage { no_space: e.is_no_space(), message: e.to_string() }
+    }
+}
+
+impl From<crate::record::EncodeError> for ContextError {
+    fn from(e: crate::record::EncodeError) -> Self {
+        ContextError::Storage { no_space: false, message: e.to_string() }
+    }
+}

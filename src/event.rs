@@ -1,0 +1,99 @@
+//! Events: the facts the log records, in the past tense. State is only ever the fold of these.
+//!
+//! Content is not inside events: an event carries the content's digest and size, and the
+//! bytes live once in the blob store. An edit records its resulting content (and a label of
+//! what made it), so replay never needs the edit's code or the plugin that ran it.
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ArtifactRef, BackendId, Digest, DynamoCacheEntry, PrecompileCacheEntry};
+
+/// A stitched entry as stored: backends are references into the blob store.
+pub type SavedEntry = PrecompileCacheEntry<ArtifactRef>;
+
+/// Everything that can happen to a precompile context.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// `record_artifact`: the key now holds this content (replacing any earlier one, keeping
+    /// the key's first position).
+    ArtifactRecorded {
+        key: BackendId,
+        kind: String,
+        digest: Digest,
+        size: u64,
+    },
+    /// `record_dynamo_cache_entry`.
+    DynamoEntryRecorded { key: String, entry: DynamoCacheEntry },
+    /// `edit_artifact`: the artifact's content became this; `label` says what edit made it.
+    ArtifactEdited {
+        key: BackendId,
+        label: String,
+        digest: Digest,
+        size: u64,
+    },
+    /// `take_artifact` removed the key.
+    ArtifactTaken { key: BackendId },
+    /// `clear` emptied both maps (the dynamo cache is not touched, as in PyTorch).
+    Cleared,
+    /// `create_cache_entries` ran: what it produced, bypassed and why, and what failed.
+    Stitched {
+        produced: Vec<String>,
+        bypassed: Vec<StitchBypass>,
+        failed: Vec<StitchFailure>,
+    },
+    /// `save_to_dynamo_cache` wrote these stitched entries to the dynamo cache.
+    SavedToDynamoCache { entries: IndexMap<String, SavedEntry> },
+    /// `load_cache_entry` hit: the entry's backends were recorded into the context again.
+    EntryLoaded {
+        key: String,
+        backends: IndexMap<BackendId, ArtifactRef>,
+    },
+}
+
+/// A code a stitch bypassed, with the backend that was missing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StitchBypass {
+    pub key: String,
+    pub code_index: u32,
+    pub missing_backend: BackendId,
+    pub reason: String,
+}
+
+/// An entry a stitch could not produce, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StitchFailure {
+    pub key: String,
+    pub error: String,
+}
+
+impl Event {
+    /// The event's name as shown to people and in JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::ArtifactRecorded { .. } => "ArtifactRecorded",
+            Event::DynamoEntryRecorded { .. } => "DynamoEntryRecorded",
+            Event::ArtifactEdited { .. } => "ArtifactEdited",
+            Event::ArtifactTaken { .. } => "ArtifactTaken",
+            Event::Cleared => "Cleared",
+            Event::Stitched { .. } => "Stitched",
+            Event::SavedToDynamoCache { .. } => "SavedToDynamoCache",
+            Event::EntryLoaded { .. } => "EntryLoaded",
+        }
+    }
+
+    /// The content this event refers to that must be in the blob store.
+    pub fn content_refs(&self) -> Vec<Digest> {
+        match self {
+            Event::ArtifactRecorded { digest, .. } | Event::ArtifactEdited { digest, .. } => {
+                vec![*digest]
+            }
+            Event::SavedToDynamoCache { entries } => entries
+                .values()
+                .flat_map(|e| e.backends.values().map(|r| r.digest))
+                .collect(),
+            Event::EntryLoaded { backends, .. } => backends.values().map(|r| r.digest).collect(),
+            _ => Vec::new(),
+        }
+    }
+}

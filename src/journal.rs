@@ -1,0 +1,448 @@
+//! The event log's storage: append a group of records atomically and durably, read records
+//! back in order, keep snapshots, and hold content blobs by digest.
+//!
+//! The [`Journal`] trait is the seam: [`SledJournal`] is the product, and
+//! [`FaultyJournal`] wraps any journal to inject failures in tests. The journal stores bytes
+//! made by [`crate::record`] and never looks inside them.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::model::Digest;
+use crate::record::{key_seq, seq_key};
+
+/// One group commit: event records (by sequence number), dynamo cache view writes, and an
+/// optional snapshot. Applied all together or not at all, and durable once `commit` returns.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub records: Vec<(u64, Vec<u8>)>,
+    pub cache_puts: Vec<(String, Vec<u8>)>,
+    pub snapshot: Option<(u64, Vec<u8>)>,
+}
+
+/// A storage failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage failed while {op}: {source}")]
+    Sled {
+        op: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("storage failed while {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the data directory is closed")]
+    Closed,
+    #[error("storage failed while {op}: injected fault")]
+    Injected { op: &'static str },
+}
+
+impl StoreError {
+    /// True when the failure is the disk being full.
+    pub fn is_no_space(&self) -> bool {
+        let io = match self {
+            StoreError::Io { source, .. } => Some(source),
+            StoreError::Sled { source: sled::Error::Io(e), .. } => Some(e),
+            _ => None,
+        };
+        io.is_some_and(|e| e.raw_os_error() == Some(28) || e.to_string().contains("No space left"))
+    }
+}
+
+fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
+    move |source| StoreError::Sled { op, source }
+}
+
+/// Why a data directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data directory {path} is in use by another pcx process (one writer per data directory)")]
+    Locked { path: PathBuf },
+    #[error("cannot open the event log in {path}: {source}")]
+    Sled {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("cannot open {path} for syncing: {source}")]
+    DataFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Storage for the event log, snapshots, content blobs and the dynamo cache view.
+pub trait Journal: Send + Sync + 'static {
+    /// Stores content under its digest (once). Not durable by itself: the commit that refers
+    /// to it makes it durable.
+    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError>;
+    /// Reads content by digest.
+    fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Applies a group atomically and makes it durable. On error nothing of it remains.
+    fn commit(&self, commit: &Commit) -> Result<(), StoreError>;
+    /// Event records with sequence number `>= from`, in order.
+    fn records(&self, from: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_>;
+    /// Sequence numbers of stored snapshots, newest first.
+    fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError>;
+    /// One stored snapshot record.
+    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Replaces the dynamo cache view with exactly these entries.
+    fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
+    /// Number of entries in the dynamo cache view.
+    fn cache_view_len(&self) -> Result<usize, StoreError>;
+}
+
+/// How many snapshots are kept: the newest, and one before it to fall back to.
+const SNAPSHOTS_KEPT: usize = 2;
+
+/// The sled-backed journal (sled 0.34.7), durable through an explicit `fdatasync`.
+pub struct SledJournal {
+    db: sled::Db,
+    events: sled::Tree,
+    blobs: sled::Tree,
+    snapshots: sled::Tree,
+    cache: sled::Tree,
+    dir: PathBuf,
+    /// sled's data file: flushed by sled with `sync_file_range`, which leaves the device's
+    /// write cache unflushed (sled issue 1452), so we `fdatasync` it ourselves.
+    data_file: File,
+    /// The highest sled blob file already synced (sled names them by log sequence number and
+    /// never syncs them itself).
+    synced_blob_files: Mutex<u64>,
+}
+
+impl SledJournal {
+    /// Opens (creating if missing) the data directory.
+    pub fn open(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| OpenError::CreateDir { path: dir.to_path_buf(), source })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| {
+                if source.to_string().contains("could not acquire lock") {
+                    OpenError::Locked { path: dir.to_path_buf() }
+                } else {
+                    OpenError::Sled { path: dir.to_path_buf(), source }
+                }
+            })?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|source| OpenError::Sled { path: dir.to_path_buf(), source })
+        };
+        let (events, blobs, snapshots, cache) =
+            (tree("events")?, tree("blobs")?, tree("snapshots")?, tree("dynamo_cache")?);
+        let data_path = dir.join("db");
+        let data_file = File::open(&data_path)
+            .map_err(|source| OpenError::DataFile { path: data_path.clone(), source })?;
+        let journal = SledJournal {
+            db,
+            events,
+            blobs,
+            snapshots,
+            cache,
+            dir: dir.to_path_buf(),
+            data_file,
+            synced_blob_files: Mutex::new(0),
+        };
+        // The directory entries of sled's files must survive power loss too.
+        sync_dir(dir).map_err(|source| OpenError::DataFile { path: dir.to_path_buf(), source })?;
+        Ok(journal)
+    }
+
+    /// Flush sled, then `fdatasync` its data file and any new large-value files.
+    fn make_durable(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(sled_err("flushing the log"))?;
+        self.data_file.sync_data().map_err(|source| StoreError::Io {
+            op: "syncing",
+            path: self.dir.join("db"),
+            source,
+        })?;
+        self.sync_blob_files()
+    }
+
+    /// sled writes values too large for a log segment to files under `blobs/` without syncing
+    /// them; sync every one newer than the last synced, then the directory.
+    fn sync_blob_files(&self) -> Result<(), StoreError> {
+        let dir = self.dir.join("blobs");
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { op, path, source }
+        };
+        let mut synced = self.synced_blob_files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut newest = *synced;
+        let listing = match std::fs::read_dir(&dir) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("listing", &dir)(e)),
+        };
+        let mut any = false;
+        for entry in listing {
+            let entry = entry.map_err(io("listing", &dir))?;
+            let Some(lsn) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            if lsn <= *synced {
+                continue;
+            }
+            let path = entry.path();
+            match File::open(&path) {
+                Ok(f) => f.sync_data().map_err(io("syncing", &path))?,
+                // sled may have garbage-collected it meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("opening", &path)(e)),
+            }
+            newest = newest.max(lsn);
+            any = true;
+        }
+        if any {
+            sync_dir(&dir).map_err(io("syncing", &dir))?;
+            *synced = newest;
+        }
+        Ok(())
+    }
+
+    fn try_commit(&self, c: &Commit) -> Result<(), StoreError> {
+        if !c.cache_puts.is_empty() {
+            let mut batch = sled::Batch::default();
+            for (key, bytes) in &c.cache_puts {
+                batch.insert(key.as_bytes(), bytes.as_slice());
+            }
+            self.cache.apply_batch(batch).map_err(sled_err("writing the dynamo cache"))?;
+        }
+        if let Some((seq, bytes)) = &c.snapshot {
+            let mut batch = sled::Batch::default();
+            batch.insert(&seq_key(*seq), bytes.as_slice());
+            let older: Vec<u64> = self.snapshot_seqs()?.into_iter().skip(SNAPSHOTS_KEPT - 1).collect();
+            for s in older {
+                batch.remove(&seq_key(s));
+            }
+            self.snapshots.apply_batch(batch).map_err(sled_err("writing a snapshot"))?;
+        }
+        // Events last: sled recovers a prefix of its log, so an event that survives a crash
+        // has its blobs, cache writes and snapshot with it.
+        let mut batch = sled::Batch::default();
+        for (seq, bytes) in &c.records {
+            batch.insert(&seq_key(*seq), bytes.as_slice());
+        }
+        self.events.apply_batch(batch).map_err(sled_err("appending events"))?;
+        self.make_durable()
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Journal for SledJournal {
+    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
+        if self.blobs.contains_key(digest.0).map_err(sled_err("reading a blob"))? {
+            return Ok(());
+        }
+        self.blobs.insert(digest.0, content).map_err(sled_err("writing a blob"))?;
+        Ok(())
+    }
+
+    fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.blobs.get(digest.0).map_err(sled_err("reading a blob"))?.map(|v| v.to_vec()))
+    }
+
+    fn commit(&self, c: &Commit) -> Result<(), StoreError> {
+        let result = self.try_commit(c);
+        if result.is_err() {
+            // Take back whatever part of the group reached sled, so a failed change is not
+            // made durable by a later flush. The cache view is rebuilt by the caller.
+            let mut batch = sled::Batch::default();
+            for (seq, _) in &c.records {
+                batch.remove(&seq_key(*seq));
+            }
+            let _ = self.events.apply_batch(batch);
+            if let Some((seq, _)) = &c.snapshot {
+                let _ = self.snapshots.remove(seq_key(*seq));
+            }
+            let _ = self.db.flush();
+        }
+        result
+    }
+
+    fn records(&self, from: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+        Box::new(self.events.range(seq_key(from)..).map(|item| {
+            let (k, v) = item.map_err(sled_err("reading events"))?;
+            // Keys are written only by `commit`; a key of another length is itself damage,
+            // reported as sequence number u64::MAX so replay names it.
+            Ok((key_seq(&k).unwrap_or(u64::MAX), v.to_vec()))
+        }))
+    }
+
+    fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        let mut seqs = Vec::new();
+        for item in self.snapshots.iter().keys().rev() {
+            let k = item.map_err(sled_err("listing snapshots"))?;
+            if let Some(s) = key_seq(&k) {
+                seqs.push(s);
+            }
+        }
+        Ok(seqs)
+    }
+
+    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .snapshots
+            .get(seq_key(seq))
+            .map_err(sled_err("reading a snapshot"))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        self.cache.clear().map_err(sled_err("rewriting the dynamo cache"))?;
+        let mut batch = sled::Batch::default();
+        for (key, bytes) in entries {
+            batch.insert(key.as_bytes(), bytes.as_slice());
+        }
+        self.cache.apply_batch(batch).map_err(sled_err("rewriting the dynamo cache"))?;
+        self.make_durable()
+    }
+
+    fn cache_view_len(&self) -> Result<usize, StoreError> {
+        Ok(self.cache.len())
+    }
+}
+
+/// What a closed context holds in place of its journal: every operation says it is closed.
+pub struct ClosedJournal;
+
+impl Journal for ClosedJournal {
+    fn put_blob(&self, _: &Digest, _: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn blob(&self, _: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn commit(&self, _: &Commit) -> Result<(), StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn records(&self, _: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+        Box::new(std::iter::once(Err(StoreError::Closed)))
+    }
+    fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn snapshot(&self, _: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn rewrite_cache_view(&self, _: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn cache_view_len(&self) -> Result<usize, StoreError> {
+        Err(StoreError::Closed)
+    }
+}
+
+/// A journal that fails on demand: for tests of what a failed commit or read does.
+pub struct FaultyJournal<J> {
+    inner: J,
+    fail_commits: AtomicBool,
+    fail_blob_reads: AtomicBool,
+    commits: AtomicU64,
+}
+
+impl<J: Journal> FaultyJournal<J> {
+    pub fn new(inner: J) -> Self {
+        FaultyJournal {
+            inner,
+            fail_commits: AtomicBool::new(false),
+            fail_blob_reads: AtomicBool::new(false),
+            commits: AtomicU64::new(0),
+        }
+    }
+    /// From now on, every commit fails (and leaves nothing behind) until set back.
+    pub fn fail_commits(&self, on: bool) {
+        self.fail_commits.store(on, Ordering::SeqCst);
+    }
+    /// From now on, reading a blob fails until set back.
+    pub fn fail_blob_reads(&self, on: bool) {
+        self.fail_blob_reads.store(on, Ordering::SeqCst);
+    }
+    /// How many commits succeeded.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::SeqCst)
+    }
+}
+
+impl<J: Journal> Journal for FaultyJournal<J> {
+    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
+        self.inner.put_blob(digest, content)
+    }
+    fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.fail_blob_reads.load(Ordering::SeqCst) {
+            return Err(StoreError::Injected { op: "reading a blob" });
+        }
+        self.inner.blob(digest)
+    }
+    fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        if self.fail_commits.load(Ordering::SeqCst) {
+            return Err(StoreError::Injected { op: "appending events" });
+        }
+        self.inner.commit(commit)?;
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn records(&self, from: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+        self.inner.records(from)
+    }
+    fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        self.inner.snapshot_seqs()
+    }
+    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.snapshot(seq)
+    }
+    fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        self.inner.rewrite_cache_view(entries)
+    }
+    fn cache_view_len(&self) -> Result<usize, StoreError> {
+        self.inner.cache_view_len()
+    }
+}
+
+impl<J: Journal> Journal for std::sync::Arc<J> {
+    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
+        (**self).put_blob(digest, content)
+    }
+    fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).blob(digest)
+    }
+    fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        (**self).commit(commit)
+    }
+    fn records(&self, from: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+        (**self).records(from)
+    }
+    fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        (**self).snapshot_seqs()
+    }
+    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).snapshot(seq)
+    }
+    fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        (**self).rewrite_cache_view(entries)
+    }
+    fn cache_view_len(&self) -> Result<usize, StoreError> {
+        (**self).cache_view_len()
+    }
+}

@@ -1,0 +1,45 @@
+//! # pcx: PyTorch's precompile context as a durable, event-sourced actor
+//!
+//! A map of the crate, from the pure core outwards (dependencies point down this list):
+//!
+//! | module | what lives there | IO? |
+//! |---|---|---|
+//! | [`model`] | artifacts, dynamo entries, `debug_info`, stitching one entry | no |
+//! | [`event`] | the events (facts, past tense) | no |
+//! | [`state`] | the folded state and `State::apply`, the only way it changes | no |
+//! | [`stitch`] | `create_cache_entries` over a state, with its structured trace events | no |
+//! | [`record`] | the on-disk record format: envelope, hash chain, snapshots | no |
+//! | [`journal`] | the sled event log, blobs, snapshots, durability (`fdatasync`) | sled |
+//! | [`replay`] | rebuilding the state from the journal, checking every record | via journal |
+//! | [`kinds`] | artifact kinds and `after_deserialization` (`eager` built in) | no |
+//! | [`actor`] | the context actor: single writer, group commit, panic containment | via journal |
+//! | [`context`] | the library API ([`Context`]) for orchestrators that embed pcx | via actor |
+//! | [`protocol`] | the JSON request/answer protocol (`pcx batch`, later the server) | no |
+//! | [`batch`] | streaming JSON lines through the context | stdin/stdout |
+//! | [`config`] | defaults, config file, environment, validated in one place | reads files |
+//! | [`trace`] | structured trace events and the log subscriber | stderr |
+//!
+//! The rule that holds it together: a request is decided against the state, its events are
+//! appended and made durable, then applied and answered; a restart replays the same events
+//! through the same `apply`.
+
+pub mod actor;
+pub mod batch;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod event;
+pub mod journal;
+pub mod kinds;
+pub mod model;
+pub mod protocol;
+pub mod record;
+pub mod replay;
+pub mod state;
+pub mod stitch;
+pub mod trace;
+
+pub use config::Config;
+pub use context::Context;
+pub use error::ContextError;
+pub use model::{Artifact, DynamoCacheEntry, DynamoCodeEntry, SystemInfo};

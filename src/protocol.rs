@@ -1,0 +1,414 @@
+//! The JSON request/answer protocol that `pcx batch`, the CLI commands (and later the socket
+//! server) speak. Parsing and answer building are pure; [`submit`] hands a request to the
+//! context actor at once and returns the future of its answer, so callers can pipeline.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::actor::{
+    Ack, Answer, Clear, CreateCacheEntries, DumpDebugInfo, EditArtifact, EditFn, GetArtifact, LoadCacheEntry,
+    RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
+};
+use crate::context::Context;
+use crate::error::ContextError;
+use crate::model::{
+    Artifact, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry, SourceInfo, SystemInfo, EAGER_KIND,
+};
+
+/// The operations, as named on the wire.
+pub const OPS: &[&str] = &[
+    "record_artifact",
+    "record_dynamo_cache_entry",
+    "edit_artifact",
+    "serialize_artifact_by_key",
+    "take_artifact",
+    "clear",
+    "dump_debug_info",
+    "create_cache_entries",
+    "save_to_dynamo_cache",
+    "load_cache_entry",
+];
+
+/// One request.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    RecordArtifact {
+        key: String,
+        #[serde(default = "eager")]
+        kind: String,
+        content_b64: String,
+    },
+    RecordDynamoCacheEntry {
+        key: String,
+        entry: WireEntry,
+    },
+    EditArtifact {
+        key: String,
+        edit: WireEdit,
+    },
+    SerializeArtifactByKey {
+        key: String,
+    },
+    TakeArtifact {
+        key: String,
+    },
+    Clear,
+    DumpDebugInfo,
+    CreateCacheEntries,
+    SaveToDynamoCache,
+    LoadCacheEntry {
+        key: String,
+        #[serde(default)]
+        system_info: Option<SystemInfo>,
+    },
+}
+
+fn eager() -> String {
+    EAGER_KIND.to_string()
+}
+
+/// An edit on the wire: replace the content, or append to it.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum WireEdit {
+    SetB64(String),
+    AppendB64(String),
+}
+
+/// A dynamo cache entry on the wire (bytes as base64).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct WireEntry {
+    #[serde(default)]
+    pub fn_name: Option<String>,
+    #[serde(default)]
+    pub fn_first_lineno: Option<i64>,
+    pub device_type: String,
+    #[serde(default)]
+    pub system_info: SystemInfo,
+    #[serde(default)]
+    pub source_info: SourceInfo,
+    pub codes: Vec<WireCode>,
+}
+
+/// One code of an entry on the wire.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct WireCode {
+    pub backend_ids: Vec<String>,
+    #[serde(default)]
+    pub python_module: String,
+    #[serde(default)]
+    pub function_names: Vec<String>,
+    #[serde(default)]
+    pub code_source: Option<String>,
+    #[serde(default)]
+    pub install_to_global: bool,
+    #[serde(default)]
+    pub has_compile_id: bool,
+    #[serde(default)]
+    pub payload_b64: Option<String>,
+}
+
+/// A request the protocol refused before it reached the context.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("request is not valid JSON: {0}")]
+    BadJson(String),
+    #[error("request must be a JSON object")]
+    NotAnObject,
+    #[error("unknown op `{0}`; known ops: {ops}", ops = OPS.join(", "))]
+    UnknownOp(String),
+    #[error("{0}")]
+    MissingField(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("field {field} is not valid base64: {message}")]
+    BadBase64 { field: String, message: String },
+    #[error("request line is {len} bytes, over the limit of {limit} bytes (max_request_bytes)")]
+    TooLarge { len: u64, limit: u64 },
+}
+
+impl RequestError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestError::BadJson(_) | RequestError::NotAnObject => "bad_json",
+            RequestError::UnknownOp(_) => "unknown_op",
+            RequestError::MissingField(_) => "missing_field",
+            RequestError::Invalid(_) => "invalid_request",
+            RequestError::BadBase64 { .. } => "bad_base64",
+            RequestError::TooLarge { .. } => "too_large",
+        }
+    }
+}
+
+/// Parses one request line; gives the request and its `"id"` (echoed in the answer).
+pub fn parse(line: &[u8]) -> (Option<Value>, Result<Request, RequestError>) {
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return (None, Err(RequestError::BadJson(e.to_string()))),
+    };
+    let Value::Object(mut map) = value else {
+        return (None, Err(RequestError::NotAnObject));
+    };
+    let id = map.remove("id");
+    let request = match map.get("op") {
+        None => Err(RequestError::MissingField("missing field `op`".into())),
+        Some(Value::String(op)) if !OPS.contains(&op.as_str()) => Err(RequestError::UnknownOp(op.clone())),
+        Some(Value::String(_)) => serde_json::from_value(Value::Object(map)).map_err(|e| {
+            let message = e.to_string();
+            if message.starts_with("missing field") {
+                RequestError::MissingField(message)
+            } else {
+                RequestError::Invalid(message)
+            }
+        }),
+        Some(other) => Err(RequestError::Invalid(format!("`op` must be a string, not {other}"))),
+    };
+    (id, request)
+}
+
+fn decode_b64(field: &str, text: &str) -> Result<Vec<u8>, RequestError> {
+    B64.decode(text).map_err(|e| RequestError::BadBase64 { field: field.to_string(), message: e.to_string() })
+}
+
+impl WireEntry {
+    /// The model's entry, with payloads decoded.
+    pub fn into_entry(self) -> Result<DynamoCacheEntry, RequestError> {
+        let codes = self
+            .codes
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let payload = match c.payload_b64 {
+                    Some(p) => decode_b64(&format!("entry.codes[{i}].payload_b64"), &p)?,
+                    None => Vec::new(),
+                };
+                Ok(DynamoCodeEntry {
+                    python_module: c.python_module,
+                    function_names: c.function_names,
+                    backend_ids: c.backend_ids,
+                    code_source: c.code_source,
+                    install_to_global: c.install_to_global,
+                    has_compile_id: c.has_compile_id,
+                    bypassed: false,
+                    bypass_reason: None,
+                    payload,
+                })
+            })
+            .collect::<Result<_, RequestError>>()?;
+        Ok(DynamoCacheEntry {
+            codes,
+            source_info: self.source_info,
+            device_type: self.device_type,
+            system_info: self.system_info,
+            fn_name: self.fn_name,
+            fn_first_lineno: self.fn_first_lineno,
+        })
+    }
+}
+
+/// The answer to a request, as JSON (without the id).
+pub type AnswerFuture = Pin<Box<dyn Future<Output = Value> + Send>>;
+
+/// Hands `request` to the context now (so requests queue in order and commit together) and
+/// returns the future of its answer.
+pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
+    let addr = ctx.addr().clone();
+    macro_rules! send {
+        ($msg:expr, $render:expr) => {{
+            let fut = addr.send($msg);
+            Box::pin(async move {
+                let answer = fut.await.unwrap_or(Err(ContextError::Closed));
+                render(answer, $render)
+            })
+        }};
+    }
+    match request {
+        Request::RecordArtifact { key, kind, content_b64 } => match decode_b64("content_b64", &content_b64) {
+            Ok(content) => send!(RecordArtifact { artifact: Artifact { key, kind, content } }, |_: ()| json!({})),
+            Err(e) => ready(refused(&e)),
+        },
+        Request::RecordDynamoCacheEntry { key, entry } => match entry.into_entry() {
+            Ok(entry) => send!(RecordEntry { key, entry }, |_: ()| json!({})),
+            Err(e) => ready(refused(&e)),
+        },
+        Request::EditArtifact { key, edit } => {
+            let (label, edit): (&str, EditFn) = match edit {
+                WireEdit::SetB64(b) => match decode_b64("edit.set_b64", &b) {
+                    Ok(new) => ("set", Box::new(move |_| Ok(new))),
+                    Err(e) => return ready(refused(&e)),
+                },
+                WireEdit::AppendB64(b) => match decode_b64("edit.append_b64", &b) {
+                    Ok(suffix) => (
+                        "append",
+                        Box::new(move |mut c: Vec<u8>| {
+                            c.extend_from_slice(&suffix);
+                            Ok(c)
+                        }),
+                    ),
+                    Err(e) => return ready(refused(&e)),
+                },
+            };
+            send!(EditArtifact { key, label: label.to_string(), edit }, |_: ()| json!({}))
+        }
+        Request::SerializeArtifactByKey { key } => send!(GetArtifact { key }, |a: Option<Artifact>| {
+            json!({ "artifact": a.as_ref().map(artifact_json) })
+        }),
+        Request::TakeArtifact { key } => send!(TakeArtifact { key }, |a: Option<Artifact>| {
+            json!({ "artifact": a.as_ref().map(artifact_json) })
+        }),
+        Request::Clear => send!(Clear {}, |_: ()| json!({})),
+        Request::DumpDebugInfo => send!(DumpDebugInfo {}, |d| json!({ "debug_info": d })),
+        Request::CreateCacheEntries => send!(CreateCacheEntries {}, |s: crate::actor::Stitched| {
+            let entries: Map<String, Value> = s.entries.iter().map(|(k, e)| (k.clone(), stitched_json(e))).collect();
+            json!({ "debug_info": s.debug_info, "entries": entries })
+        }),
+        Request::SaveToDynamoCache => send!(SaveToDynamoCache {}, |d| json!({ "debug_info": d })),
+        Request::LoadCacheEntry { key, system_info } => {
+            send!(LoadCacheEntry { key, system_info }, |l: crate::actor::Loaded| {
+                let deserialized: Map<String, Value> = l
+                    .deserialized
+                    .iter()
+                    .map(|(id, d)| {
+                        (
+                            id.clone(),
+                            json!({ "kind": d.kind, "plugin": d.served_by, "content_b64": B64.encode(&d.content) }),
+                        )
+                    })
+                    .collect();
+                json!({ "entry": stitched_json(&l.entry), "deserialized": deserialized })
+            })
+        }
+    }
+}
+
+fn ready(value: Value) -> AnswerFuture {
+    Box::pin(std::future::ready(value))
+}
+
+/// Renders an answer: `{"ok":true,"seq"?:N,…}` or `{"ok":false,"error":{kind,message}}`.
+fn render<T>(answer: Answer<T>, value: impl FnOnce(T) -> Value) -> Value {
+    match answer {
+        Ok(Ack { seq, value: v }) => {
+            let mut out = Map::new();
+            out.insert("ok".into(), Value::Bool(true));
+            if let Some(seq) = seq {
+                out.insert("seq".into(), json!(seq));
+            }
+            if let Value::Object(fields) = value(v) {
+                out.extend(fields);
+            }
+            Value::Object(out)
+        }
+        Err(e) => failed(e.kind(), &e.to_string()),
+    }
+}
+
+/// The answer to a request refused before it reached the context.
+pub fn refused(e: &RequestError) -> Value {
+    failed(e.kind(), &e.to_string())
+}
+
+fn failed(kind: &str, message: &str) -> Value {
+    json!({ "ok": false, "error": { "kind": kind, "message": message } })
+}
+
+/// Puts the request's id first in its answer.
+pub fn with_id(id: Option<Value>, answer: Value) -> Value {
+    match (id, answer) {
+        (Some(id), Value::Object(fields)) => {
+            let mut out = Map::new();
+            out.insert("id".into(), id);
+            out.extend(fields);
+            Value::Object(out)
+        }
+        (_, answer) => answer,
+    }
+}
+
+/// An artifact as JSON.
+pub fn artifact_json(a: &Artifact) -> Value {
+    json!({ "key": a.key, "kind": a.kind, "content_b64": B64.encode(&a.content) })
+}
+
+/// A dynamo cache entry as JSON (bytes as base64).
+pub fn entry_json(e: &DynamoCacheEntry) -> Value {
+    let codes: Vec<Value> = e
+        .codes
+        .iter()
+        .map(|c| {
+            json!({
+                "backend_ids": c.backend_ids,
+                "python_module": c.python_module,
+                "function_names": c.function_names,
+                "code_source": c.code_source,
+                "install_to_global": c.install_to_global,
+                "has_compile_id": c.has_compile_id,
+                "bypassed": c.bypassed,
+                "bypass_reason": c.bypass_reason,
+                "payload_b64": B64.encode(&c.payload),
+            })
+        })
+        .collect();
+    json!({
+        "fn_name": e.fn_name,
+        "fn_first_lineno": e.fn_first_lineno,
+        "device_type": e.device_type,
+        "system_info": e.system_info,
+        "source_info": e.source_info,
+        "codes": codes,
+    })
+}
+
+fn stitched_json(e: &PrecompileCacheEntry<Artifact>) -> Value {
+    let backends: IndexMap<&String, Value> = e.backends.iter().map(|(k, a)| (k, artifact_json(a))).collect();
+    json!({ "dynamo": entry_json(&e.dynamo), "backends": backends })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind_of(line: &str) -> &'static str {
+        match parse(line.as_bytes()).1 {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        }
+    }
+
+    #[test]
+    fn malformed_lines_get_their_own_error_kinds() {
+        assert_eq!(kind_of("{not json"), "bad_json");
+        assert_eq!(kind_of("[1,2]"), "bad_json");
+        assert_eq!(kind_of(r#"{"op":"fly"}"#), "unknown_op");
+        assert_eq!(kind_of(r#"{"key":"k"}"#), "missing_field");
+        assert_eq!(kind_of(r#"{"op":"record_artifact","key":"k"}"#), "missing_field");
+        assert_eq!(kind_of(r#"{"op":"record_artifact","key":5,"content_b64":""}"#), "invalid_request");
+        assert_eq!(kind_of(r#"{"op":"clear"}"#), "ok");
+    }
+
+    #[test]
+    fn the_id_is_taken_out_and_echoed_first() {
+        let (id, req) = parse(br#"{"op":"clear","id":"a1"}"#);
+        assert_eq!(req, Ok(Request::Clear));
+        let answer = with_id(id, json!({"ok": true}));
+        assert_eq!(answer.to_string(), r#"{"id":"a1","ok":true}"#);
+    }
+
+    #[test]
+    fn bad_base64_in_a_payload_names_the_field() {
+        let (_, req) = parse(
+            br#"{"op":"record_dynamo_cache_entry","key":"e","entry":{"device_type":"cpu","codes":[{"backend_ids":[],"payload_b64":"!!"}]}}"#,
+        );
+        let Ok(Request::RecordDynamoCacheEntry { entry, .. }) = req else { panic!("parsed: {req:?}") };
+        let err = entry.into_entry().unwrap_err();
+        assert_eq!(err.kind(), "bad_base64");
+        assert!(err.to_string().contains("entry.codes[0].payload_b64"), "{err}");
+    }
+}

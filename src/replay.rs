@@ -1,0 +1,110 @@
+//! Rebuilding the state from the log: from the newest snapshot that decodes and continues the
+//! chain, else from the first event. Every record is checked (hash, sequence, chain) as it is
+//! folded, and the first bad one is named.
+
+use crate::journal::{Journal, StoreError};
+use crate::model::Digest;
+use crate::record::{decode_event, decode_snapshot, DecodeError, GENESIS};
+use crate::state::State;
+
+/// The last record folded: where the next append continues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// 0 when the log is empty; sequence numbers start at 1.
+    pub seq: u64,
+    pub hash: Digest,
+}
+
+impl Head {
+    pub const EMPTY: Head = Head { seq: 0, hash: GENESIS };
+}
+
+/// The outcome of a replay.
+#[derive(Debug)]
+pub struct Recovered {
+    pub state: State,
+    pub head: Head,
+    /// The snapshot replay started from, if any.
+    pub snapshot: Option<u64>,
+    /// How many events were folded after it.
+    pub replayed: u64,
+}
+
+/// Why the log could not be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("event {seq} is damaged: {source}")]
+    Corrupt {
+        seq: u64,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("event log has a gap: expected event {expected}, found {found}")]
+    Gap { expected: u64, found: u64 },
+    #[error("event {seq} is stored under the key of event {key}")]
+    MisplacedRecord { seq: u64, key: u64 },
+    #[error("event {seq} does not follow the record before it (hash chain broken)")]
+    BrokenChain { seq: u64 },
+}
+
+/// Replays the whole log (through snapshots where they hold).
+pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
+    for seq in journal.snapshot_seqs()? {
+        let Some(bytes) = journal.snapshot(seq)? else { continue };
+        match decode_snapshot(&bytes) {
+            Ok(snap) if snap.seq == seq => {
+                let head = Head { seq: snap.seq, hash: snap.head };
+                match fold(journal, snap.state, head, None) {
+                    Ok((state, head, replayed)) => {
+                        return Ok(Recovered { state, head, snapshot: Some(seq), replayed })
+                    }
+                    // The first record after the snapshot does not continue it: distrust the
+                    // snapshot, not the log.
+                    Err(ReplayError::BrokenChain { seq: s }) if s == seq + 1 => {
+                        tracing::warn!(snapshot = seq, "snapshot does not match the log; falling back");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(_) => tracing::warn!(snapshot = seq, "snapshot is stored under the wrong key; falling back"),
+            Err(e) => tracing::warn!(snapshot = seq, error = %e, "snapshot does not decode; falling back"),
+        }
+    }
+    let (state, head, replayed) = fold(journal, State::default(), Head::EMPTY, None)?;
+    Ok(Recovered { state, head, snapshot: None, replayed })
+}
+
+/// Folds the records after `head` into `state`, up to `until` (inclusive) if given. Returns
+/// the state, the new head and how many events were folded.
+pub fn fold(
+    journal: &dyn Journal,
+    mut state: State,
+    mut head: Head,
+    until: Option<u64>,
+) -> Result<(State, Head, u64), ReplayError> {
+    let mut replayed = 0;
+    for item in journal.records(head.seq + 1) {
+        let (key, bytes) = item?;
+        if until.is_some_and(|u| key > u) {
+            break;
+        }
+        let expected = head.seq + 1;
+        if key != expected {
+            return Err(ReplayError::Gap { expected, found: key });
+        }
+        let (envelope, hash) =
+            decode_event(&bytes).map_err(|source| ReplayError::Corrupt { seq: key, source })?;
+        if envelope.seq != key {
+            return Err(ReplayError::MisplacedRecord { seq: envelope.seq, key });
+        }
+        if envelope.prev != head.hash {
+            return Err(ReplayError::BrokenChain { seq: key });
+        }
+        state.apply(&envelope.event);
+        head = Head { seq: key, hash };
+        replayed += 1;
+    }
+    Ok((state, head, replayed))
+}

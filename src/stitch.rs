@@ -1,0 +1,160 @@
+//! `create_cache_entries`: stitching every dynamo entry with the artifacts it references.
+//! Pure: reading content is the caller's `resolve`, and the structured trace events are
+//! returned as values for the caller to emit.
+
+use indexmap::IndexMap;
+use serde_json::json;
+
+use crate::event::{Event, StitchBypass, StitchFailure};
+use crate::model::{bypass_reason, stitch_entry, ArtifactRef, DebugInfo, PrecompileCacheEntry};
+use crate::state::State;
+
+/// A structured trace event in PyTorch's shape (`trace_structured("artifact", name, json)`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Structured {
+    pub name: &'static str,
+    pub payload: serde_json::Value,
+}
+
+/// What a stitch gives: the entries by key, `debug_info`, and what to log.
+#[derive(Clone, Debug)]
+pub struct Stitch<B> {
+    pub entries: IndexMap<String, PrecompileCacheEntry<B>>,
+    pub debug_info: DebugInfo,
+    pub bypassed: Vec<StitchBypass>,
+    pub failed: Vec<StitchFailure>,
+    /// In the order PyTorch emits them: `dynamo_cache_entries`, then per entry any
+    /// `dynamo_cache_bypass` and `dynamo_cache_exception`.
+    pub trace: Vec<Structured>,
+}
+
+impl<B> Stitch<B> {
+    /// The fact to log for this stitch.
+    pub fn event(&self) -> Event {
+        Event::Stitched {
+            produced: self.entries.keys().cloned().collect(),
+            bypassed: self.bypassed.clone(),
+            failed: self.failed.clone(),
+        }
+    }
+}
+
+/// Stitches every entry of `state`. `resolve` turns a present artifact into what the result
+/// holds (its content, or just the reference); an error from it makes that one key fail, the
+/// rest go on. Never clears or changes anything.
+pub fn create_cache_entries<B>(
+    state: &State,
+    mut resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>,
+) -> Stitch<B> {
+    let debug_info = state.debug_info();
+    let mut trace = vec![Structured {
+        name: "dynamo_cache_entries",
+        payload: json!({ "num_entries": state.entries.len(), "artifacts": debug_info }),
+    }];
+    let mut entries = IndexMap::new();
+    let mut bypassed = Vec::new();
+    let mut failed = Vec::new();
+    for (key, entry) in &state.entries {
+        let (stitched, bypasses) = stitch_entry(entry, |id| state.artifacts.get(id).cloned());
+        for b in &bypasses {
+            trace.push(Structured {
+                name: "dynamo_cache_bypass",
+                payload: json!({ "entry": entry.debug_info(), "missing_backend": b.missing_backend }),
+            });
+            bypassed.push(StitchBypass {
+                key: key.clone(),
+                code_index: b.code_index,
+                missing_backend: b.missing_backend.clone(),
+                reason: bypass_reason(&b.missing_backend),
+            });
+        }
+        let resolved: Result<IndexMap<_, _>, String> = stitched
+            .backends
+            .iter()
+            .map(|(id, r)| resolve(id, r).map(|b| (id.clone(), b)))
+            .collect();
+        match resolved {
+            Ok(backends) => {
+                entries.insert(key.clone(), PrecompileCacheEntry { dynamo: stitched.dynamo, backends });
+            }
+            Err(error) => {
+                tracing::warn!(key = %key, error = %error, "Failed to create cache entry {key}");
+                trace.push(Structured {
+                    name: "dynamo_cache_exception",
+                    payload: json!({ "key": key, "error": error }),
+                });
+                failed.push(StitchFailure { key: key.clone(), error });
+            }
+        }
+    }
+    Stitch { entries, debug_info, bypassed, failed, trace }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
+
+    fn state() -> State {
+        let mut s = State::default();
+        for (k, c) in [("b1", &b"ccc"[..]), ("b2", b"bbb!")] {
+            s.apply(&Event::ArtifactRecorded {
+                key: k.into(),
+                kind: "eager".into(),
+                digest: Digest::of(c),
+                size: c.len() as u64,
+            });
+        }
+        let code = |ids: &[&str]| DynamoCodeEntry {
+            backend_ids: ids.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        s.apply(&Event::DynamoEntryRecorded {
+            key: "e1".into(),
+            entry: DynamoCacheEntry {
+                codes: vec![code(&["b1", "b2"]), code(&["b3", "b1"])],
+                device_type: "cpu".into(),
+                fn_name: Some("f".into()),
+                fn_first_lineno: Some(3),
+                ..Default::default()
+            },
+        });
+        s
+    }
+
+    #[test]
+    fn the_worked_example_stitches_with_one_bypassed_code_and_traces_it() {
+        let s = state();
+        let out = create_cache_entries(&s, |_, r| Ok(r.digest));
+        let e1 = &out.entries["e1"];
+        assert_eq!(e1.backends.keys().collect::<Vec<_>>(), vec!["b1", "b2"]);
+        let flags: Vec<bool> = e1.dynamo.codes.iter().map(|c| c.bypassed).collect();
+        assert_eq!(flags, vec![false, true]);
+        let names: Vec<&str> = out.trace.iter().map(|t| t.name).collect();
+        assert_eq!(names, vec!["dynamo_cache_entries", "dynamo_cache_bypass"]);
+        assert_eq!(out.trace[0].payload["num_entries"], 1);
+        assert_eq!(out.trace[1].payload["missing_backend"], "b3");
+        assert_eq!(out.trace[1].payload["entry"]["num_codes"], "2");
+        // Repeatable, and the state's entry is not marked.
+        assert!(s.entries["e1"].codes.iter().all(|c| !c.bypassed));
+        let again = create_cache_entries(&s, |_, r| Ok(r.digest));
+        assert_eq!(again.entries["e1"], out.entries["e1"]);
+    }
+
+    #[test]
+    fn a_failing_key_is_left_out_with_an_exception_and_the_rest_go_on() {
+        let mut s = state();
+        s.apply(&Event::DynamoEntryRecorded {
+            key: "e2".into(),
+            entry: DynamoCacheEntry {
+                codes: vec![DynamoCodeEntry { backend_ids: vec!["b2".into()], ..Default::default() }],
+                ..Default::default()
+            },
+        });
+        let out = create_cache_entries(&s, |id, _| if id == "b1" { Err("blob gone".into()) } else { Ok(()) });
+        assert_eq!(out.entries.keys().collect::<Vec<_>>(), vec!["e2"]);
+        assert_eq!(out.failed, vec![StitchFailure { key: "e1".into(), error: "blob gone".into() }]);
+        let exc = out.trace.iter().find(|t| t.name == "dynamo_cache_exception").unwrap();
+        assert_eq!(exc.payload, json!({"key": "e1", "error": "blob gone"}));
+    }
+}
