@@ -1,1 +1,268 @@
-fn main(){}
+//! The `pcx` command: flags are parsed, turned into one validated configuration, and each
+//! subcommand becomes a protocol request (the same ones `pcx batch` reads).
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use pcx::config::Config;
+use pcx::protocol::{self, Request, WireEdit, WireEntry};
+use pcx::trace::{self, LogFormat};
+use pcx::Context;
+
+/// pcx: a durable, event-sourced store for PyTorch's precompile context.
+#[derive(Parser, Debug)]
+#[command(name = "pcx", version, about)]
+struct Cli {
+    /// Data directory (default from the config: ./pcx-data).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// A TOML file overriding the built-in config/default.toml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log lines on stderr: text for people, json for programs.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Record a backend artifact (content from --file, --content-b64, --text or stdin).
+    RecordArtifact {
+        key: String,
+        #[arg(long, default_value = "eager")]
+        kind: String,
+        #[command(flatten)]
+        content: ContentArgs,
+    },
+    /// Record a dynamo cache entry given as JSON (the batch protocol's `entry`).
+    RecordEntry {
+        key: String,
+        /// The entry's JSON; `-` or absent reads it from stdin.
+        #[arg(long)]
+        json: Option<String>,
+    },
+    /// Edit an artifact's content: replace it or append to it.
+    Edit {
+        key: String,
+        /// Replace the content with these base64 bytes.
+        #[arg(long, conflicts_with = "append_b64")]
+        set_b64: Option<String>,
+        /// Append these base64 bytes.
+        #[arg(long)]
+        append_b64: Option<String>,
+    },
+    /// Show an artifact (serialize_artifact_by_key).
+    Get { key: String },
+    /// Remove an artifact and show it (take_artifact).
+    Take { key: String },
+    /// Empty the context (the dynamo cache is kept).
+    Clear,
+    /// Show dump_debug_info.
+    DebugInfo,
+    /// Stitch every entry with its artifacts (create_cache_entries).
+    Stitch,
+    /// Stitch and save every entry to the dynamo cache (save_to_dynamo_cache).
+    Save,
+    /// Load a saved entry (load_cache_entry).
+    Load {
+        key: String,
+        /// The loader's system info as JSON, checked against the entry's.
+        #[arg(long)]
+        system_info: Option<String>,
+    },
+    /// JSON requests on stdin, one a line; JSON answers on stdout, in order, streamed.
+    Batch,
+    /// A guided tour: record, stitch, save, restart, load, on the data directory.
+    Demo,
+}
+
+#[derive(Args, Debug)]
+struct ContentArgs {
+    /// Read the content from this file.
+    #[arg(long, group = "content")]
+    file: Option<PathBuf>,
+    /// The content as base64.
+    #[arg(long, group = "content")]
+    content_b64: Option<String>,
+    /// The content as UTF-8 text.
+    #[arg(long, group = "content")]
+    text: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match configure(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pcx: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    trace::init(config.log_format, &config.log_filter);
+    let system = actix::System::new();
+    match system.block_on(run(cli.command, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pcx: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn configure(cli: &Cli) -> Result<Config> {
+    let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    if let Some(dir) = &cli.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(format) = cli.log_format {
+        config.log_format = format;
+    }
+    Ok(config)
+}
+
+async fn run(command: Command, config: Config) -> Result<ExitCode> {
+    let request = match command {
+        Command::Batch => return batch(config).await,
+        Command::Demo => return demo(config).await,
+        other => request_of(other)?,
+    };
+    let ctx = Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let answer = protocol::submit(&ctx, request).await;
+    let closed = ctx.close().await;
+    println!("{answer}");
+    if let Err(e) = closed {
+        anyhow::bail!("closing the data directory: {e}");
+    }
+    Ok(if answer.get("ok") == Some(&Value::Bool(true)) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn request_of(command: Command) -> Result<Request> {
+    Ok(match command {
+        Command::RecordArtifact { key, kind, content } => {
+            let bytes = match (content.file, content.content_b64, content.text) {
+                (Some(f), _, _) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+                (_, Some(b), _) => return Ok(Request::RecordArtifact { key, kind, content_b64: b }),
+                (_, _, Some(t)) => t.into_bytes(),
+                _ => read_stdin()?,
+            };
+            Request::RecordArtifact { key, kind, content_b64: B64.encode(bytes) }
+        }
+        Command::RecordEntry { key, json } => {
+            let text = match json.as_deref() {
+                None | Some("-") => String::from_utf8(read_stdin()?).context("the entry JSON is not UTF-8")?,
+                Some(j) => j.to_string(),
+            };
+            let entry: WireEntry = serde_json::from_str(&text).context("the entry JSON is not a valid entry")?;
+            Request::RecordDynamoCacheEntry { key, entry }
+        }
+        Command::Edit { key, set_b64, append_b64 } => {
+            let edit = match (set_b64, append_b64) {
+                (Some(s), _) => WireEdit::SetB64(s),
+                (_, Some(a)) => WireEdit::AppendB64(a),
+                _ => anyhow::bail!("edit needs --set-b64 or --append-b64"),
+            };
+            Request::EditArtifact { key, edit }
+        }
+        Command::Get { key } => Request::SerializeArtifactByKey { key },
+        Command::Take { key } => Request::TakeArtifact { key },
+        Command::Clear => Request::Clear,
+        Command::DebugInfo => Request::DumpDebugInfo,
+        Command::Stitch => Request::CreateCacheEntries,
+        Command::Save => Request::SaveToDynamoCache,
+        Command::Load { key, system_info } => {
+            let system_info = system_info
+                .map(|s| serde_json::from_str(&s).context("--system-info is not valid system info JSON"))
+                .transpose()?;
+            Request::LoadCacheEntry { key, system_info }
+        }
+        Command::Batch | Command::Demo => anyhow::bail!("not a single request"),
+    })
+}
+
+fn read_stdin() -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    io::Read::read_to_end(&mut io::stdin(), &mut buf).context("reading stdin")?;
+    Ok(buf)
+}
+
+async fn batch(config: Config) -> Result<ExitCode> {
+    let ctx = Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
+    let mut stdout = io::stdout().lock();
+    let summary = pcx::batch::run(&ctx, stdin, &mut stdout, config.max_request_bytes, config.max_in_flight).await;
+    let closed = ctx.close().await;
+    let summary = summary.context("batch input/output")?;
+    if let Err(e) = closed {
+        anyhow::bail!("closing the data directory: {e}");
+    }
+    tracing::info!(answered = summary.answered, failed = summary.failed, "batch done");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The newcomer's tour: every step is a protocol request, shown with its answer.
+async fn demo(config: Config) -> Result<ExitCode> {
+    let mut out = io::stdout().lock();
+    let dir = config.data_dir.display().to_string();
+    writeln!(out, "pcx demo on data directory {dir}\n")?;
+    let step = |title: &str| format!("\n== {title}");
+    let entry = json!({
+        "fn_name": "forward", "fn_first_lineno": 3, "device_type": "cpu",
+        "codes": [
+            {"backend_ids": ["demo_b1", "demo_b2"], "python_module": "model"},
+            {"backend_ids": ["demo_b3", "demo_b1"], "python_module": "model"}
+        ]
+    });
+    let first: Vec<Value> = vec![
+        json!({"op":"record_artifact","key":"demo_b1","kind":"eager","content_b64":B64.encode("kernel one")}),
+        json!({"op":"record_artifact","key":"demo_b2","kind":"eager","content_b64":B64.encode("kernel two")}),
+        json!({"op":"edit_artifact","key":"demo_b2","edit":{"append_b64":B64.encode(" (tuned)")}}),
+        json!({"op":"record_dynamo_cache_entry","key":"demo_entry","entry":entry}),
+        json!({"op":"dump_debug_info"}),
+        json!({"op":"create_cache_entries"}),
+        json!({"op":"save_to_dynamo_cache"}),
+        json!({"op":"clear"}),
+    ];
+    writeln!(out, "{}", step("1. record two artifacts, edit one, record an entry that also names a missing demo_b3, stitch, save, clear"))?;
+    let ctx = Context::open(&config).with_context(|| format!("opening {dir}"))?;
+    for req in first {
+        show(&mut out, &ctx, req).await?;
+    }
+    ctx.close().await.map_err(|e| anyhow::anyhow!("closing: {e}"))?;
+    writeln!(out, "{}", step("2. restart: the context is closed and opened again; its state is replayed from the log"))?;
+    let ctx = Context::open(&config).with_context(|| format!("reopening {dir}"))?;
+    for req in [
+        json!({"op":"dump_debug_info"}),
+        json!({"op":"load_cache_entry","key":"demo_entry"}),
+        json!({"op":"serialize_artifact_by_key","key":"demo_b2"}),
+        json!({"op":"load_cache_entry","key":"no_such_entry"}),
+    ] {
+        show(&mut out, &ctx, req).await?;
+    }
+    ctx.close().await.map_err(|e| anyhow::anyhow!("closing: {e}"))?;
+    writeln!(
+        out,
+        "{}\nEverything above is in {dir}: run `pcx --data-dir {dir} debug-info`, or pipe requests into `pcx --data-dir {dir} batch`.",
+        step("done")
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show(out: &mut impl Write, ctx: &Context, request: Value) -> Result<()> {
+    writeln!(out, "-> {request}")?;
+    let (id, parsed) = protocol::parse(request.to_string().as_bytes());
+    let answer = match parsed {
+        Ok(r) => protocol::with_id(id, protocol::submit(ctx, r).await),
+        Err(e) => protocol::refused(&e),
+    };
+    writeln!(out, "<- {answer}")?;
+    Ok(())
+}
