@@ -358,6 +358,17 @@ pub fn sync_cache_view(journal: &dyn Journal, state: &State) -> Result<(), Conte
     Ok(())
 }
 
+/// Kind names are `[a-z0-9_.-]{1,64}`: they name plugins' kinds in logs, paths and JSON.
+fn validate_kind(kind: &str) -> Result<(), ContextError> {
+    let ok = (1..=64).contains(&kind.len())
+        && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ContextError::InvalidKind { kind: kind.to_string() })
+    }
+}
+
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
@@ -438,6 +449,7 @@ impl Handler<RecordArtifact> for ContextActor {
         self.run(
             move |this| {
                 let a = msg.artifact;
+                validate_kind(&a.kind)?;
                 let r = this.store_content(&a.key, &a.kind, &a.content)?;
                 Ok((
                     vec![Event::ArtifactRecorded { key: a.key, kind: r.kind, digest: r.digest, size: r.size }],
@@ -476,16 +488,8 @@ impl Handler<EditArtifact> for ContextActor {
                     return Err(ContextError::KeyNotFound { key });
                 };
                 let content = this.content(&key, &current)?;
-                let edited = match catch_unwind(AssertUnwindSafe(|| edit(content))) {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(message)) => return Err(ContextError::EditFailed { key, message }),
-                    Err(p) => {
-                        return Err(ContextError::EditFailed {
-                            key,
-                            message: format!("the edit panicked: {}", panic_message(&p)),
-                        })
-                    }
-                };
+                // A panicking edit is caught by `run`, like any panic while deciding.
+                let edited = edit(content).map_err(|message| ContextError::EditFailed { key: key.clone(), message })?;
                 let r = this.store_content(&key, &current.kind, &edited)?;
                 Ok((vec![Event::ArtifactEdited { key, label, digest: r.digest, size: r.size }], ()))
             },

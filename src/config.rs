@@ -40,12 +40,6 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// The built-in defaults alone.
-    pub fn defaults() -> Config {
-        // The built-in file is checked by a test; fall back field by field is not needed.
-        Config::load(None, std::iter::empty()).unwrap_or_else(|e| panic!("built-in config/default.toml is invalid: {e}"))
-    }
-
     /// Defaults, overlaid with `file` (if given) and then with `env` pairs named `PCX_<KEY>`.
     pub fn load(
         file: Option<&Path>,

@@ -12,6 +12,8 @@ pub enum ContextError {
     KeyNotFound { key: String },
     #[error("dynamo cache entry {key} is invalid: {reason}")]
     InvalidEntry { key: String, reason: InvalidEntry },
+    #[error("artifact kind `{kind}` is not a valid kind name ([a-z0-9_.-]{{1,64}})")]
+    InvalidKind { kind: String },
     #[error("content of {key} is {size} bytes, over the limit of {limit} bytes (max_content_bytes)")]
     TooLarge { key: String, size: u64, limit: u64 },
     #[error("edit of {key} failed: {message}")]
@@ -45,6 +47,7 @@ impl ContextError {
         match self {
             ContextError::KeyNotFound { .. } => "key_not_found",
             ContextError::InvalidEntry { .. } => "invalid_entry",
+            ContextError::InvalidKind { .. } => "invalid_kind",
             ContextError::TooLarge { .. } => "too_large",
             ContextError::EditFailed { .. } => "edit_failed",
             ContextError::PackageNotFound { .. } => "package_not_found",
