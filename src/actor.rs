@@ -32,7 +32,9 @@ use crate::kinds::{Deserialized, Kinds};
 use crate::model::{
     Artifact, ArtifactRef, DebugInfo, Digest, DynamoCacheEntry, PrecompileCacheEntry, SystemInfo,
 };
-use crate::record::{encode_event, encode_saved_entry, encode_snapshot_of, Envelope, SCHEMA_VERSION};
+use crate::record::{
+    encode_event, encode_saved_entry, encode_snapshot_of, Envelope, SCHEMA_VERSION,
+};
 use crate::replay::{recover, Head};
 use crate::state::State;
 use crate::stitch::{create_cache_entries, Stitch};
@@ -158,7 +160,11 @@ pub struct ContextActor {
 
 impl ContextActor {
     /// An actor over a journal, with the state replayed from it.
-    pub fn new(journal: Arc<dyn Journal>, recovered: crate::replay::Recovered, settings: ActorSettings) -> Self {
+    pub fn new(
+        journal: Arc<dyn Journal>,
+        recovered: crate::replay::Recovered,
+        settings: ActorSettings,
+    ) -> Self {
         ContextActor {
             journal,
             settings,
@@ -227,7 +233,10 @@ impl ContextActor {
                     cache_puts.push((key.clone(), encode_saved_entry(entry)?));
                 }
             }
-            head = Head { seq: envelope.seq, hash };
+            head = Head {
+                seq: envelope.seq,
+                hash,
+            };
             records.push((envelope.seq, bytes, envelope.event));
         }
         for (seq, bytes, event) in records {
@@ -324,7 +333,12 @@ impl ContextActor {
     }
 
     /// Stores content and gives the reference an event carries.
-    fn store_content(&self, key: &str, kind: &str, content: &[u8]) -> Result<ArtifactRef, ContextError> {
+    fn store_content(
+        &self,
+        key: &str,
+        kind: &str,
+        content: &[u8],
+    ) -> Result<ArtifactRef, ContextError> {
         let size = content.len() as u64;
         if size > self.settings.max_content_bytes {
             return Err(ContextError::TooLarge {
@@ -335,7 +349,11 @@ impl ContextActor {
         }
         let digest = Digest::of(content);
         self.journal.put_blob(&digest, content)?;
-        Ok(ArtifactRef { kind: kind.to_string(), digest, size })
+        Ok(ArtifactRef {
+            kind: kind.to_string(),
+            digest,
+            size,
+        })
     }
 
     fn stitch<B>(&self, resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>) -> Stitch<B> {
@@ -361,11 +379,15 @@ pub fn sync_cache_view(journal: &dyn Journal, state: &State) -> Result<(), Conte
 /// Kind names are `[a-z0-9_.-]{1,64}`: they name plugins' kinds in logs, paths and JSON.
 fn validate_kind(kind: &str) -> Result<(), ContextError> {
     let ok = (1..=64).contains(&kind.len())
-        && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(ContextError::InvalidKind { kind: kind.to_string() })
+        Err(ContextError::InvalidKind {
+            kind: kind.to_string(),
+        })
     }
 }
 
@@ -391,15 +413,21 @@ impl Actor for ContextActor {
         let (tx, rx) = mpsc::channel::<Commit>();
         let journal = self.journal.clone();
         let addr = ctx.address();
-        let spawned = std::thread::Builder::new().name("pcx-committer".into()).spawn(move || {
-            for commit in rx {
-                let last_seq = commit.records.last().map(|r| r.0).unwrap_or(0);
-                let snapshot = commit.snapshot.as_ref().map(|s| s.0);
-                let result = journal.commit(&commit);
-                drop(commit);
-                addr.do_send(Committed { result, last_seq, snapshot });
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("pcx-committer".into())
+            .spawn(move || {
+                for commit in rx {
+                    let last_seq = commit.records.last().map(|r| r.0).unwrap_or(0);
+                    let snapshot = commit.snapshot.as_ref().map(|s| s.0);
+                    let result = journal.commit(&commit);
+                    drop(commit);
+                    addr.do_send(Committed {
+                        result,
+                        last_seq,
+                        snapshot,
+                    });
+                }
+            });
         match spawned {
             Ok(handle) => self.committer = Some((tx, handle)),
             Err(e) => {
@@ -417,7 +445,11 @@ impl Handler<Committed> for ContextActor {
         let waiters = self.inflight.take().unwrap_or_default();
         match msg.result {
             Ok(()) => {
-                tracing::debug!(last_seq = msg.last_seq, answers = waiters.len(), "group durable");
+                tracing::debug!(
+                    last_seq = msg.last_seq,
+                    answers = waiters.len(),
+                    "group durable"
+                );
                 if let Some(s) = msg.snapshot {
                     self.last_snapshot = s;
                 }
@@ -434,7 +466,9 @@ impl Handler<Committed> for ContextActor {
                 }
                 let open = std::mem::take(&mut self.open);
                 for w in open.waiters {
-                    w(Err(ContextError::Aborted { message: err.to_string() }));
+                    w(Err(ContextError::Aborted {
+                        message: err.to_string(),
+                    }));
                 }
                 self.reload();
             }
@@ -452,7 +486,12 @@ impl Handler<RecordArtifact> for ContextActor {
                 validate_kind(&a.kind)?;
                 let r = this.store_content(&a.key, &a.kind, &a.content)?;
                 Ok((
-                    vec![Event::ArtifactRecorded { key: a.key, kind: r.kind, digest: r.digest, size: r.size }],
+                    vec![Event::ArtifactRecorded {
+                        key: a.key,
+                        kind: r.kind,
+                        digest: r.digest,
+                        size: r.size,
+                    }],
                     (),
                 ))
             },
@@ -469,8 +508,17 @@ impl Handler<RecordEntry> for ContextActor {
             move |_| {
                 msg.entry
                     .validate()
-                    .map_err(|reason| ContextError::InvalidEntry { key: msg.key.clone(), reason })?;
-                Ok((vec![Event::DynamoEntryRecorded { key: msg.key, entry: msg.entry }], ()))
+                    .map_err(|reason| ContextError::InvalidEntry {
+                        key: msg.key.clone(),
+                        reason,
+                    })?;
+                Ok((
+                    vec![Event::DynamoEntryRecorded {
+                        key: msg.key,
+                        entry: msg.entry,
+                    }],
+                    (),
+                ))
             },
             same,
         )
@@ -489,9 +537,20 @@ impl Handler<EditArtifact> for ContextActor {
                 };
                 let content = this.content(&key, &current)?;
                 // A panicking edit is caught by `run`, like any panic while deciding.
-                let edited = edit(content).map_err(|message| ContextError::EditFailed { key: key.clone(), message })?;
+                let edited = edit(content).map_err(|message| ContextError::EditFailed {
+                    key: key.clone(),
+                    message,
+                })?;
                 let r = this.store_content(&key, &current.kind, &edited)?;
-                Ok((vec![Event::ArtifactEdited { key, label, digest: r.digest, size: r.size }], ()))
+                Ok((
+                    vec![Event::ArtifactEdited {
+                        key,
+                        label,
+                        digest: r.digest,
+                        size: r.size,
+                    }],
+                    (),
+                ))
             },
             same,
         )
@@ -544,11 +603,21 @@ impl Handler<CreateCacheEntries> for ContextActor {
             |this| {
                 let out = this.stitch(|id, r| {
                     this.content(id, r)
-                        .map(|content| Artifact { key: id.to_string(), kind: r.kind.clone(), content })
+                        .map(|content| Artifact {
+                            key: id.to_string(),
+                            kind: r.kind.clone(),
+                            content,
+                        })
                         .map_err(|e| e.to_string())
                 });
                 let event = out.event();
-                Ok((vec![event], Stitched { entries: out.entries, debug_info: out.debug_info }))
+                Ok((
+                    vec![event],
+                    Stitched {
+                        entries: out.entries,
+                        debug_info: out.debug_info,
+                    },
+                ))
             },
             same,
         )
@@ -559,7 +628,13 @@ impl Handler<SaveToDynamoCache> for ContextActor {
     type Result = ResponseFuture<Answer<DebugInfo>>;
 
     fn handle(&mut self, _: SaveToDynamoCache, _: &mut Self::Context) -> Self::Result {
-        let first_key = self.state.entries.keys().next().cloned().unwrap_or_default();
+        let first_key = self
+            .state
+            .entries
+            .keys()
+            .next()
+            .cloned()
+            .unwrap_or_default();
         self.run(
             |this| {
                 // The saved entry refers to content by digest; check that each blob is there.
@@ -570,13 +645,18 @@ impl Handler<SaveToDynamoCache> for ContextActor {
                 });
                 let events = vec![
                     out.event(),
-                    Event::SavedToDynamoCache { entries: out.entries.clone() },
+                    Event::SavedToDynamoCache {
+                        entries: out.entries.clone(),
+                    },
                 ];
                 Ok((events, out.debug_info))
             },
             // A failed write names an entry, in PyTorch's words.
             move |e| match e {
-                ContextError::Storage { message, .. } => ContextError::SaveFailed { key: first_key, message },
+                ContextError::Storage { message, .. } => ContextError::SaveFailed {
+                    key: first_key,
+                    message,
+                },
                 e => e,
             },
         )
@@ -653,19 +733,21 @@ impl Handler<Close> for ContextActor {
 
     fn handle(&mut self, _: Close, _: &mut Self::Context) -> Self::Result {
         let barrier = self.run(|_| Ok((Vec::new(), ())), same);
-        Box::pin(actix::fut::wrap_future::<_, Self>(barrier).map(|answer, this, ctx| {
-            this.closed = true;
-            if let Some((tx, handle)) = this.committer.take() {
-                drop(tx);
-                if handle.join().is_err() {
-                    tracing::error!("the committer thread panicked");
+        Box::pin(
+            actix::fut::wrap_future::<_, Self>(barrier).map(|answer, this, ctx| {
+                this.closed = true;
+                if let Some((tx, handle)) = this.committer.take() {
+                    drop(tx);
+                    if handle.join().is_err() {
+                        tracing::error!("the committer thread panicked");
+                    }
                 }
-            }
-            // Release the journal (and sled's lock on the directory) now, not whenever the
-            // actor is dropped.
-            this.journal = Arc::new(crate::journal::ClosedJournal);
-            ctx.stop();
-            answer
-        }))
+                // Release the journal (and sled's lock on the directory) now, not whenever the
+                // actor is dropped.
+                this.journal = Arc::new(crate::journal::ClosedJournal);
+                ctx.stop();
+                answer
+            }),
+        )
     }
 }

@@ -85,20 +85,24 @@ where
     W: Write,
 {
     let (line_tx, mut line_rx) = mpsc::channel::<io::Result<Line>>(256);
-    let reader = std::thread::Builder::new().name("pcx-batch-reader".into()).spawn(move || {
-        let mut input = input;
-        loop {
-            let line = read_bounded_line(&mut input, max_request_bytes);
-            let end = matches!(line, Ok(None) | Err(_));
-            let sent = match line {
-                Ok(None) => break,
-                other => line_tx.blocking_send(other.map(|l| l.unwrap_or(Line::Text(Vec::new())))),
-            };
-            if end || sent.is_err() {
-                break;
+    let reader = std::thread::Builder::new()
+        .name("pcx-batch-reader".into())
+        .spawn(move || {
+            let mut input = input;
+            loop {
+                let line = read_bounded_line(&mut input, max_request_bytes);
+                let end = matches!(line, Ok(None) | Err(_));
+                let sent = match line {
+                    Ok(None) => break,
+                    other => {
+                        line_tx.blocking_send(other.map(|l| l.unwrap_or(Line::Text(Vec::new()))))
+                    }
+                };
+                if end || sent.is_err() {
+                    break;
+                }
             }
-        }
-    })?;
+        })?;
 
     let (answer_tx, mut answer_rx) = mpsc::channel::<AnswerFuture>(max_in_flight.max(1));
     let produce = async move {
@@ -109,7 +113,10 @@ where
                     read_error = Some(e);
                     break;
                 }
-                Ok(Line::TooLong(len)) => ready(refused(&RequestError::TooLarge { len, limit: max_request_bytes })),
+                Ok(Line::TooLong(len)) => ready(refused(&RequestError::TooLarge {
+                    len,
+                    limit: max_request_bytes,
+                })),
                 Ok(Line::Text(text)) => {
                     if text.iter().all(u8::is_ascii_whitespace) {
                         continue;

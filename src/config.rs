@@ -47,36 +47,55 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table = parse(DEFAULT_TOML, "config/default.toml (built in)")?;
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
             let origin = path.display().to_string();
             for (key, value) in parse(&text, &origin)? {
                 if !table.contains_key(&key) {
-                    return Err(ConfigError::Invalid { origin, message: format!("unknown key `{key}`") });
+                    return Err(ConfigError::Invalid {
+                        origin,
+                        message: format!("unknown key `{key}`"),
+                    });
                 }
                 table.insert(key, value);
             }
         }
         for (name, raw) in env {
-            let Some(key) = name.strip_prefix("PCX_").map(|k| k.to_ascii_lowercase()) else { continue };
-            let Some(current) = table.get(&key) else { continue };
+            let Some(key) = name.strip_prefix("PCX_").map(|k| k.to_ascii_lowercase()) else {
+                continue;
+            };
+            let Some(current) = table.get(&key) else {
+                continue;
+            };
             let value = match current {
                 toml::Value::String(_) => toml::Value::String(raw),
                 _ => raw.parse::<toml::Value>().or_else(|_| {
                     // A bare scalar ("5000") parses as a document only inside `k = v`.
-                    parse(&format!("v = {raw}"), &name).map(|mut t| t.remove("v").unwrap_or(toml::Value::String(raw.clone())))
+                    parse(&format!("v = {raw}"), &name)
+                        .map(|mut t| t.remove("v").unwrap_or(toml::Value::String(raw.clone())))
                 })?,
             };
             table.insert(key, value);
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid { origin: "(merged)".into(), message: e.to_string() })?;
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    origin: "(merged)".into(),
+                    message: e.to_string(),
+                })?;
         config.validate()
     }
 
     fn validate(self) -> Result<Config, ConfigError> {
-        let bad = |message: &str| Err(ConfigError::Invalid { origin: "(merged)".into(), message: message.into() });
+        let bad = |message: &str| {
+            Err(ConfigError::Invalid {
+                origin: "(merged)".into(),
+                message: message.into(),
+            })
+        };
         if self.snapshot_every == 0 {
             return bad("snapshot_every must be at least 1");
         }
@@ -103,7 +122,10 @@ impl Config {
 
 fn parse(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
     text.parse::<toml::Table>()
-        .map_err(|e| ConfigError::Invalid { origin: origin.to_string(), message: e.to_string() })
+        .map_err(|e| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -134,7 +156,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "snapshot_evry = 3\n").unwrap();
-        let err = Config::load(Some(&path), std::iter::empty()).unwrap_err().to_string();
+        let err = Config::load(Some(&path), std::iter::empty())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("snapshot_evry"), "{err}");
     }
 

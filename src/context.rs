@@ -9,8 +9,8 @@ use actix::prelude::*;
 
 use crate::actor::{
     sync_cache_view, ActorSettings, Answer, Clear, Close, ContextActor, CreateCacheEntries,
-    DumpDebugInfo, EditArtifact, GetArtifact, GetLoadCounters, LoadCacheEntry, LoadCounters, Loaded,
-    RecordArtifact, RecordEntry, SaveToDynamoCache, StateDigest, Stitched, TakeArtifact,
+    DumpDebugInfo, EditArtifact, GetArtifact, GetLoadCounters, LoadCacheEntry, LoadCounters,
+    Loaded, RecordArtifact, RecordEntry, SaveToDynamoCache, StateDigest, Stitched, TakeArtifact,
 };
 use crate::config::Config;
 use crate::error::ContextError;
@@ -44,7 +44,10 @@ impl Context {
     }
 
     /// Starts a context over any journal (tests pass a fault-injecting one).
-    pub fn with_journal(journal: Arc<dyn Journal>, settings: ActorSettings) -> Result<Context, ContextOpenError> {
+    pub fn with_journal(
+        journal: Arc<dyn Journal>,
+        settings: ActorSettings,
+    ) -> Result<Context, ContextOpenError> {
         let recovered = recover(journal.as_ref())?;
         tracing::info!(
             head = recovered.head.seq,
@@ -53,13 +56,18 @@ impl Context {
             "replayed the event log"
         );
         // The sled view of the dynamo cache may lag the log after a crash; the log wins.
-        if journal.cache_view_len().map_err(|e| ContextOpenError::CacheView(e.into()))?
+        if journal
+            .cache_view_len()
+            .map_err(|e| ContextOpenError::CacheView(e.into()))?
             != recovered.state.dynamo_cache.len()
         {
-            sync_cache_view(journal.as_ref(), &recovered.state).map_err(ContextOpenError::CacheView)?;
+            sync_cache_view(journal.as_ref(), &recovered.state)
+                .map_err(ContextOpenError::CacheView)?;
         }
         let actor = ContextActor::new(journal, recovered, settings);
-        Ok(Context { addr: actor.start() })
+        Ok(Context {
+            addr: actor.start(),
+        })
     }
 
     /// The actor's address, for sending messages directly.
@@ -73,7 +81,10 @@ impl Context {
         T: Send + 'static,
         ContextActor: Handler<M>,
     {
-        self.addr.send(msg).await.unwrap_or(Err(ContextError::Closed))
+        self.addr
+            .send(msg)
+            .await
+            .unwrap_or(Err(ContextError::Closed))
     }
 
     /// `record_artifact`: stores a copy of the artifact under its key.
@@ -82,8 +93,16 @@ impl Context {
     }
 
     /// `record_dynamo_cache_entry`.
-    pub async fn record_dynamo_cache_entry(&self, key: impl Into<String>, entry: DynamoCacheEntry) -> Answer<()> {
-        self.ask(RecordEntry { key: key.into(), entry }).await
+    pub async fn record_dynamo_cache_entry(
+        &self,
+        key: impl Into<String>,
+        entry: DynamoCacheEntry,
+    ) -> Answer<()> {
+        self.ask(RecordEntry {
+            key: key.into(),
+            entry,
+        })
+        .await
     }
 
     /// `edit_artifact`: `content = edit(content)`; `label` is logged with the result.
@@ -93,11 +112,19 @@ impl Context {
         label: impl Into<String>,
         edit: impl FnOnce(Vec<u8>) -> Vec<u8> + Send + 'static,
     ) -> Answer<()> {
-        self.ask(EditArtifact { key: key.into(), label: label.into(), edit: Box::new(move |c| Ok(edit(c))) }).await
+        self.ask(EditArtifact {
+            key: key.into(),
+            label: label.into(),
+            edit: Box::new(move |c| Ok(edit(c))),
+        })
+        .await
     }
 
     /// `serialize_artifact_by_key`: the artifact, or none.
-    pub async fn serialize_artifact_by_key(&self, key: impl Into<String>) -> Answer<Option<Artifact>> {
+    pub async fn serialize_artifact_by_key(
+        &self,
+        key: impl Into<String>,
+    ) -> Answer<Option<Artifact>> {
         self.ask(GetArtifact { key: key.into() }).await
     }
 
@@ -128,8 +155,16 @@ impl Context {
 
     /// `load_cache_entry`: reads a saved entry, records its backends again and deserializes
     /// each by its kind.
-    pub async fn load_cache_entry(&self, key: impl Into<String>, system_info: Option<SystemInfo>) -> Answer<Loaded> {
-        self.ask(LoadCacheEntry { key: key.into(), system_info }).await
+    pub async fn load_cache_entry(
+        &self,
+        key: impl Into<String>,
+        system_info: Option<SystemInfo>,
+    ) -> Answer<Loaded> {
+        self.ask(LoadCacheEntry {
+            key: key.into(),
+            system_info,
+        })
+        .await
     }
 
     /// PyTorch's `dynamo_cache_hit/miss/error` counts in this process.

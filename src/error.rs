@@ -14,7 +14,9 @@ pub enum ContextError {
     InvalidEntry { key: String, reason: InvalidEntry },
     #[error("artifact kind `{kind}` is not a valid kind name ([a-z0-9_.-]{{1,64}})")]
     InvalidKind { kind: String },
-    #[error("content of {key} is {size} bytes, over the limit of {limit} bytes (max_content_bytes)")]
+    #[error(
+        "content of {key} is {size} bytes, over the limit of {limit} bytes (max_content_bytes)"
+    )]
     TooLarge { key: String, size: u64, limit: u64 },
     #[error("edit of {key} failed: {message}")]
     EditFailed { key: String, message: String },
@@ -25,9 +27,17 @@ pub enum ContextError {
     #[error("{message}")]
     SystemMismatch { key: String, message: String },
     #[error("no plugin serves artifact kind `{kind}` (backend {backend}); plugin directory: {plugin_dir}")]
-    NoPlugin { kind: String, backend: String, plugin_dir: String },
+    NoPlugin {
+        kind: String,
+        backend: String,
+        plugin_dir: String,
+    },
     #[error("content of {key} (blob {digest}) cannot be read: {message}")]
-    ContentUnavailable { key: String, digest: String, message: String },
+    ContentUnavailable {
+        key: String,
+        digest: String,
+        message: String,
+    },
     /// PyTorch's words for a failed cache write.
     #[error("Failed to save package to {key}: {message}")]
     SaveFailed { key: String, message: String },
@@ -66,12 +76,18 @@ impl ContextError {
 
 impl From<StoreError> for ContextError {
     fn from(e: StoreError) -> Self {
-        ContextError::Storage { no_space: e.is_no_space(), message: e.to_string() }
+        ContextError::Storage {
+            no_space: e.is_no_space(),
+            message: e.to_string(),
+        }
     }
 }
 
 impl From<crate::record::EncodeError> for ContextError {
     fn from(e: crate::record::EncodeError) -> Self {
-        ContextError::Storage { no_space: false, message: e.to_string() }
+        ContextError::Storage {
+            no_space: false,
+            message: e.to_string(),
+        }
     }
 }

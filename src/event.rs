@@ -24,7 +24,10 @@ pub enum Event {
         size: u64,
     },
     /// `record_dynamo_cache_entry`.
-    DynamoEntryRecorded { key: String, entry: DynamoCacheEntry },
+    DynamoEntryRecorded {
+        key: String,
+        entry: DynamoCacheEntry,
+    },
     /// `edit_artifact`: the artifact's content became this; `label` says what edit made it.
     ArtifactEdited {
         key: BackendId,
@@ -43,7 +46,9 @@ pub enum Event {
         failed: Vec<StitchFailure>,
     },
     /// `save_to_dynamo_cache` wrote these stitched entries to the dynamo cache.
-    SavedToDynamoCache { entries: IndexMap<String, SavedEntry> },
+    SavedToDynamoCache {
+        entries: IndexMap<String, SavedEntry>,
+    },
     /// `load_cache_entry` hit: the entry's backends were recorded into the context again.
     EntryLoaded {
         key: String,

@@ -22,6 +22,9 @@ pub struct Commit {
     pub snapshot: Option<(u64, Vec<u8>)>,
 }
 
+/// Stored records in order: `(sequence number, record bytes)`.
+pub type Records<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + 'a>;
+
 /// A storage failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,7 +52,10 @@ impl StoreError {
     pub fn is_no_space(&self) -> bool {
         let io = match self {
             StoreError::Io { source, .. } => Some(source),
-            StoreError::Sled { source: sled::Error::Io(e), .. } => Some(e),
+            StoreError::Sled {
+                source: sled::Error::Io(e),
+                ..
+            } => Some(e),
             _ => None,
         };
         io.is_some_and(|e| e.raw_os_error() == Some(28) || e.to_string().contains("No space left"))
@@ -69,7 +75,9 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
-    #[error("data directory {path} is in use by another pcx process (one writer per data directory)")]
+    #[error(
+        "data directory {path} is in use by another pcx process (one writer per data directory)"
+    )]
     Locked { path: PathBuf },
     #[error("cannot open the event log in {path}: {source}")]
     Sled {
@@ -95,7 +103,7 @@ pub trait Journal: Send + Sync + 'static {
     /// Applies a group atomically and makes it durable. On error nothing of it remains.
     fn commit(&self, commit: &Commit) -> Result<(), StoreError>;
     /// Event records with sequence number `>= from`, in order.
-    fn records(&self, from: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_>;
+    fn records(&self, from: u64) -> Records<'_>;
     /// Sequence numbers of stored snapshots, newest first.
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError>;
     /// One stored snapshot record.
@@ -128,8 +136,10 @@ pub struct SledJournal {
 impl SledJournal {
     /// Opens (creating if missing) the data directory.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| OpenError::CreateDir { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity)
@@ -137,20 +147,33 @@ impl SledJournal {
             .open()
             .map_err(|source| {
                 if source.to_string().contains("could not acquire lock") {
-                    OpenError::Locked { path: dir.to_path_buf() }
+                    OpenError::Locked {
+                        path: dir.to_path_buf(),
+                    }
                 } else {
-                    OpenError::Sled { path: dir.to_path_buf(), source }
+                    OpenError::Sled {
+                        path: dir.to_path_buf(),
+                        source,
+                    }
                 }
             })?;
         let tree = |name: &str| {
-            db.open_tree(name)
-                .map_err(|source| OpenError::Sled { path: dir.to_path_buf(), source })
+            db.open_tree(name).map_err(|source| OpenError::Sled {
+                path: dir.to_path_buf(),
+                source,
+            })
         };
-        let (events, blobs, snapshots, cache) =
-            (tree("events")?, tree("blobs")?, tree("snapshots")?, tree("dynamo_cache")?);
+        let (events, blobs, snapshots, cache) = (
+            tree("events")?,
+            tree("blobs")?,
+            tree("snapshots")?,
+            tree("dynamo_cache")?,
+        );
         let data_path = dir.join("db");
-        let data_file = File::open(&data_path)
-            .map_err(|source| OpenError::DataFile { path: data_path.clone(), source })?;
+        let data_file = File::open(&data_path).map_err(|source| OpenError::DataFile {
+            path: data_path.clone(),
+            source,
+        })?;
         let journal = SledJournal {
             db,
             events,
@@ -162,18 +185,23 @@ impl SledJournal {
             synced_blob_files: Mutex::new(0),
         };
         // The directory entries of sled's files must survive power loss too.
-        sync_dir(dir).map_err(|source| OpenError::DataFile { path: dir.to_path_buf(), source })?;
+        sync_dir(dir).map_err(|source| OpenError::DataFile {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         Ok(journal)
     }
 
     /// Flush sled, then `fdatasync` its data file and any new large-value files.
     fn make_durable(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(sled_err("flushing the log"))?;
-        self.data_file.sync_data().map_err(|source| StoreError::Io {
-            op: "syncing",
-            path: self.dir.join("db"),
-            source,
-        })?;
+        self.data_file
+            .sync_data()
+            .map_err(|source| StoreError::Io {
+                op: "syncing",
+                path: self.dir.join("db"),
+                source,
+            })?;
         self.sync_blob_files()
     }
 
@@ -185,7 +213,10 @@ impl SledJournal {
             let path = path.to_path_buf();
             move |source| StoreError::Io { op, path, source }
         };
-        let mut synced = self.synced_blob_files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut synced = self
+            .synced_blob_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut newest = *synced;
         let listing = match std::fs::read_dir(&dir) {
             Ok(l) => l,
@@ -195,7 +226,11 @@ impl SledJournal {
         let mut any = false;
         for entry in listing {
             let entry = entry.map_err(io("listing", &dir))?;
-            let Some(lsn) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+            let Some(lsn) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
                 continue;
             };
             if lsn <= *synced {
@@ -224,16 +259,24 @@ impl SledJournal {
             for (key, bytes) in &c.cache_puts {
                 batch.insert(key.as_bytes(), bytes.as_slice());
             }
-            self.cache.apply_batch(batch).map_err(sled_err("writing the dynamo cache"))?;
+            self.cache
+                .apply_batch(batch)
+                .map_err(sled_err("writing the dynamo cache"))?;
         }
         if let Some((seq, bytes)) = &c.snapshot {
             let mut batch = sled::Batch::default();
             batch.insert(&seq_key(*seq), bytes.as_slice());
-            let older: Vec<u64> = self.snapshot_seqs()?.into_iter().skip(SNAPSHOTS_KEPT - 1).collect();
+            let older: Vec<u64> = self
+                .snapshot_seqs()?
+                .into_iter()
+                .skip(SNAPSHOTS_KEPT - 1)
+                .collect();
             for s in older {
                 batch.remove(&seq_key(s));
             }
-            self.snapshots.apply_batch(batch).map_err(sled_err("writing a snapshot"))?;
+            self.snapshots
+                .apply_batch(batch)
+                .map_err(sled_err("writing a snapshot"))?;
         }
         // Events last: sled recovers a prefix of its log, so an event that survives a crash
         // has its blobs, cache writes and snapshot with it.
@@ -241,7 +284,9 @@ impl SledJournal {
         for (seq, bytes) in &c.records {
             batch.insert(&seq_key(*seq), bytes.as_slice());
         }
-        self.events.apply_batch(batch).map_err(sled_err("appending events"))?;
+        self.events
+            .apply_batch(batch)
+            .map_err(sled_err("appending events"))?;
         self.make_durable()
     }
 }
@@ -252,15 +297,25 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl Journal for SledJournal {
     fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
-        if self.blobs.contains_key(digest.0).map_err(sled_err("reading a blob"))? {
+        if self
+            .blobs
+            .contains_key(digest.0)
+            .map_err(sled_err("reading a blob"))?
+        {
             return Ok(());
         }
-        self.blobs.insert(digest.0, content).map_err(sled_err("writing a blob"))?;
+        self.blobs
+            .insert(digest.0, content)
+            .map_err(sled_err("writing a blob"))?;
         Ok(())
     }
 
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.blobs.get(digest.0).map_err(sled_err("reading a blob"))?.map(|v| v.to_vec()))
+        Ok(self
+            .blobs
+            .get(digest.0)
+            .map_err(sled_err("reading a blob"))?
+            .map(|v| v.to_vec()))
     }
 
     fn commit(&self, c: &Commit) -> Result<(), StoreError> {
@@ -281,7 +336,7 @@ impl Journal for SledJournal {
         result
     }
 
-    fn records(&self, from: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+    fn records(&self, from: u64) -> Records<'_> {
         Box::new(self.events.range(seq_key(from)..).map(|item| {
             let (k, v) = item.map_err(sled_err("reading events"))?;
             // Keys are written only by `commit`; a key of another length is itself damage,
@@ -310,12 +365,16 @@ impl Journal for SledJournal {
     }
 
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
-        self.cache.clear().map_err(sled_err("rewriting the dynamo cache"))?;
+        self.cache
+            .clear()
+            .map_err(sled_err("rewriting the dynamo cache"))?;
         let mut batch = sled::Batch::default();
         for (key, bytes) in entries {
             batch.insert(key.as_bytes(), bytes.as_slice());
         }
-        self.cache.apply_batch(batch).map_err(sled_err("rewriting the dynamo cache"))?;
+        self.cache
+            .apply_batch(batch)
+            .map_err(sled_err("rewriting the dynamo cache"))?;
         self.make_durable()
     }
 
@@ -337,7 +396,7 @@ impl Journal for ClosedJournal {
     fn commit(&self, _: &Commit) -> Result<(), StoreError> {
         Err(StoreError::Closed)
     }
-    fn records(&self, _: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+    fn records(&self, _: u64) -> Records<'_> {
         Box::new(std::iter::once(Err(StoreError::Closed)))
     }
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
@@ -391,19 +450,23 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         if self.fail_blob_reads.load(Ordering::SeqCst) {
-            return Err(StoreError::Injected { op: "reading a blob" });
+            return Err(StoreError::Injected {
+                op: "reading a blob",
+            });
         }
         self.inner.blob(digest)
     }
     fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
         if self.fail_commits.load(Ordering::SeqCst) {
-            return Err(StoreError::Injected { op: "appending events" });
+            return Err(StoreError::Injected {
+                op: "appending events",
+            });
         }
         self.inner.commit(commit)?;
         self.commits.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn records(&self, from: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+    fn records(&self, from: u64) -> Records<'_> {
         self.inner.records(from)
     }
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
@@ -430,7 +493,7 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
         (**self).commit(commit)
     }
-    fn records(&self, from: u64) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+    fn records(&self, from: u64) -> Records<'_> {
         (**self).records(from)
     }
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {

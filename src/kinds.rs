@@ -38,7 +38,11 @@ impl Kinds {
         content: Vec<u8>,
     ) -> Result<Deserialized, ContextError> {
         if kind == EAGER_KIND {
-            return Ok(Deserialized { kind: kind.to_string(), served_by: "builtin".into(), content });
+            return Ok(Deserialized {
+                kind: kind.to_string(),
+                served_by: "builtin".into(),
+                content,
+            });
         }
         Err(ContextError::NoPlugin {
             kind: kind.to_string(),

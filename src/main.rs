@@ -135,36 +135,60 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
         Command::Demo => return demo(config).await,
         other => request_of(other)?,
     };
-    let ctx = Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let ctx =
+        Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
     let answer = protocol::submit(&ctx, request).await;
     let closed = ctx.close().await;
     println!("{answer}");
     if let Err(e) = closed {
         anyhow::bail!("closing the data directory: {e}");
     }
-    Ok(if answer.get("ok") == Some(&Value::Bool(true)) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if answer.get("ok") == Some(&Value::Bool(true)) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn request_of(command: Command) -> Result<Request> {
     Ok(match command {
         Command::RecordArtifact { key, kind, content } => {
             let bytes = match (content.file, content.content_b64, content.text) {
-                (Some(f), _, _) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
-                (_, Some(b), _) => return Ok(Request::RecordArtifact { key, kind, content_b64: b }),
+                (Some(f), _, _) => {
+                    std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?
+                }
+                (_, Some(b), _) => {
+                    return Ok(Request::RecordArtifact {
+                        key,
+                        kind,
+                        content_b64: b,
+                    })
+                }
                 (_, _, Some(t)) => t.into_bytes(),
                 _ => read_stdin()?,
             };
-            Request::RecordArtifact { key, kind, content_b64: B64.encode(bytes) }
+            Request::RecordArtifact {
+                key,
+                kind,
+                content_b64: B64.encode(bytes),
+            }
         }
         Command::RecordEntry { key, json } => {
             let text = match json.as_deref() {
-                None | Some("-") => String::from_utf8(read_stdin()?).context("the entry JSON is not UTF-8")?,
+                None | Some("-") => {
+                    String::from_utf8(read_stdin()?).context("the entry JSON is not UTF-8")?
+                }
                 Some(j) => j.to_string(),
             };
-            let entry: WireEntry = serde_json::from_str(&text).context("the entry JSON is not a valid entry")?;
+            let entry: WireEntry =
+                serde_json::from_str(&text).context("the entry JSON is not a valid entry")?;
             Request::RecordDynamoCacheEntry { key, entry }
         }
-        Command::Edit { key, set_b64, append_b64 } => {
+        Command::Edit {
+            key,
+            set_b64,
+            append_b64,
+        } => {
             let edit = match (set_b64, append_b64) {
                 (Some(s), _) => WireEdit::SetB64(s),
                 (_, Some(a)) => WireEdit::AppendB64(a),
@@ -180,7 +204,9 @@ fn request_of(command: Command) -> Result<Request> {
         Command::Save => Request::SaveToDynamoCache,
         Command::Load { key, system_info } => {
             let system_info = system_info
-                .map(|s| serde_json::from_str(&s).context("--system-info is not valid system info JSON"))
+                .map(|s| {
+                    serde_json::from_str(&s).context("--system-info is not valid system info JSON")
+                })
                 .transpose()?;
             Request::LoadCacheEntry { key, system_info }
         }
@@ -195,16 +221,28 @@ fn read_stdin() -> Result<Vec<u8>> {
 }
 
 async fn batch(config: Config) -> Result<ExitCode> {
-    let ctx = Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let ctx =
+        Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
     let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
     let mut stdout = io::stdout().lock();
-    let summary = pcx::batch::run(&ctx, stdin, &mut stdout, config.max_request_bytes, config.max_in_flight).await;
+    let summary = pcx::batch::run(
+        &ctx,
+        stdin,
+        &mut stdout,
+        config.max_request_bytes,
+        config.max_in_flight,
+    )
+    .await;
     let closed = ctx.close().await;
     let summary = summary.context("batch input/output")?;
     if let Err(e) = closed {
         anyhow::bail!("closing the data directory: {e}");
     }
-    tracing::info!(answered = summary.answered, failed = summary.failed, "batch done");
+    tracing::info!(
+        answered = summary.answered,
+        failed = summary.failed,
+        "batch done"
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -236,7 +274,9 @@ async fn demo(config: Config) -> Result<ExitCode> {
     for req in first {
         show(&mut out, &ctx, req).await?;
     }
-    ctx.close().await.map_err(|e| anyhow::anyhow!("closing: {e}"))?;
+    ctx.close()
+        .await
+        .map_err(|e| anyhow::anyhow!("closing: {e}"))?;
     writeln!(out, "{}", step("2. restart: the context is closed and opened again; its state is replayed from the log"))?;
     let ctx = Context::open(&config).with_context(|| format!("reopening {dir}"))?;
     for req in [
@@ -247,7 +287,9 @@ async fn demo(config: Config) -> Result<ExitCode> {
     ] {
         show(&mut out, &ctx, req).await?;
     }
-    ctx.close().await.map_err(|e| anyhow::anyhow!("closing: {e}"))?;
+    ctx.close()
+        .await
+        .map_err(|e| anyhow::anyhow!("closing: {e}"))?;
     writeln!(
         out,
         "{}\nEverything above is in {dir}: run `pcx --data-dir {dir} debug-info`, or pipe requests into `pcx --data-dir {dir} batch`.",

@@ -57,9 +57,10 @@ impl Serialize for Digest {
 impl<'de> Deserialize<'de> for Digest {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let buf = serde_bytes::ByteBuf::deserialize(d)?;
-        let arr: [u8; 32] = buf.as_slice().try_into().map_err(|_| {
-            serde::de::Error::invalid_length(buf.len(), &"a 32-byte blake3 digest")
-        })?;
+        let arr: [u8; 32] = buf
+            .as_slice()
+            .try_into()
+            .map_err(|_| serde::de::Error::invalid_length(buf.len(), &"a 32-byte blake3 digest"))?;
         Ok(Digest(arr))
     }
 }
@@ -101,7 +102,11 @@ pub struct SystemInfo {
 impl SystemInfo {
     /// PyTorch's `SystemInfo.check_compatibility`, with its messages: `self` is the package's
     /// info, `current` the loader's.
-    pub fn check_compatibility(&self, current: &SystemInfo, device_type: &str) -> Result<(), String> {
+    pub fn check_compatibility(
+        &self,
+        current: &SystemInfo,
+        device_type: &str,
+    ) -> Result<(), String> {
         if self.python_version != current.python_version {
             return Err(format!(
                 "Compile package was created with a different Python version: {}",
@@ -361,7 +366,11 @@ mod tests {
 
     #[test]
     fn a_missing_backend_bypasses_only_its_code_and_stops_scanning_it() {
-        let e = entry(vec![code(&["b1", "b2"]), code(&["b1", "b3", "b2"]), code(&["b2"])]);
+        let e = entry(vec![
+            code(&["b1", "b2"]),
+            code(&["b1", "b3", "b2"]),
+            code(&["b2"]),
+        ]);
         let present = ["b1", "b2"];
         let (stitched, bypasses) =
             stitch_entry(&e, |id| present.contains(&id).then(|| id.to_string()));
@@ -371,13 +380,22 @@ mod tests {
             stitched.dynamo.codes[1].bypass_reason.as_deref(),
             Some("backend artifact b3 missing at save time")
         );
-        assert_eq!(stitched.backends.keys().collect::<Vec<_>>(), vec!["b1", "b2"]);
+        assert_eq!(
+            stitched.backends.keys().collect::<Vec<_>>(),
+            vec!["b1", "b2"]
+        );
         assert_eq!(
             bypasses,
-            vec![Bypass { code_index: 1, missing_backend: "b3".into() }]
+            vec![Bypass {
+                code_index: 1,
+                missing_backend: "b3".into()
+            }]
         );
         // The recorded entry is untouched.
-        assert!(e.codes.iter().all(|c| !c.bypassed && c.bypass_reason.is_none()));
+        assert!(e
+            .codes
+            .iter()
+            .all(|c| !c.bypassed && c.bypass_reason.is_none()));
     }
 
     #[test]
@@ -390,7 +408,10 @@ mod tests {
     #[test]
     fn bypass_reason_is_cut_at_2048_chars() {
         let long = "x".repeat(5000);
-        assert_eq!(bypass_reason(&long).chars().count(), MAX_BYPASS_REASON_CHARS);
+        assert_eq!(
+            bypass_reason(&long).chars().count(),
+            MAX_BYPASS_REASON_CHARS
+        );
     }
 
     #[test]
@@ -401,8 +422,15 @@ mod tests {
 
     #[test]
     fn torch_version_mismatch_uses_pytorchs_words() {
-        let saved = SystemInfo { python_version: "3.11".into(), torch_version: "2.10".into(), ..Default::default() };
-        let now = SystemInfo { torch_version: "2.9".into(), ..saved.clone() };
+        let saved = SystemInfo {
+            python_version: "3.11".into(),
+            torch_version: "2.10".into(),
+            ..Default::default()
+        };
+        let now = SystemInfo {
+            torch_version: "2.9".into(),
+            ..saved.clone()
+        };
         assert_eq!(
             saved.check_compatibility(&now, "cpu"),
             Err("Compile package was created with a different PyTorch version: 2.10".into())

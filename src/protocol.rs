@@ -12,13 +12,14 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::actor::{
-    Ack, Answer, Clear, CreateCacheEntries, DumpDebugInfo, EditArtifact, EditFn, GetArtifact, LoadCacheEntry,
-    RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
+    Ack, Answer, Clear, CreateCacheEntries, DumpDebugInfo, EditArtifact, EditFn, GetArtifact,
+    LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
 };
 use crate::context::Context;
 use crate::error::ContextError;
 use crate::model::{
-    Artifact, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry, SourceInfo, SystemInfo, EAGER_KIND,
+    Artifact, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry, SourceInfo, SystemInfo,
+    EAGER_KIND,
 };
 
 /// The operations, as named on the wire.
@@ -159,7 +160,9 @@ pub fn parse(line: &[u8]) -> (Option<Value>, Result<Request, RequestError>) {
     let id = map.remove("id");
     let request = match map.get("op") {
         None => Err(RequestError::MissingField("missing field `op`".into())),
-        Some(Value::String(op)) if !OPS.contains(&op.as_str()) => Err(RequestError::UnknownOp(op.clone())),
+        Some(Value::String(op)) if !OPS.contains(&op.as_str()) => {
+            Err(RequestError::UnknownOp(op.clone()))
+        }
         Some(Value::String(_)) => serde_json::from_value(Value::Object(map)).map_err(|e| {
             let message = e.to_string();
             if message.starts_with("missing field") {
@@ -168,13 +171,18 @@ pub fn parse(line: &[u8]) -> (Option<Value>, Result<Request, RequestError>) {
                 RequestError::Invalid(message)
             }
         }),
-        Some(other) => Err(RequestError::Invalid(format!("`op` must be a string, not {other}"))),
+        Some(other) => Err(RequestError::Invalid(format!(
+            "`op` must be a string, not {other}"
+        ))),
     };
     (id, request)
 }
 
 fn decode_b64(field: &str, text: &str) -> Result<Vec<u8>, RequestError> {
-    B64.decode(text).map_err(|e| RequestError::BadBase64 { field: field.to_string(), message: e.to_string() })
+    B64.decode(text).map_err(|e| RequestError::BadBase64 {
+        field: field.to_string(),
+        message: e.to_string(),
+    })
 }
 
 impl WireEntry {
@@ -230,8 +238,17 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
         }};
     }
     match request {
-        Request::RecordArtifact { key, kind, content_b64 } => match decode_b64("content_b64", &content_b64) {
-            Ok(content) => send!(RecordArtifact { artifact: Artifact { key, kind, content } }, |_: ()| json!({})),
+        Request::RecordArtifact {
+            key,
+            kind,
+            content_b64,
+        } => match decode_b64("content_b64", &content_b64) {
+            Ok(content) => send!(
+                RecordArtifact {
+                    artifact: Artifact { key, kind, content }
+                },
+                |_: ()| json!({})
+            ),
             Err(e) => ready(refused(&e)),
         },
         Request::RecordDynamoCacheEntry { key, entry } => match entry.into_entry() {
@@ -255,24 +272,39 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
                     Err(e) => return ready(refused(&e)),
                 },
             };
-            send!(EditArtifact { key, label: label.to_string(), edit }, |_: ()| json!({}))
+            send!(
+                EditArtifact {
+                    key,
+                    label: label.to_string(),
+                    edit
+                },
+                |_: ()| json!({})
+            )
         }
-        Request::SerializeArtifactByKey { key } => send!(GetArtifact { key }, |a: Option<Artifact>| {
-            json!({ "artifact": a.as_ref().map(artifact_json) })
-        }),
+        Request::SerializeArtifactByKey { key } => {
+            send!(GetArtifact { key }, |a: Option<Artifact>| {
+                json!({ "artifact": a.as_ref().map(artifact_json) })
+            })
+        }
         Request::TakeArtifact { key } => send!(TakeArtifact { key }, |a: Option<Artifact>| {
             json!({ "artifact": a.as_ref().map(artifact_json) })
         }),
         Request::Clear => send!(Clear {}, |_: ()| json!({})),
         Request::DumpDebugInfo => send!(DumpDebugInfo {}, |d| json!({ "debug_info": d })),
         Request::CreateCacheEntries => send!(CreateCacheEntries {}, |s: crate::actor::Stitched| {
-            let entries: Map<String, Value> = s.entries.iter().map(|(k, e)| (k.clone(), stitched_json(e))).collect();
+            let entries: Map<String, Value> = s
+                .entries
+                .iter()
+                .map(|(k, e)| (k.clone(), stitched_json(e)))
+                .collect();
             json!({ "debug_info": s.debug_info, "entries": entries })
         }),
         Request::SaveToDynamoCache => send!(SaveToDynamoCache {}, |d| json!({ "debug_info": d })),
         Request::LoadCacheEntry { key, system_info } => {
-            send!(LoadCacheEntry { key, system_info }, |l: crate::actor::Loaded| {
-                let deserialized: Map<String, Value> = l
+            send!(
+                LoadCacheEntry { key, system_info },
+                |l: crate::actor::Loaded| {
+                    let deserialized: Map<String, Value> = l
                     .deserialized
                     .iter()
                     .map(|(id, d)| {
@@ -282,8 +314,9 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
                         )
                     })
                     .collect();
-                json!({ "entry": stitched_json(&l.entry), "deserialized": deserialized })
-            })
+                    json!({ "entry": stitched_json(&l.entry), "deserialized": deserialized })
+                }
+            )
         }
     }
 }
@@ -367,7 +400,11 @@ pub fn entry_json(e: &DynamoCacheEntry) -> Value {
 }
 
 fn stitched_json(e: &PrecompileCacheEntry<Artifact>) -> Value {
-    let backends: IndexMap<&String, Value> = e.backends.iter().map(|(k, a)| (k, artifact_json(a))).collect();
+    let backends: IndexMap<&String, Value> = e
+        .backends
+        .iter()
+        .map(|(k, a)| (k, artifact_json(a)))
+        .collect();
     json!({ "dynamo": entry_json(&e.dynamo), "backends": backends })
 }
 
@@ -388,8 +425,14 @@ mod tests {
         assert_eq!(kind_of("[1,2]"), "bad_json");
         assert_eq!(kind_of(r#"{"op":"fly"}"#), "unknown_op");
         assert_eq!(kind_of(r#"{"key":"k"}"#), "missing_field");
-        assert_eq!(kind_of(r#"{"op":"record_artifact","key":"k"}"#), "missing_field");
-        assert_eq!(kind_of(r#"{"op":"record_artifact","key":5,"content_b64":""}"#), "invalid_request");
+        assert_eq!(
+            kind_of(r#"{"op":"record_artifact","key":"k"}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            kind_of(r#"{"op":"record_artifact","key":5,"content_b64":""}"#),
+            "invalid_request"
+        );
         assert_eq!(kind_of(r#"{"op":"clear"}"#), "ok");
     }
 
@@ -406,9 +449,14 @@ mod tests {
         let (_, req) = parse(
             br#"{"op":"record_dynamo_cache_entry","key":"e","entry":{"device_type":"cpu","codes":[{"backend_ids":[],"payload_b64":"!!"}]}}"#,
         );
-        let Ok(Request::RecordDynamoCacheEntry { entry, .. }) = req else { panic!("parsed: {req:?}") };
+        let Ok(Request::RecordDynamoCacheEntry { entry, .. }) = req else {
+            panic!("parsed: {req:?}")
+        };
         let err = entry.into_entry().unwrap_err();
         assert_eq!(err.kind(), "bad_base64");
-        assert!(err.to_string().contains("entry.codes[0].payload_b64"), "{err}");
+        assert!(
+            err.to_string().contains("entry.codes[0].payload_b64"),
+            "{err}"
+        );
     }
 }

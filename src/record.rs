@@ -78,7 +78,8 @@ pub struct EncodeError {
 }
 
 fn frame<T: Serialize>(what: &'static str, value: &T) -> Result<(Vec<u8>, Digest), EncodeError> {
-    let mut bytes = rmp_serde::to_vec_named(value).map_err(|source| EncodeError { what, source })?;
+    let mut bytes =
+        rmp_serde::to_vec_named(value).map_err(|source| EncodeError { what, source })?;
     let hash = Digest::of(&bytes);
     bytes.extend_from_slice(&hash.0);
     Ok((bytes, hash))
@@ -140,7 +141,16 @@ pub fn encode_snapshot_of(seq: u64, head: Digest, state: &State) -> Result<Vec<u
         head: Digest,
         state: &'a State,
     }
-    frame("snapshot", &SnapshotRef { schema: SCHEMA_VERSION, seq, head, state }).map(|(b, _)| b)
+    frame(
+        "snapshot",
+        &SnapshotRef {
+            schema: SCHEMA_VERSION,
+            seq,
+            head,
+            state,
+        },
+    )
+    .map(|(b, _)| b)
 }
 
 /// Decodes a snapshot record.
@@ -196,9 +206,16 @@ mod tests {
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x40;
-            assert_eq!(decode_event(&bad).unwrap_err(), DecodeError::HashMismatch, "byte {i}");
+            assert_eq!(
+                decode_event(&bad).unwrap_err(),
+                DecodeError::HashMismatch,
+                "byte {i}"
+            );
         }
-        assert_eq!(decode_event(&bytes[..10]).unwrap_err(), DecodeError::Truncated { len: 10 });
+        assert_eq!(
+            decode_event(&bytes[..10]).unwrap_err(),
+            DecodeError::Truncated { len: 10 }
+        );
         assert!(decode_event(&bytes[..bytes.len() - 1]).is_err());
     }
 

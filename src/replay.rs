@@ -16,7 +16,10 @@ pub struct Head {
 }
 
 impl Head {
-    pub const EMPTY: Head = Head { seq: 0, hash: GENESIS };
+    pub const EMPTY: Head = Head {
+        seq: 0,
+        hash: GENESIS,
+    };
 }
 
 /// The outcome of a replay.
@@ -52,28 +55,51 @@ pub enum ReplayError {
 /// Replays the whole log (through snapshots where they hold).
 pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
     for seq in journal.snapshot_seqs()? {
-        let Some(bytes) = journal.snapshot(seq)? else { continue };
+        let Some(bytes) = journal.snapshot(seq)? else {
+            continue;
+        };
         match decode_snapshot(&bytes) {
             Ok(snap) if snap.seq == seq => {
-                let head = Head { seq: snap.seq, hash: snap.head };
+                let head = Head {
+                    seq: snap.seq,
+                    hash: snap.head,
+                };
                 match fold(journal, snap.state, head, None) {
                     Ok((state, head, replayed)) => {
-                        return Ok(Recovered { state, head, snapshot: Some(seq), replayed })
+                        return Ok(Recovered {
+                            state,
+                            head,
+                            snapshot: Some(seq),
+                            replayed,
+                        })
                     }
                     // The first record after the snapshot does not continue it: distrust the
                     // snapshot, not the log.
                     Err(ReplayError::BrokenChain { seq: s }) if s == seq + 1 => {
-                        tracing::warn!(snapshot = seq, "snapshot does not match the log; falling back");
+                        tracing::warn!(
+                            snapshot = seq,
+                            "snapshot does not match the log; falling back"
+                        );
                     }
                     Err(e) => return Err(e),
                 }
             }
-            Ok(_) => tracing::warn!(snapshot = seq, "snapshot is stored under the wrong key; falling back"),
-            Err(e) => tracing::warn!(snapshot = seq, error = %e, "snapshot does not decode; falling back"),
+            Ok(_) => tracing::warn!(
+                snapshot = seq,
+                "snapshot is stored under the wrong key; falling back"
+            ),
+            Err(e) => {
+                tracing::warn!(snapshot = seq, error = %e, "snapshot does not decode; falling back")
+            }
         }
     }
     let (state, head, replayed) = fold(journal, State::default(), Head::EMPTY, None)?;
-    Ok(Recovered { state, head, snapshot: None, replayed })
+    Ok(Recovered {
+        state,
+        head,
+        snapshot: None,
+        replayed,
+    })
 }
 
 /// Folds the records after `head` into `state`, up to `until` (inclusive) if given. Returns
@@ -92,12 +118,18 @@ pub fn fold(
         }
         let expected = head.seq + 1;
         if key != expected {
-            return Err(ReplayError::Gap { expected, found: key });
+            return Err(ReplayError::Gap {
+                expected,
+                found: key,
+            });
         }
         let (envelope, hash) =
             decode_event(&bytes).map_err(|source| ReplayError::Corrupt { seq: key, source })?;
         if envelope.seq != key {
-            return Err(ReplayError::MisplacedRecord { seq: envelope.seq, key });
+            return Err(ReplayError::MisplacedRecord {
+                seq: envelope.seq,
+                key,
+            });
         }
         if envelope.prev != head.hash {
             return Err(ReplayError::BrokenChain { seq: key });

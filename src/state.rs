@@ -21,17 +21,28 @@ impl State {
     /// Folds one event in. Cannot fail: every event was decided valid before it was logged.
     pub fn apply(&mut self, event: &Event) {
         match event {
-            Event::ArtifactRecorded { key, kind, digest, size } => {
+            Event::ArtifactRecorded {
+                key,
+                kind,
+                digest,
+                size,
+            } => {
                 // `insert` on an existing key replaces the value in place: Python dict order.
                 self.artifacts.insert(
                     key.clone(),
-                    ArtifactRef { kind: kind.clone(), digest: *digest, size: *size },
+                    ArtifactRef {
+                        kind: kind.clone(),
+                        digest: *digest,
+                        size: *size,
+                    },
                 );
             }
             Event::DynamoEntryRecorded { key, entry } => {
                 self.entries.insert(key.clone(), entry.clone());
             }
-            Event::ArtifactEdited { key, digest, size, .. } => {
+            Event::ArtifactEdited {
+                key, digest, size, ..
+            } => {
                 if let Some(a) = self.artifacts.get_mut(key) {
                     a.digest = *digest;
                     a.size = *size;
@@ -115,7 +126,10 @@ mod tests {
         s.apply(&Event::SavedToDynamoCache {
             entries: [(
                 "e".to_string(),
-                SavedEntry { dynamo: DynamoCacheEntry::default(), backends: IndexMap::new() },
+                SavedEntry {
+                    dynamo: DynamoCacheEntry::default(),
+                    backends: IndexMap::new(),
+                },
             )]
             .into_iter()
             .collect(),

@@ -75,7 +75,13 @@ pub fn create_cache_entries<B>(
             .collect();
         match resolved {
             Ok(backends) => {
-                entries.insert(key.clone(), PrecompileCacheEntry { dynamo: stitched.dynamo, backends });
+                entries.insert(
+                    key.clone(),
+                    PrecompileCacheEntry {
+                        dynamo: stitched.dynamo,
+                        backends,
+                    },
+                );
             }
             Err(error) => {
                 tracing::warn!(key = %key, error = %error, "Failed to create cache entry {key}");
@@ -83,11 +89,20 @@ pub fn create_cache_entries<B>(
                     name: "dynamo_cache_exception",
                     payload: json!({ "key": key, "error": error }),
                 });
-                failed.push(StitchFailure { key: key.clone(), error });
+                failed.push(StitchFailure {
+                    key: key.clone(),
+                    error,
+                });
             }
         }
     }
-    Stitch { entries, debug_info, bypassed, failed, trace }
+    Stitch {
+        entries,
+        debug_info,
+        bypassed,
+        failed,
+        trace,
+    }
 }
 
 #[cfg(test)]
@@ -147,14 +162,33 @@ mod tests {
         s.apply(&Event::DynamoEntryRecorded {
             key: "e2".into(),
             entry: DynamoCacheEntry {
-                codes: vec![DynamoCodeEntry { backend_ids: vec!["b2".into()], ..Default::default() }],
+                codes: vec![DynamoCodeEntry {
+                    backend_ids: vec!["b2".into()],
+                    ..Default::default()
+                }],
                 ..Default::default()
             },
         });
-        let out = create_cache_entries(&s, |id, _| if id == "b1" { Err("blob gone".into()) } else { Ok(()) });
+        let out = create_cache_entries(&s, |id, _| {
+            if id == "b1" {
+                Err("blob gone".into())
+            } else {
+                Ok(())
+            }
+        });
         assert_eq!(out.entries.keys().collect::<Vec<_>>(), vec!["e2"]);
-        assert_eq!(out.failed, vec![StitchFailure { key: "e1".into(), error: "blob gone".into() }]);
-        let exc = out.trace.iter().find(|t| t.name == "dynamo_cache_exception").unwrap();
+        assert_eq!(
+            out.failed,
+            vec![StitchFailure {
+                key: "e1".into(),
+                error: "blob gone".into()
+            }]
+        );
+        let exc = out
+            .trace
+            .iter()
+            .find(|t| t.name == "dynamo_cache_exception")
+            .unwrap();
         assert_eq!(exc.payload, json!({"key": "e1", "error": "blob gone"}));
     }
 }
