@@ -61,7 +61,7 @@ pub struct Stitched {
 }
 
 /// `load_cache_entry`'s value: the entry, and each backend's ready-to-use form.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Loaded {
     pub entry: StitchedEntry,
     pub deserialized: IndexMap<String, Deserialized>,
@@ -77,6 +77,13 @@ pub struct LoadCounters {
 
 /// An edit's function: old content → new content, or a message saying why not.
 pub type EditFn = Box<dyn FnOnce(Vec<u8>) -> Result<Vec<u8>, String> + Send>;
+
+/// How an edit makes the new content: a Rust function, or a named edit of the plugin that
+/// serves the artifact's kind.
+pub enum Edit {
+    Apply(EditFn),
+    Plugin { op: String, args: Vec<u8> },
+}
 
 /// Settings the actor needs.
 #[derive(Clone, Debug)]
@@ -102,7 +109,7 @@ message!(/// `record_artifact`.
 message!(/// `record_dynamo_cache_entry`.
     RecordEntry { key: String, entry: DynamoCacheEntry } -> ());
 message!(/// `edit_artifact`: `edit` runs on the current content; `label` is logged with the result.
-    EditArtifact { key: String, label: String, edit: EditFn } -> ());
+    EditArtifact { key: String, label: String, edit: Edit } -> ());
 message!(/// `serialize_artifact_by_key`.
     GetArtifact { key: String } -> Option<Artifact>);
 message!(/// `take_artifact`.
@@ -537,10 +544,17 @@ impl Handler<EditArtifact> for ContextActor {
                 };
                 let content = this.content(&key, &current)?;
                 // A panicking edit is caught by `run`, like any panic while deciding.
-                let edited = edit(content).map_err(|message| ContextError::EditFailed {
-                    key: key.clone(),
-                    message,
-                })?;
+                let edited = match edit {
+                    Edit::Apply(f) => f(content).map_err(|message| ContextError::EditFailed {
+                        key: key.clone(),
+                        message,
+                    })?,
+                    Edit::Plugin { op, args } => {
+                        this.settings
+                            .kinds
+                            .edit(&key, &current.kind, &op, &args, &content)?
+                    }
+                };
                 let r = this.store_content(&key, &current.kind, &edited)?;
                 Ok((
                     vec![Event::ArtifactEdited {
@@ -732,10 +746,12 @@ impl Handler<Close> for ContextActor {
     type Result = ResponseActFuture<Self, Answer<()>>;
 
     fn handle(&mut self, _: Close, _: &mut Self::Context) -> Self::Result {
+        // Wait for everything accepted so far, and refuse what arrives meanwhile, so nothing
+        // is committed after `Close` is answered.
         let barrier = self.run(|_| Ok((Vec::new(), ())), same);
+        self.closed = true;
         Box::pin(
             actix::fut::wrap_future::<_, Self>(barrier).map(|answer, this, ctx| {
-                this.closed = true;
                 if let Some((tx, handle)) = this.committer.take() {
                     drop(tx);
                     if handle.join().is_err() {

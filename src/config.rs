@@ -22,6 +22,7 @@ pub struct Config {
     pub cache_capacity_bytes: u64,
     pub origin: String,
     pub plugin_dir: PathBuf,
+    pub max_plugin_output_bytes: u64,
     pub log_format: LogFormat,
     pub log_filter: String,
 }

@@ -9,7 +9,7 @@ use actix::prelude::*;
 
 use crate::actor::{
     sync_cache_view, ActorSettings, Answer, Clear, Close, ContextActor, CreateCacheEntries,
-    DumpDebugInfo, EditArtifact, GetArtifact, GetLoadCounters, LoadCacheEntry, LoadCounters,
+    DumpDebugInfo, Edit, EditArtifact, GetArtifact, GetLoadCounters, LoadCacheEntry, LoadCounters,
     Loaded, RecordArtifact, RecordEntry, SaveToDynamoCache, StateDigest, Stitched, TakeArtifact,
 };
 use crate::config::Config;
@@ -115,7 +115,24 @@ impl Context {
         self.ask(EditArtifact {
             key: key.into(),
             label: label.into(),
-            edit: Box::new(move |c| Ok(edit(c))),
+            edit: Edit::Apply(Box::new(move |c| Ok(edit(c)))),
+        })
+        .await
+    }
+
+    /// `edit_artifact` with the named edit `op` of the plugin serving the artifact's kind.
+    /// The event stores the result, so replay never needs the plugin.
+    pub async fn edit_artifact_with_plugin(
+        &self,
+        key: impl Into<String>,
+        op: impl Into<String>,
+        args: Vec<u8>,
+    ) -> Answer<()> {
+        let op = op.into();
+        self.ask(EditArtifact {
+            key: key.into(),
+            label: format!("plugin:{op}"),
+            edit: Edit::Plugin { op, args },
         })
         .await
     }
@@ -190,6 +207,12 @@ pub fn settings(config: &Config) -> ActorSettings {
         snapshot_every: config.snapshot_every,
         max_content_bytes: config.max_content_bytes,
         origin: config.origin(),
-        kinds: Kinds::builtin(config.plugin_dir()),
+        kinds: match config.plugin_dir() {
+            Some(dir) => Kinds::load(
+                &dir,
+                usize::try_from(config.max_plugin_output_bytes).unwrap_or(usize::MAX),
+            ),
+            None => Kinds::builtin(None),
+        },
     }
 }

@@ -32,6 +32,8 @@ pub enum ContextError {
         backend: String,
         plugin_dir: String,
     },
+    #[error("{0}")]
+    Plugin(#[from] crate::plugin::PluginError),
     #[error("content of {key} (blob {digest}) cannot be read: {message}")]
     ContentUnavailable {
         key: String,
@@ -63,6 +65,8 @@ impl ContextError {
             ContextError::PackageNotFound { .. } => "package_not_found",
             ContextError::SystemMismatch { .. } => "system_mismatch",
             ContextError::NoPlugin { .. } => "no_plugin",
+            ContextError::Plugin(crate::plugin::PluginError::NoSuchEdit { .. }) => "no_such_edit",
+            ContextError::Plugin(_) => "plugin_failed",
             ContextError::ContentUnavailable { .. } => "content_unavailable",
             ContextError::SaveFailed { .. } => "save_failed",
             ContextError::Storage { no_space: true, .. } => "no_space",

@@ -75,9 +75,7 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "data directory {path} is in use by another pcx process (one writer per data directory)"
-    )]
+    #[error("data directory {path} is in use: another pcx process (or context) has it open, and one writer per data directory is allowed")]
     Locked { path: PathBuf },
     #[error("cannot open the event log in {path}: {source}")]
     Sled {
@@ -114,6 +112,9 @@ pub trait Journal: Send + Sync + 'static {
     fn cache_view_len(&self) -> Result<usize, StoreError>;
 }
 
+/// How long opening waits for a data directory that is locked.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How many snapshots are kept: the newest, and one before it to fall back to.
 const SNAPSHOTS_KEPT: usize = 2;
 
@@ -140,23 +141,34 @@ impl SledJournal {
             path: dir.to_path_buf(),
             source,
         })?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_capacity)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| {
-                if source.to_string().contains("could not acquire lock") {
-                    OpenError::Locked {
-                        path: dir.to_path_buf(),
+        // sled's IO threads hold the locked data file for a moment after a close, so a
+        // reopen right after one (the same process restarting its context) retries briefly
+        // before calling the directory in use.
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(dir)
+                .cache_capacity(cache_capacity)
+                .flush_every_ms(None)
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(OpenError::Locked {
+                            path: dir.to_path_buf(),
+                        });
                     }
-                } else {
-                    OpenError::Sled {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(source) => {
+                    return Err(OpenError::Sled {
                         path: dir.to_path_buf(),
                         source,
-                    }
+                    })
                 }
-            })?;
+            }
+        };
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| OpenError::Sled {
                 path: dir.to_path_buf(),

@@ -1,33 +1,128 @@
 //! Artifact kinds and their `after_deserialization`: stored bytes → the ready-to-use value.
 //!
-//! `eager` is built in (the identity, as PyTorch's `EagerCacheArtifact`). Every other kind
-//! must come from a plugin; until one serves it, loading it is a clear error naming the kind
-//! and where plugins are looked for.
+//! `eager` is built in (the identity, as PyTorch's `EagerCacheArtifact`). Every other kind is
+//! served by a plugin from the plugin directory. Registration is all-or-nothing per plugin: a
+//! plugin that claims `eager` or a kind another plugin already serves is refused whole,
+//! naming both files. A broken plugin is reported with its path and the reason, and the others
+//! still load.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::ContextError;
 use crate::model::EAGER_KIND;
+use crate::plugin::{self, LoadedPlugin, PluginError};
 
 /// The ready-to-use form of one backend artifact.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Deserialized {
     pub kind: String,
-    /// Who produced it: `builtin` for `eager`.
+    /// Who produced it: `builtin` for `eager`, else the plugin's name.
     pub served_by: String,
+    /// The plugin's JSON description of the value.
+    pub description: serde_json::Value,
     pub content: Vec<u8>,
 }
 
-/// The artifact kinds this process can deserialize.
+/// The artifact kinds this process can deserialize, and the plugins serving them.
 #[derive(Clone, Debug, Default)]
 pub struct Kinds {
     plugin_dir: Option<PathBuf>,
+    by_kind: HashMap<String, Arc<LoadedPlugin>>,
+    plugins: Vec<Arc<LoadedPlugin>>,
+    problems: Vec<PluginError>,
+    output_limit: usize,
 }
 
 impl Kinds {
-    /// Kinds with only the built-in `eager`; `plugin_dir` is where plugins would come from.
+    /// Only the built-in `eager`; `plugin_dir` is named in errors for other kinds.
     pub fn builtin(plugin_dir: Option<PathBuf>) -> Kinds {
-        Kinds { plugin_dir }
+        Kinds {
+            plugin_dir,
+            output_limit: usize::MAX,
+            ..Kinds::default()
+        }
+    }
+
+    /// Loads every plugin in `dir`. Problems are logged and kept (see [`Kinds::problems`]);
+    /// they never stop the others from loading.
+    pub fn load(dir: &Path, output_limit: usize) -> Kinds {
+        let mut kinds = Kinds {
+            output_limit,
+            ..Kinds::builtin(Some(dir.to_path_buf()))
+        };
+        match plugin::candidates(dir) {
+            Err(e) => kinds.problem(e),
+            Ok(paths) => {
+                for path in paths {
+                    match path.and_then(|p| plugin::load(&p)) {
+                        Ok(p) => {
+                            if let Err(e) = kinds.register(p) {
+                                kinds.problem(e);
+                            }
+                        }
+                        Err(e) => kinds.problem(e),
+                    }
+                }
+            }
+        }
+        kinds
+    }
+
+    fn problem(&mut self, e: PluginError) {
+        tracing::error!(error = %e, "plugin not loaded");
+        self.problems.push(e);
+    }
+
+    /// Registers all of a plugin's kinds, or none.
+    fn register(&mut self, p: LoadedPlugin) -> Result<(), PluginError> {
+        for kind in &p.kinds {
+            if kind == EAGER_KIND {
+                return Err(PluginError::ClaimsEager {
+                    path: p.path.clone(),
+                });
+            }
+            if let Some(first) = self.by_kind.get(kind) {
+                return Err(PluginError::KindTwice {
+                    kind: kind.clone(),
+                    first: first.path.clone(),
+                    second: p.path.clone(),
+                });
+            }
+        }
+        tracing::info!(plugin = %p.name, version = %p.version, kinds = ?p.kinds, path = %p.path.display(), "plugin loaded");
+        let p = Arc::new(p);
+        for kind in &p.kinds {
+            self.by_kind.insert(kind.clone(), p.clone());
+        }
+        self.plugins.push(p);
+        Ok(())
+    }
+
+    /// The plugins loaded, in load order.
+    pub fn plugins(&self) -> &[Arc<LoadedPlugin>] {
+        &self.plugins
+    }
+
+    /// What went wrong while loading.
+    pub fn problems(&self) -> &[PluginError] {
+        &self.problems
+    }
+
+    fn serving(&self, kind: &str, backend: &str) -> Result<&LoadedPlugin, ContextError> {
+        self.by_kind
+            .get(kind)
+            .map(|p| p.as_ref())
+            .ok_or_else(|| ContextError::NoPlugin {
+                kind: kind.to_string(),
+                backend: backend.to_string(),
+                plugin_dir: self
+                    .plugin_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(none: plugins are off or plugin_dir is empty)".into()),
+            })
     }
 
     /// Runs `kind`'s `after_deserialization` on `content` for backend `backend`.
@@ -41,17 +136,30 @@ impl Kinds {
             return Ok(Deserialized {
                 kind: kind.to_string(),
                 served_by: "builtin".into(),
+                description: serde_json::json!({ "size": content.len() }),
                 content,
             });
         }
-        Err(ContextError::NoPlugin {
+        let p = self.serving(kind, backend)?;
+        let d = p.deserialize(kind, &content, self.output_limit)?;
+        Ok(Deserialized {
             kind: kind.to_string(),
-            backend: backend.to_string(),
-            plugin_dir: self
-                .plugin_dir
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "(none configured)".into()),
+            served_by: p.name.clone(),
+            description: d.description,
+            content: d.bytes,
         })
+    }
+
+    /// Runs the edit `op` of the plugin serving `kind` on `content`.
+    pub fn edit(
+        &self,
+        key: &str,
+        kind: &str,
+        op: &str,
+        args: &[u8],
+        content: &[u8],
+    ) -> Result<Vec<u8>, ContextError> {
+        let p = self.serving(kind, key)?;
+        Ok(p.edit(kind, op, args, content, self.output_limit)?)
     }
 }

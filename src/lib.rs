@@ -32,6 +32,7 @@ pub mod event;
 pub mod journal;
 pub mod kinds;
 pub mod model;
+pub mod plugin;
 pub mod protocol;
 pub mod record;
 pub mod replay;

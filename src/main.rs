@@ -29,6 +29,12 @@ struct Cli {
     /// Log lines on stderr: text for people, json for programs.
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
+    /// Load artifact-kind plugins from DIR (overrides `plugin_dir`).
+    #[arg(long, global = true, conflicts_with = "no_plugins")]
+    plugin_dir: Option<PathBuf>,
+    /// Load no plugins: only the built-in `eager` kind.
+    #[arg(long, global = true)]
+    no_plugins: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,6 +89,21 @@ enum Command {
     Batch,
     /// A guided tour: record, stitch, save, restart, load, on the data directory.
     Demo,
+    /// Artifact-kind plugins.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginsCommand {
+    /// The plugins the plugin directory provides (name, version, ABI, kinds, path), and what
+    /// is wrong with those that do not load.
+    List,
+    /// Load a candidate plugin in a child process and say exactly what is wrong with it.
+    Check { path: PathBuf },
+    /// (internal) Load PATH in this process and report; what `check` runs in its child.
+    #[command(hide = true)]
+    Probe { path: PathBuf },
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +147,12 @@ fn configure(cli: &Cli) -> Result<Config> {
     if let Some(format) = cli.log_format {
         config.log_format = format;
     }
+    if let Some(dir) = &cli.plugin_dir {
+        config.plugin_dir = dir.clone();
+    }
+    if cli.no_plugins {
+        config.plugin_dir = PathBuf::new();
+    }
     Ok(config)
 }
 
@@ -133,6 +160,7 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
     let request = match command {
         Command::Batch => return batch(config).await,
         Command::Demo => return demo(config).await,
+        Command::Plugins(p) => return plugins_command(p, &config),
         other => request_of(other)?,
     };
     let ctx =
@@ -210,7 +238,9 @@ fn request_of(command: Command) -> Result<Request> {
                 .transpose()?;
             Request::LoadCacheEntry { key, system_info }
         }
-        Command::Batch | Command::Demo => anyhow::bail!("not a single request"),
+        Command::Batch | Command::Demo | Command::Plugins(_) => {
+            anyhow::bail!("not a single request")
+        }
     })
 }
 
@@ -307,4 +337,123 @@ async fn show(out: &mut impl Write, ctx: &Context, request: Value) -> Result<()>
     };
     writeln!(out, "<- {answer}")?;
     Ok(())
+}
+
+fn plugin_json(p: &pcx::plugin::LoadedPlugin) -> Value {
+    json!({
+        "name": p.name, "version": p.version, "abi": format!("{}.{}", p.abi_major, p.abi_minor),
+        "kinds": p.kinds, "edits": p.edits, "target": p.target, "path": p.path,
+    })
+}
+
+fn plugins_command(command: PluginsCommand, config: &Config) -> Result<ExitCode> {
+    match command {
+        PluginsCommand::List => {
+            let Some(dir) = config.plugin_dir() else {
+                println!(
+                    "{}",
+                    json!({"plugin_dir": null, "plugins": [], "problems": []})
+                );
+                return Ok(ExitCode::SUCCESS);
+            };
+            let kinds = pcx::kinds::Kinds::load(&dir, usize::MAX);
+            let plugins: Vec<Value> = kinds.plugins().iter().map(|p| plugin_json(p)).collect();
+            let problems: Vec<String> = kinds.problems().iter().map(|e| e.to_string()).collect();
+            println!(
+                "{}",
+                json!({"plugin_dir": dir, "plugins": plugins, "problems": problems})
+            );
+            Ok(if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        PluginsCommand::Probe { path } => {
+            let answer = match probe(&path) {
+                Ok(p) => json!({"ok": true, "plugin": plugin_json(&p)}),
+                Err(e) => json!({"ok": false, "error": e}),
+            };
+            println!("{answer}");
+            Ok(if answer["ok"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        PluginsCommand::Check { path } => {
+            let answer = check_in_child(&path)?;
+            println!("{answer}");
+            Ok(if answer["ok"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Loads one candidate in this process, with every check registration would make.
+fn probe(path: &std::path::Path) -> Result<pcx::plugin::LoadedPlugin, String> {
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| format!("plugin {}: {e}", path.display()))?;
+    let p = pcx::plugin::load(&canonical).map_err(|e| e.to_string())?;
+    if p.kinds.iter().any(|k| k == pcx::model::EAGER_KIND) {
+        return Err(pcx::plugin::PluginError::ClaimsEager { path: canonical }.to_string());
+    }
+    Ok(p)
+}
+
+/// Runs `pcx plugins probe PATH` in a child, so a plugin that crashes or hangs while loading
+/// cannot take this process down, and turns how the child ended into an answer.
+fn check_in_child(path: &std::path::Path) -> Result<Value> {
+    use std::os::unix::process::ExitStatusExt;
+    let exe = std::env::current_exe().context("locating the pcx executable")?;
+    let mut child = std::process::Command::new(exe)
+        .args(["--no-plugins", "--log-format", "json", "plugins", "probe"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the plugin check child process")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .context("waiting for the plugin check child")?
+        {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let output = child
+        .wait_with_output()
+        .context("reading the plugin check child")?;
+    let Some(status) = status else {
+        return Ok(
+            json!({"ok": false, "path": path, "error": "loading the plugin did not finish within 30 s (its initialisers hang?)"}),
+        );
+    };
+    if let Some(signal) = status.signal() {
+        return Ok(json!({"ok": false, "path": path, "error": format!(
+            "loading the plugin crashed the checking process with signal {signal}; pcx would crash the same way"
+        )}));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout.lines().last().map(serde_json::from_str::<Value>) {
+        Some(Ok(mut answer)) => {
+            answer["path"] = json!(path);
+            Ok(answer)
+        }
+        _ => Ok(json!({"ok": false, "path": path, "error": format!(
+            "the checking process exited with {status} and no answer: {}", String::from_utf8_lossy(&output.stderr).trim()
+        )})),
+    }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::actor::{
-    Ack, Answer, Clear, CreateCacheEntries, DumpDebugInfo, EditArtifact, EditFn, GetArtifact,
+    Ack, Answer, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact,
     LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
 };
 use crate::context::Context;
@@ -81,6 +81,12 @@ fn eager() -> String {
 pub enum WireEdit {
     SetB64(String),
     AppendB64(String),
+    /// A named edit of the plugin serving the artifact's kind.
+    Plugin {
+        op: String,
+        #[serde(default)]
+        args_b64: String,
+    },
 }
 
 /// A dynamo cache entry on the wire (bytes as base64).
@@ -256,30 +262,29 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
             Err(e) => ready(refused(&e)),
         },
         Request::EditArtifact { key, edit } => {
-            let (label, edit): (&str, EditFn) = match edit {
+            let (label, edit) = match edit {
                 WireEdit::SetB64(b) => match decode_b64("edit.set_b64", &b) {
-                    Ok(new) => ("set", Box::new(move |_| Ok(new))),
+                    Ok(new) => ("set".to_string(), Edit::Apply(Box::new(move |_| Ok(new)))),
                     Err(e) => return ready(refused(&e)),
                 },
                 WireEdit::AppendB64(b) => match decode_b64("edit.append_b64", &b) {
                     Ok(suffix) => (
-                        "append",
-                        Box::new(move |mut c: Vec<u8>| {
+                        "append".to_string(),
+                        Edit::Apply(Box::new(move |mut c: Vec<u8>| {
                             c.extend_from_slice(&suffix);
                             Ok(c)
-                        }),
+                        })),
                     ),
                     Err(e) => return ready(refused(&e)),
                 },
+                WireEdit::Plugin { op, args_b64 } => {
+                    match decode_b64("edit.plugin.args_b64", &args_b64) {
+                        Ok(args) => (format!("plugin:{op}"), Edit::Plugin { op, args }),
+                        Err(e) => return ready(refused(&e)),
+                    }
+                }
             };
-            send!(
-                EditArtifact {
-                    key,
-                    label: label.to_string(),
-                    edit
-                },
-                |_: ()| json!({})
-            )
+            send!(EditArtifact { key, label, edit }, |_: ()| json!({}))
         }
         Request::SerializeArtifactByKey { key } => {
             send!(GetArtifact { key }, |a: Option<Artifact>| {
@@ -310,7 +315,7 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
                     .map(|(id, d)| {
                         (
                             id.clone(),
-                            json!({ "kind": d.kind, "plugin": d.served_by, "content_b64": B64.encode(&d.content) }),
+                            json!({ "kind": d.kind, "plugin": d.served_by, "description": d.description, "content_b64": B64.encode(&d.content) }),
                         )
                     })
                     .collect();

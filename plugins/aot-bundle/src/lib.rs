@@ -1,0 +1,201 @@
+//! The `bundled_aot_autograd` kind, modelled on PyTorch's `BundledAOTAutogradCacheArtifact`.
+//!
+//! Content is a MessagePack map
+//! `{format_version: 1, guards_expr: str|nil, precompile_backend_id: str|nil,
+//!   kernels: [{name: str, code: bin}], meta: map}`.
+//! `after_deserialization` validates it and drops `guards_expr` (as PyTorch does once the
+//! guards are installed); `describe` gives the re-encoded document and a summary. The edit
+//! `clear_backend_id` sets `precompile_backend_id` to nil, as PyTorch's AOTAutograd save path.
+
+use pcx_plugin_abi::sdk::{Description, Plugin};
+use serde::{Deserialize, Serialize};
+
+/// The only document version this plugin reads.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// One compiled kernel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub code: Vec<u8>,
+}
+
+/// The bundled document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    pub format_version: u64,
+    pub guards_expr: Option<String>,
+    pub precompile_backend_id: Option<String>,
+    pub kernels: Vec<Kernel>,
+    pub meta: rmpv::Value,
+}
+
+const FIELDS: [&str; 5] = [
+    "format_version",
+    "guards_expr",
+    "precompile_backend_id",
+    "kernels",
+    "meta",
+];
+
+/// Reads and validates a document: a map with exactly the five fields, version 1 first.
+pub fn decode(bytes: &[u8]) -> Result<Bundle, String> {
+    let value = rmpv::decode::read_value(&mut &bytes[..])
+        .map_err(|e| format!("bundled_aot_autograd content is not valid MessagePack: {e}"))?;
+    let rmpv::Value::Map(entries) = &value else {
+        return Err("bundled_aot_autograd content must be a MessagePack map".into());
+    };
+    let get = |name: &str| {
+        entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(name))
+            .map(|(_, v)| v)
+    };
+    match get("format_version").map(|v| v.as_u64()) {
+        None => return Err("bundled_aot_autograd content is missing field `format_version`".into()),
+        Some(Some(FORMAT_VERSION)) => {}
+        Some(Some(other)) => {
+            return Err(format!(
+                "bundled_aot_autograd format_version {other} is not supported (this plugin reads {FORMAT_VERSION})"
+            ))
+        }
+        Some(None) => return Err("bundled_aot_autograd format_version must be an unsigned integer".into()),
+    }
+    for field in FIELDS {
+        if get(field).is_none() {
+            return Err(format!(
+                "bundled_aot_autograd content is missing field `{field}`"
+            ));
+        }
+    }
+    if !matches!(get("meta"), Some(rmpv::Value::Map(_))) {
+        return Err("bundled_aot_autograd field `meta` must be a map".into());
+    }
+    rmpv::ext::from_value(value)
+        .map_err(|e| format!("bundled_aot_autograd content is malformed: {e}"))
+}
+
+/// Writes a document.
+pub fn encode(bundle: &Bundle) -> Result<Vec<u8>, String> {
+    rmp_serde::to_vec_named(bundle).map_err(|e| format!("cannot encode bundled_aot_autograd: {e}"))
+}
+
+/// The plugin.
+pub struct AotBundle;
+
+impl Plugin for AotBundle {
+    type Value = Bundle;
+    const NAME: &'static str = "aot-bundle";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const KINDS: &'static [&'static str] = &["bundled_aot_autograd"];
+    const EDITS: &'static [&'static str] = &["clear_backend_id"];
+
+    fn after_deserialization(_kind: &str, input: &[u8]) -> Result<Bundle, String> {
+        let mut bundle = decode(input)?;
+        bundle.guards_expr = None;
+        Ok(bundle)
+    }
+
+    fn describe(bundle: &Bundle) -> Result<Description, String> {
+        let names: Vec<&str> = bundle.kernels.iter().map(|k| k.name.as_str()).collect();
+        let total: usize = bundle.kernels.iter().map(|k| k.code.len()).sum();
+        let json = serde_json::json!({
+            "format_version": bundle.format_version,
+            "precompile_backend_id": bundle.precompile_backend_id,
+            "kernel_count": bundle.kernels.len(),
+            "kernel_names": names,
+            "total_code_bytes": total,
+        });
+        Ok(Description {
+            bytes: encode(bundle)?,
+            json: json.to_string(),
+        })
+    }
+
+    fn edit(_kind: &str, op: &str, _args: &[u8], content: &[u8]) -> Result<Vec<u8>, String> {
+        match op {
+            "clear_backend_id" => {
+                let mut bundle = decode(content)?;
+                bundle.precompile_backend_id = None;
+                encode(&bundle)
+            }
+            other => Err(format!(
+                "aot-bundle has no edit named `{other}` (it has: clear_backend_id)"
+            )),
+        }
+    }
+}
+
+pcx_plugin_abi::export_plugin!(AotBundle);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> Bundle {
+        Bundle {
+            format_version: 1,
+            guards_expr: Some("L['x'].size()[0] == 4".into()),
+            precompile_backend_id: Some("__compiled_fn_1".into()),
+            kernels: vec![Kernel {
+                name: "triton_poi_0".into(),
+                code: vec![1, 2, 3],
+            }],
+            meta: rmpv::Value::Map(vec![("device".into(), "cpu".into())]),
+        }
+    }
+
+    #[test]
+    fn after_deserialization_drops_guards_and_describes() {
+        let bytes = encode(&doc()).unwrap();
+        let v = AotBundle::after_deserialization("bundled_aot_autograd", &bytes).unwrap();
+        assert_eq!(v.guards_expr, None);
+        let d = AotBundle::describe(&v).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&d.json).unwrap();
+        assert_eq!(json["kernel_count"], 1);
+        assert_eq!(json["kernel_names"][0], "triton_poi_0");
+        assert_eq!(json["total_code_bytes"], 3);
+        assert_eq!(
+            decode(&d.bytes).unwrap(),
+            Bundle {
+                guards_expr: None,
+                ..doc()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_documents_are_refused_clearly() {
+        let mut v2 = doc();
+        v2.format_version = 2;
+        assert!(decode(&encode(&v2).unwrap())
+            .unwrap_err()
+            .contains("format_version 2 is not supported"));
+        assert!(decode(b"\xc1")
+            .unwrap_err()
+            .contains("not valid MessagePack"));
+        let missing =
+            rmp_serde::to_vec_named(&serde_json::json!({"format_version": 1, "kernels": []}))
+                .unwrap();
+        assert!(decode(&missing)
+            .unwrap_err()
+            .contains("missing field `guards_expr`"));
+    }
+
+    #[test]
+    fn clear_backend_id_sets_it_to_nil_and_keeps_the_rest() {
+        let bytes = encode(&doc()).unwrap();
+        let out = AotBundle::edit("bundled_aot_autograd", "clear_backend_id", &[], &bytes).unwrap();
+        assert_eq!(
+            decode(&out).unwrap(),
+            Bundle {
+                precompile_backend_id: None,
+                ..doc()
+            }
+        );
+        assert!(AotBundle::edit("bundled_aot_autograd", "nope", &[], &bytes).is_err());
+    }
+}

@@ -1,0 +1,763 @@
+//! The real `pcx` binary: `pcx batch` (JSON lines in, JSON lines out) and the single-shot
+//! CLI commands, each run as a separate process on a temporary data directory.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+/// How long any one process may take before the test gives up on it.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// `pcx --data-dir DIR ARGS…` with an environment free of the caller's `PCX_*` and `RUST_LOG`.
+fn pcx(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcx"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("PCX_") || name == "RUST_LOG" {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.arg("--data-dir").arg(dir).args(args);
+    cmd
+}
+
+/// What a finished process gave.
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Every stdout line, parsed as JSON.
+    fn answers(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("answer is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// The one answer of a single-shot command.
+    fn answer(&self) -> Value {
+        let mut answers = self.answers();
+        assert_eq!(answers.len(), 1, "one answer line; stdout: {}", self.stdout);
+        answers.remove(0)
+    }
+}
+
+/// Reads a pipe to its end on its own thread.
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut text = String::new();
+        pipe.read_to_string(&mut text).expect("the output is UTF-8");
+        text
+    })
+}
+
+/// Waits for `child` to exit, killing it (and failing the test) after [`TIMEOUT`].
+fn wait(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pcx did not exit within {TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `cmd` with `input` on stdin and waits (with a timeout) for it to finish.
+fn run(mut cmd: Command, input: &[u8]) -> Run {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pcx starts");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = thread::spawn(move || {
+        // The process may stop reading early; a broken pipe is then not this test's failure.
+        let _ = stdin.write_all(&input);
+    });
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    let status = wait(&mut child);
+    writer.join().unwrap();
+    Run {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// One JSON request a line.
+fn lines(requests: &[Value]) -> String {
+    requests.iter().map(|r| format!("{r}\n")).collect()
+}
+
+/// Runs `pcx batch` over raw input (with extra environment variables) and checks it exits 0.
+fn batch_raw(dir: &Path, input: &str, env: &[(&str, &str)]) -> Vec<Value> {
+    let mut cmd = pcx(dir, &["batch"]);
+    cmd.envs(env.iter().copied());
+    let out = run(cmd, input.as_bytes());
+    assert!(
+        out.status.success(),
+        "pcx batch failed: {}\nstderr: {}",
+        out.status,
+        out.stderr
+    );
+    out.answers()
+}
+
+fn batch(dir: &Path, requests: &[Value]) -> Vec<Value> {
+    let answers = batch_raw(dir, &lines(requests), &[]);
+    assert_eq!(
+        answers.len(),
+        requests.len(),
+        "one answer per request: {answers:?}"
+    );
+    answers
+}
+
+fn b64(bytes: &str) -> String {
+    B64.encode(bytes)
+}
+
+fn unb64(value: &Value) -> String {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not base64 text: {value}"));
+    String::from_utf8(B64.decode(text).expect("valid base64")).unwrap()
+}
+
+fn record(key: &str, content: &str) -> Value {
+    json!({"op":"record_artifact","key":key,"kind":"eager","content_b64":b64(content)})
+}
+
+fn append(key: &str, suffix: &str) -> Value {
+    json!({"op":"edit_artifact","key":key,"edit":{"append_b64":b64(suffix)}})
+}
+
+fn serialize(key: &str) -> Value {
+    json!({"op":"serialize_artifact_by_key","key":key})
+}
+
+fn dump() -> Value {
+    json!({"op":"dump_debug_info"})
+}
+
+/// The worked example's entry: codes [[b1,b2],[b3,b1]], fn f, line 3, cpu.
+fn example_entry() -> Value {
+    json!({"fn_name":"f","fn_first_lineno":3,"device_type":"cpu",
+           "codes":[{"backend_ids":["b1","b2"]},{"backend_ids":["b3","b1"]}]})
+}
+
+fn record_entry(key: &str, entry: Value) -> Value {
+    json!({"op":"record_dynamo_cache_entry","key":key,"entry":entry})
+}
+
+fn assert_ok(answer: &Value) {
+    assert_eq!(answer["ok"], json!(true), "expected success: {answer}");
+}
+
+/// Checks a failure answer's kind; gives its message.
+fn assert_failed(answer: &Value, kind: &str) -> String {
+    assert_eq!(answer["ok"], json!(false), "expected a failure: {answer}");
+    assert_eq!(answer["error"]["kind"], json!(kind), "{answer}");
+    answer["error"]["message"]
+        .as_str()
+        .expect("a message")
+        .to_string()
+}
+
+/// An answer's artifact content as text, or `None` for `"artifact": null`.
+fn artifact_text(answer: &Value, key: &str) -> Option<String> {
+    assert_ok(answer);
+    let artifact = &answer["artifact"];
+    if artifact.is_null() {
+        return None;
+    }
+    assert_eq!(artifact["key"], json!(key), "{answer}");
+    Some(unb64(&artifact["content_b64"]))
+}
+
+/// A stitched entry's backends as (key, content text).
+fn stitched_backends(entry: &Value) -> Vec<(String, String)> {
+    entry["backends"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no backends map: {entry}"))
+        .iter()
+        .map(|(k, a)| (k.clone(), unb64(&a["content_b64"])))
+        .collect()
+}
+
+fn bypass_flags(entry: &Value) -> Vec<bool> {
+    entry["dynamo"]["codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["bypassed"].as_bool().unwrap())
+        .collect()
+}
+
+fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn sorted(value: &Value) -> Vec<String> {
+    let mut list: Vec<String> = value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    list.sort();
+    list
+}
+
+// ---------------------------------------------------------------------------------------------
+// the worked example
+
+#[test]
+fn the_worked_example_of_semantics_md_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let answers = batch(
+        dir.path(),
+        &[
+            record("b1", "aaa"),
+            record("b2", "bbb"),
+            record("b1", "ccc"),
+            append("b2", "!"),
+            append("nope", "!"),
+            record_entry("e1", example_entry()),
+            serialize("b2"),
+            serialize("zz"),
+            json!({"op":"create_cache_entries"}),
+        ],
+    );
+    for i in [0, 1, 2, 3, 5] {
+        assert_ok(&answers[i]);
+    }
+    let message = assert_failed(&answers[4], "key_not_found");
+    assert!(
+        message.contains("Key nope not found in artifacts"),
+        "{message}"
+    );
+    assert_eq!(artifact_text(&answers[6], "b2").as_deref(), Some("bbb!"));
+    assert_eq!(answers[7], json!({"ok": true, "artifact": null}));
+
+    let stitched = &answers[8];
+    assert_ok(stitched);
+    let info = &stitched["debug_info"];
+    assert_eq!(info["backends"], json!(["b1", "b2"]));
+    let dynamo = info["dynamo"].as_array().unwrap();
+    assert_eq!(dynamo.len(), 1);
+    assert_eq!(sorted(&dynamo[0]["backend_ids"]), vec!["b1", "b2", "b3"]);
+    let mut without_ids = dynamo[0].clone();
+    without_ids.as_object_mut().unwrap().remove("backend_ids");
+    assert_eq!(
+        without_ids,
+        json!({"device_type":"cpu","fn_first_lineno":3,"fn_name":"f","key":"e1","num_codes":"2"})
+    );
+    let entries = stitched["entries"].as_object().unwrap();
+    assert_eq!(entries.keys().collect::<Vec<_>>(), vec!["e1"]);
+    assert_eq!(
+        stitched_backends(&entries["e1"]),
+        pairs(&[("b1", "ccc"), ("b2", "bbb!")])
+    );
+    assert_eq!(bypass_flags(&entries["e1"]), vec![false, true]);
+    assert_eq!(
+        entries["e1"]["dynamo"]["codes"][1]["bypass_reason"],
+        "backend artifact b3 missing at save time"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// bad input: refused, the next line served, nothing half-applied
+
+/// Runs [record k "v", `bad`, dump_debug_info, serialize k] and checks that `bad` is refused
+/// with `kind`, the lines after it are served, and the context holds exactly k = "v".
+fn refused_and_next_served(bad: &str, kind: &str, env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let input = format!(
+        "{}{bad}\n{}",
+        lines(&[record("k", "v")]),
+        lines(&[dump(), serialize("k")])
+    );
+    let answers = batch_raw(dir.path(), &input, env);
+    assert_eq!(answers.len(), 4, "one answer per line: {answers:?}");
+    assert_ok(&answers[0]);
+    let message = assert_failed(&answers[1], kind);
+    assert_eq!(
+        answers[2],
+        json!({"ok": true, "debug_info": {"backends": ["k"]}}),
+        "nothing half-applied"
+    );
+    assert_eq!(
+        artifact_text(&answers[3], "k").as_deref(),
+        Some("v"),
+        "k is unchanged"
+    );
+    // And nothing of it reached the log: a new process sees the same.
+    let again = batch(dir.path(), &[dump(), serialize("k")]);
+    assert_eq!(again[0], answers[2]);
+    assert_eq!(artifact_text(&again[1], "k").as_deref(), Some("v"));
+    message
+}
+
+#[test]
+fn bad_json_is_refused() {
+    refused_and_next_served(
+        r#"{"op":"record_artifact","key":"k","content_b64":"eA=="#,
+        "bad_json",
+        &[],
+    );
+    refused_and_next_served("not json at all", "bad_json", &[]);
+}
+
+#[test]
+fn an_unknown_op_is_refused() {
+    let message = refused_and_next_served(r#"{"op":"fly","key":"k"}"#, "unknown_op", &[]);
+    assert!(
+        message.contains("fly"),
+        "the message names the op: {message}"
+    );
+}
+
+#[test]
+fn a_missing_field_is_refused() {
+    let message = refused_and_next_served(
+        r#"{"op":"record_artifact","key":"k2"}"#,
+        "missing_field",
+        &[],
+    );
+    assert!(
+        message.contains("content_b64"),
+        "the message names the field: {message}"
+    );
+    refused_and_next_served(r#"{"op":"edit_artifact","key":"k"}"#, "missing_field", &[]);
+    refused_and_next_served(r#"{"key":"k"}"#, "missing_field", &[]);
+}
+
+#[test]
+fn bad_base64_in_content_is_refused() {
+    let message = refused_and_next_served(
+        r#"{"op":"record_artifact","key":"k","kind":"eager","content_b64":"not*base64"}"#,
+        "bad_base64",
+        &[],
+    );
+    assert!(
+        message.contains("content_b64"),
+        "the message names the field: {message}"
+    );
+}
+
+#[test]
+fn bad_base64_in_an_edit_is_refused() {
+    let message = refused_and_next_served(
+        r#"{"op":"edit_artifact","key":"k","edit":{"append_b64":"%%%"}}"#,
+        "bad_base64",
+        &[],
+    );
+    assert!(message.contains("append_b64"), "{message}");
+    let message = refused_and_next_served(
+        r#"{"op":"edit_artifact","key":"k","edit":{"set_b64":"a=b="}}"#,
+        "bad_base64",
+        &[],
+    );
+    assert!(message.contains("set_b64"), "{message}");
+}
+
+#[test]
+fn oversize_content_is_refused() {
+    let limit = [("PCX_MAX_CONTENT_BYTES", "8")];
+    let record_big = record("k2", "123456789").to_string();
+    refused_and_next_served(&record_big, "too_large", &limit);
+    // Replacing k with too much content leaves the old content.
+    refused_and_next_served(&record("k", "123456789").to_string(), "too_large", &limit);
+    // An edit that would make k too large leaves it as it was.
+    refused_and_next_served(&append("k", "12345678").to_string(), "too_large", &limit);
+    // Exactly the limit is accepted.
+    let dir = tempfile::tempdir().unwrap();
+    let answers = batch_raw(
+        dir.path(),
+        &lines(&[record("k", "12345678"), serialize("k")]),
+        &limit,
+    );
+    assert_ok(&answers[0]);
+    assert_eq!(artifact_text(&answers[1], "k").as_deref(), Some("12345678"));
+}
+
+#[test]
+fn an_oversize_line_is_refused() {
+    let limit = [("PCX_MAX_REQUEST_BYTES", "200")];
+    let long = record("k2", &"x".repeat(400)).to_string();
+    assert!(long.len() > 200);
+    let message = refused_and_next_served(&long, "too_large", &limit);
+    assert!(
+        message.contains("200"),
+        "the message gives the limit: {message}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// the protocol's other promises
+
+#[test]
+fn the_id_is_echoed_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut with_ids = vec![
+        record("b1", "aaa"),
+        serialize("b1"),
+        append("nope", "!"),
+        json!({"op":"fly"}),
+    ];
+    let ids = [json!("a-1"), json!(2), json!({"n": [1, 2]}), json!(null)];
+    for (request, id) in with_ids.iter_mut().zip(&ids) {
+        request["id"] = id.clone();
+    }
+    with_ids.push(serialize("b1"));
+    let answers = batch(dir.path(), &with_ids);
+    for (answer, id) in answers.iter().zip(&ids) {
+        let first = answer.as_object().unwrap().keys().next().unwrap();
+        assert_eq!(first, "id", "the id comes first: {answer}");
+        assert_eq!(&answer["id"], id, "{answer}");
+    }
+    assert_ok(&answers[0]);
+    assert_eq!(artifact_text(&answers[1], "b1").as_deref(), Some("aaa"));
+    assert_failed(&answers[2], "key_not_found");
+    assert_failed(&answers[3], "unknown_op");
+    assert!(
+        answers[4].get("id").is_none(),
+        "no id asked, none given: {}",
+        answers[4]
+    );
+}
+
+#[test]
+fn write_answers_carry_seqs_that_grow_by_one_per_event_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = batch(
+        dir.path(),
+        &[
+            record("b1", "a"),
+            serialize("b1"),
+            append("nope", "!"),
+            record("b2", "b"),
+        ],
+    );
+    let s1 = first[0]["seq"].as_u64().expect("a write carries a seq");
+    assert!(
+        first[1].get("seq").is_none(),
+        "a read carries none: {}",
+        first[1]
+    );
+    assert!(
+        first[2].get("seq").is_none(),
+        "a failure carries none: {}",
+        first[2]
+    );
+    assert_eq!(first[3]["seq"].as_u64(), Some(s1 + 1));
+    let second = batch(dir.path(), &[append("b1", "!"), json!({"op":"clear"})]);
+    assert_eq!(second[0]["seq"].as_u64(), Some(s1 + 2));
+    assert_eq!(second[1]["seq"].as_u64(), Some(s1 + 3));
+}
+
+#[test]
+fn answers_stream_before_the_input_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = pcx(dir.path(), &["batch"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pcx starts");
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.expect("stdout is readable")).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut ask = |request: Value| -> Value {
+        writeln!(stdin, "{request}").unwrap();
+        stdin.flush().unwrap();
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => serde_json::from_str(&line).unwrap(),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no answer while stdin is still open: {e}");
+            }
+        }
+    };
+    let first = ask(record("b1", "aaa"));
+    assert_ok(&first);
+    assert!(first["seq"].is_u64(), "{first}");
+    // The change was answered: a read on the same stream sees it.
+    assert_eq!(
+        artifact_text(&ask(serialize("b1")), "b1").as_deref(),
+        Some("aaa")
+    );
+
+    drop(stdin);
+    let status = wait(&mut child);
+    assert!(
+        status.success(),
+        "pcx batch exits 0 at the end of its input: {status}"
+    );
+    reader.join().unwrap();
+    assert!(rx.try_recv().is_err(), "no answer beyond the two requests");
+}
+
+#[test]
+fn a_missing_data_directory_is_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("not").join("there").join("yet");
+    let answers = batch(&dir, &[record("b1", "aaa"), serialize("b1")]);
+    assert_ok(&answers[0]);
+    assert!(dir.is_dir(), "{} was created", dir.display());
+    let again = batch(&dir, &[serialize("b1")]);
+    assert_eq!(artifact_text(&again[0], "b1").as_deref(), Some("aaa"));
+}
+
+#[test]
+fn a_request_file_split_over_three_processes_gives_the_same_answers() {
+    let mut entry2 = example_entry();
+    entry2["fn_name"] = json!("g");
+    entry2["codes"] = json!([{"backend_ids":["b2"],"payload_b64":b64("bytecode")}]);
+    let requests = [
+        record("b1", "aaa"),
+        record("b2", "bbb"),
+        record("b1", "ccc"),
+        append("b2", "!"),
+        append("nope", "!"),
+        record_entry("e1", example_entry()),
+        record_entry("e2", entry2),
+        serialize("b2"),
+        json!({"op":"create_cache_entries","id":"stitch-1"}),
+        json!({"op":"save_to_dynamo_cache"}),
+        json!({"op":"take_artifact","key":"b1"}),
+        json!({"op":"take_artifact","key":"b1"}),
+        dump(),
+        json!({"op":"clear"}),
+        json!({"op":"load_cache_entry","key":"e1"}),
+        json!({"op":"load_cache_entry","key":"zz"}),
+        record("b3", "ddd"),
+        json!({"op":"create_cache_entries"}),
+        dump(),
+    ];
+    let one = tempfile::tempdir().unwrap();
+    let whole = run(pcx(one.path(), &["batch"]), lines(&requests).as_bytes());
+    assert!(whole.status.success(), "{}", whole.stderr);
+    assert_eq!(whole.stdout.lines().count(), requests.len());
+
+    let split = tempfile::tempdir().unwrap();
+    let mut pieces = String::new();
+    for part in [&requests[..6], &requests[6..13], &requests[13..]] {
+        let out = run(pcx(split.path(), &["batch"]), lines(part).as_bytes());
+        assert!(out.status.success(), "{}", out.stderr);
+        pieces.push_str(&out.stdout);
+    }
+    assert_eq!(pieces, whole.stdout);
+    // The answers are about something: the load after the restarts found e1.
+    let answers = whole.answers();
+    assert_eq!(
+        stitched_backends(&answers[14]["entry"]),
+        pairs(&[("b1", "ccc"), ("b2", "bbb!")])
+    );
+}
+
+#[test]
+fn json_logs_carry_the_structured_stitch_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = lines(&[
+        record("b1", "ccc"),
+        record("b2", "bbb!"),
+        record_entry("e1", example_entry()),
+        json!({"op":"create_cache_entries"}),
+    ]);
+    let out = run(
+        pcx(dir.path(), &["--log-format", "json", "batch"]),
+        input.as_bytes(),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    let logs: Vec<Value> = out
+        .stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("a stderr line is not JSON ({e}): {l}"))
+        })
+        .collect();
+    let payloads = |name: &str| -> Vec<Value> {
+        logs.iter()
+            .filter(|l| l["fields"]["artifact"] == name)
+            .map(|l| {
+                assert_eq!(l["fields"]["encoding"], "json", "{l}");
+                serde_json::from_str(
+                    l["fields"]["payload"]
+                        .as_str()
+                        .expect("payload is JSON text"),
+                )
+                .unwrap()
+            })
+            .collect()
+    };
+
+    let entries = payloads("dynamo_cache_entries");
+    assert_eq!(entries.len(), 1, "stderr: {}", out.stderr);
+    assert_eq!(entries[0]["num_entries"], json!(1));
+    let artifacts = &entries[0]["artifacts"];
+    assert_eq!(artifacts["backends"], json!(["b1", "b2"]));
+    assert_eq!(artifacts["dynamo"][0]["key"], "e1");
+    assert_eq!(artifacts["dynamo"][0]["num_codes"], "2");
+
+    let bypasses = payloads("dynamo_cache_bypass");
+    assert_eq!(bypasses.len(), 1, "stderr: {}", out.stderr);
+    assert_eq!(bypasses[0]["missing_backend"], "b3");
+    let entry = &bypasses[0]["entry"];
+    assert_eq!(sorted(&entry["backend_ids"]), vec!["b1", "b2", "b3"]);
+    let mut rest = entry.clone();
+    rest.as_object_mut().unwrap().remove("backend_ids");
+    assert_eq!(
+        rest,
+        json!({"num_codes":"2","fn_name":"f","fn_first_lineno":3,"device_type":"cpu"})
+    );
+    assert!(payloads("dynamo_cache_exception").is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// single-shot CLI commands
+
+/// Runs one CLI command (no stdin) and gives its run.
+fn cli(dir: &Path, args: &[&str]) -> Run {
+    run(pcx(dir, args), b"")
+}
+
+/// Runs one CLI command that must succeed; gives its answer.
+fn cli_ok(dir: &Path, args: &[&str]) -> Value {
+    let out = cli(dir, args);
+    assert!(
+        out.status.success(),
+        "pcx {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    let answer = out.answer();
+    assert_ok(&answer);
+    answer
+}
+
+#[test]
+fn single_shot_commands_work_across_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cli_ok(dir, &["record-artifact", "b1", "--text", "aaa"]);
+    cli_ok(dir, &["record-artifact", "b2", "--text", "bbb"]);
+    cli_ok(dir, &["edit", "b2", "--append-b64", &b64("!")]);
+    assert_eq!(
+        artifact_text(&cli_ok(dir, &["get", "b2"]), "b2").as_deref(),
+        Some("bbb!")
+    );
+
+    // A missing edit target: non-zero exit, ok:false, PyTorch's message.
+    let missing = cli(dir, &["edit", "nope", "--set-b64", &b64("x")]);
+    assert!(
+        !missing.status.success(),
+        "edit of a missing key exits non-zero"
+    );
+    let message = assert_failed(&missing.answer(), "key_not_found");
+    assert!(
+        message.contains("Key nope not found in artifacts"),
+        "{message}"
+    );
+    // `get` of it is not an error, just none.
+    assert_eq!(artifact_text(&cli_ok(dir, &["get", "nope"]), "nope"), None);
+
+    let entry = example_entry().to_string();
+    cli_ok(dir, &["record-entry", "e1", "--json", &entry]);
+    let info = cli_ok(dir, &["debug-info"]);
+    assert_eq!(info["debug_info"]["backends"], json!(["b1", "b2"]));
+    assert_eq!(info["debug_info"]["dynamo"][0]["key"], "e1");
+
+    let stitched = cli_ok(dir, &["stitch"]);
+    assert_eq!(
+        stitched_backends(&stitched["entries"]["e1"]),
+        pairs(&[("b1", "aaa"), ("b2", "bbb!")])
+    );
+    assert_eq!(bypass_flags(&stitched["entries"]["e1"]), vec![false, true]);
+    let saved = cli_ok(dir, &["save"]);
+    assert_eq!(saved["debug_info"], info["debug_info"]);
+
+    assert_eq!(
+        artifact_text(&cli_ok(dir, &["take", "b1"]), "b1").as_deref(),
+        Some("aaa")
+    );
+    assert_eq!(artifact_text(&cli_ok(dir, &["take", "b1"]), "b1"), None);
+    cli_ok(dir, &["clear"]);
+    assert_eq!(
+        cli_ok(dir, &["debug-info"]),
+        json!({"ok": true, "debug_info": {}})
+    );
+
+    let loaded = cli_ok(dir, &["load", "e1"]);
+    assert_eq!(
+        stitched_backends(&loaded["entry"]),
+        pairs(&[("b1", "aaa"), ("b2", "bbb!")])
+    );
+    assert_eq!(
+        cli_ok(dir, &["debug-info"])["debug_info"],
+        json!({"backends": ["b1", "b2"]})
+    );
+    assert_eq!(
+        artifact_text(&cli_ok(dir, &["get", "b1"]), "b1").as_deref(),
+        Some("aaa")
+    );
+
+    let miss = cli(dir, &["load", "zz"]);
+    assert!(!miss.status.success(), "a load miss exits non-zero");
+    assert_eq!(
+        assert_failed(&miss.answer(), "package_not_found"),
+        "No package found with key zz"
+    );
+    let mismatch = cli(
+        dir,
+        &[
+            "load",
+            "e1",
+            "--system-info",
+            r#"{"python_version":"3.11","torch_version":"2.9"}"#,
+        ],
+    );
+    assert!(!mismatch.status.success());
+    // The entry was saved with empty versions, so the caller's Python version differs first.
+    let message = assert_failed(&mismatch.answer(), "system_mismatch");
+    assert!(
+        message.starts_with("Compile package was created with a different"),
+        "{message}"
+    );
+}
