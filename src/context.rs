@@ -17,7 +17,9 @@ use crate::error::ContextError;
 use crate::journal::{Journal, OpenError, SledJournal};
 use crate::kinds::Kinds;
 use crate::model::{Artifact, DebugInfo, Digest, DynamoCacheEntry, SystemInfo};
+use crate::record::encode_saved_entry;
 use crate::replay::{recover, ReplayError};
+use crate::state::State;
 
 /// Why a context could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +57,9 @@ impl Context {
             replayed = recovered.replayed,
             "replayed the event log"
         );
-        // The sled view of the dynamo cache may lag the log after a crash; the log wins.
-        if journal
-            .cache_view_len()
-            .map_err(|e| ContextOpenError::CacheView(e.into()))?
-            != recovered.state.dynamo_cache.len()
-        {
+        // The sled view of the dynamo cache may differ from the log after a crash (it is
+        // written after the events of its group); the log wins.
+        if !cache_view_matches(journal.as_ref(), &recovered.state)? {
             sync_cache_view(journal.as_ref(), &recovered.state)
                 .map_err(ContextOpenError::CacheView)?;
         }
@@ -199,6 +198,27 @@ impl Context {
     pub async fn close(self) -> Answer<()> {
         self.ask(Close {}).await
     }
+}
+
+/// True when the dynamo cache view holds exactly the state's saved entries.
+fn cache_view_matches(journal: &dyn Journal, state: &State) -> Result<bool, ContextOpenError> {
+    let view = journal
+        .cache_view()
+        .map_err(|e| ContextOpenError::CacheView(e.into()))?;
+    if view.len() != state.dynamo_cache.len() {
+        return Ok(false);
+    }
+    for (key, bytes) in view {
+        let Some(entry) = state.dynamo_cache.get(&key) else {
+            return Ok(false);
+        };
+        let expected = encode_saved_entry(entry)
+            .map_err(|e| ContextOpenError::CacheView(e.into()))?;
+        if expected != bytes {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The actor's settings from a configuration.

@@ -108,8 +108,8 @@ pub trait Journal: Send + Sync + 'static {
     fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError>;
     /// Replaces the dynamo cache view with exactly these entries.
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
-    /// Number of entries in the dynamo cache view.
-    fn cache_view_len(&self) -> Result<usize, StoreError>;
+    /// The dynamo cache view's entries, in key order.
+    fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// How long opening waits for a data directory that is locked.
@@ -266,15 +266,16 @@ impl SledJournal {
     }
 
     fn try_commit(&self, c: &Commit) -> Result<(), StoreError> {
-        if !c.cache_puts.is_empty() {
-            let mut batch = sled::Batch::default();
-            for (key, bytes) in &c.cache_puts {
-                batch.insert(key.as_bytes(), bytes.as_slice());
-            }
-            self.cache
-                .apply_batch(batch)
-                .map_err(sled_err("writing the dynamo cache"))?;
+        // Events first. sled recovers a prefix of its log, so whatever else of this group
+        // survives a crash (snapshot, cache view) has its events with it; blobs were written
+        // before, when each change was decided.
+        let mut batch = sled::Batch::default();
+        for (seq, bytes) in &c.records {
+            batch.insert(&seq_key(*seq), bytes.as_slice());
         }
+        self.events
+            .apply_batch(batch)
+            .map_err(sled_err("appending events"))?;
         if let Some((seq, bytes)) = &c.snapshot {
             let mut batch = sled::Batch::default();
             batch.insert(&seq_key(*seq), bytes.as_slice());
@@ -290,15 +291,15 @@ impl SledJournal {
                 .apply_batch(batch)
                 .map_err(sled_err("writing a snapshot"))?;
         }
-        // Events last: sled recovers a prefix of its log, so an event that survives a crash
-        // has its blobs, cache writes and snapshot with it.
-        let mut batch = sled::Batch::default();
-        for (seq, bytes) in &c.records {
-            batch.insert(&seq_key(*seq), bytes.as_slice());
+        if !c.cache_puts.is_empty() {
+            let mut batch = sled::Batch::default();
+            for (key, bytes) in &c.cache_puts {
+                batch.insert(key.as_bytes(), bytes.as_slice());
+            }
+            self.cache
+                .apply_batch(batch)
+                .map_err(sled_err("writing the dynamo cache"))?;
         }
-        self.events
-            .apply_batch(batch)
-            .map_err(sled_err("appending events"))?;
         self.make_durable()
     }
 }
@@ -390,8 +391,14 @@ impl Journal for SledJournal {
         self.make_durable()
     }
 
-    fn cache_view_len(&self) -> Result<usize, StoreError> {
-        Ok(self.cache.len())
+    fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.cache
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("reading the dynamo cache"))?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
     }
 }
 
@@ -420,7 +427,7 @@ impl Journal for ClosedJournal {
     fn rewrite_cache_view(&self, _: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         Err(StoreError::Closed)
     }
-    fn cache_view_len(&self) -> Result<usize, StoreError> {
+    fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         Err(StoreError::Closed)
     }
 }
@@ -490,8 +497,8 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         self.inner.rewrite_cache_view(entries)
     }
-    fn cache_view_len(&self) -> Result<usize, StoreError> {
-        self.inner.cache_view_len()
+    fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.cache_view()
     }
 }
 
@@ -517,7 +524,7 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         (**self).rewrite_cache_view(entries)
     }
-    fn cache_view_len(&self) -> Result<usize, StoreError> {
-        (**self).cache_view_len()
+    fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        (**self).cache_view()
     }
 }

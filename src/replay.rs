@@ -59,6 +59,15 @@ pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
             continue;
         };
         match decode_snapshot(&bytes) {
+            // A snapshot counts only when the log holds the record it was taken after: a
+            // crash may keep a snapshot and lose its group's events, and replaying from a
+            // state the log does not contain would leave a permanent gap.
+            Ok(snap) if snap.seq == seq && record_hash(journal, seq) != Some(snap.head) => {
+                tracing::warn!(
+                    snapshot = seq,
+                    "snapshot is not backed by the log; falling back"
+                );
+            }
             Ok(snap) if snap.seq == seq => {
                 let head = Head {
                     seq: snap.seq,
@@ -100,6 +109,15 @@ pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
         snapshot: None,
         replayed,
     })
+}
+
+/// The hash of the record at `seq`, if it is there and sound.
+fn record_hash(journal: &dyn Journal, seq: u64) -> Option<Digest> {
+    let (key, bytes) = journal.records(seq).next()?.ok()?;
+    if key != seq {
+        return None;
+    }
+    decode_event(&bytes).ok().map(|(_, hash)| hash)
 }
 
 /// Folds the records after `head` into `state`, up to `until` (inclusive) if given. Returns

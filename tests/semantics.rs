@@ -830,8 +830,8 @@ impl Journal for Faulty {
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         self.inner.rewrite_cache_view(entries)
     }
-    fn cache_view_len(&self) -> Result<usize, StoreError> {
-        self.inner.cache_view_len()
+    fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.cache_view()
     }
 }
 

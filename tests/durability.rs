@@ -1,0 +1,909 @@
+//! Durability: what survives a killed process, a failed commit, damage to the log, a lost
+//! snapshot or blob, and a second writer; and that group commit pays one sync for many writes.
+//!
+//! Every wait has a timeout. Damage is made by opening the sled database directly (tree
+//! `events` keyed by big-endian sequence numbers, `snapshots`, `blobs` keyed by digest).
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use pcx::actor::{Ack, RecordArtifact};
+use pcx::context::{settings, ContextOpenError};
+use pcx::event::Event;
+use pcx::journal::{FaultyJournal, Journal, OpenError, SledJournal};
+use pcx::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
+use pcx::record::{decode_event, seq_key, DecodeError};
+use pcx::replay::{fold, recover, Head, Recovered, ReplayError};
+use pcx::state::State;
+use pcx::{Artifact, Config, Context, ContextError};
+use serde_json::{json, Value};
+
+/// The longest any single wait in these tests may take.
+const TIMEOUT: Duration = Duration::from_secs(60);
+const CACHE_BYTES: u64 = 4 << 20;
+
+fn block_on<F: Future>(f: F) -> F::Output {
+    actix::System::new().block_on(f)
+}
+
+fn config(dir: &Path, snapshot_every: u64) -> Config {
+    let mut c = Config::load(None, std::iter::empty()).unwrap();
+    c.data_dir = dir.to_path_buf();
+    c.snapshot_every = snapshot_every;
+    c.cache_capacity_bytes = CACHE_BYTES;
+    c
+}
+
+/// Opens sled directly on a data directory this process has just closed, retrying while it
+/// is still locked (at most two seconds): sled's IO threads hold the locked file for a moment
+/// after a close. (`SledJournal::open` has the same patience built in.)
+fn open_sled_directly(dir: &Path) -> sled::Db {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match sled::open(dir) {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other.expect("open sled directly"),
+        }
+    }
+}
+
+fn open(config: &Config) -> Context {
+    Context::open(config).unwrap_or_else(|e| panic!("opening {}: {e}", config.data_dir.display()))
+}
+
+/// Opening must fail; gives the error.
+fn open_error(config: &Config) -> ContextOpenError {
+    match Context::open(config) {
+        Ok(_) => panic!(
+            "opening {} succeeded; expected an error",
+            config.data_dir.display()
+        ),
+        Err(e) => e,
+    }
+}
+
+fn open_journal(dir: &Path) -> SledJournal {
+    SledJournal::open(dir, CACHE_BYTES).expect("open the journal")
+}
+
+/// A context over a fault-injecting journal; drop the returned journal handle after closing
+/// the context, so the directory is released.
+fn open_faulty(config: &Config) -> (Context, Arc<FaultyJournal<SledJournal>>) {
+    let journal = Arc::new(FaultyJournal::new(open_journal(&config.data_dir)));
+    let ctx = Context::with_journal(journal.clone(), settings(config))
+        .unwrap_or_else(|e| panic!("opening {}: {e}", config.data_dir.display()));
+    (ctx, journal)
+}
+
+fn artifact(key: &str, content: &[u8]) -> Artifact {
+    Artifact {
+        key: key.into(),
+        kind: "eager".into(),
+        content: content.to_vec(),
+    }
+}
+
+fn entry(codes: &[&[&str]]) -> DynamoCacheEntry {
+    DynamoCacheEntry {
+        codes: codes
+            .iter()
+            .map(|ids| DynamoCodeEntry {
+                backend_ids: ids.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        device_type: "cpu".into(),
+        fn_name: Some("f".into()),
+        fn_first_lineno: Some(3),
+        ..Default::default()
+    }
+}
+
+async fn record(ctx: &Context, key: &str, content: &[u8]) -> Ack<()> {
+    ctx.record_artifact(artifact(key, content))
+        .await
+        .unwrap_or_else(|e| panic!("record {key}: {e}"))
+}
+
+async fn backends(ctx: &Context) -> Vec<String> {
+    ctx.dump_debug_info()
+        .await
+        .expect("dump_debug_info")
+        .value
+        .backends
+}
+
+async fn content(ctx: &Context, key: &str) -> Option<Vec<u8>> {
+    ctx.serialize_artifact_by_key(key)
+        .await
+        .unwrap_or_else(|e| panic!("get {key}: {e}"))
+        .value
+        .map(|a| a.content)
+}
+
+async fn digest(ctx: &Context) -> Digest {
+    ctx.state_digest().await.expect("state digest").value
+}
+
+/// Records `n` artifacts `k1..kn` one after the other (one event each, seq 1..n), then closes.
+fn write_records(config: &Config, n: u64) -> Digest {
+    block_on(async {
+        let ctx = open(config);
+        for i in 1..=n {
+            record(&ctx, &format!("k{i}"), format!("content {i}").as_bytes()).await;
+        }
+        let d = digest(&ctx).await;
+        ctx.close().await.expect("close");
+        d
+    })
+}
+
+/// Changes one sled tree of a closed data directory directly, as damage would.
+fn damage(dir: &Path, tree: &str, change: impl FnOnce(&sled::Tree)) {
+    let db = open_sled_directly(dir);
+    let t = db.open_tree(tree).unwrap();
+    change(&t);
+    db.flush().unwrap();
+}
+
+fn flip_a_byte(tree: &sled::Tree, key: [u8; 8]) {
+    let mut value = tree
+        .get(key)
+        .unwrap()
+        .expect("the record to damage exists")
+        .to_vec();
+    let mid = value.len() / 2;
+    value[mid] ^= 0x55;
+    tree.insert(key, value).unwrap();
+}
+
+/// Replays the directory's log twice: from the newest snapshot and from the first event
+/// ignoring snapshots. Both must succeed and agree; gives the first.
+fn replays_cleanly(dir: &Path) -> Recovered {
+    let journal = open_journal(dir);
+    let recovered = recover(&journal).unwrap_or_else(|e| panic!("the log does not replay: {e}"));
+    let (full, head, replayed) = fold(&journal, State::default(), Head::EMPTY, None)
+        .unwrap_or_else(|e| panic!("the log does not replay from its first event: {e}"));
+    assert_eq!(
+        head, recovered.head,
+        "full replay and snapshot replay end at different records"
+    );
+    assert_eq!(replayed, head.seq);
+    assert_eq!(
+        full.digest(),
+        recovered.state.digest(),
+        "full replay and snapshot replay disagree"
+    );
+    recovered
+}
+
+/// Runs the `pcx` binary on a data directory.
+fn pcx(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pcx"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run pcx")
+}
+
+/// The CLI refuses the directory cleanly (exit 1, not a panic's 101) and says `needle`.
+fn assert_cli_refuses(dir: &Path, needle: &str) {
+    let out = pcx(dir, &["debug-info"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "pcx debug-info should fail cleanly; stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "stderr should say `{needle}`: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "pcx panicked: {stderr}");
+}
+
+// ---------------------------------------------------------------------------------------
+// SIGKILL in the middle of a stream of writes
+// ---------------------------------------------------------------------------------------
+
+fn kill_key(round: usize, i: u64) -> String {
+    format!("r{round}-{i:06}")
+}
+
+/// Deterministic content per record; every fourth is empty (empty content is valid).
+fn kill_content(round: usize, i: u64) -> Vec<u8> {
+    format!("round {round} record {i};")
+        .repeat((i % 4) as usize)
+        .into_bytes()
+}
+
+/// A child process that is killed and reaped when dropped, so a failing test leaves none.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Streams record_artifact lines into `pcx batch` until `kill_after` answers have arrived,
+/// SIGKILLs it, and returns how many records were answered (answers are in order, so they
+/// are records `0..answered`).
+fn stream_and_kill(dir: &Path, round: usize, kill_after: usize) -> u64 {
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_pcx"))
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("batch")
+            // Snapshots are written along the way, so a kill can land around one.
+            .env("PCX_SNAPSHOT_EVERY", "64")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pcx batch"),
+    );
+    let stdin = child.0.stdin.take().unwrap();
+    let stdout = child.0.stdout.take().unwrap();
+
+    let (written_tx, written_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = BufWriter::new(stdin);
+        let mut written = 0u64;
+        // Far more than can be answered before the kill; the pipe holds the writer back.
+        for i in 0..1_000_000u64 {
+            let line = json!({
+                "op": "record_artifact",
+                "id": i,
+                "key": kill_key(round, i),
+                "kind": "eager",
+                "content_b64": B64.encode(kill_content(round, i)),
+            });
+            if writeln!(out, "{line}").is_err() || (i % 32 == 31 && out.flush().is_err()) {
+                break;
+            }
+            written = i + 1;
+        }
+        let _ = out.flush();
+        let _ = written_tx.send(written);
+    });
+
+    let (answer_tx, answer_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if answer_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut answered = 0u64;
+    let check = |answered: &mut u64, line: String| {
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("answer is not JSON ({e}): {line}"));
+        assert_eq!(
+            v["id"],
+            json!(*answered),
+            "answers come in request order: {line}"
+        );
+        assert_eq!(v["ok"], json!(true), "a record was refused: {line}");
+        assert!(
+            v["seq"].is_u64(),
+            "a write's answer carries its seq: {line}"
+        );
+        *answered += 1;
+    };
+    while (answered as usize) < kill_after {
+        match answer_rx.recv_timeout(TIMEOUT) {
+            Ok(line) => check(&mut answered, line),
+            Err(e) => panic!("round {round}: only {answered} answers before {e:?}"),
+        }
+    }
+    child.0.kill().expect("SIGKILL pcx batch");
+    let status = child.0.wait().expect("reap pcx batch");
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "pcx batch ended on its own instead of by SIGKILL: {status}"
+    );
+    // Answers written before the kill are still in the pipe: they count as answered too.
+    loop {
+        match answer_rx.recv_timeout(TIMEOUT) {
+            Ok(line) => check(&mut answered, line),
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => panic!("stdout of the killed pcx did not close"),
+        }
+    }
+    let written = written_rx
+        .recv_timeout(TIMEOUT)
+        .expect("the writer stops once the pipe is closed");
+    assert!(written >= answered);
+    answered
+}
+
+/// Commits are applied in order and sled recovers a prefix, so what survived is a prefix of
+/// each round's stream, at least as long as what was answered; nothing else is there.
+fn assert_answered_survived(keys: &[String], answered: &[u64], what: &str) {
+    let mut expected = Vec::new();
+    for (r, &answered) in answered.iter().enumerate() {
+        let survived = keys
+            .iter()
+            .filter(|k| k.starts_with(&format!("r{r}-")))
+            .count() as u64;
+        assert!(
+            survived >= answered,
+            "{what}: round {r} had {answered} records answered but only {survived} survived"
+        );
+        expected.extend((0..survived).map(|i| kill_key(r, i)));
+    }
+    assert_eq!(
+        keys, expected,
+        "{what}: the survivors are not prefixes of the streams, in order"
+    );
+}
+
+#[test]
+fn every_answered_write_survives_a_sigkill_of_pcx_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 64);
+    // Several kills on the same directory, at different points; each round continues the log
+    // the previous kill left behind.
+    let mut answered = Vec::new();
+    for (round, kill_after) in [1usize, 150, 1200].into_iter().enumerate() {
+        answered.push(stream_and_kill(dir.path(), round, kill_after));
+
+        // The log itself, replayed from its first event, holds every answered record...
+        let logged: Vec<String> = {
+            let journal = open_journal(dir.path());
+            let (state, _, _) = fold(&journal, State::default(), Head::EMPTY, None)
+                .unwrap_or_else(|e| panic!("after kill {round}, the log does not replay: {e}"));
+            state.artifacts.keys().cloned().collect()
+        };
+        assert_answered_survived(&logged, &answered, "the event log");
+        // ...and replay from the newest snapshot agrees with it.
+        let recovered = replays_cleanly(dir.path());
+        assert_eq!(
+            recovered.state.artifacts.len() as u64,
+            recovered.head.seq,
+            "one event per record"
+        );
+
+        // What a user reads back after the restart.
+        block_on(async {
+            let ctx = open(&config);
+            let present = backends(&ctx).await;
+            assert_answered_survived(&present, &answered, "the reopened context");
+            for key in &present {
+                let (r, i) = key[1..].split_once('-').unwrap();
+                let (r, i): (usize, u64) = (r.parse().unwrap(), i.parse().unwrap());
+                assert_eq!(
+                    content(&ctx, key).await,
+                    Some(kill_content(r, i)),
+                    "content of {key}"
+                );
+            }
+            ctx.close().await.expect("close");
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Failed commits and group commit
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_failed_commit_answers_storage_and_changes_nothing_then_writes_work_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    block_on(async {
+        let (ctx, journal) = open_faulty(&config);
+        let first = record(&ctx, "a", b"one").await;
+        ctx.record_dynamo_cache_entry("e1", entry(&[&["a"]]))
+            .await
+            .expect("record e1");
+        let info_before = ctx.dump_debug_info().await.unwrap().value;
+        let digest_before = digest(&ctx).await;
+
+        journal.fail_commits(true);
+        let err = ctx
+            .record_artifact(artifact("b", b"two"))
+            .await
+            .expect_err("record while commits fail");
+        assert_eq!(err.kind(), "storage", "{err}");
+        let edit = ctx.edit_artifact("a", "append", |mut c| {
+            c.extend_from_slice(b"!");
+            c
+        });
+        assert_eq!(
+            edit.await.expect_err("edit while commits fail").kind(),
+            "storage"
+        );
+        assert_eq!(
+            ctx.take_artifact("a")
+                .await
+                .expect_err("take while commits fail")
+                .kind(),
+            "storage"
+        );
+        assert_eq!(
+            ctx.clear()
+                .await
+                .expect_err("clear while commits fail")
+                .kind(),
+            "storage"
+        );
+        // A failed save names the entry, in PyTorch's words.
+        let save = ctx
+            .save_to_dynamo_cache()
+            .await
+            .expect_err("save while commits fail");
+        assert_eq!(save.kind(), "save_failed");
+        assert!(
+            save.to_string().starts_with("Failed to save package to e1"),
+            "{save}"
+        );
+
+        assert_eq!(
+            ctx.dump_debug_info().await.unwrap().value,
+            info_before,
+            "a failed change was applied"
+        );
+        assert_eq!(digest(&ctx).await, digest_before);
+        assert_eq!(content(&ctx, "a").await.as_deref(), Some(&b"one"[..]));
+        assert_eq!(content(&ctx, "b").await, None);
+        let miss = ctx
+            .load_cache_entry("e1", None)
+            .await
+            .expect_err("the failed save saved nothing");
+        assert_eq!(miss.kind(), "package_not_found");
+
+        journal.fail_commits(false);
+        let third = record(&ctx, "c", b"three").await;
+        // The log continues where the last durable event left it: no gap for the failures.
+        assert_eq!(third.seq, first.seq.map(|s| s + 2));
+        assert_eq!(backends(&ctx).await, vec!["a", "c"]);
+        ctx.close().await.expect("close");
+        drop(journal);
+
+        let ctx = open(&config);
+        assert_eq!(ctx.dump_debug_info().await.unwrap().value.dynamo.len(), 1);
+        assert_eq!(backends(&ctx).await, vec!["a", "c"]);
+        assert_eq!(content(&ctx, "a").await.as_deref(), Some(&b"one"[..]));
+        assert_eq!(content(&ctx, "c").await.as_deref(), Some(&b"three"[..]));
+        let miss = ctx
+            .load_cache_entry("e1", None)
+            .await
+            .expect_err("nothing was saved");
+        assert_eq!(miss.kind(), "package_not_found");
+        ctx.close().await.expect("close");
+    });
+    replays_cleanly(dir.path());
+}
+
+#[test]
+fn many_records_in_flight_share_a_few_group_commits() {
+    const N: usize = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    let keys: Vec<String> = (0..N).map(|i| format!("g{i:03}")).collect();
+    block_on(async {
+        let (ctx, journal) = open_faulty(&config);
+        backends(&ctx).await; // the actor is running
+        let before = journal.commits();
+        // Sent at once, as `pcx batch` does: each send is queued before any answer is awaited.
+        let sends: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                ctx.addr().clone().send(RecordArtifact {
+                    artifact: artifact(k, k.as_bytes()),
+                })
+            })
+            .collect();
+        let answers = futures::future::join_all(sends).await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            let ack = answer
+                .expect("the actor is alive")
+                .unwrap_or_else(|e| panic!("record {i}: {e}"));
+            assert_eq!(
+                ack.seq,
+                Some(i as u64 + 1),
+                "records are numbered in send order"
+            );
+        }
+        let commits = journal.commits() - before;
+        assert!(commits >= 1);
+        assert!(
+            commits <= 20,
+            "{N} in-flight records took {commits} commits (flush + fdatasync each)"
+        );
+        assert_eq!(backends(&ctx).await, keys);
+        ctx.close().await.expect("close");
+        drop(journal);
+
+        let ctx = open(&config);
+        assert_eq!(backends(&ctx).await, keys);
+        assert_eq!(content(&ctx, "g499").await.as_deref(), Some(&b"g499"[..]));
+        ctx.close().await.expect("close");
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// One writer per data directory
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_second_writer_on_an_open_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    block_on(async {
+        let ctx = open(&config);
+        record(&ctx, "a", b"one").await;
+
+        let err = match Context::open(&config) {
+            Ok(_) => panic!("a second context opened the same directory"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(err, ContextOpenError::Open(OpenError::Locked { .. })),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("in use"), "{err}");
+        // Another process: a clean error, not a panic and not a corrupt log.
+        let out = pcx(dir.path(), &["record-artifact", "x", "--text", "intruder"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+        assert!(stderr.contains("in use"), "{stderr}");
+
+        // The first writer is unharmed.
+        record(&ctx, "b", b"two").await;
+        assert_eq!(backends(&ctx).await, vec!["a", "b"]);
+        ctx.close().await.expect("close");
+    });
+    let recovered = replays_cleanly(dir.path());
+    assert_eq!(recovered.head.seq, 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Damaged records
+// ---------------------------------------------------------------------------------------
+
+/// Writes 8 records (no snapshot), damages the log, and gives the error of reopening it.
+fn damaged_log(change: impl FnOnce(&sled::Tree)) -> (tempfile::TempDir, ContextOpenError) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    write_records(&config, 8);
+    damage(dir.path(), "events", change);
+    let err = block_on(async { open_error(&config) });
+    (dir, err)
+}
+
+#[test]
+fn a_flipped_byte_in_a_record_is_reported_with_its_seq() {
+    let (dir, err) = damaged_log(|t| flip_a_byte(t, seq_key(5)));
+    assert!(
+        matches!(
+            err,
+            ContextOpenError::Replay(ReplayError::Corrupt {
+                seq: 5,
+                source: DecodeError::HashMismatch
+            })
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("event 5 is damaged"), "{err}");
+    assert_cli_refuses(dir.path(), "event 5 is damaged");
+}
+
+#[test]
+fn a_deleted_record_is_reported_as_a_gap_naming_the_missing_seq() {
+    let (dir, err) = damaged_log(|t| {
+        t.remove(seq_key(5)).unwrap().expect("record 5 existed");
+    });
+    assert!(
+        matches!(
+            err,
+            ContextOpenError::Replay(ReplayError::Gap {
+                expected: 5,
+                found: 6
+            })
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("expected event 5"), "{err}");
+    assert_cli_refuses(dir.path(), "expected event 5");
+}
+
+#[test]
+fn swapped_records_are_reported_naming_both() {
+    let (dir, err) = damaged_log(|t| {
+        let four = t.get(seq_key(4)).unwrap().unwrap();
+        let five = t.get(seq_key(5)).unwrap().unwrap();
+        t.insert(seq_key(4), five).unwrap();
+        t.insert(seq_key(5), four).unwrap();
+    });
+    assert!(
+        matches!(
+            err,
+            ContextOpenError::Replay(ReplayError::MisplacedRecord { seq: 5, key: 4 })
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("event 5 is stored under the key of event 4"),
+        "{err}"
+    );
+    assert_cli_refuses(dir.path(), "event 5 is stored under the key of event 4");
+}
+
+#[test]
+fn a_cut_last_record_is_reported_as_truncated() {
+    let (dir, err) = damaged_log(|t| {
+        let eight = t.get(seq_key(8)).unwrap().unwrap();
+        t.insert(seq_key(8), &eight[..10]).unwrap();
+    });
+    assert!(
+        matches!(
+            err,
+            ContextOpenError::Replay(ReplayError::Corrupt {
+                seq: 8,
+                source: DecodeError::Truncated { len: 10 }
+            })
+        ),
+        "{err:?}"
+    );
+    assert_cli_refuses(dir.path(), "event 8 is damaged: record is truncated");
+}
+
+// ---------------------------------------------------------------------------------------
+// Snapshots
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_then_to_the_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 3);
+    let before = write_records(&config, 10);
+    {
+        let journal = open_journal(dir.path());
+        assert_eq!(
+            journal.snapshot_seqs().unwrap(),
+            vec![9, 6],
+            "snapshots every 3 events, two kept"
+        );
+    }
+
+    damage(dir.path(), "snapshots", |t| flip_a_byte(t, seq_key(9)));
+    let recovered = replays_cleanly(dir.path());
+    assert_eq!(
+        recovered.snapshot,
+        Some(6),
+        "the damaged snapshot 9 is skipped"
+    );
+    assert_eq!(recovered.replayed, 4);
+    assert_eq!(recovered.state.digest(), before);
+    block_on(async {
+        let ctx = open(&config);
+        assert_eq!(digest(&ctx).await, before);
+        assert_eq!(
+            content(&ctx, "k10").await.as_deref(),
+            Some(&b"content 10"[..])
+        );
+        ctx.close().await.expect("close");
+    });
+
+    damage(dir.path(), "snapshots", |t| flip_a_byte(t, seq_key(6)));
+    let recovered = replays_cleanly(dir.path());
+    assert_eq!(
+        recovered.snapshot, None,
+        "with no usable snapshot, every event is replayed"
+    );
+    assert_eq!(recovered.replayed, 10);
+    assert_eq!(recovered.state.digest(), before);
+    block_on(async {
+        let ctx = open(&config);
+        assert_eq!(digest(&ctx).await, before);
+        ctx.close().await.expect("close");
+    });
+}
+
+/// The journal writes a commit's snapshot (and dynamo cache view) in sled batches *before* its
+/// events; sled recovers a prefix of its log, so a crash between them can keep the snapshot of
+/// seq N while losing event N. Simulated here by removing the last events after their
+/// snapshot. The snapshot is then trusted although the log does not reach it: the recovered
+/// state holds a change the log does not have, and the next write leaves a gap that makes
+/// a replay from the first event fail. (Not only in theory: the SIGKILL test above runs into
+/// it on most runs, as "full replay and snapshot replay end at different records".)
+#[test]
+fn a_snapshot_ahead_of_the_log_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 3);
+    write_records(&config, 10);
+    // The crash hit the commit of event 9 (the one carrying snapshot 9); event 10 never came.
+    damage(dir.path(), "events", |t| {
+        t.remove(seq_key(9)).unwrap();
+        t.remove(seq_key(10)).unwrap();
+    });
+
+    let recovered = {
+        let journal = open_journal(dir.path());
+        recover(&journal).expect("replay")
+    };
+    assert_eq!(
+        recovered.head.seq, 8,
+        "the log ends at event 8, but replay claims {:?}",
+        recovered.head
+    );
+
+    block_on(async {
+        let ctx = open(&config);
+        record(&ctx, "after", b"the crash").await;
+        ctx.close().await.expect("close");
+    });
+    replays_cleanly(dir.path());
+}
+
+// ---------------------------------------------------------------------------------------
+// Missing content
+// ---------------------------------------------------------------------------------------
+
+/// The `failed` keys of every `Stitched` event in the log.
+fn stitch_failures_in_log(dir: &Path) -> Vec<Vec<String>> {
+    let journal = open_journal(dir);
+    let mut out = Vec::new();
+    for item in journal.records(1) {
+        let (_, bytes) = item.unwrap();
+        let (envelope, _) = decode_event(&bytes).unwrap();
+        if let Event::Stitched { failed, .. } = envelope.event {
+            out.push(failed.into_iter().map(|f| f.key).collect());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_missing_blob_fails_only_the_entries_that_reference_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    block_on(async {
+        let ctx = open(&config);
+        record(&ctx, "b1", b"blob one").await;
+        record(&ctx, "b2", b"blob two").await;
+        ctx.record_dynamo_cache_entry("e1", entry(&[&["b1"]]))
+            .await
+            .unwrap();
+        ctx.record_dynamo_cache_entry("e2", entry(&[&["b2"]]))
+            .await
+            .unwrap();
+        ctx.close().await.expect("close");
+    });
+    damage(dir.path(), "blobs", |t| {
+        t.remove(Digest::of(b"blob one").0)
+            .unwrap()
+            .expect("the blob existed");
+    });
+
+    block_on(async {
+        let ctx = open(&config);
+        let stitched = ctx
+            .create_cache_entries()
+            .await
+            .expect("the stitch itself succeeds")
+            .value;
+        assert_eq!(stitched.entries.keys().collect::<Vec<_>>(), vec!["e2"]);
+        assert_eq!(stitched.entries["e2"].backends["b2"].content, b"blob two");
+        let err = ctx
+            .serialize_artifact_by_key("b1")
+            .await
+            .expect_err("b1's content is gone");
+        assert_eq!(err.kind(), "content_unavailable");
+        assert!(err.to_string().contains("b1"), "{err}");
+
+        ctx.save_to_dynamo_cache()
+            .await
+            .expect("save the entries that stitch");
+        assert_eq!(
+            ctx.load_cache_entry("e1", None)
+                .await
+                .expect_err("e1 was not saved")
+                .kind(),
+            "package_not_found"
+        );
+        let loaded = ctx
+            .load_cache_entry("e2", None)
+            .await
+            .expect("e2 was saved")
+            .value;
+        assert_eq!(loaded.entry.backends["b2"].content, b"blob two");
+        ctx.close().await.expect("close");
+    });
+    // The create_cache_entries and save stitches both logged e1 as failed.
+    assert_eq!(
+        stitch_failures_in_log(dir.path()),
+        vec![vec!["e1".to_string()], vec!["e1".to_string()]]
+    );
+
+    // Through the CLI, as JSON logs: the exception is traced and the other entry produced.
+    let out = pcx(dir.path(), &["--log-format", "json", "stitch"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("one JSON answer");
+    assert_eq!(answer["ok"], json!(true));
+    assert!(
+        answer["entries"].get("e1").is_none() && answer["entries"].get("e2").is_some(),
+        "{answer}"
+    );
+    let exceptions: Vec<Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["artifact"] == json!("dynamo_cache_exception"))
+        .map(|l| serde_json::from_str(l["fields"]["payload"].as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(exceptions.len(), 1, "stderr: {stderr}");
+    assert_eq!(exceptions[0]["key"], json!("e1"));
+    assert!(
+        exceptions[0]["error"].as_str().unwrap().contains("b1"),
+        "{}",
+        exceptions[0]
+    );
+}
+
+#[test]
+fn unreadable_blobs_fail_the_entries_and_reads_but_not_the_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    block_on(async {
+        let (ctx, journal) = open_faulty(&config);
+        record(&ctx, "b1", b"one").await;
+        ctx.record_dynamo_cache_entry("e1", entry(&[&["b1"]]))
+            .await
+            .unwrap();
+
+        journal.fail_blob_reads(true);
+        let stitched = ctx
+            .create_cache_entries()
+            .await
+            .expect("the stitch itself succeeds")
+            .value;
+        assert!(stitched.entries.is_empty(), "e1's content cannot be read");
+        let err: ContextError = ctx
+            .serialize_artifact_by_key("b1")
+            .await
+            .expect_err("unreadable");
+        assert_eq!(err.kind(), "content_unavailable");
+        ctx.save_to_dynamo_cache()
+            .await
+            .expect("save what stitches (nothing)");
+        assert_eq!(
+            ctx.load_cache_entry("e1", None)
+                .await
+                .expect_err("not saved")
+                .kind(),
+            "package_not_found"
+        );
+
+        journal.fail_blob_reads(false);
+        let stitched = ctx.create_cache_entries().await.expect("stitch").value;
+        assert_eq!(stitched.entries["e1"].backends["b1"].content, b"one");
+        ctx.close().await.expect("close");
+        drop(journal);
+    });
+    replays_cleanly(dir.path());
+}
