@@ -124,6 +124,9 @@ message!(/// `save_to_dynamo_cache`.
     SaveToDynamoCache {} -> DebugInfo);
 message!(/// `load_cache_entry`, with the caller's system info to check against, if given.
     LoadCacheEntry { key: String, system_info: Option<SystemInfo> } -> Loaded);
+message!(/// An audit question about the log (log, history, state, diff, verify), answered once
+    /// every change accepted before it is durable, on a thread of its own.
+    Audit { query: crate::audit::Query } -> serde_json::Map<String, serde_json::Value>);
 message!(/// The current load counters.
     GetLoadCounters {} -> LoadCounters);
 message!(/// A digest of the whole state (order included), for comparing contexts.
@@ -722,6 +725,43 @@ impl Handler<LoadCacheEntry> for ContextActor {
             },
             same,
         )
+    }
+}
+
+impl Handler<Audit> for ContextActor {
+    type Result = ResponseFuture<Answer<serde_json::Map<String, serde_json::Value>>>;
+
+    fn handle(&mut self, msg: Audit, _: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if self.closed {
+            let _ = tx.send(Err(ContextError::Closed));
+        } else {
+            let journal = self.journal.clone();
+            self.when_durable(Box::new(move |ready| match ready {
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+                Ok(()) => {
+                    // A long verify must not stall the writer: the journal is read on its own
+                    // thread while the actor goes on serving.
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("pcx-audit".into())
+                            .spawn(move || {
+                                let answer = msg.query.run(journal.as_ref(), &mut |_| {});
+                                let _ = tx.send(
+                                    answer
+                                        .map(|value| Ack { seq: None, value })
+                                        .map_err(ContextError::from),
+                                );
+                            });
+                    if let Err(e) = spawned {
+                        tracing::error!(error = %e, "cannot start an audit thread");
+                    }
+                }
+            }));
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
     }
 }
 

@@ -212,8 +212,8 @@ fn cache_view_matches(journal: &dyn Journal, state: &State) -> Result<bool, Cont
         let Some(entry) = state.dynamo_cache.get(&key) else {
             return Ok(false);
         };
-        let expected = encode_saved_entry(entry)
-            .map_err(|e| ContextOpenError::CacheView(e.into()))?;
+        let expected =
+            encode_saved_entry(entry).map_err(|e| ContextOpenError::CacheView(e.into()))?;
         if expected != bytes {
             return Ok(false);
         }

@@ -51,6 +51,9 @@ pub enum ContextError {
     Panicked { message: String },
     #[error("the context is closed")]
     Closed,
+    /// An audit question that could not be answered (`kind` as [`crate::audit::AuditError::kind`]).
+    #[error("{message}")]
+    Audit { kind: &'static str, message: String },
 }
 
 impl ContextError {
@@ -74,6 +77,7 @@ impl ContextError {
             ContextError::Aborted { .. } => "aborted",
             ContextError::Panicked { .. } => "internal",
             ContextError::Closed => "closed",
+            ContextError::Audit { kind, .. } => kind,
         }
     }
 }
@@ -91,6 +95,15 @@ impl From<crate::record::EncodeError> for ContextError {
     fn from(e: crate::record::EncodeError) -> Self {
         ContextError::Storage {
             no_space: false,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::audit::AuditError> for ContextError {
+    fn from(e: crate::audit::AuditError) -> Self {
+        ContextError::Audit {
+            kind: e.kind(),
             message: e.to_string(),
         }
     }

@@ -102,10 +102,14 @@ pub trait Journal: Send + Sync + 'static {
     fn commit(&self, commit: &Commit) -> Result<(), StoreError>;
     /// Event records with sequence number `>= from`, in order.
     fn records(&self, from: u64) -> Records<'_>;
+    /// The sequence number of the last stored event, if any.
+    fn last_seq(&self) -> Result<Option<u64>, StoreError>;
     /// Sequence numbers of stored snapshots, newest first.
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError>;
     /// One stored snapshot record.
     fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The compaction anchor (a snapshot record), if the log was compacted.
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Replaces the dynamo cache view with exactly these entries.
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
     /// The dynamo cache view's entries, in key order.
@@ -114,6 +118,9 @@ pub trait Journal: Send + Sync + 'static {
 
 /// How long opening waits for a data directory that is locked.
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The key of the compaction anchor in the `meta` tree.
+const ANCHOR_KEY: &[u8] = b"anchor";
 
 /// How many snapshots are kept: the newest, and one before it to fall back to.
 const SNAPSHOTS_KEPT: usize = 2;
@@ -125,6 +132,8 @@ pub struct SledJournal {
     blobs: sled::Tree,
     snapshots: sled::Tree,
     cache: sled::Tree,
+    /// Holds the compaction anchor: the snapshot the remaining log continues from.
+    meta: sled::Tree,
     dir: PathBuf,
     /// sled's data file: flushed by sled with `sync_file_range`, which leaves the device's
     /// write cache unflushed (sled issue 1452), so we `fdatasync` it ourselves.
@@ -137,6 +146,10 @@ pub struct SledJournal {
 impl SledJournal {
     /// Opens (creating if missing) the data directory.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
+        crate::compact::finish_interrupted_swap(dir).map_err(|source| OpenError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
             path: dir.to_path_buf(),
             source,
@@ -175,11 +188,12 @@ impl SledJournal {
                 source,
             })
         };
-        let (events, blobs, snapshots, cache) = (
+        let (events, blobs, snapshots, cache, meta) = (
             tree("events")?,
             tree("blobs")?,
             tree("snapshots")?,
             tree("dynamo_cache")?,
+            tree("meta")?,
         );
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|source| OpenError::DataFile {
@@ -192,6 +206,7 @@ impl SledJournal {
             blobs,
             snapshots,
             cache,
+            meta,
             dir: dir.to_path_buf(),
             data_file,
             synced_blob_files: Mutex::new(0),
@@ -202,6 +217,31 @@ impl SledJournal {
             source,
         })?;
         Ok(journal)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sets the compaction anchor and makes it durable (compaction and import only).
+    pub fn set_anchor(&self, snapshot: &[u8]) -> Result<(), StoreError> {
+        self.meta
+            .insert(ANCHOR_KEY, snapshot)
+            .map_err(sled_err("writing the anchor"))?;
+        self.make_durable()
+    }
+
+    /// Every stored blob digest (compaction only).
+    pub fn blob_digests(&self) -> Result<Vec<Digest>, StoreError> {
+        self.blobs
+            .iter()
+            .keys()
+            .filter_map(|k| match k {
+                Ok(k) => <[u8; 32]>::try_from(k.as_ref()).ok().map(|a| Ok(Digest(a))),
+                Err(e) => Some(Err(sled_err("listing blobs")(e))),
+            })
+            .collect()
     }
 
     /// Flush sled, then `fdatasync` its data file and any new large-value files.
@@ -358,6 +398,14 @@ impl Journal for SledJournal {
         }))
     }
 
+    fn last_seq(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .events
+            .last()
+            .map_err(sled_err("reading events"))?
+            .and_then(|(k, _)| key_seq(&k)))
+    }
+
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
         let mut seqs = Vec::new();
         for item in self.snapshots.iter().keys().rev() {
@@ -374,6 +422,14 @@ impl Journal for SledJournal {
             .snapshots
             .get(seq_key(seq))
             .map_err(sled_err("reading a snapshot"))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .meta
+            .get(ANCHOR_KEY)
+            .map_err(sled_err("reading the anchor"))?
             .map(|v| v.to_vec()))
     }
 
@@ -418,10 +474,16 @@ impl Journal for ClosedJournal {
     fn records(&self, _: u64) -> Records<'_> {
         Box::new(std::iter::once(Err(StoreError::Closed)))
     }
+    fn last_seq(&self) -> Result<Option<u64>, StoreError> {
+        Err(StoreError::Closed)
+    }
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
         Err(StoreError::Closed)
     }
     fn snapshot(&self, _: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
         Err(StoreError::Closed)
     }
     fn rewrite_cache_view(&self, _: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
@@ -488,11 +550,17 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn records(&self, from: u64) -> Records<'_> {
         self.inner.records(from)
     }
+    fn last_seq(&self) -> Result<Option<u64>, StoreError> {
+        self.inner.last_seq()
+    }
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
         self.inner.snapshot_seqs()
     }
     fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.snapshot(seq)
+    }
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.anchor()
     }
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         self.inner.rewrite_cache_view(entries)
@@ -515,11 +583,17 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     fn records(&self, from: u64) -> Records<'_> {
         (**self).records(from)
     }
+    fn last_seq(&self) -> Result<Option<u64>, StoreError> {
+        (**self).last_seq()
+    }
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
         (**self).snapshot_seqs()
     }
     fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         (**self).snapshot(seq)
+    }
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).anchor()
     }
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         (**self).rewrite_cache_view(entries)

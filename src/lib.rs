@@ -11,7 +11,11 @@
 //! | [`record`] | the on-disk record format: envelope, hash chain, snapshots | no |
 //! | [`journal`] | the sled event log, blobs, snapshots, durability (`fdatasync`) | sled |
 //! | [`replay`] | rebuilding the state from the journal, checking every record | via journal |
-//! | [`kinds`] | artifact kinds and `after_deserialization` (`eager` built in) | no |
+//! | [`audit`] | log, history, state at a point, diff, verify: read-only questions of the log | via journal |
+//! | [`export`] | the log as JSON lines and back (`pcx export` / `pcx import`) | via journal |
+//! | [`compact`] | rewriting a data directory to begin at an anchor snapshot | sled, files |
+//! | [`plugin`] | loading plugins and calling them safely (all of pcx's `unsafe`) | dlopen |
+//! | [`kinds`] | the registry of artifact kinds (`eager` built in, the rest from plugins) | via plugin |
 //! | [`actor`] | the context actor: single writer, group commit, panic containment | via journal |
 //! | [`context`] | the library API ([`Context`]) for orchestrators that embed pcx | via actor |
 //! | [`protocol`] | the JSON request/answer protocol (`pcx batch`, later the server) | no |
@@ -24,11 +28,14 @@
 //! through the same `apply`.
 
 pub mod actor;
+pub mod audit;
 pub mod batch;
+pub mod compact;
 pub mod config;
 pub mod context;
 pub mod error;
 pub mod event;
+pub mod export;
 pub mod journal;
 pub mod kinds;
 pub mod model;

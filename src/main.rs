@@ -92,6 +92,66 @@ enum Command {
     /// Artifact-kind plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Audit: events as JSON lines, filtered (bounds inclusive).
+    Log {
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        to: Option<u64>,
+        /// Events at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Events at or before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Events touching this artifact or entry key (and every clear).
+        #[arg(long)]
+        key: Option<String>,
+        /// Events of this name (e.g. ArtifactEdited).
+        #[arg(long)]
+        event: Option<String>,
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Audit: every event that touched KEY, oldest first, as JSON lines.
+    History { key: String },
+    /// Audit: the context right after an event (the latest by default), rebuilt from the log.
+    State {
+        #[arg(long, conflicts_with = "at_time")]
+        at: Option<u64>,
+        /// The last event at or before this RFC 3339 time.
+        #[arg(long)]
+        at_time: Option<String>,
+        /// Show this artifact's content as it was then.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Audit: what was added, changed, taken or cleared between two points.
+    Diff {
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        to: u64,
+    },
+    /// Audit: check the whole log (records, sequence, hash chain, blobs, snapshots).
+    Verify,
+    /// The whole log as JSON lines (to stdout, or --output FILE).
+    Export {
+        #[arg(long, value_enum, default_value = "inline")]
+        content: pcx::export::ContentMode,
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Read an export (stdin, or --input FILE) into an empty data directory.
+    Import {
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+    /// Drop the events before SEQ (and content no longer referenced), keeping the state.
+    Compact {
+        #[arg(long)]
+        before: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,6 +221,14 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
         Command::Batch => return batch(config).await,
         Command::Demo => return demo(config).await,
         Command::Plugins(p) => return plugins_command(p, &config),
+        c @ (Command::Log { .. }
+        | Command::History { .. }
+        | Command::State { .. }
+        | Command::Diff { .. }
+        | Command::Verify
+        | Command::Export { .. }
+        | Command::Import { .. }
+        | Command::Compact { .. }) => return audit_command(c, &config),
         other => request_of(other)?,
     };
     let ctx =
@@ -238,7 +306,7 @@ fn request_of(command: Command) -> Result<Request> {
                 .transpose()?;
             Request::LoadCacheEntry { key, system_info }
         }
-        Command::Batch | Command::Demo | Command::Plugins(_) => {
+        _ => {
             anyhow::bail!("not a single request")
         }
     })
@@ -456,4 +524,171 @@ fn check_in_child(path: &std::path::Path) -> Result<Value> {
             "the checking process exited with {status} and no answer: {}", String::from_utf8_lossy(&output.stderr).trim()
         )})),
     }
+}
+
+/// A progress bar on stderr for a walk up to `total`: drawn only on a terminal and with text
+/// logs, never into a pipe or a JSON log.
+fn progress_bar(config: &Config, total: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if config.log_format != LogFormat::Text || !io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} events ({eta})")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn answer_error(kind: &str, message: &str) -> ExitCode {
+    println!(
+        "{}",
+        json!({"ok": false, "error": {"kind": kind, "message": message}})
+    );
+    ExitCode::FAILURE
+}
+
+/// The audit and maintenance commands: they read (or rewrite) the data directory directly.
+fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
+    use pcx::audit::{self, Query};
+    let dir = &config.data_dir;
+    if !dir.exists() && !matches!(command, Command::Import { .. }) {
+        return Ok(answer_error(
+            "no_data_directory",
+            &format!(
+                "data directory {} does not exist: nothing has been recorded there",
+                dir.display()
+            ),
+        ));
+    }
+    if let Command::Compact { before } = command {
+        let bar = progress_bar(config, before, "compacting");
+        let report = pcx::compact::compact(dir, before, config.cache_capacity_bytes, &mut |s| {
+            bar.set_position(s)
+        });
+        bar.finish_and_clear();
+        return Ok(match report {
+            Ok(r) => {
+                println!("{r}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => answer_error("compact_failed", &e.to_string()),
+        });
+    }
+    let journal = match pcx::journal::SledJournal::open(dir, config.cache_capacity_bytes) {
+        Ok(j) => j,
+        Err(e) => return Ok(answer_error("open_failed", &e.to_string())),
+    };
+    let total = pcx::journal::Journal::last_seq(&journal)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let mut out = io::stdout().lock();
+    let query = match command {
+        Command::Log {
+            from,
+            to,
+            since,
+            until,
+            key,
+            event,
+            limit,
+        } => {
+            let filter = audit::LogFilter {
+                from,
+                to,
+                since,
+                until,
+                key,
+                event,
+                limit,
+            };
+            let mut failed = None;
+            let result = audit::log(&journal, &filter, &mut |line| {
+                if failed.is_none() {
+                    if let Err(e) = writeln!(out, "{line}") {
+                        failed = Some(e);
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e).context("writing the log");
+            }
+            return Ok(match result {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => answer_error(e.kind(), &e.to_string()),
+            });
+        }
+        Command::History { key } => Query::History { key },
+        Command::State { at, at_time, key } => Query::State { at, at_time, key },
+        Command::Diff { from, to } => Query::Diff { from, to },
+        Command::Verify => Query::Verify,
+        Command::Export { content, output } => {
+            let bar = progress_bar(config, total, "exporting");
+            let mut sink: Box<dyn Write> = match &output {
+                Some(path) => Box::new(io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?,
+                )),
+                None => Box::new(io::BufWriter::new(out)),
+            };
+            let result =
+                pcx::export::export(&journal, content, &mut sink, &mut |s| bar.set_position(s));
+            bar.finish_and_clear();
+            return Ok(match result {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => answer_error("export_failed", &e.to_string()),
+            });
+        }
+        Command::Import { input } => {
+            let bar = progress_bar(config, 0, "importing");
+            let mut reader: Box<dyn io::BufRead> = match &input {
+                Some(path) => Box::new(io::BufReader::new(
+                    std::fs::File::open(path)
+                        .with_context(|| format!("opening {}", path.display()))?,
+                )),
+                None => Box::new(io::stdin().lock()),
+            };
+            let result = pcx::export::import(&journal, &mut reader, &mut |s| bar.set_position(s));
+            bar.finish_and_clear();
+            return Ok(match result {
+                Ok(i) => {
+                    println!(
+                        "{}",
+                        json!({"ok": true, "events": i.events, "last_seq": i.last_seq, "state_digest": i.state_digest.to_hex()})
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => answer_error("import_failed", &e.to_string()),
+            });
+        }
+        _ => anyhow::bail!("not an audit command"),
+    };
+    let bar = progress_bar(config, total, "replaying");
+    let result = query.run(&journal, &mut |s| bar.set_position(s));
+    bar.finish_and_clear();
+    let fields = match result {
+        Ok(f) => f,
+        Err(e) => return Ok(answer_error(e.kind(), &e.to_string())),
+    };
+    let sound = fields.get("verify").is_none_or(|v| v["ok"] == true);
+    for (_, value) in fields {
+        match value {
+            Value::Array(lines) => {
+                for line in lines {
+                    writeln!(out, "{line}")?;
+                }
+            }
+            Value::String(_) => {}
+            other => writeln!(out, "{other}")?,
+        }
+    }
+    Ok(if sound {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -12,9 +12,10 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::actor::{
-    Ack, Answer, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact,
+    Ack, Answer, Audit, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact,
     LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
 };
+use crate::audit::{LogFilter, Query};
 use crate::context::Context;
 use crate::error::ContextError;
 use crate::model::{
@@ -34,6 +35,11 @@ pub const OPS: &[&str] = &[
     "create_cache_entries",
     "save_to_dynamo_cache",
     "load_cache_entry",
+    "log",
+    "history",
+    "state",
+    "diff",
+    "verify",
 ];
 
 /// One request.
@@ -69,6 +75,43 @@ pub enum Request {
         #[serde(default)]
         system_info: Option<SystemInfo>,
     },
+    /// Audit: events as log lines (all filters optional, bounds inclusive).
+    Log {
+        #[serde(default)]
+        from: Option<u64>,
+        #[serde(default)]
+        to: Option<u64>,
+        #[serde(default)]
+        since: Option<String>,
+        #[serde(default)]
+        until: Option<String>,
+        #[serde(default)]
+        key: Option<String>,
+        #[serde(default)]
+        event: Option<String>,
+        #[serde(default)]
+        limit: Option<u64>,
+    },
+    /// Audit: every event that touched a key.
+    History {
+        key: String,
+    },
+    /// Audit: the state right after an event (the latest when neither is given).
+    State {
+        #[serde(default)]
+        at: Option<u64>,
+        #[serde(default)]
+        at_time: Option<String>,
+        #[serde(default)]
+        key: Option<String>,
+    },
+    /// Audit: what changed between two points.
+    Diff {
+        from: u64,
+        to: u64,
+    },
+    /// Audit: walk and check the whole log.
+    Verify,
 }
 
 fn eager() -> String {
@@ -244,6 +287,57 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
         }};
     }
     match request {
+        Request::Log {
+            from,
+            to,
+            since,
+            until,
+            key,
+            event,
+            limit,
+        } => {
+            let filter = LogFilter {
+                from,
+                to,
+                since,
+                until,
+                key,
+                event,
+                limit,
+            };
+            send!(
+                Audit {
+                    query: Query::Log(filter)
+                },
+                Value::Object
+            )
+        }
+        Request::History { key } => send!(
+            Audit {
+                query: Query::History { key }
+            },
+            Value::Object
+        ),
+        Request::State { at, at_time, key } => {
+            send!(
+                Audit {
+                    query: Query::State { at, at_time, key }
+                },
+                Value::Object
+            )
+        }
+        Request::Diff { from, to } => send!(
+            Audit {
+                query: Query::Diff { from, to }
+            },
+            Value::Object
+        ),
+        Request::Verify => send!(
+            Audit {
+                query: Query::Verify
+            },
+            Value::Object
+        ),
         Request::RecordArtifact {
             key,
             kind,

@@ -50,11 +50,47 @@ pub enum ReplayError {
     MisplacedRecord { seq: u64, key: u64 },
     #[error("event {seq} does not follow the record before it (hash chain broken)")]
     BrokenChain { seq: u64 },
+    #[error("the compaction anchor is damaged: {source}")]
+    Anchor {
+        #[source]
+        source: DecodeError,
+    },
+}
+
+/// Where a log that was compacted begins: the state right after `head`.
+#[derive(Clone, Debug)]
+pub struct Base {
+    pub state: State,
+    pub head: Head,
+}
+
+/// The start of the log: the compaction anchor, or the empty state before event 1.
+pub fn base(journal: &dyn Journal) -> Result<Base, ReplayError> {
+    match journal.anchor()? {
+        None => Ok(Base {
+            state: State::default(),
+            head: Head::EMPTY,
+        }),
+        Some(bytes) => {
+            let snap = decode_snapshot(&bytes).map_err(|source| ReplayError::Anchor { source })?;
+            Ok(Base {
+                state: snap.state,
+                head: Head {
+                    seq: snap.seq,
+                    hash: snap.head,
+                },
+            })
+        }
+    }
 }
 
 /// Replays the whole log (through snapshots where they hold).
 pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
+    let start = base(journal)?;
     for seq in journal.snapshot_seqs()? {
+        if seq <= start.head.seq {
+            continue;
+        }
         let Some(bytes) = journal.snapshot(seq)? else {
             continue;
         };
@@ -73,25 +109,13 @@ pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
                     seq: snap.seq,
                     hash: snap.head,
                 };
-                match fold(journal, snap.state, head, None) {
-                    Ok((state, head, replayed)) => {
-                        return Ok(Recovered {
-                            state,
-                            head,
-                            snapshot: Some(seq),
-                            replayed,
-                        })
-                    }
-                    // The first record after the snapshot does not continue it: distrust the
-                    // snapshot, not the log.
-                    Err(ReplayError::BrokenChain { seq: s }) if s == seq + 1 => {
-                        tracing::warn!(
-                            snapshot = seq,
-                            "snapshot does not match the log; falling back"
-                        );
-                    }
-                    Err(e) => return Err(e),
-                }
+                let (state, head, replayed) = fold(journal, snap.state, head, None)?;
+                return Ok(Recovered {
+                    state,
+                    head,
+                    snapshot: Some(seq),
+                    replayed,
+                });
             }
             Ok(_) => tracing::warn!(
                 snapshot = seq,
@@ -102,11 +126,12 @@ pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
             }
         }
     }
-    let (state, head, replayed) = fold(journal, State::default(), Head::EMPTY, None)?;
+    let anchored = (start.head.seq > 0).then_some(start.head.seq);
+    let (state, head, replayed) = fold(journal, start.state, start.head, None)?;
     Ok(Recovered {
         state,
         head,
-        snapshot: None,
+        snapshot: anchored,
         replayed,
     })
 }

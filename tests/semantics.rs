@@ -830,6 +830,12 @@ impl Journal for Faulty {
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         self.inner.rewrite_cache_view(entries)
     }
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.anchor()
+    }
+    fn last_seq(&self) -> Result<Option<u64>, StoreError> {
+        self.inner.last_seq()
+    }
     fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.cache_view()
     }

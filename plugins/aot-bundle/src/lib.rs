@@ -43,8 +43,15 @@ const FIELDS: [&str; 5] = [
 
 /// Reads and validates a document: a map with exactly the five fields, version 1 first.
 pub fn decode(bytes: &[u8]) -> Result<Bundle, String> {
-    let value = rmpv::decode::read_value(&mut &bytes[..])
+    let mut rest = bytes;
+    let value = rmpv::decode::read_value(&mut rest)
         .map_err(|e| format!("bundled_aot_autograd content is not valid MessagePack: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!(
+            "bundled_aot_autograd content is not valid MessagePack: {} bytes after the document",
+            rest.len()
+        ));
+    }
     let rmpv::Value::Map(entries) = &value else {
         return Err("bundled_aot_autograd content must be a MessagePack map".into());
     };
@@ -174,7 +181,7 @@ mod tests {
         assert!(decode(&encode(&v2).unwrap())
             .unwrap_err()
             .contains("format_version 2 is not supported"));
-        assert!(decode(b"\xc1")
+        assert!(decode(b"\x85\xa1")
             .unwrap_err()
             .contains("not valid MessagePack"));
         let missing =

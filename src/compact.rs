@@ -1,0 +1,221 @@
+//! `pcx compact --before SEQ`: a long-running orchestrator's log cannot grow for ever.
+//!
+//! Compaction writes a new data directory beside the old one holding: an *anchor* (a
+//! snapshot of the state right after `SEQ - 1`, with the hash of that record, so `verify`
+//! proves the rest of the chain from it), the events from `SEQ` on (their exact bytes), the
+//! snapshots from `SEQ` on, only the content blobs still referenced (by the anchor's state,
+//! the kept events or the kept snapshots), and the dynamo cache view. It then swaps the two
+//! directories. sled never gives freed space back to the file system, so a rewrite is the
+//! only way the directory really shrinks.
+//!
+//! The swap is two renames: `DIR` → `DIR.pre-compaction`, then `DIR.compacting` → `DIR`.
+//! Opening a data directory finishes an interrupted swap first (see
+//! [`finish_interrupted_swap`]), so a crash at any point leaves either the old log or the new.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::audit::{state_at, walk, AuditError, Progress};
+use crate::export::state_refs;
+use crate::journal::{Commit, Journal, OpenError, SledJournal, StoreError};
+use crate::model::Digest;
+use crate::record::{decode_snapshot, encode_snapshot_of};
+use crate::replay::{base, Base};
+
+/// Why compaction did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nothing to compact before {before}: the log already begins after event {first_kept}")]
+    Nothing { before: u64, first_kept: u64 },
+    #[error("data directory {0} does not exist")]
+    Missing(PathBuf),
+}
+
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(suffix);
+    dir.with_file_name(name)
+}
+
+/// Completes or undoes a compaction swap that a crash interrupted. Called on every open.
+pub fn finish_interrupted_swap(dir: &Path) -> std::io::Result<()> {
+    let (new, old) = (sibling(dir, ".compacting"), sibling(dir, ".pre-compaction"));
+    if !dir.exists() && new.exists() && old.exists() {
+        // The new directory was complete and durable before the old one was moved away.
+        std::fs::rename(&new, dir)?;
+    }
+    if dir.exists() {
+        for leftover in [new, old] {
+            if leftover.exists() {
+                std::fs::remove_dir_all(&leftover)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bytes a directory's files take.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Compacts the log in `dir` so it begins after event `before - 1`. Returns a JSON report.
+pub fn compact(
+    dir: &Path,
+    before: u64,
+    cache_capacity: u64,
+    progress: Progress,
+) -> Result<Value, CompactError> {
+    if !dir.exists() {
+        return Err(CompactError::Missing(dir.to_path_buf()));
+    }
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CompactError::Io { op, path, source }
+    };
+    let bytes_before = dir_bytes(dir);
+    let old = SledJournal::open(dir, cache_capacity)?;
+    let start = base(&old).map_err(AuditError::from)?;
+    let anchor_seq = before.saturating_sub(1);
+    if anchor_seq <= start.head.seq {
+        return Err(CompactError::Nothing {
+            before,
+            first_kept: start.head.seq,
+        });
+    }
+    let (anchor_state, anchor_head) = state_at(&old, anchor_seq, progress)?;
+
+    let new_dir = sibling(dir, ".compacting");
+    if new_dir.exists() {
+        std::fs::remove_dir_all(&new_dir).map_err(io("removing", &new_dir))?;
+    }
+    let new = SledJournal::open(&new_dir, cache_capacity)?;
+    let anchor = encode_snapshot_of(anchor_seq, anchor_head.hash, &anchor_state).map_err(|e| {
+        StoreError::Io {
+            op: "encoding the anchor",
+            path: new_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    })?;
+    new.set_anchor(&anchor)?;
+
+    // The kept events, their exact bytes; and what they refer to.
+    let mut keep: HashSet<Digest> = state_refs(&anchor_state).into_iter().collect();
+    let mut batch = Commit::default();
+    let mut kept_events = 0u64;
+    let mut failure: Option<StoreError> = None;
+    walk(
+        &old,
+        Base {
+            state: anchor_state,
+            head: anchor_head,
+        },
+        |e, _, _| {
+            progress(e.seq);
+            keep.extend(e.event.content_refs());
+            let bytes = match old.records(e.seq).next().transpose() {
+                Ok(Some((_, b))) => b,
+                Ok(None) => Vec::new(),
+                Err(err) => {
+                    failure = Some(err);
+                    return Ok(false);
+                }
+            };
+            batch.records.push((e.seq, bytes));
+            kept_events += 1;
+            if batch.records.len() >= 1024 {
+                if let Err(err) = new.commit(&std::mem::take(&mut batch)) {
+                    failure = Some(err);
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )?;
+    if let Some(err) = failure {
+        return Err(err.into());
+    }
+    new.commit(&batch)?;
+    for seq in old
+        .snapshot_seqs()?
+        .into_iter()
+        .rev()
+        .filter(|s| *s > anchor_seq)
+    {
+        if let Some(bytes) = old.snapshot(seq)? {
+            if let Ok(s) = decode_snapshot(&bytes) {
+                keep.extend(state_refs(&s.state));
+                new.commit(&Commit {
+                    snapshot: Some((seq, bytes)),
+                    ..Commit::default()
+                })?;
+            }
+        }
+    }
+    let (mut blobs_removed, mut blob_bytes_removed) = (0u64, 0u64);
+    for d in old.blob_digests()? {
+        let Some(content) = old.blob(&d)? else {
+            continue;
+        };
+        if keep.contains(&d) {
+            new.put_blob(&d, &content)?;
+        } else {
+            blobs_removed += 1;
+            blob_bytes_removed += content.len() as u64;
+        }
+    }
+    new.rewrite_cache_view(&old.cache_view()?)?;
+    let events_removed = anchor_seq - start.head.seq;
+    drop(new);
+    drop(old);
+
+    let moved = sibling(dir, ".pre-compaction");
+    std::fs::rename(dir, &moved).map_err(io("moving aside", dir))?;
+    std::fs::rename(&new_dir, dir).map_err(io("moving into place", &new_dir))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(io("syncing", parent))?;
+    }
+    std::fs::remove_dir_all(&moved).map_err(io("removing", &moved))?;
+    let bytes_after = dir_bytes(dir);
+    Ok(json!({
+        "ok": true,
+        "anchored_at": anchor_seq,
+        "events_removed": events_removed,
+        "events_kept": kept_events,
+        "blobs_removed": blobs_removed,
+        "blob_bytes_removed": blob_bytes_removed,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "reclaimed_bytes": bytes_before.saturating_sub(bytes_after),
+    }))
+}

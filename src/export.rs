@@ -1,0 +1,305 @@
+//! `pcx export` / `pcx import`: the log as JSON lines, and back into an empty data directory.
+//!
+//! Records travel as their exact bytes (base64), so the imported log has the same hash chain
+//! and verifies; each line also names its event for people reading the file. Format:
+//!
+//! ```text
+//! {"pcx_export":1,"schema":1,"content":"inline"|"digest","anchor_b64":B|null}
+//! {"blob":HEX,"content_b64":B}            (inline only; before the first record using it)
+//! {"seq":N,"event":NAME,"record_b64":B}
+//! …
+//! {"end":true,"events":N,"last_seq":N,"state_digest":HEX}
+//! ```
+
+use std::collections::HashSet;
+use std::io::{BufRead, Write};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::audit::{walk, AuditError, Progress};
+use crate::journal::{Commit, Journal, SledJournal, StoreError};
+use crate::model::Digest;
+use crate::record::{decode_event, decode_snapshot, encode_snapshot_of, SCHEMA_VERSION};
+use crate::replay::{base, Head};
+use crate::state::State;
+
+/// The export format's version.
+pub const EXPORT_VERSION: u64 = 1;
+
+/// How content travels in an export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ContentMode {
+    /// Each blob once, as base64, before the first record that refers to it.
+    Inline,
+    /// Only digests (in the records): an audit trail without content; cannot be imported.
+    Digest,
+}
+
+/// Why an export or import failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("writing the export: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("reading the import: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("import line {line}: {message}")]
+    Bad { line: u64, message: String },
+    #[error(
+        "cannot import into {dir}: it already holds a log (import needs an empty data directory)"
+    )]
+    NotEmpty { dir: String },
+}
+
+fn write_line(out: &mut dyn Write, v: &Value) -> Result<(), ExportError> {
+    serde_json::to_writer(&mut *out, v).map_err(|e| ExportError::Write(e.into()))?;
+    out.write_all(b"\n").map_err(ExportError::Write)
+}
+
+/// Writes the whole log to `out`. Returns how many events were written.
+pub fn export(
+    journal: &dyn Journal,
+    mode: ContentMode,
+    out: &mut dyn Write,
+    progress: Progress,
+) -> Result<u64, ExportError> {
+    let start = base(journal).map_err(AuditError::from)?;
+    let anchor = journal.anchor()?;
+    write_line(
+        out,
+        &json!({
+            "pcx_export": EXPORT_VERSION, "schema": SCHEMA_VERSION,
+            "content": match mode { ContentMode::Inline => "inline", ContentMode::Digest => "digest" },
+            "anchor_b64": anchor.map(|a| B64.encode(a)),
+        }),
+    )?;
+    let mut sent: HashSet<Digest> = HashSet::new();
+    let mut send_blob = |out: &mut dyn Write, d: Digest| -> Result<(), ExportError> {
+        if mode == ContentMode::Digest || !sent.insert(d) {
+            return Ok(());
+        }
+        let Some(content) = journal.blob(&d)? else {
+            return Ok(());
+        };
+        write_line(
+            out,
+            &json!({ "blob": d.to_hex(), "content_b64": B64.encode(content) }),
+        )
+    };
+    let anchor_refs: Vec<Digest> = state_refs(&start.state);
+    for d in anchor_refs {
+        send_blob(out, d)?;
+    }
+    let mut events = 0u64;
+    let mut failure: Option<ExportError> = None;
+    let (state, head) = walk(journal, start, |e, _, _| {
+        progress(e.seq);
+        let result = (|| {
+            for d in e.event.content_refs() {
+                send_blob(out, d)?;
+            }
+            let bytes = journal
+                .records(e.seq)
+                .next()
+                .transpose()?
+                .map(|(_, b)| b)
+                .unwrap_or_default();
+            write_line(
+                out,
+                &json!({ "seq": e.seq, "event": e.event.name(), "record_b64": B64.encode(bytes) }),
+            )
+        })();
+        match result {
+            Ok(()) => {
+                events += 1;
+                Ok(true)
+            }
+            Err(err) => {
+                failure = Some(err);
+                Ok(false)
+            }
+        }
+    })?;
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    write_line(
+        out,
+        &json!({ "end": true, "events": events, "last_seq": head.seq, "state_digest": state.digest().to_hex() }),
+    )?;
+    out.flush().map_err(ExportError::Write)?;
+    Ok(events)
+}
+
+/// Every content digest a state refers to.
+pub fn state_refs(state: &State) -> Vec<Digest> {
+    state
+        .artifacts
+        .values()
+        .map(|r| r.digest)
+        .chain(
+            state
+                .dynamo_cache
+                .values()
+                .flat_map(|e| e.backends.values().map(|r| r.digest)),
+        )
+        .collect()
+}
+
+/// What an import did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imported {
+    pub events: u64,
+    pub last_seq: u64,
+    pub state_digest: Digest,
+}
+
+const CHUNK: usize = 1024;
+
+/// Reads an export into `journal`, which must hold no log. Every record is checked as replay
+/// would (hash, sequence, chain), every blob against its digest, and the final state against
+/// the export's digest; a snapshot of the final state is written.
+pub fn import(
+    journal: &SledJournal,
+    input: &mut dyn BufRead,
+    progress: Progress,
+) -> Result<Imported, ExportError> {
+    if journal.last_seq()?.is_some() || journal.anchor()?.is_some() {
+        return Err(ExportError::NotEmpty {
+            dir: journal.dir().display().to_string(),
+        });
+    }
+    let mut line_no = 0u64;
+    let mut next = |input: &mut dyn BufRead| -> Result<Option<Value>, ExportError> {
+        let mut text = String::new();
+        loop {
+            text.clear();
+            if input.read_line(&mut text).map_err(ExportError::Read)? == 0 {
+                return Ok(None);
+            }
+            line_no += 1;
+            if !text.trim().is_empty() {
+                break;
+            }
+        }
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| ExportError::Bad {
+                line: line_no,
+                message: format!("not JSON: {e}"),
+            })
+    };
+    let bad = |line: u64, message: String| ExportError::Bad { line, message };
+    let header = next(input)?.ok_or_else(|| bad(0, "the input is empty".into()))?;
+    if header["pcx_export"] != json!(EXPORT_VERSION) {
+        return Err(bad(
+            1,
+            format!("not a pcx export of version {EXPORT_VERSION}: {header}"),
+        ));
+    }
+    let mut state = State::default();
+    let mut head = Head::EMPTY;
+    if let Some(a) = header["anchor_b64"].as_str() {
+        let bytes = B64
+            .decode(a)
+            .map_err(|e| bad(1, format!("anchor_b64: {e}")))?;
+        let snap = decode_snapshot(&bytes).map_err(|e| bad(1, format!("anchor: {e}")))?;
+        journal.set_anchor(&bytes)?;
+        state = snap.state;
+        head = Head {
+            seq: snap.seq,
+            hash: snap.head,
+        };
+    }
+    let anchored = head.seq;
+    let mut have: HashSet<Digest> = HashSet::new();
+    let mut pending = Commit::default();
+    let mut line = 1u64;
+    let trailer = loop {
+        let Some(v) = next(input)? else {
+            return Err(bad(
+                line,
+                "the export ends without its closing line (truncated?)".into(),
+            ));
+        };
+        line += 1;
+        if let Some(hex) = v["blob"].as_str() {
+            let content = B64
+                .decode(v["content_b64"].as_str().unwrap_or_default())
+                .map_err(|e| bad(line, format!("content_b64: {e}")))?;
+            let d = Digest::of(&content);
+            if d.to_hex() != hex {
+                return Err(bad(line, format!("blob {hex} does not match its content")));
+            }
+            journal.put_blob(&d, &content)?;
+            have.insert(d);
+        } else if let Some(seq) = v["seq"].as_u64() {
+            let bytes = B64
+                .decode(v["record_b64"].as_str().unwrap_or_default())
+                .map_err(|e| bad(line, format!("record_b64: {e}")))?;
+            let (env, hash) =
+                decode_event(&bytes).map_err(|e| bad(line, format!("event {seq}: {e}")))?;
+            if env.seq != seq || seq != head.seq + 1 {
+                return Err(bad(
+                    line,
+                    format!("event {seq} is out of order (expected {})", head.seq + 1),
+                ));
+            }
+            if env.prev != head.hash {
+                return Err(bad(
+                    line,
+                    format!("event {seq} does not follow the one before it (hash chain broken)"),
+                ));
+            }
+            for d in env.event.content_refs() {
+                if !have.contains(&d) && journal.blob(&d)?.is_none() {
+                    return Err(bad(line, format!(
+                        "event {seq} refers to content {d} that the export does not carry (exported with --content digest?)"
+                    )));
+                }
+            }
+            state.apply(&env.event);
+            head = Head { seq, hash };
+            progress(seq);
+            pending.records.push((seq, bytes));
+            if pending.records.len() >= CHUNK {
+                journal.commit(&std::mem::take(&mut pending))?;
+            }
+        } else if v["end"] == json!(true) {
+            break v;
+        } else {
+            return Err(bad(line, format!("unknown line: {v}")));
+        }
+    };
+    if trailer["state_digest"].as_str() != Some(&state.digest().to_hex()) {
+        return Err(bad(
+            line,
+            "the imported log does not replay to the export's state digest".into(),
+        ));
+    }
+    if head.seq > anchored {
+        pending.snapshot = Some((
+            head.seq,
+            encode_snapshot_of(head.seq, head.hash, &state)
+                .map_err(|e| bad(line, e.to_string()))?,
+        ));
+    }
+    journal.commit(&pending)?;
+    let view: Vec<(String, Vec<u8>)> = state
+        .dynamo_cache
+        .iter()
+        .map(|(k, e)| crate::record::encode_saved_entry(e).map(|b| (k.clone(), b)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(line, e.to_string()))?;
+    journal.rewrite_cache_view(&view)?;
+    Ok(Imported {
+        events: head.seq - anchored,
+        last_seq: head.seq,
+        state_digest: state.digest(),
+    })
+}
