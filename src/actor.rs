@@ -75,6 +75,26 @@ pub struct LoadCounters {
     pub error: u64,
 }
 
+/// What the context has done since it started, for `stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub events_appended: u64,
+    /// Group commits made durable (one flush + sync each).
+    pub flushes: u64,
+    pub failed_commits: u64,
+    pub snapshots: u64,
+    pub stitches: u64,
+    pub dynamo_cache_hits: u64,
+    pub dynamo_cache_misses: u64,
+    pub dynamo_cache_errors: u64,
+    pub plugin_calls: u64,
+    pub plugin_failures: u64,
+    /// Changes staged and waiting for the next commit, plus those being committed now.
+    pub queue_depth: u64,
+    /// The last event's sequence number.
+    pub head_seq: u64,
+}
+
 /// An edit's function: old content → new content, or a message saying why not.
 pub type EditFn = Box<dyn FnOnce(Vec<u8>) -> Result<Vec<u8>, String> + Send>;
 
@@ -127,6 +147,8 @@ message!(/// `load_cache_entry`, with the caller's system info to check against,
 message!(/// An audit question about the log (log, history, state, diff, verify), answered once
     /// every change accepted before it is durable, on a thread of its own.
     Audit { query: crate::audit::Query } -> serde_json::Map<String, serde_json::Value>);
+message!(/// What the context has done since it started.
+    GetStats {} -> Stats);
 message!(/// The current load counters.
     GetLoadCounters {} -> LoadCounters);
 message!(/// A digest of the whole state (order included), for comparing contexts.
@@ -149,6 +171,7 @@ struct Group {
 #[rtype(result = "()")]
 struct Committed {
     result: Result<(), StoreError>,
+    events: u64,
     last_seq: u64,
     snapshot: Option<u64>,
 }
@@ -165,6 +188,9 @@ pub struct ContextActor {
     inflight: Option<Vec<Waiter>>,
     committer: Option<(mpsc::Sender<Commit>, JoinHandle<()>)>,
     counters: LoadCounters,
+    stats: Stats,
+    /// Records in the group being committed now.
+    inflight_events: u64,
     closed: bool,
 }
 
@@ -185,6 +211,8 @@ impl ContextActor {
             inflight: None,
             committer: None,
             counters: LoadCounters::default(),
+            stats: Stats::default(),
+            inflight_events: 0,
             closed: false,
         }
     }
@@ -285,6 +313,7 @@ impl ContextActor {
                 Err(e) => tracing::warn!(error = %e, "snapshot skipped"),
             }
         }
+        let group_events = group.commit.records.len() as u64;
         let Some((tx, _)) = &self.committer else {
             for w in group.waiters {
                 w(Err(ContextError::Closed));
@@ -297,6 +326,7 @@ impl ContextActor {
             }
             return;
         }
+        self.inflight_events = group_events;
         self.inflight = Some(group.waiters);
     }
 
@@ -428,11 +458,13 @@ impl Actor for ContextActor {
             .spawn(move || {
                 for commit in rx {
                     let last_seq = commit.records.last().map(|r| r.0).unwrap_or(0);
+                    let events = commit.records.len() as u64;
                     let snapshot = commit.snapshot.as_ref().map(|s| s.0);
                     let result = journal.commit(&commit);
                     drop(commit);
                     addr.do_send(Committed {
                         result,
+                        events,
                         last_seq,
                         snapshot,
                     });
@@ -462,7 +494,11 @@ impl Handler<Committed> for ContextActor {
                 );
                 if let Some(s) = msg.snapshot {
                     self.last_snapshot = s;
+                    self.stats.snapshots += 1;
                 }
+                self.stats.events_appended += msg.events;
+                self.stats.flushes += 1;
+                self.inflight_events = 0;
                 for w in waiters {
                     w(Ok(()));
                 }
@@ -470,6 +506,8 @@ impl Handler<Committed> for ContextActor {
             }
             Err(e) => {
                 let err = ContextError::from(e);
+                self.stats.failed_commits += 1;
+                self.inflight_events = 0;
                 tracing::error!(error = %err, last_seq = msg.last_seq, "commit failed; its changes were not applied");
                 for w in waiters {
                     w(Err(err.clone()));
@@ -618,6 +656,7 @@ impl Handler<CreateCacheEntries> for ContextActor {
     fn handle(&mut self, _: CreateCacheEntries, _: &mut Self::Context) -> Self::Result {
         self.run(
             |this| {
+                this.stats.stitches += 1;
                 let out = this.stitch(|id, r| {
                     this.content(id, r)
                         .map(|content| Artifact {
@@ -655,6 +694,7 @@ impl Handler<SaveToDynamoCache> for ContextActor {
         self.run(
             |this| {
                 // The saved entry refers to content by digest; check that each blob is there.
+                this.stats.stitches += 1;
                 let out = this.stitch(|id, r| match this.journal.blob(&r.digest) {
                     Ok(Some(_)) => Ok(r.clone()),
                     Ok(None) => Err(format!("content of {id} (blob {}) is missing", r.digest)),
@@ -762,6 +802,29 @@ impl Handler<Audit> for ContextActor {
             }));
         }
         Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
+    }
+}
+
+impl Handler<GetStats> for ContextActor {
+    type Result = ResponseFuture<Answer<Stats>>;
+
+    fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
+        let (calls, failures) = self.settings.kinds.call_counts();
+        let stats = Stats {
+            dynamo_cache_hits: self.counters.hit,
+            dynamo_cache_misses: self.counters.miss,
+            dynamo_cache_errors: self.counters.error,
+            plugin_calls: calls,
+            plugin_failures: failures,
+            queue_depth: self.open.commit.records.len() as u64 + self.inflight_events,
+            head_seq: self.head.seq,
+            ..self.stats
+        };
+        // Answered at once: stats describe the moment, not a durable change.
+        Box::pin(std::future::ready(Ok(Ack {
+            seq: None,
+            value: stats,
+        })))
     }
 }
 

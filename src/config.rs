@@ -20,6 +20,11 @@ pub struct Config {
     pub max_request_bytes: u64,
     pub max_in_flight: usize,
     pub cache_capacity_bytes: u64,
+    pub socket_path: PathBuf,
+    pub tcp_listen: String,
+    pub tcp_token: String,
+    pub max_frame_bytes: u64,
+    pub max_in_flight_per_connection: usize,
     pub origin: String,
     pub plugin_dir: PathBuf,
     pub max_plugin_output_bytes: u64,
@@ -113,6 +118,15 @@ impl Config {
         }
         let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
         format!("{user}@pcx")
+    }
+
+    /// The server's socket: `socket_path`, or `<data_dir>/pcx.sock`.
+    pub fn socket(&self) -> PathBuf {
+        if self.socket_path.as_os_str().is_empty() {
+            self.data_dir.join("pcx.sock")
+        } else {
+            self.socket_path.clone()
+        }
     }
 
     /// The plugin directory, if one is configured.

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::ContextError;
@@ -33,6 +34,8 @@ pub struct Kinds {
     plugins: Vec<Arc<LoadedPlugin>>,
     problems: Vec<PluginError>,
     output_limit: usize,
+    /// Plugin calls made and failed, for `stats`.
+    calls: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl Kinds {
@@ -141,7 +144,7 @@ impl Kinds {
             });
         }
         let p = self.serving(kind, backend)?;
-        let d = p.deserialize(kind, &content, self.output_limit)?;
+        let d = self.counted(p.deserialize(kind, &content, self.output_limit))?;
         Ok(Deserialized {
             kind: kind.to_string(),
             served_by: p.name.clone(),
@@ -160,6 +163,22 @@ impl Kinds {
         content: &[u8],
     ) -> Result<Vec<u8>, ContextError> {
         let p = self.serving(kind, key)?;
-        Ok(p.edit(kind, op, args, content, self.output_limit)?)
+        Ok(self.counted(p.edit(kind, op, args, content, self.output_limit))?)
+    }
+
+    fn counted<T>(&self, result: Result<T, PluginError>) -> Result<T, PluginError> {
+        self.calls.0.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            self.calls.1.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Plugin calls made, and how many failed.
+    pub fn call_counts(&self) -> (u64, u64) {
+        (
+            self.calls.0.load(Ordering::Relaxed),
+            self.calls.1.load(Ordering::Relaxed),
+        )
     }
 }

@@ -20,6 +20,9 @@
 //! | [`context`] | the library API ([`Context`]) for orchestrators that embed pcx | via actor |
 //! | [`protocol`] | the JSON request/answer protocol (`pcx batch`, later the server) | no |
 //! | [`batch`] | streaming JSON lines through the context | stdin/stdout |
+//! | [`wire`] | the socket protocol's frames and JSON ↔ MessagePack | no |
+//! | [`server`] | `pcx serve`: many connections, one actor, bounded queues, shutdown | sockets |
+//! | [`client`] | `pcx client`: JSON lines through a server | sockets |
 //! | [`config`] | defaults, config file, environment, validated in one place | reads files |
 //! | [`trace`] | structured trace events and the log subscriber | stderr |
 //!
@@ -30,6 +33,7 @@
 pub mod actor;
 pub mod audit;
 pub mod batch;
+pub mod client;
 pub mod compact;
 pub mod config;
 pub mod context;
@@ -43,9 +47,11 @@ pub mod plugin;
 pub mod protocol;
 pub mod record;
 pub mod replay;
+pub mod server;
 pub mod state;
 pub mod stitch;
 pub mod trace;
+pub mod wire;
 
 pub use config::Config;
 pub use context::Context;

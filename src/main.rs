@@ -147,6 +147,26 @@ enum Command {
         #[arg(long)]
         input: Option<PathBuf>,
     },
+    /// Serve the context on a Unix socket (and optionally loopback TCP) until SIGINT/SIGTERM.
+    Serve {
+        /// The socket path (default: socket_path, or DATA_DIR/pcx.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Also listen on this loopback TCP address (needs tcp_token).
+        #[arg(long)]
+        tcp: Option<String>,
+    },
+    /// JSON lines on stdin → a running server → JSON lines on stdout (as `batch`).
+    Client {
+        #[arg(long, conflicts_with = "tcp")]
+        socket: Option<PathBuf>,
+        /// Connect over TCP instead (sends the token first).
+        #[arg(long)]
+        tcp: Option<String>,
+        /// The TCP token (default: tcp_token from the config).
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Drop the events before SEQ (and content no longer referenced), keeping the state.
     Compact {
         #[arg(long)]
@@ -221,6 +241,8 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
         Command::Batch => return batch(config).await,
         Command::Demo => return demo(config).await,
         Command::Plugins(p) => return plugins_command(p, &config),
+        Command::Serve { socket, tcp } => return serve(config, socket, tcp).await,
+        Command::Client { socket, tcp, token } => return client(&config, socket, tcp, token),
         c @ (Command::Log { .. }
         | Command::History { .. }
         | Command::State { .. }
@@ -691,4 +713,88 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> Result<ExitCode> {
+    let tcp_addr = tcp.unwrap_or_else(|| config.tcp_listen.clone());
+    let tcp = if tcp_addr.is_empty() {
+        None
+    } else {
+        let addr = tcp_addr
+            .parse()
+            .with_context(|| format!("--tcp {tcp_addr} is not an address like 127.0.0.1:7411"))?;
+        Some((addr, config.tcp_token.clone()))
+    };
+    let server = pcx::server::ServerConfig {
+        socket_path: socket.unwrap_or_else(|| config.socket()),
+        tcp,
+        max_frame_bytes: config.max_frame_bytes,
+        max_in_flight_per_connection: config.max_in_flight_per_connection,
+    };
+    let ctx =
+        Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    let counters = std::sync::Arc::new(pcx::server::Counters::default());
+    let served = pcx::server::run(ctx.clone(), server, counters, shutdown).await;
+    let closed = ctx.close().await;
+    served?;
+    closed.map_err(|e| anyhow::anyhow!("closing the data directory: {e}"))?;
+    tracing::info!("pcx server stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client(
+    config: &Config,
+    socket: Option<PathBuf>,
+    tcp: Option<String>,
+    token: Option<String>,
+) -> Result<ExitCode> {
+    let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
+    let mut stdout = io::stdout().lock();
+    match tcp {
+        Some(addr) => {
+            let mut stream = std::net::TcpStream::connect(&addr)
+                .with_context(|| format!("connecting to {addr}"))?;
+            let token = token.unwrap_or_else(|| config.tcp_token.clone());
+            let hello = pcx::client::exchange(&mut stream, &json!({"op": "auth", "token": token}))?;
+            if hello["ok"] != true {
+                anyhow::bail!("the server refused the token: {hello}");
+            }
+            pcx::client::run(
+                stream,
+                stdin,
+                &mut stdout,
+                config.max_request_bytes,
+                config.max_in_flight,
+            )?;
+        }
+        None => {
+            let path = socket.unwrap_or_else(|| config.socket());
+            let stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+                format!("connecting to {} (is `pcx serve` running?)", path.display())
+            })?;
+            pcx::client::run(
+                stream,
+                stdin,
+                &mut stdout,
+                config.max_request_bytes,
+                config.max_in_flight,
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -158,6 +158,7 @@ pub fn load_with_min_minor(path: &Path, min_minor: u16) -> Result<LoadedPlugin, 
     if !meta.is_file() {
         return Err(PluginError::NotAFile { path: path.into() });
     }
+    check_elf_extent(path, meta.len())?;
     let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
     // SAFETY: loading a library runs its initialisers with this process's rights. The caller
     // only passes files from the configured plugin directory (or the file `plugins check`
@@ -181,6 +182,74 @@ pub fn load_with_min_minor(path: &Path, min_minor: u16) -> Result<LoadedPlugin, 
     // SAFETY: `ptr` came from the plugin's entry and, if non-null, points to its static
     // descriptor; `validate` checks size and alignment before reading fields.
     unsafe { validate(path, ptr, min_minor) }
+}
+
+/// Refuses a 64-bit ELF file whose program headers or loadable segments reach past its end:
+/// the system loader would map such a truncated library and then crash the process reading
+/// the missing pages. Other files are left to the loader, which refuses them cleanly.
+fn check_elf_extent(path: &Path, len: u64) -> Result<(), PluginError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let truncated = |what: String| PluginError::Open {
+        path: path.into(),
+        message: format!("truncated library: {what}, but the file is {len} bytes"),
+    };
+    let io = |e: std::io::Error| PluginError::Open {
+        path: path.into(),
+        message: e.to_string(),
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut h = [0u8; 64];
+    if len < 64 || f.read_exact(&mut h).is_err() || &h[..4] != b"\x7fELF" || h[4] != 2 {
+        return Ok(());
+    }
+    let little = h[5] == 1;
+    let u16_at = |b: &[u8], o: usize| {
+        let a = [b[o], b[o + 1]];
+        u64::from(if little {
+            u16::from_le_bytes(a)
+        } else {
+            u16::from_be_bytes(a)
+        })
+    };
+    let u64_at = |b: &[u8], o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        if little {
+            u64::from_le_bytes(a)
+        } else {
+            u64::from_be_bytes(a)
+        }
+    };
+    let (phoff, phentsize, phnum) = (u64_at(&h, 32), u16_at(&h, 54), u16_at(&h, 56));
+    let (shoff, shentsize, shnum) = (u64_at(&h, 40), u16_at(&h, 58), u16_at(&h, 60));
+    let ph_end = phoff.saturating_add(phentsize.saturating_mul(phnum));
+    if ph_end > len {
+        return Err(truncated(format!(
+            "its program headers end at byte {ph_end}"
+        )));
+    }
+    let sh_end = shoff.saturating_add(shentsize.saturating_mul(shnum));
+    if shoff != 0 && sh_end > len {
+        return Err(truncated(format!(
+            "its section headers end at byte {sh_end}"
+        )));
+    }
+    if phentsize < 56 {
+        return Ok(());
+    }
+    let mut table = vec![0u8; (phentsize * phnum) as usize];
+    f.seek(SeekFrom::Start(phoff)).map_err(io)?;
+    f.read_exact(&mut table).map_err(io)?;
+    for i in 0..phnum as usize {
+        let ph = &table[i * phentsize as usize..];
+        let p_type = u16_at(ph, 0) | (u16_at(ph, 2) << 16);
+        let end = u64_at(ph, 8).saturating_add(u64_at(ph, 32));
+        const PT_LOAD: u64 = 1;
+        if p_type == PT_LOAD && end > len {
+            return Err(truncated(format!("a loadable segment ends at byte {end}")));
+        }
+    }
+    Ok(())
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> PluginError {

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::actor::{
     Ack, Answer, Audit, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact,
-    LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
+    GetStats, LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
 };
 use crate::audit::{LogFilter, Query};
 use crate::context::Context;
@@ -40,6 +40,7 @@ pub const OPS: &[&str] = &[
     "state",
     "diff",
     "verify",
+    "stats",
 ];
 
 /// One request.
@@ -112,6 +113,8 @@ pub enum Request {
     },
     /// Audit: walk and check the whole log.
     Verify,
+    /// What the context has done since it started.
+    Stats,
 }
 
 fn eager() -> String {
@@ -199,10 +202,14 @@ impl RequestError {
 
 /// Parses one request line; gives the request and its `"id"` (echoed in the answer).
 pub fn parse(line: &[u8]) -> (Option<Value>, Result<Request, RequestError>) {
-    let value: Value = match serde_json::from_slice(line) {
-        Ok(v) => v,
-        Err(e) => return (None, Err(RequestError::BadJson(e.to_string()))),
-    };
+    match serde_json::from_slice(line) {
+        Ok(v) => parse_value(v),
+        Err(e) => (None, Err(RequestError::BadJson(e.to_string()))),
+    }
+}
+
+/// Parses one request already decoded to a JSON value (the socket server's frames).
+pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError>) {
     let Value::Object(mut map) = value else {
         return (None, Err(RequestError::NotAnObject));
     };
@@ -332,6 +339,16 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
             },
             Value::Object
         ),
+        Request::Stats => send!(GetStats {}, |s: crate::actor::Stats| {
+            let per_flush = if s.flushes == 0 {
+                0.0
+            } else {
+                s.events_appended as f64 / s.flushes as f64
+            };
+            let mut stats = serde_json::to_value(s).unwrap_or_default();
+            stats["events_per_flush"] = json!(per_flush);
+            json!({ "stats": stats })
+        }),
         Request::Verify => send!(
             Audit {
                 query: Query::Verify

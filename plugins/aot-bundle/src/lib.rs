@@ -43,9 +43,11 @@ const FIELDS: [&str; 5] = [
 
 /// Reads and validates a document: a map with exactly the five fields, version 1 first.
 pub fn decode(bytes: &[u8]) -> Result<Bundle, String> {
-    let mut rest = bytes;
-    let value = rmpv::decode::read_value(&mut rest)
+    // rmp_serde refuses the reserved marker 0xc1, which rmpv's reader would take for nil.
+    let mut de = rmp_serde::Deserializer::new(bytes);
+    let value = rmpv::Value::deserialize(&mut de)
         .map_err(|e| format!("bundled_aot_autograd content is not valid MessagePack: {e}"))?;
+    let rest = de.into_inner();
     if !rest.is_empty() {
         return Err(format!(
             "bundled_aot_autograd content is not valid MessagePack: {} bytes after the document",

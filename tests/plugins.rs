@@ -1,0 +1,1416 @@
+//! The plugin system, loaded the way a user loads it: the tests build the example plugin
+//! `plugins/aot-bundle`, a fixture plugin written with the SDK (`tests/fixtures/plugins/misbehaving`)
+//! and a plugin written in C (`tests/fixtures/plugins/c/fixture.c`, with one hostile variant per
+//! rule of the ABI), copy them into a fresh plugin directory per test, and run them through the
+//! registry ([`Kinds::load`], [`plugin::load`]) or the real binary (`pcx batch`, `pcx plugins`).
+//!
+//! Rust fixtures are built once per test binary with `$CARGO build --message-format=json` into
+//! their own target directories under `CARGO_TARGET_TMPDIR` (the main one is locked while
+//! `cargo test` runs); the cdylib is taken from cargo's `compiler-artifact` messages. C fixtures
+//! are built with `cc` (or `$CC`) for [`HOST_TARGET`]. A fixture that crashes while loading is
+//! only ever loaded by `pcx plugins check`, which loads in a child process.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use pcx::kinds::Kinds;
+use pcx::plugin::{self, PluginError, HOST_TARGET};
+use pcx::ContextError;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// How long one pcx process may take.
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// How long building one fixture may take (a cold build on a small machine).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
+
+// ---------------------------------------------------------------------------------------------
+// processes
+
+/// What a finished process gave.
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn answers(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("answer is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// The one JSON answer of a single-shot command.
+    fn answer(&self) -> Value {
+        let mut answers = self.answers();
+        assert_eq!(answers.len(), 1, "one answer line; stdout: {}", self.stdout);
+        answers.remove(0)
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Waits for `child`, killing it (and failing the test) after `timeout`.
+fn wait(child: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `cmd` with `input` on stdin, waiting at most `timeout`.
+fn run_with(mut cmd: Command, input: &[u8], timeout: Duration) -> Run {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = thread::spawn(move || {
+        // The process may stop reading early; a broken pipe is then not this test's failure.
+        let _ = stdin.write_all(&input);
+    });
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    let status = wait(&mut child, timeout, &what);
+    writer.join().unwrap();
+    Run {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+fn run(cmd: Command, input: &[u8]) -> Run {
+    run_with(cmd, input, TIMEOUT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// building fixtures
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixtures() -> PathBuf {
+    repo().join("tests/fixtures/plugins")
+}
+
+/// Where fixtures are built: never the main target directory.
+fn scratch() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-fixtures")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")))
+}
+
+/// `cargo build` of the crate at `manifest` into `target_dir`, with `extra` arguments.
+fn cargo_build(manifest: &Path, target_dir: &Path, extra: &[&str]) -> Run {
+    let mut cmd = cargo();
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(manifest)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .args(extra);
+    run_with(cmd, b"", BUILD_TIMEOUT)
+}
+
+/// Builds the cdylib of the crate at `manifest` and gives its path, as cargo reports it.
+fn build_cdylib(manifest: &Path, target_dir: &Path) -> PathBuf {
+    let out = cargo_build(manifest, target_dir, &["--message-format=json"]);
+    assert!(
+        out.status.success(),
+        "building {} failed ({}):\n{}\n{}",
+        manifest.display(),
+        out.status,
+        out.stderr,
+        out.stdout
+    );
+    let mut libraries = Vec::new();
+    for line in out.stdout.lines() {
+        let Ok(message) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let is_cdylib = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.contains(&json!("cdylib")));
+        if message["reason"] != "compiler-artifact" || !is_cdylib {
+            continue;
+        }
+        for file in message["filenames"].as_array().into_iter().flatten() {
+            let file = file.as_str().expect("file names are strings");
+            if file.ends_with(std::env::consts::DLL_SUFFIX) {
+                libraries.push(PathBuf::from(file));
+            }
+        }
+    }
+    assert_eq!(
+        libraries.len(),
+        1,
+        "one cdylib from {}: {libraries:?}",
+        manifest.display()
+    );
+    libraries.remove(0)
+}
+
+/// The example plugin `plugins/aot-bundle` (kind `bundled_aot_autograd`).
+fn aot_bundle() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        build_cdylib(
+            &repo().join("plugins/aot-bundle/Cargo.toml"),
+            &scratch().join("aot-bundle"),
+        )
+    })
+}
+
+/// The SDK fixture `misbehaving` 0.3.1 (kinds `fixture_panic`, `fixture_error`,
+/// `fixture_flood`, `fixture_echo`; edits `panic`, `flood`, `fail`).
+fn misbehaving() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        build_cdylib(
+            &fixtures().join("misbehaving/Cargo.toml"),
+            &scratch().join("misbehaving"),
+        )
+    })
+}
+
+/// The C fixtures: a file name stem and the `-D` flags selecting the variant.
+const C_FIXTURES: &[(&str, &[&str])] = &[
+    ("c_upper", &[]),
+    (
+        "c_upper_dup",
+        &[
+            r#"-DPLUGIN_NAME="c-upper-dup""#,
+            r#"-DKIND="c_unique""#,
+            r#"-DKIND2="c_upper""#,
+        ],
+    ),
+    (
+        "c_eager",
+        &[
+            r#"-DPLUGIN_NAME="c-eager""#,
+            r#"-DKIND="c_also""#,
+            r#"-DKIND2="eager""#,
+        ],
+    ),
+    ("no_entry", &["-DNO_ENTRY"]),
+    ("null_entry", &["-DNULL_ENTRY"]),
+    ("bad_magic", &["-DBAD_MAGIC"]),
+    ("small_struct", &["-DSMALL_STRUCT_SIZE"]),
+    ("abi_major_2", &["-DABI_MAJOR_2"]),
+    ("wrong_target", &["-DWRONG_TARGET"]),
+    ("null_describe", &["-DNULL_DESCRIBE"]),
+    ("null_edit", &["-DNULL_EDIT"]),
+    ("huge_kind_count", &["-DHUGE_KIND_COUNT"]),
+    ("huge_name_len", &["-DHUGE_NAME_LEN"]),
+    ("non_utf8_kind", &["-DNON_UTF8_KIND"]),
+    ("bad_kind_name", &["-DBAD_KIND_NAME"]),
+    ("ctor_segv", &["-DCTOR_SEGV"]),
+    ("ctor_abort", &["-DCTOR_ABORT"]),
+];
+
+/// The C fixtures, built once: stem → library.
+fn c_fixtures() -> &'static BTreeMap<&'static str, PathBuf> {
+    static LIBS: OnceLock<BTreeMap<&'static str, PathBuf>> = OnceLock::new();
+    LIBS.get_or_init(|| {
+        let out_dir = scratch().join("c");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let source = fixtures().join("c/fixture.c");
+        let include = repo().join("plugins/pcx-plugin-abi/include");
+        let cc = std::env::var_os("CC").unwrap_or_else(|| OsString::from("cc"));
+        C_FIXTURES
+            .iter()
+            .map(|&(stem, defines)| {
+                let out = out_dir.join(format!("lib{stem}.{}", std::env::consts::DLL_EXTENSION));
+                let mut cmd = Command::new(&cc);
+                cmd.args(["-shared", "-fPIC", "-Wall"])
+                    .arg("-I")
+                    .arg(&include)
+                    .arg(format!("-DTARGET=\"{HOST_TARGET}\""))
+                    .args(defines)
+                    .arg(&source)
+                    .arg("-o")
+                    .arg(&out);
+                let built = run(cmd, b"");
+                assert!(
+                    built.status.success(),
+                    "cc failed for {stem}: {}",
+                    built.stderr
+                );
+                (stem, out)
+            })
+            .collect()
+    })
+}
+
+fn c_fixture(stem: &str) -> &'static Path {
+    c_fixtures()
+        .get(stem)
+        .unwrap_or_else(|| panic!("no C fixture {stem}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// a test's directories
+
+/// A fresh plugin directory and data directory.
+struct Setup {
+    tmp: TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let tmp = tempfile::tempdir().expect("a temporary directory");
+        std::fs::create_dir(tmp.path().join("plugins")).unwrap();
+        Setup { tmp }
+    }
+
+    fn plugins(&self) -> PathBuf {
+        self.tmp.path().join("plugins")
+    }
+
+    fn plugins_arg(&self) -> String {
+        self.plugins().to_str().expect("a UTF-8 path").to_string()
+    }
+
+    fn data(&self) -> PathBuf {
+        self.tmp.path().join("data")
+    }
+
+    /// Copies `library` into the plugin directory as `file`; gives its canonical path.
+    fn install(&self, library: &Path, file: &str) -> PathBuf {
+        let to = self.plugins().join(file);
+        std::fs::copy(library, &to)
+            .unwrap_or_else(|e| panic!("copying {} to {}: {e}", library.display(), to.display()));
+        to.canonicalize().unwrap()
+    }
+
+    /// Installs the C fixture `stem` as `lib{stem}.so`.
+    fn c(&self, stem: &str) -> PathBuf {
+        self.install(c_fixture(stem), &format!("lib{stem}.so"))
+    }
+
+    /// Writes `bytes` into the plugin directory as `file`.
+    fn write(&self, file: &str, bytes: &[u8]) -> PathBuf {
+        let to = self.plugins().join(file);
+        std::fs::write(&to, bytes).unwrap();
+        to.canonicalize().unwrap()
+    }
+
+    /// `pcx --data-dir DATA ARGS…`, with an environment free of the caller's `PCX_*`.
+    fn pcx(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcx"));
+        for (name, _) in std::env::vars_os() {
+            let text = name.to_string_lossy();
+            if text.starts_with("PCX_") || text == "RUST_LOG" {
+                cmd.env_remove(&name);
+            }
+        }
+        cmd.arg("--data-dir").arg(self.data()).args(args);
+        cmd
+    }
+
+    /// `pcx --plugin-dir PLUGINS ARGS…`.
+    fn pcx_plugins(&self, args: &[&str]) -> Command {
+        let dir = self.plugins_arg();
+        let mut all = vec!["--plugin-dir", dir.as_str()];
+        all.extend_from_slice(args);
+        self.pcx(&all)
+    }
+}
+
+/// Runs `pcx … batch` (built by `cmd`) over `requests`; checks it exits 0 and answers each.
+/// Gives the answers and stderr.
+fn batch(cmd: Command, requests: &[Value]) -> (Vec<Value>, String) {
+    let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
+    let out = run(cmd, input.as_bytes());
+    assert!(
+        out.status.success(),
+        "pcx batch failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    let answers = out.answers();
+    assert_eq!(
+        answers.len(),
+        requests.len(),
+        "one answer per request: {answers:#?}\nstderr: {}",
+        out.stderr
+    );
+    (answers, out.stderr)
+}
+
+// ---------------------------------------------------------------------------------------------
+// requests and answers
+
+fn record(key: &str, kind: &str, content: &[u8]) -> Value {
+    json!({"op":"record_artifact","key":key,"kind":kind,"content_b64":B64.encode(content)})
+}
+
+fn plugin_edit(key: &str, op: &str, args: &[u8]) -> Value {
+    json!({"op":"edit_artifact","key":key,"edit":{"plugin":{"op":op,"args_b64":B64.encode(args)}}})
+}
+
+fn record_entry(key: &str, backends: &[&str]) -> Value {
+    json!({"op":"record_dynamo_cache_entry","key":key,"entry":{
+        "fn_name":"forward","fn_first_lineno":7,"device_type":"cpu",
+        "codes":[{"backend_ids":backends,"python_module":"model"}]}})
+}
+
+fn stitch() -> Value {
+    json!({"op":"create_cache_entries"})
+}
+
+fn save() -> Value {
+    json!({"op":"save_to_dynamo_cache"})
+}
+
+fn load(key: &str) -> Value {
+    json!({"op":"load_cache_entry","key":key})
+}
+
+fn get(key: &str) -> Value {
+    json!({"op":"serialize_artifact_by_key","key":key})
+}
+
+fn dump() -> Value {
+    json!({"op":"dump_debug_info"})
+}
+
+fn assert_ok(answer: &Value) {
+    assert_eq!(answer["ok"], json!(true), "expected success: {answer}");
+}
+
+/// Checks a failure answer's kind; gives its message.
+fn assert_failed(answer: &Value, kind: &str) -> String {
+    assert_eq!(answer["ok"], json!(false), "expected a failure: {answer}");
+    assert_eq!(answer["error"]["kind"], json!(kind), "{answer}");
+    answer["error"]["message"]
+        .as_str()
+        .expect("a message")
+        .to_string()
+}
+
+fn unb64(value: &Value) -> Vec<u8> {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not base64 text: {value}"));
+    B64.decode(text).expect("valid base64")
+}
+
+fn assert_contains(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "`{part}` is not in: {text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the registry
+
+/// Checks that `kinds` serves the working C plugin's `c_upper` and the built-in `eager`.
+fn assert_c_upper_serves(kinds: &Kinds) {
+    let d = kinds
+        .after_deserialization("b1", "c_upper", b"abc".to_vec())
+        .expect("c_upper is served");
+    assert_eq!(d.served_by, "c-upper");
+    assert_eq!(d.content, b"ABC");
+    assert_eq!(d.description, json!({"len": 3}));
+    let d = kinds
+        .after_deserialization("b2", "eager", b"xyz".to_vec())
+        .expect("eager is served");
+    assert_eq!(
+        (d.served_by.as_str(), d.content.as_slice()),
+        ("builtin", &b"xyz"[..])
+    );
+}
+
+/// Loads a plugin directory holding the working C plugin and the C fixture `stem`: the fixture
+/// must be refused with exactly one problem naming its file, and the working plugin still
+/// serves. Gives the fixture's path and the problem.
+fn refused_beside_good(stem: &str) -> (PathBuf, PluginError) {
+    let s = Setup::new();
+    s.c("c_upper");
+    let bad = s.c(stem);
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    let problems = kinds.problems();
+    assert_eq!(problems.len(), 1, "one problem: {problems:#?}");
+    let text = problems[0].to_string();
+    assert_contains(&text, &[&bad.display().to_string()]);
+    let names: Vec<&str> = kinds.plugins().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["c-upper"]);
+    assert_c_upper_serves(&kinds);
+    (bad, problems[0].clone())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. a plugin written in C, end to end
+
+#[test]
+fn a_plugin_written_in_c_serves_its_kind_end_to_end() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let (answers, _) = batch(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record("c1", "c_upper", b"hello"),
+            plugin_edit("c1", "append", b", world"),
+            record("e1", "eager", b"eager bytes"),
+            record_entry("fwd", &["c1", "e1"]),
+            save(),
+            load("fwd"),
+            get("c1"),
+            plugin_edit("c1", "nope", b""),
+        ],
+    );
+    for a in &answers[..7] {
+        assert_ok(a);
+    }
+    let loaded = &answers[5];
+    let c1 = &loaded["deserialized"]["c1"];
+    assert_eq!(c1["kind"], "c_upper", "{loaded}");
+    assert_eq!(c1["plugin"], "c-upper", "{loaded}");
+    assert_eq!(c1["description"], json!({"len": 12}), "{loaded}");
+    assert_eq!(unb64(&c1["content_b64"]), b"HELLO, WORLD");
+    // The entry carries the stored bytes; only the deserialized form is the plugin's.
+    assert_eq!(
+        unb64(&loaded["entry"]["backends"]["c1"]["content_b64"]),
+        b"hello, world"
+    );
+    let e1 = &loaded["deserialized"]["e1"];
+    assert_eq!(
+        (&e1["kind"], &e1["plugin"]),
+        (&json!("eager"), &json!("builtin"))
+    );
+    assert_eq!(unb64(&e1["content_b64"]), b"eager bytes");
+    assert_eq!(
+        unb64(&answers[6]["artifact"]["content_b64"]),
+        b"hello, world"
+    );
+    let message = assert_failed(&answers[7], "no_such_edit");
+    assert_contains(&message, &["c-upper", "nope", "append"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. hostile plugins: each refused with its path and reason, the others still load
+
+#[test]
+fn a_text_file_with_a_library_extension_is_refused() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let bad = s.write("libnotes.so", b"these are my notes, not a library\n");
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    assert_c_upper_serves(&kinds);
+    let problems = kinds.problems();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        matches!(&problems[0], PluginError::Open { path, .. } if *path == bad),
+        "{:?}",
+        problems[0]
+    );
+    assert_contains(
+        &problems[0].to_string(),
+        &[&bad.display().to_string(), "cannot be loaded"],
+    );
+}
+
+/// `pcx plugins list` and `pcx batch` over a directory holding the working C plugin and a
+/// copy of it cut to `keep` bytes.
+fn truncated_library_is_refused(keep: usize) {
+    let s = Setup::new();
+    s.c("c_upper");
+    let whole = std::fs::read(c_fixture("c_upper")).unwrap();
+    assert!(keep < whole.len());
+    let bad = s.write("libtruncated.so", &whole[..keep]);
+    let bad_text = bad.display().to_string();
+
+    let list = run(s.pcx_plugins(&["plugins", "list"]), b"");
+    assert_eq!(
+        list.status.code(),
+        Some(1),
+        "pcx plugins list must report the problem and exit 1, not crash: {}\nstderr: {}",
+        list.status,
+        list.stderr
+    );
+    let answer = list.answer();
+    assert_eq!(answer["plugins"][0]["name"], "c-upper", "{answer}");
+    let problems = answer["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{answer}");
+    assert_contains(
+        problems[0].as_str().unwrap(),
+        &[&bad_text, "cannot be loaded"],
+    );
+
+    let (answers, stderr) = batch(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record("c1", "c_upper", b"still served"),
+            record_entry("fwd", &["c1"]),
+            save(),
+            load("fwd"),
+        ],
+    );
+    answers.iter().for_each(assert_ok);
+    assert_eq!(
+        unb64(&answers[3]["deserialized"]["c1"]["content_b64"]),
+        b"STILL SERVED"
+    );
+    assert_contains(&stderr, &[&bad_text]);
+}
+
+#[test]
+fn a_library_cut_inside_its_headers_is_refused() {
+    truncated_library_is_refused(500);
+}
+
+/// A library cut in the middle keeps its ELF and program headers but its segments run past
+/// the end of the file: `dlopen` maps them and the loader then touches the missing pages.
+#[test]
+fn a_library_cut_in_the_middle_is_refused_without_crashing_pcx() {
+    let half = std::fs::metadata(c_fixture("c_upper")).unwrap().len() as usize / 2;
+    truncated_library_is_refused(half);
+}
+
+#[test]
+fn a_library_without_the_entry_symbol_is_refused() {
+    let (_, e) = refused_beside_good("no_entry");
+    assert!(matches!(e, PluginError::NoEntry { .. }), "{e:?}");
+    assert_contains(
+        &e.to_string(),
+        &["pcx_plugin_entry_v1", "another ABI major"],
+    );
+}
+
+#[test]
+fn an_entry_returning_null_is_refused() {
+    let (_, e) = refused_beside_good("null_entry");
+    assert!(matches!(e, PluginError::NullDescriptor { .. }), "{e:?}");
+    assert_contains(&e.to_string(), &["null descriptor"]);
+}
+
+#[test]
+fn a_wrong_magic_is_refused() {
+    let (_, e) = refused_beside_good("bad_magic");
+    assert_contains(&e.to_string(), &["wrong magic"]);
+}
+
+#[test]
+fn a_descriptor_smaller_than_abi_1_0_is_refused() {
+    let (_, e) = refused_beside_good("small_struct");
+    assert_contains(&e.to_string(), &["struct_size 16 is smaller"]);
+}
+
+#[test]
+fn another_abi_major_is_refused() {
+    let (bad, e) = refused_beside_good("abi_major_2");
+    assert_eq!(
+        e,
+        PluginError::Abi {
+            path: bad,
+            major: 2,
+            minor: 0,
+            host_major: 1,
+            host_min_minor: plugin::MIN_ABI_MINOR
+        }
+    );
+    assert_contains(&e.to_string(), &["speaks ABI 2.0", "this pcx speaks 1.x"]);
+}
+
+#[test]
+fn a_minor_below_the_hosts_minimum_is_refused() {
+    let s = Setup::new();
+    let path = s.c("c_upper");
+    let e = plugin::load_with_min_minor(&path, 1).unwrap_err();
+    assert_eq!(
+        e,
+        PluginError::Abi {
+            path: path.clone(),
+            major: 1,
+            minor: 0,
+            host_major: 1,
+            host_min_minor: 1
+        }
+    );
+    assert_contains(
+        &e.to_string(),
+        &[&path.display().to_string(), "speaks ABI 1.0", "x >= 1"],
+    );
+    // The same library is fine for a host that accepts minor 0.
+    let p = plugin::load(&path).expect("minor 0 is accepted by default");
+    assert_eq!((p.abi_major, p.abi_minor), (1, 0));
+}
+
+#[test]
+fn a_plugin_for_another_target_is_refused() {
+    let (bad, e) = refused_beside_good("wrong_target");
+    assert_eq!(
+        e,
+        PluginError::Target {
+            path: bad,
+            target: "sparc64-unknown-none".into(),
+            host: HOST_TARGET.into()
+        }
+    );
+}
+
+#[test]
+fn a_null_function_pointer_is_refused() {
+    let (_, e) = refused_beside_good("null_describe");
+    assert_contains(&e.to_string(), &["must not be null"]);
+    let (_, e) = refused_beside_good("null_edit");
+    assert_contains(&e.to_string(), &["null edit function"]);
+}
+
+#[test]
+fn absurd_lengths_are_refused_before_reading() {
+    let (_, e) = refused_beside_good("huge_kind_count");
+    assert_contains(
+        &e.to_string(),
+        &["declares 1099511627776 kinds", "at most 64"],
+    );
+    let (_, e) = refused_beside_good("huge_name_len");
+    assert_contains(&e.to_string(), &["name is 1099511627776 bytes long"]);
+}
+
+#[test]
+fn a_non_utf8_kind_name_is_refused() {
+    let (_, e) = refused_beside_good("non_utf8_kind");
+    assert_contains(&e.to_string(), &["kinds[0] is not UTF-8"]);
+}
+
+#[test]
+fn an_invalid_kind_name_is_refused() {
+    let (_, e) = refused_beside_good("bad_kind_name");
+    assert_contains(&e.to_string(), &["`Bad Kind` is not a valid name"]);
+}
+
+#[test]
+fn two_plugins_claiming_one_kind_the_first_keeps_it_and_the_second_registers_nothing() {
+    let s = Setup::new();
+    // Loaded in path order: a_first before b_second.
+    let first = s.install(c_fixture("c_upper"), "liba_first.so");
+    let second = s.install(c_fixture("c_upper_dup"), "libb_second.so");
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    assert_eq!(
+        kinds.problems(),
+        [PluginError::KindTwice {
+            kind: "c_upper".into(),
+            first: first.clone(),
+            second: second.clone()
+        }]
+    );
+    assert_contains(
+        &kinds.problems()[0].to_string(),
+        &[
+            "c_upper",
+            &first.display().to_string(),
+            &second.display().to_string(),
+        ],
+    );
+    assert_c_upper_serves(&kinds);
+    // All or nothing: the refused plugin's other kind is not registered either.
+    let e = kinds
+        .after_deserialization("b", "c_unique", b"x".to_vec())
+        .unwrap_err();
+    assert!(matches!(e, ContextError::NoPlugin { .. }), "{e:?}");
+
+    // Through the binary: the first plugin serves the kind.
+    let (answers, stderr) = batch(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record("c1", "c_upper", b"mine"),
+            record_entry("fwd", &["c1"]),
+            save(),
+            load("fwd"),
+        ],
+    );
+    answers.iter().for_each(assert_ok);
+    assert_eq!(answers[3]["deserialized"]["c1"]["plugin"], "c-upper");
+    assert_contains(&stderr, &["liba_first.so", "libb_second.so"]);
+}
+
+#[test]
+fn a_plugin_claiming_eager_is_refused_whole() {
+    let (bad, e) = refused_beside_good("c_eager");
+    assert_eq!(e, PluginError::ClaimsEager { path: bad });
+    assert_contains(&e.to_string(), &["`eager`"]);
+    // Its other kind is not registered either.
+    let s = Setup::new();
+    s.c("c_eager");
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    assert!(kinds.plugins().is_empty());
+    let e = kinds
+        .after_deserialization("b", "c_also", b"x".to_vec())
+        .unwrap_err();
+    assert!(matches!(e, ContextError::NoPlugin { .. }), "{e:?}");
+    let d = kinds
+        .after_deserialization("b", "eager", b"x".to_vec())
+        .unwrap();
+    assert_eq!(d.served_by, "builtin");
+}
+
+#[test]
+fn a_directory_a_symlink_out_of_the_directory_and_other_extensions_are_not_loaded() {
+    let s = Setup::new();
+    s.c("c_upper");
+    std::fs::create_dir(s.plugins().join("libdir.so")).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("libelsewhere.so");
+    std::fs::copy(c_fixture("c_upper_dup"), &target).unwrap();
+    std::os::unix::fs::symlink(&target, s.plugins().join("liblink.so")).unwrap();
+    s.write("README.txt", b"not a candidate");
+    s.install(c_fixture("c_eager"), "libc_eager.so.disabled");
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    assert_c_upper_serves(&kinds);
+    let problems: Vec<String> = kinds.problems().iter().map(|e| e.to_string()).collect();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("libdir.so") && p.contains("not a regular file")),
+        "{problems:#?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("libelsewhere.so") && p.contains("outside the plugin directory")),
+        "{problems:#?}"
+    );
+}
+
+/// Records an artifact of `kind` (served by `misbehaving`), a well-behaved one and an eager
+/// one, saves, and loads; then `extra` requests. Checks everything but the first load
+/// succeeds and gives the first load's answer and the extra answers.
+fn misbehaving_load(kind: &str, env: &[(&str, &str)], extra: &[Value]) -> (Value, Vec<Value>) {
+    let s = Setup::new();
+    s.install(misbehaving(), "libmisbehaving.so");
+    let mut cmd = s.pcx_plugins(&["batch"]);
+    cmd.envs(env.iter().copied());
+    let mut requests = vec![
+        record("bad", kind, b"twelve bytes"),
+        record("fine", "fixture_echo", b"echo me"),
+        record("e", "eager", b"plain"),
+        record_entry("bad_entry", &["bad"]),
+        record_entry("fine_entry", &["fine", "e"]),
+        save(),
+        load("bad_entry"),
+        load("fine_entry"),
+        dump(),
+    ];
+    requests.extend_from_slice(extra);
+    let (mut answers, _) = batch(cmd, &requests);
+    for (i, a) in answers[..9].iter().enumerate() {
+        if i != 6 {
+            assert_ok(a);
+        }
+    }
+    // The next request is served, by the same plugin.
+    let fine = &answers[7]["deserialized"];
+    assert_eq!(fine["fine"]["plugin"], "misbehaving", "{fine}");
+    assert_eq!(unb64(&fine["fine"]["content_b64"]), b"echo me");
+    assert_eq!(fine["fine"]["description"], json!({"size": 7}));
+    assert_eq!(unb64(&fine["e"]["content_b64"]), b"plain");
+    let extra_answers = answers.split_off(9);
+    (answers.swap_remove(6), extra_answers)
+}
+
+#[test]
+fn a_plugin_panicking_in_after_deserialization_is_an_error_and_pcx_goes_on() {
+    let (answer, extra) = misbehaving_load(
+        "fixture_panic",
+        &[],
+        &[plugin_edit("fine", "panic", b""), get("fine")],
+    );
+    let message = assert_failed(&answer, "plugin_failed");
+    assert_contains(
+        &message,
+        &[
+            "misbehaving 0.3.1 panicked on kind `fixture_panic`",
+            "fixture panic on 12 input bytes",
+        ],
+    );
+    // A panicking edit too, and it changes nothing.
+    let message = assert_failed(&extra[0], "plugin_failed");
+    assert_contains(
+        &message,
+        &[
+            "panicked on kind `fixture_echo`",
+            "fixture edit panic on 7 content bytes",
+        ],
+    );
+    assert_eq!(unb64(&extra[1]["artifact"]["content_b64"]), b"echo me");
+}
+
+#[test]
+fn a_plugin_returning_an_error_is_a_clear_error_and_pcx_goes_on() {
+    let (answer, extra) =
+        misbehaving_load("fixture_error", &[], &[plugin_edit("fine", "fail", b"")]);
+    let message = assert_failed(&answer, "plugin_failed");
+    assert_contains(
+        &message,
+        &[
+            "misbehaving 0.3.1",
+            "failed on kind `fixture_error`",
+            "fixture error: refusing 12 input bytes",
+        ],
+    );
+    let message = assert_failed(&extra[0], "plugin_failed");
+    assert_contains(&message, &["fixture edit error: `fail` refused"]);
+}
+
+#[test]
+fn a_plugin_writing_more_than_the_output_limit_is_refused() {
+    let (answer, extra) = misbehaving_load(
+        "fixture_flood",
+        &[("PCX_MAX_PLUGIN_OUTPUT_BYTES", "4096")],
+        &[plugin_edit("fine", "flood", b""), get("fine")],
+    );
+    let message = assert_failed(&answer, "plugin_failed");
+    assert_contains(
+        &message,
+        &[
+            "misbehaving 0.3.1",
+            "more than 4096 bytes",
+            "`fixture_flood`",
+        ],
+    );
+    let message = assert_failed(&extra[0], "plugin_failed");
+    assert_contains(&message, &["more than 4096 bytes"]);
+    assert_eq!(unb64(&extra[1]["artifact"]["content_b64"]), b"echo me");
+}
+
+#[test]
+fn a_missing_plugin_directory_is_reported_and_eager_still_works() {
+    let s = Setup::new();
+    let missing = s.tmp.path().join("no-such-plugins");
+    let missing_text = missing.to_str().unwrap().to_string();
+
+    let kinds = Kinds::load(&missing, usize::MAX);
+    assert_eq!(
+        kinds.problems(),
+        [PluginError::DirMissing {
+            dir: missing.clone()
+        }]
+    );
+
+    // Configured through the environment, as an operator would.
+    let mut list = s.pcx(&["plugins", "list"]);
+    list.env("PCX_PLUGIN_DIR", &missing);
+    let list = run(list, b"");
+    assert_eq!(list.status.code(), Some(1), "stderr: {}", list.stderr);
+    let answer = list.answer();
+    assert_eq!(answer["plugin_dir"], json!(missing_text));
+    assert_eq!(answer["plugins"], json!([]));
+    assert_contains(
+        answer["problems"][0].as_str().unwrap(),
+        &[&missing_text, "does not exist"],
+    );
+
+    let mut cmd = s.pcx(&["batch"]);
+    cmd.env("PCX_PLUGIN_DIR", &missing);
+    let (answers, stderr) = batch(
+        cmd,
+        &[
+            record("e1", "eager", b"eager"),
+            record("c1", "c_upper", b"needs a plugin"),
+            record_entry("eager_only", &["e1"]),
+            record_entry("needs_plugin", &["c1"]),
+            save(),
+            load("eager_only"),
+            load("needs_plugin"),
+            dump(),
+        ],
+    );
+    for (i, a) in answers.iter().enumerate() {
+        if i != 6 {
+            assert_ok(a);
+        }
+    }
+    assert_eq!(
+        unb64(&answers[5]["deserialized"]["e1"]["content_b64"]),
+        b"eager"
+    );
+    let message = assert_failed(&answers[6], "no_plugin");
+    assert_contains(&message, &["`c_upper`", &missing_text]);
+    assert_contains(&stderr, &[&missing_text, "does not exist"]);
+}
+
+/// Every hostile fixture that loads without crashing, side by side with the good plugins:
+/// `pcx plugins list` names each, and `pcx batch` serves the good ones and `eager`.
+#[test]
+fn a_directory_full_of_hostile_plugins_does_not_stop_pcx() {
+    let s = Setup::new();
+    s.c("c_upper");
+    s.install(misbehaving(), "libmisbehaving.so");
+    let hostile_stems = [
+        "c_upper_dup",
+        "c_eager",
+        "no_entry",
+        "null_entry",
+        "bad_magic",
+        "small_struct",
+        "abi_major_2",
+        "wrong_target",
+        "null_describe",
+        "null_edit",
+        "huge_kind_count",
+        "huge_name_len",
+        "non_utf8_kind",
+        "bad_kind_name",
+    ];
+    let mut hostile: Vec<PathBuf> = hostile_stems.iter().map(|stem| s.c(stem)).collect();
+    hostile.push(s.write("libnotes.so", b"plain text\n"));
+    let whole = std::fs::read(c_fixture("c_upper")).unwrap();
+    hostile.push(s.write("libcut.so", &whole[..500]));
+
+    let list = run(s.pcx_plugins(&["plugins", "list"]), b"");
+    assert_eq!(list.status.code(), Some(1), "stderr: {}", list.stderr);
+    let answer = list.answer();
+    let names: Vec<&str> = answer["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["c-upper", "misbehaving"], "{answer}");
+    let problems: Vec<&str> = answer["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(problems.len(), hostile.len(), "{problems:#?}");
+    for path in &hostile {
+        let path = path.display().to_string();
+        assert!(
+            problems.iter().any(|p| p.contains(&path)),
+            "no problem names {path}: {problems:#?}"
+        );
+    }
+
+    let (answers, stderr) = batch(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record("c1", "c_upper", b"upper"),
+            record("m1", "fixture_echo", b"echo"),
+            record("e1", "eager", b"eager"),
+            record_entry("fwd", &["c1", "m1", "e1"]),
+            save(),
+            load("fwd"),
+        ],
+    );
+    answers.iter().for_each(assert_ok);
+    let d = &answers[5]["deserialized"];
+    assert_eq!(unb64(&d["c1"]["content_b64"]), b"UPPER");
+    assert_eq!(unb64(&d["m1"]["content_b64"]), b"echo");
+    assert_eq!(unb64(&d["e1"]["content_b64"]), b"eager");
+    for path in &hostile {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert!(
+            stderr.contains(name),
+            "the log does not name {name}: {stderr}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. pcx plugins list / check
+
+#[test]
+fn plugins_list_shows_name_version_abi_kinds_and_path() {
+    let s = Setup::new();
+    let c = s.c("c_upper");
+    let m = s.install(misbehaving(), "libmisbehaving.so");
+    let a = s.install(aot_bundle(), "libaot_bundle.so");
+    let list = run(s.pcx_plugins(&["plugins", "list"]), b"");
+    assert!(
+        list.status.success(),
+        "{}\nstderr: {}",
+        list.status,
+        list.stderr
+    );
+    let answer = list.answer();
+    assert_eq!(answer["plugin_dir"], json!(s.plugins_arg()));
+    assert_eq!(answer["problems"], json!([]));
+    assert_eq!(
+        answer["plugins"],
+        json!([
+            {"name": "aot-bundle", "version": "0.1.0", "abi": "1.0",
+             "kinds": ["bundled_aot_autograd"], "edits": ["clear_backend_id"],
+             "target": HOST_TARGET, "path": a},
+            {"name": "c-upper", "version": "1.2.3", "abi": "1.0",
+             "kinds": ["c_upper"], "edits": ["append"], "target": HOST_TARGET, "path": c},
+            {"name": "misbehaving", "version": "0.3.1", "abi": "1.0",
+             "kinds": ["fixture_panic", "fixture_error", "fixture_flood", "fixture_echo"],
+             "edits": ["panic", "flood", "fail"], "target": HOST_TARGET, "path": m},
+        ])
+    );
+
+    // Plugins off: nothing listed, nothing wrong.
+    let off = run(s.pcx(&["--no-plugins", "plugins", "list"]), b"");
+    assert!(off.status.success(), "stderr: {}", off.stderr);
+    assert_eq!(
+        off.answer(),
+        json!({"plugin_dir": null, "plugins": [], "problems": []})
+    );
+}
+
+#[test]
+fn plugins_check_accepts_a_good_plugin_and_says_what_is_wrong_with_a_bad_one() {
+    let s = Setup::new();
+    let good = s.c("c_upper");
+    let check = |path: &Path| run(s.pcx(&["plugins", "check", path.to_str().unwrap()]), b"");
+
+    let out = check(&good);
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    let answer = out.answer();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["plugin"]["name"], "c-upper");
+    assert_eq!(answer["plugin"]["kinds"], json!(["c_upper"]));
+
+    let sdk = s.install(misbehaving(), "libmisbehaving.so");
+    let out = check(&sdk);
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.answer()["plugin"]["version"], "0.3.1");
+
+    let bad_cases = [
+        (s.c("bad_magic"), "wrong magic"),
+        (s.c("c_eager"), "claims the built-in kind `eager`"),
+        (s.c("no_entry"), "no entry symbol"),
+        (s.write("libnotes.so", b"notes\n"), "cannot be loaded"),
+    ];
+    for (path, reason) in &bad_cases {
+        let out = check(path);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}: {}\n{}",
+            path.display(),
+            out.stdout,
+            out.stderr
+        );
+        let answer = out.answer();
+        assert_eq!(answer["ok"], false, "{answer}");
+        assert_contains(
+            answer["error"].as_str().unwrap(),
+            &[&path.display().to_string(), reason],
+        );
+    }
+}
+
+#[test]
+fn plugins_check_survives_a_plugin_that_crashes_while_loading() {
+    let s = Setup::new();
+    for (stem, signal) in [("ctor_segv", 11), ("ctor_abort", 6)] {
+        let path = s.c(stem);
+        let out = run(s.pcx(&["plugins", "check", path.to_str().unwrap()]), b"");
+        // pcx itself ends normally, with a failure code, not by the signal.
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{stem}: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            out.stdout,
+            out.stderr
+        );
+        let answer = out.answer();
+        assert_eq!(answer["ok"], false, "{answer}");
+        assert_eq!(answer["path"], json!(path), "{answer}");
+        assert_contains(
+            answer["error"].as_str().unwrap(),
+            &["crashed", &format!("signal {signal}")],
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. the example plugin aot-bundle end to end
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Kernel {
+    name: String,
+    #[serde(with = "serde_bytes")]
+    code: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Bundle {
+    format_version: u64,
+    guards_expr: Option<String>,
+    precompile_backend_id: Option<String>,
+    kernels: Vec<Kernel>,
+    meta: BTreeMap<String, String>,
+}
+
+fn bundle() -> Bundle {
+    Bundle {
+        format_version: 1,
+        guards_expr: Some("L['x'].size()[0] == 8".into()),
+        precompile_backend_id: Some("__compiled_fn_3".into()),
+        kernels: vec![
+            Kernel {
+                name: "triton_poi_fused_add_0".into(),
+                code: vec![7; 100],
+            },
+            Kernel {
+                name: "triton_red_fused_sum_1".into(),
+                code: b"def kernel(): pass".to_vec(),
+            },
+        ],
+        meta: BTreeMap::from([
+            ("device".to_string(), "cpu".to_string()),
+            ("torch".to_string(), "2.6".to_string()),
+        ]),
+    }
+}
+
+fn decode_bundle(bytes: &[u8]) -> Bundle {
+    rmp_serde::from_slice(bytes).expect("a bundled_aot_autograd document")
+}
+
+#[test]
+fn aot_bundle_record_edit_stitch_save_restart_load_and_without_plugins() {
+    let s = Setup::new();
+    s.install(aot_bundle(), "libaot_bundle.so");
+    let original = bundle();
+    let doc = rmp_serde::to_vec_named(&original).unwrap();
+    let edited = Bundle {
+        precompile_backend_id: None,
+        ..original.clone()
+    };
+    let ready = Bundle {
+        guards_expr: None,
+        ..edited.clone()
+    };
+
+    // Record, edit with the plugin, stitch, save.
+    let (answers, _) = batch(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record("aot1", "bundled_aot_autograd", &doc),
+            plugin_edit("aot1", "clear_backend_id", b""),
+            record("e1", "eager", b"eager kernel"),
+            record_entry("fwd", &["aot1", "e1"]),
+            stitch(),
+            save(),
+            // A map of five entries that ends after its header.
+            record("junk", "bundled_aot_autograd", b"\x85"),
+            plugin_edit("junk", "clear_backend_id", b""),
+            plugin_edit("aot1", "recompile", b""),
+        ],
+    );
+    for a in &answers[..7] {
+        assert_ok(a);
+    }
+    let stitched = &answers[4]["entries"]["fwd"]["backends"]["aot1"];
+    assert_eq!(stitched["kind"], "bundled_aot_autograd", "{}", answers[4]);
+    assert_eq!(decode_bundle(&unb64(&stitched["content_b64"])), edited);
+    let message = assert_failed(&answers[7], "plugin_failed");
+    assert_contains(&message, &["aot-bundle", "not valid MessagePack"]);
+    let message = assert_failed(&answers[8], "no_such_edit");
+    assert_contains(&message, &["recompile", "clear_backend_id"]);
+
+    // Restart: a new process loads the saved entry through the plugin.
+    let (answers, _) = batch(s.pcx_plugins(&["batch"]), &[load("fwd")]);
+    let loaded = &answers[0];
+    assert_ok(loaded);
+    let d = &loaded["deserialized"]["aot1"];
+    assert_eq!(d["kind"], "bundled_aot_autograd", "{loaded}");
+    assert_eq!(d["plugin"], "aot-bundle", "{loaded}");
+    assert_eq!(d["description"]["kernel_count"], 2, "{loaded}");
+    assert_eq!(
+        d["description"]["kernel_names"],
+        json!(["triton_poi_fused_add_0", "triton_red_fused_sum_1"])
+    );
+    assert_eq!(d["description"]["total_code_bytes"], 118, "{loaded}");
+    assert_eq!(d["description"]["precompile_backend_id"], Value::Null);
+    assert_eq!(decode_bundle(&unb64(&d["content_b64"])), ready);
+    // The entry itself carries the stored (edited) document.
+    assert_eq!(
+        decode_bundle(&unb64(&loaded["entry"]["backends"]["aot1"]["content_b64"])),
+        edited
+    );
+    let e1 = &loaded["deserialized"]["e1"];
+    assert_eq!(e1["plugin"], "builtin");
+    assert_eq!(unb64(&e1["content_b64"]), b"eager kernel");
+
+    // Plugins off: the same load is a clear error naming the kind; everything else works,
+    // and replay gave the edited bytes without the plugin.
+    let (answers, _) = batch(
+        s.pcx(&["--no-plugins", "batch"]),
+        &[
+            load("fwd"),
+            get("aot1"),
+            record("e2", "eager", b"more eager"),
+            record_entry("eager_only", &["e2"]),
+            save(),
+            load("eager_only"),
+            dump(),
+        ],
+    );
+    let message = assert_failed(&answers[0], "no_plugin");
+    assert_contains(&message, &["`bundled_aot_autograd`", "aot1"]);
+    for a in &answers[1..] {
+        assert_ok(a);
+    }
+    let artifact = &answers[1]["artifact"];
+    assert_eq!(artifact["kind"], "bundled_aot_autograd");
+    assert_eq!(decode_bundle(&unb64(&artifact["content_b64"])), edited);
+    assert_eq!(
+        unb64(&answers[5]["deserialized"]["e2"]["content_b64"]),
+        b"more eager"
+    );
+    assert!(
+        answers[6]["debug_info"].is_object(),
+        "debug info: {}",
+        answers[6]
+    );
+}
+
+/// The example plugin loaded through the registry, in this process.
+fn aot_kinds() -> (Setup, Kinds) {
+    let s = Setup::new();
+    s.install(aot_bundle(), "libaot_bundle.so");
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    assert_eq!(kinds.problems(), []);
+    (s, kinds)
+}
+
+/// The error `after_deserialization` of `bundled_aot_autograd` gives for `content`.
+fn aot_refusal(kinds: &Kinds, content: Vec<u8>) -> String {
+    match kinds.after_deserialization("b", "bundled_aot_autograd", content) {
+        Ok(d) => panic!("accepted, described as {}", d.description),
+        Err(e) => {
+            assert_eq!(e.kind(), "plugin_failed", "{e:?}");
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn aot_bundle_refuses_bad_documents_clearly() {
+    let (_s, kinds) = aot_kinds();
+    let v2 = Bundle {
+        format_version: 2,
+        ..bundle()
+    };
+    let message = aot_refusal(&kinds, rmp_serde::to_vec_named(&v2).unwrap());
+    assert_contains(
+        &message,
+        &["aot-bundle 0.1.0", "format_version 2 is not supported"],
+    );
+    let missing =
+        rmp_serde::to_vec_named(&json!({"format_version": 1, "guards_expr": null})).unwrap();
+    assert_contains(
+        &aot_refusal(&kinds, missing),
+        &["missing field `precompile_backend_id`"],
+    );
+    assert_contains(
+        &aot_refusal(&kinds, b"\x85".to_vec()),
+        &["not valid MessagePack"],
+    );
+    assert_contains(
+        &aot_refusal(&kinds, rmp_serde::to_vec(&[1, 2]).unwrap()),
+        &["must be a MessagePack map"],
+    );
+}
+
+/// 0xc1 is never valid MessagePack (the format reserves it), wherever it stands: a document
+/// holding it is malformed, not a document with a nil there.
+#[test]
+fn aot_bundle_refuses_the_reserved_byte_0xc1_as_malformed_messagepack() {
+    let (_s, kinds) = aot_kinds();
+    // The one nil of this document (no kernel code byte is 0xc0) becomes the reserved byte.
+    let doc = rmp_serde::to_vec_named(&Bundle {
+        precompile_backend_id: None,
+        ..bundle()
+    })
+    .unwrap();
+    assert_eq!(doc.iter().filter(|&&b| b == 0xc0).count(), 1);
+    let corrupt: Vec<u8> = doc
+        .iter()
+        .map(|&b| if b == 0xc0 { 0xc1 } else { b })
+        .collect();
+    assert_contains(&aot_refusal(&kinds, corrupt), &["not valid MessagePack"]);
+    assert_contains(
+        &aot_refusal(&kinds, b"\xc1".to_vec()),
+        &["not valid MessagePack"],
+    );
+}
+
+/// A document followed by more bytes is not one document: the content is malformed.
+#[test]
+fn aot_bundle_refuses_trailing_bytes_after_the_document() {
+    let (_s, kinds) = aot_kinds();
+    let mut trailing = rmp_serde::to_vec_named(&bundle()).unwrap();
+    trailing.extend_from_slice(b"trailing junk");
+    aot_refusal(&kinds, trailing);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. the SDK refuses panic = "abort" at compile time
+
+#[test]
+fn the_sdk_refuses_to_build_a_plugin_with_panic_abort() {
+    let manifest = fixtures().join("abort/Cargo.toml");
+    let out = cargo_build(&manifest, &scratch().join("abort"), &[]);
+    assert!(
+        !out.status.success(),
+        "a plugin with panic = \"abort\" must not build; stderr: {}",
+        out.stderr
+    );
+    assert_contains(
+        &out.stderr,
+        &["pcx plugins must be built with panic = \"unwind\""],
+    );
+    // The same crate with unwinding builds: the refusal is about the panic strategy.
+    let out = cargo_build(
+        &manifest,
+        &scratch().join("abort-unwind"),
+        &["--config", "profile.dev.panic=\"unwind\""],
+    );
+    assert!(
+        out.status.success(),
+        "the same plugin with panic = \"unwind\" builds; stderr: {}",
+        out.stderr
+    );
+}
