@@ -321,13 +321,17 @@ where
 
 /// Runs W1 on a fresh directory; gives the figures and keeps the directory for W2/W5.
 fn w1(quick: bool) -> Result<(Value, tempfile::TempDir)> {
-    w1_with(quick, "eager")
+    w1_with(quick, "eager", None)
 }
 
-fn w1_with(quick: bool, kind: &str) -> Result<(Value, tempfile::TempDir)> {
+/// W1 with artifacts of `kind` (edits then use the plugin's `clear_backend_id`).
+fn w1_with(quick: bool, kind: &str, plugins: Option<&Path>) -> Result<(Value, tempfile::TempDir)> {
     let s = W1Size::new(quick);
     let dir = temp_dir("w1")?;
-    let config = config_for(dir.path())?;
+    let mut config = config_for(dir.path())?;
+    if let Some(p) = plugins {
+        config.plugin_dir = p.to_path_buf();
+    }
     let mut seed = 82961u64;
     let keys: Vec<String> = (0..s.backends)
         .map(|i| format!("__compiled_fn_{i}_{:016x}", i as u64 * 0x9e37_79b9))
@@ -718,8 +722,11 @@ fn bundle_doc(key: &str, size: usize, seed: &mut u64) -> Vec<u8> {
 
 /// The example plugin, built beside this binary by `cargo build --release --workspace`.
 fn plugin_dir() -> Result<tempfile::TempDir> {
-    let exe = std::env::current_exe()?;
-    let lib = exe.with_file_name(format!("libaot_bundle.{}", std::env::consts::DLL_EXTENSION));
+    let lib = match std::env::var_os("PCX_BENCH_PLUGIN") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()?
+            .with_file_name(format!("libaot_bundle.{}", std::env::consts::DLL_EXTENSION)),
+    };
     if !lib.exists() {
         bail!(
             "{} not found: build the workspace (`cargo build --release --workspace`)",
@@ -732,7 +739,7 @@ fn plugin_dir() -> Result<tempfile::TempDir> {
 }
 
 fn w5_loads(quick: bool, kind: &str, plugins: Option<&Path>) -> Result<f64> {
-    let (_, dir) = w1_with(quick, kind)?;
+    let (_, dir) = w1_with(quick, kind, plugins)?;
     let mut config = config_for(dir.path())?;
     if let Some(p) = plugins {
         config.plugin_dir = p.to_path_buf();

@@ -33,58 +33,97 @@ pub struct Bundle {
     pub meta: rmpv::Value,
 }
 
-const FIELDS: [&str; 5] = [
-    "format_version",
-    "guards_expr",
-    "precompile_backend_id",
-    "kernels",
-    "meta",
-];
+/// Present-but-nil (`Some(None)`) told apart from absent (`None`).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// The document as read, every field optional so that an absent one can be named.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default, deserialize_with = "present")]
+    format_version: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    guards_expr: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    precompile_backend_id: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    kernels: Option<Vec<Kernel>>,
+    #[serde(default, deserialize_with = "present")]
+    meta: Option<rmpv::Value>,
+}
+
+fn version_error(v: u64) -> String {
+    format!("bundled_aot_autograd format_version {v} is not supported (this plugin reads {FORMAT_VERSION})")
+}
 
 /// Reads and validates a document: a map with exactly the five fields, version 1 first.
+/// One typed pass (rmp_serde refuses the reserved marker 0xc1); only when it fails is the
+/// version read alone, so an unknown version is named as such.
 pub fn decode(bytes: &[u8]) -> Result<Bundle, String> {
-    // rmp_serde refuses the reserved marker 0xc1, which rmpv's reader would take for nil.
+    let not_msgpack = |e: &dyn std::fmt::Display| {
+        format!("bundled_aot_autograd content is not valid MessagePack: {e}")
+    };
+    match bytes.first() {
+        None | Some(0xc1) => return Err(not_msgpack(&"no document")),
+        // rmp_serde would also take an array for a struct: insist on a map.
+        Some(0x80..=0x8f | 0xde | 0xdf) => {}
+        Some(_) => return Err("bundled_aot_autograd content must be a MessagePack map".into()),
+    }
     let mut de = rmp_serde::Deserializer::new(bytes);
-    let value = rmpv::Value::deserialize(&mut de)
-        .map_err(|e| format!("bundled_aot_autograd content is not valid MessagePack: {e}"))?;
+    let raw = match Raw::deserialize(&mut de) {
+        Ok(raw) => raw,
+        Err(e) => {
+            #[derive(Deserialize)]
+            struct Version {
+                format_version: Option<u64>,
+            }
+            if let Ok(Version {
+                format_version: Some(v),
+            }) = rmp_serde::from_slice::<Version>(bytes)
+            {
+                if v != FORMAT_VERSION {
+                    return Err(version_error(v));
+                }
+            }
+            return Err(match e {
+                rmp_serde::decode::Error::Syntax(m) => {
+                    format!("bundled_aot_autograd content is malformed: {m}")
+                }
+                e => not_msgpack(&e),
+            });
+        }
+    };
     let rest = de.into_inner();
     if !rest.is_empty() {
-        return Err(format!(
-            "bundled_aot_autograd content is not valid MessagePack: {} bytes after the document",
+        return Err(not_msgpack(&format!(
+            "{} bytes after the document",
             rest.len()
-        ));
+        )));
     }
-    let rmpv::Value::Map(entries) = &value else {
-        return Err("bundled_aot_autograd content must be a MessagePack map".into());
+    let missing = |f: &str| format!("bundled_aot_autograd content is missing field `{f}`");
+    let format_version = raw
+        .format_version
+        .ok_or_else(|| missing("format_version"))?;
+    if format_version != FORMAT_VERSION {
+        return Err(version_error(format_version));
+    }
+    let bundle = Bundle {
+        format_version,
+        guards_expr: raw.guards_expr.ok_or_else(|| missing("guards_expr"))?,
+        precompile_backend_id: raw
+            .precompile_backend_id
+            .ok_or_else(|| missing("precompile_backend_id"))?,
+        kernels: raw.kernels.ok_or_else(|| missing("kernels"))?,
+        meta: raw.meta.ok_or_else(|| missing("meta"))?,
     };
-    let get = |name: &str| {
-        entries
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(name))
-            .map(|(_, v)| v)
-    };
-    match get("format_version").map(|v| v.as_u64()) {
-        None => return Err("bundled_aot_autograd content is missing field `format_version`".into()),
-        Some(Some(FORMAT_VERSION)) => {}
-        Some(Some(other)) => {
-            return Err(format!(
-                "bundled_aot_autograd format_version {other} is not supported (this plugin reads {FORMAT_VERSION})"
-            ))
-        }
-        Some(None) => return Err("bundled_aot_autograd format_version must be an unsigned integer".into()),
-    }
-    for field in FIELDS {
-        if get(field).is_none() {
-            return Err(format!(
-                "bundled_aot_autograd content is missing field `{field}`"
-            ));
-        }
-    }
-    if !matches!(get("meta"), Some(rmpv::Value::Map(_))) {
+    if !matches!(bundle.meta, rmpv::Value::Map(_)) {
         return Err("bundled_aot_autograd field `meta` must be a map".into());
     }
-    rmpv::ext::from_value(value)
-        .map_err(|e| format!("bundled_aot_autograd content is malformed: {e}"))
+    Ok(bundle)
 }
 
 /// Writes a document.
