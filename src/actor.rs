@@ -777,6 +777,9 @@ impl Handler<Audit> for ContextActor {
             let _ = tx.send(Err(ContextError::Closed));
         } else {
             let journal = self.journal.clone();
+            // Answer as of this point in the stream: later writes may be durable by the time
+            // the query runs.
+            let cap = self.head.seq;
             self.when_durable(Box::new(move |ready| match ready {
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -788,7 +791,11 @@ impl Handler<Audit> for ContextActor {
                         std::thread::Builder::new()
                             .name("pcx-audit".into())
                             .spawn(move || {
-                                let answer = msg.query.run(journal.as_ref(), &mut |_| {});
+                                let view = crate::audit::Capped {
+                                    inner: journal,
+                                    cap,
+                                };
+                                let answer = msg.query.run(&view, &mut |_| {});
                                 let _ = tx.send(
                                     answer
                                         .map(|value| Ack { seq: None, value })

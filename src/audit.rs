@@ -112,8 +112,8 @@ pub fn walk(
     Ok((state, head))
 }
 
-/// The keys an event touches (artifact and entry keys). `Cleared` touches every key, and is
-/// matched by any key filter.
+/// The keys an event names (artifact and entry keys). `Cleared` names none: it touches the
+/// keys present when it happened.
 pub fn event_keys(event: &Event) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     let mut add = |k: &String| {
@@ -256,7 +256,7 @@ pub fn log(
     if limit == 0 || matches!((filter.from, filter.to), (Some(f), Some(t)) if f > t) {
         return Ok(0);
     }
-    walk(journal, start, |e, _, _| {
+    walk(journal, start, |e, _, before| {
         if filter.to.is_some_and(|to| e.seq > to) {
             return Ok(false);
         }
@@ -265,7 +265,12 @@ pub fn log(
             && until.is_none_or(|u| e.time_ms <= u)
             && filter.event.as_deref().is_none_or(|n| n == e.event.name())
             && filter.key.as_deref().is_none_or(|k| {
-                matches!(e.event, Event::Cleared) || event_keys(&e.event).iter().any(|x| x == k)
+                // A clear touches a key only if the key was there to be cleared.
+                if matches!(e.event, Event::Cleared) {
+                    before.artifacts.contains_key(k) || before.entries.contains_key(k)
+                } else {
+                    event_keys(&e.event).iter().any(|x| x == k)
+                }
             });
         if wanted {
             out(log_line(e));
@@ -767,6 +772,60 @@ pub fn verify(
         "blobs_checked": checked_blobs.len(),
         "state_digest": state.digest().to_hex(),
     })))
+}
+
+/// A journal seen as of one point: records after `cap` do not exist. A query asked in the
+/// middle of a stream answers as of its place in it, even if later writes are durable by the
+/// time it runs.
+pub struct Capped {
+    pub inner: std::sync::Arc<dyn Journal>,
+    pub cap: u64,
+}
+
+impl Journal for Capped {
+    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
+        self.inner.put_blob(digest, content)
+    }
+    fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.blob(digest)
+    }
+    fn commit(&self, commit: &crate::journal::Commit) -> Result<(), StoreError> {
+        self.inner.commit(commit)
+    }
+    fn records(&self, from: u64) -> crate::journal::Records<'_> {
+        let cap = self.cap;
+        Box::new(
+            self.inner
+                .records(from)
+                .take_while(move |r| r.as_ref().map_or(true, |(seq, _)| *seq <= cap)),
+        )
+    }
+    fn last_seq(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.inner.last_seq()?.map(|s| s.min(self.cap)))
+    }
+    fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        Ok(self
+            .inner
+            .snapshot_seqs()?
+            .into_iter()
+            .filter(|s| *s <= self.cap)
+            .collect())
+    }
+    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        if seq > self.cap {
+            return Ok(None);
+        }
+        self.inner.snapshot(seq)
+    }
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.anchor()
+    }
+    fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        self.inner.rewrite_cache_view(entries)
+    }
+    fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.cache_view()
+    }
 }
 
 /// An audit question, as the batch protocol and the CLI ask it.

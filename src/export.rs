@@ -174,6 +174,19 @@ pub fn import(
             dir: journal.dir().display().to_string(),
         });
     }
+    // A refused import leaves the directory as empty as it found it.
+    import_into(journal, input, progress).inspect_err(|_| {
+        if let Err(e) = journal.wipe() {
+            tracing::error!(error = %e, "could not empty the directory after a refused import");
+        }
+    })
+}
+
+fn import_into(
+    journal: &SledJournal,
+    input: &mut dyn BufRead,
+    progress: Progress,
+) -> Result<Imported, ExportError> {
     let mut line_no = 0u64;
     let mut next = |input: &mut dyn BufRead| -> Result<Option<Value>, ExportError> {
         let mut text = String::new();
@@ -196,6 +209,12 @@ pub fn import(
     };
     let bad = |line: u64, message: String| ExportError::Bad { line, message };
     let header = next(input)?.ok_or_else(|| bad(0, "the input is empty".into()))?;
+    if header["content"] == json!("digest") {
+        return Err(bad(
+            1,
+            "this export carries only digests (--content digest): it cannot be imported".into(),
+        ));
+    }
     if header["pcx_export"] != json!(EXPORT_VERSION) {
         return Err(bad(
             1,
@@ -204,12 +223,14 @@ pub fn import(
     }
     let mut state = State::default();
     let mut head = Head::EMPTY;
+    let mut anchor_refs = Vec::new();
     if let Some(a) = header["anchor_b64"].as_str() {
         let bytes = B64
             .decode(a)
             .map_err(|e| bad(1, format!("anchor_b64: {e}")))?;
         let snap = decode_snapshot(&bytes).map_err(|e| bad(1, format!("anchor: {e}")))?;
         journal.set_anchor(&bytes)?;
+        anchor_refs = state_refs(&snap.state);
         state = snap.state;
         head = Head {
             seq: snap.seq,
@@ -276,6 +297,14 @@ pub fn import(
             return Err(bad(line, format!("unknown line: {v}")));
         }
     };
+    for d in anchor_refs.into_iter().chain(state_refs(&state)) {
+        if !have.contains(&d) && journal.blob(&d)?.is_none() {
+            return Err(bad(
+                line,
+                format!("the export does not carry content {d} that the state refers to"),
+            ));
+        }
+    }
     if trailer["state_digest"].as_str() != Some(&state.digest().to_hex()) {
         return Err(bad(
             line,

@@ -232,6 +232,21 @@ impl SledJournal {
         self.make_durable()
     }
 
+    /// Empties every tree (a refused import takes back what it wrote).
+    pub fn wipe(&self) -> Result<(), StoreError> {
+        for tree in [
+            &self.events,
+            &self.blobs,
+            &self.snapshots,
+            &self.cache,
+            &self.meta,
+        ] {
+            tree.clear()
+                .map_err(sled_err("emptying the data directory"))?;
+        }
+        self.make_durable()
+    }
+
     /// Every stored blob digest (compaction only).
     pub fn blob_digests(&self) -> Result<Vec<Digest>, StoreError> {
         self.blobs

@@ -1,0 +1,2057 @@
+//! Auditing (issue 4): `log`, `history`, `state --at`, `diff`, `verify`, `export` / `import`,
+//! `compact`, the same queries in the batch protocol, and what every command says on an empty
+//! or a missing data directory.
+//!
+//! The library (`pcx::Context`, `pcx::audit`) and the real binary are both used. Every child
+//! process is waited for with a timeout. Damage is made by opening the sled database of a
+//! closed data directory directly (tree `events` keyed by big-endian sequence numbers,
+//! `snapshots` likewise, `blobs` keyed by 32-byte blake3 digests).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use pcx::actor::Answer;
+use pcx::audit::{state_at, AuditError};
+use pcx::journal::SledJournal;
+use pcx::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
+use pcx::record::{decode_snapshot, encode_snapshot_of, seq_key};
+use pcx::{Artifact, Config, Context};
+use serde_json::{json, Value};
+
+/// How long any one process (or any one lock wait) may take before the test gives up.
+const TIMEOUT: Duration = Duration::from_secs(60);
+const CACHE_BYTES: u64 = 4 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// running the binary
+
+/// `pcx --data-dir DIR ARGS…` with an environment free of the caller's `PCX_*` and `RUST_LOG`.
+fn pcx(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcx"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("PCX_") || name == "RUST_LOG" {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.arg("--data-dir").arg(dir).args(args);
+    cmd
+}
+
+/// What a finished process gave.
+struct Run {
+    args: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Every stdout line, parsed as JSON.
+    fn lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!("pcx {}: output line is not JSON ({e}): {l}", self.args)
+                })
+            })
+            .collect()
+    }
+
+    /// The one JSON line of the output.
+    fn one(&self) -> Value {
+        let mut lines = self.lines();
+        assert_eq!(
+            lines.len(),
+            1,
+            "pcx {}: one output line expected; stdout: {}\nstderr: {}",
+            self.args,
+            self.stdout,
+            self.stderr
+        );
+        lines.remove(0)
+    }
+
+    fn assert_no_panic(&self) {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "pcx {} panicked: {}",
+            self.args,
+            self.stderr
+        );
+        assert!(
+            self.status.code().is_some(),
+            "pcx {} was killed by a signal: {}",
+            self.args,
+            self.status
+        );
+    }
+}
+
+/// Reads a pipe to its end on its own thread.
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        pipe.read_to_end(&mut bytes).expect("read the pipe");
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Waits for `child` to exit, killing it (and failing the test) after [`TIMEOUT`].
+fn wait(child: &mut Child, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pcx {what} did not exit within {TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs `pcx ARGS` on `dir` with `input` on stdin (stdout and stderr piped), with a timeout.
+fn run_with_input(dir: &Path, args: &[&str], input: &[u8]) -> Run {
+    let what = args.join(" ");
+    let mut child = pcx(dir, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pcx starts");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = thread::spawn(move || {
+        // The process may stop reading early; a broken pipe is then not this test's failure.
+        let _ = stdin.write_all(&input);
+    });
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    let status = wait(&mut child, &what);
+    writer.join().unwrap();
+    let run = Run {
+        args: what,
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    run.assert_no_panic();
+    run
+}
+
+fn cli(dir: &Path, args: &[&str]) -> Run {
+    run_with_input(dir, args, b"")
+}
+
+fn assert_success(run: &Run) {
+    assert!(
+        run.status.success(),
+        "pcx {} failed: {}\nstdout: {}\nstderr: {}",
+        run.args,
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+}
+
+/// A command that must succeed with one JSON line; gives it.
+fn cli_value(dir: &Path, args: &[&str]) -> Value {
+    let run = cli(dir, args);
+    assert_success(&run);
+    run.one()
+}
+
+/// A command that must succeed; gives its JSON lines (possibly none).
+fn cli_lines(dir: &Path, args: &[&str]) -> Vec<Value> {
+    let run = cli(dir, args);
+    assert_success(&run);
+    run.lines()
+}
+
+/// A command that must fail with exit 1 and `{"ok":false,"error":{"kind":KIND,…}}`; gives
+/// the message.
+fn cli_error(dir: &Path, args: &[&str], kind: &str) -> String {
+    let run = cli(dir, args);
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "pcx {args:?} should exit 1; stdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    let answer = run.one();
+    assert_eq!(answer["ok"], json!(false), "pcx {args:?}: {answer}");
+    assert_eq!(
+        answer["error"]["kind"],
+        json!(kind),
+        "pcx {args:?}: {answer}"
+    );
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "pcx {args:?}: no message: {answer}");
+    message.to_string()
+}
+
+/// Runs `pcx batch` over these requests; it must exit 0 and answer each one.
+fn batch(dir: &Path, requests: &[Value]) -> Vec<Value> {
+    let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
+    let run = run_with_input(dir, &["batch"], input.as_bytes());
+    assert_success(&run);
+    let answers = run.lines();
+    assert_eq!(
+        answers.len(),
+        requests.len(),
+        "one answer per request: {answers:?}"
+    );
+    answers
+}
+
+/// Runs `pcx batch`; every answer must be ok. Gives the answers.
+fn batch_ok(dir: &Path, requests: &[Value]) -> Vec<Value> {
+    let answers = batch(dir, requests);
+    for (req, answer) in requests.iter().zip(&answers) {
+        assert_eq!(answer["ok"], json!(true), "{req} answered {answer}");
+    }
+    answers
+}
+
+fn b64(bytes: &[u8]) -> String {
+    B64.encode(bytes)
+}
+
+fn hex(content: &[u8]) -> String {
+    Digest::of(content).to_hex()
+}
+
+fn record(key: &str, content: &str) -> Value {
+    json!({"op":"record_artifact","key":key,"content_b64":b64(content.as_bytes())})
+}
+
+fn append(key: &str, suffix: &str) -> Value {
+    json!({"op":"edit_artifact","key":key,"edit":{"append_b64":b64(suffix.as_bytes())}})
+}
+
+fn set(key: &str, content: &str) -> Value {
+    json!({"op":"edit_artifact","key":key,"edit":{"set_b64":b64(content.as_bytes())}})
+}
+
+fn take(key: &str) -> Value {
+    json!({"op":"take_artifact","key":key})
+}
+
+fn record_entry(key: &str, codes: &[&[&str]]) -> Value {
+    let codes: Vec<Value> = codes
+        .iter()
+        .map(|ids| json!({"backend_ids": ids}))
+        .collect();
+    json!({"op":"record_dynamo_cache_entry","key":key,
+           "entry":{"fn_name":"f","fn_first_lineno":3,"device_type":"cpu","codes":codes}})
+}
+
+fn op(name: &str) -> Value {
+    json!({ "op": name })
+}
+
+fn seqs(lines: &[Value]) -> Vec<u64> {
+    lines
+        .iter()
+        .map(|l| {
+            l["seq"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("line without seq: {l}"))
+        })
+        .collect()
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| match s {
+            Value::String(s) => s.clone(),
+            other => other["key"]
+                .as_str()
+                .unwrap_or_else(|| panic!("neither a key nor an object with one: {other}"))
+                .to_string(),
+        })
+        .collect()
+}
+
+fn set_of(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The sum of the sizes of every file under `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).expect("list the data directory") {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() {
+            dir_size(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+/// Siblings a compaction would leave behind (`DIR.compacting`, `DIR.pre-compaction`).
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    [".compacting", ".pre-compaction"]
+        .iter()
+        .map(|suffix| {
+            let mut name = dir.file_name().unwrap().to_os_string();
+            name.push(suffix);
+            dir.with_file_name(name)
+        })
+        .filter(|p| p.exists())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// the library
+
+fn block_on<F: Future>(f: F) -> F::Output {
+    actix::System::new().block_on(f)
+}
+
+fn config(dir: &Path, snapshot_every: u64) -> Config {
+    let mut c = Config::load(None, std::iter::empty()).unwrap();
+    c.data_dir = dir.to_path_buf();
+    c.snapshot_every = snapshot_every;
+    c.cache_capacity_bytes = CACHE_BYTES;
+    c
+}
+
+fn open(config: &Config) -> Context {
+    Context::open(config).unwrap_or_else(|e| panic!("opening {}: {e}", config.data_dir.display()))
+}
+
+fn artifact(key: &str, content: &[u8]) -> Artifact {
+    Artifact {
+        key: key.into(),
+        kind: "eager".into(),
+        content: content.to_vec(),
+    }
+}
+
+fn entry(codes: &[Vec<String>]) -> DynamoCacheEntry {
+    DynamoCacheEntry {
+        codes: codes
+            .iter()
+            .map(|ids| DynamoCodeEntry {
+                backend_ids: ids.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        device_type: "cpu".into(),
+        fn_name: Some("f".into()),
+        fn_first_lineno: Some(3),
+        ..Default::default()
+    }
+}
+
+/// The seq an answer wrote; an error of an allowed kind writes nothing, any other fails.
+fn written<T>(answer: Answer<T>, allowed: &[&str], what: &str) -> Option<u64> {
+    match answer {
+        Ok(ack) => ack.seq,
+        Err(e) if allowed.contains(&e.kind()) => None,
+        Err(e) => panic!("{what}: unexpected error {}: {e}", e.kind()),
+    }
+}
+
+fn must_write<T>(answer: Answer<T>, what: &str) -> u64 {
+    written(answer, &[], what).unwrap_or_else(|| panic!("{what} wrote no event"))
+}
+
+/// Opens sled directly on a data directory nobody else has open, waiting (at most
+/// [`TIMEOUT`]) while a process that just closed it still holds its lock.
+fn open_sled_directly(dir: &Path) -> sled::Db {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match sled::open(dir) {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                thread::sleep(Duration::from_millis(5));
+            }
+            other => return other.expect("open sled directly"),
+        }
+    }
+}
+
+/// Changes one sled tree of a closed data directory directly, as damage would.
+fn damage(dir: &Path, tree: &str, change: impl FnOnce(&sled::Tree)) {
+    let db = open_sled_directly(dir);
+    let t = db.open_tree(tree).unwrap();
+    change(&t);
+    db.flush().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. model: `state --at S` for every S is the live state right after S
+
+const MODEL_KEYS: [&str; 4] = ["b0", "b1", "b2", "b3"];
+const MODEL_ENTRIES: [&str; 2] = ["e0", "e1"];
+const MODEL_CASES: usize = 12;
+const MODEL_MAX_OPS: usize = 30;
+
+#[derive(Clone, Debug)]
+enum ModelOp {
+    Record {
+        key: usize,
+        content: Vec<u8>,
+    },
+    Entry {
+        key: usize,
+        codes: Vec<Vec<usize>>,
+    },
+    Edit {
+        key: usize,
+        append: bool,
+        bytes: Vec<u8>,
+    },
+    Take {
+        key: usize,
+    },
+    Clear,
+    Stitch,
+    Save,
+    Load {
+        key: usize,
+    },
+}
+
+/// xorshift64*: a small deterministic generator, so a failing seed can be rerun.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn bytes(&mut self, max_len: usize) -> Vec<u8> {
+        let len = self.below(max_len + 1);
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn model_ops(seed: u64) -> Vec<ModelOp> {
+    let mut rng = Rng::new(seed);
+    let n = 10 + rng.below(MODEL_MAX_OPS - 10 + 1);
+    (0..n)
+        .map(|_| match rng.below(20) {
+            0..=5 => ModelOp::Record {
+                key: rng.below(MODEL_KEYS.len()),
+                content: rng.bytes(5),
+            },
+            6..=8 => {
+                // Zero codes now and then: refused, and nothing is written.
+                let codes = (0..rng.below(4))
+                    .map(|_| {
+                        (0..rng.below(3))
+                            .map(|_| rng.below(MODEL_KEYS.len()))
+                            .collect()
+                    })
+                    .collect();
+                ModelOp::Entry {
+                    key: rng.below(MODEL_ENTRIES.len()),
+                    codes,
+                }
+            }
+            9..=11 => ModelOp::Edit {
+                key: rng.below(MODEL_KEYS.len()),
+                append: rng.below(2) == 0,
+                bytes: rng.bytes(4),
+            },
+            12..=13 => ModelOp::Take {
+                key: rng.below(MODEL_KEYS.len()),
+            },
+            14 => ModelOp::Clear,
+            15..=16 => ModelOp::Stitch,
+            17..=18 => ModelOp::Save,
+            _ => ModelOp::Load {
+                key: rng.below(MODEL_ENTRIES.len()),
+            },
+        })
+        .collect()
+}
+
+/// The live context's state as its callers see it.
+#[derive(Clone, Debug)]
+struct Live {
+    digest: String,
+    debug_info: Value,
+    /// Every artifact's content, in the context's order.
+    contents: Vec<(String, Vec<u8>)>,
+}
+
+async fn live(ctx: &Context) -> Live {
+    let info = ctx.dump_debug_info().await.expect("dump_debug_info").value;
+    let digest = ctx
+        .state_digest()
+        .await
+        .expect("state_digest")
+        .value
+        .to_hex();
+    let mut contents = Vec::new();
+    for key in &info.backends {
+        let a = ctx
+            .serialize_artifact_by_key(key.clone())
+            .await
+            .expect("serialize_artifact_by_key")
+            .value
+            .unwrap_or_else(|| panic!("{key} is listed but cannot be read"));
+        contents.push((key.clone(), a.content));
+    }
+    Live {
+        digest,
+        debug_info: serde_json::to_value(&info).unwrap(),
+        contents,
+    }
+}
+
+/// Runs one operation; gives the seq of the last event it wrote, if any.
+async fn apply(ctx: &Context, op: &ModelOp) -> Option<u64> {
+    let what = format!("{op:?}");
+    match op {
+        ModelOp::Record { key, content } => written(
+            ctx.record_artifact(artifact(MODEL_KEYS[*key], content))
+                .await,
+            &[],
+            &what,
+        ),
+        ModelOp::Entry { key, codes } => {
+            let codes: Vec<Vec<String>> = codes
+                .iter()
+                .map(|c| c.iter().map(|i| MODEL_KEYS[*i].to_string()).collect())
+                .collect();
+            written(
+                ctx.record_dynamo_cache_entry(MODEL_ENTRIES[*key], entry(&codes))
+                    .await,
+                &["invalid_entry"],
+                &what,
+            )
+        }
+        ModelOp::Edit { key, append, bytes } => {
+            let (append, bytes) = (*append, bytes.clone());
+            let label = if append { "append" } else { "set" };
+            written(
+                ctx.edit_artifact(MODEL_KEYS[*key], label, move |mut c| {
+                    if append {
+                        c.extend_from_slice(&bytes);
+                        c
+                    } else {
+                        bytes
+                    }
+                })
+                .await,
+                &["key_not_found"],
+                &what,
+            )
+        }
+        ModelOp::Take { key } => written(ctx.take_artifact(MODEL_KEYS[*key]).await, &[], &what),
+        ModelOp::Clear => written(ctx.clear().await, &[], &what),
+        ModelOp::Stitch => written(ctx.create_cache_entries().await, &[], &what),
+        ModelOp::Save => written(ctx.save_to_dynamo_cache().await, &[], &what),
+        ModelOp::Load { key } => written(
+            ctx.load_cache_entry(MODEL_ENTRIES[*key], None).await,
+            &["package_not_found"],
+            &what,
+        ),
+    }
+}
+
+/// Prints the failing case when a model case panics.
+struct CaseGuard {
+    seed: u64,
+    ops: Vec<ModelOp>,
+}
+
+impl Drop for CaseGuard {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "model case with seed {} failed; its operations: {:#?}",
+                self.seed, self.ops
+            );
+        }
+    }
+}
+
+fn model_case(seed: u64) {
+    let ops = model_ops(seed);
+    let _guard = CaseGuard {
+        seed,
+        ops: ops.clone(),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let cfg = config(&dir, 3);
+
+    // Run the operations, recording the live state right after every write.
+    let expected: BTreeMap<u64, Live> = block_on(async {
+        let ctx = open(&cfg);
+        let mut expected = BTreeMap::new();
+        let mut current = live(&ctx).await;
+        expected.insert(0, current.clone());
+        let mut last = 0u64;
+        for op in &ops {
+            let Some(seq) = apply(&ctx, op).await else {
+                continue;
+            };
+            let before = std::mem::replace(&mut current, live(&ctx).await);
+            if let ModelOp::Save = op {
+                // A save is a stitch (which changes nothing) then the save.
+                assert_eq!(seq, last + 2, "seed {seed}: a save writes two events");
+                expected.insert(seq - 1, before);
+            } else {
+                assert_eq!(seq, last + 1, "seed {seed}: {op:?} writes one event");
+            }
+            expected.insert(seq, current.clone());
+            last = seq;
+        }
+        ctx.close().await.expect("close");
+        expected
+    });
+    let last = *expected.keys().last().unwrap();
+    assert_eq!(
+        expected.keys().copied().collect::<Vec<_>>(),
+        (0..=last).collect::<Vec<_>>(),
+        "seed {seed}: every sequence number has a recorded live state"
+    );
+
+    // The library: `state_at` on a journal opened after the context closed.
+    {
+        let journal = SledJournal::open(&dir, CACHE_BYTES).expect("open the journal");
+        for (s, want) in &expected {
+            let (state, head) = state_at(&journal, *s, &mut |_| {})
+                .unwrap_or_else(|e| panic!("seed {seed}: state_at({s}): {e}"));
+            assert_eq!(head.seq, *s, "seed {seed}: state_at({s}) head");
+            assert_eq!(
+                state.digest().to_hex(),
+                want.digest,
+                "seed {seed}: state_at({s}) digest"
+            );
+            assert_eq!(
+                serde_json::to_value(state.debug_info()).unwrap(),
+                want.debug_info,
+                "seed {seed}: state_at({s}) debug_info"
+            );
+            let got: Vec<(String, Digest, u64)> = state
+                .artifacts
+                .iter()
+                .map(|(k, r)| (k.clone(), r.digest, r.size))
+                .collect();
+            let wanted: Vec<(String, Digest, u64)> = want
+                .contents
+                .iter()
+                .map(|(k, c)| (k.clone(), Digest::of(c), c.len() as u64))
+                .collect();
+            assert_eq!(got, wanted, "seed {seed}: state_at({s}) artifacts");
+        }
+        assert!(
+            matches!(
+                state_at(&journal, last + 1, &mut |_| {}),
+                Err(AuditError::BeyondEnd { .. })
+            ),
+            "seed {seed}: state_at past the end is beyond_end"
+        );
+    }
+
+    // The CLI: `state --at S` and `state --at S --key K`.
+    for (s, want) in &expected {
+        let at = s.to_string();
+        let v = cli_value(&dir, &["state", "--at", &at]);
+        assert_eq!(v["seq"], json!(s), "seed {seed}: state --at {s}: {v}");
+        assert_eq!(
+            v["state_digest"],
+            json!(want.digest),
+            "seed {seed}: state --at {s} digest"
+        );
+        assert_eq!(
+            v["debug_info"], want.debug_info,
+            "seed {seed}: state --at {s} debug_info"
+        );
+        let arts: Vec<Value> = want
+            .contents
+            .iter()
+            .map(|(k, c)| json!({"key": k, "kind": "eager", "digest": hex(c), "size": c.len()}))
+            .collect();
+        assert_eq!(
+            v["artifacts"],
+            json!(arts),
+            "seed {seed}: state --at {s} artifacts"
+        );
+        // One key per point (rotating over every key, so absent keys are asked for too).
+        let key = MODEL_KEYS[(*s as usize) % MODEL_KEYS.len()];
+        let a = cli_value(&dir, &["state", "--at", &at, "--key", key]);
+        assert_eq!(a["seq"], json!(s), "seed {seed}: {a}");
+        match want.contents.iter().find(|(k, _)| k == key) {
+            Some((_, content)) => {
+                assert_eq!(a["artifact"]["key"], json!(key), "seed {seed}: {a}");
+                assert_eq!(
+                    a["artifact"]["content_b64"],
+                    json!(b64(content)),
+                    "seed {seed}: state --at {s} --key {key}"
+                );
+                assert_eq!(a["artifact"]["size"], json!(content.len()));
+                assert_eq!(a["artifact"]["digest"], json!(hex(content)));
+            }
+            None => assert!(
+                a["artifact"].is_null(),
+                "seed {seed}: {key} did not exist at {s}: {a}"
+            ),
+        }
+    }
+    let beyond = (last + 1).to_string();
+    cli_error(&dir, &["state", "--at", &beyond], "beyond_end");
+}
+
+#[test]
+fn state_at_every_point_equals_the_live_state_then() {
+    let next = AtomicUsize::new(0);
+    thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= MODEL_CASES {
+                    break;
+                }
+                model_case(0xA0D1_7000 + i as u64);
+            });
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. verify: a sound log passes; each kind of damage is found and located
+
+/// Writes the damage tests' log through the library, 12 events, snapshots every 4 events
+/// (the two newest, at 8 and 12, are kept). Gives the live state digest.
+///
+/// ```text
+///  1 record a alpha    5 record d delta     9 clear
+///  2 record b bravo    6 take b            10 record g golf
+///  3 record c charlie  7 record e echo     11 record h hotel
+///  4 edit a +"!"       8 record f foxtrot  12 edit g := golf2
+/// ```
+fn write_damage_log(dir: &Path) -> String {
+    block_on(async {
+        let ctx = open(&config(dir, 4));
+        let rec = |k: &'static str, c: &'static str| ctx.record_artifact(artifact(k, c.as_bytes()));
+        assert_eq!(must_write(rec("a", "alpha").await, "1"), 1);
+        must_write(rec("b", "bravo").await, "2");
+        must_write(rec("c", "charlie").await, "3");
+        let seq = must_write(
+            ctx.edit_artifact("a", "append", |mut c| {
+                c.push(b'!');
+                c
+            })
+            .await,
+            "4",
+        );
+        assert_eq!(seq, 4);
+        must_write(rec("d", "delta").await, "5");
+        must_write(ctx.take_artifact("b").await, "6");
+        must_write(rec("e", "echo").await, "7");
+        must_write(rec("f", "foxtrot").await, "8");
+        must_write(ctx.clear().await, "9");
+        must_write(rec("g", "golf").await, "10");
+        must_write(rec("h", "hotel").await, "11");
+        let seq = must_write(
+            ctx.edit_artifact("g", "set", |_| b"golf2".to_vec()).await,
+            "12",
+        );
+        assert_eq!(seq, 12);
+        let digest = ctx.state_digest().await.unwrap().value.to_hex();
+        ctx.close().await.expect("close");
+        digest
+    })
+}
+
+/// `pcx verify` must fail (non-zero exit) naming `seq` and saying what is wrong (`words`).
+/// The batch protocol's `verify` must give the same report.
+fn assert_unsound(dir: &Path, seq: u64, words: &[&str]) {
+    let run = cli(dir, &["verify"]);
+    assert!(
+        !run.status.success(),
+        "verify passed a damaged log: {}",
+        run.stdout
+    );
+    let report = run.one();
+    assert_eq!(report["ok"], json!(false), "{report}");
+    assert_eq!(report["seq"], json!(seq), "the first bad seq: {report}");
+    let error = report["error"].as_str().unwrap_or_default();
+    for w in words {
+        assert!(error.contains(w), "`{w}` not in the report: {report}");
+    }
+    let answers = batch(dir, &[op("verify")]);
+    assert_eq!(answers[0]["ok"], json!(true), "{}", answers[0]);
+    assert_eq!(
+        answers[0]["verify"], report,
+        "batch verify and pcx verify agree"
+    );
+}
+
+#[test]
+fn verify_passes_a_sound_log_with_a_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let digest = write_damage_log(&dir);
+    let run = cli(&dir, &["verify"]);
+    assert_success(&run);
+    let v = run.one();
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert_eq!(v["events"], json!(12), "{v}");
+    assert_eq!(v["first_seq"], json!(1), "{v}");
+    assert_eq!(v["last_seq"], json!(12), "{v}");
+    assert_eq!(v["anchored_at"], Value::Null, "{v}");
+    assert_eq!(v["snapshots_checked"], json!(2), "{v}");
+    // alpha bravo charlie alpha! delta echo foxtrot golf hotel golf2
+    assert_eq!(v["blobs_checked"], json!(10), "{v}");
+    assert_eq!(v["state_digest"], json!(digest), "{v}");
+    assert_eq!(
+        cli_value(&dir, &["state"])["state_digest"],
+        json!(digest),
+        "state agrees with verify"
+    );
+}
+
+#[test]
+fn verify_finds_a_record_with_an_altered_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage(&dir, "events", |t| {
+        let mut value = t.get(seq_key(5)).unwrap().expect("record 5").to_vec();
+        let mid = value.len() / 2;
+        value[mid] ^= 0x55;
+        t.insert(seq_key(5), value).unwrap();
+    });
+    assert_unsound(&dir, 5, &["event 5", "damaged"]);
+}
+
+#[test]
+fn verify_finds_a_deleted_blob_and_names_the_event_that_refers_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let echo = Digest::of(b"echo");
+    damage(&dir, "blobs", |t| {
+        assert!(t.remove(echo.0).unwrap().is_some(), "the echo blob exists");
+    });
+    assert_unsound(&dir, 7, &[&echo.to_hex(), "missing"]);
+}
+
+#[test]
+fn verify_finds_a_blob_whose_content_was_altered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let delta = Digest::of(b"delta");
+    damage(&dir, "blobs", |t| {
+        t.insert(delta.0, &b"DELTA"[..]).unwrap();
+    });
+    assert_unsound(&dir, 5, &[&delta.to_hex(), "does not match"]);
+}
+
+#[test]
+fn verify_finds_two_reordered_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage(&dir, "events", |t| {
+        let three = t.get(seq_key(3)).unwrap().expect("record 3");
+        let six = t.get(seq_key(6)).unwrap().expect("record 6");
+        t.insert(seq_key(3), six).unwrap();
+        t.insert(seq_key(6), three).unwrap();
+    });
+    assert_unsound(&dir, 3, &["event 6", "key of event 3"]);
+}
+
+#[test]
+fn verify_finds_a_removed_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage(&dir, "events", |t| {
+        t.remove(seq_key(6)).unwrap().expect("record 6");
+    });
+    assert_unsound(&dir, 6, &["gap", "expected event 6"]);
+}
+
+#[test]
+fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage(&dir, "snapshots", |t| {
+        let bytes = t.get(seq_key(8)).unwrap().expect("a snapshot at 8");
+        let mut snap = decode_snapshot(&bytes).expect("the snapshot decodes");
+        assert_eq!(snap.seq, 8);
+        // A well-formed snapshot (its own hash holds) of a state the events do not give.
+        let (_, first) = snap
+            .state
+            .artifacts
+            .shift_remove_index(0)
+            .expect("artifacts");
+        snap.state.artifacts.insert("forged".into(), first);
+        let forged = encode_snapshot_of(snap.seq, snap.head, &snap.state).unwrap();
+        t.insert(seq_key(8), forged).unwrap();
+    });
+    assert_unsound(&dir, 8, &["snapshot at 8", "does not match"]);
+}
+
+#[test]
+fn verify_finds_a_snapshot_with_an_altered_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage(&dir, "snapshots", |t| {
+        let mut value = t
+            .get(seq_key(8))
+            .unwrap()
+            .expect("a snapshot at 8")
+            .to_vec();
+        let mid = value.len() / 2;
+        value[mid] ^= 0x55;
+        t.insert(seq_key(8), value).unwrap();
+    });
+    assert_unsound(&dir, 8, &["snapshot at 8"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// a story used by several tests
+
+/// Writes, in two `pcx batch` processes (so the two phases have different times):
+///
+/// ```text
+///  1 record b1 aaa             8 clear
+///  2 record b2 bbb             9 load e1        (b1 aaa, b2 bbb!)
+///  3 entry e1 [[b1,b2],[b3,b1]] 10 edit b1 := zzz
+///  4 edit b2 +"!"              11 take b2
+///  5 stitch (e1; code 1 bypassed for b3)  12 record b3 ccc
+///  6 stitch, 7 save (e1)
+/// ```
+fn write_story(dir: &Path) {
+    let answers = batch_ok(
+        dir,
+        &[
+            record("b1", "aaa"),
+            record("b2", "bbb"),
+            record_entry("e1", &[&["b1", "b2"], &["b3", "b1"]]),
+            append("b2", "!"),
+            op("create_cache_entries"),
+            op("save_to_dynamo_cache"),
+        ],
+    );
+    assert_eq!(
+        answers.iter().map(|a| a["seq"].clone()).collect::<Vec<_>>(),
+        vec![json!(1), json!(2), json!(3), json!(4), json!(5), json!(7)]
+    );
+    let answers = batch_ok(
+        dir,
+        &[
+            op("clear"),
+            json!({"op":"load_cache_entry","key":"e1"}),
+            set("b1", "zzz"),
+            take("b2"),
+            record("b3", "ccc"),
+        ],
+    );
+    assert_eq!(
+        answers.iter().map(|a| a["seq"].clone()).collect::<Vec<_>>(),
+        vec![json!(8), json!(9), json!(10), json!(11), json!(12)]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. log
+
+#[test]
+fn log_lines_carry_seq_time_event_keys_content_labels_and_outcomes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_story(&dir);
+    let all = cli_lines(&dir, &["log"]);
+    assert_eq!(seqs(&all), (1..=12).collect::<Vec<_>>());
+    for line in &all {
+        let time = line["time"].as_str().unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+            "an RFC 3339 time with milliseconds: {line}"
+        );
+        assert!(line["keys"].is_array(), "{line}");
+    }
+    let by_seq = |s: usize| &all[s - 1];
+    let keys = |s: usize| strings(&by_seq(s)["keys"]);
+    let event = |s: usize| by_seq(s)["event"].as_str().unwrap().to_string();
+    let content = |s: usize, c: &str| {
+        let l = by_seq(s);
+        assert_eq!(l["digest"], json!(hex(c.as_bytes())), "{l}");
+        assert_eq!(l["size"], json!(c.len()), "{l}");
+    };
+
+    assert_eq!(event(1), "ArtifactRecorded");
+    assert_eq!(keys(1), set_of(&["b1"]));
+    assert_eq!(by_seq(1)["kind"], json!("eager"));
+    content(1, "aaa");
+    content(2, "bbb");
+    assert_eq!(event(3), "DynamoEntryRecorded");
+    assert_eq!(keys(3), set_of(&["e1"]));
+    assert_eq!(by_seq(3)["num_codes"], json!(2));
+    assert_eq!(event(4), "ArtifactEdited");
+    assert_eq!(keys(4), set_of(&["b2"]));
+    assert_eq!(by_seq(4)["label"], json!("append"));
+    content(4, "bbb!");
+    for s in [5, 6] {
+        assert_eq!(event(s), "Stitched");
+        let outcome = &by_seq(s)["outcome"];
+        assert_eq!(outcome["produced"], json!(["e1"]), "{outcome}");
+        assert_eq!(outcome["failed"], json!([]), "{outcome}");
+        let bypassed = outcome["bypassed"].as_array().unwrap();
+        assert_eq!(bypassed.len(), 1, "{outcome}");
+        assert_eq!(bypassed[0]["key"], json!("e1"));
+        assert_eq!(bypassed[0]["code_index"], json!(1));
+        assert_eq!(bypassed[0]["missing_backend"], json!("b3"));
+        assert!(keys(s).contains("e1"), "{}", by_seq(s));
+    }
+    assert_eq!(event(7), "SavedToDynamoCache");
+    assert_eq!(by_seq(7)["saved"], json!(["e1"]));
+    assert!(keys(7).contains("e1"));
+    assert_eq!(event(8), "Cleared");
+    assert!(by_seq(8).get("digest").is_none(), "a clear has no content");
+    assert_eq!(event(9), "EntryLoaded");
+    assert!(
+        keys(9).is_superset(&set_of(&["e1", "b1", "b2"])),
+        "{}",
+        by_seq(9)
+    );
+    let backends = &by_seq(9)["backends"];
+    assert_eq!(backends["b1"]["digest"], json!(hex(b"aaa")), "{backends}");
+    assert_eq!(backends["b2"]["digest"], json!(hex(b"bbb!")), "{backends}");
+    assert_eq!(backends["b2"]["size"], json!(4), "{backends}");
+    assert_eq!(by_seq(10)["label"], json!("set"));
+    content(10, "zzz");
+    assert_eq!(event(11), "ArtifactTaken");
+    assert_eq!(keys(11), set_of(&["b2"]));
+    assert!(by_seq(11).get("digest").is_none());
+    content(12, "ccc");
+}
+
+#[test]
+fn log_filters_by_range_time_key_event_and_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_story(&dir);
+    let all = cli_lines(&dir, &["log"]);
+    let log = |args: &[&str]| {
+        let mut full = vec!["log"];
+        full.extend_from_slice(args);
+        cli_lines(&dir, &full)
+    };
+    let pick = |f: &dyn Fn(&Value) -> bool| -> Vec<Value> {
+        all.iter().filter(|l| f(l)).cloned().collect::<Vec<_>>()
+    };
+
+    // Ranges, inclusive at both ends.
+    assert_eq!(seqs(&log(&["--from", "3", "--to", "6"])), vec![3, 4, 5, 6]);
+    assert_eq!(seqs(&log(&["--from", "10"])), vec![10, 11, 12]);
+    assert_eq!(seqs(&log(&["--to", "2"])), vec![1, 2]);
+    assert_eq!(seqs(&log(&["--from", "4", "--to", "4"])), vec![4]);
+    assert_eq!(seqs(&log(&["--from", "12", "--to", "99"])), vec![12]);
+    // The lines are the same lines whatever the filter.
+    assert_eq!(log(&["--from", "3", "--to", "6"]), all[2..6].to_vec());
+
+    // Empty answers, exit 0.
+    assert!(log(&["--from", "6", "--to", "3"]).is_empty());
+    assert!(log(&["--limit", "0"]).is_empty());
+    assert!(log(&["--from", "13"]).is_empty());
+    assert!(log(&["--event", "NoSuchEvent"]).is_empty());
+
+    // Limit: the first N matches.
+    assert_eq!(seqs(&log(&["--limit", "2"])), vec![1, 2]);
+    assert_eq!(seqs(&log(&["--from", "5", "--limit", "3"])), vec![5, 6, 7]);
+    assert_eq!(
+        seqs(&log(&["--event", "ArtifactRecorded", "--limit", "2"])),
+        vec![1, 2]
+    );
+
+    // Event name.
+    assert_eq!(seqs(&log(&["--event", "ArtifactEdited"])), vec![4, 10]);
+    assert_eq!(seqs(&log(&["--event", "Stitched"])), vec![5, 6]);
+
+    // Key: every event naming the key; beyond those, at most clears.
+    for key in ["b1", "b2", "b3", "e1"] {
+        let got = log(&["--key", key]);
+        let naming = pick(&|l| strings(&l["keys"]).contains(key));
+        assert!(!naming.is_empty());
+        for l in &naming {
+            assert!(got.contains(l), "--key {key} misses {l}");
+        }
+        for l in &got {
+            assert!(
+                naming.contains(l) || l["event"] == json!("Cleared"),
+                "--key {key} shows an event that does not touch it: {l}"
+            );
+        }
+        assert!(seqs(&got).windows(2).all(|w| w[0] < w[1]), "oldest first");
+    }
+    let recorded_b1 = log(&["--key", "b1", "--event", "ArtifactRecorded"]);
+    assert_eq!(seqs(&recorded_b1), vec![1]);
+
+    // Time: --since / --until are inclusive; times compare as their RFC 3339 text.
+    let time = |s: usize| all[s - 1]["time"].as_str().unwrap().to_string();
+    let t8 = time(8);
+    let at_or_after = pick(&|l| l["time"].as_str().unwrap() >= t8.as_str());
+    let at_or_before = pick(&|l| l["time"].as_str().unwrap() <= t8.as_str());
+    let exactly = pick(&|l| l["time"].as_str().unwrap() == t8.as_str());
+    assert!(seqs(&at_or_after).contains(&8) && seqs(&at_or_before).contains(&8));
+    assert_eq!(log(&["--since", &t8]), at_or_after);
+    assert_eq!(log(&["--until", &t8]), at_or_before);
+    assert_eq!(log(&["--since", &t8, "--until", &t8]), exactly);
+    assert_eq!(log(&["--since", "2000-01-01T00:00:00Z"]), all);
+    assert!(log(&["--until", "2000-01-01T00:00:00Z"]).is_empty());
+    assert!(log(&["--since", "2999-01-01T00:00:00Z"]).is_empty());
+    let t1 = time(1);
+    assert_eq!(
+        log(&[
+            "--since",
+            &t1,
+            "--until",
+            &time(12),
+            "--event",
+            "ArtifactTaken"
+        ]),
+        pick(&|l| l["event"] == json!("ArtifactTaken"))
+    );
+
+    // A time that is not RFC 3339 is refused, clearly.
+    let message = cli_error(&dir, &["log", "--since", "yesterday"], "invalid_request");
+    assert!(message.contains("yesterday"), "{message}");
+    // `state --at-time`: the last event at or before the time.
+    let at_t8 = cli_value(&dir, &["state", "--at-time", &t8]);
+    assert_eq!(at_t8["seq"], json!(*seqs(&at_or_before).last().unwrap()));
+}
+
+#[test]
+fn log_of_an_unknown_key_is_empty_even_when_the_log_has_clears() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_story(&dir);
+    assert_eq!(
+        cli_lines(&dir, &["log", "--event", "Cleared"]).len(),
+        1,
+        "the story has a clear"
+    );
+    let run = cli(&dir, &["log", "--key", "no_such_key"]);
+    assert_success(&run);
+    assert!(
+        run.stdout.trim().is_empty(),
+        "a key that never existed has no events, yet `log --key no_such_key` shows: {}",
+        run.stdout
+    );
+    // Likewise a key that did not exist when the clear happened (b3 is recorded after it).
+    let b3 = cli_lines(&dir, &["log", "--key", "b3"]);
+    assert!(
+        b3.iter().all(|l| l["event"] != json!("Cleared")),
+        "b3 did not exist at the clear (seq 8): {b3:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. history
+
+#[test]
+fn history_of_an_artifact_shows_every_version_and_every_stitch_that_included_or_bypassed_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_story(&dir);
+
+    let b1 = cli_lines(&dir, &["history", "b1"]);
+    assert_eq!(seqs(&b1), vec![1, 5, 6, 7, 8, 9, 10], "{b1:#?}");
+    for l in &b1 {
+        assert!(l["time"].is_string() && l["event"].is_string(), "{l}");
+    }
+    assert_eq!(b1[0]["event"], json!("ArtifactRecorded"));
+    assert_eq!(b1[0]["content"]["digest"], json!(hex(b"aaa")));
+    assert_eq!(b1[0]["content"]["size"], json!(3));
+    for l in &b1[1..3] {
+        assert_eq!(l["event"], json!("Stitched"));
+        assert_eq!(l["included_in"], json!(["e1"]), "{l}");
+        assert_eq!(l["bypassed_in"], json!([]), "{l}");
+    }
+    assert_eq!(b1[3]["event"], json!("SavedToDynamoCache"));
+    assert_eq!(b1[3]["saved_in"], json!(["e1"]));
+    assert_eq!(b1[4]["event"], json!("Cleared"));
+    assert_eq!(b1[5]["event"], json!("EntryLoaded"));
+    assert_eq!(b1[5]["loaded_from"], json!("e1"));
+    assert_eq!(b1[5]["content"]["digest"], json!(hex(b"aaa")));
+    assert_eq!(b1[6]["event"], json!("ArtifactEdited"));
+    assert_eq!(b1[6]["label"], json!("set"));
+    assert_eq!(b1[6]["content"]["digest"], json!(hex(b"zzz")));
+    assert_eq!(b1[6]["content"]["size"], json!(3));
+
+    let b2 = cli_lines(&dir, &["history", "b2"]);
+    assert_eq!(seqs(&b2), vec![2, 4, 5, 6, 7, 8, 9, 11], "{b2:#?}");
+    assert_eq!(b2[0]["content"]["digest"], json!(hex(b"bbb")));
+    assert_eq!(b2[1]["label"], json!("append"));
+    assert_eq!(b2[1]["content"]["digest"], json!(hex(b"bbb!")));
+    assert_eq!(b2[1]["content"]["size"], json!(4));
+    assert_eq!(b2[2]["included_in"], json!(["e1"]));
+    assert_eq!(b2[6]["content"]["digest"], json!(hex(b"bbb!")), "loaded");
+    assert_eq!(b2[7]["event"], json!("ArtifactTaken"));
+
+    // b3 was missing when e1 was stitched: its code 1 was bypassed for lack of it.
+    let b3 = cli_lines(&dir, &["history", "b3"]);
+    assert_eq!(seqs(&b3), vec![5, 6, 12], "{b3:#?}");
+    for l in &b3[..2] {
+        assert_eq!(l["included_in"], json!([]), "{l}");
+        assert_eq!(
+            l["bypassed_in"],
+            json!([{"entry": "e1", "code_index": 1}]),
+            "{l}"
+        );
+    }
+    assert_eq!(b3[2]["content"]["digest"], json!(hex(b"ccc")));
+
+    // A key that never existed: an empty history, exit 0.
+    assert!(cli_lines(&dir, &["history", "never"]).is_empty());
+}
+
+#[test]
+fn history_of_an_entry_shows_recorded_stitched_bypassed_saved_and_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_story(&dir);
+    let e1 = cli_lines(&dir, &["history", "e1"]);
+    assert_eq!(seqs(&e1), vec![3, 5, 6, 7, 8, 9], "{e1:#?}");
+    assert_eq!(e1[0]["event"], json!("DynamoEntryRecorded"));
+    assert_eq!(e1[0]["num_codes"], json!(2));
+    assert_eq!(e1[0]["backend_ids"], json!(["b1", "b2", "b3"]));
+    for l in &e1[1..3] {
+        assert_eq!(l["stitch"], json!("produced"), "{l}");
+        let codes = l["bypassed_codes"].as_array().unwrap();
+        assert_eq!(codes.len(), 1, "{l}");
+        assert_eq!(codes[0]["code_index"], json!(1));
+        assert_eq!(codes[0]["missing_backend"], json!("b3"));
+    }
+    assert_eq!(e1[3]["saved"], json!(true));
+    assert_eq!(e1[4]["event"], json!("Cleared"));
+    assert_eq!(e1[5]["loaded"], json!(true));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. diff
+
+#[test]
+fn diff_classifies_added_changed_taken_and_cleared() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    batch_ok(
+        &dir,
+        &[
+            record("x", "x1"),                     // 1
+            record("y", "y1"),                     // 2
+            record("z", "z1"),                     // 3
+            record("w", "w1"),                     // 4
+            record("v", "v1"),                     // 5
+            take("y"),                             // 6
+            append("x", "+"),                      // 7
+            op("clear"),                           // 8
+            record("x", "x2"),                     // 9
+            record("w", "w1"),                     // 10: as it was at 5
+            record("n", "n1"),                     // 11
+            record("v", "v2"),                     // 12: cleared, then back
+            take("v"),                             // 13: ... and taken
+            record_entry("e1", &[&["x"]]),         // 14
+            op("save_to_dynamo_cache"),            // 15, 16
+            record_entry("e1", &[&["x"], &["n"]]), // 17
+            op("clear"),                           // 18
+        ],
+    );
+    let diff = |from: u64, to: u64| {
+        let d = cli_value(
+            &dir,
+            &["diff", "--from", &from.to_string(), "--to", &to.to_string()],
+        );
+        assert_eq!(d["from"], json!(from));
+        assert_eq!(d["to"], json!(to));
+        d
+    };
+    let classes = |d: &Value| {
+        let a = &d["artifacts"];
+        (
+            strings(&a["added"]),
+            strings(&a["changed"]),
+            strings(&a["taken"]),
+            strings(&a["cleared"]),
+        )
+    };
+    let none = BTreeSet::new;
+
+    let d = diff(5, 13);
+    assert_eq!(
+        classes(&d),
+        (
+            set_of(&["n"]),
+            set_of(&["x"]),
+            set_of(&["y", "v"]),
+            set_of(&["z"])
+        ),
+        "{d}"
+    );
+    assert_eq!(d["artifacts"]["added"][0]["digest"], json!(hex(b"n1")));
+    assert_eq!(d["artifacts"]["added"][0]["size"], json!(2));
+    let x = &d["artifacts"]["changed"][0];
+    assert_eq!(x["from"]["digest"], json!(hex(b"x1")), "{x}");
+    assert_eq!(x["to"]["digest"], json!(hex(b"x2")), "{x}");
+    assert_eq!(d["clears"], json!([8]));
+
+    let d = diff(5, 7);
+    assert_eq!(
+        classes(&d),
+        (none(), set_of(&["x"]), set_of(&["y"]), none()),
+        "{d}"
+    );
+    assert_eq!(
+        d["artifacts"]["changed"][0]["to"]["digest"],
+        json!(hex(b"x1+"))
+    );
+    assert_eq!(d["clears"], json!([]));
+
+    let d = diff(5, 12);
+    assert_eq!(
+        classes(&d),
+        (
+            set_of(&["n"]),
+            set_of(&["x", "v"]),
+            set_of(&["y"]),
+            set_of(&["z"])
+        ),
+        "{d}"
+    );
+
+    let d = diff(0, 5);
+    assert_eq!(
+        classes(&d),
+        (set_of(&["x", "y", "z", "w", "v"]), none(), none(), none()),
+        "{d}"
+    );
+
+    let d = diff(13, 13);
+    assert_eq!(classes(&d), (none(), none(), none(), none()), "{d}");
+    assert_eq!(d["clears"], json!([]));
+
+    let d = diff(13, 16);
+    assert_eq!(classes(&d), (none(), none(), none(), none()), "{d}");
+    assert_eq!(strings(&d["entries"]["added"]), set_of(&["e1"]), "{d}");
+    assert_eq!(strings(&d["dynamo_cache"]["added"]), set_of(&["e1"]), "{d}");
+
+    let d = diff(16, 17);
+    assert_eq!(strings(&d["entries"]["changed"]), set_of(&["e1"]), "{d}");
+    assert_eq!(strings(&d["entries"]["added"]), none(), "{d}");
+
+    let d = diff(17, 18);
+    assert_eq!(
+        classes(&d),
+        (none(), none(), none(), set_of(&["x", "w", "n"])),
+        "{d}"
+    );
+    assert_eq!(strings(&d["entries"]["removed"]), set_of(&["e1"]), "{d}");
+    assert_eq!(strings(&d["dynamo_cache"]["changed"]), none(), "{d}");
+    assert_eq!(d["clears"], json!([18]));
+
+    cli_error(
+        &dir,
+        &["diff", "--from", "7", "--to", "5"],
+        "invalid_request",
+    );
+    cli_error(&dir, &["diff", "--from", "5", "--to", "99"], "beyond_end");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. the batch protocol asks the same questions
+
+#[test]
+fn batch_queries_answer_as_the_cli_does_and_see_the_write_before_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_story(&dir);
+
+    let queries: Vec<(Value, Vec<&str>, &str)> = vec![
+        (op("log"), vec!["log"], "events"),
+        (
+            json!({"op":"log","from":3,"to":6}),
+            vec!["log", "--from", "3", "--to", "6"],
+            "events",
+        ),
+        (
+            json!({"op":"log","key":"b2","event":"ArtifactEdited"}),
+            vec!["log", "--key", "b2", "--event", "ArtifactEdited"],
+            "events",
+        ),
+        (
+            json!({"op":"log","limit":0}),
+            vec!["log", "--limit", "0"],
+            "events",
+        ),
+        (
+            json!({"op":"history","key":"b1"}),
+            vec!["history", "b1"],
+            "history",
+        ),
+        (
+            json!({"op":"history","key":"e1"}),
+            vec!["history", "e1"],
+            "history",
+        ),
+        (op("state"), vec!["state"], "state"),
+        (
+            json!({"op":"state","at":5}),
+            vec!["state", "--at", "5"],
+            "state",
+        ),
+        (
+            json!({"op":"state","at":9,"key":"b2"}),
+            vec!["state", "--at", "9", "--key", "b2"],
+            "state",
+        ),
+        (
+            json!({"op":"diff","from":2,"to":11}),
+            vec!["diff", "--from", "2", "--to", "11"],
+            "diff",
+        ),
+        (op("verify"), vec!["verify"], "verify"),
+    ];
+    let requests: Vec<Value> = queries.iter().map(|(r, _, _)| r.clone()).collect();
+    let answers = batch_ok(&dir, &requests);
+    for ((request, args, field), answer) in queries.iter().zip(&answers) {
+        let got = &answer[*field];
+        let want = match *field {
+            "events" | "history" => Value::Array(cli_lines(&dir, args)),
+            _ => cli_value(&dir, args),
+        };
+        assert_eq!(got, &want, "batch {request} vs pcx {args:?}");
+    }
+    assert_eq!(answers[5]["key"], json!("e1"));
+    assert_eq!(
+        answers[8]["state"]["artifact"]["content_b64"],
+        json!(b64(b"bbb!"))
+    );
+
+    // Queries right after a write in the same stream see that write.
+    let answers = batch_ok(
+        &dir,
+        &[
+            record("q", "qqq"),
+            json!({"op":"log","from":13}),
+            json!({"op":"history","key":"q"}),
+            json!({"op":"state","key":"q"}),
+            op("verify"),
+            json!({"op":"diff","from":12,"to":13}),
+        ],
+    );
+    assert_eq!(answers[0]["seq"], json!(13));
+    assert_eq!(seqs(answers[1]["events"].as_array().unwrap()), vec![13]);
+    assert_eq!(seqs(answers[2]["history"].as_array().unwrap()), vec![13]);
+    assert_eq!(answers[3]["state"]["seq"], json!(13));
+    assert_eq!(
+        answers[3]["state"]["artifact"]["content_b64"],
+        json!(b64(b"qqq"))
+    );
+    assert_eq!(answers[4]["verify"]["ok"], json!(true));
+    assert_eq!(answers[4]["verify"]["last_seq"], json!(13));
+    assert_eq!(
+        strings(&answers[5]["diff"]["artifacts"]["added"]),
+        set_of(&["q"])
+    );
+
+    // An audit question that cannot be answered is an error answer, and the stream goes on.
+    let answers = batch(
+        &dir,
+        &[
+            json!({"op":"state","at":99}),
+            json!({"op":"diff","from":3,"to":2}),
+            json!({"op":"log","since":"not a time"}),
+            op("verify"),
+        ],
+    );
+    assert_eq!(
+        answers[0]["error"]["kind"],
+        json!("beyond_end"),
+        "{}",
+        answers[0]
+    );
+    assert_eq!(answers[1]["error"]["kind"], json!("invalid_request"));
+    assert_eq!(answers[2]["error"]["kind"], json!("invalid_request"));
+    assert_eq!(answers[3]["verify"]["ok"], json!(true));
+}
+
+/// The README promises that one request file gives the same answers in one `pcx batch` as
+/// split over several; so a query answers as of its place in the stream: it sees every write
+/// before it and none after it, however the writes are grouped into commits.
+#[test]
+fn a_batch_query_answers_as_of_its_place_in_the_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_story(&dir);
+    let mut requests: Vec<Value> = (0..5).map(|i| record(&format!("p{i}"), "p")).collect();
+    requests.extend([
+        json!({"op":"log","from":13}),
+        op("state"),
+        op("verify"),
+        json!({"op":"history","key":"p0"}),
+        json!({"op":"state","key":"p0"}),
+    ]);
+    requests.extend((0..5).map(|_| append("p0", "!")));
+    let answers = batch_ok(&dir, &requests);
+    assert_eq!(answers[4]["seq"], json!(17));
+    assert_eq!(answers[14]["seq"], json!(22));
+    let log = seqs(answers[5]["events"].as_array().unwrap());
+    let state = &answers[6]["state"];
+    let verify = &answers[7]["verify"];
+    let history = seqs(answers[8]["history"].as_array().unwrap());
+    let p0 = &answers[9]["state"];
+    assert_eq!(
+        (
+            log,
+            state["seq"].clone(),
+            verify["last_seq"].clone(),
+            history,
+            p0["seq"].clone()
+        ),
+        (
+            (13..=17).collect::<Vec<_>>(),
+            json!(17),
+            json!(17),
+            vec![13],
+            json!(17)
+        ),
+        "queries after event 17 and before event 18 answered with later events; \
+         state: {state}\nverify: {verify}\np0: {p0}"
+    );
+    assert_eq!(p0["artifact"]["content_b64"], json!(b64(b"p")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. export and import
+
+/// The facts of a log that must survive a round trip.
+fn summary(dir: &Path) -> Value {
+    let v = cli_value(dir, &["verify"]);
+    assert_eq!(v["ok"], json!(true), "{v}");
+    json!({
+        "events": v["events"], "first_seq": v["first_seq"], "last_seq": v["last_seq"],
+        "anchored_at": v["anchored_at"], "state_digest": v["state_digest"],
+        "state": cli_value(dir, &["state"]),
+        "log": cli_lines(dir, &["log"]),
+        "history_b1": cli_lines(dir, &["history", "b1"]),
+    })
+}
+
+fn export(dir: &Path, file: &Path, content: &str) {
+    let run = cli(
+        dir,
+        &[
+            "export",
+            "--content",
+            content,
+            "--output",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_success(&run);
+    assert!(run.stdout.trim().is_empty(), "{}", run.stdout);
+}
+
+fn import(dir: &Path, file: &Path) -> Value {
+    cli_value(dir, &["import", "--input", file.to_str().unwrap()])
+}
+
+fn import_refused(dir: &Path, file: &Path) -> String {
+    cli_error(
+        dir,
+        &["import", "--input", file.to_str().unwrap()],
+        "import_failed",
+    )
+}
+
+#[test]
+fn export_then_import_gives_the_same_log_and_state_plain_and_compacted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_story(&src);
+    let before = summary(&src);
+
+    let file = tmp.path().join("plain.jsonl");
+    export(&src, &file, "inline");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["pcx_export"], json!(1), "{}", lines[0]);
+    assert_eq!(lines[0]["content"], json!("inline"));
+    assert_eq!(lines.last().unwrap()["end"], json!(true));
+    assert_eq!(
+        lines.last().unwrap()["state_digest"],
+        before["state_digest"]
+    );
+    // The same export on stdout.
+    let stdout = cli(&src, &["export"]);
+    assert_success(&stdout);
+    assert_eq!(stdout.stdout, text, "export to stdout and to a file agree");
+
+    let dst = tmp.path().join("imported");
+    let imported = import(&dst, &file);
+    assert_eq!(imported["ok"], json!(true));
+    assert_eq!(imported["events"], json!(12));
+    assert_eq!(imported["last_seq"], json!(12));
+    assert_eq!(imported["state_digest"], before["state_digest"]);
+    assert_eq!(summary(&dst), before, "the imported log is the same log");
+    // It is a working data directory: it takes new writes where the log left off.
+    let answers = batch_ok(
+        &dst,
+        &[
+            record("new", "n"),
+            json!({"op":"load_cache_entry","key":"e1"}),
+        ],
+    );
+    assert_eq!(answers[0]["seq"], json!(13));
+    assert_eq!(
+        answers[1]["entry"]["backends"]["b2"]["content_b64"],
+        json!(b64(b"bbb!"))
+    );
+    assert_eq!(cli_value(&dst, &["verify"])["last_seq"], json!(14));
+
+    // Compacted: the anchor travels with the export.
+    let report = cli_value(&src, &["compact", "--before", "9"]);
+    assert_eq!(report["anchored_at"], json!(8), "{report}");
+    let compacted = summary(&src);
+    assert_eq!(compacted["anchored_at"], json!(8));
+    assert_eq!(compacted["state_digest"], before["state_digest"]);
+    let file = tmp.path().join("compacted.jsonl");
+    export(&src, &file, "inline");
+    let dst = tmp.path().join("imported-compacted");
+    let imported = import(&dst, &file);
+    assert_eq!(imported["state_digest"], before["state_digest"]);
+    assert_eq!(imported["last_seq"], json!(12));
+    assert_eq!(summary(&dst), compacted, "the imported compacted log");
+    cli_error(&dst, &["log", "--from", "1"], "compacted");
+    let answers = batch_ok(&dst, &[record("new", "n")]);
+    assert_eq!(answers[0]["seq"], json!(13));
+    assert_eq!(cli_value(&dst, &["verify"])["ok"], json!(true));
+}
+
+#[test]
+fn imports_are_refused_for_digest_exports_non_empty_directories_and_truncated_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_story(&src);
+    let good = tmp.path().join("good.jsonl");
+    export(&src, &good, "inline");
+    let text = std::fs::read_to_string(&good).unwrap();
+
+    // By digest: an audit trail without content.
+    let digests = tmp.path().join("digests.jsonl");
+    export(&src, &digests, "digest");
+    let d = std::fs::read_to_string(&digests).unwrap();
+    assert!(!d.contains("\"blob\""), "a digest export carries no blobs");
+    assert!(d.lines().next().unwrap().contains("\"content\":\"digest\""));
+    let dst = tmp.path().join("from-digests");
+    let message = import_refused(&dst, &digests);
+    assert!(message.contains("content"), "{message}");
+
+    // Truncated: the closing line is missing, or the file stops inside a line.
+    let truncated = tmp.path().join("truncated.jsonl");
+    let without_end: String = text
+        .lines()
+        .take(text.lines().count() - 1)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&truncated, &without_end).unwrap();
+    let dst2 = tmp.path().join("from-truncated");
+    let message = import_refused(&dst2, &truncated);
+    assert!(message.contains("truncated"), "{message}");
+    let cut = tmp.path().join("cut.jsonl");
+    std::fs::write(&cut, &text[..text.len() * 2 / 3]).unwrap();
+    let dst3 = tmp.path().join("from-cut");
+    import_refused(&dst3, &cut);
+
+    // A refused import leaves the directory empty: the good export still goes in.
+    for dir in [&dst, &dst2, &dst3] {
+        assert!(cli_lines(dir, &["log"]).is_empty(), "{}", dir.display());
+        import(dir, &good);
+        assert_eq!(summary(dir), summary(&src));
+    }
+
+    // Into a directory that already holds a log: refused, and the log is untouched.
+    let before = summary(&src);
+    let message = import_refused(&src, &good);
+    assert!(message.contains("already holds a log"), "{message}");
+    assert_eq!(summary(&src), before);
+}
+
+#[test]
+fn a_refused_import_of_a_compacted_export_leaves_the_directory_empty() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_story(&src);
+    cli_value(&src, &["compact", "--before", "9"]);
+    let good = tmp.path().join("good.jsonl");
+    export(&src, &good, "inline");
+    let text = std::fs::read_to_string(&good).unwrap();
+    let digests = tmp.path().join("digests.jsonl");
+    export(&src, &digests, "digest");
+    // Only the header (which carries the anchor) and one more line.
+    let truncated = tmp.path().join("truncated.jsonl");
+    let head: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&truncated, head).unwrap();
+
+    let mut problems = Vec::new();
+    for (name, bad) in [("digest", &digests), ("truncated", &truncated)] {
+        let dst = tmp.path().join(format!("from-{name}"));
+        import_refused(&dst, bad);
+        let verify = cli(&dst, &["verify"]);
+        if !(verify.status.success() && verify.one()["events"] == json!(0)) {
+            problems.push(format!(
+                "after a refused import ({name} export) the directory should hold no log; \
+                 verify says: {}",
+                verify.stdout.trim()
+            ));
+        }
+        let again = cli(&dst, &["import", "--input", good.to_str().unwrap()]);
+        if !again.status.success() {
+            problems.push(format!(
+                "after a refused import ({name} export) the good export should import; it \
+                 says: {}",
+                again.stdout.trim()
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn a_digest_export_of_a_compacted_log_is_refused_even_when_its_kept_events_carry_no_content() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    batch_ok(
+        &src,
+        &[
+            record("a", "alpha"),
+            record("b", "bravo"),
+            take("b"),
+            take("zz"),
+        ],
+    );
+    // The kept event (3: take b) refers to no content; the anchor's state (a, b) does.
+    cli_value(&src, &["compact", "--before", "3"]);
+    let digests = tmp.path().join("digests.jsonl");
+    export(&src, &digests, "digest");
+    let dst = tmp.path().join("dst");
+    let run = cli(&dst, &["import", "--input", digests.to_str().unwrap()]);
+    let verify = cli(&dst, &["verify"]);
+    assert!(
+        !run.status.success(),
+        "a digest export cannot be imported (it carries no content), yet the import said {} \
+         and verify of the result says {}",
+        run.stdout.trim(),
+        verify.stdout.trim()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. compaction
+
+#[test]
+fn compaction_keeps_the_state_shrinks_the_directory_and_every_command_still_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    const JUNK: usize = 20;
+    const JUNK_BYTES: usize = 32 * 1024;
+    let junk: Vec<Vec<u8>> = (0..JUNK).map(|i| vec![i as u8 + 1; JUNK_BYTES]).collect();
+
+    // 1 record b1 v1, 2 entry e1 [[b1]], 3-4 save (e1 keeps b1 v1), 5..44 junk recorded and
+    // taken, 45 edit b1 (v1+2), 46 record b2, 47 record b3, 48 edit b2. Compact before 46.
+    let (before, last) = block_on(async {
+        let ctx = open(&config(&dir, 5));
+        must_write(ctx.record_artifact(artifact("b1", b"v1")).await, "b1");
+        must_write(
+            ctx.record_dynamo_cache_entry("e1", entry(&[vec!["b1".into()]]))
+                .await,
+            "e1",
+        );
+        assert_eq!(must_write(ctx.save_to_dynamo_cache().await, "save"), 4);
+        for (i, content) in junk.iter().enumerate() {
+            let key = format!("junk{i}");
+            must_write(ctx.record_artifact(artifact(&key, content)).await, &key);
+            must_write(ctx.take_artifact(key.clone()).await, &key);
+        }
+        let edit = must_write(
+            ctx.edit_artifact("b1", "append", |mut c| {
+                c.extend_from_slice(b"+2");
+                c
+            })
+            .await,
+            "edit b1",
+        );
+        assert_eq!(edit, 45);
+        let before = must_write(ctx.record_artifact(artifact("b2", b"keep")).await, "b2");
+        must_write(ctx.record_artifact(artifact("b3", b"three")).await, "b3");
+        let last = must_write(
+            ctx.edit_artifact("b2", "append", |mut c| {
+                c.push(b'!');
+                c
+            })
+            .await,
+            "edit b2",
+        );
+        ctx.close().await.expect("close");
+        (before, last)
+    });
+    let anchor = before - 1;
+    let (s_before, s_anchor, s_last) = (before.to_string(), anchor.to_string(), last.to_string());
+
+    // What the commands say before compaction.
+    let state = cli_value(&dir, &["state"]);
+    let state_at_anchor = cli_value(&dir, &["state", "--at", &s_anchor]);
+    let diff = cli_value(&dir, &["diff", "--from", &s_anchor, "--to", &s_last]);
+    let log_kept = cli_lines(&dir, &["log", "--from", &s_before]);
+    let kept = |lines: Vec<Value>| -> Vec<Value> {
+        lines
+            .into_iter()
+            .filter(|l| l["seq"].as_u64().unwrap() >= before)
+            .collect()
+    };
+    let history_b1 = kept(cli_lines(&dir, &["history", "b1"]));
+    let history_b2 = kept(cli_lines(&dir, &["history", "b2"]));
+    let debug_info = cli_value(&dir, &["debug-info"]);
+    let verified = cli_value(&dir, &["verify"]);
+    assert_eq!(verified["ok"], json!(true));
+
+    let size_before = dir_size(&dir);
+    let report = cli_value(&dir, &["compact", "--before", &s_before]);
+    let size_after = dir_size(&dir);
+    assert_eq!(report["ok"], json!(true), "{report}");
+    assert_eq!(report["anchored_at"], json!(anchor), "{report}");
+    assert_eq!(report["events_removed"], json!(anchor), "{report}");
+    assert_eq!(report["events_kept"], json!(last - anchor), "{report}");
+    assert_eq!(report["blobs_removed"], json!(JUNK), "{report}");
+    assert_eq!(
+        report["blob_bytes_removed"],
+        json!(JUNK * JUNK_BYTES),
+        "{report}"
+    );
+    let reclaimed = report["reclaimed_bytes"].as_u64().expect("reclaimed_bytes");
+    assert!(reclaimed > 0, "{report}");
+    assert!(
+        size_before.saturating_sub(size_after) >= reclaimed,
+        "the directory went from {size_before} to {size_after} bytes, less than the \
+         {reclaimed} reclaimed bytes reported: {report}"
+    );
+    assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
+
+    // The state and the rest of the chain are intact.
+    let v = cli_value(&dir, &["verify"]);
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert_eq!(v["anchored_at"], json!(anchor), "{v}");
+    assert_eq!(v["first_seq"], json!(before), "{v}");
+    assert_eq!(v["last_seq"], json!(last), "{v}");
+    assert_eq!(v["events"], json!(last - anchor), "{v}");
+    assert_eq!(v["state_digest"], verified["state_digest"], "{v}");
+    assert_eq!(cli_value(&dir, &["state"]), state);
+    assert_eq!(
+        cli_value(&dir, &["state", "--at", &s_anchor]),
+        state_at_anchor
+    );
+    assert_eq!(
+        cli_value(&dir, &["diff", "--from", &s_anchor, "--to", &s_last]),
+        diff
+    );
+    assert_eq!(cli_lines(&dir, &["log"]), log_kept);
+    assert_eq!(cli_lines(&dir, &["log", "--from", &s_before]), log_kept);
+    assert_eq!(cli_lines(&dir, &["history", "b1"]), history_b1);
+    assert_eq!(cli_lines(&dir, &["history", "b2"]), history_b2);
+    assert_eq!(cli_value(&dir, &["debug-info"]), debug_info);
+    let export = cli(&dir, &["export"]);
+    assert_success(&export);
+    let header: Value = serde_json::from_str(export.stdout.lines().next().unwrap()).unwrap();
+    assert!(header["anchor_b64"].is_string(), "{header}");
+
+    // A compacted range says so.
+    for args in [
+        vec!["log", "--from", "1"],
+        vec!["log", "--from", &s_anchor],
+        vec!["state", "--at", "1"],
+        vec!["diff", "--from", "1", "--to", &s_last],
+    ] {
+        let message = cli_error(&dir, &args, "compacted");
+        assert!(message.contains("compacted"), "{args:?}: {message}");
+    }
+    // Compacting the same range again: nothing to do, said clearly.
+    let message = cli_error(&dir, &["compact", "--before", &s_before], "compact_failed");
+    assert!(message.contains("nothing to compact"), "{message}");
+
+    // Content: live artifacts, and the saved entry's (older) content, still load.
+    assert_eq!(
+        cli_value(&dir, &["get", "b1"])["artifact"]["content_b64"],
+        json!(b64(b"v1+2"))
+    );
+    let answers = batch_ok(
+        &dir,
+        &[
+            json!({"op":"load_cache_entry","key":"e1"}),
+            record("b4", "four"),
+            json!({"op":"serialize_artifact_by_key","key":"b2"}),
+            op("verify"),
+        ],
+    );
+    assert_eq!(
+        answers[0]["entry"]["backends"]["b1"]["content_b64"],
+        json!(b64(b"v1")),
+        "the saved entry's content survives compaction"
+    );
+    assert_eq!(answers[0]["seq"], json!(last + 1));
+    assert_eq!(answers[1]["seq"], json!(last + 2));
+    assert_eq!(answers[2]["artifact"]["content_b64"], json!(b64(b"keep!")));
+    assert_eq!(answers[3]["verify"]["ok"], json!(true), "{}", answers[3]);
+    assert_eq!(answers[3]["verify"]["last_seq"], json!(last + 2));
+    // Reopened (a new process): the writes are there.
+    assert_eq!(
+        cli_value(&dir, &["get", "b4"])["artifact"]["content_b64"],
+        json!(b64(b"four"))
+    );
+    let v = cli_value(&dir, &["verify"]);
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert_eq!(v["anchored_at"], json!(anchor), "{v}");
+
+    // The junk blobs are gone from the store; the live and saved ones are there.
+    let db = open_sled_directly(&dir);
+    let blobs = db.open_tree("blobs").unwrap();
+    for content in &junk {
+        assert!(
+            !blobs.contains_key(Digest::of(content).0).unwrap(),
+            "a blob only compacted events referred to is still stored"
+        );
+    }
+    for content in [&b"v1"[..], b"v1+2", b"keep", b"three", b"keep!", b"four"] {
+        assert!(
+            blobs.contains_key(Digest::of(content).0).unwrap(),
+            "blob of {:?} is missing",
+            String::from_utf8_lossy(content)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. empty and missing data directories
+
+#[test]
+fn every_audit_command_on_a_missing_directory_says_so_and_creates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("missing");
+    for args in [
+        vec!["log"],
+        vec!["history", "k"],
+        vec!["state"],
+        vec!["state", "--at", "0"],
+        vec!["diff", "--from", "0", "--to", "0"],
+        vec!["verify"],
+        vec!["export"],
+        vec!["compact", "--before", "2"],
+    ] {
+        let message = cli_error(&dir, &args, "no_data_directory");
+        assert!(message.contains("does not exist"), "{args:?}: {message}");
+        assert!(!dir.exists(), "pcx {args:?} created the data directory");
+        assert!(leftovers(&dir).is_empty(), "pcx {args:?}");
+    }
+}
+
+#[test]
+fn every_audit_command_on_an_empty_directory_gives_an_empty_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("empty");
+    std::fs::create_dir(&dir).unwrap();
+
+    assert!(cli_lines(&dir, &["log"]).is_empty());
+    assert!(cli_lines(&dir, &["log", "--from", "1", "--to", "5"]).is_empty());
+    assert!(cli_lines(&dir, &["history", "k"]).is_empty());
+    let state = cli_value(&dir, &["state"]);
+    assert_eq!(state["seq"], json!(0), "{state}");
+    assert_eq!(state["debug_info"], json!({}), "{state}");
+    assert_eq!(state["artifacts"], json!([]), "{state}");
+    assert_eq!(cli_value(&dir, &["state", "--at", "0"]), state);
+    let diff = cli_value(&dir, &["diff", "--from", "0", "--to", "0"]);
+    assert_eq!(diff["artifacts"]["added"], json!([]), "{diff}");
+    let v = cli_value(&dir, &["verify"]);
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert_eq!(v["events"], json!(0), "{v}");
+    assert_eq!(v["last_seq"], json!(0), "{v}");
+    assert_eq!(v["state_digest"], state["state_digest"], "{v}");
+    let export = cli_lines(&dir, &["export"]);
+    assert_eq!(export.len(), 2, "a header and a closing line: {export:?}");
+    assert_eq!(export[1]["events"], json!(0));
+    // Nothing to compact: a clear error, not a panic, and nothing left behind.
+    cli_error(&dir, &["compact", "--before", "2"], "compact_failed");
+    assert!(leftovers(&dir).is_empty());
+    cli_error(&dir, &["state", "--at", "1"], "beyond_end");
+    // Still an empty, working data directory.
+    assert_eq!(cli_value(&dir, &["verify"])["events"], json!(0));
+    let answers = batch_ok(&dir, &[record("k", "v"), json!({"op":"history","key":"k"})]);
+    assert_eq!(answers[0]["seq"], json!(1));
+    assert_eq!(answers[1]["history"].as_array().unwrap().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. no progress bar into a pipe
+
+#[test]
+fn no_progress_bar_is_drawn_when_stderr_is_a_pipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let requests: Vec<Value> = (0..300)
+        .map(|i| record(&format!("k{}", i % 17), &format!("content {i}")))
+        .collect();
+    batch_ok(&dir, &requests);
+    let export_file = tmp.path().join("e.jsonl");
+    let export_path = export_file.to_str().unwrap();
+    for args in [
+        vec!["verify"],
+        vec!["state", "--at", "150"],
+        vec!["history", "k3"],
+        vec!["export", "--output", export_path],
+    ] {
+        let run = cli(&dir, &args);
+        assert_success(&run);
+        assert!(
+            !run.stderr.contains('\r') && !run.stderr.contains("events ("),
+            "pcx {args:?} drew a progress bar into a pipe: {:?}",
+            run.stderr
+        );
+    }
+    let v = cli_value(&dir, &["verify"]);
+    assert_eq!(v["events"], json!(300));
+}
