@@ -159,6 +159,9 @@ message!(/// Waits until everything accepted is durable, then stops the actor an
 
 type Waiter = Box<dyn FnOnce(Result<(), ContextError>) + Send>;
 
+/// The most events one group commit carries.
+const MAX_GROUP_EVENTS: usize = 1024;
+
 /// A group of staged changes and the answers waiting for it.
 #[derive(Default)]
 struct Group {
@@ -185,12 +188,18 @@ pub struct ContextActor {
     head: Head,
     last_snapshot: u64,
     open: Group,
+    /// Full groups waiting for the committer, oldest first.
+    sealed: std::collections::VecDeque<Group>,
     inflight: Option<Vec<Waiter>>,
     committer: Option<(mpsc::Sender<Commit>, JoinHandle<()>)>,
     counters: LoadCounters,
     stats: Stats,
     /// Records in the group being committed now.
     inflight_events: u64,
+    /// Content staged but not yet durable, by digest, with how many staged changes hold it.
+    pending_blobs: std::collections::HashMap<Digest, (std::sync::Arc<Vec<u8>>, usize)>,
+    /// The digests the group being committed now staged.
+    inflight_blobs: Vec<Digest>,
     closed: bool,
 }
 
@@ -208,11 +217,14 @@ impl ContextActor {
             head: recovered.head,
             last_snapshot: recovered.snapshot.unwrap_or(0),
             open: Group::default(),
+            sealed: std::collections::VecDeque::new(),
             inflight: None,
             committer: None,
             counters: LoadCounters::default(),
             stats: Stats::default(),
             inflight_events: 0,
+            pending_blobs: std::collections::HashMap::new(),
+            inflight_blobs: Vec::new(),
             closed: false,
         }
     }
@@ -288,32 +300,50 @@ impl ContextActor {
 
     /// Calls `waiter` once everything staged so far is durable.
     fn when_durable(&mut self, waiter: Waiter) {
-        if self.inflight.is_none() && self.open.commit.records.is_empty() {
+        if self.inflight.is_none() && self.sealed.is_empty() && self.open.commit.records.is_empty()
+        {
             waiter(Ok(()));
             return;
         }
         self.open.waiters.push(waiter);
+        // sled applies a batch of a thousand or so inserts fastest: a larger group is sealed
+        // and queued, and the next one opens.
+        if self.open.commit.records.len() >= MAX_GROUP_EVENTS {
+            let full = std::mem::take(&mut self.open);
+            self.sealed.push_back(full);
+        }
         if self.inflight.is_none() {
             self.dispatch();
         }
     }
 
-    /// Sends the open group to the committer (or, holding no records, answers its waiters).
+    /// Sends the next group to the committer (or, holding no records, answers its waiters).
     fn dispatch(&mut self) {
-        let mut group = std::mem::take(&mut self.open);
+        let mut group = match self.sealed.pop_front() {
+            Some(g) => g,
+            None => std::mem::take(&mut self.open),
+        };
         if group.commit.records.is_empty() {
+            let staged: Vec<Digest> = group.commit.blobs.iter().map(|b| b.0).collect();
+            self.release_blobs(staged);
             for w in group.waiters {
                 w(Ok(()));
             }
             return;
         }
-        if self.head.seq - self.last_snapshot >= self.settings.snapshot_every {
+        // A snapshot goes with the group that holds the last staged event, never ahead of
+        // events still queued behind it.
+        let last_in_group = group.commit.records.last().map(|r| r.0);
+        if last_in_group == Some(self.head.seq)
+            && self.head.seq - self.last_snapshot >= self.settings.snapshot_every
+        {
             match encode_snapshot_of(self.head.seq, self.head.hash, &self.state) {
                 Ok(bytes) => group.commit.snapshot = Some((self.head.seq, bytes)),
                 Err(e) => tracing::warn!(error = %e, "snapshot skipped"),
             }
         }
         let group_events = group.commit.records.len() as u64;
+        let staged_blobs: Vec<Digest> = group.commit.blobs.iter().map(|b| b.0).collect();
         let Some((tx, _)) = &self.committer else {
             for w in group.waiters {
                 w(Err(ContextError::Closed));
@@ -328,6 +358,7 @@ impl ContextActor {
         }
         self.inflight_events = group_events;
         self.inflight = Some(group.waiters);
+        self.inflight_blobs = staged_blobs;
     }
 
     /// After a failed commit: the log is the truth, so rebuild from it.
@@ -349,6 +380,9 @@ impl ContextActor {
     }
 
     fn content(&self, key: &str, r: &ArtifactRef) -> Result<Vec<u8>, ContextError> {
+        if let Some((c, _)) = self.pending_blobs.get(&r.digest) {
+            return Ok(c.as_ref().clone());
+        }
         let unavailable = |message: String| ContextError::ContentUnavailable {
             key: key.to_string(),
             digest: r.digest.to_hex(),
@@ -373,11 +407,13 @@ impl ContextActor {
     }
 
     /// Stores content and gives the reference an event carries.
+    /// Stages content for the open group (written with its events, in one batch) and gives
+    /// the reference an event carries. Until durable it is read from memory.
     fn store_content(
-        &self,
+        &mut self,
         key: &str,
         kind: &str,
-        content: &[u8],
+        content: Vec<u8>,
     ) -> Result<ArtifactRef, ContextError> {
         let size = content.len() as u64;
         if size > self.settings.max_content_bytes {
@@ -387,13 +423,31 @@ impl ContextActor {
                 limit: self.settings.max_content_bytes,
             });
         }
-        let digest = Digest::of(content);
-        self.journal.put_blob(&digest, content)?;
+        let digest = Digest::of(&content);
+        let content = std::sync::Arc::new(content);
+        self.pending_blobs
+            .entry(digest)
+            .or_insert_with(|| (content.clone(), 0))
+            .1 += 1;
+        self.open.commit.blobs.push((digest, content));
         Ok(ArtifactRef {
             kind: kind.to_string(),
             digest,
             size,
         })
+    }
+
+    /// Forgets staged content once its group is done (durable or failed).
+    fn release_blobs(&mut self, digests: Vec<Digest>) {
+        for d in digests {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = self.pending_blobs.entry(d)
+            {
+                e.get_mut().1 -= 1;
+                if e.get().1 == 0 {
+                    e.remove();
+                }
+            }
+        }
     }
 
     fn stitch<B>(&self, resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>) -> Stitch<B> {
@@ -485,6 +539,8 @@ impl Handler<Committed> for ContextActor {
 
     fn handle(&mut self, msg: Committed, _ctx: &mut Self::Context) {
         let waiters = self.inflight.take().unwrap_or_default();
+        let staged = std::mem::take(&mut self.inflight_blobs);
+        self.release_blobs(staged);
         match msg.result {
             Ok(()) => {
                 tracing::debug!(
@@ -512,11 +568,17 @@ impl Handler<Committed> for ContextActor {
                 for w in waiters {
                     w(Err(err.clone()));
                 }
-                let open = std::mem::take(&mut self.open);
-                for w in open.waiters {
-                    w(Err(ContextError::Aborted {
-                        message: err.to_string(),
-                    }));
+                let queued: Vec<Group> = std::mem::take(&mut self.sealed)
+                    .into_iter()
+                    .chain([std::mem::take(&mut self.open)])
+                    .collect();
+                for group in queued {
+                    self.release_blobs(group.commit.blobs.iter().map(|b| b.0).collect());
+                    for w in group.waiters {
+                        w(Err(ContextError::Aborted {
+                            message: err.to_string(),
+                        }));
+                    }
                 }
                 self.reload();
             }
@@ -532,7 +594,7 @@ impl Handler<RecordArtifact> for ContextActor {
             move |this| {
                 let a = msg.artifact;
                 validate_kind(&a.kind)?;
-                let r = this.store_content(&a.key, &a.kind, &a.content)?;
+                let r = this.store_content(&a.key, &a.kind, a.content)?;
                 Ok((
                     vec![Event::ArtifactRecorded {
                         key: a.key,
@@ -596,7 +658,7 @@ impl Handler<EditArtifact> for ContextActor {
                             .edit(&key, &current.kind, &op, &args, &content)?
                     }
                 };
-                let r = this.store_content(&key, &current.kind, &edited)?;
+                let r = this.store_content(&key, &current.kind, edited)?;
                 Ok((
                     vec![Event::ArtifactEdited {
                         key,
@@ -695,10 +757,10 @@ impl Handler<SaveToDynamoCache> for ContextActor {
             |this| {
                 // The saved entry refers to content by digest; check that each blob is there.
                 this.stats.stitches += 1;
-                let out = this.stitch(|id, r| match this.journal.blob(&r.digest) {
-                    Ok(Some(_)) => Ok(r.clone()),
-                    Ok(None) => Err(format!("content of {id} (blob {}) is missing", r.digest)),
-                    Err(e) => Err(format!("content of {id} cannot be read: {e}")),
+                let out = this.stitch(|id, r| {
+                    this.content(id, r)
+                        .map(|_| r.clone())
+                        .map_err(|e| e.to_string())
                 });
                 let events = vec![
                     out.event(),
@@ -823,7 +885,13 @@ impl Handler<GetStats> for ContextActor {
             dynamo_cache_errors: self.counters.error,
             plugin_calls: calls,
             plugin_failures: failures,
-            queue_depth: self.open.commit.records.len() as u64 + self.inflight_events,
+            queue_depth: self.open.commit.records.len() as u64
+                + self
+                    .sealed
+                    .iter()
+                    .map(|g| g.commit.records.len() as u64)
+                    .sum::<u64>()
+                + self.inflight_events,
             head_seq: self.head.seq,
             ..self.stats
         };

@@ -17,6 +17,8 @@ use crate::record::{key_seq, seq_key};
 /// optional snapshot. Applied all together or not at all, and durable once `commit` returns.
 #[derive(Debug, Default)]
 pub struct Commit {
+    /// Content staged by the group's changes, stored by digest before its events.
+    pub blobs: Vec<(Digest, std::sync::Arc<Vec<u8>>)>,
     pub records: Vec<(u64, Vec<u8>)>,
     pub cache_puts: Vec<(String, Vec<u8>)>,
     pub snapshot: Option<(u64, Vec<u8>)>,
@@ -321,9 +323,22 @@ impl SledJournal {
     }
 
     fn try_commit(&self, c: &Commit) -> Result<(), StoreError> {
-        // Events first. sled recovers a prefix of its log, so whatever else of this group
-        // survives a crash (snapshot, cache view) has its events with it; blobs were written
-        // before, when each change was decided.
+        // Content first, then events: sled recovers a prefix of its log, so an event that
+        // survives a crash has its content, and whatever else of this group survives
+        // (snapshot, cache view) has its events. One batch per tree: sled inserts cost a
+        // third as much batched as one by one.
+        if !c.blobs.is_empty() {
+            let mut batch = sled::Batch::default();
+            let mut seen = std::collections::HashSet::new();
+            for (digest, content) in &c.blobs {
+                if seen.insert(*digest) {
+                    batch.insert(&digest.0, content.as_slice());
+                }
+            }
+            self.blobs
+                .apply_batch(batch)
+                .map_err(sled_err("writing content"))?;
+        }
         let mut batch = sled::Batch::default();
         for (seq, bytes) in &c.records {
             batch.insert(&seq_key(*seq), bytes.as_slice());

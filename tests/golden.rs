@@ -308,8 +308,8 @@ fn a_v1_log_replays_through_a_journal_with_and_without_its_snapshot() {
     journal
         .commit(&Commit {
             records,
-            cache_puts: Vec::new(),
             snapshot: Some((8, read_fixture("snapshot.bin"))),
+            ..Commit::default()
         })
         .unwrap();
 
