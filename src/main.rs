@@ -736,21 +736,16 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
         max_frame_bytes: config.max_frame_bytes,
         max_in_flight_per_connection: config.max_in_flight_per_connection,
     };
+    // Signal handlers first, so a signal during start-up is a clean shutdown, not a death.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let ctx =
         Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
-    let shutdown = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut int), Ok(mut term)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            _ => std::future::pending::<()>().await,
+    let shutdown = async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
     };
     let counters = std::sync::Arc::new(pcx::server::Counters::default());

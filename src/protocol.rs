@@ -185,6 +185,8 @@ pub enum RequestError {
     BadBase64 { field: String, message: String },
     #[error("request line is {len} bytes, over the limit of {limit} bytes (max_request_bytes)")]
     TooLarge { len: u64, limit: u64 },
+    #[error("frame is {len} bytes, over the limit of {limit} bytes (max_frame_bytes); closing the connection")]
+    FrameTooLarge { len: u64, limit: u64 },
 }
 
 impl RequestError {
@@ -195,7 +197,7 @@ impl RequestError {
             RequestError::MissingField(_) => "missing_field",
             RequestError::Invalid(_) => "invalid_request",
             RequestError::BadBase64 { .. } => "bad_base64",
-            RequestError::TooLarge { .. } => "too_large",
+            RequestError::TooLarge { .. } | RequestError::FrameTooLarge { .. } => "too_large",
         }
     }
 }

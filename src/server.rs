@@ -25,6 +25,11 @@ use crate::context::Context;
 use crate::protocol::{parse_value, refused, submit, with_id, AnswerFuture, Request, RequestError};
 use crate::wire::{body_len, decode_body, encode_frame, to_json, to_msgpack, HEADER_LEN};
 
+/// How long, after a shutdown signal, connections may take to write their last answers.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a TCP connection may take to authenticate.
+const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How the server listens.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -63,7 +68,17 @@ pub struct Counters {
 /// Binds the Unix socket: a stale socket file (no server answering) is replaced, a live one
 /// is an error; the socket is created with mode 0600.
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(ServeError::Listen {
+                what: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way; pcx will not delete it",
+                ),
+            });
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ServeError::Live(path.to_path_buf()));
         }
@@ -97,7 +112,7 @@ pub async fn run(
     counters: Arc<Counters>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let unix = bind_unix(&config.socket_path)?;
+    // Check everything that can refuse the start before creating the socket file.
     let tcp = match &config.tcp {
         None => None,
         Some((addr, token)) => {
@@ -116,6 +131,7 @@ pub async fn run(
             Some((l, token.clone()))
         }
     };
+    let unix = bind_unix(&config.socket_path)?;
     tracing::info!(socket = %config.socket_path.display(), tcp = ?config.tcp.as_ref().map(|t| t.0), "pcx serving");
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -170,8 +186,13 @@ pub async fn run(
     drop(unix);
     drop(tcp);
     let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
+    // Accepted changes are durable whether or not their answers get out; a client that does
+    // not read its answers is not allowed to hold the shutdown up for long.
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, futures::future::join_all(tasks)).await;
+    if drained.is_err() {
+        tracing::warn!(
+            "some connections did not take their answers within the grace period; closing them"
+        );
     }
     let _ = std::fs::remove_file(&config.socket_path);
     Ok(())
@@ -258,12 +279,21 @@ async fn serve_connection(
 ) -> std::io::Result<()> {
     if let Some(token) = token {
         // TCP: the first frame must be {"op":"auth","token":…}.
-        let ok = match read_frame(&mut reader, config.max_frame_bytes.min(1 << 16)).await? {
-            Frame::Body(b) => decode_body(&b)
-                .ok()
-                .and_then(|v| to_json(v).ok())
-                .is_some_and(|v| v["op"] == "auth" && v["token"].as_str() == Some(token.as_str())),
-            _ => false,
+        let first = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            f = tokio::time::timeout(AUTH_TIMEOUT, read_frame(&mut reader, config.max_frame_bytes.min(1 << 16))) => f,
+        };
+        let ok = match first {
+            Err(_) | Ok(Err(_)) => false,
+            Ok(Ok(frame)) => match frame {
+                Frame::Body(b) => decode_body(&b)
+                    .ok()
+                    .and_then(|v| to_json(v).ok())
+                    .is_some_and(|v| {
+                        v["op"] == "auth" && v["token"].as_str() == Some(token.as_str())
+                    }),
+                _ => false,
+            },
         };
         let answer = if ok {
             json!({ "ok": true })
@@ -278,38 +308,48 @@ async fn serve_connection(
         }
     }
     let (tx, mut rx) = mpsc::channel::<AnswerFuture>(config.max_in_flight_per_connection.max(1));
-    let read = async {
+    let mut writer_stop = stop.clone();
+    let read = async move {
         loop {
             let frame = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break,
                 f = read_frame(&mut reader, config.max_frame_bytes) => f,
             };
-            match frame {
-                Ok(Frame::Body(body)) => {
-                    if tx.send(answer_for(ctx, &body, counters)).await.is_err() {
-                        break;
-                    }
-                }
+            let answer = match frame {
+                Ok(Frame::Body(body)) => answer_for(ctx, &body, counters),
                 Ok(Frame::TooLarge(len)) => {
                     counters.refused_frames.fetch_add(1, Ordering::Relaxed);
-                    let e = RequestError::TooLarge {
+                    let e = RequestError::FrameTooLarge {
                         len,
                         limit: config.max_frame_bytes,
                     };
+                    // The rest of this frame cannot be skipped safely: answer, then close.
                     let _ = tx.send(ready(refused(&e))).await;
-                    // The rest of this frame cannot be skipped safely: close the connection.
                     break;
                 }
                 Ok(Frame::End) | Err(_) => break,
+            };
+            // A full queue (the client is not reading) holds the reader here: backpressure.
+            // It lets go when the writer gives up (the client vanished) or on shutdown.
+            tokio::select! {
+                sent = tx.send(answer) => if sent.is_err() { break },
+                _ = stop.wait_for(|s| *s) => break,
             }
         }
-        drop(tx);
     };
-    let write = async {
+    let write = async move {
         while let Some(answer) = rx.recv().await {
-            let value = answer.await;
-            writer.write_all(&encode_frame(&to_msgpack(&value))).await?;
+            let frame = encode_frame(&to_msgpack(&answer.await));
+            let written = tokio::select! {
+                w = writer.write_all(&frame) => w,
+                // After shutdown, a client that does not read cannot hold us here.
+                _ = async { let _ = writer_stop.wait_for(|s| *s).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client did not read its answers"))
+                }
+            };
+            // On a failed write `rx` is dropped here, which frees a reader blocked on it.
+            written?;
         }
         writer.flush().await?;
         writer.shutdown().await

@@ -43,6 +43,13 @@ pub fn encode_frame(value: &Mp) -> Vec<u8> {
 
 /// Decodes one frame body (exactly one MessagePack value).
 pub fn decode_body(body: &[u8]) -> Result<Mp, WireError> {
+    // rmp_serde refuses the reserved marker 0xc1 anywhere (rmpv's reader takes it for nil);
+    // rmpv then reads the value, keeping text that is not UTF-8 apart from binary. Both bound
+    // their nesting depth and preallocate only what the input can hold.
+    <serde::de::IgnoredAny as serde::Deserialize>::deserialize(&mut rmp_serde::Deserializer::new(
+        body,
+    ))
+    .map_err(|e| WireError::NotMsgpack(e.to_string()))?;
     let mut rest = body;
     let value =
         rmpv::decode::read_value(&mut rest).map_err(|e| WireError::NotMsgpack(e.to_string()))?;
