@@ -1,0 +1,81 @@
+//! `pcx-bench --quick` runs every workload green (small sizes: the figures mean nothing, the
+//! machinery is what is checked), each printing its figures as JSON with the reference it is
+//! compared against.
+
+mod common;
+use common::*;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs one workload and gives its JSON runs.
+fn bench(workload: &str) -> Vec<Value> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcx-bench"));
+    cmd.args(["--quick", "--runs", "1", "--json", workload])
+        .env("PCX_BENCH_DIR", dir.path())
+        .env("PCX_BENCH_PLUGIN", aot_bundle());
+    let out = run_with(cmd, b"", BUILD_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "pcx-bench {workload} failed:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    let runs = out.answers();
+    assert_eq!(runs.len(), 1, "one run: {}", out.stdout);
+    assert!(
+        std::fs::read_dir(dir.path())
+            .expect("bench dir")
+            .next()
+            .is_none(),
+        "pcx-bench {workload} left files behind"
+    );
+    runs
+}
+
+fn figure(run: &Value, name: &str) -> f64 {
+    run["run"][name]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no figure {name} in {run}"))
+}
+
+#[test]
+fn every_workload_runs_and_reports_its_figures_beside_its_reference() {
+    let disk = &bench("disk")[0];
+    assert!(figure(disk, "fsync_ms") > 0.0 && figure(disk, "seq_write_fsync_mib_s") > 0.0);
+
+    let w1 = &bench("w1")[0];
+    let phases: f64 = [
+        "record_artifacts_s",
+        "record_entries_s",
+        "edits_s",
+        "stitch_s",
+    ]
+    .iter()
+    .map(|p| figure(w1, p))
+    .sum();
+    assert!(
+        (phases - figure(w1, "total_s")).abs() < 1e-3,
+        "phases add up to the total: {w1}"
+    );
+    assert!(figure(w1, "ratio_to_reference_torch") > 0.0);
+
+    let w2 = &bench("w2")[0];
+    assert_eq!(
+        w2["run"]["artifacts"], 2000,
+        "the cold start sees every artifact: {w2}"
+    );
+    assert!(figure(w2, "no_snapshot_first_answer_s") > 0.0);
+
+    let w3 = &bench("w3")[0];
+    assert!(figure(w3, "records_per_s") > 0.0 && figure(w3, "fraction_of_limit") > 0.0);
+    assert!(figure(w3, "p99_ms") >= figure(w3, "p50_ms"));
+
+    let w4 = &bench("w4")[0];
+    assert!(figure(w4, "fraction_of_disk") > 0.0);
+
+    let w5 = &bench("w5")[0];
+    assert!(figure(w5, "plugin_loads_per_s") > 0.0 && figure(w5, "eager_loads_per_s") > 0.0);
+}
