@@ -213,23 +213,37 @@ pub fn log_line(e: &Envelope) -> Value {
     Value::Object(m)
 }
 
-/// Which events `log` shows. All bounds are inclusive.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Which events `log` shows. All bounds are inclusive. The same fields are the CLI's flags
+/// and the batch request's keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::Args)]
 pub struct LogFilter {
+    /// Events from this sequence number.
     #[serde(default)]
+    #[arg(long)]
     pub from: Option<u64>,
+    /// Events up to this sequence number.
     #[serde(default)]
+    #[arg(long)]
     pub to: Option<u64>,
+    /// Events at or after this RFC 3339 time.
     #[serde(default)]
+    #[arg(long)]
     pub since: Option<String>,
+    /// Events at or before this RFC 3339 time.
     #[serde(default)]
+    #[arg(long)]
     pub until: Option<String>,
+    /// Events touching this artifact or entry key (a clear, if the key was there).
     #[serde(default)]
+    #[arg(long)]
     pub key: Option<String>,
+    /// Events of this name (e.g. ArtifactEdited).
     #[serde(default)]
+    #[arg(long)]
     pub event: Option<String>,
+    /// At most this many events.
     #[serde(default)]
+    #[arg(long)]
     pub limit: Option<u64>,
 }
 

@@ -94,24 +94,8 @@ enum Command {
     Plugins(PluginsCommand),
     /// Audit: events as JSON lines, filtered (bounds inclusive).
     Log {
-        #[arg(long)]
-        from: Option<u64>,
-        #[arg(long)]
-        to: Option<u64>,
-        /// Events at or after this RFC 3339 time.
-        #[arg(long)]
-        since: Option<String>,
-        /// Events at or before this RFC 3339 time.
-        #[arg(long)]
-        until: Option<String>,
-        /// Events touching this artifact or entry key (and every clear).
-        #[arg(long)]
-        key: Option<String>,
-        /// Events of this name (e.g. ArtifactEdited).
-        #[arg(long)]
-        event: Option<String>,
-        #[arg(long)]
-        limit: Option<u64>,
+        #[command(flatten)]
+        filter: pcx::audit::LogFilter,
     },
     /// Audit: every event that touched KEY, oldest first, as JSON lines.
     History { key: String },
@@ -615,24 +599,7 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
         .unwrap_or(0);
     let mut out = io::stdout().lock();
     let query = match command {
-        Command::Log {
-            from,
-            to,
-            since,
-            until,
-            key,
-            event,
-            limit,
-        } => {
-            let filter = audit::LogFilter {
-                from,
-                to,
-                since,
-                until,
-                key,
-                event,
-                limit,
-            };
+        Command::Log { filter } => {
             let mut failed = None;
             let result = audit::log(&journal, &filter, &mut |line| {
                 if failed.is_none() {

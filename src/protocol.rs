@@ -78,20 +78,8 @@ pub enum Request {
     },
     /// Audit: events as log lines (all filters optional, bounds inclusive).
     Log {
-        #[serde(default)]
-        from: Option<u64>,
-        #[serde(default)]
-        to: Option<u64>,
-        #[serde(default)]
-        since: Option<String>,
-        #[serde(default)]
-        until: Option<String>,
-        #[serde(default)]
-        key: Option<String>,
-        #[serde(default)]
-        event: Option<String>,
-        #[serde(default)]
-        limit: Option<u64>,
+        #[serde(flatten)]
+        filter: LogFilter,
     },
     /// Audit: every event that touched a key.
     History {
@@ -296,31 +284,12 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
         }};
     }
     match request {
-        Request::Log {
-            from,
-            to,
-            since,
-            until,
-            key,
-            event,
-            limit,
-        } => {
-            let filter = LogFilter {
-                from,
-                to,
-                since,
-                until,
-                key,
-                event,
-                limit,
-            };
-            send!(
-                Audit {
-                    query: Query::Log(filter)
-                },
-                Value::Object
-            )
-        }
+        Request::Log { filter } => send!(
+            Audit {
+                query: Query::Log(filter)
+            },
+            Value::Object
+        ),
         Request::History { key } => send!(
             Audit {
                 query: Query::History { key }
