@@ -159,6 +159,9 @@ message!(/// Waits until everything accepted is durable, then stops the actor an
 
 type Waiter = Box<dyn FnOnce(Result<(), ContextError>) + Send>;
 
+/// How often a broken journal is tried again.
+const HEAL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The most events one group commit carries.
 const MAX_GROUP_EVENTS: usize = 1024;
 
@@ -194,6 +197,9 @@ pub struct ContextActor {
     committer: Option<(mpsc::Sender<Commit>, JoinHandle<()>)>,
     counters: LoadCounters,
     stats: Stats,
+    /// Set when storage failed in a way that needs the journal reopened; cleared by `heal`.
+    broken: Option<ContextError>,
+    last_heal: Option<std::time::Instant>,
     /// Records in the group being committed now.
     inflight_events: u64,
     /// Content staged but not yet durable, by digest, with how many staged changes hold it.
@@ -222,6 +228,8 @@ impl ContextActor {
             committer: None,
             counters: LoadCounters::default(),
             stats: Stats::default(),
+            broken: None,
+            last_heal: None,
             inflight_events: 0,
             pending_blobs: std::collections::HashMap::new(),
             inflight_blobs: Vec::new(),
@@ -238,6 +246,8 @@ impl ContextActor {
         let (tx, rx) = oneshot::channel();
         let decided = if self.closed {
             Err(ContextError::Closed)
+        } else if let Err(e) = self.heal() {
+            Err(e)
         } else {
             catch_unwind(AssertUnwindSafe(|| decide(self))).unwrap_or_else(|panic| {
                 let message = panic_message(&panic);
@@ -368,14 +378,51 @@ impl ContextActor {
                 self.state = r.state;
                 self.head = r.head;
                 self.last_snapshot = r.snapshot.unwrap_or(0);
+                self.broken = None;
                 if let Err(e) = sync_cache_view(self.journal.as_ref(), &self.state) {
                     tracing::error!(error = %e, "could not rebuild the dynamo cache view");
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot replay the log after a failed commit; refusing further requests");
-                self.closed = true;
+                tracing::error!(error = %e, "cannot replay the log after a failed commit; will retry on the next request");
+                self.broken = Some(match e {
+                    crate::replay::ReplayError::Store(s) => ContextError::from(s),
+                    other => ContextError::Storage {
+                        message: other.to_string(),
+                        no_space: false,
+                    },
+                });
             }
+        }
+    }
+
+    /// After a storage failure that left the journal unusable: reopen it and replay, at most
+    /// a few times a second, so the context works again once the cause (a full disk) is gone.
+    fn heal(&mut self) -> Result<(), ContextError> {
+        let Some(err) = self.broken.clone() else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        if self
+            .last_heal
+            .is_some_and(|t| now.duration_since(t) < HEAL_INTERVAL)
+        {
+            return Err(err);
+        }
+        self.last_heal = Some(now);
+        if let Err(e) = self.journal.reset() {
+            tracing::warn!(error = %e, "the event log cannot be reopened yet");
+            let e = ContextError::from(e);
+            self.broken = Some(e.clone());
+            return Err(e);
+        }
+        self.reload();
+        match &self.broken {
+            None => {
+                tracing::info!("the context works again");
+                Ok(())
+            }
+            Some(e) => Err(e.clone()),
         }
     }
 
@@ -561,6 +608,8 @@ impl Handler<Committed> for ContextActor {
                 self.dispatch();
             }
             Err(e) => {
+                // sled keeps its first write error until reopened: take it up afresh.
+                let reopen = matches!(e, StoreError::Sled { .. });
                 let err = ContextError::from(e);
                 self.stats.failed_commits += 1;
                 self.inflight_events = 0;
@@ -580,7 +629,13 @@ impl Handler<Committed> for ContextActor {
                         }));
                     }
                 }
-                self.reload();
+                if reopen {
+                    self.broken = Some(err.clone());
+                    self.last_heal = None;
+                    let _ = self.heal();
+                } else {
+                    self.reload();
+                }
             }
         }
     }

@@ -831,6 +831,9 @@ impl Journal for Capped {
         }
         self.inner.snapshot(seq)
     }
+    fn reset(&self) -> Result<(), StoreError> {
+        self.inner.reset()
+    }
     fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.anchor()
     }

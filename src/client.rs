@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::batch::{read_bounded_line, Line};
 use crate::protocol::{refused, RequestError};
-use crate::wire::{body_len, decode_body, encode_frame, to_json, to_msgpack, HEADER_LEN};
+use crate::wire::{body_len, decode_answer, encode_frame, to_json, to_msgpack, HEADER_LEN};
 
 /// One answer's place in the output: from the server, or made here.
 enum Slot {
@@ -26,7 +26,7 @@ fn read_answer(r: &mut impl Read) -> io::Result<Value> {
     r.read_exact(&mut header)?;
     let mut body = vec![0u8; body_len(header) as usize];
     r.read_exact(&mut body)?;
-    decode_body(&body)
+    decode_answer(&body)
         .and_then(to_json)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
 }

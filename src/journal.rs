@@ -45,6 +45,10 @@ pub enum StoreError {
     },
     #[error("the data directory is closed")]
     Closed,
+    #[error("No space left on device: a write needs about {needed} bytes free, {available} are")]
+    NoSpace { needed: u64, available: u64 },
+    #[error("the event log is being reopened after a storage failure; try again")]
+    Unavailable,
     #[error("storage failed while {op}: injected fault")]
     Injected { op: &'static str },
 }
@@ -52,6 +56,9 @@ pub enum StoreError {
 impl StoreError {
     /// True when the failure is the disk being full.
     pub fn is_no_space(&self) -> bool {
+        if matches!(self, StoreError::NoSpace { .. }) {
+            return true;
+        }
         let io = match self {
             StoreError::Io { source, .. } => Some(source),
             StoreError::Sled {
@@ -110,6 +117,9 @@ pub trait Journal: Send + Sync + 'static {
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError>;
     /// One stored snapshot record.
     fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Lets go of the storage and takes it up again after a failure that may have left it
+    /// unusable (sled keeps its first write error until reopened).
+    fn reset(&self) -> Result<(), StoreError>;
     /// The compaction anchor (a snapshot record), if the log was compacted.
     fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Replaces the dynamo cache view with exactly these entries.
@@ -124,11 +134,14 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 /// The key of the compaction anchor in the `meta` tree.
 const ANCHOR_KEY: &[u8] = b"anchor";
 
+/// Free space kept in reserve for sled's own bookkeeping (a few of its 512 KiB segments).
+const SPACE_MARGIN: u64 = 4 << 20;
+
 /// How many snapshots are kept: the newest, and one before it to fall back to.
 const SNAPSHOTS_KEPT: usize = 2;
 
-/// The sled-backed journal (sled 0.34.7), durable through an explicit `fdatasync`.
-pub struct SledJournal {
+/// sled's handles on one data directory.
+struct Handles {
     db: sled::Db,
     events: sled::Tree,
     blobs: sled::Tree,
@@ -136,10 +149,20 @@ pub struct SledJournal {
     cache: sled::Tree,
     /// Holds the compaction anchor: the snapshot the remaining log continues from.
     meta: sled::Tree,
-    dir: PathBuf,
     /// sled's data file: flushed by sled with `sync_file_range`, which leaves the device's
     /// write cache unflushed (sled issue 1452), so we `fdatasync` it ourselves.
     data_file: File,
+}
+
+/// The sled-backed journal (sled 0.34.7), durable through an explicit `fdatasync`.
+///
+/// sled keeps the first write error it meets (a full disk, say) and fails everything after
+/// it until the database is opened again; [`Journal::reset`] does that, so the context recovers
+/// without a restart once the cause is gone.
+pub struct SledJournal {
+    handles: std::sync::RwLock<Option<std::sync::Arc<Handles>>>,
+    dir: PathBuf,
+    cache_capacity: u64,
     /// The highest sled blob file already synced (sled names them by log sequence number and
     /// never syncs them itself).
     synced_blob_files: Mutex<u64>,
@@ -156,69 +179,40 @@ impl SledJournal {
             path: dir.to_path_buf(),
             source,
         })?;
-        // sled's IO threads hold the locked data file for a moment after a close, so a
-        // reopen right after one (the same process restarting its context) retries briefly
-        // before calling the directory in use.
-        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
-        let db = loop {
-            let opened = sled::Config::new()
-                .path(dir)
-                .cache_capacity(cache_capacity)
-                .flush_every_ms(None)
-                .open();
-            match opened {
-                Ok(db) => break db,
-                Err(e) if e.to_string().contains("could not acquire lock") => {
-                    if std::time::Instant::now() >= deadline {
-                        return Err(OpenError::Locked {
-                            path: dir.to_path_buf(),
-                        });
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(source) => {
-                    return Err(OpenError::Sled {
-                        path: dir.to_path_buf(),
-                        source,
-                    })
-                }
-            }
-        };
-        let tree = |name: &str| {
-            db.open_tree(name).map_err(|source| OpenError::Sled {
-                path: dir.to_path_buf(),
-                source,
-            })
-        };
-        let (events, blobs, snapshots, cache, meta) = (
-            tree("events")?,
-            tree("blobs")?,
-            tree("snapshots")?,
-            tree("dynamo_cache")?,
-            tree("meta")?,
-        );
-        let data_path = dir.join("db");
-        let data_file = File::open(&data_path).map_err(|source| OpenError::DataFile {
-            path: data_path.clone(),
-            source,
-        })?;
-        let journal = SledJournal {
-            db,
-            events,
-            blobs,
-            snapshots,
-            cache,
-            meta,
-            dir: dir.to_path_buf(),
-            data_file,
-            synced_blob_files: Mutex::new(0),
-        };
+        let handles = open_handles(dir, cache_capacity)?;
         // The directory entries of sled's files must survive power loss too.
         sync_dir(dir).map_err(|source| OpenError::DataFile {
             path: dir.to_path_buf(),
             source,
         })?;
-        Ok(journal)
+        Ok(SledJournal {
+            handles: std::sync::RwLock::new(Some(std::sync::Arc::new(handles))),
+            dir: dir.to_path_buf(),
+            cache_capacity,
+            synced_blob_files: Mutex::new(0),
+        })
+    }
+
+    /// sled's handles, or an error while they are being reopened.
+    fn h(&self) -> Result<std::sync::Arc<Handles>, StoreError> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    /// Refuses a write that would leave less than a margin free: sled poisons itself on a
+    /// failed write, and refusing before it writes keeps reads working on a full disk.
+    fn ensure_space(&self, bytes: u64) -> Result<(), StoreError> {
+        let Some(available) = free_bytes(&self.dir) else {
+            return Ok(());
+        };
+        let needed = bytes.saturating_mul(2).saturating_add(SPACE_MARGIN);
+        if available < needed {
+            return Err(StoreError::NoSpace { needed, available });
+        }
+        Ok(())
     }
 
     /// The data directory.
@@ -228,7 +222,8 @@ impl SledJournal {
 
     /// Sets the compaction anchor and makes it durable (compaction and import only).
     pub fn set_anchor(&self, snapshot: &[u8]) -> Result<(), StoreError> {
-        self.meta
+        let h = self.h()?;
+        h.meta
             .insert(ANCHOR_KEY, snapshot)
             .map_err(sled_err("writing the anchor"))?;
         self.make_durable()
@@ -236,13 +231,8 @@ impl SledJournal {
 
     /// Empties every tree (a refused import takes back what it wrote).
     pub fn wipe(&self) -> Result<(), StoreError> {
-        for tree in [
-            &self.events,
-            &self.blobs,
-            &self.snapshots,
-            &self.cache,
-            &self.meta,
-        ] {
+        let h = self.h()?;
+        for tree in [&h.events, &h.blobs, &h.snapshots, &h.cache, &h.meta] {
             tree.clear()
                 .map_err(sled_err("emptying the data directory"))?;
         }
@@ -251,7 +241,8 @@ impl SledJournal {
 
     /// Every stored blob digest (compaction only).
     pub fn blob_digests(&self) -> Result<Vec<Digest>, StoreError> {
-        self.blobs
+        let h = self.h()?;
+        h.blobs
             .iter()
             .keys()
             .filter_map(|k| match k {
@@ -263,14 +254,13 @@ impl SledJournal {
 
     /// Flush sled, then `fdatasync` its data file and any new large-value files.
     fn make_durable(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(sled_err("flushing the log"))?;
-        self.data_file
-            .sync_data()
-            .map_err(|source| StoreError::Io {
-                op: "syncing",
-                path: self.dir.join("db"),
-                source,
-            })?;
+        let h = self.h()?;
+        h.db.flush().map_err(sled_err("flushing the log"))?;
+        h.data_file.sync_data().map_err(|source| StoreError::Io {
+            op: "syncing",
+            path: self.dir.join("db"),
+            source,
+        })?;
         self.sync_blob_files()
     }
 
@@ -323,6 +313,12 @@ impl SledJournal {
     }
 
     fn try_commit(&self, c: &Commit) -> Result<(), StoreError> {
+        let h = self.h()?;
+        let bytes: usize = c.blobs.iter().map(|b| b.1.len()).sum::<usize>()
+            + c.records.iter().map(|r| r.1.len()).sum::<usize>()
+            + c.cache_puts.iter().map(|p| p.1.len()).sum::<usize>()
+            + c.snapshot.as_ref().map_or(0, |s| s.1.len());
+        self.ensure_space(bytes as u64)?;
         // Content first, then events: sled recovers a prefix of its log, so an event that
         // survives a crash has its content, and whatever else of this group survives
         // (snapshot, cache view) has its events. One batch per tree: sled inserts cost a
@@ -335,7 +331,7 @@ impl SledJournal {
                     batch.insert(&digest.0, content.as_slice());
                 }
             }
-            self.blobs
+            h.blobs
                 .apply_batch(batch)
                 .map_err(sled_err("writing content"))?;
         }
@@ -343,7 +339,7 @@ impl SledJournal {
         for (seq, bytes) in &c.records {
             batch.insert(&seq_key(*seq), bytes.as_slice());
         }
-        self.events
+        h.events
             .apply_batch(batch)
             .map_err(sled_err("appending events"))?;
         if let Some((seq, bytes)) = &c.snapshot {
@@ -357,7 +353,7 @@ impl SledJournal {
             for s in older {
                 batch.remove(&seq_key(s));
             }
-            self.snapshots
+            h.snapshots
                 .apply_batch(batch)
                 .map_err(sled_err("writing a snapshot"))?;
         }
@@ -366,12 +362,83 @@ impl SledJournal {
             for (key, bytes) in &c.cache_puts {
                 batch.insert(key.as_bytes(), bytes.as_slice());
             }
-            self.cache
+            h.cache
                 .apply_batch(batch)
                 .map_err(sled_err("writing the dynamo cache"))?;
         }
         self.make_durable()
     }
+}
+
+/// Opens sled on `dir`. sled's IO threads hold the locked data file for a moment after a
+/// close, so an open right after one (the same process restarting its context, or a reset)
+/// retries briefly before calling the directory in use.
+fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    let db = loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => break db,
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(OpenError::Locked {
+                        path: dir.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(OpenError::Sled {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    };
+    let tree = |name: &str| {
+        db.open_tree(name).map_err(|source| OpenError::Sled {
+            path: dir.to_path_buf(),
+            source,
+        })
+    };
+    let (events, blobs, snapshots, cache, meta) = (
+        tree("events")?,
+        tree("blobs")?,
+        tree("snapshots")?,
+        tree("dynamo_cache")?,
+        tree("meta")?,
+    );
+    let data_path = dir.join("db");
+    let data_file = File::open(&data_path).map_err(|source| OpenError::DataFile {
+        path: data_path.clone(),
+        source,
+    })?;
+    Ok(Handles {
+        db,
+        events,
+        blobs,
+        snapshots,
+        cache,
+        meta,
+        data_file,
+    })
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct we own, from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -380,28 +447,29 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl Journal for SledJournal {
     fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
-        if self
-            .blobs
+        let h = self.h()?;
+        if h.blobs
             .contains_key(digest.0)
             .map_err(sled_err("reading a blob"))?
         {
             return Ok(());
         }
-        self.blobs
+        h.blobs
             .insert(digest.0, content)
             .map_err(sled_err("writing a blob"))?;
         Ok(())
     }
 
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .blobs
+        let h = self.h()?;
+        Ok(h.blobs
             .get(digest.0)
             .map_err(sled_err("reading a blob"))?
             .map(|v| v.to_vec()))
     }
 
     fn commit(&self, c: &Commit) -> Result<(), StoreError> {
+        let h = self.h()?;
         let result = self.try_commit(c);
         if result.is_err() {
             // Take back whatever part of the group reached sled, so a failed change is not
@@ -410,17 +478,23 @@ impl Journal for SledJournal {
             for (seq, _) in &c.records {
                 batch.remove(&seq_key(*seq));
             }
-            let _ = self.events.apply_batch(batch);
+            let _ = h.events.apply_batch(batch);
             if let Some((seq, _)) = &c.snapshot {
-                let _ = self.snapshots.remove(seq_key(*seq));
+                let _ = h.snapshots.remove(seq_key(*seq));
             }
-            let _ = self.db.flush();
+            let _ = h.db.flush();
         }
         result
     }
 
     fn records(&self, from: u64) -> Records<'_> {
-        Box::new(self.events.range(seq_key(from)..).map(|item| {
+        let h = match self.h() {
+            Ok(h) => h,
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        // sled's iterator holds its own handle on the tree.
+        let range = h.events.range(seq_key(from)..);
+        Box::new(range.map(|item| {
             let (k, v) = item.map_err(sled_err("reading events"))?;
             // Keys are written only by `commit`; a key of another length is itself damage,
             // reported as sequence number u64::MAX so replay names it.
@@ -429,16 +503,17 @@ impl Journal for SledJournal {
     }
 
     fn last_seq(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .events
+        let h = self.h()?;
+        Ok(h.events
             .last()
             .map_err(sled_err("reading events"))?
             .and_then(|(k, _)| key_seq(&k)))
     }
 
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        let h = self.h()?;
         let mut seqs = Vec::new();
-        for item in self.snapshots.iter().keys().rev() {
+        for item in h.snapshots.iter().keys().rev() {
             let k = item.map_err(sled_err("listing snapshots"))?;
             if let Some(s) = key_seq(&k) {
                 seqs.push(s);
@@ -448,37 +523,55 @@ impl Journal for SledJournal {
     }
 
     fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .snapshots
+        let h = self.h()?;
+        Ok(h.snapshots
             .get(seq_key(seq))
             .map_err(sled_err("reading a snapshot"))?
             .map(|v| v.to_vec()))
     }
 
+    fn reset(&self) -> Result<(), StoreError> {
+        let mut slot = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        // Drop ours first: sled's lock on the directory goes with its last handle (an
+        // iterator still held elsewhere may keep it a moment; opening waits for that).
+        *slot = None;
+        let reopened =
+            open_handles(&self.dir, self.cache_capacity).map_err(|e| StoreError::Io {
+                op: "reopening the event log in",
+                path: self.dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        *slot = Some(std::sync::Arc::new(reopened));
+        tracing::info!(dir = %self.dir.display(), "event log reopened");
+        Ok(())
+    }
+
     fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .meta
+        let h = self.h()?;
+        Ok(h.meta
             .get(ANCHOR_KEY)
             .map_err(sled_err("reading the anchor"))?
             .map(|v| v.to_vec()))
     }
 
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
-        self.cache
+        let h = self.h()?;
+        h.cache
             .clear()
             .map_err(sled_err("rewriting the dynamo cache"))?;
         let mut batch = sled::Batch::default();
         for (key, bytes) in entries {
             batch.insert(key.as_bytes(), bytes.as_slice());
         }
-        self.cache
+        h.cache
             .apply_batch(batch)
             .map_err(sled_err("rewriting the dynamo cache"))?;
         self.make_durable()
     }
 
     fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.cache
+        let h = self.h()?;
+        h.cache
             .iter()
             .map(|item| {
                 let (k, v) = item.map_err(sled_err("reading the dynamo cache"))?;
@@ -511,6 +604,9 @@ impl Journal for ClosedJournal {
         Err(StoreError::Closed)
     }
     fn snapshot(&self, _: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn reset(&self) -> Result<(), StoreError> {
         Err(StoreError::Closed)
     }
     fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
@@ -589,6 +685,9 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.snapshot(seq)
     }
+    fn reset(&self) -> Result<(), StoreError> {
+        self.inner.reset()
+    }
     fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.anchor()
     }
@@ -621,6 +720,9 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         (**self).snapshot(seq)
+    }
+    fn reset(&self) -> Result<(), StoreError> {
+        (**self).reset()
     }
     fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
         (**self).anchor()

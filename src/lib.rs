@@ -21,6 +21,7 @@
 //! | [`protocol`] | the JSON request/answer protocol (`pcx batch`, later the server) | no |
 //! | [`batch`] | streaming JSON lines through the context | stdin/stdout |
 //! | [`wire`] | the socket protocol's frames and JSON ↔ MessagePack | no |
+//! | [`shape`] | a first walk over untrusted input: bounded values and nesting | no |
 //! | [`server`] | `pcx serve`: many connections, one actor, bounded queues, shutdown | sockets |
 //! | [`client`] | `pcx client`: JSON lines through a server | sockets |
 //! | [`config`] | defaults, config file, environment, validated in one place | reads files |
@@ -48,6 +49,7 @@ pub mod protocol;
 pub mod record;
 pub mod replay;
 pub mod server;
+pub mod shape;
 pub mod state;
 pub mod stitch;
 pub mod trace;

@@ -192,6 +192,11 @@ impl RequestError {
 
 /// Parses one request line; gives the request and its `"id"` (echoed in the answer).
 pub fn parse(line: &[u8]) -> (Option<Value>, Result<Request, RequestError>) {
+    // Count values and nesting before building a tree: a line of tiny values would take
+    // fifty times its size in memory.
+    if let Err(e) = crate::shape::check(&mut serde_json::Deserializer::from_slice(line)) {
+        return (None, Err(RequestError::BadJson(e.to_string())));
+    }
     match serde_json::from_slice(line) {
         Ok(v) => parse_value(v),
         Err(e) => (None, Err(RequestError::BadJson(e.to_string()))),

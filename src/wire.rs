@@ -41,15 +41,9 @@ pub fn encode_frame(value: &Mp) -> Vec<u8> {
     frame
 }
 
-/// Decodes one frame body (exactly one MessagePack value).
-pub fn decode_body(body: &[u8]) -> Result<Mp, WireError> {
-    // rmp_serde refuses the reserved marker 0xc1 anywhere (rmpv's reader takes it for nil);
-    // rmpv then reads the value, keeping text that is not UTF-8 apart from binary. Both bound
-    // their nesting depth and preallocate only what the input can hold.
-    <serde::de::IgnoredAny as serde::Deserialize>::deserialize(&mut rmp_serde::Deserializer::new(
-        body,
-    ))
-    .map_err(|e| WireError::NotMsgpack(e.to_string()))?;
+/// Decodes one answer frame's body from a server (trusted: no bound on its size, so a `log`
+/// of a long history comes through whole).
+pub fn decode_answer(body: &[u8]) -> Result<Mp, WireError> {
     let mut rest = body;
     let value =
         rmpv::decode::read_value(&mut rest).map_err(|e| WireError::NotMsgpack(e.to_string()))?;
@@ -57,6 +51,17 @@ pub fn decode_body(body: &[u8]) -> Result<Mp, WireError> {
         return Err(WireError::Trailing(rest.len()));
     }
     Ok(value)
+}
+
+/// Decodes one request frame's body (exactly one MessagePack value), from an untrusted
+/// client: strict and bounded.
+pub fn decode_body(body: &[u8]) -> Result<Mp, WireError> {
+    // A first walk with rmp_serde: refuses the reserved marker 0xc1 anywhere (rmpv's reader
+    // takes it for nil) and bounds the number of values and the nesting before rmpv builds
+    // the tree, keeping text that is not UTF-8 apart from binary.
+    crate::shape::check(&mut rmp_serde::Deserializer::new(body))
+        .map_err(|e| WireError::NotMsgpack(e.to_string()))?;
+    decode_answer(body)
 }
 
 /// MessagePack → the JSON the protocol parses; binary becomes base64 text.

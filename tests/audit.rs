@@ -8,212 +8,32 @@
 //! `snapshots` likewise, `blobs` keyed by 32-byte blake3 digests).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use pcx::actor::Answer;
 use pcx::audit::{state_at, AuditError};
-use pcx::journal::SledJournal;
-use pcx::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
+use pcx::model::Digest;
 use pcx::record::{decode_snapshot, encode_snapshot_of, seq_key};
-use pcx::{Artifact, Config, Context};
+use pcx::Context;
 use serde_json::{json, Value};
+use tempfile::TempDir;
 
-/// How long any one process (or any one lock wait) may take before the test gives up.
-const TIMEOUT: Duration = Duration::from_secs(60);
-const CACHE_BYTES: u64 = 4 << 20;
+mod common;
+use common::library::*;
+use common::protocol::{
+    append, b64, batch, cli, cli_error, cli_lines, cli_value, entry_with_codes, op, record_entry,
+    set, take,
+};
+use common::*;
 
 // ---------------------------------------------------------------------------------------------
-// running the binary
+// requests and answers
 
-/// `pcx --data-dir DIR ARGS…` with an environment free of the caller's `PCX_*` and `RUST_LOG`.
-fn pcx(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcx"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("PCX_") || name == "RUST_LOG" {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.arg("--data-dir").arg(dir).args(args);
-    cmd
-}
-
-/// What a finished process gave.
-struct Run {
-    args: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    /// Every stdout line, parsed as JSON.
-    fn lines(&self) -> Vec<Value> {
-        self.stdout
-            .lines()
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| {
-                    panic!("pcx {}: output line is not JSON ({e}): {l}", self.args)
-                })
-            })
-            .collect()
-    }
-
-    /// The one JSON line of the output.
-    fn one(&self) -> Value {
-        let mut lines = self.lines();
-        assert_eq!(
-            lines.len(),
-            1,
-            "pcx {}: one output line expected; stdout: {}\nstderr: {}",
-            self.args,
-            self.stdout,
-            self.stderr
-        );
-        lines.remove(0)
-    }
-
-    fn assert_no_panic(&self) {
-        assert!(
-            !self.stderr.contains("panicked"),
-            "pcx {} panicked: {}",
-            self.args,
-            self.stderr
-        );
-        assert!(
-            self.status.code().is_some(),
-            "pcx {} was killed by a signal: {}",
-            self.args,
-            self.status
-        );
-    }
-}
-
-/// Reads a pipe to its end on its own thread.
-fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        pipe.read_to_end(&mut bytes).expect("read the pipe");
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
-/// Waits for `child` to exit, killing it (and failing the test) after [`TIMEOUT`].
-fn wait(child: &mut Child, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("pcx {what} did not exit within {TIMEOUT:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Runs `pcx ARGS` on `dir` with `input` on stdin (stdout and stderr piped), with a timeout.
-fn run_with_input(dir: &Path, args: &[&str], input: &[u8]) -> Run {
-    let what = args.join(" ");
-    let mut child = pcx(dir, args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("pcx starts");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let writer = thread::spawn(move || {
-        // The process may stop reading early; a broken pipe is then not this test's failure.
-        let _ = stdin.write_all(&input);
-    });
-    let stdout = drain(child.stdout.take().unwrap());
-    let stderr = drain(child.stderr.take().unwrap());
-    let status = wait(&mut child, &what);
-    writer.join().unwrap();
-    let run = Run {
-        args: what,
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    };
-    run.assert_no_panic();
-    run
-}
-
-fn cli(dir: &Path, args: &[&str]) -> Run {
-    run_with_input(dir, args, b"")
-}
-
-fn assert_success(run: &Run) {
-    assert!(
-        run.status.success(),
-        "pcx {} failed: {}\nstdout: {}\nstderr: {}",
-        run.args,
-        run.status,
-        run.stdout,
-        run.stderr
-    );
-}
-
-/// A command that must succeed with one JSON line; gives it.
-fn cli_value(dir: &Path, args: &[&str]) -> Value {
-    let run = cli(dir, args);
-    assert_success(&run);
-    run.one()
-}
-
-/// A command that must succeed; gives its JSON lines (possibly none).
-fn cli_lines(dir: &Path, args: &[&str]) -> Vec<Value> {
-    let run = cli(dir, args);
-    assert_success(&run);
-    run.lines()
-}
-
-/// A command that must fail with exit 1 and `{"ok":false,"error":{"kind":KIND,…}}`; gives
-/// the message.
-fn cli_error(dir: &Path, args: &[&str], kind: &str) -> String {
-    let run = cli(dir, args);
-    assert_eq!(
-        run.status.code(),
-        Some(1),
-        "pcx {args:?} should exit 1; stdout: {}\nstderr: {}",
-        run.stdout,
-        run.stderr
-    );
-    let answer = run.one();
-    assert_eq!(answer["ok"], json!(false), "pcx {args:?}: {answer}");
-    assert_eq!(
-        answer["error"]["kind"],
-        json!(kind),
-        "pcx {args:?}: {answer}"
-    );
-    let message = answer["error"]["message"].as_str().unwrap_or_default();
-    assert!(!message.is_empty(), "pcx {args:?}: no message: {answer}");
-    message.to_string()
-}
-
-/// Runs `pcx batch` over these requests; it must exit 0 and answer each one.
-fn batch(dir: &Path, requests: &[Value]) -> Vec<Value> {
-    let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
-    let run = run_with_input(dir, &["batch"], input.as_bytes());
-    assert_success(&run);
-    let answers = run.lines();
-    assert_eq!(
-        answers.len(),
-        requests.len(),
-        "one answer per request: {answers:?}"
-    );
-    answers
+/// `record_artifact` without a `kind` (so of the default kind, `eager`).
+fn record(key: &str, content: &str) -> Value {
+    json!({"op":"record_artifact","key":key,"content_b64":b64(content)})
 }
 
 /// Runs `pcx batch`; every answer must be ok. Gives the answers.
@@ -225,41 +45,8 @@ fn batch_ok(dir: &Path, requests: &[Value]) -> Vec<Value> {
     answers
 }
 
-fn b64(bytes: &[u8]) -> String {
-    B64.encode(bytes)
-}
-
 fn hex(content: &[u8]) -> String {
     Digest::of(content).to_hex()
-}
-
-fn record(key: &str, content: &str) -> Value {
-    json!({"op":"record_artifact","key":key,"content_b64":b64(content.as_bytes())})
-}
-
-fn append(key: &str, suffix: &str) -> Value {
-    json!({"op":"edit_artifact","key":key,"edit":{"append_b64":b64(suffix.as_bytes())}})
-}
-
-fn set(key: &str, content: &str) -> Value {
-    json!({"op":"edit_artifact","key":key,"edit":{"set_b64":b64(content.as_bytes())}})
-}
-
-fn take(key: &str) -> Value {
-    json!({"op":"take_artifact","key":key})
-}
-
-fn record_entry(key: &str, codes: &[&[&str]]) -> Value {
-    let codes: Vec<Value> = codes
-        .iter()
-        .map(|ids| json!({"backend_ids": ids}))
-        .collect();
-    json!({"op":"record_dynamo_cache_entry","key":key,
-           "entry":{"fn_name":"f","fn_first_lineno":3,"device_type":"cpu","codes":codes}})
-}
-
-fn op(name: &str) -> Value {
-    json!({ "op": name })
 }
 
 fn seqs(lines: &[Value]) -> Vec<u64> {
@@ -322,46 +109,6 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // the library
 
-fn block_on<F: Future>(f: F) -> F::Output {
-    actix::System::new().block_on(f)
-}
-
-fn config(dir: &Path, snapshot_every: u64) -> Config {
-    let mut c = Config::load(None, std::iter::empty()).unwrap();
-    c.data_dir = dir.to_path_buf();
-    c.snapshot_every = snapshot_every;
-    c.cache_capacity_bytes = CACHE_BYTES;
-    c
-}
-
-fn open(config: &Config) -> Context {
-    Context::open(config).unwrap_or_else(|e| panic!("opening {}: {e}", config.data_dir.display()))
-}
-
-fn artifact(key: &str, content: &[u8]) -> Artifact {
-    Artifact {
-        key: key.into(),
-        kind: "eager".into(),
-        content: content.to_vec(),
-    }
-}
-
-fn entry(codes: &[Vec<String>]) -> DynamoCacheEntry {
-    DynamoCacheEntry {
-        codes: codes
-            .iter()
-            .map(|ids| DynamoCodeEntry {
-                backend_ids: ids.clone(),
-                ..Default::default()
-            })
-            .collect(),
-        device_type: "cpu".into(),
-        fn_name: Some("f".into()),
-        fn_first_lineno: Some(3),
-        ..Default::default()
-    }
-}
-
 /// The seq an answer wrote; an error of an allowed kind writes nothing, any other fails.
 fn written<T>(answer: Answer<T>, allowed: &[&str], what: &str) -> Option<u64> {
     match answer {
@@ -373,31 +120,6 @@ fn written<T>(answer: Answer<T>, allowed: &[&str], what: &str) -> Option<u64> {
 
 fn must_write<T>(answer: Answer<T>, what: &str) -> u64 {
     written(answer, &[], what).unwrap_or_else(|| panic!("{what} wrote no event"))
-}
-
-/// Opens sled directly on a data directory nobody else has open, waiting (at most
-/// [`TIMEOUT`]) while a process that just closed it still holds its lock.
-fn open_sled_directly(dir: &Path) -> sled::Db {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match sled::open(dir) {
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                thread::sleep(Duration::from_millis(5));
-            }
-            other => return other.expect("open sled directly"),
-        }
-    }
-}
-
-/// Changes one sled tree of a closed data directory directly, as damage would.
-fn damage(dir: &Path, tree: &str, change: impl FnOnce(&sled::Tree)) {
-    let db = open_sled_directly(dir);
-    let t = db.open_tree(tree).unwrap();
-    change(&t);
-    db.flush().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -643,7 +365,7 @@ fn model_case(seed: u64) {
 
     // The library: `state_at` on a journal opened after the context closed.
     {
-        let journal = SledJournal::open(&dir, CACHE_BYTES).expect("open the journal");
+        let journal = open_journal(&dir);
         for (s, want) in &expected {
             let (state, head) = state_at(&journal, *s, &mut |_| {})
                 .unwrap_or_else(|e| panic!("seed {seed}: state_at({s}): {e}"));
@@ -790,23 +512,28 @@ fn write_damage_log(dir: &Path) -> String {
     })
 }
 
-/// `pcx verify` must fail (non-zero exit) naming `seq` and saying what is wrong (`words`).
-/// The batch protocol's `verify` must give the same report.
-fn assert_unsound(dir: &Path, seq: u64, words: &[&str]) {
-    let run = cli(dir, &["verify"]);
+/// Writes the damage tests' log, damages `tree` with `change`, and checks that `pcx verify`
+/// fails (non-zero exit) naming `seq` and saying what is wrong (`words`), and that the batch
+/// protocol's `verify` gives the same report.
+fn assert_damage_found(tree: &str, change: impl FnOnce(&sled::Tree), seq: u64, words: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage(&dir, tree, TIMEOUT, change);
+    let run = cli(&dir, &["verify"]);
     assert!(
         !run.status.success(),
         "verify passed a damaged log: {}",
         run.stdout
     );
-    let report = run.one();
+    let report = run.answer();
     assert_eq!(report["ok"], json!(false), "{report}");
     assert_eq!(report["seq"], json!(seq), "the first bad seq: {report}");
     let error = report["error"].as_str().unwrap_or_default();
     for w in words {
         assert!(error.contains(w), "`{w}` not in the report: {report}");
     }
-    let answers = batch(dir, &[op("verify")]);
+    let answers = batch(&dir, &[op("verify")]);
     assert_eq!(answers[0]["ok"], json!(true), "{}", answers[0]);
     assert_eq!(
         answers[0]["verify"], report,
@@ -819,9 +546,7 @@ fn verify_passes_a_sound_log_with_a_summary() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let digest = write_damage_log(&dir);
-    let run = cli(&dir, &["verify"]);
-    assert_success(&run);
-    let v = run.one();
+    let v = cli_value(&dir, &["verify"]);
     assert_eq!(v["ok"], json!(true), "{v}");
     assert_eq!(v["events"], json!(12), "{v}");
     assert_eq!(v["first_seq"], json!(1), "{v}");
@@ -840,105 +565,96 @@ fn verify_passes_a_sound_log_with_a_summary() {
 
 #[test]
 fn verify_finds_a_record_with_an_altered_byte() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
-    damage(&dir, "events", |t| {
-        let mut value = t.get(seq_key(5)).unwrap().expect("record 5").to_vec();
-        let mid = value.len() / 2;
-        value[mid] ^= 0x55;
-        t.insert(seq_key(5), value).unwrap();
-    });
-    assert_unsound(&dir, 5, &["event 5", "damaged"]);
+    assert_damage_found(
+        "events",
+        |t| flip_a_byte(t, seq_key(5)),
+        5,
+        &["event 5", "damaged"],
+    );
 }
 
 #[test]
 fn verify_finds_a_deleted_blob_and_names_the_event_that_refers_to_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
     let echo = Digest::of(b"echo");
-    damage(&dir, "blobs", |t| {
-        assert!(t.remove(echo.0).unwrap().is_some(), "the echo blob exists");
-    });
-    assert_unsound(&dir, 7, &[&echo.to_hex(), "missing"]);
+    assert_damage_found(
+        "blobs",
+        |t| assert!(t.remove(echo.0).unwrap().is_some(), "the echo blob exists"),
+        7,
+        &[&echo.to_hex(), "missing"],
+    );
 }
 
 #[test]
 fn verify_finds_a_blob_whose_content_was_altered() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
     let delta = Digest::of(b"delta");
-    damage(&dir, "blobs", |t| {
-        t.insert(delta.0, &b"DELTA"[..]).unwrap();
-    });
-    assert_unsound(&dir, 5, &[&delta.to_hex(), "does not match"]);
+    assert_damage_found(
+        "blobs",
+        |t| {
+            t.insert(delta.0, &b"DELTA"[..]).unwrap();
+        },
+        5,
+        &[&delta.to_hex(), "does not match"],
+    );
 }
 
 #[test]
 fn verify_finds_two_reordered_records() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
-    damage(&dir, "events", |t| {
-        let three = t.get(seq_key(3)).unwrap().expect("record 3");
-        let six = t.get(seq_key(6)).unwrap().expect("record 6");
-        t.insert(seq_key(3), six).unwrap();
-        t.insert(seq_key(6), three).unwrap();
-    });
-    assert_unsound(&dir, 3, &["event 6", "key of event 3"]);
+    assert_damage_found(
+        "events",
+        |t| {
+            let three = t.get(seq_key(3)).unwrap().expect("record 3");
+            let six = t.get(seq_key(6)).unwrap().expect("record 6");
+            t.insert(seq_key(3), six).unwrap();
+            t.insert(seq_key(6), three).unwrap();
+        },
+        3,
+        &["event 6", "key of event 3"],
+    );
 }
 
 #[test]
 fn verify_finds_a_removed_record() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
-    damage(&dir, "events", |t| {
-        t.remove(seq_key(6)).unwrap().expect("record 6");
-    });
-    assert_unsound(&dir, 6, &["gap", "expected event 6"]);
+    assert_damage_found(
+        "events",
+        |t| {
+            t.remove(seq_key(6)).unwrap().expect("record 6");
+        },
+        6,
+        &["gap", "expected event 6"],
+    );
 }
 
 #[test]
 fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
-    damage(&dir, "snapshots", |t| {
-        let bytes = t.get(seq_key(8)).unwrap().expect("a snapshot at 8");
-        let mut snap = decode_snapshot(&bytes).expect("the snapshot decodes");
-        assert_eq!(snap.seq, 8);
-        // A well-formed snapshot (its own hash holds) of a state the events do not give.
-        let (_, first) = snap
-            .state
-            .artifacts
-            .shift_remove_index(0)
-            .expect("artifacts");
-        snap.state.artifacts.insert("forged".into(), first);
-        let forged = encode_snapshot_of(snap.seq, snap.head, &snap.state).unwrap();
-        t.insert(seq_key(8), forged).unwrap();
-    });
-    assert_unsound(&dir, 8, &["snapshot at 8", "does not match"]);
+    assert_damage_found(
+        "snapshots",
+        |t| {
+            let bytes = t.get(seq_key(8)).unwrap().expect("a snapshot at 8");
+            let mut snap = decode_snapshot(&bytes).expect("the snapshot decodes");
+            assert_eq!(snap.seq, 8);
+            // A well-formed snapshot (its own hash holds) of a state the events do not give.
+            let (_, first) = snap
+                .state
+                .artifacts
+                .shift_remove_index(0)
+                .expect("artifacts");
+            snap.state.artifacts.insert("forged".into(), first);
+            let forged = encode_snapshot_of(snap.seq, snap.head, &snap.state).unwrap();
+            t.insert(seq_key(8), forged).unwrap();
+        },
+        8,
+        &["snapshot at 8", "does not match"],
+    );
 }
 
 #[test]
 fn verify_finds_a_snapshot_with_an_altered_byte() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
-    damage(&dir, "snapshots", |t| {
-        let mut value = t
-            .get(seq_key(8))
-            .unwrap()
-            .expect("a snapshot at 8")
-            .to_vec();
-        let mid = value.len() / 2;
-        value[mid] ^= 0x55;
-        t.insert(seq_key(8), value).unwrap();
-    });
-    assert_unsound(&dir, 8, &["snapshot at 8"]);
+    assert_damage_found(
+        "snapshots",
+        |t| flip_a_byte(t, seq_key(8)),
+        8,
+        &["snapshot at 8"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -960,7 +676,7 @@ fn write_story(dir: &Path) {
         &[
             record("b1", "aaa"),
             record("b2", "bbb"),
-            record_entry("e1", &[&["b1", "b2"], &["b3", "b1"]]),
+            record_entry("e1", entry_with_codes(&[&["b1", "b2"], &["b3", "b1"]])),
             append("b2", "!"),
             op("create_cache_entries"),
             op("save_to_dynamo_cache"),
@@ -986,14 +702,20 @@ fn write_story(dir: &Path) {
     );
 }
 
+/// A fresh temporary directory holding, as `name`, a data directory with the story.
+fn story(name: &str) -> (TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    write_story(&dir);
+    (tmp, dir)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. log
 
 #[test]
 fn log_lines_carry_seq_time_event_keys_content_labels_and_outcomes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_story(&dir);
+    let (_tmp, dir) = story("data");
     let all = cli_lines(&dir, &["log"]);
     assert_eq!(seqs(&all), (1..=12).collect::<Vec<_>>());
     for line in &all {
@@ -1062,9 +784,7 @@ fn log_lines_carry_seq_time_event_keys_content_labels_and_outcomes() {
 
 #[test]
 fn log_filters_by_range_time_key_event_and_limit() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_story(&dir);
+    let (_tmp, dir) = story("data");
     let all = cli_lines(&dir, &["log"]);
     let log = |args: &[&str]| {
         let mut full = vec!["log"];
@@ -1157,16 +877,14 @@ fn log_filters_by_range_time_key_event_and_limit() {
 
 #[test]
 fn log_of_an_unknown_key_is_empty_even_when_the_log_has_clears() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_story(&dir);
+    let (_tmp, dir) = story("data");
     assert_eq!(
         cli_lines(&dir, &["log", "--event", "Cleared"]).len(),
         1,
         "the story has a clear"
     );
     let run = cli(&dir, &["log", "--key", "no_such_key"]);
-    assert_success(&run);
+    run.assert_success();
     assert!(
         run.stdout.trim().is_empty(),
         "a key that never existed has no events, yet `log --key no_such_key` shows: {}",
@@ -1185,9 +903,7 @@ fn log_of_an_unknown_key_is_empty_even_when_the_log_has_clears() {
 
 #[test]
 fn history_of_an_artifact_shows_every_version_and_every_stitch_that_included_or_bypassed_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_story(&dir);
+    let (_tmp, dir) = story("data");
 
     let b1 = cli_lines(&dir, &["history", "b1"]);
     assert_eq!(seqs(&b1), vec![1, 5, 6, 7, 8, 9, 10], "{b1:#?}");
@@ -1242,9 +958,7 @@ fn history_of_an_artifact_shows_every_version_and_every_stitch_that_included_or_
 
 #[test]
 fn history_of_an_entry_shows_recorded_stitched_bypassed_saved_and_loaded() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_story(&dir);
+    let (_tmp, dir) = story("data");
     let e1 = cli_lines(&dir, &["history", "e1"]);
     assert_eq!(seqs(&e1), vec![3, 5, 6, 7, 8, 9], "{e1:#?}");
     assert_eq!(e1[0]["event"], json!("DynamoEntryRecorded"));
@@ -1272,23 +986,23 @@ fn diff_classifies_added_changed_taken_and_cleared() {
     batch_ok(
         &dir,
         &[
-            record("x", "x1"),                     // 1
-            record("y", "y1"),                     // 2
-            record("z", "z1"),                     // 3
-            record("w", "w1"),                     // 4
-            record("v", "v1"),                     // 5
-            take("y"),                             // 6
-            append("x", "+"),                      // 7
-            op("clear"),                           // 8
-            record("x", "x2"),                     // 9
-            record("w", "w1"),                     // 10: as it was at 5
-            record("n", "n1"),                     // 11
-            record("v", "v2"),                     // 12: cleared, then back
-            take("v"),                             // 13: ... and taken
-            record_entry("e1", &[&["x"]]),         // 14
-            op("save_to_dynamo_cache"),            // 15, 16
-            record_entry("e1", &[&["x"], &["n"]]), // 17
-            op("clear"),                           // 18
+            record("x", "x1"),                                       // 1
+            record("y", "y1"),                                       // 2
+            record("z", "z1"),                                       // 3
+            record("w", "w1"),                                       // 4
+            record("v", "v1"),                                       // 5
+            take("y"),                                               // 6
+            append("x", "+"),                                        // 7
+            op("clear"),                                             // 8
+            record("x", "x2"),                                       // 9
+            record("w", "w1"),                                       // 10: as it was at 5
+            record("n", "n1"),                                       // 11
+            record("v", "v2"),                                       // 12: cleared, then back
+            take("v"),                                               // 13: ... and taken
+            record_entry("e1", entry_with_codes(&[&["x"]])),         // 14
+            op("save_to_dynamo_cache"),                              // 15, 16
+            record_entry("e1", entry_with_codes(&[&["x"], &["n"]])), // 17
+            op("clear"),                                             // 18
         ],
     );
     let diff = |from: u64, to: u64| {
@@ -1396,9 +1110,7 @@ fn diff_classifies_added_changed_taken_and_cleared() {
 
 #[test]
 fn batch_queries_answer_as_the_cli_does_and_see_the_write_before_them() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_story(&dir);
+    let (_tmp, dir) = story("data");
 
     let queries: Vec<(Value, Vec<&str>, &str)> = vec![
         (op("log"), vec!["log"], "events"),
@@ -1514,9 +1226,7 @@ fn batch_queries_answer_as_the_cli_does_and_see_the_write_before_them() {
 /// before it and none after it, however the writes are grouped into commits.
 #[test]
 fn a_batch_query_answers_as_of_its_place_in_the_stream() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_story(&dir);
+    let (_tmp, dir) = story("data");
     let mut requests: Vec<Value> = (0..5).map(|i| record(&format!("p{i}"), "p")).collect();
     requests.extend([
         json!({"op":"log","from":13}),
@@ -1582,7 +1292,7 @@ fn export(dir: &Path, file: &Path, content: &str) {
             file.to_str().unwrap(),
         ],
     );
-    assert_success(&run);
+    run.assert_success();
     assert!(run.stdout.trim().is_empty(), "{}", run.stdout);
 }
 
@@ -1600,9 +1310,7 @@ fn import_refused(dir: &Path, file: &Path) -> String {
 
 #[test]
 fn export_then_import_gives_the_same_log_and_state_plain_and_compacted() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    write_story(&src);
+    let (tmp, src) = story("src");
     let before = summary(&src);
 
     let file = tmp.path().join("plain.jsonl");
@@ -1621,7 +1329,7 @@ fn export_then_import_gives_the_same_log_and_state_plain_and_compacted() {
     );
     // The same export on stdout.
     let stdout = cli(&src, &["export"]);
-    assert_success(&stdout);
+    stdout.assert_success();
     assert_eq!(stdout.stdout, text, "export to stdout and to a file agree");
 
     let dst = tmp.path().join("imported");
@@ -1667,9 +1375,7 @@ fn export_then_import_gives_the_same_log_and_state_plain_and_compacted() {
 
 #[test]
 fn imports_are_refused_for_digest_exports_non_empty_directories_and_truncated_exports() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    write_story(&src);
+    let (tmp, src) = story("src");
     let good = tmp.path().join("good.jsonl");
     export(&src, &good, "inline");
     let text = std::fs::read_to_string(&good).unwrap();
@@ -1716,9 +1422,7 @@ fn imports_are_refused_for_digest_exports_non_empty_directories_and_truncated_ex
 
 #[test]
 fn a_refused_import_of_a_compacted_export_leaves_the_directory_empty() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    write_story(&src);
+    let (tmp, src) = story("src");
     cli_value(&src, &["compact", "--before", "9"]);
     let good = tmp.path().join("good.jsonl");
     export(&src, &good, "inline");
@@ -1735,7 +1439,7 @@ fn a_refused_import_of_a_compacted_export_leaves_the_directory_empty() {
         let dst = tmp.path().join(format!("from-{name}"));
         import_refused(&dst, bad);
         let verify = cli(&dst, &["verify"]);
-        if !(verify.status.success() && verify.one()["events"] == json!(0)) {
+        if !(verify.status.success() && verify.answer()["events"] == json!(0)) {
             problems.push(format!(
                 "after a refused import ({name} export) the directory should hold no log; \
                  verify says: {}",
@@ -1800,8 +1504,7 @@ fn compaction_keeps_the_state_shrinks_the_directory_and_every_command_still_work
         let ctx = open(&config(&dir, 5));
         must_write(ctx.record_artifact(artifact("b1", b"v1")).await, "b1");
         must_write(
-            ctx.record_dynamo_cache_entry("e1", entry(&[vec!["b1".into()]]))
-                .await,
+            ctx.record_dynamo_cache_entry("e1", entry(&[&["b1"]])).await,
             "e1",
         );
         assert_eq!(must_write(ctx.save_to_dynamo_cache().await, "save"), 4);
@@ -1897,7 +1600,7 @@ fn compaction_keeps_the_state_shrinks_the_directory_and_every_command_still_work
     assert_eq!(cli_lines(&dir, &["history", "b2"]), history_b2);
     assert_eq!(cli_value(&dir, &["debug-info"]), debug_info);
     let export = cli(&dir, &["export"]);
-    assert_success(&export);
+    export.assert_success();
     let header: Value = serde_json::from_str(export.stdout.lines().next().unwrap()).unwrap();
     assert!(header["anchor_b64"].is_string(), "{header}");
 
@@ -1949,7 +1652,7 @@ fn compaction_keeps_the_state_shrinks_the_directory_and_every_command_still_work
     assert_eq!(v["anchored_at"], json!(anchor), "{v}");
 
     // The junk blobs are gone from the store; the live and saved ones are there.
-    let db = open_sled_directly(&dir);
+    let db = open_sled_directly(&dir, TIMEOUT);
     let blobs = db.open_tree("blobs").unwrap();
     for content in &junk {
         assert!(
@@ -2045,7 +1748,7 @@ fn no_progress_bar_is_drawn_when_stderr_is_a_pipe() {
         vec!["export", "--output", export_path],
     ] {
         let run = cli(&dir, &args);
-        assert_success(&run);
+        run.assert_success();
         assert!(
             !run.stderr.contains('\r') && !run.stderr.contains("events ("),
             "pcx {args:?} drew a progress bar into a pipe: {:?}",

@@ -1,190 +1,20 @@
 //! The real `pcx` binary: `pcx batch` (JSON lines in, JSON lines out) and the single-shot
 //! CLI commands, each run as a separate process on a temporary data directory.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use serde_json::{json, Value};
 
-/// How long any one process may take before the test gives up on it.
-const TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
+use common::protocol::*;
+use common::*;
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-/// `pcx --data-dir DIR ARGS…` with an environment free of the caller's `PCX_*` and `RUST_LOG`.
-fn pcx(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcx"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("PCX_") || name == "RUST_LOG" {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.arg("--data-dir").arg(dir).args(args);
-    cmd
-}
-
-/// What a finished process gave.
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    /// Every stdout line, parsed as JSON.
-    fn answers(&self) -> Vec<Value> {
-        self.stdout
-            .lines()
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("answer is not JSON ({e}): {l}"))
-            })
-            .collect()
-    }
-
-    /// The one answer of a single-shot command.
-    fn answer(&self) -> Value {
-        let mut answers = self.answers();
-        assert_eq!(answers.len(), 1, "one answer line; stdout: {}", self.stdout);
-        answers.remove(0)
-    }
-}
-
-/// Reads a pipe to its end on its own thread.
-fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut text = String::new();
-        pipe.read_to_string(&mut text).expect("the output is UTF-8");
-        text
-    })
-}
-
-/// Waits for `child` to exit, killing it (and failing the test) after [`TIMEOUT`].
-fn wait(child: &mut Child) -> ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("pcx did not exit within {TIMEOUT:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Runs `cmd` with `input` on stdin and waits (with a timeout) for it to finish.
-fn run(mut cmd: Command, input: &[u8]) -> Run {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("pcx starts");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let writer = thread::spawn(move || {
-        // The process may stop reading early; a broken pipe is then not this test's failure.
-        let _ = stdin.write_all(&input);
-    });
-    let stdout = drain(child.stdout.take().unwrap());
-    let stderr = drain(child.stderr.take().unwrap());
-    let status = wait(&mut child);
-    writer.join().unwrap();
-    Run {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
-}
-
-/// One JSON request a line.
-fn lines(requests: &[Value]) -> String {
-    requests.iter().map(|r| format!("{r}\n")).collect()
-}
-
-/// Runs `pcx batch` over raw input (with extra environment variables) and checks it exits 0.
-fn batch_raw(dir: &Path, input: &str, env: &[(&str, &str)]) -> Vec<Value> {
-    let mut cmd = pcx(dir, &["batch"]);
-    cmd.envs(env.iter().copied());
-    let out = run(cmd, input.as_bytes());
-    assert!(
-        out.status.success(),
-        "pcx batch failed: {}\nstderr: {}",
-        out.status,
-        out.stderr
-    );
-    out.answers()
-}
-
-fn batch(dir: &Path, requests: &[Value]) -> Vec<Value> {
-    let answers = batch_raw(dir, &lines(requests), &[]);
-    assert_eq!(
-        answers.len(),
-        requests.len(),
-        "one answer per request: {answers:?}"
-    );
-    answers
-}
-
-fn b64(bytes: &str) -> String {
-    B64.encode(bytes)
-}
-
-fn unb64(value: &Value) -> String {
-    let text = value
-        .as_str()
-        .unwrap_or_else(|| panic!("not base64 text: {value}"));
-    String::from_utf8(B64.decode(text).expect("valid base64")).unwrap()
-}
-
-fn record(key: &str, content: &str) -> Value {
-    json!({"op":"record_artifact","key":key,"kind":"eager","content_b64":b64(content)})
-}
-
-fn append(key: &str, suffix: &str) -> Value {
-    json!({"op":"edit_artifact","key":key,"edit":{"append_b64":b64(suffix)}})
-}
-
-fn serialize(key: &str) -> Value {
-    json!({"op":"serialize_artifact_by_key","key":key})
-}
-
-fn dump() -> Value {
-    json!({"op":"dump_debug_info"})
-}
-
-/// The worked example's entry: codes [[b1,b2],[b3,b1]], fn f, line 3, cpu.
-fn example_entry() -> Value {
-    json!({"fn_name":"f","fn_first_lineno":3,"device_type":"cpu",
-           "codes":[{"backend_ids":["b1","b2"]},{"backend_ids":["b3","b1"]}]})
-}
-
-fn record_entry(key: &str, entry: Value) -> Value {
-    json!({"op":"record_dynamo_cache_entry","key":key,"entry":entry})
-}
-
-fn assert_ok(answer: &Value) {
-    assert_eq!(answer["ok"], json!(true), "expected success: {answer}");
-}
-
-/// Checks a failure answer's kind; gives its message.
-fn assert_failed(answer: &Value, kind: &str) -> String {
-    assert_eq!(answer["ok"], json!(false), "expected a failure: {answer}");
-    assert_eq!(answer["error"]["kind"], json!(kind), "{answer}");
-    answer["error"]["message"]
-        .as_str()
-        .expect("a message")
-        .to_string()
-}
 
 /// An answer's artifact content as text, or `None` for `"artifact": null`.
 fn artifact_text(answer: &Value, key: &str) -> Option<String> {
@@ -194,7 +24,7 @@ fn artifact_text(answer: &Value, key: &str) -> Option<String> {
         return None;
     }
     assert_eq!(artifact["key"], json!(key), "{answer}");
-    Some(unb64(&artifact["content_b64"]))
+    Some(unb64_text(&artifact["content_b64"]))
 }
 
 /// A stitched entry's backends as (key, content text).
@@ -203,7 +33,7 @@ fn stitched_backends(entry: &Value) -> Vec<(String, String)> {
         .as_object()
         .unwrap_or_else(|| panic!("no backends map: {entry}"))
         .iter()
-        .map(|(k, a)| (k.clone(), unb64(&a["content_b64"])))
+        .map(|(k, a)| (k.clone(), unb64_text(&a["content_b64"])))
         .collect()
 }
 
@@ -213,13 +43,6 @@ fn bypass_flags(entry: &Value) -> Vec<bool> {
         .unwrap()
         .iter()
         .map(|c| c["bypassed"].as_bool().unwrap())
-        .collect()
-}
-
-fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
-    items
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
 
@@ -240,20 +63,7 @@ fn sorted(value: &Value) -> Vec<String> {
 #[test]
 fn the_worked_example_of_semantics_md_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
-    let answers = batch(
-        dir.path(),
-        &[
-            record("b1", "aaa"),
-            record("b2", "bbb"),
-            record("b1", "ccc"),
-            append("b2", "!"),
-            append("nope", "!"),
-            record_entry("e1", example_entry()),
-            serialize("b2"),
-            serialize("zz"),
-            json!({"op":"create_cache_entries"}),
-        ],
-    );
+    let answers = batch(dir.path(), &worked_example());
     for i in [0, 1, 2, 3, 5] {
         assert_ok(&answers[i]);
     }
@@ -303,7 +113,7 @@ fn refused_and_next_served(bad: &str, kind: &str, env: &[(&str, &str)]) -> Strin
         lines(&[record("k", "v")]),
         lines(&[dump(), serialize("k")])
     );
-    let answers = batch_raw(dir.path(), &input, env);
+    let answers = batch_raw(dir.path(), &input, env).answers();
     assert_eq!(answers.len(), 4, "one answer per line: {answers:?}");
     assert_ok(&answers[0]);
     let message = assert_failed(&answers[1], kind);
@@ -402,7 +212,8 @@ fn oversize_content_is_refused() {
         dir.path(),
         &lines(&[record("k", "12345678"), serialize("k")]),
         &limit,
-    );
+    )
+    .answers();
     assert_ok(&answers[0]);
     assert_eq!(artifact_text(&answers[1], "k").as_deref(), Some("12345678"));
 }
@@ -410,7 +221,7 @@ fn oversize_content_is_refused() {
 #[test]
 fn an_oversize_line_is_refused() {
     let limit = [("PCX_MAX_REQUEST_BYTES", "200")];
-    let long = record("k2", &"x".repeat(400)).to_string();
+    let long = record("k2", "x".repeat(400)).to_string();
     assert!(long.len() > 200);
     let message = refused_and_next_served(&long, "too_large", &limit);
     assert!(
@@ -523,7 +334,7 @@ fn answers_stream_before_the_input_ends() {
     );
 
     drop(stdin);
-    let status = wait(&mut child);
+    let status = wait(&mut child, TIMEOUT, "pcx batch");
     assert!(
         status.success(),
         "pcx batch exits 0 at the end of its input: {status}"
@@ -545,40 +356,17 @@ fn a_missing_data_directory_is_created() {
 
 #[test]
 fn a_request_file_split_over_three_processes_gives_the_same_answers() {
-    let mut entry2 = example_entry();
-    entry2["fn_name"] = json!("g");
-    entry2["codes"] = json!([{"backend_ids":["b2"],"payload_b64":b64("bytecode")}]);
-    let requests = [
-        record("b1", "aaa"),
-        record("b2", "bbb"),
-        record("b1", "ccc"),
-        append("b2", "!"),
-        append("nope", "!"),
-        record_entry("e1", example_entry()),
-        record_entry("e2", entry2),
-        serialize("b2"),
-        json!({"op":"create_cache_entries","id":"stitch-1"}),
-        json!({"op":"save_to_dynamo_cache"}),
-        json!({"op":"take_artifact","key":"b1"}),
-        json!({"op":"take_artifact","key":"b1"}),
-        dump(),
-        json!({"op":"clear"}),
-        json!({"op":"load_cache_entry","key":"e1"}),
-        json!({"op":"load_cache_entry","key":"zz"}),
-        record("b3", "ddd"),
-        json!({"op":"create_cache_entries"}),
-        dump(),
-    ];
+    let requests = full_sequence(b"bytecode");
     let one = tempfile::tempdir().unwrap();
     let whole = run(pcx(one.path(), &["batch"]), lines(&requests).as_bytes());
-    assert!(whole.status.success(), "{}", whole.stderr);
+    whole.assert_success();
     assert_eq!(whole.stdout.lines().count(), requests.len());
 
     let split = tempfile::tempdir().unwrap();
     let mut pieces = String::new();
     for part in [&requests[..6], &requests[6..13], &requests[13..]] {
         let out = run(pcx(split.path(), &["batch"]), lines(part).as_bytes());
-        assert!(out.status.success(), "{}", out.stderr);
+        out.assert_success();
         pieces.push_str(&out.stdout);
     }
     assert_eq!(pieces, whole.stdout);
@@ -603,7 +391,7 @@ fn json_logs_carry_the_structured_stitch_events() {
         pcx(dir.path(), &["--log-format", "json", "batch"]),
         input.as_bytes(),
     );
-    assert!(out.status.success(), "{}", out.stderr);
+    out.assert_success();
     let logs: Vec<Value> = out
         .stderr
         .lines()
@@ -651,26 +439,6 @@ fn json_logs_carry_the_structured_stitch_events() {
 
 // ---------------------------------------------------------------------------------------------
 // single-shot CLI commands
-
-/// Runs one CLI command (no stdin) and gives its run.
-fn cli(dir: &Path, args: &[&str]) -> Run {
-    run(pcx(dir, args), b"")
-}
-
-/// Runs one CLI command that must succeed; gives its answer.
-fn cli_ok(dir: &Path, args: &[&str]) -> Value {
-    let out = cli(dir, args);
-    assert!(
-        out.status.success(),
-        "pcx {args:?} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
-    let answer = out.answer();
-    assert_ok(&answer);
-    answer
-}
 
 #[test]
 fn single_shot_commands_work_across_processes() {

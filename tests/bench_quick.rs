@@ -16,15 +16,8 @@ fn bench(workload: &str) -> Vec<Value> {
     cmd.args(["--quick", "--runs", "1", "--json", workload])
         .env("PCX_BENCH_DIR", dir.path())
         .env("PCX_BENCH_PLUGIN", aot_bundle());
-    let out = run_with(cmd, b"", BUILD_TIMEOUT);
-    assert!(
-        out.status.success(),
-        "pcx-bench {workload} failed:\n{}\n{}",
-        out.stdout,
-        out.stderr
-    );
-    let runs = out.answers();
-    assert_eq!(runs.len(), 1, "one run: {}", out.stdout);
+    let runs = run_with(cmd, b"", BUILD_TIMEOUT).assert_success().answers();
+    assert_eq!(runs.len(), 1, "one run: {runs:?}");
     assert!(
         std::fs::read_dir(dir.path())
             .expect("bench dir")

@@ -4,65 +4,34 @@
 //! Every wait has a timeout. Damage is made by opening the sled database directly (tree
 //! `events` keyed by big-endian sequence numbers, `snapshots`, `blobs` keyed by digest).
 
-use std::future::Future;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use pcx::actor::{Ack, RecordArtifact};
 use pcx::context::{settings, ContextOpenError};
 use pcx::event::Event;
 use pcx::journal::{FaultyJournal, Journal, OpenError, SledJournal};
-use pcx::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
+use pcx::model::Digest;
 use pcx::record::{decode_event, seq_key, DecodeError};
 use pcx::replay::{fold, recover, Head, Recovered, ReplayError};
 use pcx::state::State;
-use pcx::{Artifact, Config, Context, ContextError};
+use pcx::{Config, Context, ContextError};
 use serde_json::{json, Value};
 
-/// The longest any single wait in these tests may take.
-const TIMEOUT: Duration = Duration::from_secs(60);
-const CACHE_BYTES: u64 = 4 << 20;
+mod common;
+use common::library::*;
+use common::protocol::{b64, cli};
+use common::*;
 
-fn block_on<F: Future>(f: F) -> F::Output {
-    actix::System::new().block_on(f)
-}
-
-fn config(dir: &Path, snapshot_every: u64) -> Config {
-    let mut c = Config::load(None, std::iter::empty()).unwrap();
-    c.data_dir = dir.to_path_buf();
-    c.snapshot_every = snapshot_every;
-    c.cache_capacity_bytes = CACHE_BYTES;
-    c
-}
-
-/// Opens sled directly on a data directory this process has just closed, retrying while it
-/// is still locked (at most two seconds): sled's IO threads hold the locked file for a moment
-/// after a close. (`SledJournal::open` has the same patience built in.)
-fn open_sled_directly(dir: &Path) -> sled::Db {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        match sled::open(dir) {
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            other => return other.expect("open sled directly"),
-        }
-    }
-}
-
-fn open(config: &Config) -> Context {
-    Context::open(config).unwrap_or_else(|e| panic!("opening {}: {e}", config.data_dir.display()))
-}
+/// How long sled may stay locked after this process closed a data directory: sled's IO
+/// threads hold the locked file for a moment after a close. (`SledJournal::open` has the same
+/// patience built in.)
+const SLED_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Opening must fail; gives the error.
 fn open_error(config: &Config) -> ContextOpenError {
@@ -75,10 +44,6 @@ fn open_error(config: &Config) -> ContextOpenError {
     }
 }
 
-fn open_journal(dir: &Path) -> SledJournal {
-    SledJournal::open(dir, CACHE_BYTES).expect("open the journal")
-}
-
 /// A context over a fault-injecting journal; drop the returned journal handle after closing
 /// the context, so the directory is released.
 fn open_faulty(config: &Config) -> (Context, Arc<FaultyJournal<SledJournal>>) {
@@ -86,30 +51,6 @@ fn open_faulty(config: &Config) -> (Context, Arc<FaultyJournal<SledJournal>>) {
     let ctx = Context::with_journal(journal.clone(), settings(config))
         .unwrap_or_else(|e| panic!("opening {}: {e}", config.data_dir.display()));
     (ctx, journal)
-}
-
-fn artifact(key: &str, content: &[u8]) -> Artifact {
-    Artifact {
-        key: key.into(),
-        kind: "eager".into(),
-        content: content.to_vec(),
-    }
-}
-
-fn entry(codes: &[&[&str]]) -> DynamoCacheEntry {
-    DynamoCacheEntry {
-        codes: codes
-            .iter()
-            .map(|ids| DynamoCodeEntry {
-                backend_ids: ids.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            })
-            .collect(),
-        device_type: "cpu".into(),
-        fn_name: Some("f".into()),
-        fn_first_lineno: Some(3),
-        ..Default::default()
-    }
 }
 
 async fn record(ctx: &Context, key: &str, content: &[u8]) -> Ack<()> {
@@ -151,25 +92,6 @@ fn write_records(config: &Config, n: u64) -> Digest {
     })
 }
 
-/// Changes one sled tree of a closed data directory directly, as damage would.
-fn damage(dir: &Path, tree: &str, change: impl FnOnce(&sled::Tree)) {
-    let db = open_sled_directly(dir);
-    let t = db.open_tree(tree).unwrap();
-    change(&t);
-    db.flush().unwrap();
-}
-
-fn flip_a_byte(tree: &sled::Tree, key: [u8; 8]) {
-    let mut value = tree
-        .get(key)
-        .unwrap()
-        .expect("the record to damage exists")
-        .to_vec();
-    let mid = value.len() / 2;
-    value[mid] ^= 0x55;
-    tree.insert(key, value).unwrap();
-}
-
 /// Replays the directory's log twice: from the newest snapshot and from the first event
 /// ignoring snapshots. Both must succeed and agree; gives the first.
 fn replays_cleanly(dir: &Path) -> Recovered {
@@ -190,21 +112,10 @@ fn replays_cleanly(dir: &Path) -> Recovered {
     recovered
 }
 
-/// Runs the `pcx` binary on a data directory.
-fn pcx(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pcx"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pcx")
-}
-
 /// The CLI refuses the directory cleanly (exit 1, not a panic's 101) and says `needle`.
 fn assert_cli_refuses(dir: &Path, needle: &str) {
-    let out = pcx(dir, &["debug-info"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = cli(dir, &["debug-info"]);
+    let stderr = &out.stderr;
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -232,25 +143,12 @@ fn kill_content(round: usize, i: u64) -> Vec<u8> {
         .into_bytes()
 }
 
-/// A child process that is killed and reaped when dropped, so a failing test leaves none.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Streams record_artifact lines into `pcx batch` until `kill_after` answers have arrived,
 /// SIGKILLs it, and returns how many records were answered (answers are in order, so they
 /// are records `0..answered`).
 fn stream_and_kill(dir: &Path, round: usize, kill_after: usize) -> u64 {
-    let mut child = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_pcx"))
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("batch")
+    let mut child = Guard(
+        pcx(dir, &["batch"])
             // Snapshots are written along the way, so a kill can land around one.
             .env("PCX_SNAPSHOT_EVERY", "64")
             .stdin(Stdio::piped())
@@ -273,7 +171,7 @@ fn stream_and_kill(dir: &Path, round: usize, kill_after: usize) -> u64 {
                 "id": i,
                 "key": kill_key(round, i),
                 "kind": "eager",
-                "content_b64": B64.encode(kill_content(round, i)),
+                "content_b64": b64(kill_content(round, i)),
             });
             if writeln!(out, "{line}").is_err() || (i % 32 == 31 && out.flush().is_err()) {
                 break;
@@ -566,10 +464,9 @@ fn a_second_writer_on_an_open_data_directory_is_refused() {
         );
         assert!(err.to_string().contains("in use"), "{err}");
         // Another process: a clean error, not a panic and not a corrupt log.
-        let out = pcx(dir.path(), &["record-artifact", "x", "--text", "intruder"]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-        assert!(stderr.contains("in use"), "{stderr}");
+        let out = cli(dir.path(), &["record-artifact", "x", "--text", "intruder"]);
+        assert_eq!(out.status.code(), Some(1), "stderr: {}", out.stderr);
+        assert!(out.stderr.contains("in use"), "{}", out.stderr);
 
         // The first writer is unharmed.
         record(&ctx, "b", b"two").await;
@@ -589,7 +486,7 @@ fn damaged_log(change: impl FnOnce(&sled::Tree)) -> (tempfile::TempDir, ContextO
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), 10_000);
     write_records(&config, 8);
-    damage(dir.path(), "events", change);
+    damage(dir.path(), "events", SLED_PATIENCE, change);
     let err = block_on(async { open_error(&config) });
     (dir, err)
 }
@@ -690,7 +587,9 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_then_to_the_events(
         );
     }
 
-    damage(dir.path(), "snapshots", |t| flip_a_byte(t, seq_key(9)));
+    damage(dir.path(), "snapshots", SLED_PATIENCE, |t| {
+        flip_a_byte(t, seq_key(9))
+    });
     let recovered = replays_cleanly(dir.path());
     assert_eq!(
         recovered.snapshot,
@@ -709,7 +608,9 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_then_to_the_events(
         ctx.close().await.expect("close");
     });
 
-    damage(dir.path(), "snapshots", |t| flip_a_byte(t, seq_key(6)));
+    damage(dir.path(), "snapshots", SLED_PATIENCE, |t| {
+        flip_a_byte(t, seq_key(6))
+    });
     let recovered = replays_cleanly(dir.path());
     assert_eq!(
         recovered.snapshot, None,
@@ -737,7 +638,7 @@ fn a_snapshot_ahead_of_the_log_is_not_trusted() {
     let config = config(dir.path(), 3);
     write_records(&config, 10);
     // The crash hit the commit of event 9 (the one carrying snapshot 9); event 10 never came.
-    damage(dir.path(), "events", |t| {
+    damage(dir.path(), "events", SLED_PATIENCE, |t| {
         t.remove(seq_key(9)).unwrap();
         t.remove(seq_key(10)).unwrap();
     });
@@ -794,7 +695,7 @@ fn a_missing_blob_fails_only_the_entries_that_reference_it() {
             .unwrap();
         ctx.close().await.expect("close");
     });
-    damage(dir.path(), "blobs", |t| {
+    damage(dir.path(), "blobs", SLED_PATIENCE, |t| {
         t.remove(Digest::of(b"blob one").0)
             .unwrap()
             .expect("the blob existed");
@@ -841,10 +742,10 @@ fn a_missing_blob_fails_only_the_entries_that_reference_it() {
     );
 
     // Through the CLI, as JSON logs: the exception is traced and the other entry produced.
-    let out = pcx(dir.path(), &["--log-format", "json", "stitch"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stderr: {stderr}");
-    let answer: Value = serde_json::from_slice(&out.stdout).expect("one JSON answer");
+    let out = cli(dir.path(), &["--log-format", "json", "stitch"]);
+    let stderr = &out.stderr;
+    out.assert_success();
+    let answer = out.answer();
     assert_eq!(answer["ok"], json!(true));
     assert!(
         answer["entries"].get("e1").is_none() && answer["entries"].get("e2").is_some(),

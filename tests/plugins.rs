@@ -16,8 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use pcx::kinds::Kinds;
 use pcx::plugin::{self, PluginError, HOST_TARGET};
 use pcx::ContextError;
@@ -26,6 +24,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 mod common;
+use common::protocol::*;
 use common::*;
 
 /// The SDK fixture `misbehaving` 0.3.1 (kinds `fixture_panic`, `fixture_error`,
@@ -164,15 +163,7 @@ impl Setup {
 
     /// `pcx --data-dir DATA ARGS…`, with an environment free of the caller's `PCX_*`.
     fn pcx(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcx"));
-        for (name, _) in std::env::vars_os() {
-            let text = name.to_string_lossy();
-            if text.starts_with("PCX_") || text == "RUST_LOG" {
-                cmd.env_remove(&name);
-            }
-        }
-        cmd.arg("--data-dir").arg(self.data()).args(args);
-        cmd
+        pcx(&self.data(), args)
     }
 
     /// `pcx --plugin-dir PLUGINS ARGS…`.
@@ -184,84 +175,21 @@ impl Setup {
     }
 }
 
-/// Runs `pcx … batch` (built by `cmd`) over `requests`; checks it exits 0 and answers each.
-/// Gives the answers and stderr.
-fn batch(cmd: Command, requests: &[Value]) -> (Vec<Value>, String) {
-    let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
-    let out = run(cmd, input.as_bytes());
-    assert!(
-        out.status.success(),
-        "pcx batch failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
-    let answers = out.answers();
-    assert_eq!(
-        answers.len(),
-        requests.len(),
-        "one answer per request: {answers:#?}\nstderr: {}",
-        out.stderr
-    );
-    (answers, out.stderr)
-}
-
 // ---------------------------------------------------------------------------------------------
 // requests and answers
 
-fn record(key: &str, kind: &str, content: &[u8]) -> Value {
-    json!({"op":"record_artifact","key":key,"kind":kind,"content_b64":B64.encode(content)})
-}
-
 fn plugin_edit(key: &str, op: &str, args: &[u8]) -> Value {
-    json!({"op":"edit_artifact","key":key,"edit":{"plugin":{"op":op,"args_b64":B64.encode(args)}}})
+    json!({"op":"edit_artifact","key":key,"edit":{"plugin":{"op":op,"args_b64":b64(args)}}})
 }
 
-fn record_entry(key: &str, backends: &[&str]) -> Value {
-    json!({"op":"record_dynamo_cache_entry","key":key,"entry":{
-        "fn_name":"forward","fn_first_lineno":7,"device_type":"cpu",
-        "codes":[{"backend_ids":backends,"python_module":"model"}]}})
-}
-
-fn stitch() -> Value {
-    json!({"op":"create_cache_entries"})
-}
-
-fn save() -> Value {
-    json!({"op":"save_to_dynamo_cache"})
-}
-
-fn load(key: &str) -> Value {
-    json!({"op":"load_cache_entry","key":key})
-}
-
-fn get(key: &str) -> Value {
-    json!({"op":"serialize_artifact_by_key","key":key})
-}
-
-fn dump() -> Value {
-    json!({"op":"dump_debug_info"})
-}
-
-fn assert_ok(answer: &Value) {
-    assert_eq!(answer["ok"], json!(true), "expected success: {answer}");
-}
-
-/// Checks a failure answer's kind; gives its message.
-fn assert_failed(answer: &Value, kind: &str) -> String {
-    assert_eq!(answer["ok"], json!(false), "expected a failure: {answer}");
-    assert_eq!(answer["error"]["kind"], json!(kind), "{answer}");
-    answer["error"]["message"]
-        .as_str()
-        .expect("a message")
-        .to_string()
-}
-
-fn unb64(value: &Value) -> Vec<u8> {
-    let text = value
-        .as_str()
-        .unwrap_or_else(|| panic!("not base64 text: {value}"));
-    B64.decode(text).expect("valid base64")
+/// `record_dynamo_cache_entry` of an entry of `forward` (line 7, cpu) with one code, of
+/// module `model`, referencing `backends`.
+fn record_forward(key: &str, backends: &[&str]) -> Value {
+    record_entry(
+        key,
+        json!({"fn_name":"forward","fn_first_lineno":7,"device_type":"cpu",
+               "codes":[{"backend_ids":backends,"python_module":"model"}]}),
+    )
 }
 
 fn assert_contains(text: &str, parts: &[&str]) {
@@ -315,16 +243,16 @@ fn refused_beside_good(stem: &str) -> (PathBuf, PluginError) {
 fn a_plugin_written_in_c_serves_its_kind_end_to_end() {
     let s = Setup::new();
     s.c("c_upper");
-    let (answers, _) = batch(
+    let (answers, _) = batch_with(
         s.pcx_plugins(&["batch"]),
         &[
-            record("c1", "c_upper", b"hello"),
+            record_kind("c1", "c_upper", b"hello"),
             plugin_edit("c1", "append", b", world"),
-            record("e1", "eager", b"eager bytes"),
-            record_entry("fwd", &["c1", "e1"]),
+            record_kind("e1", "eager", b"eager bytes"),
+            record_forward("fwd", &["c1", "e1"]),
             save(),
             load("fwd"),
-            get("c1"),
+            serialize("c1"),
             plugin_edit("c1", "nope", b""),
         ],
     );
@@ -406,11 +334,11 @@ fn truncated_library_is_refused(keep: usize) {
         &[&bad_text, "cannot be loaded"],
     );
 
-    let (answers, stderr) = batch(
+    let (answers, Run { stderr, .. }) = batch_with(
         s.pcx_plugins(&["batch"]),
         &[
-            record("c1", "c_upper", b"still served"),
-            record_entry("fwd", &["c1"]),
+            record_kind("c1", "c_upper", b"still served"),
+            record_forward("fwd", &["c1"]),
             save(),
             load("fwd"),
         ],
@@ -580,11 +508,11 @@ fn two_plugins_claiming_one_kind_the_first_keeps_it_and_the_second_registers_not
     assert!(matches!(e, ContextError::NoPlugin { .. }), "{e:?}");
 
     // Through the binary: the first plugin serves the kind.
-    let (answers, stderr) = batch(
+    let (answers, Run { stderr, .. }) = batch_with(
         s.pcx_plugins(&["batch"]),
         &[
-            record("c1", "c_upper", b"mine"),
-            record_entry("fwd", &["c1"]),
+            record_kind("c1", "c_upper", b"mine"),
+            record_forward("fwd", &["c1"]),
             save(),
             load("fwd"),
         ],
@@ -652,18 +580,18 @@ fn misbehaving_load(kind: &str, env: &[(&str, &str)], extra: &[Value]) -> (Value
     let mut cmd = s.pcx_plugins(&["batch"]);
     cmd.envs(env.iter().copied());
     let mut requests = vec![
-        record("bad", kind, b"twelve bytes"),
-        record("fine", "fixture_echo", b"echo me"),
-        record("e", "eager", b"plain"),
-        record_entry("bad_entry", &["bad"]),
-        record_entry("fine_entry", &["fine", "e"]),
+        record_kind("bad", kind, b"twelve bytes"),
+        record_kind("fine", "fixture_echo", b"echo me"),
+        record_kind("e", "eager", b"plain"),
+        record_forward("bad_entry", &["bad"]),
+        record_forward("fine_entry", &["fine", "e"]),
         save(),
         load("bad_entry"),
         load("fine_entry"),
         dump(),
     ];
     requests.extend_from_slice(extra);
-    let (mut answers, _) = batch(cmd, &requests);
+    let (mut answers, _) = batch_with(cmd, &requests);
     for (i, a) in answers[..9].iter().enumerate() {
         if i != 6 {
             assert_ok(a);
@@ -684,7 +612,7 @@ fn a_plugin_panicking_in_after_deserialization_is_an_error_and_pcx_goes_on() {
     let (answer, extra) = misbehaving_load(
         "fixture_panic",
         &[],
-        &[plugin_edit("fine", "panic", b""), get("fine")],
+        &[plugin_edit("fine", "panic", b""), serialize("fine")],
     );
     let message = assert_failed(&answer, "plugin_failed");
     assert_contains(
@@ -728,7 +656,7 @@ fn a_plugin_writing_more_than_the_output_limit_is_refused() {
     let (answer, extra) = misbehaving_load(
         "fixture_flood",
         &[("PCX_MAX_PLUGIN_OUTPUT_BYTES", "4096")],
-        &[plugin_edit("fine", "flood", b""), get("fine")],
+        &[plugin_edit("fine", "flood", b""), serialize("fine")],
     );
     let message = assert_failed(&answer, "plugin_failed");
     assert_contains(
@@ -773,13 +701,13 @@ fn a_missing_plugin_directory_is_reported_and_eager_still_works() {
 
     let mut cmd = s.pcx(&["batch"]);
     cmd.env("PCX_PLUGIN_DIR", &missing);
-    let (answers, stderr) = batch(
+    let (answers, Run { stderr, .. }) = batch_with(
         cmd,
         &[
-            record("e1", "eager", b"eager"),
-            record("c1", "c_upper", b"needs a plugin"),
-            record_entry("eager_only", &["e1"]),
-            record_entry("needs_plugin", &["c1"]),
+            record_kind("e1", "eager", b"eager"),
+            record_kind("c1", "c_upper", b"needs a plugin"),
+            record_forward("eager_only", &["e1"]),
+            record_forward("needs_plugin", &["c1"]),
             save(),
             load("eager_only"),
             load("needs_plugin"),
@@ -853,13 +781,13 @@ fn a_directory_full_of_hostile_plugins_does_not_stop_pcx() {
         );
     }
 
-    let (answers, stderr) = batch(
+    let (answers, Run { stderr, .. }) = batch_with(
         s.pcx_plugins(&["batch"]),
         &[
-            record("c1", "c_upper", b"upper"),
-            record("m1", "fixture_echo", b"echo"),
-            record("e1", "eager", b"eager"),
-            record_entry("fwd", &["c1", "m1", "e1"]),
+            record_kind("c1", "c_upper", b"upper"),
+            record_kind("m1", "fixture_echo", b"echo"),
+            record_kind("e1", "eager", b"eager"),
+            record_forward("fwd", &["c1", "m1", "e1"]),
             save(),
             load("fwd"),
         ],
@@ -888,13 +816,7 @@ fn plugins_list_shows_name_version_abi_kinds_and_path() {
     let m = s.install(misbehaving(), "libmisbehaving.so");
     let a = s.install(aot_bundle(), "libaot_bundle.so");
     let list = run(s.pcx_plugins(&["plugins", "list"]), b"");
-    assert!(
-        list.status.success(),
-        "{}\nstderr: {}",
-        list.status,
-        list.stderr
-    );
-    let answer = list.answer();
+    let answer = list.assert_success().answer();
     assert_eq!(answer["plugin_dir"], json!(s.plugins_arg()));
     assert_eq!(answer["problems"], json!([]));
     assert_eq!(
@@ -913,9 +835,8 @@ fn plugins_list_shows_name_version_abi_kinds_and_path() {
 
     // Plugins off: nothing listed, nothing wrong.
     let off = run(s.pcx(&["--no-plugins", "plugins", "list"]), b"");
-    assert!(off.status.success(), "stderr: {}", off.stderr);
     assert_eq!(
-        off.answer(),
+        off.assert_success().answer(),
         json!({"plugin_dir": null, "plugins": [], "problems": []})
     );
 }
@@ -927,22 +848,14 @@ fn plugins_check_accepts_a_good_plugin_and_says_what_is_wrong_with_a_bad_one() {
     let check = |path: &Path| run(s.pcx(&["plugins", "check", path.to_str().unwrap()]), b"");
 
     let out = check(&good);
-    assert!(
-        out.status.success(),
-        "{}\n{}\n{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
-    let answer = out.answer();
+    let answer = out.assert_success().answer();
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["plugin"]["name"], "c-upper");
     assert_eq!(answer["plugin"]["kinds"], json!(["c_upper"]));
 
     let sdk = s.install(misbehaving(), "libmisbehaving.so");
     let out = check(&sdk);
-    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
-    assert_eq!(out.answer()["plugin"]["version"], "0.3.1");
+    assert_eq!(out.assert_success().answer()["plugin"]["version"], "0.3.1");
 
     let bad_cases = [
         (s.c("bad_magic"), "wrong magic"),
@@ -1055,17 +968,17 @@ fn aot_bundle_record_edit_stitch_save_restart_load_and_without_plugins() {
     };
 
     // Record, edit with the plugin, stitch, save.
-    let (answers, _) = batch(
+    let (answers, _) = batch_with(
         s.pcx_plugins(&["batch"]),
         &[
-            record("aot1", "bundled_aot_autograd", &doc),
+            record_kind("aot1", "bundled_aot_autograd", &doc),
             plugin_edit("aot1", "clear_backend_id", b""),
-            record("e1", "eager", b"eager kernel"),
-            record_entry("fwd", &["aot1", "e1"]),
+            record_kind("e1", "eager", b"eager kernel"),
+            record_forward("fwd", &["aot1", "e1"]),
             stitch(),
             save(),
             // A map of five entries that ends after its header.
-            record("junk", "bundled_aot_autograd", b"\x85"),
+            record_kind("junk", "bundled_aot_autograd", b"\x85"),
             plugin_edit("junk", "clear_backend_id", b""),
             plugin_edit("aot1", "recompile", b""),
         ],
@@ -1082,7 +995,7 @@ fn aot_bundle_record_edit_stitch_save_restart_load_and_without_plugins() {
     assert_contains(&message, &["recompile", "clear_backend_id"]);
 
     // Restart: a new process loads the saved entry through the plugin.
-    let (answers, _) = batch(s.pcx_plugins(&["batch"]), &[load("fwd")]);
+    let (answers, _) = batch_with(s.pcx_plugins(&["batch"]), &[load("fwd")]);
     let loaded = &answers[0];
     assert_ok(loaded);
     let d = &loaded["deserialized"]["aot1"];
@@ -1107,13 +1020,13 @@ fn aot_bundle_record_edit_stitch_save_restart_load_and_without_plugins() {
 
     // Plugins off: the same load is a clear error naming the kind; everything else works,
     // and replay gave the edited bytes without the plugin.
-    let (answers, _) = batch(
+    let (answers, _) = batch_with(
         s.pcx(&["--no-plugins", "batch"]),
         &[
             load("fwd"),
-            get("aot1"),
-            record("e2", "eager", b"more eager"),
-            record_entry("eager_only", &["e2"]),
+            serialize("aot1"),
+            record_kind("e2", "eager", b"more eager"),
+            record_forward("eager_only", &["e2"]),
             save(),
             load("eager_only"),
             dump(),

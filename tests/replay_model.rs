@@ -19,9 +19,12 @@ use pcx::model::{
 };
 use pcx::replay::{fold, recover, Head};
 use pcx::state::State;
-use pcx::{Artifact, Config, Context};
+use pcx::Context;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
+
+mod common;
+use common::library::{artifact, config, open};
 
 /// Artifact keys; entries may reference `b3`, which is recorded less often, and `b4`, never.
 const ARTIFACT_KEYS: [&str; 5] = ["b0", "b1", "b2", "b3", "b4"];
@@ -230,29 +233,13 @@ fn flat_model(e: &ModelEntry) -> (DynamoCacheEntry, Vec<(String, Vec<u8>)>) {
     )
 }
 
-fn config(dir: &std::path::Path) -> Config {
-    let mut c = Config::load(None, std::iter::empty()).unwrap();
-    c.data_dir = dir.to_path_buf();
-    c.snapshot_every = SNAPSHOT_EVERY;
-    c.cache_capacity_bytes = 4 << 20;
-    c
-}
-
-fn open(config: &Config) -> Context {
-    Context::open(config).unwrap_or_else(|e| panic!("opening {}: {e}", config.data_dir.display()))
-}
-
 /// Runs one operation live and in the model, and checks the answers agree.
 async fn step(ctx: &Context, model: &mut Model, op: &Op) -> Result<(), TestCaseError> {
     match op {
         Op::Record { key, content } => {
             let key = ARTIFACT_KEYS[*key];
             let ack = ctx
-                .record_artifact(Artifact {
-                    key: key.into(),
-                    kind: "eager".into(),
-                    content: content.clone(),
-                })
+                .record_artifact(artifact(key, content))
                 .await
                 .map_err(|e| TestCaseError::fail(format!("record {key}: {e}")))?;
             model.artifacts.insert(key.into(), content.clone());
@@ -413,8 +400,19 @@ async fn digest(ctx: &Context) -> Digest {
     ctx.state_digest().await.expect("state digest").value
 }
 
-/// Every artifact key reads back as the model holds it (content, or none).
-async fn check_contents(ctx: &Context, model: &Model, when: &str) -> Result<(), TestCaseError> {
+/// `dump_debug_info` is the model's, and every artifact key reads back as the model holds it
+/// (content, or none).
+async fn check_against_model(
+    ctx: &Context,
+    model: &Model,
+    when: &str,
+) -> Result<(), TestCaseError> {
+    let info = ctx
+        .dump_debug_info()
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?
+        .value;
+    prop_assert_eq!(&info, &model.debug_info());
     for key in ARTIFACT_KEYS {
         let got = ctx
             .serialize_artifact_by_key(key)
@@ -433,7 +431,7 @@ async fn check_contents(ctx: &Context, model: &Model, when: &str) -> Result<(), 
 
 async fn run_ops(ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
+    let config = config(dir.path(), SNAPSHOT_EVERY);
     let mut model = Model::default();
     let mut ctx = open(&config);
     for op in ops {
@@ -448,13 +446,7 @@ async fn run_ops(ops: &[Op]) -> Result<(), TestCaseError> {
     }
 
     // Live against the model.
-    let live_info = ctx
-        .dump_debug_info()
-        .await
-        .map_err(|e| TestCaseError::fail(e.to_string()))?
-        .value;
-    prop_assert_eq!(&live_info, &model.debug_info());
-    check_contents(&ctx, &model, "live").await?;
+    check_against_model(&ctx, &model, "live").await?;
     let live = digest(&ctx).await;
     prop_assert_eq!(
         live,
@@ -499,13 +491,7 @@ async fn run_ops(ops: &[Op]) -> Result<(), TestCaseError> {
         live,
         "the reopened context differs from live"
     );
-    let reopened_info = ctx
-        .dump_debug_info()
-        .await
-        .map_err(|e| TestCaseError::fail(e.to_string()))?
-        .value;
-    prop_assert_eq!(&reopened_info, &model.debug_info());
-    check_contents(&ctx, &model, "reopened").await?;
+    check_against_model(&ctx, &model, "reopened").await?;
     ctx.close()
         .await
         .map_err(|e| TestCaseError::fail(format!("close: {e}")))?;

@@ -7,12 +7,16 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pcx::actor::{Stitched, StitchedEntry};
+use pcx::actor::{Loaded, Stitched, StitchedEntry};
 use pcx::journal::{Commit, Journal, Records, SledJournal, StoreError};
 use pcx::model::Digest;
 use pcx::{Artifact, Config, Context, DynamoCacheEntry, DynamoCodeEntry, SystemInfo};
 use serde_json::{json, Value};
 use tempfile::TempDir;
+
+mod common;
+use common::library::artifact;
+use common::pairs;
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -46,14 +50,6 @@ async fn reopen(ctx: Context, dir: &Path) -> Context {
     open(dir)
 }
 
-fn eager(key: &str, content: &[u8]) -> Artifact {
-    Artifact {
-        key: key.to_string(),
-        kind: "eager".to_string(),
-        content: content.to_vec(),
-    }
-}
-
 fn code(ids: &[&str]) -> DynamoCodeEntry {
     DynamoCodeEntry {
         backend_ids: ids.iter().map(|s| s.to_string()).collect(),
@@ -75,7 +71,7 @@ fn entry(fn_name: &str, codes: &[&[&str]]) -> DynamoCacheEntry {
 /// Records an eager artifact and gives the answer's seq.
 async fn record(ctx: &Context, key: &str, content: &[u8]) -> u64 {
     let ack = ctx
-        .record_artifact(eager(key, content))
+        .record_artifact(artifact(key, content))
         .await
         .expect("record_artifact succeeds");
     ack.seq.expect("a write carries a seq")
@@ -143,6 +139,20 @@ async fn entry_keys(ctx: &Context) -> Vec<String> {
     }
 }
 
+/// Loads the saved entry `key`, which must load.
+async fn load(ctx: &Context, key: &str) -> Loaded {
+    ctx.load_cache_entry(key, None)
+        .await
+        .unwrap_or_else(|e| panic!("{key} does not load: {e}"))
+        .value
+}
+
+/// The load counters as (hit, miss, error).
+async fn load_counters(ctx: &Context) -> (u64, u64, u64) {
+    let c = ctx.load_counters().await.unwrap().value;
+    (c.hit, c.miss, c.error)
+}
+
 async fn stitch(ctx: &Context) -> Stitched {
     ctx.create_cache_entries()
         .await
@@ -173,13 +183,6 @@ fn backends(e: &StitchedEntry) -> Vec<(String, String)> {
         .collect()
 }
 
-fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
-    items
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 fn system(torch: &str) -> SystemInfo {
     SystemInfo {
         python_version: "3.11.9".into(),
@@ -194,7 +197,7 @@ fn system(torch: &str) -> SystemInfo {
 #[actix::test]
 async fn record_stores_a_copy_that_later_changes_by_the_caller_do_not_reach() {
     let (_dir, ctx) = fresh();
-    let mut mine = eager("b1", b"original");
+    let mut mine = artifact("b1", b"original");
     ctx.record_artifact(mine.clone()).await.unwrap();
     mine.content.extend_from_slice(b" changed by the caller");
     mine.content[0] = b'X';
@@ -295,7 +298,7 @@ async fn a_taken_key_recorded_again_goes_to_the_end() {
 async fn empty_content_is_valid_content() {
     let (dir, ctx) = fresh();
     let ack = ctx
-        .record_artifact(eager("empty", b""))
+        .record_artifact(artifact("empty", b""))
         .await
         .expect("empty content is accepted");
     assert!(ack.seq.is_some());
@@ -315,7 +318,7 @@ async fn empty_content_is_valid_content() {
     let ctx = reopen(ctx, dir.path()).await;
     assert_eq!(content_of(&ctx, "empty").await, Some(Vec::new()));
     let taken = ctx.take_artifact("empty").await.unwrap().value;
-    assert_eq!(taken, Some(eager("empty", b"")));
+    assert_eq!(taken, Some(artifact("empty", b"")));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -436,7 +439,7 @@ async fn serialize_of_an_unknown_key_is_none_not_an_error() {
         .expect("not an error");
     assert_eq!(got.value, None);
     let got = ctx.serialize_artifact_by_key("b1").await.unwrap().value;
-    assert_eq!(got, Some(eager("b1", b"aaa")));
+    assert_eq!(got, Some(artifact("b1", b"aaa")));
 }
 
 #[actix::test]
@@ -445,7 +448,7 @@ async fn take_removes_and_returns_and_a_second_take_gives_none() {
     record(&ctx, "b1", b"aaa").await;
     record(&ctx, "b2", b"bbb").await;
     let first = ctx.take_artifact("b1").await.unwrap().value;
-    assert_eq!(first, Some(eager("b1", b"aaa")));
+    assert_eq!(first, Some(artifact("b1", b"aaa")));
     assert_eq!(ctx.take_artifact("b1").await.unwrap().value, None);
     assert_eq!(content_of(&ctx, "b1").await, None);
     assert_eq!(backend_keys(&ctx).await, vec!["b2"]);
@@ -473,11 +476,8 @@ async fn clear_empties_both_maps_but_a_saved_entry_can_still_be_loaded() {
 
     let ctx = reopen(ctx, dir.path()).await;
     assert_eq!(debug_json(&ctx).await, json!({}));
-    let loaded = ctx
-        .load_cache_entry("e1", None)
-        .await
-        .expect("the saved entry survives clear")
-        .value;
+    // The saved entry survives clear.
+    let loaded = load(&ctx, "e1").await;
     assert_eq!(backends(&loaded.entry), pairs(&[("b1", "aaa")]));
 }
 
@@ -830,6 +830,9 @@ impl Journal for Faulty {
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         self.inner.rewrite_cache_view(entries)
     }
+    fn reset(&self) -> Result<(), StoreError> {
+        self.inner.reset()
+    }
     fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.anchor()
     }
@@ -928,7 +931,7 @@ async fn a_failed_cache_write_is_an_error_naming_the_key_and_saves_nothing() {
         .await
         .expect("the save works once writes do");
     ctx.clear().await.unwrap();
-    let loaded = ctx.load_cache_entry("e1", None).await.unwrap().value;
+    let loaded = load(&ctx, "e1").await;
     assert_eq!(backends(&loaded.entry), pairs(&[("b1", "aaa")]));
 }
 
@@ -967,11 +970,7 @@ async fn saved_entries_load_after_restart_and_their_backends_are_recorded_again(
     let ctx = reopen(ctx, dir.path()).await;
     assert_eq!(debug_json(&ctx).await, json!({}));
 
-    let loaded = ctx
-        .load_cache_entry("e1", None)
-        .await
-        .expect("e1 loads")
-        .value;
+    let loaded = load(&ctx, "e1").await;
     assert_eq!(
         backends(&loaded.entry),
         pairs(&[("b1", "one"), ("b2", "two")])
@@ -992,14 +991,9 @@ async fn saved_entries_load_after_restart_and_their_backends_are_recorded_again(
     assert_eq!(backend_keys(&ctx).await, vec!["b1", "b2"]);
     assert_eq!(content_of(&ctx, "b1").await.as_deref(), Some(&b"one"[..]));
 
-    let e2 = ctx
-        .load_cache_entry("e2", None)
-        .await
-        .expect("e2 loads")
-        .value;
+    let e2 = load(&ctx, "e2").await;
     assert_eq!(backends(&e2.entry), pairs(&[("b2", "two")]));
-    let counters = ctx.load_counters().await.unwrap().value;
-    assert_eq!((counters.hit, counters.miss, counters.error), (2, 0, 0));
+    assert_eq!(load_counters(&ctx).await, (2, 0, 0));
 
     // The re-recorded backends survive another restart.
     let ctx = reopen(ctx, dir.path()).await;
@@ -1014,8 +1008,7 @@ async fn loading_an_unknown_key_is_a_miss() {
     let err = ctx.load_cache_entry("nope", None).await.unwrap_err();
     assert_eq!(err.to_string(), "No package found with key nope");
     assert_eq!(err.kind(), "package_not_found");
-    let c = ctx.load_counters().await.unwrap().value;
-    assert_eq!((c.hit, c.miss, c.error), (0, 1, 0));
+    assert_eq!(load_counters(&ctx).await, (0, 1, 0));
     assert_eq!(ctx.state_digest().await.unwrap().value, digest);
 }
 
@@ -1037,8 +1030,7 @@ async fn a_system_info_mismatch_is_an_error_in_pytorchs_words() {
         err.to_string(),
         "Compile package was created with a different PyTorch version: 2.10.0"
     );
-    let c = ctx.load_counters().await.unwrap().value;
-    assert_eq!((c.hit, c.miss, c.error), (0, 0, 1));
+    assert_eq!(load_counters(&ctx).await, (0, 0, 1));
     assert_eq!(
         debug_json(&ctx).await,
         json!({}),
@@ -1048,8 +1040,7 @@ async fn a_system_info_mismatch_is_an_error_in_pytorchs_words() {
     ctx.load_cache_entry("e1", Some(system("2.10.0")))
         .await
         .expect("the same system loads");
-    let c = ctx.load_counters().await.unwrap().value;
-    assert_eq!((c.hit, c.miss, c.error), (1, 0, 1));
+    assert_eq!(load_counters(&ctx).await, (1, 0, 1));
 }
 
 #[actix::test]
@@ -1069,8 +1060,7 @@ async fn loading_a_kind_without_a_plugin_fails_naming_the_kind() {
     let err = ctx.load_cache_entry("e1", None).await.unwrap_err();
     assert_eq!(err.kind(), "no_plugin", "{err}");
     assert!(err.to_string().contains("bundled_aot_autograd"), "{err}");
-    let c = ctx.load_counters().await.unwrap().value;
-    assert_eq!((c.hit, c.miss, c.error), (0, 0, 1));
+    assert_eq!(load_counters(&ctx).await, (0, 0, 1));
     assert_eq!(
         debug_json(&ctx).await,
         json!({}),

@@ -10,19 +10,19 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
-use pcx::wire::{body_len, decode_body, encode_frame, to_json, to_msgpack, HEADER_LEN};
+use pcx::wire::{body_len, decode_answer, encode_frame, to_json, to_msgpack, HEADER_LEN};
 use serde_json::{json, Value};
 
-/// How long a process may take to start, finish or stop before the test gives up on it.
-const TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
+use common::protocol::*;
+use common::*;
+
 /// The longest a socket read or write may block before the test gives up on it.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server may take to exit after SIGTERM once nothing legitimate holds it.
@@ -31,105 +31,15 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 // ---------------------------------------------------------------------------------------------
 // processes
 
-/// `pcx ARGS…` with an environment free of the caller's `PCX_*` and `RUST_LOG`.
-fn pcx_cmd(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcx"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("PCX_") || name == "RUST_LOG" {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.args(args);
-    cmd
-}
-
-/// `pcx --data-dir DIR ARGS…`.
-fn pcx(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = pcx_cmd(&["--data-dir", path_str(dir)]);
-    cmd.args(args);
-    cmd
-}
-
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("temporary paths are UTF-8")
 }
 
-/// A child process that is killed (SIGKILL) and reaped when dropped, so that a failing test
-/// leaves none behind.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-impl Guard {
-    /// Waits up to `limit` for the process to exit.
-    fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Sends a signal by name (`TERM`, `INT`) with kill(1).
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args(["-s", name, &self.0.id().to_string()])
-            .status()
-            .expect("kill(1) runs");
-        assert!(status.success(), "kill -s {name} failed: {status}");
-    }
-}
-
-/// What a finished process gave.
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` with `input` on stdin and waits (with a timeout) for it to finish.
-fn run(mut cmd: Command, input: &[u8]) -> Run {
-    let mut child = Guard(
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("pcx starts"),
-    );
-    let mut stdin = child.0.stdin.take().unwrap();
-    let input = input.to_vec();
-    // The process may stop reading early; a broken pipe is then not this test's failure.
-    let writer = thread::spawn(move || drop(stdin.write_all(&input)));
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut text = String::new();
-            pipe.read_to_string(&mut text).expect("output is UTF-8");
-            text
-        })
-    };
-    let stdout = drain(Box::new(child.0.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.0.stderr.take().unwrap()));
-    let status = child
-        .wait_for(TIMEOUT)
-        .unwrap_or_else(|| panic!("pcx {:?} did not finish within {TIMEOUT:?}", cmd.get_args()));
-    writer.join().unwrap();
-    Run {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+/// `pcx --data-dir DIR serve --socket SOCKET ARGS…`.
+fn serve(dir: &Path, socket: &Path, args: &[&str]) -> Command {
+    let mut cmd = pcx(dir, &["serve", "--socket", path_str(socket)]);
+    cmd.args(args);
+    cmd
 }
 
 static LOG_NUMBER: AtomicUsize = AtomicUsize::new(0);
@@ -147,10 +57,15 @@ impl Server {
         Server::start_with(dir, socket, &[], &[])
     }
 
+    /// As [`Server::start_with`], on `TMP/data` and `TMP/s.sock`.
+    fn start_in(tmp: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
+        Server::start_with(&tmp.join("data"), &tmp.join("s.sock"), env, args)
+    }
+
     /// As [`Server::start`], with environment variables and more arguments.
     fn start_with(dir: &Path, socket: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
-        let mut cmd = pcx(dir, &["serve", "--socket", path_str(socket)]);
-        cmd.args(args).envs(env.iter().copied());
+        let mut cmd = serve(dir, socket, args);
+        cmd.envs(env.iter().copied());
         Server::spawn(cmd, socket)
     }
 
@@ -387,7 +302,7 @@ impl Conn {
         self.0.read_exact(&mut header)?;
         let mut body = vec![0u8; body_len(header) as usize];
         self.0.read_exact(&mut body)?;
-        decode_body(&body)
+        decode_answer(&body)
             .and_then(to_json)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
     }
@@ -443,47 +358,10 @@ impl Conn {
 // ---------------------------------------------------------------------------------------------
 // requests and answers
 
-fn b64(bytes: &[u8]) -> String {
-    B64.encode(bytes)
-}
-
-fn record(key: &str, content: &[u8]) -> Value {
-    json!({"op": "record_artifact", "key": key, "kind": "eager", "content_b64": b64(content)})
-}
-
-fn serialize(key: &str) -> Value {
-    json!({"op": "serialize_artifact_by_key", "key": key})
-}
-
 fn stats(conn: &mut Conn) -> Value {
     let answer = conn.ask(&json!({"op": "stats"}));
     assert_ok(&answer);
     answer["stats"].clone()
-}
-
-fn assert_ok(answer: &Value) {
-    assert_eq!(answer["ok"], json!(true), "expected success: {answer}");
-}
-
-/// Checks a failure answer's kind; gives its message.
-fn assert_failed(answer: &Value, kind: &str) -> String {
-    assert_eq!(answer["ok"], json!(false), "expected a failure: {answer}");
-    assert_eq!(answer["error"]["kind"], json!(kind), "{answer}");
-    answer["error"]["message"]
-        .as_str()
-        .expect("a message")
-        .to_string()
-}
-
-/// An answer's artifact content, or `None` for `"artifact": null`.
-fn content_of(answer: &Value) -> Option<Vec<u8>> {
-    assert_ok(answer);
-    let artifact = &answer["artifact"];
-    if artifact.is_null() {
-        return None;
-    }
-    let text = artifact["content_b64"].as_str().expect("content_b64 text");
-    Some(B64.decode(text).expect("valid base64"))
 }
 
 /// The seq of a write's answer.
@@ -528,14 +406,7 @@ fn assert_contents(conn: &mut Conn, expected: &[(String, Vec<u8>)], what: &str) 
 
 /// `pcx verify` on a data directory no server holds: exits 0.
 fn assert_verify_passes(dir: &Path) {
-    let out = run(pcx(dir, &["verify"]), b"");
-    assert!(
-        out.status.success(),
-        "pcx verify failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
+    cli(dir, &["verify"]).assert_success();
 }
 
 /// Polls `stats` until `connections_open` is `n` (connections close asynchronously).
@@ -601,10 +472,7 @@ fn untimed(line: &str) -> Value {
 /// times may differ). Gives the answers.
 fn client_and_batch_agree(input: &str, env: &[(&str, &str)]) -> Vec<Value> {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cmd = pcx(&tmp.path().join("batch"), &["batch"]);
-    cmd.envs(env.iter().copied());
-    let batch = run(cmd, input.as_bytes());
-    assert!(batch.status.success(), "pcx batch: {}", batch.stderr);
+    let batch = batch_raw(&tmp.path().join("batch"), input, env);
 
     let socket = tmp.path().join("s.sock");
     let server = Server::start_with(&tmp.path().join("served"), &socket, env, &[]);
@@ -637,39 +505,9 @@ fn client_and_batch_agree(input: &str, env: &[(&str, &str)]) -> Vec<Value> {
     b.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-fn lines(requests: &[Value]) -> String {
-    requests.iter().map(|r| format!("{r}\n")).collect()
-}
-
-fn example_entry() -> Value {
-    json!({"fn_name":"f","fn_first_lineno":3,"device_type":"cpu",
-           "codes":[{"backend_ids":["b1","b2"]},{"backend_ids":["b3","b1"]}]})
-}
-
-fn record_entry(key: &str, entry: Value) -> Value {
-    json!({"op":"record_dynamo_cache_entry","key":key,"entry":entry})
-}
-
-fn append(key: &str, suffix: &[u8]) -> Value {
-    json!({"op":"edit_artifact","key":key,"edit":{"append_b64":b64(suffix)}})
-}
-
 #[test]
 fn the_worked_example_through_pcx_client_answers_as_through_pcx_batch() {
-    let answers = client_and_batch_agree(
-        &lines(&[
-            record("b1", b"aaa"),
-            record("b2", b"bbb"),
-            record("b1", b"ccc"),
-            append("b2", b"!"),
-            append("nope", b"!"),
-            record_entry("e1", example_entry()),
-            serialize("b2"),
-            serialize("zz"),
-            json!({"op":"create_cache_entries"}),
-        ]),
-        &[],
-    );
+    let answers = client_and_batch_agree(&lines(&worked_example()), &[]);
     assert_failed(&answers[4], "key_not_found");
     assert_eq!(content_of(&answers[6]).as_deref(), Some(&b"bbb!"[..]));
     let codes = &answers[8]["entries"]["e1"]["dynamo"]["codes"];
@@ -678,33 +516,7 @@ fn the_worked_example_through_pcx_client_answers_as_through_pcx_batch() {
 
 #[test]
 fn a_full_sequence_through_pcx_client_answers_as_through_pcx_batch() {
-    let mut entry2 = example_entry();
-    entry2["fn_name"] = json!("g");
-    entry2["codes"] = json!([{"backend_ids":["b2"],"payload_b64":b64(b"bytecode\x00\xff")}]);
-    let answers = client_and_batch_agree(
-        &lines(&[
-            record("b1", b"aaa"),
-            record("b2", b"bbb"),
-            record("b1", b"ccc"),
-            append("b2", b"!"),
-            append("nope", b"!"),
-            record_entry("e1", example_entry()),
-            record_entry("e2", entry2),
-            serialize("b2"),
-            json!({"op":"create_cache_entries","id":"stitch-1"}),
-            json!({"op":"save_to_dynamo_cache"}),
-            json!({"op":"take_artifact","key":"b1"}),
-            json!({"op":"take_artifact","key":"b1"}),
-            json!({"op":"dump_debug_info"}),
-            json!({"op":"clear"}),
-            json!({"op":"load_cache_entry","key":"e1"}),
-            json!({"op":"load_cache_entry","key":"zz"}),
-            record("b3", b"ddd"),
-            json!({"op":"create_cache_entries"}),
-            json!({"op":"dump_debug_info"}),
-        ]),
-        &[],
-    );
+    let answers = client_and_batch_agree(&lines(&full_sequence(b"bytecode\x00\xff")), &[]);
     assert_ok(&answers[14]);
     assert_failed(&answers[15], "package_not_found");
 }
@@ -758,7 +570,7 @@ fn errors_ids_and_audits_through_pcx_client_answer_as_through_pcx_batch() {
         json!({"op":"load_cache_entry","key":"e1","system_info":sys}).to_string(),
         json!({"op":"take_artifact","key":"b1"}).to_string(),
         json!({"op":"take_artifact","key":"b1"}).to_string(),
-        record("long", &[b'x'; 700]).to_string(),
+        record("long", [b'x'; 700]).to_string(),
         json!({"op":"clear"}).to_string(),
         json!({"op":"dump_debug_info"}).to_string(),
         json!({"op":"state"}).to_string(),
@@ -820,13 +632,7 @@ fn the_socket_is_private_a_stale_one_is_replaced_and_a_live_one_refused() {
     assert_ok(&conn.ask(&record("k", b"v")));
 
     // A second server on the live socket (another data directory) refuses to start...
-    let (status, stderr) = serve_refused(
-        pcx(
-            &tmp.path().join("two"),
-            &["serve", "--socket", path_str(&socket)],
-        ),
-        &socket,
-    );
+    let (status, stderr) = serve_refused(serve(&tmp.path().join("two"), &socket, &[]), &socket);
     assert!(
         !status.success(),
         "a second server on a live socket: {status}"
@@ -837,13 +643,7 @@ fn the_socket_is_private_a_stale_one_is_replaced_and_a_live_one_refused() {
     );
     // ...and a second server on the same data directory too.
     let other = tmp.path().join("other.sock");
-    let (status, stderr) = serve_refused(
-        pcx(
-            &tmp.path().join("one"),
-            &["serve", "--socket", path_str(&other)],
-        ),
-        &other,
-    );
+    let (status, stderr) = serve_refused(serve(&tmp.path().join("one"), &other, &[]), &other);
     assert!(
         !status.success(),
         "a second server on a used data directory"
@@ -868,12 +668,8 @@ fn the_socket_is_private_a_stale_one_is_replaced_and_a_live_one_refused() {
         pcx(&dir, &["client"]),
         format!("{}\n{}\n", record("d", b"x"), serialize("d")).as_bytes(),
     );
-    assert!(out.status.success(), "{}", out.stderr);
-    let answers: Vec<Value> = out
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    out.assert_success();
+    let answers = out.answers();
     assert_eq!(content_of(&answers[1]).as_deref(), Some(&b"x"[..]));
     server.stop();
 }
@@ -885,13 +681,7 @@ fn a_regular_file_at_the_socket_path_is_not_deleted() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("notes.txt");
     std::fs::write(&path, "precious").unwrap();
-    let (mut process, log) = spawn_logged(
-        pcx(
-            &tmp.path().join("data"),
-            &["serve", "--socket", path_str(&path)],
-        ),
-        &path,
-    );
+    let (mut process, log) = spawn_logged(serve(&tmp.path().join("data"), &path, &[]), &path);
     let deadline = Instant::now() + TIMEOUT;
     let status = loop {
         let intact = std::fs::read_to_string(&path).ok().as_deref() == Some("precious");
@@ -945,7 +735,7 @@ fn thirty_two_clients_times_500_writes_are_each_logged_once_in_client_order() {
                     let sender = thread::spawn(move || {
                         for i in 0..WRITES {
                             writer
-                                .send(&record(&client_key(c, i), &client_content(c, i)))
+                                .send(&record(&client_key(c, i), client_content(c, i)))
                                 .expect("send");
                         }
                     });
@@ -958,7 +748,7 @@ fn thirty_two_clients_times_500_writes_are_each_logged_once_in_client_order() {
                     // Closed loop: one request at a time.
                     (0..WRITES)
                         .map(|i| {
-                            seq_of(&conn.ask(&record(&client_key(c, i), &client_content(c, i))))
+                            seq_of(&conn.ask(&record(&client_key(c, i), client_content(c, i))))
                         })
                         .collect()
                 }
@@ -1009,9 +799,10 @@ fn thirty_two_clients_times_500_writes_are_each_logged_once_in_client_order() {
     server.stop();
 
     // The log as the CLI reads it after shutdown: everything is there, and sound.
-    let out = run(pcx(&dir, &["log", "--event", "ArtifactRecorded"]), b"");
-    assert!(out.status.success(), "{}", out.stderr);
-    assert_eq!(out.stdout.lines().count(), CLIENTS * WRITES);
+    assert_eq!(
+        cli_lines(&dir, &["log", "--event", "ArtifactRecorded"]).len(),
+        CLIENTS * WRITES
+    );
     assert_verify_passes(&dir);
 }
 
@@ -1077,7 +868,7 @@ fn every_answered_write_survives_sigkill_at_random_moments() {
                     let mut writer = conn.try_clone();
                     let sender = thread::spawn(move || {
                         for i in 0..WRITES {
-                            let r = record(&kill_key(round, c, i), &kill_content(round, c, i));
+                            let r = record(&kill_key(round, c, i), kill_content(round, c, i));
                             if writer.send(&r).is_err() {
                                 break;
                             }
@@ -1147,12 +938,7 @@ fn every_answered_write_survives_sigkill_at_random_moments() {
 #[test]
 fn bad_frames_get_their_errors_while_everyone_else_is_served() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("s.sock"),
-        &[("PCX_MAX_FRAME_BYTES", "4096")],
-        &[],
-    );
+    let server = Server::start_in(tmp.path(), &[("PCX_MAX_FRAME_BYTES", "4096")], &[]);
     let mut good = server.connect();
     assert_ok(&good.ask(&record("k", b"v")));
     let mut n = 0;
@@ -1269,7 +1055,7 @@ fn bad_frames_get_their_errors_while_everyone_else_is_served() {
 #[test]
 fn a_frame_with_the_reserved_byte_0xc1_is_refused_as_not_messagepack() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("data"), &tmp.path().join("s.sock"));
+    let server = Server::start_in(tmp.path(), &[], &[]);
     let mut c = server.connect();
     c.send_raw(&raw_frame(&[0xc1])).unwrap();
     assert_failed(&c.recv().unwrap(), "bad_frame");
@@ -1289,12 +1075,7 @@ fn a_frame_with_the_reserved_byte_0xc1_is_refused_as_not_messagepack() {
 #[test]
 fn an_oversize_frame_is_refused_naming_max_frame_bytes() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("s.sock"),
-        &[("PCX_MAX_FRAME_BYTES", "4096")],
-        &[],
-    );
+    let server = Server::start_in(tmp.path(), &[("PCX_MAX_FRAME_BYTES", "4096")], &[]);
     let mut c = server.connect();
     c.send_raw(&5000u32.to_be_bytes()).unwrap();
     let message = assert_failed(&c.recv().expect("an answer"), "too_large");
@@ -1306,6 +1087,28 @@ fn an_oversize_frame_is_refused_naming_max_frame_bytes() {
     server.stop();
 }
 
+/// A server on `TMP` that takes at most `in_flight` requests of a connection before it stops
+/// reading it, holding the artifact `big` (`content`); gives it and a connection to it.
+fn server_holding_big(tmp: &Path, in_flight: &str, content: &[u8]) -> (Server, Conn) {
+    let server = Server::start_in(tmp, &[("PCX_MAX_IN_FLIGHT_PER_CONNECTION", in_flight)], &[]);
+    let mut good = server.connect();
+    assert_ok(&good.ask(&record("big", content)));
+    (server, good)
+}
+
+/// A connection that asks for `big` up to `n` times and reads no answer (its writes give up
+/// after two seconds once the server stops reading).
+fn asking_for_big_unread(server: &Server, n: usize) -> Conn {
+    let mut c = server.connect();
+    c.set_timeouts(IO_TIMEOUT, Duration::from_secs(2));
+    for _ in 0..n {
+        if c.send(&serialize("big")).is_err() {
+            break;
+        }
+    }
+    c
+}
+
 /// Product bug: a client that pipelines more requests than `max_in_flight_per_connection`
 /// while not reading, then vanishes, leaves its connection task stuck for good (the reader
 /// waits on a full answer queue whose receiver is never dropped after the writer fails), so
@@ -1313,23 +1116,9 @@ fn an_oversize_frame_is_refused_naming_max_frame_bytes() {
 #[test]
 fn a_client_that_floods_and_vanishes_harms_no_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("s.sock"),
-        &[("PCX_MAX_IN_FLIGHT_PER_CONNECTION", "4")],
-        &[],
-    );
-    let mut good = server.connect();
-    assert_ok(&good.ask(&record("big", &vec![7u8; 256 << 10])));
-
-    let mut flood = server.connect();
-    flood.set_timeouts(IO_TIMEOUT, Duration::from_secs(2));
-    for _ in 0..64 {
-        // Answers of 256 KiB nobody reads: the server's writes block, then its reads stop.
-        if flood.send(&serialize("big")).is_err() {
-            break;
-        }
-    }
+    let (server, mut good) = server_holding_big(tmp.path(), "4", &vec![7u8; 256 << 10]);
+    // Answers of 256 KiB nobody reads: the server's writes block, then its reads stop.
+    let flood = asking_for_big_unread(&server, 64);
     drop(flood);
 
     assert_eq!(
@@ -1354,14 +1143,7 @@ fn a_client_that_floods_and_vanishes_harms_no_one() {
 fn a_client_that_floods_without_reading_is_held_back_and_others_are_served() {
     const LIMIT: usize = 20_000;
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("s.sock"),
-        &[("PCX_MAX_IN_FLIGHT_PER_CONNECTION", "8")],
-        &[],
-    );
-    let mut good = server.connect();
-    assert_ok(&good.ask(&record("big", &vec![1u8; 64 << 10])));
+    let (server, mut good) = server_holding_big(tmp.path(), "8", &vec![1u8; 64 << 10]);
     let rss_before = rss_kib(server.pid());
 
     // Each request asks for a 64 KiB answer and is never read: unbounded queues would hold
@@ -1423,7 +1205,7 @@ fn signal_during_writes(signal: &str, after: usize) {
     let sender = thread::spawn(move || {
         for i in 0..WRITES {
             if writer
-                .send(&record(&format!("w{i}"), &client_content(0, i)))
+                .send(&record(&format!("w{i}"), client_content(0, i)))
                 .is_err()
             {
                 break;
@@ -1491,22 +1273,9 @@ fn sigint_finishes_accepted_requests_and_exits_0() {
 #[test]
 fn a_client_that_never_reads_does_not_hold_up_shutdown() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("s.sock"),
-        &[("PCX_MAX_IN_FLIGHT_PER_CONNECTION", "4")],
-        &[],
-    );
-    let mut good = server.connect();
-    assert_ok(&good.ask(&record("big", &vec![7u8; 256 << 10])));
+    let (server, good) = server_holding_big(tmp.path(), "4", &vec![7u8; 256 << 10]);
     drop(good);
-    let mut stuck = server.connect();
-    stuck.set_timeouts(IO_TIMEOUT, Duration::from_secs(2));
-    for _ in 0..8 {
-        if stuck.send(&serialize("big")).is_err() {
-            break;
-        }
-    }
+    let stuck = asking_for_big_unread(&server, 8);
     // `stuck` stays connected and reads nothing while the server is asked to stop.
     let status = server.stop_with("TERM", STOP_TIMEOUT);
     assert_eq!(status.code(), Some(0));
@@ -1559,11 +1328,8 @@ fn tcp_needs_the_token_and_a_loopback_address() {
     let mut cmd = pcx_cmd(&["client", "--tcp", &address]);
     cmd.env("PCX_TCP_TOKEN", "s3cret");
     let out = run(cmd, input.as_bytes());
-    assert!(out.status.success(), "{}", out.stderr);
-    assert_eq!(
-        content_of(&serde_json::from_str(out.stdout.trim()).unwrap()).as_deref(),
-        Some(&b"over tcp"[..])
-    );
+    out.assert_success();
+    assert_eq!(content_of(&out.answer()).as_deref(), Some(&b"over tcp"[..]));
     let out = run(
         pcx_cmd(&["client", "--tcp", &address, "--token", "guess"]),
         input.as_bytes(),
@@ -1575,19 +1341,12 @@ fn tcp_needs_the_token_and_a_loopback_address() {
 
     // Not loopback, or no token: refused at start.
     let other = tmp.path().join("t.sock");
-    let mut cmd = pcx(&dir, &["serve", "--socket", path_str(&other), "--tcp"]);
-    cmd.arg(format!("0.0.0.0:{port}"))
-        .env("PCX_TCP_TOKEN", "s3cret");
+    let mut cmd = serve(&dir, &other, &["--tcp", &format!("0.0.0.0:{port}")]);
+    cmd.env("PCX_TCP_TOKEN", "s3cret");
     let (status, stderr) = serve_refused(cmd, &other);
     assert!(!status.success());
     assert!(stderr.contains("not a loopback address"), "{stderr}");
-    let (status, stderr) = serve_refused(
-        pcx(
-            &dir,
-            &["serve", "--socket", path_str(&other), "--tcp", &address],
-        ),
-        &other,
-    );
+    let (status, stderr) = serve_refused(serve(&dir, &other, &["--tcp", &address]), &other);
     assert!(!status.success());
     assert!(stderr.contains("token"), "{stderr}");
 }
@@ -1598,10 +1357,7 @@ fn tcp_needs_the_token_and_a_loopback_address() {
 fn a_start_refused_for_its_tcp_address_leaves_no_socket_file() {
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("s.sock");
-    let mut cmd = pcx(
-        &tmp.path().join("data"),
-        &["serve", "--socket", path_str(&socket), "--tcp", "0.0.0.0:1"],
-    );
+    let mut cmd = serve(&tmp.path().join("data"), &socket, &["--tcp", "0.0.0.0:1"]);
     cmd.env("PCX_TCP_TOKEN", "s3cret");
     let (status, stderr) = serve_refused(cmd, &socket);
     assert!(!status.success(), "{stderr}");
@@ -1617,9 +1373,8 @@ fn a_start_refused_for_its_tcp_address_leaves_no_socket_file() {
 fn an_idle_tcp_connection_does_not_hold_up_shutdown() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
-    let server = Server::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("s.sock"),
+    let server = Server::start_in(
+        tmp.path(),
         &[("PCX_TCP_TOKEN", "s3cret")],
         &["--tcp", &format!("127.0.0.1:{port}")],
     );
@@ -1654,13 +1409,21 @@ fn python_with_msgpack() -> bool {
     true
 }
 
-fn python(script: &str, args: &[&str]) -> Run {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/python")
-        .join(script);
+/// Runs the example script `examples/python/SCRIPT` against `server`; it must succeed.
+fn python(script: &str, args: &[&str], server: &Server) -> Run {
+    let path = repo().join("examples/python").join(script);
     let mut cmd = Command::new("python3");
     cmd.arg(path).args(args).env("PYTHONDONTWRITEBYTECODE", "1");
-    run(cmd, b"")
+    let out = run(cmd, b"");
+    assert!(
+        out.status.success(),
+        "{script}: {}\nstdout: {}\nstderr: {}\nserver: {}",
+        out.status,
+        out.stdout,
+        out.stderr,
+        server.stderr()
+    );
+    out
 }
 
 #[test]
@@ -1678,7 +1441,7 @@ fn the_python_client_and_orchestrator_run_green_against_pcx_serve() {
         &[("PCX_TCP_TOKEN", "py-token")],
         &["--tcp", &address],
     );
-    let out = python(
+    python(
         "test_client.py",
         &[
             "--socket",
@@ -1688,14 +1451,7 @@ fn the_python_client_and_orchestrator_run_green_against_pcx_serve() {
             "--token",
             "py-token",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "test_client.py: {}\nstdout: {}\nstderr: {}\nserver: {}",
-        out.status,
-        out.stdout,
-        out.stderr,
-        server.stderr()
+        &server,
     );
 
     let out = python(
@@ -1708,14 +1464,7 @@ fn the_python_client_and_orchestrator_run_green_against_pcx_serve() {
             "--artifacts-per-worker",
             "6",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "orchestrator.py: {}\nstdout: {}\nstderr: {}\nserver: {}",
-        out.status,
-        out.stdout,
-        out.stderr,
-        server.stderr()
+        &server,
     );
     assert!(
         out.stdout.contains("0 mismatches"),

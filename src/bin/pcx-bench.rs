@@ -571,7 +571,7 @@ fn read_frame(s: &mut impl Read) -> Result<Value> {
     s.read_exact(&mut h)?;
     let mut body = vec![0u8; pcx::wire::body_len(h) as usize];
     s.read_exact(&mut body)?;
-    Ok(pcx::wire::to_json(pcx::wire::decode_body(&body)?)?)
+    Ok(pcx::wire::to_json(pcx::wire::decode_answer(&body)?)?)
 }
 
 /// Closed-loop clients: each sends its next record only after the answer to the previous.

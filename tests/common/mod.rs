@@ -1,6 +1,15 @@
-//! Helpers shared by the integration tests that run processes and build fixture crates.
-//! Each test binary compiles its own copy and uses only some of it.
+//! Helpers shared by the integration tests. Each test binary compiles its own copy and uses
+//! only some of it.
+//!
+//! - here: running processes with a timeout ([`run`], [`Run`], [`Guard`]), the `pcx` command
+//!   with a clean environment ([`pcx`]), building fixture crates ([`build_cdylib`]);
+//! - [`protocol`]: `pcx` as its users drive it: JSON requests and answers, `pcx batch` and the
+//!   single-shot CLI commands;
+//! - [`library`]: the library ([`pcx::Context`]) and the sled database under a data directory.
 #![allow(dead_code)]
+
+pub mod library;
+pub mod protocol;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -22,17 +31,22 @@ pub const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// What a finished process gave.
 pub struct Run {
+    /// The command, for messages: its program's file name and its arguments.
+    pub what: String,
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
 }
 
 impl Run {
+    /// Every stdout line, parsed as JSON.
     pub fn answers(&self) -> Vec<Value> {
         self.stdout
             .lines()
             .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("answer is not JSON ({e}): {l}"))
+                serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!("{}: an output line is not JSON ({e}): {l}", self.what)
+                })
             })
             .collect()
     }
@@ -40,38 +54,97 @@ impl Run {
     /// The one JSON answer of a single-shot command.
     pub fn answer(&self) -> Value {
         let mut answers = self.answers();
-        assert_eq!(answers.len(), 1, "one answer line; stdout: {}", self.stdout);
+        assert_eq!(
+            answers.len(),
+            1,
+            "{}: one answer line expected; stdout: {}\nstderr: {}",
+            self.what,
+            self.stdout,
+            self.stderr
+        );
         answers.remove(0)
+    }
+
+    /// Checks the process exited 0.
+    pub fn assert_success(&self) -> &Run {
+        assert!(
+            self.status.success(),
+            "{} failed: {}\nstdout: {}\nstderr: {}",
+            self.what,
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Checks the process neither panicked nor was killed by a signal.
+    pub fn assert_no_panic(&self) -> &Run {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "{} panicked: {}",
+            self.what,
+            self.stderr
+        );
+        assert!(
+            self.status.code().is_some(),
+            "{} was killed by a signal: {}",
+            self.what,
+            self.status
+        );
+        self
     }
 }
 
+/// A command as messages name it: its program's file name and its arguments.
+pub fn describe(cmd: &Command) -> String {
+    let program = Path::new(cmd.get_program())
+        .file_name()
+        .unwrap_or(cmd.get_program())
+        .to_string_lossy()
+        .into_owned();
+    std::iter::once(program)
+        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Reads a pipe to its end on its own thread; the text must be UTF-8.
 pub fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
     thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
+        let mut text = String::new();
+        pipe.read_to_string(&mut text)
+            .expect("the output is readable and UTF-8");
+        text
     })
+}
+
+/// Waits up to `limit` for `child` to exit; `None` if it is still running then.
+pub fn wait_for(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Waits for `child`, killing it (and failing the test) after `timeout`.
 pub fn wait(child: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(child, timeout).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} did not finish within {timeout:?}");
+    })
 }
 
 /// Runs `cmd` with `input` on stdin, waiting at most `timeout`.
 pub fn run_with(mut cmd: Command, input: &[u8], timeout: Duration) -> Run {
-    let what = format!("{cmd:?}");
+    let what = describe(&cmd);
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -89,14 +162,79 @@ pub fn run_with(mut cmd: Command, input: &[u8], timeout: Duration) -> Run {
     let status = wait(&mut child, timeout, &what);
     writer.join().unwrap();
     Run {
+        what,
         status,
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
     }
 }
 
+/// Runs `cmd` with `input` on stdin, waiting at most [`TIMEOUT`].
 pub fn run(cmd: Command, input: &[u8]) -> Run {
     run_with(cmd, input, TIMEOUT)
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so that a failing test
+/// leaves none behind.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+impl Guard {
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        wait_for(&mut self.0, limit)
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.0.id().to_string()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill -s {name} failed: {status}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the pcx binary
+
+/// `pcx ARGS…` with an environment free of the caller's `PCX_*` and `RUST_LOG`.
+pub fn pcx_cmd(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcx"));
+    for (name, _) in std::env::vars_os() {
+        let text = name.to_string_lossy();
+        if text.starts_with("PCX_") || text == "RUST_LOG" {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd.args(args);
+    cmd
+}
+
+/// `pcx --data-dir DIR ARGS…`, as [`pcx_cmd`].
+pub fn pcx(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = pcx_cmd(&[]);
+    cmd.arg("--data-dir").arg(dir).args(args);
+    cmd
+}
+
+// ---------------------------------------------------------------------------------------------
+// values
+
+/// Owned (key, value) pairs, to compare with.
+pub fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
