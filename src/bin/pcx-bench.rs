@@ -428,15 +428,17 @@ fn w1_with(quick: bool, kind: &str, plugins: Option<&Path>) -> Result<(Value, te
 // ---------------------------------------------------------------------------------------
 // W2
 
+/// This process's peak resident memory: `VmHWM` of /proc/self/status, which starts afresh
+/// at exec (getrusage's `ru_maxrss` carries the parent's peak across fork + exec).
 fn peak_rss_kib() -> i64 {
-    // SAFETY: getrusage fills a plain struct we own.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid pointer.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 {
-        ru.ru_maxrss
-    } else {
-        -1
-    }
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(-1)
 }
 
 fn open_probe(dir: &Path) -> Result<()> {
