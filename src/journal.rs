@@ -625,7 +625,9 @@ pub struct FaultyJournal<J> {
     inner: J,
     fail_commits: AtomicBool,
     fail_blob_reads: AtomicBool,
+    poisoned: AtomicBool,
     commits: AtomicU64,
+    resets: AtomicU64,
 }
 
 impl<J: Journal> FaultyJournal<J> {
@@ -634,8 +636,30 @@ impl<J: Journal> FaultyJournal<J> {
             inner,
             fail_commits: AtomicBool::new(false),
             fail_blob_reads: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
             commits: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
         }
+    }
+    /// Behaves as sled after a failed write: the next commit fails with an IO error, and so
+    /// does every commit and read after it, until the journal is reset (reopened).
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::SeqCst);
+    }
+    /// How many times the journal was reset.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::SeqCst)
+    }
+    fn sled_failure(&self, op: &'static str) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(StoreError::Sled {
+                op,
+                source: sled::Error::Io(std::io::Error::other(
+                    "injected: sled keeps its first write error",
+                )),
+            });
+        }
+        Ok(())
     }
     /// From now on, every commit fails (and leaves nothing behind) until set back.
     pub fn fail_commits(&self, on: bool) {
@@ -656,6 +680,7 @@ impl<J: Journal> Journal for FaultyJournal<J> {
         self.inner.put_blob(digest, content)
     }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        self.sled_failure("reading a blob")?;
         if self.fail_blob_reads.load(Ordering::SeqCst) {
             return Err(StoreError::Injected {
                 op: "reading a blob",
@@ -664,6 +689,7 @@ impl<J: Journal> Journal for FaultyJournal<J> {
         self.inner.blob(digest)
     }
     fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        self.sled_failure("appending events")?;
         if self.fail_commits.load(Ordering::SeqCst) {
             return Err(StoreError::Injected {
                 op: "appending events",
@@ -674,6 +700,9 @@ impl<J: Journal> Journal for FaultyJournal<J> {
         Ok(())
     }
     fn records(&self, from: u64) -> Records<'_> {
+        if let Err(e) = self.sled_failure("reading events") {
+            return Box::new(std::iter::once(Err(e)));
+        }
         self.inner.records(from)
     }
     fn last_seq(&self) -> Result<Option<u64>, StoreError> {
@@ -686,7 +715,10 @@ impl<J: Journal> Journal for FaultyJournal<J> {
         self.inner.snapshot(seq)
     }
     fn reset(&self) -> Result<(), StoreError> {
-        self.inner.reset()
+        self.inner.reset()?;
+        self.poisoned.store(false, Ordering::SeqCst);
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
     fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.anchor()

@@ -395,6 +395,48 @@ fn a_failed_commit_answers_storage_and_changes_nothing_then_writes_work_again() 
     replays_cleanly(dir.path());
 }
 
+/// sled keeps its first write error until the database is reopened: after such a failure
+/// the context reopens the journal and replays on the next request, so it works again in the
+/// same process, with nothing answered lost and nothing failed applied.
+#[test]
+fn a_storage_failure_that_sticks_is_healed_by_reopening_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    block_on(async {
+        let (ctx, journal) = open_faulty(&config);
+        let first = record(&ctx, "a", b"one").await;
+        journal.poison();
+        let err = ctx
+            .record_artifact(artifact("b", b"two"))
+            .await
+            .expect_err("a write on a poisoned journal fails");
+        assert_eq!(err.kind(), "storage", "{err}");
+        assert_eq!(
+            journal.resets(),
+            1,
+            "the failure reopened the journal at once"
+        );
+        // The next request finds the journal whole again, and the failed write not applied.
+        assert_eq!(content(&ctx, "a").await.as_deref(), Some(&b"one"[..]));
+        assert_eq!(content(&ctx, "b").await, None);
+        let third = record(&ctx, "c", b"three").await;
+        assert_eq!(
+            third.seq,
+            first.seq.map(|s| s + 1),
+            "no gap for the failed write"
+        );
+        assert_eq!(backends(&ctx).await, vec!["a", "c"]);
+        ctx.close().await.expect("close");
+        drop(journal);
+
+        let ctx = open(&config);
+        assert_eq!(backends(&ctx).await, vec!["a", "c"]);
+        assert_eq!(content(&ctx, "c").await.as_deref(), Some(&b"three"[..]));
+        ctx.close().await.expect("close");
+    });
+    replays_cleanly(dir.path());
+}
+
 #[test]
 fn many_records_in_flight_share_a_few_group_commits() {
     const N: usize = 500;
