@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use crate::event::Event;
 use crate::journal::{Journal, StoreError};
 use crate::model::{stitch_entry, ArtifactRef, Digest};
-use crate::record::{decode_event, decode_snapshot, Envelope};
+use crate::record::{decode_snapshot, Envelope};
 use crate::replay::{base, Base, Head, ReplayError};
 use crate::state::State;
 
@@ -83,26 +83,7 @@ pub fn walk(
     } = start;
     for item in journal.records(head.seq + 1) {
         let (key, bytes) = item?;
-        let expected = head.seq + 1;
-        if key != expected {
-            return Err(ReplayError::Gap {
-                expected,
-                found: key,
-            }
-            .into());
-        }
-        let (envelope, hash) =
-            decode_event(&bytes).map_err(|source| ReplayError::Corrupt { seq: key, source })?;
-        if envelope.seq != key {
-            return Err(ReplayError::MisplacedRecord {
-                seq: envelope.seq,
-                key,
-            }
-            .into());
-        }
-        if envelope.prev != head.hash {
-            return Err(ReplayError::BrokenChain { seq: key }.into());
-        }
+        let (envelope, hash) = crate::replay::checked(&head, key, &bytes)?;
         if !f(&envelope, hash, &state)? {
             break;
         }

@@ -732,6 +732,7 @@ fn client(
 ) -> Result<ExitCode> {
     let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
     let mut stdout = io::stdout().lock();
+    let (limit, in_flight) = (config.max_request_bytes, config.max_in_flight);
     match tcp {
         Some(addr) => {
             let mut stream = std::net::TcpStream::connect(&addr)
@@ -741,26 +742,14 @@ fn client(
             if hello["ok"] != true {
                 anyhow::bail!("the server refused the token: {hello}");
             }
-            pcx::client::run(
-                stream,
-                stdin,
-                &mut stdout,
-                config.max_request_bytes,
-                config.max_in_flight,
-            )?;
+            pcx::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
         }
         None => {
             let path = socket.unwrap_or_else(|| config.socket());
             let stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
                 format!("connecting to {} (is `pcx serve` running?)", path.display())
             })?;
-            pcx::client::run(
-                stream,
-                stdin,
-                &mut stdout,
-                config.max_request_bytes,
-                config.max_in_flight,
-            )?;
+            pcx::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -4,7 +4,7 @@
 
 use crate::journal::{Journal, StoreError};
 use crate::model::Digest;
-use crate::record::{decode_event, decode_snapshot, DecodeError, GENESIS};
+use crate::record::{decode_event, decode_snapshot, DecodeError, Envelope, GENESIS};
 use crate::state::State;
 
 /// The last record folded: where the next append continues.
@@ -145,6 +145,30 @@ fn record_hash(journal: &dyn Journal, seq: u64) -> Option<Digest> {
     decode_event(&bytes).ok().map(|(_, hash)| hash)
 }
 
+/// Checks the record stored under `key` as the one after `head`: its sequence number (no
+/// gap, not misplaced), its own hash, and the chain. Replay and every audit walk use this.
+pub fn checked(head: &Head, key: u64, bytes: &[u8]) -> Result<(Envelope, Digest), ReplayError> {
+    let expected = head.seq + 1;
+    if key != expected {
+        return Err(ReplayError::Gap {
+            expected,
+            found: key,
+        });
+    }
+    let (envelope, hash) =
+        decode_event(bytes).map_err(|source| ReplayError::Corrupt { seq: key, source })?;
+    if envelope.seq != key {
+        return Err(ReplayError::MisplacedRecord {
+            seq: envelope.seq,
+            key,
+        });
+    }
+    if envelope.prev != head.hash {
+        return Err(ReplayError::BrokenChain { seq: key });
+    }
+    Ok((envelope, hash))
+}
+
 /// Folds the records after `head` into `state`, up to `until` (inclusive) if given. Returns
 /// the state, the new head and how many events were folded.
 pub fn fold(
@@ -159,24 +183,7 @@ pub fn fold(
         if until.is_some_and(|u| key > u) {
             break;
         }
-        let expected = head.seq + 1;
-        if key != expected {
-            return Err(ReplayError::Gap {
-                expected,
-                found: key,
-            });
-        }
-        let (envelope, hash) =
-            decode_event(&bytes).map_err(|source| ReplayError::Corrupt { seq: key, source })?;
-        if envelope.seq != key {
-            return Err(ReplayError::MisplacedRecord {
-                seq: envelope.seq,
-                key,
-            });
-        }
-        if envelope.prev != head.hash {
-            return Err(ReplayError::BrokenChain { seq: key });
-        }
+        let (envelope, hash) = checked(&head, key, &bytes)?;
         state.apply(&envelope.event);
         head = Head { seq: key, hash };
         replayed += 1;
