@@ -99,8 +99,14 @@ fn unframe(bytes: &[u8]) -> Result<(&[u8], Digest), DecodeError> {
     Ok((body, stored))
 }
 
+/// The deepest nesting a record may have: real ones are under ten levels, and a shallow
+/// bound keeps a crafted record from exhausting a small thread stack.
+const MAX_RECORD_DEPTH: usize = 64;
+
 fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
-    rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    de.set_max_depth(MAX_RECORD_DEPTH);
+    T::deserialize(&mut de).map_err(|e| DecodeError::Malformed(e.to_string()))
 }
 
 /// Encodes an envelope; returns the record bytes and the record's hash (the next `prev`).
