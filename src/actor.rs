@@ -170,6 +170,8 @@ const MAX_GROUP_EVENTS: usize = 1024;
 struct Group {
     commit: Commit,
     waiters: Vec<Waiter>,
+    /// Loads in this group that hit: counted once the group is durable.
+    hits: u64,
 }
 
 /// The committer thread's report.
@@ -200,12 +202,16 @@ pub struct ContextActor {
     /// Set when storage failed in a way that needs the journal reopened; cleared by `heal`.
     broken: Option<ContextError>,
     last_heal: Option<std::time::Instant>,
+    /// Set by a read that failed in sled itself; checked after each request.
+    suspect: std::cell::Cell<bool>,
     /// Records in the group being committed now.
     inflight_events: u64,
     /// Content staged but not yet durable, by digest, with how many staged changes hold it.
     pending_blobs: std::collections::HashMap<Digest, (std::sync::Arc<Vec<u8>>, usize)>,
     /// The digests the group being committed now staged.
     inflight_blobs: Vec<Digest>,
+    /// Load hits of the group being committed now.
+    inflight_hits: u64,
     closed: bool,
 }
 
@@ -230,9 +236,11 @@ impl ContextActor {
             stats: Stats::default(),
             broken: None,
             last_heal: None,
+            suspect: std::cell::Cell::new(false),
             inflight_events: 0,
             pending_blobs: std::collections::HashMap::new(),
             inflight_blobs: Vec::new(),
+            inflight_hits: 0,
             closed: false,
         }
     }
@@ -255,6 +263,14 @@ impl ContextActor {
                 Err(ContextError::Panicked { message })
             })
         };
+        if self.suspect.replace(false) && self.broken.is_none() {
+            self.broken = Some(ContextError::Storage {
+                message: "a read failed in the storage layer".into(),
+                no_space: false,
+            });
+            self.last_heal = None;
+            let _ = self.heal();
+        }
         match decided.and_then(|(events, value)| Ok((self.stage(events)?, value))) {
             Err(e) => {
                 let _ = tx.send(Err(e));
@@ -369,6 +385,7 @@ impl ContextActor {
         self.inflight_events = group_events;
         self.inflight = Some(group.waiters);
         self.inflight_blobs = staged_blobs;
+        self.inflight_hits = group.hits;
     }
 
     /// After a failed commit: the log is the truth, so rebuild from it.
@@ -438,7 +455,13 @@ impl ContextActor {
         match self.journal.blob(&r.digest) {
             Ok(Some(c)) => Ok(c),
             Ok(None) => Err(unavailable("missing from the blob store".into())),
-            Err(e) => Err(unavailable(e.to_string())),
+            Err(e) => {
+                // sled fails reads too once it has kept a write error: reopen after this request.
+                if matches!(e, StoreError::Sled { .. }) {
+                    self.suspect.set(true);
+                }
+                Err(unavailable(e.to_string()))
+            }
         }
     }
 
@@ -600,6 +623,7 @@ impl Handler<Committed> for ContextActor {
                     self.stats.snapshots += 1;
                 }
                 self.stats.events_appended += msg.events;
+                self.counters.hit += std::mem::take(&mut self.inflight_hits);
                 self.stats.flushes += 1;
                 self.inflight_events = 0;
                 for w in waiters {
@@ -613,6 +637,7 @@ impl Handler<Committed> for ContextActor {
                 let err = ContextError::from(e);
                 self.stats.failed_commits += 1;
                 self.inflight_events = 0;
+                self.inflight_hits = 0;
                 tracing::error!(error = %err, last_seq = msg.last_seq, "commit failed; its changes were not applied");
                 for w in waiters {
                     w(Err(err.clone()));
@@ -869,7 +894,8 @@ impl Handler<LoadCacheEntry> for ContextActor {
                 })();
                 match loaded {
                     Ok(value) => {
-                        this.counters.hit += 1;
+                        // Counted when its EntryLoaded event is durable, not before.
+                        this.open.hits += 1;
                         tracing::info!(key = %key, counter = "dynamo_cache_hit", "loaded package");
                         Ok((vec![Event::EntryLoaded { key, backends: saved.backends }], value))
                     }

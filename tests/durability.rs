@@ -404,6 +404,28 @@ fn a_storage_failure_that_sticks_is_healed_by_reopening_without_a_restart() {
     let config = config(dir.path(), 10_000);
     block_on(async {
         let (ctx, journal) = open_faulty(&config);
+        ctx.record_dynamo_cache_entry("e1", entry(&[&["a"]]))
+            .await
+            .expect("record e1");
+        record(&ctx, "a", b"one").await;
+        ctx.save_to_dynamo_cache().await.expect("save");
+        journal.poison();
+        let err = ctx
+            .load_cache_entry("e1", None)
+            .await
+            .expect_err("a load on a poisoned journal fails");
+        assert_eq!(err.kind(), "content_unavailable", "{err}");
+        assert_eq!(journal.resets(), 1, "the failed read reopened the journal");
+        // A load decided, whose event then fails to become durable, is not a hit.
+        journal.fail_commits(true);
+        let err = ctx
+            .load_cache_entry("e1", None)
+            .await
+            .expect_err("a load whose commit fails");
+        assert_eq!(err.kind(), "storage", "{err}");
+        journal.fail_commits(false);
+        let hits = ctx.load_counters().await.expect("counters").value.hit;
+        assert_eq!(hits, 0, "a load that did not become durable is not a hit");
         let first = record(&ctx, "a", b"one").await;
         journal.poison();
         let err = ctx
@@ -411,11 +433,7 @@ fn a_storage_failure_that_sticks_is_healed_by_reopening_without_a_restart() {
             .await
             .expect_err("a write on a poisoned journal fails");
         assert_eq!(err.kind(), "storage", "{err}");
-        assert_eq!(
-            journal.resets(),
-            1,
-            "the failure reopened the journal at once"
-        );
+        assert_eq!(journal.resets(), 2);
         // The next request finds the journal whole again, and the failed write not applied.
         assert_eq!(content(&ctx, "a").await.as_deref(), Some(&b"one"[..]));
         assert_eq!(content(&ctx, "b").await, None);
@@ -426,6 +444,10 @@ fn a_storage_failure_that_sticks_is_healed_by_reopening_without_a_restart() {
             "no gap for the failed write"
         );
         assert_eq!(backends(&ctx).await, vec!["a", "c"]);
+        ctx.load_cache_entry("e1", None)
+            .await
+            .expect("load after healing");
+        assert_eq!(ctx.load_counters().await.expect("counters").value.hit, 1);
         ctx.close().await.expect("close");
         drop(journal);
 
