@@ -18,7 +18,7 @@
 //! | [`kinds`] | the registry of artifact kinds (`eager` built in, the rest from plugins) | via plugin |
 //! | [`actor`] | the context actor: single writer, group commit, panic containment | via journal |
 //! | [`context`] | the library API ([`Context`]) for orchestrators that embed pcx | via actor |
-//! | [`protocol`] | the JSON request/answer protocol (`pcx batch`, later the server) | no |
+//! | [`protocol`] | the JSON request/answer protocol (`pcx batch`, the CLI, the server) | no |
 //! | [`batch`] | streaming JSON lines through the context | stdin/stdout |
 //! | [`wire`] | the socket protocol's frames and JSON ↔ MessagePack | no |
 //! | [`shape`] | a first walk over untrusted input: bounded values and nesting | no |

@@ -1,5 +1,5 @@
-//! The JSON request/answer protocol that `pcx batch`, the CLI commands (and later the socket
-//! server) speak. Parsing and answer building are pure; [`submit`] hands a request to the
+//! The JSON request/answer protocol that `pcx batch`, the CLI commands and the socket server
+//! (through [`crate::wire`]) speak. Parsing and answer building are pure; [`submit`] hands a request to the
 //! context actor at once and returns the future of its answer, so callers can pipeline.
 
 use std::future::Future;
