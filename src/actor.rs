@@ -886,7 +886,7 @@ impl Handler<LoadCacheEntry> for ContextActor {
                     let mut deserialized = IndexMap::new();
                     for (id, r) in &saved.backends {
                         let content = this.content(id, r)?;
-                        let d = this.settings.kinds.after_deserialization(id, &r.kind, content.clone())?;
+                        let d = this.settings.kinds.after_deserialization(id, &r.kind, &content)?;
                         backends.insert(id.clone(), Artifact { key: id.clone(), kind: r.kind.clone(), content });
                         deserialized.insert(id.clone(), d);
                     }

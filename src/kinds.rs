@@ -133,18 +133,18 @@ impl Kinds {
         &self,
         backend: &str,
         kind: &str,
-        content: Vec<u8>,
+        content: &[u8],
     ) -> Result<Deserialized, ContextError> {
         if kind == EAGER_KIND {
             return Ok(Deserialized {
                 kind: kind.to_string(),
                 served_by: "builtin".into(),
                 description: serde_json::json!({ "size": content.len() }),
-                content,
+                content: content.to_vec(),
             });
         }
         let p = self.serving(kind, backend)?;
-        let d = self.counted(p.deserialize(kind, &content, self.output_limit))?;
+        let d = self.counted(p.deserialize(kind, content, self.output_limit))?;
         Ok(Deserialized {
             kind: kind.to_string(),
             served_by: p.name.clone(),

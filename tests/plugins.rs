@@ -204,13 +204,13 @@ fn assert_contains(text: &str, parts: &[&str]) {
 /// Checks that `kinds` serves the working C plugin's `c_upper` and the built-in `eager`.
 fn assert_c_upper_serves(kinds: &Kinds) {
     let d = kinds
-        .after_deserialization("b1", "c_upper", b"abc".to_vec())
+        .after_deserialization("b1", "c_upper", b"abc")
         .expect("c_upper is served");
     assert_eq!(d.served_by, "c-upper");
     assert_eq!(d.content, b"ABC");
     assert_eq!(d.description, json!({"len": 3}));
     let d = kinds
-        .after_deserialization("b2", "eager", b"xyz".to_vec())
+        .after_deserialization("b2", "eager", b"xyz")
         .expect("eager is served");
     assert_eq!(
         (d.served_by.as_str(), d.content.as_slice()),
@@ -503,7 +503,7 @@ fn two_plugins_claiming_one_kind_the_first_keeps_it_and_the_second_registers_not
     assert_c_upper_serves(&kinds);
     // All or nothing: the refused plugin's other kind is not registered either.
     let e = kinds
-        .after_deserialization("b", "c_unique", b"x".to_vec())
+        .after_deserialization("b", "c_unique", b"x")
         .unwrap_err();
     assert!(matches!(e, ContextError::NoPlugin { .. }), "{e:?}");
 
@@ -533,12 +533,10 @@ fn a_plugin_claiming_eager_is_refused_whole() {
     let kinds = Kinds::load(&s.plugins(), usize::MAX);
     assert!(kinds.plugins().is_empty());
     let e = kinds
-        .after_deserialization("b", "c_also", b"x".to_vec())
+        .after_deserialization("b", "c_also", b"x")
         .unwrap_err();
     assert!(matches!(e, ContextError::NoPlugin { .. }), "{e:?}");
-    let d = kinds
-        .after_deserialization("b", "eager", b"x".to_vec())
-        .unwrap();
+    let d = kinds.after_deserialization("b", "eager", b"x").unwrap();
     assert_eq!(d.served_by, "builtin");
 }
 
@@ -1062,7 +1060,7 @@ fn aot_kinds() -> (Setup, Kinds) {
 
 /// The error `after_deserialization` of `bundled_aot_autograd` gives for `content`.
 fn aot_refusal(kinds: &Kinds, content: Vec<u8>) -> String {
-    match kinds.after_deserialization("b", "bundled_aot_autograd", content) {
+    match kinds.after_deserialization("b", "bundled_aot_autograd", &content) {
         Ok(d) => panic!("accepted, described as {}", d.description),
         Err(e) => {
             assert_eq!(e.kind(), "plugin_failed", "{e:?}");

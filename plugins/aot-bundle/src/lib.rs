@@ -148,18 +148,26 @@ impl Plugin for AotBundle {
     }
 
     fn describe(bundle: &Bundle) -> Result<Description, String> {
-        let names: Vec<&str> = bundle.kernels.iter().map(|k| k.name.as_str()).collect();
-        let total: usize = bundle.kernels.iter().map(|k| k.code.len()).sum();
-        let json = serde_json::json!({
-            "format_version": bundle.format_version,
-            "precompile_backend_id": bundle.precompile_backend_id,
-            "kernel_count": bundle.kernels.len(),
-            "kernel_names": names,
-            "total_code_bytes": total,
-        });
+        /// The JSON description, written straight from a struct (no intermediate tree).
+        #[derive(Serialize)]
+        struct Summary<'a> {
+            format_version: u64,
+            precompile_backend_id: &'a Option<String>,
+            kernel_count: usize,
+            kernel_names: Vec<&'a str>,
+            total_code_bytes: usize,
+        }
+        let summary = Summary {
+            format_version: bundle.format_version,
+            precompile_backend_id: &bundle.precompile_backend_id,
+            kernel_count: bundle.kernels.len(),
+            kernel_names: bundle.kernels.iter().map(|k| k.name.as_str()).collect(),
+            total_code_bytes: bundle.kernels.iter().map(|k| k.code.len()).sum(),
+        };
+        let json = serde_json::to_string(&summary).map_err(|e| format!("cannot describe: {e}"))?;
         Ok(Description {
             bytes: encode(bundle)?,
-            json: json.to_string(),
+            json,
         })
     }
 
