@@ -4,30 +4,29 @@
 //! reject, changes nothing) → **stage** (number and encode the events, then `apply` them) →
 //! **durable** (the group commit that holds them is flushed and synced) → **answer**.
 //!
-//! Group commit: staged records collect in an open group while the previous group is being
-//! made durable on the committer thread; when it finishes, the whole open group goes in one
-//! `sled::Batch` and one flush + `fdatasync`. Under load a group holds everything that
-//! arrived during one sync. Reads are answered in the same order: a read waits for the
-//! changes staged before it, so nobody sees a change before it is durable.
+//! Group commit ([`crate::committer`]): staged records collect in a queue while the previous
+//! group is being made durable on the committer thread, which takes the whole queue when it
+//! is free and answers the waiters itself. Under load a group holds everything that arrived
+//! during one sync. Reads are answered in the same order: a read waits for the changes staged
+//! before it, so nobody sees a change before it is durable.
 //!
-//! If a commit fails, every request of that group and of the open group gets an error, the
-//! journal takes the group back, and the state is rebuilt from the log: nothing half-applied,
-//! nothing answered and then lost. A panic while deciding is caught and answered as an error;
+//! If a commit fails, every request of that group and of those queued behind it gets an
+//! error, the journal takes the group back, and the state is rebuilt from the log: nothing
+//! half-applied, nothing answered and then lost. A panic while deciding is caught and answered as an error;
 //! the actor keeps serving.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use indexmap::IndexMap;
 use tokio::sync::oneshot;
 
+use crate::committer::{Committed, Committer, Group, Waiter};
 use crate::error::ContextError;
 use crate::event::Event;
-use crate::journal::{Commit, Journal, StoreError};
+use crate::journal::{Journal, StoreError};
 use crate::kinds::{Deserialized, Kinds};
 use crate::model::{
     Artifact, ArtifactRef, DebugInfo, Digest, DynamoCacheEntry, PrecompileCacheEntry, SystemInfo,
@@ -157,31 +156,14 @@ message!(/// Waits until everything accepted is durable, then stops the actor an
     /// directory.
     Close {} -> ());
 
-type Waiter = Box<dyn FnOnce(Result<(), ContextError>) + Send>;
-
 /// How often a broken journal is tried again.
 const HEAL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// The most events one group commit carries.
-const MAX_GROUP_EVENTS: usize = 1024;
+/// The committer's report, delivered to the actor.
+struct CommittedMsg(Committed);
 
-/// A group of staged changes and the answers waiting for it.
-#[derive(Default)]
-struct Group {
-    commit: Commit,
-    waiters: Vec<Waiter>,
-    /// Loads in this group that hit: counted once the group is durable.
-    hits: u64,
-}
-
-/// The committer thread's report.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Committed {
-    result: Result<(), StoreError>,
-    events: u64,
-    last_seq: u64,
-    snapshot: Option<u64>,
+impl Message for CommittedMsg {
+    type Result = ();
 }
 
 /// The actor. Its state is the fold of the log plus the changes staged after it.
@@ -192,11 +174,9 @@ pub struct ContextActor {
     /// The last staged event (speculative: may not be durable yet).
     head: Head,
     last_snapshot: u64,
-    open: Group,
-    /// Full groups waiting for the committer, oldest first.
-    sealed: std::collections::VecDeque<Group>,
-    inflight: Option<Vec<Waiter>>,
-    committer: Option<(mpsc::Sender<Commit>, JoinHandle<()>)>,
+    /// What the request being handled staged before its events (content, load hits).
+    staging: Group,
+    committer: Option<Committer>,
     counters: LoadCounters,
     stats: Stats,
     /// Set when storage failed in a way that needs the journal reopened; cleared by `heal`.
@@ -204,14 +184,8 @@ pub struct ContextActor {
     last_heal: Option<std::time::Instant>,
     /// Set by a read that failed in sled itself; checked after each request.
     suspect: std::cell::Cell<bool>,
-    /// Records in the group being committed now.
-    inflight_events: u64,
     /// Content staged but not yet durable, by digest, with how many staged changes hold it.
     pending_blobs: std::collections::HashMap<Digest, (std::sync::Arc<Vec<u8>>, usize)>,
-    /// The digests the group being committed now staged.
-    inflight_blobs: Vec<Digest>,
-    /// Load hits of the group being committed now.
-    inflight_hits: u64,
     closed: bool,
 }
 
@@ -228,19 +202,14 @@ impl ContextActor {
             state: recovered.state,
             head: recovered.head,
             last_snapshot: recovered.snapshot.unwrap_or(0),
-            open: Group::default(),
-            sealed: std::collections::VecDeque::new(),
-            inflight: None,
+            staging: Group::default(),
             committer: None,
             counters: LoadCounters::default(),
             stats: Stats::default(),
             broken: None,
             last_heal: None,
             suspect: std::cell::Cell::new(false),
-            inflight_events: 0,
             pending_blobs: std::collections::HashMap::new(),
-            inflight_blobs: Vec::new(),
-            inflight_hits: 0,
             closed: false,
         }
     }
@@ -273,6 +242,8 @@ impl ContextActor {
         }
         match decided.and_then(|(events, value)| Ok((self.stage(events)?, value))) {
             Err(e) => {
+                let dropped = std::mem::take(&mut self.staging);
+                self.release_blobs(dropped.commit.blobs.iter().map(|b| b.0).collect());
                 let _ = tx.send(Err(e));
             }
             Ok((seq, value)) => self.when_durable(Box::new(move |r| {
@@ -317,75 +288,39 @@ impl ContextActor {
         }
         for (seq, bytes, event) in records {
             self.state.apply(&event);
-            self.open.commit.records.push((seq, bytes));
+            self.staging.commit.records.push((seq, bytes));
         }
-        self.open.commit.cache_puts.extend(cache_puts);
+        self.staging.commit.cache_puts.extend(cache_puts);
         self.head = head;
+        if head.seq - self.last_snapshot >= self.settings.snapshot_every {
+            // It goes with the group holding this event, so it is never durable before it.
+            match encode_snapshot_of(head.seq, head.hash, &self.state) {
+                Ok(bytes) => {
+                    self.staging.commit.snapshot = Some((head.seq, bytes));
+                    self.last_snapshot = head.seq;
+                }
+                Err(e) => tracing::warn!(error = %e, "snapshot skipped"),
+            }
+        }
         Ok(Some(head.seq))
     }
 
     /// Calls `waiter` once everything staged so far is durable.
-    fn when_durable(&mut self, waiter: Waiter) {
-        if self.inflight.is_none() && self.sealed.is_empty() && self.open.commit.records.is_empty()
-        {
-            waiter(Ok(()));
-            return;
-        }
-        self.open.waiters.push(waiter);
-        // sled applies a batch of a thousand or so inserts fastest: a larger group is sealed
-        // and queued, and the next one opens.
-        if self.open.commit.records.len() >= MAX_GROUP_EVENTS {
-            let full = std::mem::take(&mut self.open);
-            self.sealed.push_back(full);
-        }
-        if self.inflight.is_none() {
-            self.dispatch();
-        }
+    /// Load hits made durable so far.
+    fn hits(&self) -> u64 {
+        self.committer.as_ref().map_or(0, |c| {
+            c.hit_counter().load(std::sync::atomic::Ordering::SeqCst)
+        })
     }
 
-    /// Sends the next group to the committer (or, holding no records, answers its waiters).
-    fn dispatch(&mut self) {
-        let mut group = match self.sealed.pop_front() {
-            Some(g) => g,
-            None => std::mem::take(&mut self.open),
-        };
-        if group.commit.records.is_empty() {
-            let staged: Vec<Digest> = group.commit.blobs.iter().map(|b| b.0).collect();
-            self.release_blobs(staged);
-            for w in group.waiters {
-                w(Ok(()));
-            }
-            return;
+    /// Queues what this request staged with its answer, which is sent once it (and all
+    /// before it) is durable.
+    fn when_durable(&mut self, waiter: Waiter) {
+        let staged = std::mem::take(&mut self.staging);
+        match &self.committer {
+            Some(c) => c.push(staged, waiter),
+            None => waiter(Err(ContextError::Closed)),
         }
-        // A snapshot goes with the group that holds the last staged event, never ahead of
-        // events still queued behind it.
-        let last_in_group = group.commit.records.last().map(|r| r.0);
-        if last_in_group == Some(self.head.seq)
-            && self.head.seq - self.last_snapshot >= self.settings.snapshot_every
-        {
-            match encode_snapshot_of(self.head.seq, self.head.hash, &self.state) {
-                Ok(bytes) => group.commit.snapshot = Some((self.head.seq, bytes)),
-                Err(e) => tracing::warn!(error = %e, "snapshot skipped"),
-            }
-        }
-        let group_events = group.commit.records.len() as u64;
-        let staged_blobs: Vec<Digest> = group.commit.blobs.iter().map(|b| b.0).collect();
-        let Some((tx, _)) = &self.committer else {
-            for w in group.waiters {
-                w(Err(ContextError::Closed));
-            }
-            return;
-        };
-        if tx.send(group.commit).is_err() {
-            for w in group.waiters {
-                w(Err(ContextError::Closed));
-            }
-            return;
-        }
-        self.inflight_events = group_events;
-        self.inflight = Some(group.waiters);
-        self.inflight_blobs = staged_blobs;
-        self.inflight_hits = group.hits;
     }
 
     /// After a failed commit: the log is the truth, so rebuild from it.
@@ -499,7 +434,7 @@ impl ContextActor {
             .entry(digest)
             .or_insert_with(|| (content.clone(), 0))
             .1 += 1;
-        self.open.commit.blobs.push((digest, content));
+        self.staging.commit.blobs.push((digest, content));
         Ok(ArtifactRef {
             kind: kind.to_string(),
             digest,
@@ -574,28 +509,9 @@ impl Actor for ContextActor {
         // Requests wait in the mailbox while a group is being synced: that wait is what makes
         // the next group large, so the mailbox must hold many.
         ctx.set_mailbox_capacity(65_536);
-        let (tx, rx) = mpsc::channel::<Commit>();
-        let journal = self.journal.clone();
         let addr = ctx.address();
-        let spawned = std::thread::Builder::new()
-            .name("pcx-committer".into())
-            .spawn(move || {
-                for commit in rx {
-                    let last_seq = commit.records.last().map(|r| r.0).unwrap_or(0);
-                    let events = commit.records.len() as u64;
-                    let snapshot = commit.snapshot.as_ref().map(|s| s.0);
-                    let result = journal.commit(&commit);
-                    drop(commit);
-                    addr.do_send(Committed {
-                        result,
-                        events,
-                        last_seq,
-                        snapshot,
-                    });
-                }
-            });
-        match spawned {
-            Ok(handle) => self.committer = Some((tx, handle)),
+        match Committer::start(self.journal.clone(), move |c| addr.do_send(CommittedMsg(c))) {
+            Ok(c) => self.committer = Some(c),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the committer thread");
                 self.closed = true;
@@ -604,62 +520,39 @@ impl Actor for ContextActor {
     }
 }
 
-impl Handler<Committed> for ContextActor {
+impl Handler<CommittedMsg> for ContextActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Committed, _ctx: &mut Self::Context) {
-        let waiters = self.inflight.take().unwrap_or_default();
-        let staged = std::mem::take(&mut self.inflight_blobs);
-        self.release_blobs(staged);
+    fn handle(&mut self, msg: CommittedMsg, _ctx: &mut Self::Context) {
+        let msg = msg.0;
+        self.release_blobs(msg.blobs);
         match msg.result {
             Ok(()) => {
-                tracing::debug!(
-                    last_seq = msg.last_seq,
-                    answers = waiters.len(),
-                    "group durable"
-                );
-                if let Some(s) = msg.snapshot {
-                    self.last_snapshot = s;
+                tracing::debug!(last_seq = msg.last_seq, "group durable");
+                if msg.snapshot.is_some() {
                     self.stats.snapshots += 1;
                 }
                 self.stats.events_appended += msg.events;
-                self.counters.hit += std::mem::take(&mut self.inflight_hits);
                 self.stats.flushes += 1;
-                self.inflight_events = 0;
-                for w in waiters {
-                    w(Ok(()));
-                }
-                self.dispatch();
             }
-            Err(e) => {
-                // sled keeps its first write error until reopened: take it up afresh.
-                let reopen = matches!(e, StoreError::Sled { .. });
-                let err = ContextError::from(e);
+            Err((err, reopen)) => {
                 self.stats.failed_commits += 1;
-                self.inflight_events = 0;
-                self.inflight_hits = 0;
                 tracing::error!(error = %err, last_seq = msg.last_seq, "commit failed; its changes were not applied");
-                for w in waiters {
-                    w(Err(err.clone()));
-                }
-                let queued: Vec<Group> = std::mem::take(&mut self.sealed)
-                    .into_iter()
-                    .chain([std::mem::take(&mut self.open)])
-                    .collect();
-                for group in queued {
-                    self.release_blobs(group.commit.blobs.iter().map(|b| b.0).collect());
-                    for w in group.waiters {
-                        w(Err(ContextError::Aborted {
-                            message: err.to_string(),
-                        }));
-                    }
-                }
+                // Everything staged since is refused by the halted queue: none of it stays.
+                self.pending_blobs.clear();
                 if reopen {
-                    self.broken = Some(err.clone());
+                    // sled keeps its first write error until reopened: take it up afresh.
+                    self.broken = Some(err);
                     self.last_heal = None;
                     let _ = self.heal();
                 } else {
                     self.reload();
+                }
+                if let Some(c) = &self.committer {
+                    c.resume();
+                }
+                for (w, e) in msg.refused {
+                    w(Err(e));
                 }
             }
         }
@@ -895,7 +788,7 @@ impl Handler<LoadCacheEntry> for ContextActor {
                 match loaded {
                     Ok(value) => {
                         // Counted when its EntryLoaded event is durable, not before.
-                        this.open.hits += 1;
+                        this.staging.hits += 1;
                         tracing::info!(key = %key, counter = "dynamo_cache_hit", "loaded package");
                         Ok((vec![Event::EntryLoaded { key, backends: saved.backends }], value))
                     }
@@ -961,18 +854,12 @@ impl Handler<GetStats> for ContextActor {
     fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
         let (calls, failures) = self.settings.kinds.call_counts();
         let stats = Stats {
-            dynamo_cache_hits: self.counters.hit,
+            dynamo_cache_hits: self.hits(),
             dynamo_cache_misses: self.counters.miss,
             dynamo_cache_errors: self.counters.error,
             plugin_calls: calls,
             plugin_failures: failures,
-            queue_depth: self.open.commit.records.len() as u64
-                + self
-                    .sealed
-                    .iter()
-                    .map(|g| g.commit.records.len() as u64)
-                    .sum::<u64>()
-                + self.inflight_events,
+            queue_depth: self.committer.as_ref().map_or(0, Committer::queued_events),
             head_seq: self.head.seq,
             ..self.stats
         };
@@ -988,8 +875,16 @@ impl Handler<GetLoadCounters> for ContextActor {
     type Result = ResponseFuture<Answer<LoadCounters>>;
 
     fn handle(&mut self, _: GetLoadCounters, _: &mut Self::Context) -> Self::Result {
-        let c = self.counters;
-        self.run(move |_| Ok((Vec::new(), c)), same)
+        // Answered once the loads before it are durable, with the hits counted by then.
+        let (tx, rx) = oneshot::channel();
+        let LoadCounters { miss, error, .. } = self.counters;
+        let hits = self.committer.as_ref().map(Committer::hit_counter);
+        self.when_durable(Box::new(move |ready| {
+            let hit = hits.map_or(0, |h| h.load(std::sync::atomic::Ordering::SeqCst));
+            let value = LoadCounters { hit, miss, error };
+            let _ = tx.send(ready.map(|()| Ack { seq: None, value }));
+        }));
+        Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
     }
 }
 
@@ -1011,11 +906,8 @@ impl Handler<Close> for ContextActor {
         self.closed = true;
         Box::pin(
             actix::fut::wrap_future::<_, Self>(barrier).map(|answer, this, ctx| {
-                if let Some((tx, handle)) = this.committer.take() {
-                    drop(tx);
-                    if handle.join().is_err() {
-                        tracing::error!("the committer thread panicked");
-                    }
+                if let Some(c) = this.committer.take() {
+                    c.close();
                 }
                 // Release the journal (and sled's lock on the directory) now, not whenever the
                 // actor is dropped.

@@ -10,7 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use std::collections::{HashMap, HashSet};
+
+use crate::content::ContentFiles;
 use crate::model::Digest;
+use crate::pack::{
+    file_locs, index_entries, index_push, pack_contents, page_records, pages, Loc, Packed, Place,
+    FILE_THRESHOLD,
+};
 use crate::record::{key_seq, seq_key};
 
 /// One group commit: event records (by sequence number), dynamo cache view writes, and an
@@ -51,6 +58,8 @@ pub enum StoreError {
     Unavailable,
     #[error("storage failed while {op}: injected fault")]
     Injected { op: &'static str },
+    #[error("the content store is damaged: {what}")]
+    Damaged { what: String },
 }
 
 impl StoreError {
@@ -92,6 +101,8 @@ pub enum OpenError {
         #[source]
         source: sled::Error,
     },
+    #[error("the content index in {path} is damaged: {what}")]
+    Damaged { path: PathBuf, what: String },
     #[error("cannot open {path} for syncing: {source}")]
     DataFile {
         path: PathBuf,
@@ -143,8 +154,16 @@ const SNAPSHOTS_KEPT: usize = 2;
 /// sled's handles on one data directory.
 struct Handles {
     db: sled::Db,
-    events: sled::Tree,
-    blobs: sled::Tree,
+    /// Records, one page per group commit, keyed by the page's first sequence number.
+    pages: sled::Tree,
+    /// Contents, packed, keyed by pack number.
+    packs: sled::Tree,
+    /// Where each content sits: one value per group commit, keyed by its first pack number.
+    pack_index: sled::Tree,
+    /// Records one per key, as pcx wrote them before pages: read, never written.
+    legacy_events: sled::Tree,
+    /// Contents one per key by digest, as pcx wrote them before packs: read, never written.
+    legacy_blobs: sled::Tree,
     snapshots: sled::Tree,
     cache: sled::Tree,
     /// Holds the compaction anchor: the snapshot the remaining log continues from.
@@ -166,6 +185,73 @@ pub struct SledJournal {
     /// The highest sled blob file already synced (sled names them by log sequence number and
     /// never syncs them itself).
     synced_blob_files: Mutex<u64>,
+    /// Where every packed content is, read from `pack_index` at open: a read goes straight to
+    /// its pack, and a content already stored is not stored again.
+    contents: std::sync::RwLock<Contents>,
+    /// Writers of packs take turns, so two never number a pack alike.
+    writer: Mutex<()>,
+    files: ContentFiles,
+}
+
+/// The in-memory content index.
+#[derive(Default)]
+struct Contents {
+    locs: HashMap<Digest, Loc>,
+    next_pack: u64,
+    /// The key of the next `pack_index` value.
+    next_index: u64,
+}
+
+/// A group's new contents, laid out but not yet written.
+struct Staged<'a> {
+    /// Content not stored yet, each once, in order.
+    fresh: Vec<(&'a Digest, &'a [u8])>,
+    /// Small groups: sled packs and where each content is in them. Large groups go to a
+    /// content file, and learn where once appended.
+    packs: Option<Packed>,
+    index_key: u64,
+}
+
+/// Where a staged group's contents went.
+#[derive(Default)]
+struct Written {
+    locs: Vec<(Digest, Loc)>,
+    pack_keys: Vec<u64>,
+    index_key: Option<u64>,
+}
+
+/// Reads the content index of a data directory.
+fn load_contents(h: &Handles) -> Result<Contents, String> {
+    let mut contents = Contents::default();
+    for item in h.pack_index.iter() {
+        let (k, v) = item.map_err(|e| format!("cannot read it: {e}"))?;
+        let at = key_seq(&k).map_or_else(|| format!("{k:?}"), |n| n.to_string());
+        let entries = index_entries(&v).ok_or_else(|| {
+            format!(
+                "its value {at} ({} bytes) is not a whole number of well-formed entries",
+                v.len()
+            )
+        })?;
+        for (digest, loc) in entries {
+            if loc.place == Place::Sled {
+                contents.next_pack = contents.next_pack.max(loc.pack.saturating_add(1));
+            }
+            contents.locs.insert(digest, loc);
+        }
+        if let Some(n) = key_seq(&k) {
+            contents.next_index = contents.next_index.max(n.saturating_add(1));
+        }
+    }
+    if let Some((k, _)) = h
+        .packs
+        .last()
+        .map_err(|e| format!("cannot read the packs: {e}"))?
+    {
+        if let Some(n) = key_seq(&k) {
+            contents.next_pack = contents.next_pack.max(n.saturating_add(1));
+        }
+    }
+    Ok(contents)
 }
 
 impl SledJournal {
@@ -180,6 +266,14 @@ impl SledJournal {
             source,
         })?;
         let handles = open_handles(dir, cache_capacity)?;
+        let contents = load_contents(&handles).map_err(|what| OpenError::Damaged {
+            path: dir.to_path_buf(),
+            what,
+        })?;
+        let files = ContentFiles::open(dir).map_err(|e| OpenError::DataFile {
+            path: dir.join("content"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         // The directory entries of sled's files must survive power loss too.
         sync_dir(dir).map_err(|source| OpenError::DataFile {
             path: dir.to_path_buf(),
@@ -190,6 +284,9 @@ impl SledJournal {
             dir: dir.to_path_buf(),
             cache_capacity,
             synced_blob_files: Mutex::new(0),
+            contents: std::sync::RwLock::new(contents),
+            writer: Mutex::new(()),
+            files,
         })
     }
 
@@ -232,24 +329,130 @@ impl SledJournal {
     /// Empties every tree (a refused import takes back what it wrote).
     pub fn wipe(&self) -> Result<(), StoreError> {
         let h = self.h()?;
-        for tree in [&h.events, &h.blobs, &h.snapshots, &h.cache, &h.meta] {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let trees = [
+            &h.pages,
+            &h.packs,
+            &h.pack_index,
+            &h.legacy_events,
+            &h.legacy_blobs,
+            &h.snapshots,
+            &h.cache,
+            &h.meta,
+        ];
+        for tree in trees {
             tree.clear()
                 .map_err(sled_err("emptying the data directory"))?;
         }
+        *self.contents_mut() = Contents::default();
+        self.files.remove_all()?;
         self.make_durable()
     }
 
     /// Every stored blob digest (compaction only).
     pub fn blob_digests(&self) -> Result<Vec<Digest>, StoreError> {
         let h = self.h()?;
-        h.blobs
-            .iter()
-            .keys()
-            .filter_map(|k| match k {
-                Ok(k) => <[u8; 32]>::try_from(k.as_ref()).ok().map(|a| Ok(Digest(a))),
-                Err(e) => Some(Err(sled_err("listing blobs")(e))),
-            })
-            .collect()
+        let mut all: Vec<Digest> = self.contents_ref().locs.keys().copied().collect();
+        for k in h.legacy_blobs.iter().keys() {
+            let k = k.map_err(sled_err("listing blobs"))?;
+            if let Ok(a) = <[u8; 32]>::try_from(k.as_ref()) {
+                all.push(Digest(a));
+            }
+        }
+        Ok(all)
+    }
+
+    fn contents_ref(&self) -> std::sync::RwLockReadGuard<'_, Contents> {
+        self.contents.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn contents_mut(&self) -> std::sync::RwLockWriteGuard<'_, Contents> {
+        self.contents.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lays out the contents of `blobs` not stored yet (each once).
+    fn stage<'a>(&self, blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>) -> Staged<'a> {
+        let known = self.contents_ref();
+        let mut seen = HashSet::new();
+        let fresh: Vec<(&Digest, &[u8])> = blobs
+            .into_iter()
+            .filter(|(d, _)| !known.locs.contains_key(*d) && seen.insert(**d))
+            .collect();
+        let bytes: usize = fresh.iter().map(|(_, c)| c.len()).sum();
+        let packs =
+            (bytes < FILE_THRESHOLD).then(|| pack_contents(fresh.iter().copied(), known.next_pack));
+        Staged {
+            fresh,
+            packs,
+            index_key: known.next_index,
+        }
+    }
+
+    /// Writes staged contents (to sled packs or a content file) and their index entry. sled's
+    /// part is durable with the next flush; a content file is synced here, before the events
+    /// that refer to it are written.
+    fn write_contents(
+        &self,
+        h: &Handles,
+        staged: &Staged<'_>,
+        written: &mut Written,
+    ) -> Result<(), StoreError> {
+        if staged.fresh.is_empty() {
+            return Ok(());
+        }
+        let locs = match &staged.packs {
+            Some((packs, locs)) => {
+                let mut batch = sled::Batch::default();
+                for (n, pack) in packs {
+                    batch.insert(&seq_key(*n), pack.as_slice());
+                }
+                written.pack_keys = packs.iter().map(|p| p.0).collect();
+                h.packs
+                    .apply_batch(batch)
+                    .map_err(sled_err("writing content"))?;
+                locs.clone()
+            }
+            None => {
+                let parts: Vec<&[u8]> = staged.fresh.iter().map(|(_, c)| *c).collect();
+                let (file, at) = self.files.append(&parts)?;
+                file_locs(staged.fresh.iter().copied(), file, at)
+            }
+        };
+        let mut index = Vec::with_capacity(locs.len() * 57);
+        for (d, loc) in &locs {
+            index_push(&mut index, d, *loc);
+        }
+        written.index_key = Some(staged.index_key);
+        h.pack_index
+            .insert(seq_key(staged.index_key), index)
+            .map_err(sled_err("writing the content index"))?;
+        written.locs = locs;
+        Ok(())
+    }
+
+    /// Takes back the sled part of contents written by a group that failed. (Bytes in a
+    /// content file stay, unreferenced, until compaction.)
+    fn unwrite_contents(h: &Handles, written: &Written) {
+        let mut batch = sled::Batch::default();
+        for n in &written.pack_keys {
+            batch.remove(&seq_key(*n));
+        }
+        let _ = h.packs.apply_batch(batch);
+        if let Some(k) = written.index_key {
+            let _ = h.pack_index.remove(seq_key(k));
+        }
+    }
+
+    /// Makes written contents findable.
+    fn publish(&self, written: Written) {
+        let mut contents = self.contents_mut();
+        if let Some(k) = written.index_key {
+            contents.next_index = contents.next_index.max(k + 1);
+        }
+        if let Some(n) = written.pack_keys.last() {
+            contents.next_pack = contents.next_pack.max(n + 1);
+        }
+        contents.locs.extend(written.locs);
     }
 
     /// Flush sled, then `fdatasync` its data file and any new large-value files.
@@ -312,34 +515,27 @@ impl SledJournal {
         Ok(())
     }
 
-    fn try_commit(&self, c: &Commit) -> Result<(), StoreError> {
-        let h = self.h()?;
-        let bytes: usize = c.blobs.iter().map(|b| b.1.len()).sum::<usize>()
+    fn try_commit(
+        &self,
+        h: &Handles,
+        c: &Commit,
+        staged: &Staged<'_>,
+        written: &mut Written,
+    ) -> Result<(), StoreError> {
+        let bytes: usize = staged.fresh.iter().map(|p| p.1.len()).sum::<usize>()
             + c.records.iter().map(|r| r.1.len()).sum::<usize>()
             + c.cache_puts.iter().map(|p| p.1.len()).sum::<usize>()
             + c.snapshot.as_ref().map_or(0, |s| s.1.len());
         self.ensure_space(bytes as u64)?;
         // Content first, then events: sled recovers a prefix of its log, so an event that
         // survives a crash has its content, and whatever else of this group survives
-        // (snapshot, cache view) has its events. One batch per tree: sled inserts cost a
-        // third as much batched as one by one.
-        if !c.blobs.is_empty() {
-            let mut batch = sled::Batch::default();
-            let mut seen = std::collections::HashSet::new();
-            for (digest, content) in &c.blobs {
-                if seen.insert(*digest) {
-                    batch.insert(&digest.0, content.as_slice());
-                }
-            }
-            h.blobs
-                .apply_batch(batch)
-                .map_err(sled_err("writing content"))?;
-        }
+        // (snapshot, cache view) has its events.
+        self.write_contents(h, staged, written)?;
         let mut batch = sled::Batch::default();
-        for (seq, bytes) in &c.records {
-            batch.insert(&seq_key(*seq), bytes.as_slice());
+        for (first, page) in pages(&c.records) {
+            batch.insert(&seq_key(first), page);
         }
-        h.events
+        h.pages
             .apply_batch(batch)
             .map_err(sled_err("appending events"))?;
         if let Some((seq, bytes)) = &c.snapshot {
@@ -380,6 +576,12 @@ fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
             .path(dir)
             .cache_capacity(cache_capacity)
             .flush_every_ms(None)
+            .segment_size(
+                std::env::var("SEG")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(512 * 1024),
+            )
             .open();
         match opened {
             Ok(db) => break db,
@@ -405,13 +607,14 @@ fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
             source,
         })
     };
-    let (events, blobs, snapshots, cache, meta) = (
+    let (pages, packs, pack_index, legacy_events, legacy_blobs) = (
+        tree("pages")?,
+        tree("packs")?,
+        tree("pack_index")?,
         tree("events")?,
         tree("blobs")?,
-        tree("snapshots")?,
-        tree("dynamo_cache")?,
-        tree("meta")?,
     );
+    let (snapshots, cache, meta) = (tree("snapshots")?, tree("dynamo_cache")?, tree("meta")?);
     let data_path = dir.join("db");
     let data_file = File::open(&data_path).map_err(|source| OpenError::DataFile {
         path: data_path.clone(),
@@ -419,8 +622,11 @@ fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
     })?;
     Ok(Handles {
         db,
-        events,
-        blobs,
+        pages,
+        packs,
+        pack_index,
+        legacy_events,
+        legacy_blobs,
         snapshots,
         cache,
         meta,
@@ -448,43 +654,97 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 impl Journal for SledJournal {
     fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
         let h = self.h()?;
-        if h.blobs
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if h.legacy_blobs
             .contains_key(digest.0)
             .map_err(sled_err("reading a blob"))?
         {
             return Ok(());
         }
-        h.blobs
-            .insert(digest.0, content)
-            .map_err(sled_err("writing a blob"))?;
+        let staged = self.stage([(digest, content)]);
+        self.ensure_space(content.len() as u64)?;
+        let mut written = Written::default();
+        if let Err(e) = self.write_contents(&h, &staged, &mut written) {
+            Self::unwrite_contents(&h, &written);
+            return Err(e);
+        }
+        self.publish(written);
         Ok(())
     }
 
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         let h = self.h()?;
-        Ok(h.blobs
-            .get(digest.0)
-            .map_err(sled_err("reading a blob"))?
-            .map(|v| v.to_vec()))
+        let loc = self.contents_ref().locs.get(digest).copied();
+        let Some(loc) = loc else {
+            return Ok(h
+                .legacy_blobs
+                .get(digest.0)
+                .map_err(sled_err("reading a blob"))?
+                .map(|v| v.to_vec()));
+        };
+        if loc.place == Place::File {
+            return self
+                .files
+                .read(loc.pack, loc.offset, loc.len)
+                .map(Some)
+                .map_err(|why| StoreError::Damaged {
+                    what: format!(
+                        "content {} is indexed in a content file, but {why}",
+                        digest.to_hex()
+                    ),
+                });
+        }
+        let pack = h
+            .packs
+            .get(seq_key(loc.pack))
+            .map_err(sled_err("reading a blob"))?;
+        match pack.as_deref().map(|p| (p.len(), loc.slice(p))) {
+            Some((_, Some(content))) => Ok(Some(content.to_vec())),
+            Some((len, None)) => Err(StoreError::Damaged {
+                what: format!(
+                    "content {} is indexed at bytes {}..{} of pack {}, which has {len} bytes",
+                    digest.to_hex(),
+                    loc.offset,
+                    loc.offset.saturating_add(loc.len),
+                    loc.pack
+                ),
+            }),
+            None => Err(StoreError::Damaged {
+                what: format!(
+                    "content {} is indexed in pack {}, which is missing",
+                    digest.to_hex(),
+                    loc.pack
+                ),
+            }),
+        }
     }
 
     fn commit(&self, c: &Commit) -> Result<(), StoreError> {
         let h = self.h()?;
-        let result = self.try_commit(c);
-        if result.is_err() {
-            // Take back whatever part of the group reached sled, so a failed change is not
-            // made durable by a later flush. The cache view is rebuilt by the caller.
-            let mut batch = sled::Batch::default();
-            for (seq, _) in &c.records {
-                batch.remove(&seq_key(*seq));
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let staged = self.stage(c.blobs.iter().map(|(d, b)| (d, b.as_slice())));
+        let mut written = Written::default();
+        match self.try_commit(&h, c, &staged, &mut written) {
+            Ok(()) => {
+                self.publish(written);
+                Ok(())
             }
-            let _ = h.events.apply_batch(batch);
-            if let Some((seq, _)) = &c.snapshot {
-                let _ = h.snapshots.remove(seq_key(*seq));
+            Err(e) => {
+                // Take back whatever part of the group reached sled, so a failed change is
+                // not made durable by a later flush. The cache view is rebuilt by the caller.
+                let mut batch = sled::Batch::default();
+                for (first, _) in pages(&c.records) {
+                    batch.remove(&seq_key(first));
+                }
+                let _ = h.pages.apply_batch(batch);
+                Self::unwrite_contents(&h, &written);
+                if let Some((seq, _)) = &c.snapshot {
+                    let _ = h.snapshots.remove(seq_key(*seq));
+                }
+                let _ = h.db.flush();
+                Err(e)
             }
-            let _ = h.db.flush();
         }
-        result
     }
 
     fn records(&self, from: u64) -> Records<'_> {
@@ -492,22 +752,48 @@ impl Journal for SledJournal {
             Ok(h) => h,
             Err(e) => return Box::new(std::iter::once(Err(e))),
         };
-        // sled's iterator holds its own handle on the tree.
-        let range = h.events.range(seq_key(from)..);
-        Box::new(range.map(|item| {
+        // sled's iterators hold their own handles on the trees. Keys are written only by
+        // `commit`; a key of another length is itself damage, reported as sequence number
+        // u64::MAX so replay names it.
+        let legacy = h.legacy_events.range(seq_key(from)..).map(|item| {
             let (k, v) = item.map_err(sled_err("reading events"))?;
-            // Keys are written only by `commit`; a key of another length is itself damage,
-            // reported as sequence number u64::MAX so replay names it.
             Ok((key_seq(&k).unwrap_or(u64::MAX), v.to_vec()))
-        }))
+        });
+        // The page holding `from` begins at or before it.
+        let start = match h.pages.range(..=seq_key(from)).next_back() {
+            Some(Ok((k, _))) => k.to_vec(),
+            _ => seq_key(from).to_vec(),
+        };
+        let pages = h.pages.range(start..).flat_map(move |item| {
+            let page: Vec<Result<(u64, Vec<u8>), StoreError>> = match item {
+                Err(e) => vec![Err(sled_err("reading events")(e))],
+                Ok((k, v)) => page_records(&v, key_seq(&k).unwrap_or(u64::MAX))
+                    .into_iter()
+                    .filter(|(seq, _)| *seq >= from)
+                    .map(|(seq, r)| Ok((seq, r.to_vec())))
+                    .collect(),
+            };
+            page
+        });
+        Box::new(legacy.chain(pages))
     }
 
     fn last_seq(&self) -> Result<Option<u64>, StoreError> {
         let h = self.h()?;
-        Ok(h.events
+        let legacy = h
+            .legacy_events
             .last()
             .map_err(sled_err("reading events"))?
-            .and_then(|(k, _)| key_seq(&k)))
+            .and_then(|(k, _)| key_seq(&k));
+        let paged = h
+            .pages
+            .last()
+            .map_err(sled_err("reading events"))?
+            .and_then(|(k, v)| {
+                let first = key_seq(&k)?;
+                page_records(&v, first).last().map(|(seq, _)| *seq)
+            });
+        Ok(legacy.max(paged))
     }
 
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
@@ -541,6 +827,8 @@ impl Journal for SledJournal {
                 path: self.dir.clone(),
                 source: std::io::Error::other(e.to_string()),
             })?;
+        let contents = load_contents(&reopened).map_err(|what| StoreError::Damaged { what })?;
+        *self.contents_mut() = contents;
         *slot = Some(std::sync::Arc::new(reopened));
         tracing::info!(dir = %self.dir.display(), "event log reopened");
         Ok(())

@@ -9,13 +9,16 @@
 //! | [`state`] | the folded state and `State::apply`, the only way it changes | no |
 //! | [`stitch`] | `create_cache_entries` over a state, with its structured trace events | no |
 //! | [`record`] | the on-disk record format: envelope, hash chain, snapshots | no |
+//! | [`pack`] | how many records or contents share one sled value: pages, packs, index | no |
 //! | [`journal`] | the sled event log, blobs, snapshots, durability (`fdatasync`) | sled |
+//! | [`content`] | content files: large groups' content, appended and synced | files |
 //! | [`replay`] | rebuilding the state from the journal, checking every record | via journal |
 //! | [`audit`] | log, history, state at a point, diff, verify: read-only questions of the log | via journal |
 //! | [`export`] | the log as JSON lines and back (`pcx export` / `pcx import`) | via journal |
 //! | [`compact`] | rewriting a data directory to begin at an anchor snapshot | sled, files |
 //! | [`plugin`] | loading plugins and calling them safely (all of pcx's `unsafe`) | dlopen |
 //! | [`kinds`] | the registry of artifact kinds (`eager` built in, the rest from plugins) | via plugin |
+//! | [`committer`] | the committer thread and its queue: group commit, answers once durable | via journal |
 //! | [`actor`] | the context actor: single writer, group commit, panic containment | via journal |
 //! | [`context`] | the library API ([`Context`]) for orchestrators that embed pcx | via actor |
 //! | [`protocol`] | the JSON request/answer protocol (`pcx batch`, the CLI, the server) | no |
@@ -25,6 +28,7 @@
 //! | [`server`] | `pcx serve`: many connections, one actor, bounded queues, shutdown | sockets |
 //! | [`client`] | `pcx client`: JSON lines through a server | sockets |
 //! | [`config`] | defaults, config file, environment, validated in one place | reads files |
+//! | [`alloc`] | the programs' allocator (mimalloc) and its tuning | no |
 //! | [`trace`] | structured trace events and the log subscriber | stderr |
 //!
 //! The rule that holds it together: a request is decided against the state, its events are
@@ -32,11 +36,14 @@
 //! through the same `apply`.
 
 pub mod actor;
+pub mod alloc;
 pub mod audit;
 pub mod batch;
 pub mod client;
+pub mod committer;
 pub mod compact;
 pub mod config;
+pub mod content;
 pub mod context;
 pub mod error;
 pub mod event;
@@ -44,6 +51,7 @@ pub mod export;
 pub mod journal;
 pub mod kinds;
 pub mod model;
+pub mod pack;
 pub mod plugin;
 pub mod protocol;
 pub mod record;

@@ -183,12 +183,12 @@ struct ContentArgs {
     text: Option<String>,
 }
 
-/// mimalloc: sled allocates and frees a node copy on every insert, and the system allocator
-/// was a sixth of W1's profile.
+/// See [`pcx::alloc`].
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pcx::alloc::Allocator = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    pcx::alloc::small_pages();
     let cli = Cli::parse();
     let config = match configure(&cli) {
         Ok(c) => c,

@@ -4,8 +4,8 @@
 //!
 //! The library (`pcx::Context`, `pcx::audit`) and the real binary are both used. Every child
 //! process is waited for with a timeout. Damage is made by opening the sled database of a
-//! closed data directory directly (tree `events` keyed by big-endian sequence numbers,
-//! `snapshots` likewise, `blobs` keyed by 32-byte blake3 digests).
+//! closed data directory directly (records in the pages of tree `pages`, `snapshots` keyed by
+//! big-endian sequence numbers, small contents in the packs of tree `packs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -512,14 +512,14 @@ fn write_damage_log(dir: &Path) -> String {
     })
 }
 
-/// Writes the damage tests' log, damages `tree` with `change`, and checks that `pcx verify`
+/// Writes the damage tests' log, damages it with `change`, and checks that `pcx verify`
 /// fails (non-zero exit) naming `seq` and saying what is wrong (`words`), and that the batch
 /// protocol's `verify` gives the same report.
-fn assert_damage_found(tree: &str, change: impl FnOnce(&sled::Tree), seq: u64, words: &[&str]) {
+fn assert_damage_found(change: impl FnOnce(&Path), seq: u64, words: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     write_damage_log(&dir);
-    damage(&dir, tree, TIMEOUT, change);
+    change(&dir);
     let run = cli(&dir, &["verify"]);
     assert!(
         !run.status.success(),
@@ -566,8 +566,7 @@ fn verify_passes_a_sound_log_with_a_summary() {
 #[test]
 fn verify_finds_a_record_with_an_altered_byte() {
     assert_damage_found(
-        "events",
-        |t| flip_a_byte(t, seq_key(5)),
+        |dir| damage_records(dir, TIMEOUT, |r| flip_middle_byte(r.get_mut(&5).unwrap())),
         5,
         &["event 5", "damaged"],
     );
@@ -577,8 +576,11 @@ fn verify_finds_a_record_with_an_altered_byte() {
 fn verify_finds_a_deleted_blob_and_names_the_event_that_refers_to_it() {
     let echo = Digest::of(b"echo");
     assert_damage_found(
-        "blobs",
-        |t| assert!(t.remove(echo.0).unwrap().is_some(), "the echo blob exists"),
+        |dir| {
+            damage_contents(dir, TIMEOUT, |c| {
+                assert!(c.remove(&echo).is_some(), "the echo blob exists")
+            })
+        },
         7,
         &[&echo.to_hex(), "missing"],
     );
@@ -588,9 +590,10 @@ fn verify_finds_a_deleted_blob_and_names_the_event_that_refers_to_it() {
 fn verify_finds_a_blob_whose_content_was_altered() {
     let delta = Digest::of(b"delta");
     assert_damage_found(
-        "blobs",
-        |t| {
-            t.insert(delta.0, &b"DELTA"[..]).unwrap();
+        |dir| {
+            damage_contents(dir, TIMEOUT, |c| {
+                c.insert(delta, b"DELTA".to_vec());
+            })
         },
         5,
         &[&delta.to_hex(), "does not match"],
@@ -600,12 +603,13 @@ fn verify_finds_a_blob_whose_content_was_altered() {
 #[test]
 fn verify_finds_two_reordered_records() {
     assert_damage_found(
-        "events",
-        |t| {
-            let three = t.get(seq_key(3)).unwrap().expect("record 3");
-            let six = t.get(seq_key(6)).unwrap().expect("record 6");
-            t.insert(seq_key(3), six).unwrap();
-            t.insert(seq_key(6), three).unwrap();
+        |dir| {
+            damage_records(dir, TIMEOUT, |r| {
+                let three = r[&3].clone();
+                let six = r[&6].clone();
+                r.insert(3, six);
+                r.insert(6, three);
+            })
         },
         3,
         &["event 6", "key of event 3"],
@@ -615,9 +619,10 @@ fn verify_finds_two_reordered_records() {
 #[test]
 fn verify_finds_a_removed_record() {
     assert_damage_found(
-        "events",
-        |t| {
-            t.remove(seq_key(6)).unwrap().expect("record 6");
+        |dir| {
+            damage_records(dir, TIMEOUT, |r| {
+                r.remove(&6).expect("record 6");
+            })
         },
         6,
         &["gap", "expected event 6"],
@@ -627,20 +632,21 @@ fn verify_finds_a_removed_record() {
 #[test]
 fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
     assert_damage_found(
-        "snapshots",
-        |t| {
-            let bytes = t.get(seq_key(8)).unwrap().expect("a snapshot at 8");
-            let mut snap = decode_snapshot(&bytes).expect("the snapshot decodes");
-            assert_eq!(snap.seq, 8);
-            // A well-formed snapshot (its own hash holds) of a state the events do not give.
-            let (_, first) = snap
-                .state
-                .artifacts
-                .shift_remove_index(0)
-                .expect("artifacts");
-            snap.state.artifacts.insert("forged".into(), first);
-            let forged = encode_snapshot_of(snap.seq, snap.head, &snap.state).unwrap();
-            t.insert(seq_key(8), forged).unwrap();
+        |dir| {
+            damage(dir, "snapshots", TIMEOUT, |t| {
+                let bytes = t.get(seq_key(8)).unwrap().expect("a snapshot at 8");
+                let mut snap = decode_snapshot(&bytes).expect("the snapshot decodes");
+                assert_eq!(snap.seq, 8);
+                // A well-formed snapshot (its own hash holds) of a state the events do not give.
+                let (_, first) = snap
+                    .state
+                    .artifacts
+                    .shift_remove_index(0)
+                    .expect("artifacts");
+                snap.state.artifacts.insert("forged".into(), first);
+                let forged = encode_snapshot_of(snap.seq, snap.head, &snap.state).unwrap();
+                t.insert(seq_key(8), forged).unwrap();
+            })
         },
         8,
         &["snapshot at 8", "does not match"],
@@ -650,8 +656,7 @@ fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
 #[test]
 fn verify_finds_a_snapshot_with_an_altered_byte() {
     assert_damage_found(
-        "snapshots",
-        |t| flip_a_byte(t, seq_key(8)),
+        |dir| damage(dir, "snapshots", TIMEOUT, |t| flip_a_byte(t, seq_key(8))),
         8,
         &["snapshot at 8"],
     );
@@ -1652,17 +1657,16 @@ fn compaction_keeps_the_state_shrinks_the_directory_and_every_command_still_work
     assert_eq!(v["anchored_at"], json!(anchor), "{v}");
 
     // The junk blobs are gone from the store; the live and saved ones are there.
-    let db = open_sled_directly(&dir, TIMEOUT);
-    let blobs = db.open_tree("blobs").unwrap();
+    let stored = stored_digests(&dir, TIMEOUT);
     for content in &junk {
         assert!(
-            !blobs.contains_key(Digest::of(content).0).unwrap(),
+            !stored.contains(&Digest::of(content)),
             "a blob only compacted events referred to is still stored"
         );
     }
     for content in [&b"v1"[..], b"v1+2", b"keep", b"three", b"keep!", b"four"] {
         assert!(
-            blobs.contains_key(Digest::of(content).0).unwrap(),
+            stored.contains(&Digest::of(content)),
             "blob of {:?} is missing",
             String::from_utf8_lossy(content)
         );

@@ -4,6 +4,7 @@
 //! Every wait has a timeout. Damage is made by opening the sled database directly (tree
 //! `events` keyed by big-endian sequence numbers, `snapshots`, `blobs` keyed by digest).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -546,18 +547,20 @@ fn a_second_writer_on_an_open_data_directory_is_refused() {
 // ---------------------------------------------------------------------------------------
 
 /// Writes 8 records (no snapshot), damages the log, and gives the error of reopening it.
-fn damaged_log(change: impl FnOnce(&sled::Tree)) -> (tempfile::TempDir, ContextOpenError) {
+fn damaged_log(
+    change: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>),
+) -> (tempfile::TempDir, ContextOpenError) {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), 10_000);
     write_records(&config, 8);
-    damage(dir.path(), "events", SLED_PATIENCE, change);
+    damage_records(dir.path(), SLED_PATIENCE, change);
     let err = block_on(async { open_error(&config) });
     (dir, err)
 }
 
 #[test]
 fn a_flipped_byte_in_a_record_is_reported_with_its_seq() {
-    let (dir, err) = damaged_log(|t| flip_a_byte(t, seq_key(5)));
+    let (dir, err) = damaged_log(|r| flip_middle_byte(r.get_mut(&5).unwrap()));
     assert!(
         matches!(
             err,
@@ -574,8 +577,8 @@ fn a_flipped_byte_in_a_record_is_reported_with_its_seq() {
 
 #[test]
 fn a_deleted_record_is_reported_as_a_gap_naming_the_missing_seq() {
-    let (dir, err) = damaged_log(|t| {
-        t.remove(seq_key(5)).unwrap().expect("record 5 existed");
+    let (dir, err) = damaged_log(|r| {
+        r.remove(&5).expect("record 5 existed");
     });
     assert!(
         matches!(
@@ -593,11 +596,11 @@ fn a_deleted_record_is_reported_as_a_gap_naming_the_missing_seq() {
 
 #[test]
 fn swapped_records_are_reported_naming_both() {
-    let (dir, err) = damaged_log(|t| {
-        let four = t.get(seq_key(4)).unwrap().unwrap();
-        let five = t.get(seq_key(5)).unwrap().unwrap();
-        t.insert(seq_key(4), five).unwrap();
-        t.insert(seq_key(5), four).unwrap();
+    let (dir, err) = damaged_log(|r| {
+        let four = r[&4].clone();
+        let five = r[&5].clone();
+        r.insert(4, five);
+        r.insert(5, four);
     });
     assert!(
         matches!(
@@ -616,9 +619,8 @@ fn swapped_records_are_reported_naming_both() {
 
 #[test]
 fn a_cut_last_record_is_reported_as_truncated() {
-    let (dir, err) = damaged_log(|t| {
-        let eight = t.get(seq_key(8)).unwrap().unwrap();
-        t.insert(seq_key(8), &eight[..10]).unwrap();
+    let (dir, err) = damaged_log(|r| {
+        r.get_mut(&8).unwrap().truncate(10);
     });
     assert!(
         matches!(
@@ -702,9 +704,9 @@ fn a_snapshot_ahead_of_the_log_is_not_trusted() {
     let config = config(dir.path(), 3);
     write_records(&config, 10);
     // The crash hit the commit of event 9 (the one carrying snapshot 9); event 10 never came.
-    damage(dir.path(), "events", SLED_PATIENCE, |t| {
-        t.remove(seq_key(9)).unwrap();
-        t.remove(seq_key(10)).unwrap();
+    damage_records(dir.path(), SLED_PATIENCE, |r| {
+        r.remove(&9).unwrap();
+        r.remove(&10).unwrap();
     });
 
     let recovered = {
@@ -759,9 +761,8 @@ fn a_missing_blob_fails_only_the_entries_that_reference_it() {
             .unwrap();
         ctx.close().await.expect("close");
     });
-    damage(dir.path(), "blobs", SLED_PATIENCE, |t| {
-        t.remove(Digest::of(b"blob one").0)
-            .unwrap()
+    damage_contents(dir.path(), SLED_PATIENCE, |c| {
+        c.remove(&Digest::of(b"blob one"))
             .expect("the blob existed");
     });
 

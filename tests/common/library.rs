@@ -1,12 +1,15 @@
 //! The library ([`pcx::Context`]) on a data directory, and the sled database under it.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use pcx::journal::SledJournal;
-use pcx::model::{DynamoCacheEntry, DynamoCodeEntry};
+use pcx::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
+use pcx::pack::{index_entries, index_push, page_push, page_records, Loc, Place};
+use pcx::record::{key_seq, seq_key};
 use pcx::{Artifact, Config, Context};
 
 /// The cache capacity of the tests' contexts and journals.
@@ -97,7 +100,105 @@ pub fn flip_a_byte(tree: &sled::Tree, key: [u8; 8]) {
         .unwrap()
         .expect("the record to damage exists")
         .to_vec();
-    let mid = value.len() / 2;
-    value[mid] ^= 0x55;
+    flip_middle_byte(&mut value);
     tree.insert(key, value).unwrap();
+}
+
+/// Flips the bits of the middle byte.
+pub fn flip_middle_byte(bytes: &mut [u8]) {
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+}
+
+/// Changes the log records of a closed data directory as damage would. `change` gets them
+/// by the sequence number their page gives them and may alter, remove or swap them; each
+/// page is written back in its place with what is left of it.
+pub fn damage_records(
+    dir: &Path,
+    patience: Duration,
+    change: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>),
+) {
+    let db = open_sled_directly(dir, patience);
+    let pages = db.open_tree("pages").unwrap();
+    let mut layout = Vec::new();
+    let mut records = BTreeMap::new();
+    for item in pages.iter() {
+        let (k, v) = item.unwrap();
+        let first = key_seq(&k).expect("a page key");
+        let mut seqs = Vec::new();
+        for (seq, record) in page_records(&v, first) {
+            seqs.push(seq);
+            records.insert(seq, record.to_vec());
+        }
+        layout.push((k, seqs));
+    }
+    change(&mut records);
+    for (k, seqs) in layout {
+        let mut page = Vec::new();
+        for seq in seqs {
+            if let Some(r) = records.get(&seq) {
+                page_push(&mut page, seq, r);
+            }
+        }
+        if page.is_empty() {
+            pages.remove(k).unwrap();
+        } else {
+            pages.insert(k, page).unwrap();
+        }
+    }
+    db.flush().unwrap();
+}
+
+/// Changes the contents a closed data directory keeps in sled (small ones) as damage would:
+/// `change` gets them by digest and may alter or remove them; what is left is written back
+/// one pack each.
+pub fn damage_contents(
+    dir: &Path,
+    patience: Duration,
+    change: impl FnOnce(&mut BTreeMap<Digest, Vec<u8>>),
+) {
+    let db = open_sled_directly(dir, patience);
+    let packs = db.open_tree("packs").unwrap();
+    let index = db.open_tree("pack_index").unwrap();
+    let mut contents = BTreeMap::new();
+    for item in index.iter() {
+        let (_, v) = item.unwrap();
+        for (digest, loc) in index_entries(&v).expect("a sound index") {
+            assert_eq!(loc.place, Place::Sled, "the test's contents are small");
+            let pack = packs.get(seq_key(loc.pack)).unwrap().expect("its pack");
+            contents.insert(digest, loc.slice(&pack).expect("in its pack").to_vec());
+        }
+    }
+    change(&mut contents);
+    packs.clear().unwrap();
+    index.clear().unwrap();
+    for (n, (digest, content)) in contents.iter().enumerate() {
+        let n = n as u64;
+        packs.insert(seq_key(n), content.as_slice()).unwrap();
+        let mut entry = Vec::new();
+        let loc = Loc {
+            place: Place::Sled,
+            pack: n,
+            offset: 0,
+            len: content.len() as u64,
+        };
+        index_push(&mut entry, digest, loc);
+        index.insert(seq_key(n), entry).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+/// The digests of every content a closed data directory stores.
+pub fn stored_digests(dir: &Path, patience: Duration) -> std::collections::BTreeSet<Digest> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match SledJournal::open(dir, CACHE_BYTES) {
+            Ok(j) => return j.blob_digests().unwrap().into_iter().collect(),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("opening {}: {e}", dir.display()),
+        }
+    }
 }

@@ -1,0 +1,306 @@
+//! The committer thread and the queue it takes groups from: group commit with no round trip
+//! through the actor.
+//!
+//! The actor stages each request's records (and content, cache view writes, a snapshot) into
+//! the queue with the request's waiter. The committer thread takes everything queued whenever
+//! it is free (whole requests, about [`MAX_GROUP_EVENTS`] events at most), commits it in one
+//! go, answers the waiters itself and only then reports to the actor for bookkeeping. So the
+//! disk is never idle while the actor works through its mailbox, and an answer never waits
+//! for the actor to read a "committed" message queued behind thousands of requests.
+//!
+//! A failed commit halts the queue: everything queued behind the failed group (built on its
+//! state) is taken out as aborted, and so is everything pushed until the actor has rebuilt
+//! its state from the log and calls [`Committer::resume`]. The failed group's waiters and the
+//! aborted ones go to the actor with the report and are answered after the rebuild, so a
+//! caller who sends its next request on reading the error finds the context whole again.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::error::ContextError;
+use crate::journal::{Commit, Journal, StoreError};
+use crate::model::Digest;
+
+/// An answer waiting for its changes (and every change staged before them) to be durable.
+pub type Waiter = Box<dyn FnOnce(Result<(), ContextError>) + Send>;
+
+/// sled applies a group of a thousand or so records fastest; a larger queue is cut into
+/// groups at request boundaries.
+pub const MAX_GROUP_EVENTS: usize = 1024;
+
+/// A group is also cut once it carries this much content: written and synced in pieces of
+/// this size, large content streams to the disk at its sequential speed, while one huge
+/// group would sit in the page cache and then stall in a single long sync.
+pub const MAX_GROUP_BYTES: usize = 64 << 20;
+
+/// Staged changes and the answers waiting for them.
+#[derive(Default)]
+pub struct Group {
+    pub commit: Commit,
+    pub waiters: Vec<Waiter>,
+    /// Loads in this group that hit: counted once the group is durable.
+    pub hits: u64,
+    /// Content bytes staged in this group.
+    bytes: usize,
+}
+
+impl Group {
+    fn writes(&self) -> bool {
+        !self.commit.records.is_empty() || self.commit.snapshot.is_some()
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.writes() && self.waiters.is_empty()
+    }
+
+    fn absorb(&mut self, other: Group) {
+        let Group {
+            commit,
+            waiters,
+            hits,
+            bytes: _,
+        } = other;
+        self.bytes += commit.blobs.iter().map(|b| b.1.len()).sum::<usize>();
+        self.commit.records.extend(commit.records);
+        self.commit.blobs.extend(commit.blobs);
+        self.commit.cache_puts.extend(commit.cache_puts);
+        if commit.snapshot.is_some() {
+            self.commit.snapshot = commit.snapshot;
+        }
+        self.waiters.extend(waiters);
+        self.hits += hits;
+    }
+}
+
+/// What the committer reports to the actor after each commit. The waiters are answered.
+pub struct Committed {
+    /// The error, and whether it was sled's (which keeps failing until reopened).
+    pub result: Result<(), (ContextError, bool)>,
+    pub events: u64,
+    pub last_seq: u64,
+    pub snapshot: Option<u64>,
+    /// The content the group staged: it can be read from the journal now (or was refused).
+    pub blobs: Vec<Digest>,
+    /// After a failure: the answers to send once the state is rebuilt.
+    pub refused: Vec<(Waiter, ContextError)>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Full groups, oldest first.
+    sealed: VecDeque<Group>,
+    open: Group,
+    /// Records being committed now.
+    inflight_events: u64,
+    busy: bool,
+    /// Set by a failed commit until the actor has reloaded.
+    halted: bool,
+    closing: bool,
+}
+
+impl Queue {
+    fn idle(&self) -> bool {
+        !self.busy && self.sealed.is_empty() && self.open.is_empty()
+    }
+
+    fn queued_events(&self) -> u64 {
+        let staged = |g: &Group| g.commit.records.len() as u64;
+        staged(&self.open) + self.sealed.iter().map(staged).sum::<u64>() + self.inflight_events
+    }
+}
+
+type Shared = Arc<(Mutex<Queue>, Condvar)>;
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Queue> {
+    // The queue holds no invariant a panic elsewhere could break halfway.
+    shared.0.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The committer thread's handle.
+pub struct Committer {
+    shared: Shared,
+    thread: Option<JoinHandle<()>>,
+    hits: Arc<AtomicU64>,
+}
+
+impl Committer {
+    /// Starts the thread; `report` runs on it after each commit.
+    pub fn start(
+        journal: Arc<dyn Journal>,
+        report: impl Fn(Committed) + Send + 'static,
+    ) -> std::io::Result<Committer> {
+        let shared: Shared = Arc::default();
+        let hits = Arc::new(AtomicU64::new(0));
+        let (theirs, their_hits) = (shared.clone(), hits.clone());
+        let thread = std::thread::Builder::new()
+            .name("pcx-committer".into())
+            .spawn(move || commit_loop(&theirs, journal.as_ref(), &their_hits, &report))?;
+        Ok(Committer {
+            shared,
+            thread: Some(thread),
+            hits,
+        })
+    }
+
+    /// Load hits made durable so far: counted before their answers are sent, so an answer
+    /// that waits for them (see `push`) sees them.
+    pub fn hit_counter(&self) -> Arc<AtomicU64> {
+        self.hits.clone()
+    }
+
+    /// Queues one request's staged changes with its waiter. A request that wrote nothing is
+    /// answered at once when nothing is queued or being committed; otherwise after what is.
+    pub fn push(&self, staged: Group, waiter: Waiter) {
+        let mut q = lock(&self.shared);
+        if q.halted || q.closing {
+            drop(q);
+            waiter(Err(ContextError::Aborted {
+                message: "an earlier change in the same commit failed".into(),
+            }));
+            return;
+        }
+        if !staged.writes() && q.idle() {
+            drop(q);
+            waiter(Ok(()));
+            return;
+        }
+        q.open.absorb(staged);
+        q.open.waiters.push(waiter);
+        if q.open.commit.records.len() >= MAX_GROUP_EVENTS || q.open.bytes >= MAX_GROUP_BYTES {
+            let full = std::mem::take(&mut q.open);
+            q.sealed.push_back(full);
+        }
+        drop(q);
+        self.shared.1.notify_one();
+    }
+
+    /// Changes queued or being committed.
+    pub fn queued_events(&self) -> u64 {
+        lock(&self.shared).queued_events()
+    }
+
+    /// Takes changes again after a failed commit, once the actor's state is the log's.
+    pub fn resume(&self) {
+        lock(&self.shared).halted = false;
+    }
+
+    /// Commits what is queued, then stops the thread.
+    pub fn close(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        lock(&self.shared).closing = true;
+        self.shared.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("the committer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn commit_loop(
+    shared: &Shared,
+    journal: &dyn Journal,
+    hit_count: &AtomicU64,
+    report: &dyn Fn(Committed),
+) {
+    loop {
+        let group = {
+            let mut q = lock(shared);
+            let group = loop {
+                if let Some(g) = q.sealed.pop_front() {
+                    break g;
+                }
+                if !q.open.is_empty() {
+                    break std::mem::take(&mut q.open);
+                }
+                if q.closing {
+                    return;
+                }
+                q = shared.1.wait(q).unwrap_or_else(|p| p.into_inner());
+            };
+            q.busy = true;
+            q.inflight_events = group.commit.records.len() as u64;
+            group
+        };
+        let Group {
+            commit,
+            waiters,
+            hits,
+            ..
+        } = group;
+        if commit.records.is_empty() && commit.snapshot.is_none() {
+            // Only answers waiting for what was committed before them.
+            for w in waiters {
+                w(Ok(()));
+            }
+            finish(shared, false);
+            continue;
+        }
+        let result = journal.commit(&commit);
+        let mut committed = Committed {
+            events: commit.records.len() as u64,
+            last_seq: commit.records.last().map_or(0, |r| r.0),
+            snapshot: commit.snapshot.as_ref().map(|s| s.0),
+            blobs: commit.blobs.iter().map(|b| b.0).collect(),
+            refused: Vec::new(),
+            result: result.map_err(|e| {
+                let reopen = matches!(e, StoreError::Sled { .. });
+                (ContextError::from(e), reopen)
+            }),
+        };
+        drop(commit);
+        match &committed.result {
+            Ok(()) => {
+                hit_count.fetch_add(hits, Ordering::SeqCst);
+                for w in waiters {
+                    w(Ok(()));
+                }
+                finish(shared, false);
+            }
+            Err((err, _)) => {
+                let aborted = ContextError::Aborted {
+                    message: err.to_string(),
+                };
+                let mut refused: Vec<(Waiter, ContextError)> =
+                    waiters.into_iter().map(|w| (w, err.clone())).collect();
+                refused.extend(
+                    finish(shared, true)
+                        .into_iter()
+                        .map(|w| (w, aborted.clone())),
+                );
+                committed.refused = refused;
+            }
+        }
+        report(committed);
+    }
+}
+
+/// Marks the committer free; after a failure, halts the queue and gives back the waiters
+/// of everything queued behind the failed group.
+fn finish(shared: &Shared, failed: bool) -> Vec<Waiter> {
+    let mut q = lock(shared);
+    q.busy = false;
+    q.inflight_events = 0;
+    if !failed {
+        return Vec::new();
+    }
+    q.halted = true;
+    let sealed = std::mem::take(&mut q.sealed);
+    let open = std::mem::take(&mut q.open);
+    sealed
+        .into_iter()
+        .chain([open])
+        .flat_map(|g| g.waiters)
+        .collect()
+}
