@@ -23,7 +23,7 @@ use actix::prelude::*;
 use indexmap::IndexMap;
 use tokio::sync::oneshot;
 
-use crate::committer::{Committed, Committer, Group, Waiter};
+use crate::committer::{Committed, Committer, Group, Intake, Waiter};
 use crate::error::ContextError;
 use crate::event::Event;
 use crate::journal::{Journal, StoreError};
@@ -159,6 +159,68 @@ message!(/// Waits until everything accepted is durable, then stops the actor an
 /// How often a broken journal is tried again.
 const HEAL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// A request's answer, sent once its changes (and every change before them) are durable.
+///
+/// Its changes are queued for the committer as soon as the handler returns. The reply is
+/// forwarded to actix's reply channel by a task on the actor's thread: sending it straight
+/// from the queue made the caller's futures re-poll in lock step with the actor, and W1's
+/// records took 4.5 s instead of 0.45 s.
+pub struct Durable<T> {
+    outcome: Result<(Option<u64>, T), ContextError>,
+    staged: Group,
+    intake: Option<Intake>,
+    map_commit_error: Box<dyn FnOnce(ContextError) -> ContextError + Send>,
+}
+
+impl<T: Send + 'static> Durable<T> {
+    /// Queues the staged changes; `reply` gets the answer once they are durable.
+    fn send(self, reply: impl FnOnce(Answer<T>) + Send + 'static) {
+        let Durable {
+            outcome,
+            staged,
+            intake,
+            map_commit_error,
+        } = self;
+        match (outcome, intake) {
+            (Err(e), _) => reply(Err(e)),
+            (Ok(_), None) => reply(Err(ContextError::Closed)),
+            (Ok((seq, value)), Some(intake)) => intake.push(
+                staged,
+                Box::new(move |r| reply(r.map(|()| Ack { seq, value }).map_err(map_commit_error))),
+            ),
+        }
+    }
+
+    /// The answer as a future (for the actor's own use).
+    fn into_future(self) -> impl std::future::Future<Output = Answer<T>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(move |a| {
+            let _ = tx.send(a);
+        });
+        async move { rx.await.unwrap_or(Err(ContextError::Closed)) }
+    }
+}
+
+impl<T, M> actix::dev::MessageResponse<ContextActor, M> for Durable<T>
+where
+    T: Send + 'static,
+    M: Message<Result = Answer<T>>,
+{
+    fn handle(
+        self,
+        _: &mut Context<ContextActor>,
+        tx: Option<actix::dev::OneshotSender<Answer<T>>>,
+    ) {
+        let fut = self.into_future();
+        actix_rt::spawn(async move {
+            let answer = fut.await;
+            if let Some(tx) = tx {
+                let _ = tx.send(answer);
+            }
+        });
+    }
+}
+
 /// The committer's report, delivered to the actor.
 struct CommittedMsg(Committed);
 
@@ -214,13 +276,12 @@ impl ContextActor {
         }
     }
 
-    /// Runs one request: decide (panics caught), stage, and answer once durable.
+    /// Runs one request: decide (panics caught) and stage; the answer is sent once durable.
     fn run<T: Send + 'static>(
         &mut self,
         decide: impl FnOnce(&mut Self) -> Result<(Vec<Event>, T), ContextError>,
         map_commit_error: impl FnOnce(ContextError) -> ContextError + Send + 'static,
-    ) -> ResponseFuture<Answer<T>> {
-        let (tx, rx) = oneshot::channel();
+    ) -> Durable<T> {
         let decided = if self.closed {
             Err(ContextError::Closed)
         } else if let Err(e) = self.heal() {
@@ -240,17 +301,17 @@ impl ContextActor {
             self.last_heal = None;
             let _ = self.heal();
         }
-        match decided.and_then(|(events, value)| Ok((self.stage(events)?, value))) {
-            Err(e) => {
-                let dropped = std::mem::take(&mut self.staging);
-                self.release_blobs(dropped.commit.blobs.iter().map(|b| b.0).collect());
-                let _ = tx.send(Err(e));
-            }
-            Ok((seq, value)) => self.when_durable(Box::new(move |r| {
-                let _ = tx.send(r.map(|()| Ack { seq, value }).map_err(map_commit_error));
-            })),
+        let outcome = decided.and_then(|(events, value)| Ok((self.stage(events)?, value)));
+        let staged = std::mem::take(&mut self.staging);
+        if outcome.is_err() {
+            self.release_blobs(staged.commit.blobs.iter().map(|b| b.0).collect());
         }
-        Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
+        Durable {
+            outcome,
+            staged,
+            intake: self.committer.as_ref().map(Committer::intake),
+            map_commit_error: Box::new(map_commit_error),
+        }
     }
 
     /// Numbers, encodes and applies events. Encoding comes first, so a failure applies none.
@@ -292,17 +353,26 @@ impl ContextActor {
         }
         self.staging.commit.cache_puts.extend(cache_puts);
         self.head = head;
-        if head.seq - self.last_snapshot >= self.settings.snapshot_every {
-            // It goes with the group holding this event, so it is never durable before it.
-            match encode_snapshot_of(head.seq, head.hash, &self.state) {
-                Ok(bytes) => {
-                    self.staging.commit.snapshot = Some((head.seq, bytes));
-                    self.last_snapshot = head.seq;
-                }
-                Err(e) => tracing::warn!(error = %e, "snapshot skipped"),
-            }
+        // A snapshot costs about as much as its items, so they are written no more often
+        // than once per that many events: a constant cost per event at any state size. (Every
+        // 10,000 events was a third of W1's time.)
+        let due = self.settings.snapshot_every.max(self.state.items());
+        if head.seq - self.last_snapshot >= due {
+            self.snapshot_now();
         }
         Ok(Some(head.seq))
+    }
+
+    /// Stages a snapshot of the state at the head, with the group that holds the head's event
+    /// (or after it), so it is never durable before that event.
+    fn snapshot_now(&mut self) {
+        match encode_snapshot_of(self.head.seq, self.head.hash, &self.state) {
+            Ok(bytes) => {
+                self.staging.commit.snapshot = Some((self.head.seq, bytes));
+                self.last_snapshot = self.head.seq;
+            }
+            Err(e) => tracing::warn!(error = %e, "snapshot skipped"),
+        }
     }
 
     /// Calls `waiter` once everything staged so far is durable.
@@ -318,7 +388,7 @@ impl ContextActor {
     fn when_durable(&mut self, waiter: Waiter) {
         let staged = std::mem::take(&mut self.staging);
         match &self.committer {
-            Some(c) => c.push(staged, waiter),
+            Some(c) => c.intake().push(staged, waiter),
             None => waiter(Err(ContextError::Closed)),
         }
     }
@@ -510,7 +580,27 @@ impl Actor for ContextActor {
         // the next group large, so the mailbox must hold many.
         ctx.set_mailbox_capacity(65_536);
         let addr = ctx.address();
-        match Committer::start(self.journal.clone(), move |c| addr.do_send(CommittedMsg(c))) {
+        // Answers are sent from this thread, where the callers' futures live (a wake-up from
+        // another thread per answer cost W1 five times its time); the committer hands over
+        // each group's answers in one go.
+        let (answers, mut to_answer) = tokio::sync::mpsc::unbounded_channel::<Vec<Waiter>>();
+        actix_rt::spawn(async move {
+            while let Some(waiters) = to_answer.recv().await {
+                for w in waiters {
+                    w(Ok(()));
+                }
+            }
+        });
+        let answer = move |waiters: Vec<Waiter>| {
+            if let Err(unsent) = answers.send(waiters) {
+                // The actor's thread is gone: answer from here.
+                for w in unsent.0 {
+                    w(Ok(()));
+                }
+            }
+        };
+        let report = move |c| addr.do_send(CommittedMsg(c));
+        match Committer::start(self.journal.clone(), answer, report) {
             Ok(c) => self.committer = Some(c),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the committer thread");
@@ -560,7 +650,7 @@ impl Handler<CommittedMsg> for ContextActor {
 }
 
 impl Handler<RecordArtifact> for ContextActor {
-    type Result = ResponseFuture<Answer<()>>;
+    type Result = Durable<()>;
 
     fn handle(&mut self, msg: RecordArtifact, _: &mut Self::Context) -> Self::Result {
         self.run(
@@ -584,7 +674,7 @@ impl Handler<RecordArtifact> for ContextActor {
 }
 
 impl Handler<RecordEntry> for ContextActor {
-    type Result = ResponseFuture<Answer<()>>;
+    type Result = Durable<()>;
 
     fn handle(&mut self, msg: RecordEntry, _: &mut Self::Context) -> Self::Result {
         self.run(
@@ -609,7 +699,7 @@ impl Handler<RecordEntry> for ContextActor {
 }
 
 impl Handler<EditArtifact> for ContextActor {
-    type Result = ResponseFuture<Answer<()>>;
+    type Result = Durable<()>;
 
     fn handle(&mut self, msg: EditArtifact, _: &mut Self::Context) -> Self::Result {
         self.run(
@@ -648,7 +738,7 @@ impl Handler<EditArtifact> for ContextActor {
 }
 
 impl Handler<GetArtifact> for ContextActor {
-    type Result = ResponseFuture<Answer<Option<Artifact>>>;
+    type Result = Durable<Option<Artifact>>;
 
     fn handle(&mut self, msg: GetArtifact, _: &mut Self::Context) -> Self::Result {
         self.run(move |this| Ok((Vec::new(), this.artifact(&msg.key)?)), same)
@@ -656,7 +746,7 @@ impl Handler<GetArtifact> for ContextActor {
 }
 
 impl Handler<TakeArtifact> for ContextActor {
-    type Result = ResponseFuture<Answer<Option<Artifact>>>;
+    type Result = Durable<Option<Artifact>>;
 
     fn handle(&mut self, msg: TakeArtifact, _: &mut Self::Context) -> Self::Result {
         self.run(
@@ -670,7 +760,7 @@ impl Handler<TakeArtifact> for ContextActor {
 }
 
 impl Handler<Clear> for ContextActor {
-    type Result = ResponseFuture<Answer<()>>;
+    type Result = Durable<()>;
 
     fn handle(&mut self, _: Clear, _: &mut Self::Context) -> Self::Result {
         self.run(|_| Ok((vec![Event::Cleared], ())), same)
@@ -678,7 +768,7 @@ impl Handler<Clear> for ContextActor {
 }
 
 impl Handler<DumpDebugInfo> for ContextActor {
-    type Result = ResponseFuture<Answer<DebugInfo>>;
+    type Result = Durable<DebugInfo>;
 
     fn handle(&mut self, _: DumpDebugInfo, _: &mut Self::Context) -> Self::Result {
         self.run(|this| Ok((Vec::new(), this.state.debug_info())), same)
@@ -686,7 +776,7 @@ impl Handler<DumpDebugInfo> for ContextActor {
 }
 
 impl Handler<CreateCacheEntries> for ContextActor {
-    type Result = ResponseFuture<Answer<Stitched>>;
+    type Result = Durable<Stitched>;
 
     fn handle(&mut self, _: CreateCacheEntries, _: &mut Self::Context) -> Self::Result {
         self.run(
@@ -716,7 +806,7 @@ impl Handler<CreateCacheEntries> for ContextActor {
 }
 
 impl Handler<SaveToDynamoCache> for ContextActor {
-    type Result = ResponseFuture<Answer<DebugInfo>>;
+    type Result = Durable<DebugInfo>;
 
     fn handle(&mut self, _: SaveToDynamoCache, _: &mut Self::Context) -> Self::Result {
         let first_key = self
@@ -756,7 +846,7 @@ impl Handler<SaveToDynamoCache> for ContextActor {
 }
 
 impl Handler<LoadCacheEntry> for ContextActor {
-    type Result = ResponseFuture<Answer<Loaded>>;
+    type Result = Durable<Loaded>;
 
     fn handle(&mut self, msg: LoadCacheEntry, _: &mut Self::Context) -> Self::Result {
         self.run(
@@ -889,7 +979,7 @@ impl Handler<GetLoadCounters> for ContextActor {
 }
 
 impl Handler<StateDigest> for ContextActor {
-    type Result = ResponseFuture<Answer<Digest>>;
+    type Result = Durable<Digest>;
 
     fn handle(&mut self, _: StateDigest, _: &mut Self::Context) -> Self::Result {
         self.run(|this| Ok((Vec::new(), this.state.digest())), same)
@@ -901,11 +991,20 @@ impl Handler<Close> for ContextActor {
 
     fn handle(&mut self, _: Close, _: &mut Self::Context) -> Self::Result {
         // Wait for everything accepted so far, and refuse what arrives meanwhile, so nothing
-        // is committed after `Close` is answered.
-        let barrier = self.run(|_| Ok((Vec::new(), ())), same);
+        // is committed after `Close` is answered. A snapshot at the last event goes with it,
+        // so the next open replays nothing.
+        let barrier = self.run(
+            |this| {
+                if this.head.seq > this.last_snapshot && this.broken.is_none() {
+                    this.snapshot_now();
+                }
+                Ok((Vec::new(), ()))
+            },
+            same,
+        );
         self.closed = true;
         Box::pin(
-            actix::fut::wrap_future::<_, Self>(barrier).map(|answer, this, ctx| {
+            actix::fut::wrap_future::<_, Self>(barrier.into_future()).map(|answer, this, ctx| {
                 if let Some(c) = this.committer.take() {
                     c.close();
                 }

@@ -4,9 +4,10 @@
 //! The actor stages each request's records (and content, cache view writes, a snapshot) into
 //! the queue with the request's waiter. The committer thread takes everything queued whenever
 //! it is free (whole requests, about [`MAX_GROUP_EVENTS`] events at most), commits it in one
-//! go, answers the waiters itself and only then reports to the actor for bookkeeping. So the
-//! disk is never idle while the actor works through its mailbox, and an answer never waits
-//! for the actor to read a "committed" message queued behind thousands of requests.
+//! go, hands the group's waiters to be answered (all at once: one wake-up of the actor's
+//! thread per group, not one per request) and then reports to the actor for bookkeeping. So
+//! the disk is never idle while the actor works through its mailbox, and an answer never
+//! waits for the actor to read a "committed" message queued behind thousands of requests.
 //!
 //! A failed commit halts the queue: everything queued behind the failed group (built on its
 //! state) is taken out as aborted, and so is everything pushed until the actor has rebuilt
@@ -126,9 +127,11 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the thread; `report` runs on it after each commit.
+    /// Starts the thread. `answer` gets the waiters of each durable group, to answer with
+    /// `Ok`; `report` runs after each commit.
     pub fn start(
         journal: Arc<dyn Journal>,
+        answer: impl Fn(Vec<Waiter>) + Send + 'static,
         report: impl Fn(Committed) + Send + 'static,
     ) -> std::io::Result<Committer> {
         let shared: Shared = Arc::default();
@@ -136,7 +139,7 @@ impl Committer {
         let (theirs, their_hits) = (shared.clone(), hits.clone());
         let thread = std::thread::Builder::new()
             .name("pcx-committer".into())
-            .spawn(move || commit_loop(&theirs, journal.as_ref(), &their_hits, &report))?;
+            .spawn(move || commit_loop(&theirs, journal.as_ref(), &their_hits, &answer, &report))?;
         Ok(Committer {
             shared,
             thread: Some(thread),
@@ -150,30 +153,11 @@ impl Committer {
         self.hits.clone()
     }
 
-    /// Queues one request's staged changes with its waiter. A request that wrote nothing is
-    /// answered at once when nothing is queued or being committed; otherwise after what is.
-    pub fn push(&self, staged: Group, waiter: Waiter) {
-        let mut q = lock(&self.shared);
-        if q.halted || q.closing {
-            drop(q);
-            waiter(Err(ContextError::Aborted {
-                message: "an earlier change in the same commit failed".into(),
-            }));
-            return;
+    /// Where requests are queued from.
+    pub fn intake(&self) -> Intake {
+        Intake {
+            shared: self.shared.clone(),
         }
-        if !staged.writes() && q.idle() {
-            drop(q);
-            waiter(Ok(()));
-            return;
-        }
-        q.open.absorb(staged);
-        q.open.waiters.push(waiter);
-        if q.open.commit.records.len() >= MAX_GROUP_EVENTS || q.open.bytes >= MAX_GROUP_BYTES {
-            let full = std::mem::take(&mut q.open);
-            q.sealed.push_back(full);
-        }
-        drop(q);
-        self.shared.1.notify_one();
     }
 
     /// Changes queued or being committed.
@@ -202,6 +186,40 @@ impl Committer {
     }
 }
 
+/// A handle for queueing requests, cheap to clone: a reply can carry it out of the actor.
+#[derive(Clone)]
+pub struct Intake {
+    shared: Shared,
+}
+
+impl Intake {
+    /// Queues one request's staged changes with its waiter. A request that wrote nothing is
+    /// answered at once when nothing is queued or being committed; otherwise after what is.
+    pub fn push(&self, staged: Group, waiter: Waiter) {
+        let mut q = lock(&self.shared);
+        if q.halted || q.closing {
+            drop(q);
+            waiter(Err(ContextError::Aborted {
+                message: "an earlier change in the same commit failed".into(),
+            }));
+            return;
+        }
+        if !staged.writes() && q.idle() {
+            drop(q);
+            waiter(Ok(()));
+            return;
+        }
+        q.open.absorb(staged);
+        q.open.waiters.push(waiter);
+        if q.open.commit.records.len() >= MAX_GROUP_EVENTS || q.open.bytes >= MAX_GROUP_BYTES {
+            let full = std::mem::take(&mut q.open);
+            q.sealed.push_back(full);
+        }
+        drop(q);
+        self.shared.1.notify_one();
+    }
+}
+
 impl Drop for Committer {
     fn drop(&mut self) {
         self.stop();
@@ -212,6 +230,7 @@ fn commit_loop(
     shared: &Shared,
     journal: &dyn Journal,
     hit_count: &AtomicU64,
+    answer: &dyn Fn(Vec<Waiter>),
     report: &dyn Fn(Committed),
 ) {
     loop {
@@ -241,9 +260,7 @@ fn commit_loop(
         } = group;
         if commit.records.is_empty() && commit.snapshot.is_none() {
             // Only answers waiting for what was committed before them.
-            for w in waiters {
-                w(Ok(()));
-            }
+            answer(waiters);
             finish(shared, false);
             continue;
         }
@@ -263,9 +280,7 @@ fn commit_loop(
         match &committed.result {
             Ok(()) => {
                 hit_count.fetch_add(hits, Ordering::SeqCst);
-                for w in waiters {
-                    w(Ok(()));
-                }
+                answer(waiters);
                 finish(shared, false);
             }
             Err((err, _)) => {

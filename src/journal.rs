@@ -541,9 +541,11 @@ impl SledJournal {
         if let Some((seq, bytes)) = &c.snapshot {
             let mut batch = sled::Batch::default();
             batch.insert(&seq_key(*seq), bytes.as_slice());
+            // (A snapshot written again at the same place replaces that one.)
             let older: Vec<u64> = self
                 .snapshot_seqs()?
                 .into_iter()
+                .filter(|s| s != seq)
                 .skip(SNAPSHOTS_KEPT - 1)
                 .collect();
             for s in older {

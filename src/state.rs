@@ -18,6 +18,11 @@ pub struct State {
 }
 
 impl State {
+    /// How many items the state holds: what a snapshot of it carries.
+    pub fn items(&self) -> u64 {
+        (self.artifacts.len() + self.entries.len() + self.dynamo_cache.len()) as u64
+    }
+
     /// Folds one event in. Cannot fail: every event was decided valid before it was logged.
     pub fn apply(&mut self, event: &Event) {
         match event {

@@ -469,8 +469,9 @@ fn state_at_every_point_equals_the_live_state_then() {
 // ---------------------------------------------------------------------------------------------
 // 2. verify: a sound log passes; each kind of damage is found and located
 
-/// Writes the damage tests' log through the library, 12 events, snapshots every 4 events
-/// (the two newest, at 8 and 12, are kept). Gives the live state digest.
+/// Writes the damage tests' log through the library, 12 events, snapshots every 4 events or
+/// as many as the state has items (at 4 and 9), and one at 12 from the clean close (the two
+/// newest, 9 and 12, are kept). Gives the live state digest.
 ///
 /// ```text
 ///  1 record a alpha    5 record d delta     9 clear
@@ -634,9 +635,9 @@ fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
     assert_damage_found(
         |dir| {
             damage(dir, "snapshots", TIMEOUT, |t| {
-                let bytes = t.get(seq_key(8)).unwrap().expect("a snapshot at 8");
+                let bytes = t.get(seq_key(12)).unwrap().expect("a snapshot at 12");
                 let mut snap = decode_snapshot(&bytes).expect("the snapshot decodes");
-                assert_eq!(snap.seq, 8);
+                assert_eq!(snap.seq, 12);
                 // A well-formed snapshot (its own hash holds) of a state the events do not give.
                 let (_, first) = snap
                     .state
@@ -645,20 +646,20 @@ fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
                     .expect("artifacts");
                 snap.state.artifacts.insert("forged".into(), first);
                 let forged = encode_snapshot_of(snap.seq, snap.head, &snap.state).unwrap();
-                t.insert(seq_key(8), forged).unwrap();
+                t.insert(seq_key(12), forged).unwrap();
             })
         },
-        8,
-        &["snapshot at 8", "does not match"],
+        12,
+        &["snapshot at 12", "does not match"],
     );
 }
 
 #[test]
 fn verify_finds_a_snapshot_with_an_altered_byte() {
     assert_damage_found(
-        |dir| damage(dir, "snapshots", TIMEOUT, |t| flip_a_byte(t, seq_key(8))),
-        8,
-        &["snapshot at 8"],
+        |dir| damage(dir, "snapshots", TIMEOUT, |t| flip_a_byte(t, seq_key(9))),
+        9,
+        &["snapshot at 9"],
     );
 }
 

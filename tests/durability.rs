@@ -546,7 +546,8 @@ fn a_second_writer_on_an_open_data_directory_is_refused() {
 // Damaged records
 // ---------------------------------------------------------------------------------------
 
-/// Writes 8 records (no snapshot), damages the log, and gives the error of reopening it.
+/// Writes 8 records, damages the log, and gives the error of reopening it. The snapshot the
+/// clean close left at record 8 goes too, so that opening replays every record.
 fn damaged_log(
     change: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>),
 ) -> (tempfile::TempDir, ContextOpenError) {
@@ -554,6 +555,9 @@ fn damaged_log(
     let config = config(dir.path(), 10_000);
     write_records(&config, 8);
     damage_records(dir.path(), SLED_PATIENCE, change);
+    damage(dir.path(), "snapshots", SLED_PATIENCE, |t| {
+        t.clear().unwrap()
+    });
     let err = block_on(async { open_error(&config) });
     (dir, err)
 }
@@ -646,23 +650,22 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_then_to_the_events(
     let before = write_records(&config, 10);
     {
         let journal = open_journal(dir.path());
-        assert_eq!(
-            journal.snapshot_seqs().unwrap(),
-            vec![9, 6],
-            "snapshots every 3 events, two kept"
-        );
+        // Once 3 events and as many events as the state has items have passed: at 3 (then
+        // 3 items), not again by 10 (3 + 10 items); and at the last event, 10, from the
+        // clean close. The two newest are kept.
+        assert_eq!(journal.snapshot_seqs().unwrap(), vec![10, 3]);
     }
 
     damage(dir.path(), "snapshots", SLED_PATIENCE, |t| {
-        flip_a_byte(t, seq_key(9))
+        flip_a_byte(t, seq_key(10))
     });
     let recovered = replays_cleanly(dir.path());
     assert_eq!(
         recovered.snapshot,
-        Some(6),
-        "the damaged snapshot 9 is skipped"
+        Some(3),
+        "the damaged snapshot 10 is skipped"
     );
-    assert_eq!(recovered.replayed, 4);
+    assert_eq!(recovered.replayed, 7);
     assert_eq!(recovered.state.digest(), before);
     block_on(async {
         let ctx = open(&config);
@@ -674,8 +677,11 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_then_to_the_events(
         ctx.close().await.expect("close");
     });
 
+    // The context's clean close wrote snapshot 10 afresh: damage both.
     damage(dir.path(), "snapshots", SLED_PATIENCE, |t| {
-        flip_a_byte(t, seq_key(6))
+        assert_eq!(t.len(), 2);
+        flip_a_byte(t, seq_key(10));
+        flip_a_byte(t, seq_key(3));
     });
     let recovered = replays_cleanly(dir.path());
     assert_eq!(
