@@ -667,7 +667,16 @@ pub fn verify(
         if !checked_blobs.insert(d) {
             return Ok(None);
         }
-        Ok(match journal.blob(&d)? {
+        let stored = match journal.blob(&d) {
+            Err(StoreError::Damaged { what }) => {
+                return Ok(Some(Unsound {
+                    seq,
+                    what: format!("content blob {d} it refers to is damaged: {what}"),
+                }))
+            }
+            other => other?,
+        };
+        Ok(match stored {
             None => Some(Unsound {
                 seq,
                 what: format!("content blob {d} it refers to is missing"),

@@ -685,16 +685,22 @@ impl Journal for SledJournal {
                 .map(|v| v.to_vec()));
         };
         if loc.place == Place::File {
-            return self
+            let damaged = |why: String| StoreError::Damaged {
+                what: format!("content {} in a content file: {why}", digest.to_hex()),
+            };
+            let bytes = self
                 .files
                 .read(loc.pack, loc.offset, loc.len)
-                .map(Some)
-                .map_err(|why| StoreError::Damaged {
-                    what: format!(
-                        "content {} is indexed in a content file, but {why}",
-                        digest.to_hex()
-                    ),
-                });
+                .map_err(damaged)?;
+            if crc32fast::hash(&bytes) != loc.crc {
+                return Err(damaged(format!(
+                    "bytes {}..{} of file {} fail their checksum",
+                    loc.offset,
+                    loc.offset + loc.len,
+                    loc.pack
+                )));
+            }
+            return Ok(Some(bytes));
         }
         let pack = h
             .packs

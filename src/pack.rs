@@ -9,8 +9,10 @@
 //!
 //! - page: `(seq: u64 BE, len: u32 BE, record: len bytes)*`
 //! - pack: the contents, back to back (a sled value, or a stretch of a content file)
-//! - index: `(digest: 32 bytes, place: u8, pack: u64 BE, offset: u64 BE, len: u64 BE)*`,
-//!   where place 0 is a sled pack and 1 a content file ([`crate::content`])
+//! - index: `(digest: 32 bytes, place: u8, pack: u64 BE, offset: u64 BE, len: u64 BE,
+//!   crc: u32 BE)*`, where place 0 is a sled pack and 1 a content file ([`crate::content`]);
+//!   the CRC-32 of a content in a file is checked on every read (sled checks its own values),
+//!   so a damaged file is an error, never wrong bytes served as a compiled artifact
 
 use crate::model::Digest;
 
@@ -27,7 +29,7 @@ pub const FILE_THRESHOLD: usize = PACK_TARGET;
 pub const PAGE_TARGET: usize = 96 * 1024;
 
 const FRAME_HEAD: usize = 8 + 4;
-const INDEX_ENTRY: usize = 32 + 1 + 8 + 8 + 8;
+const INDEX_ENTRY: usize = 32 + 1 + 8 + 8 + 8 + 4;
 
 /// Which store holds a content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,8 @@ pub struct Loc {
     pub pack: u64,
     pub offset: u64,
     pub len: u64,
+    /// CRC-32 of the content (content files only; 0 in sled).
+    pub crc: u32,
 }
 
 impl Loc {
@@ -105,6 +109,7 @@ pub fn index_push(index: &mut Vec<u8>, digest: &Digest, loc: Loc) {
     index.extend_from_slice(&loc.pack.to_be_bytes());
     index.extend_from_slice(&loc.offset.to_be_bytes());
     index.extend_from_slice(&loc.len.to_be_bytes());
+    index.extend_from_slice(&loc.crc.to_be_bytes());
 }
 
 /// The entries of an index value, or `None` if it is not a whole number of well-formed
@@ -130,6 +135,7 @@ pub fn index_entries(index: &[u8]) -> Option<Vec<(Digest, Loc)>> {
                 pack: u64_at(e, 33)?,
                 offset: u64_at(e, 41)?,
                 len: u64_at(e, 49)?,
+                crc: u32::from_be_bytes(e.get(57..61)?.try_into().ok()?),
             };
             Some((digest, loc))
         })
@@ -161,6 +167,7 @@ pub fn pack_contents<'a>(
                 pack: number,
                 offset: current.len() as u64,
                 len: content.len() as u64,
+                crc: 0,
             },
         ));
         current.extend_from_slice(content);
@@ -186,6 +193,7 @@ pub fn file_locs<'a>(
                 pack: file,
                 offset: at,
                 len: content.len() as u64,
+                crc: crc32fast::hash(content),
             };
             at += content.len() as u64;
             (*digest, loc)
@@ -282,6 +290,7 @@ mod tests {
             pack: 1,
             offset: 0,
             len: 1,
+            crc: crc32fast::hash(b"x"),
         };
         index_push(&mut index, &Digest::of(b"x"), loc);
         assert_eq!(index_entries(&index), Some(vec![(Digest::of(b"x"), loc)]));

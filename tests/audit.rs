@@ -1763,3 +1763,35 @@ fn no_progress_bar_is_drawn_when_stderr_is_a_pipe() {
     let v = cli_value(&dir, &["verify"]);
     assert_eq!(v["events"], json!(300));
 }
+
+#[test]
+fn verify_finds_a_content_file_with_an_altered_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let big: Vec<u8> = (0..150_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    block_on(async {
+        let ctx = open(&config(&dir, 100));
+        must_write(ctx.record_artifact(artifact("a", b"alpha")).await, "1");
+        must_write(ctx.record_artifact(artifact("big", &big)).await, "2");
+        ctx.close().await.expect("close");
+    });
+    let file = std::fs::read_dir(dir.join("content"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "pack"))
+        .expect("a content file");
+    let mut bytes = std::fs::read(&file).unwrap();
+    flip_middle_byte(&mut bytes);
+    std::fs::write(&file, bytes).unwrap();
+    let run = cli(&dir, &["verify"]);
+    assert!(!run.status.success(), "verify passed: {}", run.stdout);
+    let report = run.answer();
+    assert_eq!(report["seq"], json!(2), "{report}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&Digest::of(&big).to_hex()) && error.contains("checksum"),
+        "{report}"
+    );
+}

@@ -879,3 +879,163 @@ fn unreadable_blobs_fail_the_entries_and_reads_but_not_the_context() {
     });
     replays_cleanly(dir.path());
 }
+
+// ---------------------------------------------------------------------------------------
+// Content files and the first layout
+// ---------------------------------------------------------------------------------------
+
+/// `n` bytes that do not repeat in any short period.
+fn big_content(n: usize, salt: u32) -> Vec<u8> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_add(salt).wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn content_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("content"))
+        .expect("the content directory")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn large_content_goes_to_a_content_file_and_reads_back_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    let big = big_content(300_000, 1);
+    block_on(async {
+        let ctx = open(&config);
+        record(&ctx, "big", &big).await;
+        record(&ctx, "small", b"small").await;
+        ctx.close().await.expect("close");
+    });
+    let files = content_files(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let len = std::fs::metadata(&files[0]).unwrap().len();
+    assert_eq!(
+        len, 300_000,
+        "the big content, and only it, is in the content file"
+    );
+    block_on(async {
+        let ctx = open(&config);
+        assert_eq!(content(&ctx, "big").await.as_deref(), Some(&big[..]));
+        assert_eq!(content(&ctx, "small").await.as_deref(), Some(&b"small"[..]));
+        ctx.close().await.expect("close");
+    });
+    replays_cleanly(dir.path());
+}
+
+#[test]
+fn a_damaged_content_file_gives_an_error_naming_the_content_never_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    let big = big_content(200_000, 2);
+    block_on(async {
+        let ctx = open(&config);
+        record(&ctx, "big", &big).await;
+        record(&ctx, "small", b"small").await;
+        ctx.close().await.expect("close");
+    });
+    let file = content_files(dir.path()).remove(0);
+    let mut bytes = std::fs::read(&file).unwrap();
+    flip_middle_byte(&mut bytes);
+    std::fs::write(&file, &bytes).unwrap();
+    let hex = Digest::of(&big).to_hex();
+    block_on(async {
+        let ctx = open(&config);
+        let err = ctx
+            .serialize_artifact_by_key("big")
+            .await
+            .expect_err("damaged content is not served");
+        assert_eq!(err.kind(), "content_unavailable", "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&hex) && text.contains("checksum"), "{text}");
+        assert_eq!(content(&ctx, "small").await.as_deref(), Some(&b"small"[..]));
+        ctx.close().await.expect("close");
+    });
+    // Cut short: the read itself fails, and says where.
+    std::fs::write(&file, &bytes[..1000]).unwrap();
+    block_on(async {
+        let ctx = open(&config);
+        let err = ctx
+            .serialize_artifact_by_key("big")
+            .await
+            .expect_err("a cut content file is not served");
+        let text = err.to_string();
+        assert!(
+            text.contains(&hex) && text.contains("cannot read bytes 0..200000"),
+            "{text}"
+        );
+        ctx.close().await.expect("close");
+    });
+}
+
+/// A data directory written before pages and packs (one record per key in tree `events`,
+/// one content per digest in tree `blobs`) opens with its whole history, and new records
+/// follow it.
+#[test]
+fn a_data_directory_in_the_first_layout_opens_with_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    let before = write_records(&config, 5);
+    {
+        let db = open_sled_directly(dir.path(), SLED_PATIENCE);
+        let (pages, packs, index) = (
+            db.open_tree("pages").unwrap(),
+            db.open_tree("packs").unwrap(),
+            db.open_tree("pack_index").unwrap(),
+        );
+        let (events, blobs) = (
+            db.open_tree("events").unwrap(),
+            db.open_tree("blobs").unwrap(),
+        );
+        for page in pages.iter() {
+            let (k, v) = page.unwrap();
+            let first = pcx::record::key_seq(&k).unwrap();
+            for (seq, record) in pcx::pack::page_records(&v, first) {
+                events.insert(seq_key(seq), record).unwrap();
+            }
+        }
+        for entry in index.iter() {
+            let (_, v) = entry.unwrap();
+            for (digest, loc) in pcx::pack::index_entries(&v).unwrap() {
+                let pack = packs.get(seq_key(loc.pack)).unwrap().unwrap();
+                blobs.insert(digest.0, loc.slice(&pack).unwrap()).unwrap();
+            }
+        }
+        for tree in [&pages, &packs, &index, &db.open_tree("snapshots").unwrap()] {
+            tree.clear().unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let recovered = replays_cleanly(dir.path());
+    assert_eq!((recovered.head.seq, recovered.replayed), (5, 5));
+    assert_eq!(recovered.state.digest(), before);
+    block_on(async {
+        let ctx = open(&config);
+        assert_eq!(
+            content(&ctx, "k3").await.as_deref(),
+            Some(&b"content 3"[..])
+        );
+        let ack = record(&ctx, "k6", b"content 6").await;
+        assert_eq!(ack.seq, Some(6));
+        ctx.close().await.expect("close");
+    });
+    let recovered = replays_cleanly(dir.path());
+    assert_eq!(recovered.head.seq, 6);
+    block_on(async {
+        let ctx = open(&config);
+        assert_eq!(
+            content(&ctx, "k1").await.as_deref(),
+            Some(&b"content 1"[..])
+        );
+        assert_eq!(
+            content(&ctx, "k6").await.as_deref(),
+            Some(&b"content 6"[..])
+        );
+        ctx.close().await.expect("close");
+    });
+}

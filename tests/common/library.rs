@@ -181,6 +181,7 @@ pub fn damage_contents(
             pack: n,
             offset: 0,
             len: content.len() as u64,
+            crc: 0,
         };
         index_push(&mut entry, digest, loc);
         index.insert(seq_key(n), entry).unwrap();
