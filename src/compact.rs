@@ -181,17 +181,25 @@ pub fn compact(
         }
     }
     let (mut blobs_removed, mut blob_bytes_removed) = (0u64, 0u64);
+    // Kept content is written in groups, as commits write it.
+    let (mut kept, mut kept_bytes) = (Commit::default(), 0usize);
     for d in old.blob_digests()? {
         let Some(content) = old.blob(&d)? else {
             continue;
         };
         if keep.contains(&d) {
-            new.put_blob(&d, &content)?;
+            kept_bytes += content.len();
+            kept.blobs.push((d, std::sync::Arc::new(content)));
+            if kept.blobs.len() >= 1024 || kept_bytes >= crate::committer::MAX_GROUP_BYTES {
+                new.commit(&std::mem::take(&mut kept))?;
+                kept_bytes = 0;
+            }
         } else {
             blobs_removed += 1;
             blob_bytes_removed += content.len() as u64;
         }
     }
+    new.commit(&kept)?;
     new.rewrite_cache_view(&old.cache_view()?)?;
     let events_removed = anchor_seq - start.head.seq;
     drop(new);

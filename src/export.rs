@@ -240,6 +240,7 @@ fn import_into(
     let anchored = head.seq;
     let mut have: HashSet<Digest> = HashSet::new();
     let mut pending = Commit::default();
+    let mut pending_bytes = 0usize;
     let mut line = 1u64;
     let trailer = loop {
         let Some(v) = next(input)? else {
@@ -257,8 +258,15 @@ fn import_into(
             if d.to_hex() != hex {
                 return Err(bad(line, format!("blob {hex} does not match its content")));
             }
-            journal.put_blob(&d, &content)?;
+            // Content goes with the records' commits (a few sled keys or one file append
+            // per commit, not one per content).
+            pending_bytes += content.len();
+            pending.blobs.push((d, std::sync::Arc::new(content)));
             have.insert(d);
+            if pending_bytes >= crate::committer::MAX_GROUP_BYTES {
+                journal.commit(&std::mem::take(&mut pending))?;
+                pending_bytes = 0;
+            }
         } else if let Some(seq) = v["seq"].as_u64() {
             let bytes = B64
                 .decode(v["record_b64"].as_str().unwrap_or_default())
@@ -290,6 +298,7 @@ fn import_into(
             pending.records.push((seq, bytes));
             if pending.records.len() >= CHUNK {
                 journal.commit(&std::mem::take(&mut pending))?;
+                pending_bytes = 0;
             }
         } else if v["end"] == json!(true) {
             break v;
