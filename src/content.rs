@@ -35,10 +35,10 @@ pub struct ContentFiles {
 }
 
 struct Files {
-    /// The file appended to, and its length.
+    /// The file appended to, and its length: bytes below it are written and synced.
     current: u64,
     len: u64,
-    writer: Option<File>,
+    writer: Option<Arc<File>>,
     /// Whether the directory entry of the current file is known durable.
     dir_synced: bool,
     readers: HashMap<u64, Arc<File>>,
@@ -92,27 +92,35 @@ impl ContentFiles {
     /// of the first part; the others follow it.
     pub fn append(&self, parts: &[&[u8]]) -> Result<(u64, u64), StoreError> {
         let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        let mut f = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if f.len > 0 && f.len.saturating_add(total) > FILE_LIMIT {
-            f.current += 1;
-            f.len = 0;
-            f.writer = None;
-            f.dir_synced = false;
-        }
-        let path = path_of(&self.dir, f.current);
-        if f.writer.is_none() {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(io("opening", &path))?;
-            f.writer = Some(file);
-        }
-        let at = f.len;
-        let written = match f.writer.as_mut() {
-            Some(w) => write_all_vectored(w, parts).and_then(|()| w.sync_data()),
-            None => Ok(()),
+        // The lock is not held while writing and syncing, so reads go on meanwhile. Appends
+        // come one at a time (the journal's writer lock), and readers never look past `len`.
+        let (writer, file, at, path) = {
+            let mut f = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            if f.len > 0 && f.len.saturating_add(total) > FILE_LIMIT {
+                f.current += 1;
+                f.len = 0;
+                f.writer = None;
+                f.dir_synced = false;
+            }
+            let path = path_of(&self.dir, f.current);
+            let writer = match &f.writer {
+                Some(w) => w.clone(),
+                None => {
+                    let w = Arc::new(
+                        OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&path)
+                            .map_err(io("opening", &path))?,
+                    );
+                    f.writer = Some(w.clone());
+                    w
+                }
+            };
+            (writer, f.current, f.len, path)
         };
+        let written = write_all_vectored(&writer, parts).and_then(|()| writer.sync_data());
+        let mut f = self.files.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = written {
             // Whatever part reached the file is garbage at its end: append after it.
             f.writer = None;
@@ -126,7 +134,7 @@ impl ContentFiles {
                 .map_err(io("syncing", &self.dir))?;
             f.dir_synced = true;
         }
-        Ok((f.current, at))
+        Ok((file, at))
     }
 
     /// `len` bytes at `offset` of file `file`, or why not.
@@ -143,6 +151,8 @@ impl ContentFiles {
                 }
             }
             let sequential = f.last_end.insert(file, end) == Some(offset) && len < READ_AHEAD / 4;
+            // Bytes of the current file past `len` may be an append in progress.
+            let complete = if file == f.current { f.len } else { u64::MAX };
             let reader = match f.readers.get(&file) {
                 Some(r) => r.clone(),
                 None => {
@@ -155,10 +165,11 @@ impl ContentFiles {
                     r
                 }
             };
-            (reader, sequential)
+            (reader, sequential.then_some(complete))
         };
-        if sequential {
-            if let Some(bytes) = self.read_ahead(&reader, file, offset, len) {
+        if let Some(complete) = sequential {
+            let block = READ_AHEAD.min(complete.saturating_sub(offset));
+            if let Some(bytes) = self.read_ahead(&reader, file, offset, len, block) {
                 return Ok(bytes);
             }
         }
@@ -174,10 +185,17 @@ impl ContentFiles {
         Ok(buf)
     }
 
-    /// Reads a block from `offset` and keeps it; gives the first `len` bytes, or `None` if the
-    /// block is shorter (the caller then reads exactly, and reports what went wrong).
-    fn read_ahead(&self, reader: &File, file: u64, offset: u64, len: u64) -> Option<Vec<u8>> {
-        let mut block = vec![0u8; READ_AHEAD as usize];
+    /// Reads up to `size` bytes from `offset` and keeps them; gives the first `len`, or `None`
+    /// if there are fewer (the caller then reads exactly, and reports what went wrong).
+    fn read_ahead(
+        &self,
+        reader: &File,
+        file: u64,
+        offset: u64,
+        len: u64,
+        size: u64,
+    ) -> Option<Vec<u8>> {
+        let mut block = vec![0u8; usize::try_from(size).ok()?];
         let mut got = 0usize;
         while got < block.len() {
             match reader.read_at(&mut block[got..], offset + got as u64) {
@@ -226,7 +244,7 @@ fn file_number(name: &str) -> Option<u64> {
 }
 
 /// `write_all` for several buffers, without copying them into one.
-fn write_all_vectored(w: &mut File, parts: &[&[u8]]) -> std::io::Result<()> {
+fn write_all_vectored(mut w: &File, parts: &[&[u8]]) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
@@ -258,6 +276,31 @@ mod tests {
         assert_eq!(files.read(0, 11, 5).unwrap(), b"again");
         let (_, at3) = files.append(&[b"more"]).unwrap();
         assert_eq!(at3, 16, "appends continue after what is there");
+    }
+
+    #[test]
+    fn sequential_reads_through_the_read_ahead_give_exact_bytes_across_appends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = ContentFiles::open(tmp.path()).unwrap();
+        let part = |i: u32| -> Vec<u8> { (0..1000u32).map(|j| (i * 7 + j) as u8).collect() };
+        let first: Vec<Vec<u8>> = (0..100).map(part).collect();
+        let refs: Vec<&[u8]> = first.iter().map(|p| p.as_slice()).collect();
+        let (_, at) = files.append(&refs).unwrap();
+        for (i, p) in first.iter().enumerate() {
+            assert_eq!(&files.read(0, at + i as u64 * 1000, 1000).unwrap(), p);
+        }
+        // Appended after a block was read ahead: read where the block ended, and past it.
+        let second: Vec<Vec<u8>> = (100..150).map(part).collect();
+        let refs: Vec<&[u8]> = second.iter().map(|p| p.as_slice()).collect();
+        let (_, at2) = files.append(&refs).unwrap();
+        assert_eq!(at2, 100_000);
+        for (i, p) in second.iter().enumerate() {
+            assert_eq!(&files.read(0, at2 + i as u64 * 1000, 1000).unwrap(), p);
+        }
+        // Backwards, then forwards again.
+        assert_eq!(files.read(0, 5000, 1000).unwrap(), part(5));
+        assert_eq!(files.read(0, 6000, 1000).unwrap(), part(6));
+        assert_eq!(files.read(0, 149_000, 1000).unwrap(), part(149));
     }
 
     #[test]
