@@ -119,7 +119,7 @@ impl ContentFiles {
             };
             (writer, f.current, f.len, path)
         };
-        let written = write_all_vectored(&writer, parts).and_then(|()| writer.sync_data());
+        let written = write_and_sync(&writer, parts, at);
         let mut f = self.files.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = written {
             // Whatever part reached the file is garbage at its end: append after it.
@@ -241,6 +241,45 @@ fn path_of(dir: &Path, n: u64) -> PathBuf {
 
 fn file_number(name: &str) -> Option<u64> {
     name.strip_suffix(".pack")?.parse().ok()
+}
+
+/// While a large group is written, its writeback is started every this many bytes.
+const WRITEBACK_STEP: usize = 8 << 20;
+
+/// Writes `parts` (appending at `at`) and makes them durable. Writeback of what is written is
+/// started every [`WRITEBACK_STEP`] bytes, so the device writes while later parts are still
+/// being copied into the page cache, and the final `fdatasync` has less left to wait for: a
+/// 64 MiB group took about the copy *plus* the write before, and about the longer of the two
+/// now.
+fn write_and_sync(w: &File, parts: &[&[u8]], at: u64) -> std::io::Result<()> {
+    let (mut start, mut pos) = (0usize, at);
+    while start < parts.len() {
+        let (mut end, mut bytes) = (start, 0usize);
+        while end < parts.len() && (end == start || bytes < WRITEBACK_STEP) {
+            bytes += parts[end].len();
+            end += 1;
+        }
+        write_all_vectored(w, &parts[start..end])?;
+        if end < parts.len() {
+            start_writeback(w, pos, bytes as u64);
+        }
+        pos += bytes as u64;
+        start = end;
+    }
+    w.sync_data()
+}
+
+/// Asks the kernel to start writing a range out, without waiting (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`). Durability still comes from the `fdatasync` after.
+fn start_writeback(w: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain syscall on a descriptor this file owns; its failure only leaves the
+    // work to the `fdatasync` that follows.
+    let _ =
+        unsafe { libc::sync_file_range(w.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// `write_all` for several buffers, without copying them into one.

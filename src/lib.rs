@@ -16,7 +16,7 @@
 //! | [`audit`] | log, history, state at a point, diff, verify: read-only questions of the log | via journal |
 //! | [`export`] | the log as JSON lines and back (`pcx export` / `pcx import`) | via journal |
 //! | [`compact`] | rewriting a data directory to begin at an anchor snapshot | sled, files |
-//! | [`plugin`] | loading plugins and calling them safely (all of pcx's `unsafe`) | dlopen |
+//! | [`plugin`] | loading plugins and calling them safely (every `unsafe` of the plugin ABI) | dlopen |
 //! | [`kinds`] | the registry of artifact kinds (`eager` built in, the rest from plugins) | via plugin |
 //! | [`committer`] | the committer thread and its queue: group commit, answers once durable | via journal |
 //! | [`actor`] | the context actor: single writer, group commit, panic containment | via journal |

@@ -459,10 +459,7 @@ async fn run_ops(ops: &[Op]) -> Result<(), TestCaseError> {
 
     // (a) snapshot + tail replay, (b) full replay from the first event, on a reopened journal.
     {
-        let journal =
-            SledJournal::open(dir.path(), config.cache_capacity_bytes).expect("reopen the journal");
-        let recovered =
-            recover(&journal).map_err(|e| TestCaseError::fail(format!("recover: {e}")))?;
+        let (journal, recovered) = reopen_and_recover(dir.path(), &config)?;
         prop_assert_eq!(recovered.head.seq, model.events);
         prop_assert_eq!(
             recovered.state.digest(),
@@ -499,10 +496,7 @@ async fn run_ops(ops: &[Op]) -> Result<(), TestCaseError> {
         db.flush().expect("flush");
     }
     {
-        let journal =
-            SledJournal::open(dir.path(), config.cache_capacity_bytes).expect("reopen the journal");
-        let recovered =
-            recover(&journal).map_err(|e| TestCaseError::fail(format!("recover: {e}")))?;
+        let (_, recovered) = reopen_and_recover(dir.path(), &config)?;
         prop_assert_eq!(recovered.head.seq, model.events);
         prop_assert_eq!(
             recovered.snapshot.unwrap_or(0) + recovered.replayed,
@@ -541,4 +535,14 @@ proptest! {
     fn live_replayed_and_reopened_states_equal_the_model(ops in prop::collection::vec(op(), 1..40)) {
         actix::System::new().block_on(run_ops(&ops))?;
     }
+}
+
+/// Opens the journal of a closed data directory and recovers its state.
+fn reopen_and_recover(
+    dir: &std::path::Path,
+    config: &pcx::Config,
+) -> Result<(SledJournal, pcx::replay::Recovered), TestCaseError> {
+    let journal = SledJournal::open(dir, config.cache_capacity_bytes).expect("reopen the journal");
+    let recovered = recover(&journal).map_err(|e| TestCaseError::fail(format!("recover: {e}")))?;
+    Ok((journal, recovered))
 }
