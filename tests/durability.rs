@@ -137,11 +137,16 @@ fn kill_key(round: usize, i: u64) -> String {
     format!("r{round}-{i:06}")
 }
 
-/// Deterministic content per record; every fourth is empty (empty content is valid).
+/// Deterministic content per record; every fourth is empty (empty content is valid), and every
+/// fiftieth is 80 KiB, so the groups holding one go to a content file.
 fn kill_content(round: usize, i: u64) -> Vec<u8> {
-    format!("round {round} record {i};")
-        .repeat((i % 4) as usize)
-        .into_bytes()
+    let line = format!("round {round} record {i};");
+    let times = if i % 50 == 49 {
+        80 * 1024 / line.len() + 1
+    } else {
+        (i % 4) as usize
+    };
+    line.repeat(times).into_bytes()
 }
 
 /// Streams record_artifact lines into `pcx batch` until `kill_after` answers have arrived,
@@ -301,6 +306,14 @@ fn every_answered_write_survives_a_sigkill_of_pcx_batch() {
             ctx.close().await.expect("close");
         });
     }
+    let in_files: u64 = content_files(dir.path())
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    assert!(
+        in_files >= 80 * 1024,
+        "the large contents went through content files ({in_files} bytes there)"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
