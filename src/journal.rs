@@ -825,6 +825,8 @@ impl Journal for SledJournal {
     }
 
     fn reset(&self) -> Result<(), StoreError> {
+        // Not in the middle of a commit: it finishes on the old handles first.
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut slot = self.handles.write().unwrap_or_else(|p| p.into_inner());
         // Drop ours first: sled's lock on the directory goes with its last handle (an
         // iterator still held elsewhere may keep it a moment; opening waits for that).
