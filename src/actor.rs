@@ -6,14 +6,14 @@
 //!
 //! Group commit ([`crate::committer`]): staged records collect in a queue while the previous
 //! group is being made durable on the committer thread, which takes the whole queue when it
-//! is free and answers the waiters itself. Under load a group holds everything that arrived
-//! during one sync. Reads are answered in the same order: a read waits for the changes staged
-//! before it, so nobody sees a change before it is durable.
+//! is free and hands the group's answers back to this thread in one go. Under load a group
+//! holds everything that arrived during one sync. Reads are answered in the same order: a
+//! read waits for the changes staged before it, so nobody sees a change before it is durable.
 //!
 //! If a commit fails, every request of that group and of those queued behind it gets an
-//! error, the journal takes the group back, and the state is rebuilt from the log: nothing
-//! half-applied, nothing answered and then lost. A panic while deciding is caught and answered as an error;
-//! the actor keeps serving.
+//! error (once the state is rebuilt from the log), and the journal takes the group back:
+//! nothing half-applied, nothing answered and then lost. A panic while deciding is caught and
+//! answered as an error; the actor keeps serving.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;

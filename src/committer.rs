@@ -319,3 +319,142 @@ fn finish(shared: &Shared, failed: bool) -> Vec<Waiter> {
         .flat_map(|g| g.waiters)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{FaultyJournal, SledJournal};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    type Answers = mpsc::Receiver<(u64, Result<(), ContextError>)>;
+
+    /// A committer over a faulty journal; answers arrive on the returned channel (with the
+    /// waiter's tag), reports on the other.
+    fn committer() -> (
+        tempfile::TempDir,
+        Arc<FaultyJournal<SledJournal>>,
+        Committer,
+        mpsc::Sender<(u64, Result<(), ContextError>)>,
+        Answers,
+        mpsc::Receiver<Committed>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(FaultyJournal::new(
+            SledJournal::open(dir.path(), 1 << 20).unwrap(),
+        ));
+        let (tx, answers) = mpsc::channel();
+        let (report_tx, reports) = mpsc::channel();
+        let report_tx = Mutex::new(report_tx);
+        let c = Committer::start(
+            journal.clone(),
+            |waiters: Vec<Waiter>| waiters.into_iter().for_each(|w| w(Ok(()))),
+            move |c| {
+                let _ = report_tx.lock().unwrap().send(c);
+            },
+        )
+        .unwrap();
+        (dir, journal, c, tx, answers, reports)
+    }
+
+    fn staged(seq: u64) -> Group {
+        let mut g = Group::default();
+        g.commit
+            .records
+            .push((seq, format!("record {seq}").into_bytes()));
+        g
+    }
+
+    fn waiter(tag: u64, tx: &mpsc::Sender<(u64, Result<(), ContextError>)>) -> Waiter {
+        let tx = tx.clone();
+        Box::new(move |r| {
+            let _ = tx.send((tag, r));
+        })
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn changes_are_committed_in_order_and_a_read_waits_for_them() {
+        let (_dir, journal, c, tx, answers, reports) = committer();
+        let intake = c.intake();
+        for seq in 1..=3 {
+            intake.push(staged(seq), waiter(seq, &tx));
+        }
+        intake.push(Group::default(), waiter(100, &tx));
+        let mut tags = Vec::new();
+        for _ in 0..4 {
+            let (tag, r) = answers.recv_timeout(PATIENCE).unwrap();
+            assert!(r.is_ok(), "{r:?}");
+            tags.push(tag);
+        }
+        assert_eq!(
+            tags.last(),
+            Some(&100),
+            "the read is answered after the writes"
+        );
+        let committed: u64 = (0..)
+            .map_while(|_| reports.recv_timeout(Duration::from_millis(200)).ok())
+            .map(|r| r.events)
+            .sum();
+        assert_eq!(committed, 3);
+        assert_eq!(journal.last_seq().unwrap(), Some(3));
+        // Nothing queued now: a read is answered at once, on the caller's thread.
+        intake.push(Group::default(), waiter(101, &tx));
+        assert_eq!(answers.try_recv().map(|a| a.0), Ok(101));
+    }
+
+    #[test]
+    fn a_failed_commit_halts_the_queue_until_resumed() {
+        let (_dir, journal, c, tx, answers, reports) = committer();
+        let intake = c.intake();
+        journal.fail_commits(true);
+        intake.push(staged(1), waiter(1, &tx));
+        let report = reports.recv_timeout(PATIENCE).unwrap();
+        let (err, _) = report.result.as_ref().expect_err("the commit failed");
+        assert_eq!(err.kind(), "storage");
+        assert_eq!(
+            report.refused.len(),
+            1,
+            "the failed group's answer waits for the actor"
+        );
+        assert!(
+            answers.try_recv().is_err(),
+            "nobody is answered before the rebuild"
+        );
+        // Halted: what is pushed now is refused at once.
+        intake.push(staged(1), waiter(2, &tx));
+        let (tag, r) = answers.recv_timeout(PATIENCE).unwrap();
+        assert_eq!((tag, r.map_err(|e| e.kind())), (2, Err("aborted")));
+        journal.fail_commits(false);
+        c.resume();
+        intake.push(staged(1), waiter(3, &tx));
+        let (tag, r) = answers.recv_timeout(PATIENCE).unwrap();
+        assert_eq!(tag, 3);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(journal.last_seq().unwrap(), Some(1));
+    }
+
+    #[test]
+    fn groups_are_cut_at_the_event_limit_between_requests() {
+        let (_dir, _journal, c, tx, answers, reports) = committer();
+        let intake = c.intake();
+        // Pushed far faster than one commit takes: most queue behind the first group.
+        let n = MAX_GROUP_EVENTS as u64 * 2 + 10;
+        for seq in 1..=n {
+            intake.push(staged(seq), waiter(seq, &tx));
+        }
+        for _ in 0..n {
+            answers.recv_timeout(PATIENCE).unwrap().1.unwrap();
+        }
+        let sizes: Vec<u64> = (0..)
+            .map_while(|_| reports.recv_timeout(Duration::from_millis(200)).ok())
+            .map(|r| r.events)
+            .collect();
+        assert_eq!(sizes.iter().sum::<u64>(), n);
+        assert!(
+            sizes.iter().all(|s| *s <= MAX_GROUP_EVENTS as u64),
+            "groups: {sizes:?}"
+        );
+    }
+}
