@@ -327,18 +327,20 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
-    type Answers = mpsc::Receiver<(u64, Result<(), ContextError>)>;
+    type Answer = (u64, Result<(), ContextError>);
 
-    /// A committer over a faulty journal; answers arrive on the returned channel (with the
-    /// waiter's tag), reports on the other.
-    fn committer() -> (
-        tempfile::TempDir,
-        Arc<FaultyJournal<SledJournal>>,
-        Committer,
-        mpsc::Sender<(u64, Result<(), ContextError>)>,
-        Answers,
-        mpsc::Receiver<Committed>,
-    ) {
+    /// A committer over a faulty journal; answers arrive on `answers` (with the waiter's
+    /// tag), reports on `reports`.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        journal: Arc<FaultyJournal<SledJournal>>,
+        c: Committer,
+        tx: mpsc::Sender<Answer>,
+        answers: mpsc::Receiver<Answer>,
+        reports: mpsc::Receiver<Committed>,
+    }
+
+    fn committer() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let journal = Arc::new(FaultyJournal::new(
             SledJournal::open(dir.path(), 1 << 20).unwrap(),
@@ -354,7 +356,14 @@ mod tests {
             },
         )
         .unwrap();
-        (dir, journal, c, tx, answers, reports)
+        Rig {
+            _dir: dir,
+            journal,
+            c,
+            tx,
+            answers,
+            reports,
+        }
     }
 
     fn staged(seq: u64) -> Group {
@@ -365,7 +374,7 @@ mod tests {
         g
     }
 
-    fn waiter(tag: u64, tx: &mpsc::Sender<(u64, Result<(), ContextError>)>) -> Waiter {
+    fn waiter(tag: u64, tx: &mpsc::Sender<Answer>) -> Waiter {
         let tx = tx.clone();
         Box::new(move |r| {
             let _ = tx.send((tag, r));
@@ -376,7 +385,14 @@ mod tests {
 
     #[test]
     fn changes_are_committed_in_order_and_a_read_waits_for_them() {
-        let (_dir, journal, c, tx, answers, reports) = committer();
+        let Rig {
+            journal,
+            c,
+            tx,
+            answers,
+            reports,
+            ..
+        } = committer();
         let intake = c.intake();
         for seq in 1..=3 {
             intake.push(staged(seq), waiter(seq, &tx));
@@ -406,7 +422,14 @@ mod tests {
 
     #[test]
     fn a_failed_commit_halts_the_queue_until_resumed() {
-        let (_dir, journal, c, tx, answers, reports) = committer();
+        let Rig {
+            journal,
+            c,
+            tx,
+            answers,
+            reports,
+            ..
+        } = committer();
         let intake = c.intake();
         journal.fail_commits(true);
         intake.push(staged(1), waiter(1, &tx));
@@ -437,7 +460,13 @@ mod tests {
 
     #[test]
     fn groups_are_cut_at_the_event_limit_between_requests() {
-        let (_dir, _journal, c, tx, answers, reports) = committer();
+        let Rig {
+            c,
+            tx,
+            answers,
+            reports,
+            ..
+        } = committer();
         let intake = c.intake();
         // Pushed far faster than one commit takes: most queue behind the first group.
         let n = MAX_GROUP_EVENTS as u64 * 2 + 10;
