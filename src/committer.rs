@@ -391,6 +391,7 @@ mod tests {
             tx,
             answers,
             reports,
+            _dir,
             ..
         } = committer();
         let intake = c.intake();
@@ -428,6 +429,7 @@ mod tests {
             tx,
             answers,
             reports,
+            _dir,
             ..
         } = committer();
         let intake = c.intake();
@@ -465,6 +467,7 @@ mod tests {
             tx,
             answers,
             reports,
+            _dir,
             ..
         } = committer();
         let intake = c.intake();
