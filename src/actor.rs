@@ -526,7 +526,7 @@ impl ContextActor {
     }
 
     fn stitch<B>(&self, resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>) -> Stitch<B> {
-        let out = create_cache_entries(&self.state, resolve);
+        let out = create_cache_entries(&self.state, crate::trace::structured_enabled(), resolve);
         for t in &out.trace {
             crate::trace::structured(t);
         }

@@ -12,8 +12,16 @@ use crate::stitch::Structured;
 /// The target structured events use.
 pub const STRUCTURED_TARGET: &str = "pcx::structured";
 
+/// Whether structured trace events are logged at all (so their payloads are worth building).
+pub fn structured_enabled() -> bool {
+    tracing::enabled!(target: STRUCTURED_TARGET, tracing::Level::INFO)
+}
+
 /// Emits one structured trace event.
 pub fn structured(event: &Structured) {
+    if !structured_enabled() {
+        return;
+    }
     let payload = event.payload.to_string();
     tracing::info!(
         target: STRUCTURED_TARGET,
