@@ -1052,3 +1052,23 @@ fn a_data_directory_in_the_first_layout_opens_with_its_history() {
         ctx.close().await.expect("close");
     });
 }
+
+/// A damaged content index is refused at open, saying which value and what is wrong, by the
+/// library and by the CLI alike (no panic).
+#[test]
+fn a_damaged_content_index_is_refused_naming_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    write_records(&config, 3);
+    damage(dir.path(), "pack_index", SLED_PATIENCE, |t| {
+        let (k, v) = t.first().unwrap().expect("an index value");
+        t.insert(k, &v[..v.len() - 1]).unwrap();
+    });
+    let err = block_on(async { open_error(&config) });
+    let text = err.to_string();
+    assert!(
+        text.contains("content index") && text.contains("not a whole number"),
+        "{text}"
+    );
+    assert_cli_refuses(dir.path(), "content index");
+}
