@@ -385,23 +385,15 @@ mod tests {
 
     #[test]
     fn changes_are_committed_in_order_and_a_read_waits_for_them() {
-        let Rig {
-            journal,
-            c,
-            tx,
-            answers,
-            reports,
-            _dir,
-            ..
-        } = committer();
-        let intake = c.intake();
+        let rig = committer();
+        let intake = rig.c.intake();
         for seq in 1..=3 {
-            intake.push(staged(seq), waiter(seq, &tx));
+            intake.push(staged(seq), waiter(seq, &rig.tx));
         }
-        intake.push(Group::default(), waiter(100, &tx));
+        intake.push(Group::default(), waiter(100, &rig.tx));
         let mut tags = Vec::new();
         for _ in 0..4 {
-            let (tag, r) = answers.recv_timeout(PATIENCE).unwrap();
+            let (tag, r) = rig.answers.recv_timeout(PATIENCE).unwrap();
             assert!(r.is_ok(), "{r:?}");
             tags.push(tag);
         }
@@ -411,31 +403,23 @@ mod tests {
             "the read is answered after the writes"
         );
         let committed: u64 = (0..)
-            .map_while(|_| reports.recv_timeout(Duration::from_millis(200)).ok())
+            .map_while(|_| rig.reports.recv_timeout(Duration::from_millis(200)).ok())
             .map(|r| r.events)
             .sum();
         assert_eq!(committed, 3);
-        assert_eq!(journal.last_seq().unwrap(), Some(3));
+        assert_eq!(rig.journal.last_seq().unwrap(), Some(3));
         // Nothing queued now: a read is answered at once, on the caller's thread.
-        intake.push(Group::default(), waiter(101, &tx));
-        assert_eq!(answers.try_recv().map(|a| a.0), Ok(101));
+        intake.push(Group::default(), waiter(101, &rig.tx));
+        assert_eq!(rig.answers.try_recv().map(|a| a.0), Ok(101));
     }
 
     #[test]
     fn a_failed_commit_halts_the_queue_until_resumed() {
-        let Rig {
-            journal,
-            c,
-            tx,
-            answers,
-            reports,
-            _dir,
-            ..
-        } = committer();
-        let intake = c.intake();
-        journal.fail_commits(true);
-        intake.push(staged(1), waiter(1, &tx));
-        let report = reports.recv_timeout(PATIENCE).unwrap();
+        let rig = committer();
+        let intake = rig.c.intake();
+        rig.journal.fail_commits(true);
+        intake.push(staged(1), waiter(1, &rig.tx));
+        let report = rig.reports.recv_timeout(PATIENCE).unwrap();
         let (err, _) = report.result.as_ref().expect_err("the commit failed");
         assert_eq!(err.kind(), "storage");
         assert_eq!(
@@ -444,43 +428,36 @@ mod tests {
             "the failed group's answer waits for the actor"
         );
         assert!(
-            answers.try_recv().is_err(),
+            rig.answers.try_recv().is_err(),
             "nobody is answered before the rebuild"
         );
         // Halted: what is pushed now is refused at once.
-        intake.push(staged(1), waiter(2, &tx));
-        let (tag, r) = answers.recv_timeout(PATIENCE).unwrap();
+        intake.push(staged(1), waiter(2, &rig.tx));
+        let (tag, r) = rig.answers.recv_timeout(PATIENCE).unwrap();
         assert_eq!((tag, r.map_err(|e| e.kind())), (2, Err("aborted")));
-        journal.fail_commits(false);
-        c.resume();
-        intake.push(staged(1), waiter(3, &tx));
-        let (tag, r) = answers.recv_timeout(PATIENCE).unwrap();
+        rig.journal.fail_commits(false);
+        rig.c.resume();
+        intake.push(staged(1), waiter(3, &rig.tx));
+        let (tag, r) = rig.answers.recv_timeout(PATIENCE).unwrap();
         assert_eq!(tag, 3);
         assert!(r.is_ok(), "{r:?}");
-        assert_eq!(journal.last_seq().unwrap(), Some(1));
+        assert_eq!(rig.journal.last_seq().unwrap(), Some(1));
     }
 
     #[test]
     fn groups_are_cut_at_the_event_limit_between_requests() {
-        let Rig {
-            c,
-            tx,
-            answers,
-            reports,
-            _dir,
-            ..
-        } = committer();
-        let intake = c.intake();
+        let rig = committer();
+        let intake = rig.c.intake();
         // Pushed far faster than one commit takes: most queue behind the first group.
         let n = MAX_GROUP_EVENTS as u64 * 2 + 10;
         for seq in 1..=n {
-            intake.push(staged(seq), waiter(seq, &tx));
+            intake.push(staged(seq), waiter(seq, &rig.tx));
         }
         for _ in 0..n {
-            answers.recv_timeout(PATIENCE).unwrap().1.unwrap();
+            rig.answers.recv_timeout(PATIENCE).unwrap().1.unwrap();
         }
         let sizes: Vec<u64> = (0..)
-            .map_while(|_| reports.recv_timeout(Duration::from_millis(200)).ok())
+            .map_while(|_| rig.reports.recv_timeout(Duration::from_millis(200)).ok())
             .map(|r| r.events)
             .collect();
         assert_eq!(sizes.iter().sum::<u64>(), n);
