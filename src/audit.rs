@@ -787,9 +787,6 @@ pub struct Capped {
 }
 
 impl Journal for Capped {
-    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
-        self.inner.put_blob(digest, content)
-    }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.blob(digest)
     }

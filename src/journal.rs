@@ -113,9 +113,6 @@ pub enum OpenError {
 
 /// Storage for the event log, snapshots, content blobs and the dynamo cache view.
 pub trait Journal: Send + Sync + 'static {
-    /// Stores content under its digest (once). Not durable by itself: the commit that refers
-    /// to it makes it durable.
-    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError>;
     /// Reads content by digest.
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError>;
     /// Applies a group atomically and makes it durable. On error nothing of it remains.
@@ -654,26 +651,6 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Journal for SledJournal {
-    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
-        let h = self.h()?;
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if h.legacy_blobs
-            .contains_key(digest.0)
-            .map_err(sled_err("reading a blob"))?
-        {
-            return Ok(());
-        }
-        let staged = self.stage([(digest, content)]);
-        self.ensure_space(content.len() as u64)?;
-        let mut written = Written::default();
-        if let Err(e) = self.write_contents(&h, &staged, &mut written) {
-            Self::unwrite_contents(&h, &written);
-            return Err(e);
-        }
-        self.publish(written);
-        Ok(())
-    }
-
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         let h = self.h()?;
         let loc = self.contents_ref().locs.get(digest).copied();
@@ -883,9 +860,6 @@ impl Journal for SledJournal {
 pub struct ClosedJournal;
 
 impl Journal for ClosedJournal {
-    fn put_blob(&self, _: &Digest, _: &[u8]) -> Result<(), StoreError> {
-        Err(StoreError::Closed)
-    }
     fn blob(&self, _: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         Err(StoreError::Closed)
     }
@@ -974,9 +948,6 @@ impl<J: Journal> FaultyJournal<J> {
 }
 
 impl<J: Journal> Journal for FaultyJournal<J> {
-    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
-        self.inner.put_blob(digest, content)
-    }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         self.sled_failure("reading a blob")?;
         if self.fail_blob_reads.load(Ordering::SeqCst) {
@@ -1030,9 +1001,6 @@ impl<J: Journal> Journal for FaultyJournal<J> {
 }
 
 impl<J: Journal> Journal for std::sync::Arc<J> {
-    fn put_blob(&self, digest: &Digest, content: &[u8]) -> Result<(), StoreError> {
-        (**self).put_blob(digest, content)
-    }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         (**self).blob(digest)
     }
