@@ -268,7 +268,7 @@ fn plugin_call(c: &mut Criterion) {
     let described = plugin
         .deserialize("bundled_aot_autograd", &doc, limit)
         .expect("the plugin accepts the document");
-    assert_eq!(described.description["kernel_count"], 2);
+    assert_eq!(described.description.value()["kernel_count"], 2);
     let mut group = c.benchmark_group("plugin");
     group.throughput(Throughput::Bytes(doc.len() as u64));
     group.bench_function(

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::error::ContextError;
 use crate::model::EAGER_KIND;
-use crate::plugin::{self, LoadedPlugin, PluginError};
+use crate::plugin::{self, JsonObject, LoadedPlugin, PluginError};
 
 /// The ready-to-use form of one backend artifact.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,7 +22,7 @@ pub struct Deserialized {
     /// Who produced it: `builtin` for `eager`, else the plugin's name.
     pub served_by: String,
     /// The plugin's JSON description of the value.
-    pub description: serde_json::Value,
+    pub description: JsonObject,
     pub content: Vec<u8>,
 }
 
@@ -139,7 +139,7 @@ impl Kinds {
             return Ok(Deserialized {
                 kind: kind.to_string(),
                 served_by: "builtin".into(),
-                description: serde_json::json!({ "size": content.len() }),
+                description: JsonObject::size(content.len()),
                 content: content.to_vec(),
             });
         }

@@ -208,7 +208,7 @@ fn assert_c_upper_serves(kinds: &Kinds) {
         .expect("c_upper is served");
     assert_eq!(d.served_by, "c-upper");
     assert_eq!(d.content, b"ABC");
-    assert_eq!(d.description, json!({"len": 3}));
+    assert_eq!(d.description.value(), json!({"len": 3}));
     let d = kinds
         .after_deserialization("b2", "eager", b"xyz")
         .expect("eager is served");

@@ -327,17 +327,30 @@ fn w1_entry(i: usize, keys: &[String], s: W1Size) -> DynamoCacheEntry {
 }
 
 /// Sends every message without waiting for each answer (as an orchestrator with many
-/// in-flight changes does), then waits for all: the time until the last is durable.
+/// in-flight changes does), then waits for all: the time until the last is durable. Each
+/// answer is dropped as it arrives, as a caller that uses it would, rather than all 10,000
+/// loaded entries being held to the end.
 async fn pipelined<M, T>(ctx: &Context, msgs: impl IntoIterator<Item = M>) -> Result<()>
 where
     M: actix::Message<Result = pcx::actor::Answer<T>> + Send + 'static,
     T: Send + 'static,
     pcx::actor::ContextActor: actix::Handler<M>,
 {
-    let futs: Vec<_> = msgs.into_iter().map(|m| ctx.addr().send(m)).collect();
+    let futs: Vec<_> = msgs
+        .into_iter()
+        .map(|m| {
+            let answer = ctx.addr().send(m);
+            async move {
+                match answer.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(format!("mailbox: {e}")),
+                }
+            }
+        })
+        .collect();
     for r in futures::future::join_all(futs).await {
-        r.map_err(|e| anyhow::anyhow!("mailbox: {e}"))?
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        r.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(())
 }

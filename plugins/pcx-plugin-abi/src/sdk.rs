@@ -10,8 +10,8 @@
 //!     fn after_deserialization(_kind: &str, input: &[u8]) -> Result<Vec<u8>, String> {
 //!         Ok(input.to_ascii_uppercase())
 //!     }
-//!     fn describe(v: &Vec<u8>) -> Result<Description, String> {
-//!         Ok(Description { bytes: v.clone(), json: format!("{{\"len\":{}}}", v.len()) })
+//!     fn describe(v: &Vec<u8>) -> Result<Description<'_>, String> {
+//!         Ok(Description { bytes: v.into(), json: format!("{{\"len\":{}}}", v.len()).into() })
 //!     }
 //! }
 //! pcx_plugin_abi::export_plugin!(Upper);
@@ -21,6 +21,7 @@
 //! message, never an unwind across the C boundary. Plugins must be built with
 //! `panic = "unwind"` (the default); `export_plugin!` refuses to compile otherwise.
 
+use std::borrow::Cow;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -30,10 +31,13 @@ use crate::{
 };
 
 /// A value's ready-to-use bytes and a JSON object (as text) describing it.
+///
+/// Both may borrow from the value: a plugin that builds them in `after_deserialization`
+/// hands them over without a copy (the host copies them into its own buffers anyway).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Description {
-    pub bytes: Vec<u8>,
-    pub json: String,
+pub struct Description<'a> {
+    pub bytes: Cow<'a, [u8]>,
+    pub json: Cow<'a, str>,
 }
 
 /// A plugin: the artifact kinds it serves and what it does with them.
@@ -50,7 +54,7 @@ pub trait Plugin: 'static {
     /// Stored bytes → the value (validating them).
     fn after_deserialization(kind: &str, input: &[u8]) -> Result<Self::Value, String>;
     /// The value's ready-to-use bytes and its JSON description.
-    fn describe(value: &Self::Value) -> Result<Description, String>;
+    fn describe(value: &Self::Value) -> Result<Description<'_>, String>;
     /// A named edit of stored content.
     fn edit(kind: &str, op: &str, args: &[u8], content: &[u8]) -> Result<Vec<u8>, String> {
         let _ = (kind, args, content);
@@ -180,8 +184,8 @@ unsafe fn guarded(err: *mut PcxErrorBuf, f: impl FnOnce() -> Result<Status, Stri
     }
 }
 
-fn utf8(b: &[u8], what: &str) -> Result<String, String> {
-    String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+fn utf8<'a>(b: &'a [u8], what: &str) -> Result<&'a str, String> {
+    std::str::from_utf8(b).map_err(|_| format!("{what} is not UTF-8"))
 }
 
 unsafe extern "C" fn after_deserialization<P: Plugin>(
@@ -194,7 +198,7 @@ unsafe extern "C" fn after_deserialization<P: Plugin>(
     unsafe {
         guarded(err, || {
             let kind = utf8(kind.as_slice(), "kind")?;
-            let value = P::after_deserialization(&kind, input.as_slice())?;
+            let value = P::after_deserialization(kind, input.as_slice())?;
             if value_out.is_null() {
                 return Err("host passed a null value_out".into());
             }
@@ -219,10 +223,7 @@ unsafe extern "C" fn describe<P: Plugin>(
                 .as_ref()
                 .ok_or("host passed a null value")?;
             let d = P::describe(value)?;
-            for (sink, bytes) in [
-                (bytes_out, d.bytes.as_slice()),
-                (json_out, d.json.as_bytes()),
-            ] {
+            for (sink, bytes) in [(bytes_out, d.bytes.as_ref()), (json_out, d.json.as_bytes())] {
                 let status = write_sink(sink, bytes);
                 if status != STATUS_OK {
                     return Ok(status);
@@ -257,7 +258,7 @@ unsafe extern "C" fn edit<P: Plugin>(
         guarded(err, || {
             let kind = utf8(kind.as_slice(), "kind")?;
             let op = utf8(op.as_slice(), "edit name")?;
-            let new = P::edit(&kind, &op, args.as_slice(), content.as_slice())?;
+            let new = P::edit(kind, op, args.as_slice(), content.as_slice())?;
             Ok(write_sink(out, &new))
         })
     }
