@@ -399,14 +399,12 @@ impl SledJournal {
         }
         let locs = match &staged.packs {
             Some((packs, locs)) => {
-                let mut batch = sled::Batch::default();
                 for (n, pack) in packs {
-                    batch.insert(&seq_key(*n), pack.as_slice());
+                    written.pack_keys.push(*n);
+                    h.packs
+                        .insert(seq_key(*n), pack.as_slice())
+                        .map_err(sled_err("writing content"))?;
                 }
-                written.pack_keys = packs.iter().map(|p| p.0).collect();
-                h.packs
-                    .apply_batch(batch)
-                    .map_err(sled_err("writing content"))?;
                 locs.clone()
             }
             None => {
@@ -524,20 +522,22 @@ impl SledJournal {
             + c.cache_puts.iter().map(|p| p.1.len()).sum::<usize>()
             + c.snapshot.as_ref().map_or(0, |s| s.1.len());
         self.ensure_space(bytes as u64)?;
-        // Content first, then events: sled recovers a prefix of its log, so an event that
-        // survives a crash has its content, and whatever else of this group survives
-        // (snapshot, cache view) has its events.
+        // One key at a time, in an order that makes every prefix whole: sled recovers a
+        // prefix of its log (one writer, in order), so after a crash an event has its content
+        // and its page's predecessors, and whatever else of this group survives (snapshot,
+        // cache view) has its events. No `apply_batch`: in sled 0.34.7 each batch waits on
+        // the log (about 50 µs before the flush, measured) and doubles the flush that
+        // follows, and a prefix of a group is never answered, so its atomicity buys nothing.
         self.write_contents(h, staged, written)?;
-        let mut batch = sled::Batch::default();
         for (first, page) in pages(&c.records) {
-            batch.insert(&seq_key(first), page);
+            h.pages
+                .insert(seq_key(first), page)
+                .map_err(sled_err("appending events"))?;
         }
-        h.pages
-            .apply_batch(batch)
-            .map_err(sled_err("appending events"))?;
         if let Some((seq, bytes)) = &c.snapshot {
-            let mut batch = sled::Batch::default();
-            batch.insert(&seq_key(*seq), bytes.as_slice());
+            h.snapshots
+                .insert(seq_key(*seq), bytes.as_slice())
+                .map_err(sled_err("writing a snapshot"))?;
             // (A snapshot written again at the same place replaces that one.)
             let older: Vec<u64> = self
                 .snapshot_seqs()?
@@ -546,19 +546,15 @@ impl SledJournal {
                 .skip(SNAPSHOTS_KEPT - 1)
                 .collect();
             for s in older {
-                batch.remove(&seq_key(s));
+                h.snapshots
+                    .remove(seq_key(s))
+                    .map_err(sled_err("dropping an old snapshot"))?;
             }
-            h.snapshots
-                .apply_batch(batch)
-                .map_err(sled_err("writing a snapshot"))?;
         }
-        if !c.cache_puts.is_empty() {
-            let mut batch = sled::Batch::default();
-            for (key, bytes) in &c.cache_puts {
-                batch.insert(key.as_bytes(), bytes.as_slice());
-            }
+        // The view is checked against the events at open and rewritten if it differs.
+        for (key, bytes) in &c.cache_puts {
             h.cache
-                .apply_batch(batch)
+                .insert(key.as_bytes(), bytes.as_slice())
                 .map_err(sled_err("writing the dynamo cache"))?;
         }
         self.make_durable()
