@@ -8,6 +8,7 @@
 //! run time (error status, panic, nonsense output, output over the limit) becomes a
 //! [`PluginError`] naming the plugin, its version and the kind; the host goes on.
 
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 
@@ -579,17 +580,27 @@ impl SinkBuf {
     }
 }
 
-/// A host buffer for a plugin's error text. It lives on the calling frame: a call that
-/// succeeds (nearly all of them) costs no allocation for it.
+thread_local! {
+    /// This thread's buffer for plugin error text, kept between calls: a call that succeeds
+    /// (nearly every one) neither allocates nor clears one.
+    static ERROR_BUF: Cell<Option<Box<[u8; ERROR_CAP]>>> = const { Cell::new(None) };
+}
+
+/// A host buffer for a plugin's error text (the thread's, or a new one when that is in use).
 struct ErrorText {
-    bytes: [u8; ERROR_CAP],
+    bytes: Option<Box<[u8; ERROR_CAP]>>,
     raw: PcxErrorBuf,
 }
 
 impl ErrorText {
     fn new() -> ErrorText {
+        let bytes = ERROR_BUF
+            .try_with(Cell::take)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Box::new([0; ERROR_CAP]));
         ErrorText {
-            bytes: [0; ERROR_CAP],
+            bytes: Some(bytes),
             raw: PcxErrorBuf {
                 ptr: std::ptr::null_mut(),
                 cap: ERROR_CAP,
@@ -597,19 +608,34 @@ impl ErrorText {
             },
         }
     }
-    /// The buffer to hand to a plugin, valid until `self` moves (it does not while the
-    /// call it is made for runs).
+
+    /// The buffer to hand to a plugin, valid while `self` lives (the bytes are boxed).
     fn buf(&mut self) -> *mut PcxErrorBuf {
-        self.raw.ptr = self.bytes.as_mut_ptr();
+        self.raw.ptr = self
+            .bytes
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+        self.raw.len = 0;
         &mut self.raw
     }
+
     fn text(&self) -> String {
         let n = self.raw.len.min(ERROR_CAP);
-        let text = String::from_utf8_lossy(&self.bytes[..n]).into_owned();
+        let written = self.bytes.as_ref().map_or(&[][..], |b| &b[..n]);
+        let text = String::from_utf8_lossy(written).into_owned();
         if text.is_empty() {
             "(no message)".into()
         } else {
             text
+        }
+    }
+}
+
+impl Drop for ErrorText {
+    fn drop(&mut self) {
+        if let Some(bytes) = self.bytes.take() {
+            // Gone only while the thread itself is going away.
+            let _ = ERROR_BUF.try_with(|c| c.set(Some(bytes)));
         }
     }
 }

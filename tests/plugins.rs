@@ -645,8 +645,10 @@ fn a_plugin_returning_an_error_is_a_clear_error_and_pcx_goes_on() {
             "fixture error: refusing 12 input bytes",
         ],
     );
+    // The second failure's text is its own, whole: the shorter message after a longer one
+    // (in the same reused error buffer) carries nothing of the first.
     let message = assert_failed(&extra[0], "plugin_failed");
-    assert_contains(&message, &["fixture edit error: `fail` refused"]);
+    assert_contains(&message, &["fixture edit error: `fail` refused (status 1)"]);
 }
 
 #[test]
