@@ -571,12 +571,6 @@ fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
             .path(dir)
             .cache_capacity(cache_capacity)
             .flush_every_ms(None)
-            .segment_size(
-                std::env::var("SEG")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(512 * 1024),
-            )
             .open();
         match opened {
             Ok(db) => break db,
