@@ -55,13 +55,37 @@ impl Serialize for Digest {
 }
 
 impl<'de> Deserialize<'de> for Digest {
+    /// Read in place: every record and snapshot holds digests, and a buffer for each was a
+    /// tenth of a snapshot's decoding.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let buf = serde_bytes::ByteBuf::deserialize(d)?;
-        let arr: [u8; 32] = buf
-            .as_slice()
-            .try_into()
-            .map_err(|_| serde::de::Error::invalid_length(buf.len(), &"a 32-byte blake3 digest"))?;
-        Ok(Digest(arr))
+        struct Bytes32;
+        impl<'de> serde::de::Visitor<'de> for Bytes32 {
+            type Value = Digest;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a 32-byte blake3 digest")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Digest, E> {
+                v.try_into()
+                    .map(Digest)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Digest, A::Error> {
+                let mut out = [0u8; 32];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(33, &self));
+                }
+                Ok(Digest(out))
+            }
+        }
+        d.deserialize_bytes(Bytes32)
     }
 }
 

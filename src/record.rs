@@ -237,6 +237,23 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_is_read_from_32_bytes_only() {
+        let d = Digest::of(b"x");
+        let bytes = rmp_serde::to_vec(&d).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Digest>(&bytes).unwrap(), d);
+        let as_list = rmp_serde::to_vec(&d.0.to_vec()).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Digest>(&as_list).unwrap(), d);
+        for wrong in [&d.0[..31], &[0u8; 33][..], &[][..]] {
+            let bytes = rmp_serde::to_vec(&serde_bytes::Bytes::new(wrong)).unwrap();
+            assert!(
+                rmp_serde::from_slice::<Digest>(&bytes).is_err(),
+                "{}",
+                wrong.len()
+            );
+        }
+    }
+
+    #[test]
     fn seq_keys_sort_in_log_order() {
         assert!(seq_key(255) < seq_key(256));
         assert_eq!(key_seq(&seq_key(42)), Some(42));
