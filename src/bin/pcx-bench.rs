@@ -824,14 +824,15 @@ fn w5_loads(quick: bool, dir: &Path, plugins: Option<&Path>) -> Result<f64> {
     })
 }
 
-/// W5: both W1 directories are made first; then eager and plugin loads take turns, three
-/// rounds, so that both meet the same disk and cache; the ratio is of the medians.
+/// W5: both W1 directories are made first; then eager and plugin loads take turns, five
+/// rounds, so that both meet the same disk and cache; the ratio is of the medians. (With
+/// three, one round slowed by a neighbour moved the ratio by a tenth.)
 fn w5(quick: bool) -> Result<Value> {
     let plugins = plugin_dir()?;
     let (_, eager_dir) = w1_with(quick, "eager", None)?;
     let (_, plugin_dir) = w1_with(quick, "bundled_aot_autograd", Some(plugins.path()))?;
     let (mut eager, mut plugin) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..5 {
         eager.push(w5_loads(quick, eager_dir.path(), None)?);
         plugin.push(w5_loads(quick, plugin_dir.path(), Some(plugins.path()))?);
     }
