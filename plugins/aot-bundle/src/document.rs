@@ -226,24 +226,32 @@ impl<'a> Reader<'a> {
         ))
     }
 
+    /// A collection's length: `fix` is the high nibble of its short form (the length in the
+    /// low one), `long` the markers of its 16- and 32-bit forms.
     #[inline]
-    fn map_len(&mut self, what: &str) -> Result<usize, String> {
+    fn len_of(
+        &mut self,
+        what: &str,
+        fix: u8,
+        long: [u8; 2],
+        wanted: &str,
+    ) -> Result<usize, String> {
         match self.marker()? {
-            m @ 0x80..=0x8f => Ok(usize::from(m & 0x0f)),
-            0xde => self.len(2),
-            0xdf => self.len(4),
-            _ => Err(self.wrong(what, "a map")),
+            m if m & 0xf0 == fix => Ok(usize::from(m & 0x0f)),
+            m if m == long[0] => self.len(2),
+            m if m == long[1] => self.len(4),
+            _ => Err(self.wrong(what, wanted)),
         }
     }
 
     #[inline]
+    fn map_len(&mut self, what: &str) -> Result<usize, String> {
+        self.len_of(what, 0x80, [0xde, 0xdf], "a map")
+    }
+
+    #[inline]
     fn array_len(&mut self, what: &str) -> Result<usize, String> {
-        match self.marker()? {
-            m @ 0x90..=0x9f => Ok(usize::from(m & 0x0f)),
-            0xdc => self.len(2),
-            0xdd => self.len(4),
-            _ => Err(self.wrong(what, "an array")),
-        }
+        self.len_of(what, 0x90, [0xdc, 0xdd], "an array")
     }
 
     /// A string's bytes, not yet checked to be UTF-8; `None` for nil.
