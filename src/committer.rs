@@ -99,6 +99,9 @@ struct Queue {
     /// Set by a failed commit until the actor has reloaded.
     halted: bool,
     closing: bool,
+    /// The committer is asleep on the condition variable: only then does a push wake it
+    /// (a wake-up is a system call, and W1 pushes 100,000 times while the committer works).
+    sleeping: bool,
 }
 
 impl Queue {
@@ -215,8 +218,11 @@ impl Intake {
             let full = std::mem::take(&mut q.open);
             q.sealed.push_back(full);
         }
+        let sleeping = q.sleeping;
         drop(q);
-        self.shared.1.notify_one();
+        if sleeping {
+            self.shared.1.notify_one();
+        }
     }
 }
 
@@ -246,7 +252,9 @@ fn commit_loop(
                 if q.closing {
                     return;
                 }
+                q.sleeping = true;
                 q = shared.1.wait(q).unwrap_or_else(|p| p.into_inner());
+                q.sleeping = false;
             };
             q.busy = true;
             q.inflight_events = group.commit.records.len() as u64;
