@@ -162,15 +162,25 @@ const HEAL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200)
 /// A request's answer, sent once its changes (and every change before them) are durable.
 ///
 /// Its changes are queued for the committer as soon as the handler returns. The reply is
-/// forwarded to actix's reply channel by a task on the actor's thread: sending it straight
-/// from the queue made the caller's futures re-poll in lock step with the actor, and W1's
-/// records took 4.5 s instead of 0.45 s.
+/// sent to actix's reply channel by the actor's replier task, not by whoever hands out the
+/// answer: sending it straight from there (the committer's thread, or the task that hands
+/// out a group's answers) made the caller's futures re-poll in lock step, and W1's records
+/// took 4.5 s instead of 0.45 s.
 pub struct Durable<T> {
     outcome: Result<(Option<u64>, T), ContextError>,
     staged: Group,
     intake: Option<Intake>,
+    /// Where the reply goes to be sent, by the actor's replier task.
+    replier: Option<Replier>,
     map_commit_error: Box<dyn FnOnce(ContextError) -> ContextError + Send>,
 }
+
+/// A reply ready to be sent, and the queue of the one task on the actor's thread that sends
+/// them: replies reach actix's reply channels from that task, after the answers of a whole
+/// group have been handed out (see [`Durable`]), at the cost of one queue push per reply,
+/// not one task and one channel per request.
+type Reply = Box<dyn FnOnce() + Send>;
+type Replier = tokio::sync::mpsc::UnboundedSender<Reply>;
 
 impl<T: Send + 'static> Durable<T> {
     /// Queues the staged changes; `reply` gets the answer once they are durable.
@@ -179,6 +189,7 @@ impl<T: Send + 'static> Durable<T> {
             outcome,
             staged,
             intake,
+            replier: _,
             map_commit_error,
         } = self;
         match (outcome, intake) {
@@ -211,11 +222,24 @@ where
         _: &mut Context<ContextActor>,
         tx: Option<actix::dev::OneshotSender<Answer<T>>>,
     ) {
-        let fut = self.into_future();
-        actix_rt::spawn(async move {
-            let answer = fut.await;
-            if let Some(tx) = tx {
+        let Some(tx) = tx else {
+            // Nobody waits for the answer: the changes are still queued.
+            self.send(drop);
+            return;
+        };
+        let replier = self.replier.clone();
+        self.send(move |answer| {
+            let reply: Reply = Box::new(move || {
                 let _ = tx.send(answer);
+            });
+            match &replier {
+                Some(r) => {
+                    if let Err(unsent) = r.send(reply) {
+                        // The replier is gone (the actor stopped): send from here.
+                        (unsent.0)();
+                    }
+                }
+                None => reply(),
             }
         });
     }
@@ -249,6 +273,8 @@ pub struct ContextActor {
     /// Content staged but not yet durable, by digest, with how many staged changes hold it.
     pending_blobs: std::collections::HashMap<Digest, (std::sync::Arc<Vec<u8>>, usize)>,
     closed: bool,
+    /// The queue of the task that sends replies (set when the actor starts).
+    replier: Option<Replier>,
 }
 
 impl ContextActor {
@@ -273,6 +299,7 @@ impl ContextActor {
             suspect: std::cell::Cell::new(false),
             pending_blobs: std::collections::HashMap::new(),
             closed: false,
+            replier: None,
         }
     }
 
@@ -310,6 +337,7 @@ impl ContextActor {
             outcome,
             staged,
             intake: self.committer.as_ref().map(Committer::intake),
+            replier: self.replier.clone(),
             map_commit_error: Box::new(map_commit_error),
         }
     }
@@ -583,6 +611,13 @@ impl Actor for ContextActor {
         // Answers are sent from this thread, where the callers' futures live (a wake-up from
         // another thread per answer cost W1 five times its time); the committer hands over
         // each group's answers in one go.
+        let (replier, mut replies) = tokio::sync::mpsc::unbounded_channel::<Reply>();
+        actix_rt::spawn(async move {
+            while let Some(reply) = replies.recv().await {
+                reply();
+            }
+        });
+        self.replier = Some(replier);
         let (answers, mut to_answer) = tokio::sync::mpsc::unbounded_channel::<Vec<Waiter>>();
         actix_rt::spawn(async move {
             while let Some(waiters) = to_answer.recv().await {
