@@ -376,7 +376,7 @@ impl ContextActor {
             records.push((envelope.seq, bytes, envelope.event));
         }
         for (seq, bytes, event) in records {
-            self.state.apply(&event);
+            self.state.apply(event);
             self.staging.commit.records.push((seq, bytes));
         }
         self.staging.commit.cache_puts.extend(cache_puts);

@@ -87,7 +87,7 @@ pub fn walk(
         if !f(&envelope, hash, &state)? {
             break;
         }
-        state.apply(&envelope.event);
+        state.apply(envelope.event);
         head = Head { seq: key, hash };
     }
     Ok((state, head))
@@ -707,7 +707,7 @@ pub fn verify(
         events += 1;
         if snapshots.contains(&e.seq) {
             let mut after = before.clone();
-            after.apply(&e.event);
+            after.apply(e.event.clone());
             let snap = journal.snapshot(e.seq)?.map(|b| decode_snapshot(&b));
             let problem = match snap {
                 None => None,

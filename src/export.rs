@@ -292,7 +292,7 @@ fn import_into(
                     )));
                 }
             }
-            state.apply(&env.event);
+            state.apply(env.event.clone());
             head = Head { seq, hash };
             progress(seq);
             pending.records.push((seq, bytes));

@@ -184,7 +184,7 @@ pub fn fold(
             break;
         }
         let (envelope, hash) = checked(&head, key, &bytes)?;
-        state.apply(&envelope.event);
+        state.apply(envelope.event);
         head = Head { seq: key, hash };
         replayed += 1;
     }

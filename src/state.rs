@@ -24,7 +24,9 @@ impl State {
     }
 
     /// Folds one event in. Cannot fail: every event was decided valid before it was logged.
-    pub fn apply(&mut self, event: &Event) {
+    /// Takes the event: its keys and entries move into the state instead of being copied
+    /// (the writer and replay both own the events they fold).
+    pub fn apply(&mut self, event: Event) {
         match event {
             Event::ArtifactRecorded {
                 key,
@@ -33,29 +35,23 @@ impl State {
                 size,
             } => {
                 // `insert` on an existing key replaces the value in place: Python dict order.
-                self.artifacts.insert(
-                    key.clone(),
-                    ArtifactRef {
-                        kind: kind.clone(),
-                        digest: *digest,
-                        size: *size,
-                    },
-                );
+                self.artifacts
+                    .insert(key, ArtifactRef { kind, digest, size });
             }
             Event::DynamoEntryRecorded { key, entry } => {
-                self.entries.insert(key.clone(), entry.clone());
+                self.entries.insert(key, entry);
             }
             Event::ArtifactEdited {
                 key, digest, size, ..
             } => {
-                if let Some(a) = self.artifacts.get_mut(key) {
-                    a.digest = *digest;
-                    a.size = *size;
+                if let Some(a) = self.artifacts.get_mut(&key) {
+                    a.digest = digest;
+                    a.size = size;
                 }
             }
             Event::ArtifactTaken { key } => {
                 // Python's dict.pop keeps the others in order.
-                self.artifacts.shift_remove(key);
+                self.artifacts.shift_remove(&key);
             }
             Event::Cleared => {
                 self.artifacts.clear();
@@ -63,14 +59,10 @@ impl State {
             }
             Event::Stitched { .. } => {}
             Event::SavedToDynamoCache { entries } => {
-                for (key, entry) in entries {
-                    self.dynamo_cache.insert(key.clone(), entry.clone());
-                }
+                self.dynamo_cache.extend(entries);
             }
             Event::EntryLoaded { backends, .. } => {
-                for (key, r) in backends {
-                    self.artifacts.insert(key.clone(), r.clone());
-                }
+                self.artifacts.extend(backends);
             }
         }
     }
@@ -105,9 +97,9 @@ mod tests {
     #[test]
     fn re_recording_keeps_the_first_position() {
         let mut s = State::default();
-        s.apply(&recorded("b1", b"aaa"));
-        s.apply(&recorded("b2", b"bbb"));
-        s.apply(&recorded("b1", b"ccc"));
+        s.apply(recorded("b1", b"aaa"));
+        s.apply(recorded("b2", b"bbb"));
+        s.apply(recorded("b1", b"ccc"));
         assert_eq!(s.artifacts.keys().collect::<Vec<_>>(), vec!["b1", "b2"]);
         assert_eq!(s.artifacts["b1"].digest, Digest::of(b"ccc"));
     }
@@ -116,19 +108,19 @@ mod tests {
     fn take_keeps_the_others_in_order() {
         let mut s = State::default();
         for k in ["a", "b", "c"] {
-            s.apply(&recorded(k, k.as_bytes()));
+            s.apply(recorded(k, k.as_bytes()));
         }
-        s.apply(&Event::ArtifactTaken { key: "a".into() });
+        s.apply(Event::ArtifactTaken { key: "a".into() });
         assert_eq!(s.artifacts.keys().collect::<Vec<_>>(), vec!["b", "c"]);
-        s.apply(&recorded("a", b"a"));
+        s.apply(recorded("a", b"a"));
         assert_eq!(s.artifacts.keys().collect::<Vec<_>>(), vec!["b", "c", "a"]);
     }
 
     #[test]
     fn clear_empties_both_maps_but_not_the_dynamo_cache() {
         let mut s = State::default();
-        s.apply(&recorded("a", b"a"));
-        s.apply(&Event::SavedToDynamoCache {
+        s.apply(recorded("a", b"a"));
+        s.apply(Event::SavedToDynamoCache {
             entries: [(
                 "e".to_string(),
                 SavedEntry {
@@ -139,7 +131,7 @@ mod tests {
             .into_iter()
             .collect(),
         });
-        s.apply(&Event::Cleared);
+        s.apply(Event::Cleared);
         assert!(s.artifacts.is_empty() && s.entries.is_empty());
         assert_eq!(s.dynamo_cache.len(), 1);
         assert_eq!(serde_json::to_string(&s.debug_info()).unwrap(), "{}");
@@ -148,11 +140,11 @@ mod tests {
     #[test]
     fn the_digest_sees_order() {
         let mut a = State::default();
-        a.apply(&recorded("x", b"1"));
-        a.apply(&recorded("y", b"2"));
+        a.apply(recorded("x", b"1"));
+        a.apply(recorded("y", b"2"));
         let mut b = State::default();
-        b.apply(&recorded("y", b"2"));
-        b.apply(&recorded("x", b"1"));
+        b.apply(recorded("y", b"2"));
+        b.apply(recorded("x", b"1"));
         assert_ne!(a.digest(), b.digest());
     }
 }

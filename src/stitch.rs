@@ -123,7 +123,7 @@ mod tests {
     fn state() -> State {
         let mut s = State::default();
         for (k, c) in [("b1", &b"ccc"[..]), ("b2", b"bbb!")] {
-            s.apply(&Event::ArtifactRecorded {
+            s.apply(Event::ArtifactRecorded {
                 key: k.into(),
                 kind: "eager".into(),
                 digest: Digest::of(c),
@@ -134,7 +134,7 @@ mod tests {
             backend_ids: ids.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
-        s.apply(&Event::DynamoEntryRecorded {
+        s.apply(Event::DynamoEntryRecorded {
             key: "e1".into(),
             entry: DynamoCacheEntry {
                 codes: vec![code(&["b1", "b2"]), code(&["b3", "b1"])],
@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn a_failing_key_is_left_out_with_an_exception_and_the_rest_go_on() {
         let mut s = state();
-        s.apply(&Event::DynamoEntryRecorded {
+        s.apply(Event::DynamoEntryRecorded {
             key: "e2".into(),
             entry: DynamoCacheEntry {
                 codes: vec![DynamoCodeEntry {

@@ -219,7 +219,7 @@ fn valid_records() -> Vec<Vec<u8>> {
 fn valid_snapshot() -> Vec<u8> {
     let mut state = State::default();
     for e in events() {
-        state.apply(&e);
+        state.apply(e);
     }
     encode_snapshot_of(8, Digest::of(b"head"), &state).expect("a state encodes")
 }
