@@ -260,6 +260,9 @@ pub struct ContextActor {
     /// The last staged event (speculative: may not be durable yet).
     head: Head,
     last_snapshot: u64,
+    /// About how many bytes the next snapshot takes: the last one's, plus the records staged
+    /// since (each adds at most about its size to the state). Its buffer starts this large.
+    snapshot_hint: usize,
     /// What the request being handled staged before its events (content, load hits).
     staging: Group,
     committer: Option<Committer>,
@@ -290,6 +293,7 @@ impl ContextActor {
             state: recovered.state,
             head: recovered.head,
             last_snapshot: recovered.snapshot.unwrap_or(0),
+            snapshot_hint: 0,
             staging: Group::default(),
             committer: None,
             counters: LoadCounters::default(),
@@ -364,6 +368,7 @@ impl ContextActor {
                 event,
             };
             let (bytes, hash) = encode_event(&envelope)?;
+            self.snapshot_hint = self.snapshot_hint.saturating_add(bytes.len());
             if let Event::SavedToDynamoCache { entries } = &envelope.event {
                 for (key, entry) in entries {
                     cache_puts.push((key.clone(), encode_saved_entry(entry)?));
@@ -394,8 +399,14 @@ impl ContextActor {
     /// Stages a snapshot of the state at the head, with the group that holds the head's event
     /// (or after it), so it is never durable before that event.
     fn snapshot_now(&mut self) {
-        match encode_snapshot_of(self.head.seq, self.head.hash, &self.state) {
+        match encode_snapshot_of(
+            self.head.seq,
+            self.head.hash,
+            &self.state,
+            self.snapshot_hint,
+        ) {
             Ok(bytes) => {
+                self.snapshot_hint = bytes.len();
                 self.staging.commit.snapshot = Some((self.head.seq, bytes));
                 self.last_snapshot = self.head.seq;
             }

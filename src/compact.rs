@@ -118,13 +118,14 @@ pub fn compact(
         std::fs::remove_dir_all(&new_dir).map_err(io("removing", &new_dir))?;
     }
     let new = SledJournal::open(&new_dir, cache_capacity)?;
-    let anchor = encode_snapshot_of(anchor_seq, anchor_head.hash, &anchor_state).map_err(|e| {
-        StoreError::Io {
-            op: "encoding the anchor",
-            path: new_dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        }
-    })?;
+    let anchor =
+        encode_snapshot_of(anchor_seq, anchor_head.hash, &anchor_state, 0).map_err(|e| {
+            StoreError::Io {
+                op: "encoding the anchor",
+                path: new_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
     new.set_anchor(&anchor)?;
 
     // The kept events, their exact bytes; and what they refer to.

@@ -323,7 +323,7 @@ fn import_into(
     if head.seq > anchored {
         pending.snapshot = Some((
             head.seq,
-            encode_snapshot_of(head.seq, head.hash, &state)
+            encode_snapshot_of(head.seq, head.hash, &state, 0)
                 .map_err(|e| bad(line, e.to_string()))?,
         ));
     }

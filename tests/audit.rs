@@ -645,7 +645,7 @@ fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
                     .shift_remove_index(0)
                     .expect("artifacts");
                 snap.state.artifacts.insert("forged".into(), first);
-                let forged = encode_snapshot_of(snap.seq, snap.head, &snap.state).unwrap();
+                let forged = encode_snapshot_of(snap.seq, snap.head, &snap.state, 0).unwrap();
                 t.insert(seq_key(12), forged).unwrap();
             })
         },

@@ -221,7 +221,7 @@ fn valid_snapshot() -> Vec<u8> {
     for e in events() {
         state.apply(e);
     }
-    encode_snapshot_of(8, Digest::of(b"head"), &state).expect("a state encodes")
+    encode_snapshot_of(8, Digest::of(b"head"), &state, 0).expect("a state encodes")
 }
 
 fn valid_saved_entry() -> Vec<u8> {

@@ -262,7 +262,7 @@ fn every_event_variant_decodes_from_its_v1_fixture() {
 fn the_v1_snapshot_decodes_to_the_state_after_the_fixture_log() {
     let (_, head) = fixture_log();
     let state = final_state();
-    let today = record::encode_snapshot_of(head.seq, head.hash, &state).unwrap();
+    let today = record::encode_snapshot_of(head.seq, head.hash, &state, 0).unwrap();
     fixture("snapshot.bin", today, |stored| {
         let snapshot = record::decode_snapshot(stored).expect("the v1 snapshot decodes");
         assert_eq!(snapshot.schema, 1);
