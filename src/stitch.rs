@@ -61,7 +61,9 @@ pub fn create_cache_entries<B>(
     let mut bypassed = Vec::new();
     let mut failed = Vec::new();
     for (key, entry) in &state.entries {
-        let (stitched, bypasses) = stitch_entry(entry, |id| state.artifacts.get(id).cloned());
+        // References, not copies: each is resolved once below, and its id moves into the
+        // result (a stitch of W1's 90,000 backends spent a fifth of its time copying).
+        let (stitched, bypasses) = stitch_entry(entry, |id| state.artifacts.get(id));
         for b in &bypasses {
             if traced {
                 trace.push(Structured {
@@ -76,12 +78,13 @@ pub fn create_cache_entries<B>(
                 reason: bypass_reason(&b.missing_backend),
             });
         }
-        let resolved: Result<IndexMap<_, _>, String> = stitched
-            .backends
-            .iter()
-            .map(|(id, r)| resolve(id, r).map(|b| (id.clone(), b)))
-            .collect();
-        match resolved {
+        let mut backends = IndexMap::with_capacity(stitched.backends.len());
+        let resolved = stitched.backends.into_iter().try_for_each(|(id, r)| {
+            let b = resolve(&id, r)?;
+            backends.insert(id, b);
+            Ok(())
+        });
+        match resolved.map(|()| backends) {
             Ok(backends) => {
                 entries.insert(
                     key.clone(),
