@@ -23,10 +23,13 @@ use crate::journal::StoreError;
 /// A file is closed for appending once it reaches this size.
 pub const FILE_LIMIT: u64 = 1 << 30;
 
-/// A small read that continues where the last one on its file ended reads this much and keeps
-/// it: contents recorded together are read together (a stitch walks its entries' backends in
-/// the order they were recorded), and one read of 128 KiB costs about as much as two of 1 KiB.
+/// A small read that continues where an earlier one ended reads this much and keeps it:
+/// contents recorded together are read together (a stitch walks its entries' backends in the
+/// order they were recorded), and one read of 128 KiB costs about as much as two of 1 KiB.
 const READ_AHEAD: u64 = 128 << 10;
+
+/// How many sequential readers are followed at once (a split stitch has two).
+const STREAMS: usize = 4;
 
 /// The content files of one data directory.
 pub struct ContentFiles {
@@ -42,10 +45,51 @@ struct Files {
     /// Whether the directory entry of the current file is known durable.
     dir_synced: bool,
     readers: HashMap<u64, Arc<File>>,
-    /// Where the last read ended, by file.
-    last_end: HashMap<u64, u64>,
-    /// The last block read ahead: file, offset, bytes.
-    ahead: Option<(u64, u64, Arc<Vec<u8>>)>,
+    /// The readers that read on from where they ended, most recent last. Followed apart, so
+    /// that two reading side by side do not take each other for random reads.
+    streams: Vec<Stream>,
+}
+
+/// One sequential reader.
+struct Stream {
+    file: u64,
+    /// Where its last read ended.
+    end: u64,
+    /// Its block read ahead: where in the file it starts, and its bytes.
+    ahead: Option<(u64, Arc<Vec<u8>>)>,
+}
+
+impl Files {
+    /// The stream a read of `file` at `offset..end` continues, made the most recent: one
+    /// whose block holds it, or one that ended where it starts. `None` for a read that
+    /// continues none; it starts a stream, in place of the least recent.
+    fn continued(&mut self, file: u64, offset: u64, end: u64) -> Option<&mut Stream> {
+        let found = self.streams.iter().position(|s| {
+            s.file == file
+                && (s.end == offset
+                    || s.ahead.as_ref().is_some_and(|(start, block)| {
+                        offset >= *start && end <= start + block.len() as u64
+                    }))
+        });
+        match found {
+            Some(i) => {
+                let s = self.streams.remove(i);
+                self.streams.push(s);
+                self.streams.last_mut()
+            }
+            None => {
+                if self.streams.len() == STREAMS {
+                    self.streams.remove(0);
+                }
+                self.streams.push(Stream {
+                    file,
+                    end,
+                    ahead: None,
+                });
+                None
+            }
+        }
+    }
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -82,8 +126,7 @@ impl ContentFiles {
                 writer: None,
                 dir_synced,
                 readers: HashMap::new(),
-                last_end: HashMap::new(),
-                ahead: None,
+                streams: Vec::with_capacity(STREAMS),
             }),
         })
     }
@@ -140,19 +183,25 @@ impl ContentFiles {
     /// `len` bytes at `offset` of file `file`, or why not.
     pub fn read(&self, file: u64, offset: u64, len: u64) -> Result<Vec<u8>, String> {
         let end = offset.saturating_add(len);
-        let (reader, sequential) = {
+        let (reader, read_ahead) = {
             let mut f = self.files.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, start, block)) = f.ahead.as_ref().filter(|a| a.0 == file) {
-                let (from, to) = (offset.wrapping_sub(*start), end.wrapping_sub(*start));
-                if offset >= *start && to <= block.len() as u64 {
-                    let bytes = block[from as usize..to as usize].to_vec();
-                    f.last_end.insert(file, end);
-                    return Ok(bytes);
-                }
-            }
-            let sequential = f.last_end.insert(file, end) == Some(offset) && len < READ_AHEAD / 4;
             // Bytes of the current file past `len` may be an append in progress.
             let complete = if file == f.current { f.len } else { u64::MAX };
+            let mut read_ahead = None;
+            if let Some(stream) = f.continued(file, offset, end) {
+                stream.end = end;
+                if let Some((start, block)) = &stream.ahead {
+                    if offset >= *start && end <= start + block.len() as u64 {
+                        // Copied once the lock is let go.
+                        let (block, from) = (block.clone(), (offset - start) as usize);
+                        drop(f);
+                        return Ok(block[from..from + len as usize].to_vec());
+                    }
+                }
+                if len < READ_AHEAD / 4 {
+                    read_ahead = Some(READ_AHEAD.min(complete.saturating_sub(offset)));
+                }
+            }
             let reader = match f.readers.get(&file) {
                 Some(r) => r.clone(),
                 None => {
@@ -165,11 +214,10 @@ impl ContentFiles {
                     r
                 }
             };
-            (reader, sequential.then_some(complete))
+            (reader, read_ahead)
         };
-        if let Some(complete) = sequential {
-            let block = READ_AHEAD.min(complete.saturating_sub(offset));
-            if let Some(bytes) = self.read_ahead(&reader, file, offset, len, block) {
+        if let Some(size) = read_ahead {
+            if let Some(bytes) = self.read_ahead(&reader, file, offset, len, size) {
                 return Ok(bytes);
             }
         }
@@ -185,8 +233,9 @@ impl ContentFiles {
         Ok(buf)
     }
 
-    /// Reads up to `size` bytes from `offset` and keeps them; gives the first `len`, or `None`
-    /// if there are fewer (the caller then reads exactly, and reports what went wrong).
+    /// Reads `size` bytes from `offset` (fewer at the end of the file), keeps them as the
+    /// block of the stream that reads there, and gives the first `len`. `None` if that
+    /// fails: the caller reads just what it asked for, and reports the error of that.
     fn read_ahead(
         &self,
         reader: &File,
@@ -210,8 +259,16 @@ impl ContentFiles {
         }
         block.truncate(got);
         let bytes = block[..len as usize].to_vec();
+        let end = offset + len;
         let mut f = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        f.ahead = Some((file, offset, Arc::new(block)));
+        if let Some(stream) = f
+            .streams
+            .iter_mut()
+            .rev()
+            .find(|s| s.file == file && s.end == end)
+        {
+            stream.ahead = Some((offset, Arc::new(block)));
+        }
         Some(bytes)
     }
 
@@ -220,8 +277,7 @@ impl ContentFiles {
         let mut f = self.files.lock().unwrap_or_else(|p| p.into_inner());
         f.writer = None;
         f.readers.clear();
-        f.last_end.clear();
-        f.ahead = None;
+        f.streams.clear();
         for entry in std::fs::read_dir(&self.dir).map_err(io("listing", &self.dir))? {
             let entry = entry.map_err(io("listing", &self.dir))?;
             if file_number(&entry.file_name().to_string_lossy()).is_some() {
@@ -340,6 +396,48 @@ mod tests {
         assert_eq!(files.read(0, 5000, 1000).unwrap(), part(5));
         assert_eq!(files.read(0, 6000, 1000).unwrap(), part(6));
         assert_eq!(files.read(0, 149_000, 1000).unwrap(), part(149));
+    }
+
+    #[test]
+    fn readers_side_by_side_and_at_random_each_get_exact_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = ContentFiles::open(tmp.path()).unwrap();
+        let part = |i: u64| -> Vec<u8> { (0..1000u64).map(|j| (i * 13 + j * 7) as u8).collect() };
+        let parts: Vec<Vec<u8>> = (0..600).map(part).collect();
+        let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+        files.append(&refs).unwrap();
+        let mut seed = 7u64;
+        // Two streams from far apart, interleaved, with random reads between them: more
+        // readers than are followed, so streams are also dropped and started again.
+        for i in 0..300u64 {
+            for at in [i, 300 + i] {
+                assert_eq!(
+                    files.read(0, at * 1000, 1000).unwrap(),
+                    part(at),
+                    "part {at}"
+                );
+            }
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = (seed >> 33) % 600;
+            assert_eq!(
+                files.read(0, r * 1000, 1000).unwrap(),
+                part(r),
+                "random part {r}"
+            );
+        }
+        // From threads at once.
+        std::thread::scope(|s| {
+            for t in 0..3u64 {
+                let (files, part) = (&files, &part);
+                s.spawn(move || {
+                    for i in (t * 200)..(t * 200 + 200) {
+                        assert_eq!(files.read(0, i * 1000, 1000).unwrap(), part(i));
+                    }
+                });
+            }
+        });
     }
 
     #[test]

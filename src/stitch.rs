@@ -2,11 +2,14 @@
 //! Pure: reading content is the caller's `resolve`, and the structured trace events are
 //! returned as values for the caller to emit.
 
+use indexmap::map::Slice;
 use indexmap::IndexMap;
 use serde_json::json;
 
 use crate::event::{Event, StitchBypass, StitchFailure};
-use crate::model::{bypass_reason, stitch_entry, ArtifactRef, DebugInfo, PrecompileCacheEntry};
+use crate::model::{
+    bypass_reason, stitch_entry, ArtifactRef, DebugInfo, DynamoCacheEntry, PrecompileCacheEntry,
+};
 use crate::state::State;
 
 /// A structured trace event in PyTorch's shape (`trace_structured("artifact", name, json)`).
@@ -47,31 +50,86 @@ impl<B> Stitch<B> {
 pub fn create_cache_entries<B>(
     state: &State,
     traced: bool,
-    mut resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>,
+    resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>,
 ) -> Stitch<B> {
-    let debug_info = state.debug_info();
-    let mut trace = Vec::new();
-    if traced {
-        trace.push(Structured {
-            name: "dynamo_cache_entries",
-            payload: json!({ "num_entries": state.entries.len(), "artifacts": debug_info }),
-        });
+    let mut out = Stitch::begin(state, traced);
+    out.append(stitch_part(
+        state,
+        state.entries.as_slice(),
+        traced,
+        resolve,
+    ));
+    out
+}
+
+/// The stitched entries of a run of the state's entries, in their order, with what they
+/// logged: a stitch is its [`Stitch::begin`] followed by its parts, so that the parts can be
+/// stitched side by side.
+pub struct Part<B> {
+    entries: IndexMap<String, PrecompileCacheEntry<B>>,
+    bypassed: Vec<StitchBypass>,
+    failed: Vec<StitchFailure>,
+    trace: Vec<Structured>,
+}
+
+impl<B> Stitch<B> {
+    /// A stitch of no entries yet: the debug info, and the trace event that comes first.
+    pub fn begin(state: &State, traced: bool) -> Stitch<B> {
+        let debug_info = state.debug_info();
+        let mut trace = Vec::new();
+        if traced {
+            trace.push(Structured {
+                name: "dynamo_cache_entries",
+                payload: json!({ "num_entries": state.entries.len(), "artifacts": debug_info }),
+            });
+        }
+        Stitch {
+            entries: IndexMap::new(),
+            debug_info,
+            bypassed: Vec::new(),
+            failed: Vec::new(),
+            trace,
+        }
     }
-    let mut entries = IndexMap::new();
-    let mut bypassed = Vec::new();
-    let mut failed = Vec::new();
-    for (key, entry) in &state.entries {
+
+    /// Adds the part that follows the entries stitched so far.
+    pub fn append(&mut self, part: Part<B>) {
+        if self.entries.is_empty() {
+            self.entries = part.entries;
+        } else {
+            self.entries.extend(part.entries);
+        }
+        self.bypassed.extend(part.bypassed);
+        self.failed.extend(part.failed);
+        self.trace.extend(part.trace);
+    }
+}
+
+/// Stitches `entries`, a run of `state.entries` (see [`create_cache_entries`]).
+pub fn stitch_part<B>(
+    state: &State,
+    entries: &Slice<String, DynamoCacheEntry>,
+    traced: bool,
+    mut resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>,
+) -> Part<B> {
+    let mut part = Part {
+        entries: IndexMap::with_capacity(entries.len()),
+        bypassed: Vec::new(),
+        failed: Vec::new(),
+        trace: Vec::new(),
+    };
+    for (key, entry) in entries {
         // References, not copies: each is resolved once below, and its id moves into the
         // result (a stitch of W1's 90,000 backends spent a fifth of its time copying).
         let (stitched, bypasses) = stitch_entry(entry, |id| state.artifacts.get(id));
         for b in &bypasses {
             if traced {
-                trace.push(Structured {
+                part.trace.push(Structured {
                     name: "dynamo_cache_bypass",
                     payload: json!({ "entry": entry.debug_info(), "missing_backend": b.missing_backend }),
                 });
             }
-            bypassed.push(StitchBypass {
+            part.bypassed.push(StitchBypass {
                 key: key.clone(),
                 code_index: b.code_index,
                 missing_backend: b.missing_backend.clone(),
@@ -84,9 +142,9 @@ pub fn create_cache_entries<B>(
             backends.insert(id, b);
             Ok(())
         });
-        match resolved.map(|()| backends) {
-            Ok(backends) => {
-                entries.insert(
+        match resolved {
+            Ok(()) => {
+                part.entries.insert(
                     key.clone(),
                     PrecompileCacheEntry {
                         dynamo: stitched.dynamo,
@@ -97,25 +155,19 @@ pub fn create_cache_entries<B>(
             Err(error) => {
                 tracing::warn!(key = %key, error = %error, "Failed to create cache entry {key}");
                 if traced {
-                    trace.push(Structured {
+                    part.trace.push(Structured {
                         name: "dynamo_cache_exception",
                         payload: json!({ "key": key, "error": error }),
                     });
                 }
-                failed.push(StitchFailure {
+                part.failed.push(StitchFailure {
                     key: key.clone(),
                     error,
                 });
             }
         }
     }
-    Stitch {
-        entries,
-        debug_info,
-        bypassed,
-        failed,
-        trace,
-    }
+    part
 }
 
 #[cfg(test)]

@@ -597,6 +597,62 @@ async fn stitch_gives_the_worked_example() {
     );
 }
 
+/// A large stitch is done in two halves side by side: the result is the same as one pass
+/// would give, in the entries' order, bypasses in either half included.
+#[actix::test]
+async fn a_large_stitch_keeps_every_entry_in_order_with_its_bypasses() {
+    let (_dir, ctx) = fresh();
+    let n = 1_500;
+    let records =
+        (0..n).map(|i| ctx.record_artifact(artifact(&format!("b{i}"), format!("c{i}").as_bytes())));
+    for r in futures::future::join_all(records).await {
+        r.expect("record_artifact succeeds");
+    }
+    let entries = 1_100;
+    let ids = |i: usize| {
+        let first = vec![format!("b{}", 2 * i % n), format!("b{}", (2 * i + 1) % n)];
+        // Every 97th entry's second code names a backend never recorded.
+        let second = vec![if i % 97 == 0 {
+            format!("gone{i}")
+        } else {
+            format!("b{i}")
+        }];
+        [first, second]
+    };
+    let recorded = (0..entries).map(|i| {
+        let [a, b] = ids(i);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let b: Vec<&str> = b.iter().map(String::as_str).collect();
+        ctx.record_dynamo_cache_entry(format!("e{i}"), entry(&format!("f{i}"), &[&a, &b]))
+    });
+    for r in futures::future::join_all(recorded).await {
+        r.expect("record_dynamo_cache_entry succeeds");
+    }
+    let out = stitch(&ctx).await;
+    let keys: Vec<String> = (0..entries).map(|i| format!("e{i}")).collect();
+    assert_eq!(out.entries.keys().cloned().collect::<Vec<_>>(), keys);
+    for (i, key) in keys.iter().enumerate() {
+        let e = &out.entries[key];
+        let [first, second] = ids(i);
+        let mut want: Vec<(String, String)> = Vec::new();
+        for id in first
+            .iter()
+            .chain(if i % 97 == 0 { None } else { second.first() })
+        {
+            if !want.iter().any(|(k, _)| k == id) {
+                want.push((id.clone(), format!("c{}", &id[1..])));
+            }
+        }
+        assert_eq!(backends(e), want, "{key}");
+        assert_eq!(bypassed(e), vec![false, i % 97 == 0], "{key}");
+        assert_eq!(e.dynamo.fn_name.as_deref(), Some(format!("f{i}").as_str()));
+    }
+    assert_eq!(
+        serde_json::to_value(&out.debug_info).unwrap(),
+        debug_json(&ctx).await
+    );
+}
+
 #[actix::test]
 async fn stitch_never_clears_and_is_repeatable() {
     let (_dir, ctx) = fresh();
