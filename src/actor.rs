@@ -246,6 +246,71 @@ where
     }
 }
 
+/// Where a pipelined request's answer goes: the pipeline's queue, with the request's tag.
+/// An answer dropped unsent (the request never handled: the actor stopped) still arrives, as
+/// [`ContextError::Closed`], so a pipeline never waits for an answer that cannot come.
+pub struct TaggedReply<T: Send + 'static> {
+    tag: u64,
+    to: Option<tokio::sync::mpsc::UnboundedSender<(u64, Answer<T>)>>,
+}
+
+impl<T: Send + 'static> TaggedReply<T> {
+    fn answer(mut self, answer: Answer<T>) {
+        if let Some(to) = self.to.take() {
+            // A pipeline that was dropped takes no answers.
+            let _ = to.send((self.tag, answer));
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for TaggedReply<T> {
+    fn drop(&mut self) {
+        if let Some(to) = self.to.take() {
+            let _ = to.send((self.tag, Err(ContextError::Closed)));
+        }
+    }
+}
+
+/// A request sent through a [`crate::context::Pipeline`]: answered to the pipeline's queue
+/// instead of to a future of its own.
+pub struct Tagged<M, T: Send + 'static> {
+    msg: M,
+    reply: TaggedReply<T>,
+}
+
+impl<M, T: Send + 'static> Tagged<M, T> {
+    pub(crate) fn new(
+        msg: M,
+        tag: u64,
+        to: tokio::sync::mpsc::UnboundedSender<(u64, Answer<T>)>,
+    ) -> Self {
+        Tagged {
+            msg,
+            reply: TaggedReply { tag, to: Some(to) },
+        }
+    }
+}
+
+impl<M, T: Send + 'static> Message for Tagged<M, T> {
+    type Result = ();
+}
+
+/// The requests a pipeline takes: those that change the context, and loads.
+macro_rules! pipelined {
+    ($($m:ty => $t:ty),*) => {$(
+        impl Handler<Tagged<$m, $t>> for ContextActor {
+            type Result = ();
+
+            fn handle(&mut self, tagged: Tagged<$m, $t>, ctx: &mut Self::Context) {
+                let Tagged { msg, reply } = tagged;
+                <Self as Handler<$m>>::handle(self, msg, ctx).send(move |answer| reply.answer(answer));
+            }
+        }
+    )*};
+}
+
+pipelined!(RecordArtifact => (), RecordEntry => (), EditArtifact => (), LoadCacheEntry => Loaded);
+
 /// The committer's report, delivered to the actor.
 struct CommittedMsg(Committed);
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pcx::actor::{Loaded, Stitched, StitchedEntry};
+use pcx::actor::{Edit, EditArtifact, Loaded, RecordArtifact, Stitched, StitchedEntry};
 use pcx::journal::{Commit, Journal, Records, SledJournal, StoreError};
 use pcx::model::Digest;
 use pcx::{Artifact, Config, Context, DynamoCacheEntry, DynamoCodeEntry, SystemInfo};
@@ -594,6 +594,98 @@ async fn stitch_gives_the_worked_example() {
     assert_eq!(
         serde_json::to_value(&out.debug_info).unwrap(),
         debug_json(&ctx).await
+    );
+}
+
+/// Every request sent through a pipeline is answered once, under its tag: changes in the
+/// order sent, a refused one with its own error; what was answered is durable.
+#[actix::test]
+async fn a_pipeline_answers_each_request_once_under_its_tag() {
+    let (dir, ctx) = fresh();
+    let mut p = ctx.pipeline::<()>();
+    let n = 3_000u64;
+    for i in 0..n {
+        let mut a = artifact(&format!("k{i}"), format!("v{i}").as_bytes());
+        if i % 1_000 == 7 {
+            a.kind = "Not A Kind".into();
+        }
+        assert_eq!(p.send(RecordArtifact { artifact: a }), i);
+    }
+    let edit = p.send(EditArtifact {
+        key: "k1".into(),
+        label: "append".into(),
+        edit: Edit::Apply(Box::new(|mut c: Vec<u8>| {
+            c.push(b'!');
+            Ok(c)
+        })),
+    });
+    let mut answers = Vec::new();
+    while p.answers(&mut answers, 500).await > 0 {}
+    assert_eq!(p.in_flight(), 0);
+    let mut tags: Vec<u64> = answers.iter().map(|(t, _)| *t).collect();
+    let durable: Vec<u64> = answers
+        .iter()
+        .filter(|(_, a)| a.is_ok())
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(
+        durable.windows(2).all(|w| w[0] < w[1]),
+        "changes answer in the order sent"
+    );
+    tags.sort_unstable();
+    assert_eq!(
+        tags,
+        (0..=edit).collect::<Vec<_>>(),
+        "each tag answered once"
+    );
+    for (tag, answer) in &answers {
+        match answer {
+            Err(pcx::ContextError::InvalidKind { .. }) => assert_eq!(tag % 1_000, 7),
+            Err(e) => panic!("request {tag}: {e}"),
+            Ok(ack) => assert!(ack.seq.is_some(), "request {tag} wrote nothing"),
+        }
+    }
+    let ctx = reopen(ctx, dir.path()).await;
+    assert_eq!(content_of(&ctx, "k1").await.as_deref(), Some(&b"v1!"[..]));
+    assert_eq!(
+        content_of(&ctx, "k2999").await.as_deref(),
+        Some(&b"v2999"[..])
+    );
+    assert_eq!(content_of(&ctx, "k7").await, None);
+}
+
+/// A pipeline whose context closes under it still gets an answer for every request.
+#[actix::test]
+async fn a_pipeline_is_answered_closed_once_its_context_is_closed() {
+    let (_dir, ctx) = fresh();
+    let mut p = ctx.pipeline::<()>();
+    for i in 0..2_000 {
+        p.send(RecordArtifact {
+            artifact: artifact(&format!("k{i}"), b"v"),
+        });
+    }
+    ctx.close().await.expect("the context closes");
+    for i in 0..10 {
+        p.send(RecordArtifact {
+            artifact: artifact(&format!("late{i}"), b"v"),
+        });
+    }
+    let mut answers = Vec::new();
+    let taken = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while p.answers(&mut answers, 500).await > 0 {}
+    })
+    .await;
+    assert!(
+        taken.is_ok(),
+        "answers stopped coming: {} of 2,010",
+        answers.len()
+    );
+    assert_eq!(answers.len(), 2_010);
+    let late: Vec<_> = answers.iter().filter(|(t, _)| *t >= 2_000).collect();
+    assert!(
+        late.iter()
+            .all(|(_, a)| matches!(a, Err(pcx::ContextError::Closed))),
+        "sent after the close: {late:?}"
     );
 }
 

@@ -327,32 +327,38 @@ fn w1_entry(i: usize, keys: &[String], s: W1Size) -> DynamoCacheEntry {
 }
 
 /// How many requests [`pipelined`] keeps in flight: four commit groups' worth, enough to keep
-/// the committer busy. With all 100,000 of W1's records in flight at once, the caller's own
-/// futures cost W1 about 50 ms more.
+/// the committer busy.
 const WINDOW: usize = 4096;
 
-/// Sends the messages without waiting for each answer, up to [`WINDOW`] in flight (as an
-/// orchestrator with many changes under way does): the time until the last is durable. Each
-/// answer is dropped as it arrives, as a caller that uses it would, rather than all 10,000
-/// loaded entries being held to the end.
+/// Sends the messages through a [`pcx::context::Pipeline`], up to [`WINDOW`] in flight (as
+/// an orchestrator with many changes under way does): the time until the last is durable.
+/// Each answer is checked and dropped as it arrives, as a caller that uses it would, rather
+/// than all 10,000 loaded entries being held to the end.
 async fn pipelined<M, T>(ctx: &Context, msgs: impl IntoIterator<Item = M>) -> Result<()>
 where
-    M: actix::Message<Result = pcx::actor::Answer<T>> + Send + 'static,
+    M: Send + 'static,
     T: Send + 'static,
-    pcx::actor::ContextActor: actix::Handler<M>,
+    pcx::actor::ContextActor: actix::Handler<pcx::actor::Tagged<M, T>>,
 {
-    use futures::StreamExt as _;
-    let mut answers = futures::stream::iter(msgs)
-        .map(|m| ctx.addr().send(m))
-        .buffer_unordered(WINDOW);
-    while let Some(answer) = answers.next().await {
-        match answer {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => bail!("{e}"),
-            Err(e) => bail!("mailbox: {e}"),
+    let mut pipeline = ctx.pipeline::<T>();
+    let mut answers = Vec::with_capacity(WINDOW);
+    let mut msgs = msgs.into_iter();
+    loop {
+        while pipeline.in_flight() < WINDOW {
+            match msgs.next() {
+                Some(m) => pipeline.send(m),
+                None => break,
+            };
+        }
+        if pipeline.answers(&mut answers, WINDOW).await == 0 {
+            return Ok(());
+        }
+        for (_, answer) in answers.drain(..) {
+            if let Err(e) = answer {
+                bail!("{e}");
+            }
         }
     }
-    Ok(())
 }
 
 /// Runs W1 on a fresh directory; gives the figures and keeps the directory for W2/W5.
