@@ -748,9 +748,6 @@ impl Actor for ContextActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Requests wait in the mailbox while a group is being synced: that wait is what makes
-        // the next group large, so the mailbox must hold many.
-        ctx.set_mailbox_capacity(65_536);
         let addr = ctx.address();
         // Answers are sent from this thread, where the callers' futures live (a wake-up from
         // another thread per answer cost W1 five times its time); the committer hands over

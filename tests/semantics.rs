@@ -654,6 +654,31 @@ async fn a_pipeline_answers_each_request_once_under_its_tag() {
     assert_eq!(content_of(&ctx, "k7").await, None);
 }
 
+/// Requests sent all at once and then awaited one by one, oldest first (the plainest way to
+/// have many in flight), share commits: none waits inside its own future to be delivered.
+#[actix::test]
+async fn requests_sent_together_and_awaited_in_order_share_commits() {
+    let (_dir, ctx) = fresh();
+    let n = 5_000;
+    let sent: Vec<_> = (0..n)
+        .map(|i| {
+            ctx.addr().send(RecordArtifact {
+                artifact: artifact(&format!("k{i}"), b"v"),
+            })
+        })
+        .collect();
+    for s in sent {
+        s.await.expect("delivered").expect("recorded");
+    }
+    let stats = ctx.stats().await.expect("stats").value;
+    assert_eq!(stats.events_appended, n);
+    assert!(
+        stats.flushes <= n / 10,
+        "{} commits for {n} requests sent together",
+        stats.flushes
+    );
+}
+
 /// A pipeline whose context closes under it still gets an answer for every request.
 #[actix::test]
 async fn a_pipeline_is_answered_closed_once_its_context_is_closed() {
