@@ -30,6 +30,9 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a TCP connection may take to authenticate.
 const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Bytes read from a connection at a time (frames larger than this are read in pieces).
+const READ_BUFFER: usize = 64 << 10;
+
 /// How the server listens.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -270,13 +273,16 @@ fn answer_for(ctx: &Context, body: &[u8], counters: &Arc<Counters>) -> AnswerFut
 
 async fn serve_connection(
     ctx: &Context,
-    mut reader: impl AsyncRead + Unpin,
+    reader: impl AsyncRead + Unpin,
     mut writer: impl AsyncWrite + Unpin,
     config: &ServerConfig,
     token: Option<String>,
     counters: &Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    // A frame's header and body come in one read, and a client that pipelines has its
+    // next frames read with them.
+    let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
     if let Some(token) = token {
         // TCP: the first frame must be {"op":"auth","token":…}.
         let first = tokio::select! {
