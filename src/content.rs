@@ -59,18 +59,24 @@ struct Stream {
     ahead: Option<(u64, Arc<Vec<u8>>)>,
 }
 
+impl Stream {
+    /// Its block read ahead, if that holds `offset..end`: where in the block it starts.
+    fn holding(&self, offset: u64, end: u64) -> Option<(&Arc<Vec<u8>>, usize)> {
+        let (start, block) = self.ahead.as_ref()?;
+        (offset >= *start && end <= start.saturating_add(block.len() as u64))
+            .then(|| (block, (offset - start) as usize))
+    }
+}
+
 impl Files {
     /// The stream a read of `file` at `offset..end` continues, made the most recent: one
     /// whose block holds it, or one that ended where it starts. `None` for a read that
     /// continues none; it starts a stream, in place of the least recent.
     fn continued(&mut self, file: u64, offset: u64, end: u64) -> Option<&mut Stream> {
-        let found = self.streams.iter().position(|s| {
-            s.file == file
-                && (s.end == offset
-                    || s.ahead.as_ref().is_some_and(|(start, block)| {
-                        offset >= *start && end <= start + block.len() as u64
-                    }))
-        });
+        let found = self
+            .streams
+            .iter()
+            .position(|s| s.file == file && (s.end == offset || s.holding(offset, end).is_some()));
         match found {
             Some(i) => {
                 let s = self.streams.remove(i);
@@ -190,13 +196,11 @@ impl ContentFiles {
             let mut read_ahead = None;
             if let Some(stream) = f.continued(file, offset, end) {
                 stream.end = end;
-                if let Some((start, block)) = &stream.ahead {
-                    if offset >= *start && end <= start + block.len() as u64 {
-                        // Copied once the lock is let go.
-                        let (block, from) = (block.clone(), (offset - start) as usize);
-                        drop(f);
-                        return Ok(block[from..from + len as usize].to_vec());
-                    }
+                if let Some((block, from)) = stream.holding(offset, end) {
+                    // Copied once the lock is let go.
+                    let block = block.clone();
+                    drop(f);
+                    return Ok(block[from..from + len as usize].to_vec());
                 }
                 if len < READ_AHEAD / 4 {
                     read_ahead = Some(READ_AHEAD.min(complete.saturating_sub(offset)));
