@@ -65,6 +65,17 @@ fn every_workload_runs_and_reports_its_figures_beside_its_reference() {
     let w3 = &bench("w3")[0];
     assert!(figure(w3, "records_per_s") > 0.0 && figure(w3, "fraction_of_limit") > 0.0);
     assert!(figure(w3, "p99_ms") >= figure(w3, "p50_ms"));
+    // The floors run the same clients in the same run: the one that stores nothing is the
+    // fastest, and pcx's figure is read against sled's.
+    assert!(
+        figure(w3, "floor_socket_records_per_s") > figure(w3, "floor_sled_records_per_s"),
+        "{w3}"
+    );
+    for floor in ["socket", "file", "sled"] {
+        assert!(figure(w3, &format!("floor_{floor}_one_client_p50_ms")) > 0.0);
+    }
+    let against_sled = figure(w3, "records_per_s") / figure(w3, "floor_sled_records_per_s");
+    assert!((figure(w3, "fraction_of_sled_floor") - against_sled).abs() < 1e-9);
 
     let w4 = &bench("w4")[0];
     assert!(figure(w4, "fraction_of_disk") > 0.0);

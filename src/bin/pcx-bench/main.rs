@@ -22,6 +22,8 @@ use pcx::actor::{
 use pcx::model::{Artifact, DynamoCacheEntry, DynamoCodeEntry};
 use pcx::{Config, Context};
 
+mod floor;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "pcx-bench",
@@ -691,12 +693,24 @@ fn w3(quick: bool) -> Result<Value> {
     let dir = temp_dir("w3")?;
     let server = Server::start(dir.path(), &[])?;
     let (secs, lat) = closed_loop(&server.socket, clients, per, 256)?;
-    let (_, alone) = closed_loop(&server.socket, 1, if quick { 50 } else { 500 }, 256)?;
+    let alone_n = if quick { 50 } else { 500 };
+    let (_, alone) = closed_loop(&server.socket, 1, alone_n, 256)?;
     drop(server);
+    let floors = floor::measure(
+        dir.path(),
+        clients,
+        per,
+        alone_n,
+        |socket, clients, per| closed_loop(socket, clients, per, 256),
+        percentile,
+    )?;
     let throughput = (clients * per) as f64 / secs;
     let limit = clients as f64 / (fsync_ms / 1e3);
     let alone_p50 = percentile(alone, 0.5);
-    Ok(json!({
+    let sled_floor = floors["floor_sled_records_per_s"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let mut run = json!({
         "clients": clients,
         "records_per_s": throughput,
         "fsync_ms (same run)": fsync_ms,
@@ -706,7 +720,12 @@ fn w3(quick: bool) -> Result<Value> {
         "p99_ms": percentile(lat, 0.99),
         "one_client_p50_ms": alone_p50,
         "one_client_p50_over_fsync": alone_p50 / fsync_ms,
-    }))
+        "fraction_of_sled_floor": throughput / sled_floor,
+    });
+    if let (Some(run), Value::Object(floors)) = (run.as_object_mut(), floors) {
+        run.extend(floors);
+    }
+    Ok(run)
 }
 
 // ---------------------------------------------------------------------------------------
