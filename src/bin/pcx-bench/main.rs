@@ -120,43 +120,17 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    // `--runs` runs of one workload, each a JSON object of its figures.
+    let runs = |workload: fn(bool) -> Result<Value>| -> Result<Vec<Value>> {
+        (0..cli.runs).map(|_| workload(cli.quick)).collect()
+    };
     match &cli.command {
-        Workload::Disk => report(
-            cli,
-            "disk",
-            (0..cli.runs)
-                .map(|_| disk(cli.quick))
-                .collect::<Result<_>>()?,
-        ),
-        Workload::W1 => report(
-            cli,
-            "w1",
-            (0..cli.runs)
-                .map(|_| w1(cli.quick).map(|r| r.0))
-                .collect::<Result<_>>()?,
-        ),
+        Workload::Disk => report(cli, "disk", runs(disk)?),
+        Workload::W1 => report(cli, "w1", runs(|quick| w1(quick).map(|r| r.0))?),
         Workload::W2 => report(cli, "w2", w2(cli)?),
-        Workload::W3 => report(
-            cli,
-            "w3",
-            (0..cli.runs)
-                .map(|_| w3(cli.quick))
-                .collect::<Result<_>>()?,
-        ),
-        Workload::W4 => report(
-            cli,
-            "w4",
-            (0..cli.runs)
-                .map(|_| w4(cli.quick))
-                .collect::<Result<_>>()?,
-        ),
-        Workload::W5 => report(
-            cli,
-            "w5",
-            (0..cli.runs)
-                .map(|_| w5(cli.quick))
-                .collect::<Result<_>>()?,
-        ),
+        Workload::W3 => report(cli, "w3", runs(w3)?),
+        Workload::W4 => report(cli, "w4", runs(w4)?),
+        Workload::W5 => report(cli, "w5", runs(w5)?),
         Workload::CompareTorch { python } => compare_torch(cli, python.clone()),
         Workload::OpenProbe { dir } => open_probe(dir),
     }
