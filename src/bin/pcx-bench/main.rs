@@ -51,7 +51,7 @@ enum Workload {
     W1,
     /// Cold start of W1's log in a fresh process, with and without a snapshot.
     W2,
-    /// 64 closed-loop clients over the socket server, 256-byte records.
+    /// 64 closed-loop clients over the socket server, 256-byte records; then its floors.
     W3,
     /// 1 MiB artifacts: bandwidth against sequential write + fsync.
     W4,
