@@ -25,12 +25,15 @@ use indexmap::IndexMap;
 use tokio::sync::oneshot;
 
 use crate::committer::{Committed, Committer, Group, Intake, Waiter};
+use crate::deserializer::{deserialize_all, Backend, Deserializer, Done, Job};
 use crate::error::ContextError;
 use crate::event::Event;
+use crate::event::SavedEntry;
 use crate::journal::{Journal, StoreError};
 use crate::kinds::{Deserialized, Kinds};
 use crate::model::{
     Artifact, ArtifactRef, DebugInfo, Digest, DynamoCacheEntry, PrecompileCacheEntry, SystemInfo,
+    EAGER_KIND,
 };
 use crate::record::{
     encode_event, encode_saved_entry, encode_snapshot_of, Envelope, SCHEMA_VERSION,
@@ -223,16 +226,22 @@ where
         _: &mut Context<ContextActor>,
         tx: Option<actix::dev::OneshotSender<Answer<T>>>,
     ) {
-        let Some(tx) = tx else {
+        match tx {
+            Some(tx) => self.reply_with(move |answer| {
+                let _ = tx.send(answer);
+            }),
             // Nobody waits for the answer: the changes are still queued.
-            self.send(drop);
-            return;
-        };
+            None => self.send(drop),
+        }
+    }
+}
+
+impl<T: Send + 'static> Durable<T> {
+    /// Like [`Durable::send`], with `deliver` run by the actor's replier task.
+    fn reply_with(self, deliver: impl FnOnce(Answer<T>) + Send + 'static) {
         let replier = self.replier.clone();
         self.send(move |answer| {
-            let reply: Reply = Box::new(move || {
-                let _ = tx.send(answer);
-            });
+            let reply: Reply = Box::new(move || deliver(answer));
             match &replier {
                 Some(r) => {
                     if let Err(unsent) = r.send(reply) {
@@ -309,7 +318,39 @@ macro_rules! pipelined {
     )*};
 }
 
-pipelined!(RecordArtifact => (), RecordEntry => (), EditArtifact => (), LoadCacheEntry => Loaded);
+pipelined!(RecordArtifact => (), RecordEntry => (), EditArtifact => ());
+
+impl Handler<Tagged<LoadCacheEntry, Loaded>> for ContextActor {
+    type Result = ();
+
+    fn handle(&mut self, tagged: Tagged<LoadCacheEntry, Loaded>, _: &mut Self::Context) {
+        let Tagged { msg, reply } = tagged;
+        self.load(
+            msg,
+            Box::new(move |d| d.send(move |answer| reply.answer(answer))),
+        );
+    }
+}
+
+/// Where a load's answer goes once it is staged.
+type LoadReply = Box<dyn FnOnce(Durable<Loaded>)>;
+
+/// A load waiting for the loads before it, or for the plugin thread.
+struct QueuedLoad {
+    ticket: u64,
+    key: String,
+    saved: SavedEntry,
+    /// The backends and their ready-to-use forms, once deserialized.
+    done: Option<Done>,
+    reply: LoadReply,
+}
+
+/// Tells the actor the plugin thread has results.
+struct LoadsReady;
+
+impl Message for LoadsReady {
+    type Result = ();
+}
 
 /// The committer's report, delivered to the actor.
 struct CommittedMsg(Committed);
@@ -344,6 +385,11 @@ pub struct ContextActor {
     closed: bool,
     /// The queue of the task that sends replies (set when the actor starts).
     replier: Option<Replier>,
+    /// The plugin thread (when plugins are loaded and it could start).
+    deserializer: Option<Deserializer>,
+    /// Loads not yet staged, in arrival order; tickets count up from the front.
+    loads: std::collections::VecDeque<QueuedLoad>,
+    next_ticket: u64,
 }
 
 impl ContextActor {
@@ -370,15 +416,30 @@ impl ContextActor {
             pending_blobs: std::collections::HashMap::new(),
             closed: false,
             replier: None,
+            deserializer: None,
+            loads: std::collections::VecDeque::new(),
+            next_ticket: 0,
         }
     }
 
     /// Runs one request: decide (panics caught) and stage; the answer is sent once durable.
+    /// Queued loads are finished first, so the request sees their changes.
     fn run<T: Send + 'static>(
         &mut self,
         decide: impl FnOnce(&mut Self) -> Result<(Vec<Event>, T), ContextError>,
         map_commit_error: impl FnOnce(ContextError) -> ContextError + Send + 'static,
     ) -> Durable<T> {
+        self.settle_loads();
+        let decided = self.decide(decide);
+        self.finish(decided, map_commit_error)
+    }
+
+    /// Decides a request against the current state: refused while closed or broken, and a
+    /// panic is caught and becomes an error.
+    fn decide<T>(
+        &mut self,
+        decide: impl FnOnce(&mut Self) -> Result<T, ContextError>,
+    ) -> Result<T, ContextError> {
         let decided = if self.closed {
             Err(ContextError::Closed)
         } else if let Err(e) = self.heal() {
@@ -398,6 +459,15 @@ impl ContextActor {
             self.last_heal = None;
             let _ = self.heal();
         }
+        decided
+    }
+
+    /// Stages a decided request's events; its answer is sent once they are durable.
+    fn finish<T: Send + 'static>(
+        &mut self,
+        decided: Result<(Vec<Event>, T), ContextError>,
+        map_commit_error: impl FnOnce(ContextError) -> ContextError + Send + 'static,
+    ) -> Durable<T> {
         let outcome = decided.and_then(|(events, value)| Ok((self.stage(events)?, value)));
         let staged = std::mem::take(&mut self.staging);
         if outcome.is_err() {
@@ -500,6 +570,11 @@ impl ContextActor {
 
     /// After a failed commit: the log is the truth, so rebuild from it.
     fn reload(&mut self) {
+        // Queued loads were decided on the state being dropped: they may name an entry or
+        // content that was never made durable.
+        self.fail_queued_loads(&ContextError::Aborted {
+            message: "the context was rebuilt from the log after a failed commit".into(),
+        });
         match recover(self.journal.as_ref()) {
             Ok(r) => {
                 self.state = r.state;
@@ -732,7 +807,7 @@ fn validate_kind(kind: &str) -> Result<(), ContextError> {
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -775,6 +850,19 @@ impl Actor for ContextActor {
                 }
             }
         };
+        if !self.settings.kinds.plugins().is_empty() {
+            let weak = addr.downgrade();
+            let notify = move || {
+                if let Some(a) = weak.upgrade() {
+                    a.do_send(LoadsReady);
+                }
+            };
+            match Deserializer::start(self.settings.kinds.clone(), notify) {
+                Ok(d) => self.deserializer = Some(d),
+                // Loads then call their plugins on this thread.
+                Err(e) => tracing::warn!(error = %e, "cannot start the plugin thread"),
+            }
+        }
         let report = move |c| addr.do_send(CommittedMsg(c));
         match Committer::start(self.journal.clone(), answer, report) {
             Ok(c) => self.committer = Some(c),
@@ -1024,51 +1112,246 @@ impl Handler<SaveToDynamoCache> for ContextActor {
 }
 
 impl Handler<LoadCacheEntry> for ContextActor {
-    type Result = Durable<Loaded>;
+    type Result = ResponseFuture<Answer<Loaded>>;
 
     fn handle(&mut self, msg: LoadCacheEntry, _: &mut Self::Context) -> Self::Result {
-        self.run(
-            move |this| {
-                let LoadCacheEntry { key, system_info } = msg;
-                let Some(saved) = this.state.dynamo_cache.get(&key).cloned() else {
-                    this.counters.miss += 1;
-                    tracing::info!(key = %key, counter = "dynamo_cache_miss", "no package found");
-                    return Err(ContextError::PackageNotFound { key });
-                };
-                let loaded = (|| {
-                    if let Some(current) = &system_info {
-                        saved
-                            .dynamo
-                            .system_info
-                            .check_compatibility(current, &saved.dynamo.device_type)
-                            .map_err(|message| ContextError::SystemMismatch { key: key.clone(), message })?;
-                    }
-                    let mut backends = IndexMap::new();
-                    let mut deserialized = IndexMap::new();
-                    for (id, r) in &saved.backends {
-                        let content = this.content(id, r)?;
-                        let d = this.settings.kinds.after_deserialization(id, &r.kind, &content)?;
-                        backends.insert(id.clone(), Artifact { key: id.clone(), kind: r.kind.clone(), content });
-                        deserialized.insert(id.clone(), d);
-                    }
-                    Ok(Loaded { entry: PrecompileCacheEntry { dynamo: saved.dynamo.clone(), backends }, deserialized })
-                })();
-                match loaded {
-                    Ok(value) => {
-                        // Counted when its EntryLoaded event is durable, not before.
-                        this.staging.hits += 1;
-                        tracing::info!(key = %key, counter = "dynamo_cache_hit", "loaded package");
-                        Ok((vec![Event::EntryLoaded { key, backends: saved.backends }], value))
-                    }
-                    Err(e) => {
-                        this.counters.error += 1;
-                        tracing::warn!(key = %key, counter = "dynamo_cache_error", error = %e, "failed to load package");
-                        Err(e)
+        let (tx, rx) = oneshot::channel();
+        self.load(
+            msg,
+            Box::new(move |d| {
+                d.reply_with(move |answer| {
+                    let _ = tx.send(answer);
+                })
+            }),
+        );
+        Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
+    }
+}
+
+impl Handler<LoadsReady> for ContextActor {
+    type Result = ();
+
+    fn handle(&mut self, _: LoadsReady, _: &mut Self::Context) {
+        self.collect_loads(false);
+    }
+}
+
+impl ContextActor {
+    /// `load_cache_entry`. The entry is looked up and its contents read now. A load with
+    /// backends of plugin kinds, or one behind such a load, is queued and its plugin calls run
+    /// on the plugin thread; it is staged (and so answered) in arrival order, before any other
+    /// request is decided. Everything else is done at once.
+    fn load(&mut self, msg: LoadCacheEntry, reply: LoadReply) {
+        self.collect_loads(false);
+        let LoadCacheEntry { key, system_info } = msg;
+        let found = self.decide(|this| this.find_load(&key, system_info.as_ref()));
+        let (saved, backends) = match found {
+            Ok(found) => found,
+            Err(e) => return reply(self.finish(Err(e), same)),
+        };
+        let offload = self.deserializer.is_some()
+            && (!self.loads.is_empty() || backends.iter().any(|b| b.kind != EAGER_KIND));
+        if !offload {
+            let durable = self.decide(|this| {
+                let result = deserialize_all(&this.settings.kinds, &backends);
+                this.conclude_load(key, saved, backends, result)
+            });
+            return reply(self.finish(durable, same));
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let job = Job { ticket, backends };
+        let kept = match &self.deserializer {
+            Some(d) if job.backends.iter().any(|b| b.kind != EAGER_KIND) => d.submit(job).err(),
+            _ => Some(job),
+        };
+        // Eager only (nothing for the plugin thread), or the plugin thread is gone: done here.
+        let done = kept.map(|Job { ticket, backends }| Done {
+            ticket,
+            result: deserialize_all(&self.settings.kinds, &backends),
+            backends,
+        });
+        tracing::debug!(key = %key, ticket, "load queued for the plugin thread");
+        self.loads.push_back(QueuedLoad {
+            ticket,
+            key,
+            saved,
+            done,
+            reply,
+        });
+        self.collect_loads(false);
+    }
+
+    /// The saved entry for `key` and its backends' contents. A miss or a failure counts.
+    fn find_load(
+        &mut self,
+        key: &str,
+        system_info: Option<&SystemInfo>,
+    ) -> Result<(SavedEntry, Vec<Backend>), ContextError> {
+        let Some(saved) = self.state.dynamo_cache.get(key).cloned() else {
+            self.counters.miss += 1;
+            tracing::info!(key = %key, counter = "dynamo_cache_miss", "no package found");
+            return Err(ContextError::PackageNotFound { key: key.into() });
+        };
+        let backends = (|| {
+            if let Some(current) = system_info {
+                saved
+                    .dynamo
+                    .system_info
+                    .check_compatibility(current, &saved.dynamo.device_type)
+                    .map_err(|message| ContextError::SystemMismatch {
+                        key: key.into(),
+                        message,
+                    })?;
+            }
+            saved
+                .backends
+                .iter()
+                .map(|(id, r)| {
+                    Ok(Backend {
+                        id: id.clone(),
+                        kind: r.kind.clone(),
+                        content: self.content(id, r)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, ContextError>>()
+        })();
+        match backends {
+            Ok(b) => Ok((saved, b)),
+            Err(e) => Err(self.load_failed(key, e)),
+        }
+    }
+
+    fn load_failed(&mut self, key: &str, e: ContextError) -> ContextError {
+        self.counters.error += 1;
+        tracing::warn!(key = %key, counter = "dynamo_cache_error", error = %e, "failed to load package");
+        e
+    }
+
+    /// A load's answer and event, once its backends are deserialized.
+    fn conclude_load(
+        &mut self,
+        key: String,
+        saved: SavedEntry,
+        backends: Vec<Backend>,
+        result: Result<Vec<Deserialized>, ContextError>,
+    ) -> Result<(Vec<Event>, Loaded), ContextError> {
+        let deserialized = match result {
+            Ok(d) => d,
+            Err(e) => return Err(self.load_failed(&key, e)),
+        };
+        let ids = backends.iter().map(|b| b.id.clone());
+        let value = Loaded {
+            deserialized: ids.zip(deserialized).collect(),
+            entry: PrecompileCacheEntry {
+                dynamo: saved.dynamo,
+                backends: backends
+                    .into_iter()
+                    .map(|b| {
+                        let artifact = Artifact {
+                            key: b.id.clone(),
+                            kind: b.kind,
+                            content: b.content,
+                        };
+                        (b.id, artifact)
+                    })
+                    .collect(),
+            },
+        };
+        // Counted when its EntryLoaded event is durable, not before.
+        self.staging.hits += 1;
+        tracing::info!(key = %key, counter = "dynamo_cache_hit", "loaded package");
+        Ok((
+            vec![Event::EntryLoaded {
+                key,
+                backends: saved.backends,
+            }],
+            value,
+        ))
+    }
+
+    /// Stages the queued loads that are ready at the front, in order; with `wait`, waits for
+    /// the plugin thread until none is left.
+    fn collect_loads(&mut self, wait: bool) {
+        loop {
+            while self.loads.front().is_some_and(|q| q.done.is_some()) {
+                if let Some(q) = self.loads.pop_front() {
+                    self.stage_load(q);
+                }
+            }
+            let Some(first) = self.loads.front().map(|q| q.ticket) else {
+                return;
+            };
+            // `Err(true)`: the plugin thread is gone; `Err(false)`: nothing ready yet.
+            let next = match &self.deserializer {
+                Some(d) if wait => d.wait_done().map_err(|_| true),
+                Some(d) => d
+                    .try_done()
+                    .map_err(|e| e == std::sync::mpsc::TryRecvError::Disconnected),
+                None => Err(true),
+            };
+            let lost = match next {
+                Err(false) => return,
+                Err(true) => "the plugin thread stopped",
+                // A load failed by a rebuild (see `reload`): nobody waits for it.
+                Ok(done) if done.ticket < first => continue,
+                Ok(done) => {
+                    let slot = usize::try_from(done.ticket - first)
+                        .ok()
+                        .and_then(|i| self.loads.get_mut(i));
+                    match slot {
+                        Some(q) => {
+                            q.done = Some(done);
+                            continue;
+                        }
+                        None => "the plugin thread answered a load that is not queued",
                     }
                 }
-            },
-            same,
-        )
+            };
+            // Nothing more will come for the loads still queued.
+            tracing::error!(queued = self.loads.len(), "{lost}");
+            self.fail_queued_loads(&ContextError::Panicked {
+                message: lost.into(),
+            });
+            self.deserializer = None;
+            return;
+        }
+    }
+
+    /// Answers every queued load with `e`, in order, staging nothing.
+    fn fail_queued_loads(&mut self, e: &ContextError) {
+        for q in std::mem::take(&mut self.loads) {
+            tracing::warn!(key = %q.key, error = %e, "queued load not applied");
+            (q.reply)(self.finish(Err(e.clone()), same));
+        }
+    }
+
+    /// Finishes every queued load before a request that may see their changes.
+    fn settle_loads(&mut self) {
+        if !self.loads.is_empty() {
+            self.collect_loads(true);
+        }
+    }
+
+    fn stage_load(&mut self, q: QueuedLoad) {
+        let QueuedLoad {
+            key,
+            saved,
+            done,
+            reply,
+            ..
+        } = q;
+        let (backends, result) = match done {
+            Some(Done {
+                backends, result, ..
+            }) => (backends, result),
+            None => {
+                let message = "a load was staged before its plugin calls ran".into();
+                (Vec::new(), Err(ContextError::Panicked { message }))
+            }
+        };
+        let decided = self.decide(|this| this.conclude_load(key, saved, backends, result));
+        reply(self.finish(decided, same));
     }
 }
 
@@ -1076,6 +1359,7 @@ impl Handler<Audit> for ContextActor {
     type Result = ResponseFuture<Answer<serde_json::Map<String, serde_json::Value>>>;
 
     fn handle(&mut self, msg: Audit, _: &mut Self::Context) -> Self::Result {
+        self.settle_loads();
         let (tx, rx) = oneshot::channel();
         if self.closed {
             let _ = tx.send(Err(ContextError::Closed));
@@ -1120,6 +1404,7 @@ impl Handler<GetStats> for ContextActor {
     type Result = ResponseFuture<Answer<Stats>>;
 
     fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
+        self.settle_loads();
         let (calls, failures) = self.settings.kinds.call_counts();
         let stats = Stats {
             dynamo_cache_hits: self.hits(),
@@ -1143,6 +1428,7 @@ impl Handler<GetLoadCounters> for ContextActor {
     type Result = ResponseFuture<Answer<LoadCounters>>;
 
     fn handle(&mut self, _: GetLoadCounters, _: &mut Self::Context) -> Self::Result {
+        self.settle_loads();
         // Answered once the loads before it are durable, with the hits counted by then.
         let (tx, rx) = oneshot::channel();
         let LoadCounters { miss, error, .. } = self.counters;

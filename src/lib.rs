@@ -45,6 +45,7 @@ pub mod compact;
 pub mod config;
 pub mod content;
 pub mod context;
+pub mod deserializer;
 pub mod error;
 pub mod event;
 pub mod export;

@@ -1159,3 +1159,147 @@ fn the_sdk_refuses_to_build_a_plugin_with_panic_abort() {
         out.stderr
     );
 }
+
+/// Loads of plugin kinds run their plugin calls on the plugin thread while the actor goes
+/// on; the requests sent behind them must still see the context as if each had waited.
+/// Everything here is sent before the actor reads any of it: a take of an artifact that only
+/// the load before it puts back, a clear, loads again, and a load that fails in the plugin
+/// between two that succeed.
+#[actix::test]
+async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests() {
+    use pcx::config::Config;
+    use pcx::context::Context;
+    use pcx::model::{Artifact, DynamoCacheEntry, DynamoCodeEntry};
+
+    let s = Setup::new();
+    s.install(aot_bundle(), "libaot_bundle.so");
+    let mut config = Config::load(None, std::iter::empty()).expect("the built-in config loads");
+    config.data_dir = s.data();
+    config.plugin_dir = s.plugins();
+    let doc = rmp_serde::to_vec_named(&bundle()).unwrap();
+    // Milliseconds of plugin work: the requests behind it reach the actor long before.
+    let mut large = bundle();
+    large.kernels[0].code = vec![7; 8 << 20];
+    let large = rmp_serde::to_vec_named(&large).unwrap();
+    let aot = |key: &str, content: &[u8]| Artifact {
+        key: key.into(),
+        kind: "bundled_aot_autograd".into(),
+        content: content.to_vec(),
+    };
+    let entry = |ids: &[&str]| DynamoCacheEntry {
+        codes: vec![DynamoCodeEntry {
+            backend_ids: ids.iter().map(|s| s.to_string()).collect(),
+            python_module: "model".into(),
+            ..Default::default()
+        }],
+        device_type: "cpu".into(),
+        ..Default::default()
+    };
+
+    let ctx = Context::open(&config).expect("the context opens");
+    for a in [
+        aot("a1", &doc),
+        aot("a2", &large),
+        aot("b1", &doc),
+        // Not a document: its load fails in the plugin.
+        aot("bad", b"\x85"),
+        Artifact {
+            key: "e1".into(),
+            kind: "eager".into(),
+            content: b"eager kernel".to_vec(),
+        },
+        Artifact {
+            key: "e2".into(),
+            kind: "eager".into(),
+            content: b"another eager kernel".to_vec(),
+        },
+    ] {
+        ctx.record_artifact(a).await.expect("recorded");
+    }
+    for (key, ids) in [
+        ("A", &["a1", "e1", "a2"][..]),
+        ("B", &["b1"][..]),
+        ("BAD", &["bad"][..]),
+        ("E", &["e2"][..]),
+    ] {
+        ctx.record_dynamo_cache_entry(key, entry(ids))
+            .await
+            .expect("recorded");
+    }
+    ctx.save_to_dynamo_cache().await.expect("saved");
+    ctx.clear().await.expect("cleared");
+
+    // join! polls each in turn, so all are in the mailbox before the actor runs.
+    let (load_a, load_e, take_a1, load_b, load_bad, dump, clear, load_a_again, take_b1, counters) = futures::join!(
+        ctx.load_cache_entry("A", None),
+        // Eager only, behind a load that waits for the plugin thread.
+        ctx.load_cache_entry("E", None),
+        ctx.take_artifact("a1"),
+        ctx.load_cache_entry("B", None),
+        ctx.load_cache_entry("BAD", None),
+        ctx.dump_debug_info(),
+        ctx.clear(),
+        ctx.load_cache_entry("A", None),
+        ctx.take_artifact("b1"),
+        ctx.load_counters(),
+    );
+    let load_a = load_a.expect("A loads").value;
+    assert_eq!(load_a.deserialized["a1"].served_by, "aot-bundle");
+    assert_eq!(load_a.deserialized["e1"].served_by, "builtin");
+    assert_eq!(load_a.deserialized["a2"].served_by, "aot-bundle");
+    assert_eq!(
+        decode_bundle(&load_a.deserialized["a1"].content),
+        Bundle {
+            guards_expr: None,
+            ..bundle()
+        }
+    );
+    assert!(load_e.is_ok(), "{load_e:?}");
+    let taken = take_a1.expect("take answers").value;
+    assert!(
+        taken.is_some_and(|a| a.key == "a1" && a.content == doc),
+        "the take sees a1, put back by the load sent before it"
+    );
+    assert!(load_b.is_ok(), "{load_b:?}");
+    let message = load_bad.expect_err("BAD's plugin call fails").to_string();
+    assert_contains(&message, &["aot-bundle", "not valid MessagePack"]);
+    // a1 was taken; the others are back, in the order their loads were sent; BAD's failure
+    // put nothing back.
+    assert_eq!(
+        dump.expect("dump answers").value.backends,
+        ["e1", "a2", "e2", "b1"]
+    );
+    clear.expect("clear answers");
+    assert!(load_a_again.is_ok(), "{load_a_again:?}");
+    assert_eq!(
+        take_b1.expect("take answers").value,
+        None,
+        "b1 was cleared after B's load and A's second load does not hold it"
+    );
+    let counters = counters.expect("counters answer").value;
+    assert_eq!((counters.hit, counters.miss, counters.error), (4, 0, 1));
+
+    // The log says the same: a restart replays to the same state.
+    let before = ctx.state_digest().await.expect("digest").value;
+    ctx.close().await.expect("closed");
+    let ctx = Context::open(&config).expect("the context opens again");
+    assert_eq!(ctx.state_digest().await.expect("digest").value, before);
+    for key in ["a1", "a2", "e1"] {
+        assert!(
+            ctx.serialize_artifact_by_key(key)
+                .await
+                .expect("answers")
+                .value
+                .is_some(),
+            "{key} is back after A's second load"
+        );
+    }
+    assert_eq!(
+        ctx.serialize_artifact_by_key("b1")
+            .await
+            .expect("answers")
+            .value,
+        None
+    );
+    ctx.close().await.expect("closed");
+}
