@@ -10,6 +10,12 @@
 //! holds everything that arrived during one sync. Reads are answered in the same order: a
 //! read waits for the changes staged before it, so nobody sees a change before it is durable.
 //!
+//! Loads with backends of plugin kinds are the one exception to "one request at a time":
+//! their plugin calls run on the plugin thread ([`crate::deserializer`]) while the actor
+//! takes the next message. They are staged in arrival order, and every other request first
+//! waits for them (`settle_loads`), so each request still sees the state as if every request
+//! before it had been done whole.
+//!
 //! If a commit fails, every request of that group and of those queued behind it gets an
 //! error (once the state is rebuilt from the log), and the journal takes the group back:
 //! nothing half-applied, nothing answered and then lost. A panic while deciding is caught and
@@ -323,12 +329,10 @@ pipelined!(RecordArtifact => (), RecordEntry => (), EditArtifact => ());
 impl Handler<Tagged<LoadCacheEntry, Loaded>> for ContextActor {
     type Result = ();
 
-    fn handle(&mut self, tagged: Tagged<LoadCacheEntry, Loaded>, _: &mut Self::Context) {
+    fn handle(&mut self, tagged: Tagged<LoadCacheEntry, Loaded>, ctx: &mut Self::Context) {
         let Tagged { msg, reply } = tagged;
-        self.load(
-            msg,
-            Box::new(move |d| d.send(move |answer| reply.answer(answer))),
-        );
+        let reply: LoadReply = Box::new(move |d| d.send(move |answer| reply.answer(answer)));
+        self.load(msg, reply, ctx);
     }
 }
 
@@ -351,6 +355,20 @@ struct LoadsReady;
 impl Message for LoadsReady {
     type Result = ();
 }
+
+/// Sent by the actor to itself behind the messages already in its mailbox: hands the jobs
+/// gathered meanwhile to the plugin thread.
+struct FlushJobs;
+
+impl Message for FlushJobs {
+    type Result = ();
+}
+
+/// Jobs are handed to the plugin thread in batches of at most this many. One hand-off per
+/// load woke the plugin thread every time, and each wake-up took the CPU from the actor (on
+/// two cores, with the committer on the other); a batch much larger leaves the plugin thread
+/// idle while the actor gathers it.
+const JOB_BATCH: usize = 64;
 
 /// The committer's report, delivered to the actor.
 struct CommittedMsg(Committed);
@@ -390,6 +408,9 @@ pub struct ContextActor {
     /// Loads not yet staged, in arrival order; tickets count up from the front.
     loads: std::collections::VecDeque<QueuedLoad>,
     next_ticket: u64,
+    /// Jobs not yet handed to the plugin thread, and whether a [`FlushJobs`] is on its way.
+    outbox: Vec<Job>,
+    flush_sent: bool,
 }
 
 impl ContextActor {
@@ -419,6 +440,8 @@ impl ContextActor {
             deserializer: None,
             loads: std::collections::VecDeque::new(),
             next_ticket: 0,
+            outbox: Vec::new(),
+            flush_sent: false,
         }
     }
 
@@ -1114,16 +1137,14 @@ impl Handler<SaveToDynamoCache> for ContextActor {
 impl Handler<LoadCacheEntry> for ContextActor {
     type Result = ResponseFuture<Answer<Loaded>>;
 
-    fn handle(&mut self, msg: LoadCacheEntry, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: LoadCacheEntry, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        self.load(
-            msg,
-            Box::new(move |d| {
-                d.reply_with(move |answer| {
-                    let _ = tx.send(answer);
-                })
-            }),
-        );
+        let reply: LoadReply = Box::new(move |d| {
+            d.reply_with(move |answer| {
+                let _ = tx.send(answer);
+            })
+        });
+        self.load(msg, reply, ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
     }
 }
@@ -1136,12 +1157,21 @@ impl Handler<LoadsReady> for ContextActor {
     }
 }
 
+impl Handler<FlushJobs> for ContextActor {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushJobs, _: &mut Self::Context) {
+        self.flush_sent = false;
+        self.flush_jobs();
+    }
+}
+
 impl ContextActor {
     /// `load_cache_entry`. The entry is looked up and its contents read now. A load with
     /// backends of plugin kinds, or one behind such a load, is queued and its plugin calls run
     /// on the plugin thread; it is staged (and so answered) in arrival order, before any other
     /// request is decided. Everything else is done at once.
-    fn load(&mut self, msg: LoadCacheEntry, reply: LoadReply) {
+    fn load(&mut self, msg: LoadCacheEntry, reply: LoadReply, ctx: &mut Context<Self>) {
         self.collect_loads(false);
         let LoadCacheEntry { key, system_info } = msg;
         let found = self.decide(|this| this.find_load(&key, system_info.as_ref()));
@@ -1160,17 +1190,24 @@ impl ContextActor {
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        let job = Job { ticket, backends };
-        let kept = match &self.deserializer {
-            Some(d) if job.backends.iter().any(|b| b.kind != EAGER_KIND) => d.submit(job).err(),
-            _ => Some(job),
+        let done = if backends.iter().all(|b| b.kind == EAGER_KIND) {
+            // Nothing for the plugin thread: it only waits its turn.
+            let result = deserialize_all(&self.settings.kinds, &backends);
+            Some(Done {
+                ticket,
+                backends,
+                result,
+            })
+        } else {
+            self.outbox.push(Job { ticket, backends });
+            if self.outbox.len() >= JOB_BATCH {
+                self.flush_jobs();
+            } else if !self.flush_sent {
+                self.flush_sent = true;
+                ctx.address().do_send(FlushJobs);
+            }
+            None
         };
-        // Eager only (nothing for the plugin thread), or the plugin thread is gone: done here.
-        let done = kept.map(|Job { ticket, backends }| Done {
-            ticket,
-            result: deserialize_all(&self.settings.kinds, &backends),
-            backends,
-        });
         tracing::debug!(key = %key, ticket, "load queued for the plugin thread");
         self.loads.push_back(QueuedLoad {
             ticket,
@@ -1270,18 +1307,63 @@ impl ContextActor {
         ))
     }
 
+    /// Hands the gathered jobs to the plugin thread (or, if it is gone, does them here).
+    fn flush_jobs(&mut self) {
+        let jobs = std::mem::take(&mut self.outbox);
+        if jobs.is_empty() {
+            return;
+        }
+        let refused = match &self.deserializer {
+            Some(d) => d.submit(jobs).err(),
+            None => Some(jobs),
+        };
+        for Job { ticket, backends } in refused.into_iter().flatten() {
+            let result = deserialize_all(&self.settings.kinds, &backends);
+            self.fill(Done {
+                ticket,
+                backends,
+                result,
+            });
+        }
+    }
+
+    /// Puts a finished job with its load; false if no queued load has its ticket. A ticket
+    /// before the first queued one belongs to a load failed by a rebuild (see `reload`):
+    /// nobody waits for it.
+    fn fill(&mut self, done: Done) -> bool {
+        let Some(first) = self.loads.front().map(|q| q.ticket) else {
+            return true;
+        };
+        if done.ticket < first {
+            return true;
+        }
+        let slot = usize::try_from(done.ticket - first)
+            .ok()
+            .and_then(|i| self.loads.get_mut(i));
+        match slot {
+            Some(q) => {
+                q.done = Some(done);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Stages the queued loads that are ready at the front, in order; with `wait`, waits for
     /// the plugin thread until none is left.
     fn collect_loads(&mut self, wait: bool) {
+        if wait {
+            self.flush_jobs();
+        }
         loop {
             while self.loads.front().is_some_and(|q| q.done.is_some()) {
                 if let Some(q) = self.loads.pop_front() {
                     self.stage_load(q);
                 }
             }
-            let Some(first) = self.loads.front().map(|q| q.ticket) else {
+            if self.loads.is_empty() {
                 return;
-            };
+            }
             // `Err(true)`: the plugin thread is gone; `Err(false)`: nothing ready yet.
             let next = match &self.deserializer {
                 Some(d) if wait => d.wait_done().map_err(|_| true),
@@ -1293,19 +1375,11 @@ impl ContextActor {
             let lost = match next {
                 Err(false) => return,
                 Err(true) => "the plugin thread stopped",
-                // A load failed by a rebuild (see `reload`): nobody waits for it.
-                Ok(done) if done.ticket < first => continue,
                 Ok(done) => {
-                    let slot = usize::try_from(done.ticket - first)
-                        .ok()
-                        .and_then(|i| self.loads.get_mut(i));
-                    match slot {
-                        Some(q) => {
-                            q.done = Some(done);
-                            continue;
-                        }
-                        None => "the plugin thread answered a load that is not queued",
+                    if self.fill(done) {
+                        continue;
                     }
+                    "the plugin thread answered a load that is not queued"
                 }
             };
             // Nothing more will come for the loads still queued.
@@ -1320,6 +1394,7 @@ impl ContextActor {
 
     /// Answers every queued load with `e`, in order, staging nothing.
     fn fail_queued_loads(&mut self, e: &ContextError) {
+        self.outbox.clear();
         for q in std::mem::take(&mut self.loads) {
             tracing::warn!(key = %q.key, error = %e, "queued load not applied");
             (q.reply)(self.finish(Err(e.clone()), same));

@@ -9,7 +9,8 @@
 //!
 //! One thread takes the jobs in order, so results come back in order and a plugin is never
 //! called from two threads at once (the actor waits for this thread before any other request,
-//! edits included).
+//! edits included). Jobs arrive in batches and the actor is told once per batch done: a
+//! wake-up per load, each way, cost more than the plugin calls it moved.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
@@ -51,7 +52,7 @@ pub fn deserialize_all(
 
 /// The thread and its two queues.
 pub struct Deserializer {
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::Sender<Vec<Job>>>,
     done: mpsc::Receiver<Done>,
     thread: Option<JoinHandle<()>>,
 }
@@ -60,7 +61,7 @@ impl Deserializer {
     /// Starts the thread. `notify` is called each time it has finished everything it was
     /// given, so the actor collects the results even when no other message wakes it.
     pub fn start(kinds: Kinds, notify: impl Fn() + Send + 'static) -> std::io::Result<Self> {
-        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (jobs, inbox) = mpsc::channel::<Vec<Job>>();
         let (outbox, done) = mpsc::channel::<Done>();
         // Plugin errors are logged where the actor logs.
         let logs = tracing::dispatcher::get_default(|d| d.clone());
@@ -68,26 +69,28 @@ impl Deserializer {
             .name("pcx-plugins".into())
             .spawn(move || {
                 tracing::dispatcher::with_default(&logs, || {
-                    while let Ok(mut job) = inbox.recv() {
+                    while let Ok(mut batch) = inbox.recv() {
                         loop {
-                            let result = catch_unwind(AssertUnwindSafe(|| {
-                                deserialize_all(&kinds, &job.backends)
-                            }))
-                            .unwrap_or_else(|panic| {
-                                Err(ContextError::Panicked {
-                                    message: crate::actor::panic_message(&panic),
-                                })
-                            });
-                            let done = Done {
-                                ticket: job.ticket,
-                                backends: job.backends,
-                                result,
-                            };
-                            if outbox.send(done).is_err() {
-                                return;
+                            for job in batch {
+                                let result = catch_unwind(AssertUnwindSafe(|| {
+                                    deserialize_all(&kinds, &job.backends)
+                                }))
+                                .unwrap_or_else(|panic| {
+                                    Err(ContextError::Panicked {
+                                        message: crate::actor::panic_message(&panic),
+                                    })
+                                });
+                                let done = Done {
+                                    ticket: job.ticket,
+                                    backends: job.backends,
+                                    result,
+                                };
+                                if outbox.send(done).is_err() {
+                                    return;
+                                }
                             }
                             match inbox.try_recv() {
-                                Ok(next) => job = next,
+                                Ok(next) => batch = next,
                                 Err(_) => break,
                             }
                         }
@@ -102,11 +105,11 @@ impl Deserializer {
         })
     }
 
-    /// Queues a job; gives it back if the thread is gone.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
+    /// Queues jobs, done in order; gives them back if the thread is gone.
+    pub fn submit(&self, batch: Vec<Job>) -> Result<(), Vec<Job>> {
         match &self.jobs {
-            Some(jobs) => jobs.send(job).map_err(|e| e.0),
-            None => Err(job),
+            Some(jobs) => jobs.send(batch).map_err(|e| e.0),
+            None => Err(batch),
         }
     }
 
