@@ -1303,3 +1303,78 @@ async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests()
     );
     ctx.close().await.expect("closed");
 }
+
+/// A commit that fails rebuilds the state from the log. A load queued for the plugin thread
+/// was decided on the state the rebuild drops (here it found an entry whose save failed), so
+/// it must fail too, not be staged on the rebuilt state once commits work again.
+#[actix::test]
+async fn a_failed_commit_aborts_the_loads_queued_behind_it() {
+    use pcx::config::Config;
+    use pcx::context::{settings, Context};
+    use pcx::journal::FaultyJournal;
+    use pcx::model::{Artifact, DynamoCacheEntry, DynamoCodeEntry};
+    use std::sync::Arc;
+
+    let s = Setup::new();
+    s.install(aot_bundle(), "libaot_bundle.so");
+    let mut config = Config::load(None, std::iter::empty()).expect("the built-in config loads");
+    config.data_dir = s.data();
+    config.plugin_dir = s.plugins();
+    // Milliseconds of plugin work: the load is still queued when the save's failure is back.
+    let mut large = bundle();
+    large.kernels[0].code = vec![7; 8 << 20];
+    let large = rmp_serde::to_vec_named(&large).unwrap();
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    let journal = Arc::new(FaultyJournal::new(common::library::open_journal(
+        &config.data_dir,
+    )));
+    let ctx = Context::with_journal(journal.clone(), settings(&config)).expect("opens");
+    ctx.record_artifact(Artifact {
+        key: "a1".into(),
+        kind: "bundled_aot_autograd".into(),
+        content: large,
+    })
+    .await
+    .expect("recorded");
+    let entry = DynamoCacheEntry {
+        codes: vec![DynamoCodeEntry {
+            backend_ids: vec!["a1".into()],
+            python_module: "model".into(),
+            ..Default::default()
+        }],
+        device_type: "cpu".into(),
+        ..Default::default()
+    };
+    ctx.record_dynamo_cache_entry("B", entry)
+        .await
+        .expect("recorded");
+    let before = ctx.state_digest().await.expect("digest").value;
+
+    journal.fail_commits(true);
+    let (saved, loaded) = futures::join!(
+        async {
+            let saved = ctx.save_to_dynamo_cache().await;
+            // Commits work again while the load is with the plugin thread.
+            journal.fail_commits(false);
+            saved
+        },
+        // Finds B in the save staged just before it.
+        ctx.load_cache_entry("B", None),
+    );
+    assert_eq!(saved.expect_err("the save fails").kind(), "save_failed");
+    let Err(err) = loaded else {
+        panic!("the load behind the failed save succeeded");
+    };
+    assert_eq!(err.kind(), "aborted", "{err}");
+    assert_eq!(ctx.state_digest().await.expect("digest").value, before);
+    let Err(miss) = ctx.load_cache_entry("B", None).await else {
+        panic!("B was never saved, yet it loads");
+    };
+    assert_eq!(miss.kind(), "package_not_found", "{miss}");
+    // And the log agrees.
+    ctx.close().await.expect("closed");
+    drop(journal);
+    let ctx = Context::open(&config).expect("opens again");
+    assert_eq!(ctx.state_digest().await.expect("digest").value, before);
+    ctx.close().await.expect("closed");
+}
