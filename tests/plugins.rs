@@ -1160,6 +1160,37 @@ fn the_sdk_refuses_to_build_a_plugin_with_panic_abort() {
     );
 }
 
+/// A fresh setup with the example plugin installed, and a config for its directories.
+fn aot_config() -> (Setup, pcx::config::Config) {
+    let s = Setup::new();
+    s.install(aot_bundle(), "libaot_bundle.so");
+    let mut config =
+        pcx::config::Config::load(None, std::iter::empty()).expect("the built-in config loads");
+    config.data_dir = s.data();
+    config.plugin_dir = s.plugins();
+    (s, config)
+}
+
+/// A document whose plugin calls take milliseconds (8 MiB of kernel code).
+fn large_bundle() -> Vec<u8> {
+    let mut large = bundle();
+    large.kernels[0].code = vec![7; 8 << 20];
+    rmp_serde::to_vec_named(&large).unwrap()
+}
+
+/// An entry of one code referencing `ids`.
+fn entry_of(ids: &[&str]) -> pcx::model::DynamoCacheEntry {
+    pcx::model::DynamoCacheEntry {
+        codes: vec![pcx::model::DynamoCodeEntry {
+            backend_ids: ids.iter().map(|s| s.to_string()).collect(),
+            python_module: "model".into(),
+            ..Default::default()
+        }],
+        device_type: "cpu".into(),
+        ..Default::default()
+    }
+}
+
 /// Loads of plugin kinds run their plugin calls on the plugin thread while the actor goes
 /// on; the requests sent behind them must still see the context as if each had waited.
 /// Everything here is sent before the actor reads any of it: a take of an artifact that only
@@ -1167,35 +1198,18 @@ fn the_sdk_refuses_to_build_a_plugin_with_panic_abort() {
 /// between two that succeed.
 #[actix::test]
 async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests() {
-    use pcx::config::Config;
     use pcx::context::Context;
-    use pcx::model::{Artifact, DynamoCacheEntry, DynamoCodeEntry};
+    use pcx::model::Artifact;
 
-    let s = Setup::new();
-    s.install(aot_bundle(), "libaot_bundle.so");
-    let mut config = Config::load(None, std::iter::empty()).expect("the built-in config loads");
-    config.data_dir = s.data();
-    config.plugin_dir = s.plugins();
+    let (_s, config) = aot_config();
     let doc = rmp_serde::to_vec_named(&bundle()).unwrap();
-    // Milliseconds of plugin work: the requests behind it reach the actor long before.
-    let mut large = bundle();
-    large.kernels[0].code = vec![7; 8 << 20];
-    let large = rmp_serde::to_vec_named(&large).unwrap();
+    // The requests behind its load reach the actor long before its plugin calls are done.
+    let large = large_bundle();
     let aot = |key: &str, content: &[u8]| Artifact {
         key: key.into(),
         kind: "bundled_aot_autograd".into(),
         content: content.to_vec(),
     };
-    let entry = |ids: &[&str]| DynamoCacheEntry {
-        codes: vec![DynamoCodeEntry {
-            backend_ids: ids.iter().map(|s| s.to_string()).collect(),
-            python_module: "model".into(),
-            ..Default::default()
-        }],
-        device_type: "cpu".into(),
-        ..Default::default()
-    };
-
     let ctx = Context::open(&config).expect("the context opens");
     for a in [
         aot("a1", &doc),
@@ -1222,7 +1236,7 @@ async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests()
         ("BAD", &["bad"][..]),
         ("E", &["e2"][..]),
     ] {
-        ctx.record_dynamo_cache_entry(key, entry(ids))
+        ctx.record_dynamo_cache_entry(key, entry_of(ids))
             .await
             .expect("recorded");
     }
@@ -1309,43 +1323,26 @@ async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests()
 /// it must fail too, not be staged on the rebuilt state once commits work again.
 #[actix::test]
 async fn a_failed_commit_aborts_the_loads_queued_behind_it() {
-    use pcx::config::Config;
     use pcx::context::{settings, Context};
     use pcx::journal::FaultyJournal;
-    use pcx::model::{Artifact, DynamoCacheEntry, DynamoCodeEntry};
+    use pcx::model::Artifact;
     use std::sync::Arc;
 
-    let s = Setup::new();
-    s.install(aot_bundle(), "libaot_bundle.so");
-    let mut config = Config::load(None, std::iter::empty()).expect("the built-in config loads");
-    config.data_dir = s.data();
-    config.plugin_dir = s.plugins();
-    // Milliseconds of plugin work: the load is still queued when the save's failure is back.
-    let mut large = bundle();
-    large.kernels[0].code = vec![7; 8 << 20];
-    let large = rmp_serde::to_vec_named(&large).unwrap();
+    let (_s, config) = aot_config();
     std::fs::create_dir_all(&config.data_dir).unwrap();
     let journal = Arc::new(FaultyJournal::new(common::library::open_journal(
         &config.data_dir,
     )));
     let ctx = Context::with_journal(journal.clone(), settings(&config)).expect("opens");
+    // The load is still with the plugin thread when the save's failure is back.
     ctx.record_artifact(Artifact {
         key: "a1".into(),
         kind: "bundled_aot_autograd".into(),
-        content: large,
+        content: large_bundle(),
     })
     .await
     .expect("recorded");
-    let entry = DynamoCacheEntry {
-        codes: vec![DynamoCodeEntry {
-            backend_ids: vec!["a1".into()],
-            python_module: "model".into(),
-            ..Default::default()
-        }],
-        device_type: "cpu".into(),
-        ..Default::default()
-    };
-    ctx.record_dynamo_cache_entry("B", entry)
+    ctx.record_dynamo_cache_entry("B", entry_of(&["a1"]))
         .await
         .expect("recorded");
     let before = ctx.state_digest().await.expect("digest").value;
