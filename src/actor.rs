@@ -1188,9 +1188,8 @@ impl ContextActor {
             Ok(found) => found,
             Err(e) => return reply(self.finish(Err(e), same)),
         };
-        let offload = self.deserializer.is_some()
-            && (!self.loads.is_empty() || backends.iter().any(|b| b.kind != EAGER_KIND));
-        if !offload {
+        let needs_plugin = backends.iter().any(|b| b.kind != EAGER_KIND);
+        if self.deserializer.is_none() || (self.loads.is_empty() && !needs_plugin) {
             let durable = self.decide(|this| {
                 let result = deserialize_all(&this.settings.kinds, &backends);
                 this.conclude_load(key, saved, backends, result)
@@ -1199,7 +1198,7 @@ impl ContextActor {
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        let done = if backends.iter().all(|b| b.kind == EAGER_KIND) {
+        let done = if !needs_plugin {
             // Nothing for the plugin thread: it only waits its turn.
             let result = deserialize_all(&self.settings.kinds, &backends);
             Some(Done {
