@@ -38,31 +38,23 @@
 pub mod actor;
 pub mod alloc;
 pub mod audit;
-pub mod batch;
-pub mod client;
-pub mod committer;
-pub mod compact;
 pub mod config;
-pub mod content;
 pub mod context;
-pub mod deserializer;
+pub mod core;
 pub mod error;
-pub mod event;
-pub mod export;
-pub mod journal;
-pub mod kinds;
-pub mod model;
-pub mod pack;
-pub mod plugin;
-pub mod protocol;
-pub mod record;
-pub mod replay;
-pub mod server;
-pub mod shape;
-pub mod state;
-pub mod stitch;
+pub mod interface;
+pub mod plugins;
+pub mod store;
 pub mod trace;
-pub mod wire;
+
+// Transitional: the flat module paths, until every caller names the layer.
+pub use crate::actor::committer;
+pub use crate::actor::plugin_thread as deserializer;
+pub use crate::audit::{compact, export};
+pub use crate::core::{event, model, state, stitch};
+pub use crate::interface::{batch, client, protocol, server, shape, wire};
+pub use crate::plugins::{kinds, loader as plugin};
+pub use crate::store::{content, journal, pack, record, replay};
 
 pub use config::Config;
 pub use context::Context;

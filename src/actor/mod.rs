@@ -1570,3 +1570,6 @@ impl Handler<Close> for ContextActor {
         )
     }
 }
+
+pub mod committer;
+pub mod plugin_thread;

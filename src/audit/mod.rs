@@ -1,0 +1,13 @@
+//! Auditing a log from outside the actor: read-only questions ([`query`]: log, history, state
+//! at a point, diff, verify), the log as JSON lines and back ([`export`]), and rewriting a data
+//! directory to begin at an anchor snapshot ([`compact`]).
+//!
+//! May import the core and the store. It works on a journal directly, so it runs on a stopped
+//! data directory as well as inside a live context (the actor dispatches audit queries to it).
+
+pub mod compact;
+pub mod export;
+pub mod query;
+
+// Transitional: the query items under their old flat path `crate::audit::*`.
+pub use query::*;

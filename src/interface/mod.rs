@@ -1,0 +1,14 @@
+//! How requests reach a context from outside the process: the JSON request/answer
+//! [`protocol`], JSON lines on stdin/stdout ([`batch`]), the socket frames ([`wire`]), the
+//! first bounded walk over untrusted input ([`shape`]), the server ([`server`]) and its
+//! command-line client ([`client`]).
+//!
+//! May import every layer below it and the library API ([`crate::context`]); nothing below
+//! imports it.
+
+pub mod batch;
+pub mod client;
+pub mod protocol;
+pub mod server;
+pub mod shape;
+pub mod wire;

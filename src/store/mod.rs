@@ -1,0 +1,13 @@
+//! The store: how events and contents become durable bytes and come back.
+//!
+//! Owns the record format and hash chain ([`record`]), how records and contents share sled
+//! values ([`pack`]), the [`journal`] (the `Journal` trait and its sled implementation), large
+//! contents in append-only files ([`content`]), and rebuilding state from a journal
+//! ([`replay`]). May import the core only: nothing here knows about actors, plugins,
+//! audit commands or interfaces.
+
+pub mod content;
+pub mod journal;
+pub mod pack;
+pub mod record;
+pub mod replay;
