@@ -1227,7 +1227,7 @@ fn batch_queries_answer_as_the_cli_does_and_see_the_write_before_them() {
     assert_eq!(answers[3]["verify"]["ok"], json!(true));
 }
 
-/// The README promises that one request file gives the same answers in one `pcx batch` as
+/// docs/protocol.md promises that one request file gives the same answers in one `pcx batch` as
 /// split over several; so a query answers as of its place in the stream: it sees every write
 /// before it and none after it, however the writes are grouped into commits.
 #[test]

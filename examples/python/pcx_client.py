@@ -4,7 +4,7 @@ The wire format
 ---------------
 A connection carries *frames* both ways. A frame is a 4-byte big-endian length followed by
 that many bytes holding exactly one MessagePack value. Requests and answers are the maps of
-``pcx batch``'s JSON lines (same keys, same answers, see README.md), except that every field
+``pcx batch``'s JSON lines (same keys, same answers, see docs/protocol.md), except that every field
 whose name ends in ``_b64`` carries **bytes**: send them as MessagePack binary (``bytes``
 here; base64 text is accepted too) and they come back as binary. Answers arrive in the order
 the requests were sent, each once its change is durable.
@@ -140,7 +140,7 @@ class PcxClient:
             answers.append(self.receive())
         return answers
 
-    # -- the requests (one method each; see README.md for the answers) ----------------------
+    # -- the requests (one method each; see docs/protocol.md for the answers) ----------------------
 
     def record_artifact(self, key: str, content: bytes, kind: str = "eager") -> int:
         """Records (or replaces) a backend artifact; gives the event's ``seq``."""
