@@ -58,6 +58,8 @@ pub enum ServeError {
     NotLoopback(SocketAddr),
     #[error("TCP needs a token (tcp_token in the config)")]
     NoToken,
+    #[error("the TCP token is {0} bytes long: it must be at least {min} bytes", min = crate::config::MIN_TOKEN_BYTES)]
+    ShortToken(usize),
 }
 
 /// Connection counts, shared by every connection task.
@@ -124,6 +126,9 @@ pub async fn run(
             }
             if token.is_empty() {
                 return Err(ServeError::NoToken);
+            }
+            if token.len() < crate::config::MIN_TOKEN_BYTES {
+                return Err(ServeError::ShortToken(token.len()));
             }
             let l = tokio::net::TcpListener::bind(addr)
                 .await
