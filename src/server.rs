@@ -301,7 +301,10 @@ async fn serve_connection(
                     .ok()
                     .and_then(|v| to_json(v).ok())
                     .is_some_and(|v| {
-                        v["op"] == "auth" && v["token"].as_str() == Some(token.as_str())
+                        v["op"] == "auth"
+                            && v["token"]
+                                .as_str()
+                                .is_some_and(|t| tokens_equal(t.as_bytes(), token.as_bytes()))
                     }),
                 _ => false,
             },
@@ -367,4 +370,23 @@ async fn serve_connection(
     };
     let ((), written) = tokio::join!(read, write);
     written
+}
+
+/// Whether two tokens are equal, in a time that does not depend on where they differ (nor on
+/// their lengths): the digests are compared, and blake3's digest comparison is constant-time.
+fn tokens_equal(given: &[u8], expected: &[u8]) -> bool {
+    blake3::hash(given) == blake3::hash(expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_equal_only_when_every_byte_is() {
+        assert!(tokens_equal(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!tokens_equal(b"0123456789abcdef", b"0123456789abcdeF"));
+        assert!(!tokens_equal(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(!tokens_equal(b"", b"0123456789abcdef"));
+    }
 }

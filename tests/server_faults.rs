@@ -293,6 +293,69 @@ fn exits(mut cmd: Command, what: &str) -> (ExitStatus, String) {
 // ---------------------------------------------------------------------------------------------
 // secrets
 
+/// Product bug: `pcx client --token T` was the only way to give the client a token other than
+/// the config, and it puts the secret in every user's `ps` (src/main.rs, `client`).
+#[test]
+fn a_token_on_the_command_line_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let _server = Server::start(
+        tmp.path(),
+        &[("PCX_TCP_TOKEN", TOKEN)],
+        &["--tcp", &address],
+    );
+    let input = format!("{}\n", json!({"op": "stats"}));
+    let out = run(
+        pcx_cmd(&["client", "--tcp", &address, "--token", TOKEN]),
+        input.as_bytes(),
+    );
+    out.assert_success();
+    assert_ok(&out.answer());
+    assert!(
+        out.stderr.contains("command line") && out.stderr.contains("--token-file"),
+        "no warning about the token on the command line: {}",
+        out.stderr
+    );
+}
+
+/// Product bug: as above; the token now comes from a file (or PCX_TCP_TOKEN), unwarned.
+#[test]
+fn the_client_takes_its_token_from_a_file_off_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let _server = Server::start(
+        tmp.path(),
+        &[("PCX_TCP_TOKEN", TOKEN)],
+        &["--tcp", &address],
+    );
+    let input = format!("{}\n", json!({"op": "stats"}));
+    let file = tmp.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    let out = run(
+        pcx_cmd(&["client", "--tcp", &address, "--token-file", path_str(&file)]),
+        input.as_bytes(),
+    );
+    out.assert_success();
+    assert_ok(&out.answer());
+    assert!(!out.stderr.contains("command line"), "{}", out.stderr);
+
+    let mut cmd = pcx_cmd(&["client", "--tcp", &address]);
+    cmd.env("PCX_TCP_TOKEN", TOKEN);
+    let out = run(cmd, input.as_bytes());
+    out.assert_success();
+    assert!(!out.stderr.contains("command line"), "{}", out.stderr);
+
+    std::fs::write(&file, "0123456789abcdef-wrong\n").unwrap();
+    let out = run(
+        pcx_cmd(&["client", "--tcp", &address, "--token-file", path_str(&file)]),
+        input.as_bytes(),
+    );
+    assert!(!out.status.success(), "a wrong token file fails the client");
+    assert!(out.stderr.contains("unauthorized"), "{}", out.stderr);
+}
+
 /// Product bug: any non-empty token was accepted, "x" included (src/config.rs).
 #[test]
 fn tokens_shorter_than_16_bytes_are_refused() {
