@@ -33,6 +33,8 @@ pub struct Config {
     pub tcp_token: String,
     pub max_frame_bytes: u64,
     pub max_in_flight_per_connection: usize,
+    pub max_connections: usize,
+    pub tcp_auth_timeout_ms: u64,
     pub origin: String,
     pub plugin_dir: PathBuf,
     pub max_plugin_output_bytes: u64,
@@ -158,6 +160,9 @@ impl Config {
                 n(self.max_in_flight_per_connection),
                 1..=MAX_QUEUE,
             ),
+            // 0: derived from the process's descriptor limit.
+            ("max_connections", n(self.max_connections), 0..=MAX_QUEUE),
+            ("tcp_auth_timeout_ms", self.tcp_auth_timeout_ms, 1..=600_000),
             (
                 "max_plugin_output_bytes",
                 self.max_plugin_output_bytes,

@@ -712,6 +712,8 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
         tcp,
         max_frame_bytes: config.max_frame_bytes,
         max_in_flight_per_connection: config.max_in_flight_per_connection,
+        max_connections: config.max_connections,
+        tcp_auth_timeout: std::time::Duration::from_millis(config.tcp_auth_timeout_ms),
     };
     // Signal handlers first, so a signal during start-up is a clean shutdown, not a death.
     use tokio::signal::unix::{signal, SignalKind};

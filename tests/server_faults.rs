@@ -291,6 +291,141 @@ fn exits(mut cmd: Command, what: &str) -> (ExitStatus, String) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// descriptors and connections
+
+/// Product bug: at the descriptor limit, accepting fails with EMFILE while the listener stays
+/// ready, so the accept loop retried at once, forever: 100 % CPU, tens of MB/s of "accept
+/// failed" warnings, new clients timing out (src/server.rs, `run`).
+#[test]
+fn descriptor_exhaustion_does_not_spin_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // max_connections far above what 64 descriptors allow, so descriptors run out first.
+    let mut cmd = serve_cmd(
+        tmp.path(),
+        &[
+            ("PCX_TCP_TOKEN", TOKEN),
+            ("PCX_MAX_CONNECTIONS", "100000"),
+            ("PCX_TCP_AUTH_TIMEOUT_MS", "60000"),
+        ],
+        &["--tcp", &format!("127.0.0.1:{port}")],
+    );
+    with_descriptor_limit(&mut cmd, 64);
+    let server = Server::spawn(cmd, tmp.path());
+
+    // More unauthenticated TCP connections than the server has descriptors for; the kernel
+    // queues those it cannot accept.
+    let flood: Vec<Conn> = (0..120).filter_map(|_| Conn::tcp(port).ok()).collect();
+    assert!(
+        flood.len() > 64,
+        "only {} connections were made",
+        flood.len()
+    );
+    thread::sleep(Duration::from_millis(500));
+
+    let window = Duration::from_secs(2);
+    let (cpu_before, started) = (cpu_time(server.pid()), Instant::now());
+    thread::sleep(window);
+    let (cpu, wall) = (cpu_time(server.pid()) - cpu_before, started.elapsed());
+    assert!(
+        cpu < wall / 4,
+        "the server used {cpu:?} of CPU in {wall:?} while out of descriptors: it busy-loops"
+    );
+    let log = server.stderr();
+    assert!(
+        log.contains("accept failed"),
+        "the server never ran out of descriptors (the test did not exhaust them):\n{log}"
+    );
+    assert!(
+        log.len() < 16 << 10,
+        "the server wrote {} bytes of log in {:?} while out of descriptors (not rate-limited); \
+         it starts:\n{}",
+        log.len(),
+        window,
+        &log[..log.len().min(2000)]
+    );
+
+    // Once the flood is gone, clients are served again: over the socket and over TCP.
+    drop(flood);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while server.try_stats().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no client was served within {IO_TIMEOUT:?} of the flood closing\n{}",
+            server.stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = Conn::tcp(port).expect("connect over TCP after the flood");
+    assert_eq!(
+        c.ask(&json!({"op": "auth", "token": TOKEN})),
+        json!({"ok": true})
+    );
+    assert_ok(&c.ask(&record("after-the-flood", b"x")));
+}
+
+/// Product bug: there was no cap on connections: every one was accepted (until descriptors
+/// ran out), none was told the server was full (src/server.rs, `run`).
+#[test]
+fn a_connection_over_max_connections_gets_a_clear_error_and_is_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), &[("PCX_MAX_CONNECTIONS", "3")], &[]);
+    let mut held = vec![server.connect()];
+    // (The connection that found the server ready closes asynchronously.)
+    wait_connections_open(&mut held[0], 1);
+    held.extend((0..2).map(|_| server.connect()));
+    wait_connections_open(&mut held[0], 3);
+
+    let mut over = server.connect();
+    over.set_timeouts(Duration::from_secs(10));
+    let answer = over
+        .recv()
+        .expect("a connection over the limit is answered at once, not left waiting");
+    let message = assert_failed(&answer, "too_many_connections");
+    assert!(message.contains("max_connections"), "{message}");
+    assert!(over.closed_within(Duration::from_secs(10)));
+    assert_eq!(stats(&mut held[0])["refused_connections"], json!(1));
+
+    // A connection that ends makes room for the next one.
+    held.pop();
+    wait_connections_open(&mut held[0], 2);
+    let mut next = server.connect();
+    assert_ok(&next.ask(&record("room-again", b"y")));
+}
+
+/// Product bug: a TCP connection that never authenticated held its descriptor for 10 s (a
+/// fixed AUTH_TIMEOUT), so a flood of idle connections kept the server out of descriptors
+/// (src/server.rs, `serve_connection`).
+#[test]
+fn an_unauthenticated_tcp_connection_is_closed_after_tcp_auth_timeout_ms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = Server::start(
+        tmp.path(),
+        &[("PCX_TCP_TOKEN", TOKEN), ("PCX_TCP_AUTH_TIMEOUT_MS", "300")],
+        &["--tcp", &format!("127.0.0.1:{port}")],
+    );
+    let mut idle = Conn::tcp(port).unwrap();
+    // The deadline is 300 ms; five seconds is far more than it needs, far less than 10 s.
+    idle.set_timeouts(Duration::from_secs(5));
+    let answer = idle
+        .recv()
+        .expect("the idle connection is told why it is closed within 5 s");
+    let message = assert_failed(&answer, "unauthorized");
+    assert!(message.contains("tcp_auth_timeout_ms"), "{message}");
+    assert!(idle.closed_within(Duration::from_secs(5)));
+    // An authenticating client is not affected.
+    let mut c = Conn::tcp(port).unwrap();
+    assert_eq!(
+        c.ask(&json!({"op": "auth", "token": TOKEN})),
+        json!({"ok": true})
+    );
+    thread::sleep(Duration::from_millis(600));
+    assert_ok(&c.ask(&json!({"op": "stats"})));
+    drop(server);
+}
+
+// ---------------------------------------------------------------------------------------------
 // secrets
 
 /// Product bug: `pcx client --token T` was the only way to give the client a token other than
