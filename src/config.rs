@@ -33,6 +33,7 @@ pub struct Config {
     pub tcp_token: String,
     pub max_frame_bytes: u64,
     pub max_in_flight_per_connection: usize,
+    pub max_unread_answer_bytes_per_connection: u64,
     pub max_connections: usize,
     pub tcp_auth_timeout_ms: u64,
     pub origin: String,
@@ -159,6 +160,11 @@ impl Config {
                 "max_in_flight_per_connection",
                 n(self.max_in_flight_per_connection),
                 1..=MAX_QUEUE,
+            ),
+            (
+                "max_unread_answer_bytes_per_connection",
+                self.max_unread_answer_bytes_per_connection,
+                1..=TOML_MAX,
             ),
             // 0: derived from the process's descriptor limit.
             ("max_connections", n(self.max_connections), 0..=MAX_QUEUE),

@@ -712,6 +712,7 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
         tcp,
         max_frame_bytes: config.max_frame_bytes,
         max_in_flight_per_connection: config.max_in_flight_per_connection,
+        max_unread_answer_bytes_per_connection: config.max_unread_answer_bytes_per_connection,
         max_connections: config.max_connections,
         tcp_auth_timeout: std::time::Duration::from_millis(config.tcp_auth_timeout_ms),
     };

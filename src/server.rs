@@ -5,7 +5,9 @@
 //! at once (so requests from every connection share group commits) and writes the answers
 //! back in order, each only once its change is durable. Queues are bounded end to end: a
 //! connection keeps at most `max_in_flight_per_connection` requests in flight and stops
-//! reading until answers drain, so a flood slows its sender down instead of growing memory.
+//! reading until answers drain, so a flood slows its sender down instead of growing memory;
+//! it also stops reading while `max_unread_answer_bytes_per_connection` bytes of answers wait
+//! to be written, so large answers a client does not read are bounded by size, not by count.
 //! A frame over the limit is refused and that connection closed; everyone else is served.
 //!
 //! Descriptors are a resource like memory: at most `max_connections` connections are open (one
@@ -16,6 +18,7 @@
 //! Shutdown (the future given to [`run`]): stop accepting, stop reading new frames, finish
 //! and write every answer already accepted, then return; the caller closes the context.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,6 +56,8 @@ pub struct ServerConfig {
     pub tcp: Option<(SocketAddr, String)>,
     pub max_frame_bytes: u64,
     pub max_in_flight_per_connection: usize,
+    /// Bytes of answers a connection may have waiting to be written before its reading stops.
+    pub max_unread_answer_bytes_per_connection: u64,
     /// Connections open at once; 0 derives it from the descriptor limit.
     pub max_connections: usize,
     /// How long a TCP connection may take to authenticate.
@@ -472,9 +477,21 @@ async fn serve_connection(
         }
     }
     let (tx, mut rx) = mpsc::channel::<AnswerFuture>(config.max_in_flight_per_connection.max(1));
+    let budget = &AnswerBudget::new(config.max_unread_answer_bytes_per_connection);
     let mut writer_stop = stop.clone();
     let read = async move {
-        loop {
+        'reading: loop {
+            // Too many bytes of answers waiting for a client that does not read them: read
+            // no more of its requests until the writer catches up.
+            while !budget.admits() {
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => break 'reading,
+                    // The writer gave up (the client vanished): nothing more is answered.
+                    _ = tx.closed() => break 'reading,
+                    _ = budget.changed.notified() => {}
+                }
+            }
             let frame = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break,
@@ -489,11 +506,13 @@ async fn serve_connection(
                         limit: config.max_frame_bytes,
                     };
                     // The rest of this frame cannot be skipped safely: answer, then close.
+                    budget.queued.set(budget.queued.get() + 1);
                     let _ = tx.send(ready(refused(&e))).await;
                     break;
                 }
                 Ok(Frame::End) | Err(_) => break,
             };
+            budget.queued.set(budget.queued.get() + 1);
             // A full queue (the client is not reading) holds the reader here: backpressure.
             // It lets go when the writer gives up (the client vanished) or on shutdown.
             tokio::select! {
@@ -505,6 +524,7 @@ async fn serve_connection(
     let write = async move {
         while let Some(answer) = rx.recv().await {
             let frame = encode_frame(&to_msgpack(&answer.await));
+            budget.writing(frame.len());
             let written = tokio::select! {
                 w = writer.write_all(&frame) => w,
                 // After shutdown, a client that does not read cannot hold us here.
@@ -512,7 +532,9 @@ async fn serve_connection(
                     Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client did not read its answers"))
                 }
             };
-            // On a failed write `rx` is dropped here, which frees a reader blocked on it.
+            budget.written();
+            // On a failed write `rx` is dropped with this future, which frees a reader blocked
+            // on it.
             written?;
         }
         writer.flush().await?;
@@ -520,6 +542,58 @@ async fn serve_connection(
     };
     let ((), written) = tokio::join!(read, write);
     written
+}
+
+/// The bytes of answers one connection holds for its client, and whether its reader may take
+/// another request: an answer's size is known only once it is made, so each request not yet
+/// written counts at an estimate of its answer, the largest recent answer (halving with each
+/// smaller one). It starts at the whole budget: a new connection's first requests go one at a
+/// time until its answers show their size, then its window opens.
+struct AnswerBudget {
+    limit: u64,
+    /// Requests read whose answers are not yet being written.
+    queued: Cell<u64>,
+    /// The size of the answer being written (0: none).
+    writing: Cell<u64>,
+    estimate: Cell<u64>,
+    /// Wakes the reader when an answer has been written.
+    changed: tokio::sync::Notify,
+}
+
+impl AnswerBudget {
+    fn new(limit: u64) -> AnswerBudget {
+        AnswerBudget {
+            limit,
+            queued: Cell::new(0),
+            writing: Cell::new(0),
+            estimate: Cell::new(limit),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Whether one more request fits: it does when nothing is waiting (so a single answer
+    /// larger than the limit still goes through, alone), or when it fits in the budget.
+    fn admits(&self) -> bool {
+        let (queued, writing) = (self.queued.get(), self.writing.get());
+        if queued == 0 && writing == 0 {
+            return true;
+        }
+        let expected = (queued + 1).saturating_mul(self.estimate.get());
+        writing.saturating_add(expected) <= self.limit
+    }
+
+    /// A queued answer is made and its frame, `len` bytes, is being written.
+    fn writing(&self, len: usize) {
+        let len = len as u64;
+        self.queued.set(self.queued.get().saturating_sub(1));
+        self.writing.set(len);
+        self.estimate.set(len.max(self.estimate.get() / 2));
+    }
+
+    fn written(&self) {
+        self.writing.set(0);
+        self.changed.notify_one();
+    }
 }
 
 /// Whether two tokens are equal, in a time that does not depend on where they differ (nor on
@@ -554,5 +628,26 @@ mod tests {
         );
         let derived = connection_limit(0) as u64;
         assert!(derived >= 1 && derived < limit.rlim_cur.max(2), "{derived}");
+    }
+
+    #[test]
+    fn the_answer_budget_admits_a_lone_large_answer_and_bounds_the_rest_by_bytes() {
+        let b = AnswerBudget::new(1000);
+        assert!(b.admits(), "the first request");
+        b.queued.set(1);
+        assert!(!b.admits(), "an unknown answer counts as the whole budget");
+        b.writing(5000);
+        assert!(!b.admits(), "over the budget while it is written");
+        b.written();
+        assert!(b.admits(), "nothing waiting: one more goes, however large");
+        for _ in 0..10 {
+            b.queued.set(b.queued.get() + 1);
+            b.writing(10);
+            b.written();
+        }
+        b.queued.set(50);
+        assert!(b.admits(), "small answers: many in flight");
+        b.queued.set(100);
+        assert!(!b.admits(), "but no more than the budget holds");
     }
 }

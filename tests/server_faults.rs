@@ -426,6 +426,73 @@ fn an_unauthenticated_tcp_connection_is_closed_after_tcp_auth_timeout_ms() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// answers nobody reads
+
+/// Product bug: the answers a connection holds for a client that does not read them were
+/// bounded only by count (256): pipelined reads of 1 MiB held hundreds of MiB per connection
+/// (src/server.rs, `serve_connection`).
+#[test]
+fn unread_answers_are_bounded_by_bytes() {
+    const BIG: usize = 1 << 20;
+    const REQUESTS: usize = 100;
+    let tmp = tempfile::tempdir().unwrap();
+    // A budget smaller than one answer: each still goes through, one at a time.
+    let server = Server::start(
+        tmp.path(),
+        &[("PCX_MAX_UNREAD_ANSWER_BYTES_PER_CONNECTION", "524288")],
+        &[],
+    );
+    let content: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+    let mut good = server.connect();
+    assert_ok(&good.ask(&record("big", &content)));
+    assert_eq!(
+        content_of(&good.ask(&serialize("big"))),
+        Some(content.clone())
+    );
+    let rss_before = rss_kib(server.pid());
+
+    // Two clients pipeline reads of 1 MiB and read no answer (the requests are small: the
+    // socket takes them all without blocking).
+    let mut floods: Vec<Conn> = (0..2).map(|_| server.connect()).collect();
+    for flood in &mut floods {
+        for _ in 0..REQUESTS {
+            flood.send(&serialize("big")).expect("send a request");
+        }
+    }
+    let mut peak = rss_before;
+    for _ in 0..20 {
+        thread::sleep(Duration::from_millis(100));
+        peak = peak.max(rss_kib(server.pid()));
+    }
+    // Bounded only by count (256), each would hold all its answers of 1 MiB (as base64 text
+    // and as a frame); bounded by bytes, each holds about one.
+    assert!(
+        peak < rss_before + (64 << 10),
+        "the server grew from {rss_before} KiB to {peak} KiB holding answers nobody reads"
+    );
+
+    // Meanwhile others are served, a single answer over the budget included.
+    assert_eq!(
+        content_of(&good.ask(&serialize("big"))),
+        Some(content.clone())
+    );
+    // And the flood's answers were held back, not lost: all come, in order, once it reads.
+    // (Only the last is decoded: the others are checked by their size, which is quicker.)
+    let mut flood = floods.remove(0);
+    drop(floods);
+    for i in 0..REQUESTS - 1 {
+        let len = flood
+            .recv_frame_len()
+            .unwrap_or_else(|e| panic!("answer {i} of the flood: {e}"));
+        assert!(len > BIG, "answer {i} is {len} bytes: not the content");
+    }
+    assert_eq!(
+        content_of(&flood.recv().expect("the last answer")),
+        Some(content)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // secrets
 
 /// Product bug: `pcx client --token T` was the only way to give the client a token other than
