@@ -1,6 +1,7 @@
 //! Configuration: built-in defaults (`config/default.toml`), then a file, then `PCX_*`
 //! environment variables, then flags; turned into one validated [`Config`] in one place.
 
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -9,6 +10,13 @@ use crate::trace::LogFormat;
 
 /// The default configuration, as shipped in `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// The largest integer a TOML file (or a `PCX_*` variable) can hold.
+const TOML_MAX: u64 = i64::MAX as u64;
+/// The most slots of a queue sized from the configuration (in flight, connections).
+const MAX_QUEUE: u64 = 1 << 20;
+/// The shortest `tcp_token` accepted.
+pub const MIN_TOKEN_BYTES: usize = 16;
 
 /// pcx's settings. Every key is documented in `config/default.toml`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -25,6 +33,9 @@ pub struct Config {
     pub tcp_token: String,
     pub max_frame_bytes: u64,
     pub max_in_flight_per_connection: usize,
+    pub max_unread_answer_bytes_per_connection: u64,
+    pub max_connections: usize,
+    pub tcp_auth_timeout_ms: u64,
     pub origin: String,
     pub plugin_dir: PathBuf,
     pub max_plugin_output_bytes: u64,
@@ -96,19 +107,74 @@ impl Config {
     }
 
     fn validate(self) -> Result<Config, ConfigError> {
-        let bad = |message: &str| {
-            Err(ConfigError::Invalid {
-                origin: "(merged)".into(),
-                message: message.into(),
-            })
-        };
-        if self.snapshot_every == 0 {
-            return bad("snapshot_every must be at least 1");
+        for (key, value, range) in self.numeric_values() {
+            if !range.contains(&value) {
+                return Err(ConfigError::Invalid {
+                    origin: "(merged)".into(),
+                    message: format!(
+                        "`{key}` = {value} is out of range: it must be from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                });
+            }
         }
-        if self.max_in_flight == 0 {
-            return bad("max_in_flight must be at least 1");
+        // A short token can be guessed over loopback by anyone on the machine.
+        if !self.tcp_token.is_empty() && self.tcp_token.len() < MIN_TOKEN_BYTES {
+            return Err(ConfigError::Invalid {
+                origin: "(merged)".into(),
+                message: format!(
+                    "`tcp_token` is {} bytes long: a token must be at least {MIN_TOKEN_BYTES} bytes",
+                    self.tcp_token.len()
+                ),
+            });
         }
         Ok(self)
+    }
+
+    /// Every numeric key, its value and the values it may take. Out of range values would
+    /// otherwise panic deep inside a dependency (a channel or a cache sized from them), or
+    /// start a server that drops every connection, instead of being refused at start.
+    fn numeric_values(&self) -> Vec<(&'static str, u64, RangeInclusive<u64>)> {
+        // usize is at most 64 bits on every platform pcx builds for.
+        let n = |v: usize| v as u64;
+        vec![
+            ("snapshot_every", self.snapshot_every, 1..=TOML_MAX),
+            ("max_content_bytes", self.max_content_bytes, 1..=TOML_MAX),
+            ("max_request_bytes", self.max_request_bytes, 1..=TOML_MAX),
+            // `pcx client` sizes a queue of this many slots up front.
+            ("max_in_flight", n(self.max_in_flight), 1..=MAX_QUEUE),
+            // sled refuses (panics on) a cache under 256 bytes.
+            (
+                "cache_capacity_bytes",
+                self.cache_capacity_bytes,
+                256..=TOML_MAX,
+            ),
+            // A frame's length is a 32-bit number.
+            (
+                "max_frame_bytes",
+                self.max_frame_bytes,
+                1..=u64::from(u32::MAX),
+            ),
+            (
+                "max_in_flight_per_connection",
+                n(self.max_in_flight_per_connection),
+                1..=MAX_QUEUE,
+            ),
+            (
+                "max_unread_answer_bytes_per_connection",
+                self.max_unread_answer_bytes_per_connection,
+                1..=TOML_MAX,
+            ),
+            // 0: derived from the process's descriptor limit.
+            ("max_connections", n(self.max_connections), 0..=MAX_QUEUE),
+            ("tcp_auth_timeout_ms", self.tcp_auth_timeout_ms, 1..=600_000),
+            (
+                "max_plugin_output_bytes",
+                self.max_plugin_output_bytes,
+                1..=TOML_MAX,
+            ),
+        ]
     }
 
     /// The origin recorded in events.
@@ -181,5 +247,60 @@ mod tests {
     fn a_bad_value_is_refused() {
         let env = vec![("PCX_SNAPSHOT_EVERY".to_string(), "0".to_string())];
         assert!(Config::load(None, env).is_err());
+    }
+
+    #[test]
+    fn every_numeric_key_has_its_range_checked() {
+        let defaults = parse(DEFAULT_TOML, "default").unwrap();
+        let c = Config::load(None, std::iter::empty()).unwrap();
+        let checked: Vec<&str> = c.numeric_values().iter().map(|v| v.0).collect();
+        for (key, value) in defaults {
+            if value.is_integer() {
+                assert!(
+                    checked.contains(&key.as_str()),
+                    "`{key}` has no range check"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn each_out_of_range_value_is_refused_naming_the_key_the_value_and_the_range() {
+        let c = Config::load(None, std::iter::empty()).unwrap();
+        for (key, _, range) in c.numeric_values() {
+            let mut outside = vec![];
+            if *range.start() > 0 {
+                outside.push(range.start() - 1);
+            }
+            if *range.end() < TOML_MAX {
+                outside.push(range.end() + 1);
+            }
+            for value in outside {
+                let env = vec![(format!("PCX_{}", key.to_uppercase()), value.to_string())];
+                let err = Config::load(None, env).unwrap_err().to_string();
+                for part in [
+                    key.to_string(),
+                    value.to_string(),
+                    range.start().to_string(),
+                    range.end().to_string(),
+                ] {
+                    assert!(err.contains(&part), "{key} = {value}: {err}");
+                }
+            }
+            let env = vec![(
+                format!("PCX_{}", key.to_uppercase()),
+                range.end().to_string(),
+            )];
+            assert!(Config::load(None, env).is_ok(), "{key} at its maximum");
+        }
+    }
+
+    #[test]
+    fn a_tcp_token_under_16_bytes_is_refused() {
+        let env = |t: &str| vec![("PCX_TCP_TOKEN".to_string(), t.to_string())];
+        let err = Config::load(None, env("fifteen-bytes-x")).unwrap_err();
+        assert!(err.to_string().contains("tcp_token"), "{err}");
+        assert!(Config::load(None, env("sixteen-bytes-xx")).is_ok());
+        assert!(Config::load(None, env("")).is_ok());
     }
 }

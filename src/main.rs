@@ -147,7 +147,12 @@ enum Command {
         /// Connect over TCP instead (sends the token first).
         #[arg(long)]
         tcp: Option<String>,
-        /// The TCP token (default: tcp_token from the config).
+        /// Read the TCP token from this file (a final newline is not part of it). Without it,
+        /// the token is tcp_token from the config (e.g. the variable PCX_TCP_TOKEN).
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// The TCP token itself. Discouraged: other users of the machine can read a command
+        /// line (ps, /proc); use --token-file or PCX_TCP_TOKEN.
         #[arg(long)]
         token: Option<String>,
     },
@@ -231,7 +236,12 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
         Command::Demo => return demo(config).await,
         Command::Plugins(p) => return plugins_command(p, &config),
         Command::Serve { socket, tcp } => return serve(config, socket, tcp).await,
-        Command::Client { socket, tcp, token } => return client(&config, socket, tcp, token),
+        Command::Client {
+            socket,
+            tcp,
+            token_file,
+            token,
+        } => return client(&config, socket, tcp, token_file, token),
         c @ (Command::Log { .. }
         | Command::History { .. }
         | Command::State { .. }
@@ -702,6 +712,9 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
         tcp,
         max_frame_bytes: config.max_frame_bytes,
         max_in_flight_per_connection: config.max_in_flight_per_connection,
+        max_unread_answer_bytes_per_connection: config.max_unread_answer_bytes_per_connection,
+        max_connections: config.max_connections,
+        tcp_auth_timeout: std::time::Duration::from_millis(config.tcp_auth_timeout_ms),
     };
     // Signal handlers first, so a signal during start-up is a clean shutdown, not a death.
     use tokio::signal::unix::{signal, SignalKind};
@@ -728,6 +741,7 @@ fn client(
     config: &Config,
     socket: Option<PathBuf>,
     tcp: Option<String>,
+    token_file: Option<PathBuf>,
     token: Option<String>,
 ) -> Result<ExitCode> {
     let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
@@ -737,7 +751,7 @@ fn client(
         Some(addr) => {
             let mut stream = std::net::TcpStream::connect(&addr)
                 .with_context(|| format!("connecting to {addr}"))?;
-            let token = token.unwrap_or_else(|| config.tcp_token.clone());
+            let token = client_token(config, token_file, token)?;
             let hello = pcx::client::exchange(&mut stream, &json!({"op": "auth", "token": token}))?;
             if hello["ok"] != true {
                 anyhow::bail!("the server refused the token: {hello}");
@@ -753,4 +767,27 @@ fn client(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The token `pcx client --tcp` sends: from `--token-file`, `--token` (with a warning), or the
+/// config's `tcp_token`.
+fn client_token(
+    config: &Config,
+    token_file: Option<PathBuf>,
+    token: Option<String>,
+) -> Result<String> {
+    if let Some(path) = token_file {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the token file {}", path.display()))?;
+        let token = text.strip_suffix('\n').unwrap_or(&text);
+        return Ok(token.strip_suffix('\r').unwrap_or(token).to_string());
+    }
+    if let Some(token) = token {
+        tracing::warn!(
+            "--token puts the token on the command line, which every user of this machine can \
+             read (ps, /proc); use --token-file FILE or the variable PCX_TCP_TOKEN instead"
+        );
+        return Ok(token);
+    }
+    Ok(config.tcp_token.clone())
 }

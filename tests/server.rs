@@ -1295,7 +1295,7 @@ fn tcp_needs_the_token_and_a_loopback_address() {
     let server = Server::start_with(
         &dir,
         &socket,
-        &[("PCX_TCP_TOKEN", "s3cret")],
+        &[("PCX_TCP_TOKEN", "s3cret-s3cret-s3cret")],
         &["--tcp", &address],
     );
 
@@ -1313,7 +1313,7 @@ fn tcp_needs_the_token_and_a_loopback_address() {
     // The right one: served like the Unix socket.
     let mut c = Conn::tcp(port);
     assert_eq!(
-        c.ask(&json!({"op": "auth", "token": "s3cret"})),
+        c.ask(&json!({"op": "auth", "token": "s3cret-s3cret-s3cret"})),
         json!({"ok": true})
     );
     assert_ok(&c.ask(&record("t", b"over tcp")));
@@ -1326,7 +1326,7 @@ fn tcp_needs_the_token_and_a_loopback_address() {
     // `pcx client --tcp`, with the token from the config or the flag.
     let input = format!("{}\n", serialize("t"));
     let mut cmd = pcx_cmd(&["client", "--tcp", &address]);
-    cmd.env("PCX_TCP_TOKEN", "s3cret");
+    cmd.env("PCX_TCP_TOKEN", "s3cret-s3cret-s3cret");
     let out = run(cmd, input.as_bytes());
     out.assert_success();
     assert_eq!(content_of(&out.answer()).as_deref(), Some(&b"over tcp"[..]));
@@ -1342,7 +1342,7 @@ fn tcp_needs_the_token_and_a_loopback_address() {
     // Not loopback, or no token: refused at start.
     let other = tmp.path().join("t.sock");
     let mut cmd = serve(&dir, &other, &["--tcp", &format!("0.0.0.0:{port}")]);
-    cmd.env("PCX_TCP_TOKEN", "s3cret");
+    cmd.env("PCX_TCP_TOKEN", "s3cret-s3cret-s3cret");
     let (status, stderr) = serve_refused(cmd, &other);
     assert!(!status.success());
     assert!(stderr.contains("not a loopback address"), "{stderr}");
@@ -1358,7 +1358,7 @@ fn a_start_refused_for_its_tcp_address_leaves_no_socket_file() {
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("s.sock");
     let mut cmd = serve(&tmp.path().join("data"), &socket, &["--tcp", "0.0.0.0:1"]);
-    cmd.env("PCX_TCP_TOKEN", "s3cret");
+    cmd.env("PCX_TCP_TOKEN", "s3cret-s3cret-s3cret");
     let (status, stderr) = serve_refused(cmd, &socket);
     assert!(!status.success(), "{stderr}");
     assert!(
@@ -1375,7 +1375,7 @@ fn an_idle_tcp_connection_does_not_hold_up_shutdown() {
     let port = free_port();
     let server = Server::start_in(
         tmp.path(),
-        &[("PCX_TCP_TOKEN", "s3cret")],
+        &[("PCX_TCP_TOKEN", "s3cret-s3cret-s3cret")],
         &["--tcp", &format!("127.0.0.1:{port}")],
     );
     let idle = Conn::tcp(port);
@@ -1438,7 +1438,7 @@ fn the_python_client_and_orchestrator_run_green_against_pcx_serve() {
     let server = Server::start_with(
         &tmp.path().join("data"),
         &socket,
-        &[("PCX_TCP_TOKEN", "py-token")],
+        &[("PCX_TCP_TOKEN", "py-token-py-token")],
         &["--tcp", &address],
     );
     python(
@@ -1449,7 +1449,7 @@ fn the_python_client_and_orchestrator_run_green_against_pcx_serve() {
             "--tcp",
             &address,
             "--token",
-            "py-token",
+            "py-token-py-token",
         ],
         &server,
     );

@@ -5,17 +5,26 @@
 //! at once (so requests from every connection share group commits) and writes the answers
 //! back in order, each only once its change is durable. Queues are bounded end to end: a
 //! connection keeps at most `max_in_flight_per_connection` requests in flight and stops
-//! reading until answers drain, so a flood slows its sender down instead of growing memory.
+//! reading until answers drain, so a flood slows its sender down instead of growing memory;
+//! it also stops reading while `max_unread_answer_bytes_per_connection` bytes of answers wait
+//! to be written, so large answers a client does not read are bounded by size, not by count.
 //! A frame over the limit is refused and that connection closed; everyone else is served.
+//!
+//! Descriptors are a resource like memory: at most `max_connections` connections are open (one
+//! more gets a `too_many_connections` error and is closed at once), a TCP connection that does
+//! not authenticate within `tcp_auth_timeout_ms` is closed, and when accepting fails for want
+//! of descriptors the accept loop backs off instead of spinning, warning once a second at most.
 //!
 //! Shutdown (the future given to [`run`]): stop accepting, stop reading new frames, finish
 //! and write every answer already accepted, then return; the caller closes the context.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,8 +36,14 @@ use crate::wire::{body_len, decode_body, encode_frame, to_json, to_msgpack, HEAD
 
 /// How long, after a shutdown signal, connections may take to write their last answers.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-/// How long a TCP connection may take to authenticate.
-const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The first pause of the accept loop after accepting failed for want of a resource, and the
+/// longest: it doubles from one to the other while accepting keeps failing.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// At most one "accept failed" warning per this long; the others are counted in the next one.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
+/// Descriptors kept for the data directory's own files (log, blobs, snapshots, plugins) when
+/// `max_connections` is derived from the descriptor limit (at most half the limit).
+const DESCRIPTOR_HEADROOM: u64 = 64;
 
 /// Bytes read from a connection at a time (frames larger than this are read in pieces).
 const READ_BUFFER: usize = 64 << 10;
@@ -41,6 +56,12 @@ pub struct ServerConfig {
     pub tcp: Option<(SocketAddr, String)>,
     pub max_frame_bytes: u64,
     pub max_in_flight_per_connection: usize,
+    /// Bytes of answers a connection may have waiting to be written before its reading stops.
+    pub max_unread_answer_bytes_per_connection: u64,
+    /// Connections open at once; 0 derives it from the descriptor limit.
+    pub max_connections: usize,
+    /// How long a TCP connection may take to authenticate.
+    pub tcp_auth_timeout: Duration,
 }
 
 /// Why the server could not start.
@@ -58,6 +79,8 @@ pub enum ServeError {
     NotLoopback(SocketAddr),
     #[error("TCP needs a token (tcp_token in the config)")]
     NoToken,
+    #[error("the TCP token is {0} bytes long: it must be at least {min} bytes", min = crate::config::MIN_TOKEN_BYTES)]
+    ShortToken(usize),
 }
 
 /// Connection counts, shared by every connection task.
@@ -66,6 +89,8 @@ pub struct Counters {
     pub open: AtomicU64,
     pub total: AtomicU64,
     pub refused_frames: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused_connections: AtomicU64,
 }
 
 /// Binds the Unix socket: a stale socket file (no server answering) is replaced, a live one
@@ -125,6 +150,9 @@ pub async fn run(
             if token.is_empty() {
                 return Err(ServeError::NoToken);
             }
+            if token.len() < crate::config::MIN_TOKEN_BYTES {
+                return Err(ServeError::ShortToken(token.len()));
+            }
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::Listen {
@@ -135,23 +163,49 @@ pub async fn run(
         }
     };
     let unix = bind_unix(&config.socket_path)?;
-    tracing::info!(socket = %config.socket_path.display(), tcp = ?config.tcp.as_ref().map(|t| t.0), "pcx serving");
+    let max_connections = connection_limit(config.max_connections);
+    tracing::info!(socket = %config.socket_path.display(), tcp = ?config.tcp.as_ref().map(|t| t.0), max_connections, "pcx serving");
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    let mut backoff: Option<Duration> = None;
+    let mut warnings = AcceptWarnings::default();
     tokio::pin!(shutdown);
     loop {
-        let accepted: Box<dyn FnOnce() -> Connection> = tokio::select! {
+        if let Some(pause) = backoff {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        let accepted = tokio::select! {
             _ = &mut shutdown => break,
-            a = unix.accept() => match a {
-                Ok((stream, _)) => Box::new(move || Connection::Unix(stream)),
-                Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
-            },
-            a = async { match &tcp { Some((l, _)) => l.accept().await, None => std::future::pending().await } } => match a {
-                Ok((stream, _)) => Box::new(move || Connection::Tcp(stream)),
-                Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
-            },
+            a = unix.accept() => a.map(|(stream, _)| Connection::Unix(stream)),
+            a = async { match &tcp { Some((l, _)) => l.accept().await, None => std::future::pending().await } } => {
+                a.map(|(stream, _)| Connection::Tcp(stream))
+            }
         };
-        let conn = accepted();
+        let conn = match accepted {
+            Ok(conn) => {
+                backoff = None;
+                conn
+            }
+            Err(e) => {
+                warnings.failed(&e);
+                // A failure of one connection (it was reset before it was accepted) says
+                // nothing of the next; anything else (no descriptors, no memory) would fail
+                // again at once, and the listener stays ready: pause, longer each time.
+                if !is_connection_error(&e) {
+                    backoff =
+                        Some(backoff.map_or(ACCEPT_BACKOFF.0, |b| (b * 2).min(ACCEPT_BACKOFF.1)));
+                }
+                continue;
+            }
+        };
+        if counters.open.load(Ordering::Relaxed) >= max_connections as u64 {
+            counters.refused_connections.fetch_add(1, Ordering::Relaxed);
+            refuse(conn, max_connections);
+            continue;
+        }
         let token = match &conn {
             Connection::Tcp(_) => tcp.as_ref().map(|t| t.1.clone()),
             Connection::Unix(_) => None,
@@ -204,6 +258,104 @@ pub async fn run(
 enum Connection {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+}
+
+/// `max_connections`, or (0) the descriptor limit less what the server needs besides its
+/// connections, so that connections run out before descriptors do.
+fn connection_limit(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given.
+    let descriptors = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    let headroom = DESCRIPTOR_HEADROOM.min(descriptors / 2);
+    usize::try_from(descriptors.saturating_sub(headroom).clamp(1, 1 << 20)).unwrap_or(1 << 20)
+}
+
+/// Accept errors that belong to one connection (gone before it was accepted), not the server.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
+    )
+}
+
+/// "accept failed" warnings, at most one per [`ACCEPT_WARN_EVERY`], each counting the ones
+/// held back since the last: a loop failing thousands of times a second must not flood the log.
+#[derive(Default)]
+struct AcceptWarnings {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl AcceptWarnings {
+    fn failed(&mut self, e: &std::io::Error) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < ACCEPT_WARN_EVERY)
+        {
+            self.held_back += 1;
+            return;
+        }
+        let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+        tracing::warn!(
+            error = %e,
+            more_since_last_warning = self.held_back,
+            "accept failed{}",
+            if exhausted {
+                " (out of file descriptors: raise the limit (ulimit -n) or lower max_connections)"
+            } else {
+                ""
+            }
+        );
+        self.last = Some(now);
+        self.held_back = 0;
+    }
+}
+
+/// Answers a connection over `max_connections` with an error and closes it, without waiting
+/// on it: the frame fits in an empty socket buffer, and what the client already sent is read
+/// away first so that closing does not reset the connection under the error.
+fn refuse(conn: Connection, max_connections: usize) {
+    let answer = json!({ "ok": false, "error": { "kind": "too_many_connections", "message": format!(
+        "the server has max_connections ({max_connections}) connections open; try again later"
+    ) } });
+    let frame = encode_frame(&to_msgpack(&answer));
+    // Plain non-blocking calls on the socket itself: tokio's `try_*` would not even try before
+    // its driver has seen the new socket ready.
+    match conn {
+        Connection::Unix(s) => {
+            if let Ok(s) = s.into_std() {
+                refuse_on(s, &frame);
+            }
+        }
+        Connection::Tcp(s) => {
+            if let Ok(s) = s.into_std() {
+                refuse_on(s, &frame);
+            }
+        }
+    }
+}
+
+fn refuse_on(mut socket: impl std::io::Read + std::io::Write, frame: &[u8]) {
+    let mut sink = [0u8; 4096];
+    // Reads at most 64 KiB away: a client sending without pause cannot keep the loop here.
+    for _ in 0..16 {
+        if !matches!(socket.read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    let _ = socket.write(frame);
 }
 
 /// What the reader side found in one frame.
@@ -260,6 +412,8 @@ fn answer_for(ctx: &Context, body: &[u8], counters: &Arc<Counters>) -> AnswerFut
                     stats["connections_total"] = json!(counters.total.load(Ordering::Relaxed));
                     stats["refused_frames"] =
                         json!(counters.refused_frames.load(Ordering::Relaxed));
+                    stats["refused_connections"] =
+                        json!(counters.refused_connections.load(Ordering::Relaxed));
                 }
                 with_id(id, answer)
             })
@@ -287,8 +441,9 @@ async fn serve_connection(
         // TCP: the first frame must be {"op":"auth","token":…}.
         let first = tokio::select! {
             _ = stop.wait_for(|s| *s) => return Ok(()),
-            f = tokio::time::timeout(AUTH_TIMEOUT, read_frame(&mut reader, config.max_frame_bytes.min(1 << 16))) => f,
+            f = tokio::time::timeout(config.tcp_auth_timeout, read_frame(&mut reader, config.max_frame_bytes.min(1 << 16))) => f,
         };
+        let timed_out = first.is_err();
         let ok = match first {
             Err(_) | Ok(Err(_)) => false,
             Ok(Ok(frame)) => match frame {
@@ -296,13 +451,21 @@ async fn serve_connection(
                     .ok()
                     .and_then(|v| to_json(v).ok())
                     .is_some_and(|v| {
-                        v["op"] == "auth" && v["token"].as_str() == Some(token.as_str())
+                        v["op"] == "auth"
+                            && v["token"]
+                                .as_str()
+                                .is_some_and(|t| tokens_equal(t.as_bytes(), token.as_bytes()))
                     }),
                 _ => false,
             },
         };
         let answer = if ok {
             json!({ "ok": true })
+        } else if timed_out {
+            json!({ "ok": false, "error": { "kind": "unauthorized", "message": format!(
+                "no {{\"op\":\"auth\",\"token\":…}} frame within tcp_auth_timeout_ms ({} ms); closing",
+                config.tcp_auth_timeout.as_millis()
+            ) } })
         } else {
             json!({ "ok": false, "error": { "kind": "unauthorized", "message": "the first frame on TCP must be {\"op\":\"auth\",\"token\":…} with the server's token" } })
         };
@@ -314,9 +477,21 @@ async fn serve_connection(
         }
     }
     let (tx, mut rx) = mpsc::channel::<AnswerFuture>(config.max_in_flight_per_connection.max(1));
+    let budget = &AnswerBudget::new(config.max_unread_answer_bytes_per_connection);
     let mut writer_stop = stop.clone();
     let read = async move {
-        loop {
+        'reading: loop {
+            // Too many bytes of answers waiting for a client that does not read them: read
+            // no more of its requests until the writer catches up.
+            while !budget.admits() {
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => break 'reading,
+                    // The writer gave up (the client vanished): nothing more is answered.
+                    _ = tx.closed() => break 'reading,
+                    _ = budget.changed.notified() => {}
+                }
+            }
             let frame = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break,
@@ -331,11 +506,13 @@ async fn serve_connection(
                         limit: config.max_frame_bytes,
                     };
                     // The rest of this frame cannot be skipped safely: answer, then close.
+                    budget.queued.set(budget.queued.get() + 1);
                     let _ = tx.send(ready(refused(&e))).await;
                     break;
                 }
                 Ok(Frame::End) | Err(_) => break,
             };
+            budget.queued.set(budget.queued.get() + 1);
             // A full queue (the client is not reading) holds the reader here: backpressure.
             // It lets go when the writer gives up (the client vanished) or on shutdown.
             tokio::select! {
@@ -347,6 +524,7 @@ async fn serve_connection(
     let write = async move {
         while let Some(answer) = rx.recv().await {
             let frame = encode_frame(&to_msgpack(&answer.await));
+            budget.writing(frame.len());
             let written = tokio::select! {
                 w = writer.write_all(&frame) => w,
                 // After shutdown, a client that does not read cannot hold us here.
@@ -354,7 +532,9 @@ async fn serve_connection(
                     Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client did not read its answers"))
                 }
             };
-            // On a failed write `rx` is dropped here, which frees a reader blocked on it.
+            budget.written();
+            // On a failed write `rx` is dropped with this future, which frees a reader blocked
+            // on it.
             written?;
         }
         writer.flush().await?;
@@ -362,4 +542,112 @@ async fn serve_connection(
     };
     let ((), written) = tokio::join!(read, write);
     written
+}
+
+/// The bytes of answers one connection holds for its client, and whether its reader may take
+/// another request: an answer's size is known only once it is made, so each request not yet
+/// written counts at an estimate of its answer, the largest recent answer (halving with each
+/// smaller one). It starts at the whole budget: a new connection's first requests go one at a
+/// time until its answers show their size, then its window opens.
+struct AnswerBudget {
+    limit: u64,
+    /// Requests read whose answers are not yet being written.
+    queued: Cell<u64>,
+    /// The size of the answer being written (0: none).
+    writing: Cell<u64>,
+    estimate: Cell<u64>,
+    /// Wakes the reader when an answer has been written.
+    changed: tokio::sync::Notify,
+}
+
+impl AnswerBudget {
+    fn new(limit: u64) -> AnswerBudget {
+        AnswerBudget {
+            limit,
+            queued: Cell::new(0),
+            writing: Cell::new(0),
+            estimate: Cell::new(limit),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Whether one more request fits: it does when nothing is waiting (so a single answer
+    /// larger than the limit still goes through, alone), or when it fits in the budget.
+    fn admits(&self) -> bool {
+        let (queued, writing) = (self.queued.get(), self.writing.get());
+        if queued == 0 && writing == 0 {
+            return true;
+        }
+        let expected = (queued + 1).saturating_mul(self.estimate.get());
+        writing.saturating_add(expected) <= self.limit
+    }
+
+    /// A queued answer is made and its frame, `len` bytes, is being written.
+    fn writing(&self, len: usize) {
+        let len = len as u64;
+        self.queued.set(self.queued.get().saturating_sub(1));
+        self.writing.set(len);
+        self.estimate.set(len.max(self.estimate.get() / 2));
+    }
+
+    fn written(&self) {
+        self.writing.set(0);
+        self.changed.notify_one();
+    }
+}
+
+/// Whether two tokens are equal, in a time that does not depend on where they differ (nor on
+/// their lengths): the digests are compared, and blake3's digest comparison is constant-time.
+fn tokens_equal(given: &[u8], expected: &[u8]) -> bool {
+    blake3::hash(given) == blake3::hash(expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_equal_only_when_every_byte_is() {
+        assert!(tokens_equal(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!tokens_equal(b"0123456789abcdef", b"0123456789abcdeF"));
+        assert!(!tokens_equal(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(!tokens_equal(b"", b"0123456789abcdef"));
+    }
+
+    #[test]
+    fn max_connections_0_keeps_descriptors_for_the_server_itself() {
+        assert_eq!(connection_limit(7), 7);
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes only the struct it is given.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        let derived = connection_limit(0) as u64;
+        assert!(derived >= 1 && derived < limit.rlim_cur.max(2), "{derived}");
+    }
+
+    #[test]
+    fn the_answer_budget_admits_a_lone_large_answer_and_bounds_the_rest_by_bytes() {
+        let b = AnswerBudget::new(1000);
+        assert!(b.admits(), "the first request");
+        b.queued.set(1);
+        assert!(!b.admits(), "an unknown answer counts as the whole budget");
+        b.writing(5000);
+        assert!(!b.admits(), "over the budget while it is written");
+        b.written();
+        assert!(b.admits(), "nothing waiting: one more goes, however large");
+        for _ in 0..10 {
+            b.queued.set(b.queued.get() + 1);
+            b.writing(10);
+            b.written();
+        }
+        b.queued.set(50);
+        assert!(b.admits(), "small answers: many in flight");
+        b.queued.set(100);
+        assert!(!b.admits(), "but no more than the budget holds");
+    }
 }
