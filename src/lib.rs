@@ -10,6 +10,7 @@
 //! | [`stitch`] | `create_cache_entries` over a state, with its structured trace events | no |
 //! | [`record`] | the on-disk record format: envelope, hash chain, snapshots | no |
 //! | [`pack`] | how many records or contents share one sled value: pages, packs, index | no |
+//! | [`swap`] | a data directory's lock, and replacing the directory whole (crash-safe) | files |
 //! | [`journal`] | the sled event log, blobs, snapshots, durability (`fdatasync`) | sled |
 //! | [`content`] | content files: large groups' content, appended and synced | files |
 //! | [`replay`] | rebuilding the state from the journal, checking every record | via journal |
@@ -61,6 +62,7 @@ pub mod server;
 pub mod shape;
 pub mod state;
 pub mod stitch;
+pub mod swap;
 pub mod trace;
 pub mod wire;
 
