@@ -83,7 +83,7 @@ pub fn compact(
     // Held to the end: no other command opens the directory until the swap is over.
     let lock = DirLock::acquire(dir, crate::swap::LOCK_PATIENCE, false)?;
     crate::swap::repair(dir, &lock)?;
-    if !dir.is_dir() {
+    if !dir.exists() {
         return Err(CompactError::Missing(dir.to_path_buf()));
     }
     pause_point("compact:locked");

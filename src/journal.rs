@@ -290,7 +290,7 @@ impl SledJournal {
     ) -> Result<SledJournal, OpenError> {
         let lock = crate::swap::DirLock::acquire(dir, crate::swap::LOCK_PATIENCE, create)?;
         crate::swap::repair(dir, &lock)?;
-        if !create && !dir.is_dir() {
+        if !create && !dir.exists() {
             return Err(OpenError::Missing {
                 path: dir.to_path_buf(),
             });

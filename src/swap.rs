@@ -19,7 +19,8 @@
 //! directory gets a completion marker, synced, before the old one is moved aside, so
 //! - `DIR` alone: nothing to do (a marker left in it is removed);
 //! - `DIR` and a side directory: the swap never happened; the side directory goes;
-//! - no `DIR`, the old copy and a complete side directory: the swap is finished;
+//! - no `DIR`, the old copy and a complete side directory: the swap is finished (so it is
+//!   with no old copy: a directory that was not there is replaced by a complete one);
 //! - no `DIR` and the old copy (no complete side directory): the old copy is put back;
 //! - `DIR` (complete) and the old copy: the new one is in place; the old copy goes;
 //! - `DIR` *not* marked complete and the old copy: nobody can tell which is the log; the
@@ -151,7 +152,13 @@ impl DirLock {
                         dir: dir.to_path_buf(),
                     })
                 }
-                Err(e) => return Err(io_err("opening the lock file", &path)(e)),
+                Err(e) => {
+                    return Err(io_err(
+                        "creating the data directory's lock file (pcx writes it beside the \
+                         directory, so it needs write access to the directory's parent)",
+                        &path,
+                    )(e))
+                }
             };
             // SAFETY: flock on a descriptor this function owns; no memory is involved.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -160,13 +167,13 @@ impl DirLock {
                 if same_file(&file, &path) {
                     return Ok(DirLock { file, path });
                 }
-                continue;
-            }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EWOULDBLOCK) => {}
-                Some(libc::EINTR) => continue,
-                _ => return Err(io_err("locking", &path)(e)),
+            } else {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EWOULDBLOCK) => {}
+                    Some(libc::EINTR) => continue,
+                    _ => return Err(io_err("locking", &path)(e)),
+                }
             }
             if Instant::now() >= deadline {
                 return Err(SwapError::Locked {
@@ -291,9 +298,9 @@ pub fn wait_for_sled(dir: &Path, patience: Duration) -> Result<(), SwapError> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(SwapError::Locked {
-                dir: dir.to_path_buf(),
-            });
+            return Err(io_err("waiting for sled to close", dir)(
+                std::io::Error::other(format!("its files are still open after {patience:?}")),
+            ));
         }
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -97,8 +97,8 @@ struct Base {
     export: PathBuf,
 }
 
-/// Records (some 3 KiB), edits, takes and a saved entry over 25 keys: blobs that compaction
-/// keeps and blobs it drops.
+/// Records (some of 3 KiB), edits and takes over 25 keys: content that compaction keeps and
+/// content it drops.
 fn base(root: &Path, events: u64) -> Base {
     let dir = root.join("base");
     let mut requests = Vec::new();
@@ -836,7 +836,7 @@ fn an_open_never_deletes_the_old_copy_unless_the_new_one_is_known_complete() {
 }
 
 #[test]
-fn a_compaction_whose_new_copy_is_complete_is_finished_by_the_next_open() {
+fn a_compaction_killed_between_its_renames_is_finished_by_the_next_open() {
     let tmp = tempfile::tempdir().unwrap();
     let base = base(tmp.path(), 60);
     let dir = tmp.path().join("data");
