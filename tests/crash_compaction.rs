@@ -637,7 +637,7 @@ fn commands_racing_a_compaction_at_random_moments_never_lose_the_log() {
     let took = duration_of(pcx(&probe, &["compact", "--before", &before.to_string()]));
     let (mut rng, seed) = Rng::seeded();
     let kinds = others(tmp.path(), &base, before).len() as u64;
-    for n in 0..50u64 {
+    for n in 0..40u64 {
         let round = tmp.path().join(format!("r{n}"));
         let dir = round.join("data");
         copy_dir(&base.dir, &dir);
@@ -713,7 +713,7 @@ fn a_compaction_killed_at_any_step_leaves_the_old_log_or_the_new() {
     copy_dir(&base.dir, &probe);
     let took = duration_of(pcx(&probe, &["compact", "--before", &before.to_string()]));
     let (mut rng, seed) = Rng::seeded();
-    for n in 0..80u64 {
+    for n in 0..60u64 {
         let round = tmp.path().join(format!("k{n}"));
         let dir = round.join("data");
         copy_dir(&base.dir, &dir);
@@ -910,7 +910,7 @@ fn a_killed_import_never_leaves_a_truncated_log_that_verifies() {
     let took = duration_of(import_cmd(&tmp.path().join("probe2"), &base));
     let (mut rng, seed) = Rng::seeded();
     let mut kept = 0;
-    for n in 0..40u64 {
+    for n in 0..30u64 {
         let round = tmp.path().join(format!("k{n}"));
         let dir = round.join("data");
         std::fs::create_dir_all(&round).unwrap();
@@ -928,7 +928,7 @@ fn a_killed_import_never_leaves_a_truncated_log_that_verifies() {
         }
         std::fs::remove_dir_all(&round).unwrap();
     }
-    eprintln!("{kept} of 40 killed imports had finished");
+    eprintln!("{kept} of 30 killed imports had finished");
 }
 
 // ---------------------------------------------------------------------------------------------
