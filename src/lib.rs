@@ -10,6 +10,7 @@
 //! | [`stitch`] | `create_cache_entries` over a state, with its structured trace events | no |
 //! | [`record`] | the on-disk record format: envelope, hash chain, snapshots | no |
 //! | [`pack`] | how many records or contents share one sled value: pages, packs, index | no |
+//! | [`swap`] | a data directory's lock, and replacing the directory whole (crash-safe) | files |
 //! | [`journal`] | the sled event log, blobs, snapshots, durability (`fdatasync`) | sled |
 //! | [`content`] | content files: large groups' content, appended and synced | files |
 //! | [`replay`] | rebuilding the state from the journal, checking every record | via journal |
@@ -54,7 +55,7 @@ pub use crate::audit::{compact, export};
 pub use crate::core::{event, model, state, stitch};
 pub use crate::interface::{batch, client, protocol, server, shape, wire};
 pub use crate::plugins::{kinds, loader as plugin};
-pub use crate::store::{content, journal, pack, record, replay};
+pub use crate::store::{content, journal, pack, record, replay, swap};
 
 pub use config::Config;
 pub use context::Context;

@@ -576,15 +576,8 @@ fn answer_error(kind: &str, message: &str) -> ExitCode {
 fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
     use pcx::audit::{self, Query};
     let dir = &config.data_dir;
-    if !dir.exists() && !matches!(command, Command::Import { .. }) {
-        return Ok(answer_error(
-            "no_data_directory",
-            &format!(
-                "data directory {} does not exist: nothing has been recorded there",
-                dir.display()
-            ),
-        ));
-    }
+    // Whether the directory exists is asked under its lock, once an interrupted compaction
+    // is settled (it may have moved the directory aside): by the opens below.
     if let Command::Compact { before } = command {
         let bar = progress_bar(config, before, "compacting");
         let report = pcx::compact::compact(dir, before, config.cache_capacity_bytes, &mut |s| {
@@ -596,11 +589,40 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
                 println!("{r}");
                 ExitCode::SUCCESS
             }
+            Err(e @ pcx::compact::CompactError::Missing(_)) => {
+                answer_error("no_data_directory", &e.to_string())
+            }
             Err(e) => answer_error("compact_failed", &e.to_string()),
         });
     }
-    let journal = match pcx::journal::SledJournal::open(dir, config.cache_capacity_bytes) {
+    if let Command::Import { input } = command {
+        let bar = progress_bar(config, 0, "importing");
+        let mut reader: Box<dyn io::BufRead> = match &input {
+            Some(path) => Box::new(io::BufReader::new(
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+            )),
+            None => Box::new(io::stdin().lock()),
+        };
+        let result = pcx::export::import(dir, config.cache_capacity_bytes, &mut reader, &mut |s| {
+            bar.set_position(s)
+        });
+        bar.finish_and_clear();
+        return Ok(match result {
+            Ok(i) => {
+                println!(
+                    "{}",
+                    json!({"ok": true, "events": i.events, "last_seq": i.last_seq, "state_digest": i.state_digest.to_hex()})
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => answer_error("import_failed", &e.to_string()),
+        });
+    }
+    let journal = match pcx::journal::SledJournal::open_existing(dir, config.cache_capacity_bytes) {
         Ok(j) => j,
+        Err(e @ pcx::journal::OpenError::Missing { .. }) => {
+            return Ok(answer_error("no_data_directory", &e.to_string()))
+        }
         Err(e) => return Ok(answer_error("open_failed", &e.to_string())),
     };
     let total = pcx::journal::Journal::last_seq(&journal)
@@ -645,28 +667,6 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
             return Ok(match result {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => answer_error("export_failed", &e.to_string()),
-            });
-        }
-        Command::Import { input } => {
-            let bar = progress_bar(config, 0, "importing");
-            let mut reader: Box<dyn io::BufRead> = match &input {
-                Some(path) => Box::new(io::BufReader::new(
-                    std::fs::File::open(path)
-                        .with_context(|| format!("opening {}", path.display()))?,
-                )),
-                None => Box::new(io::stdin().lock()),
-            };
-            let result = pcx::export::import(&journal, &mut reader, &mut |s| bar.set_position(s));
-            bar.finish_and_clear();
-            return Ok(match result {
-                Ok(i) => {
-                    println!(
-                        "{}",
-                        json!({"ok": true, "events": i.events, "last_seq": i.last_seq, "state_digest": i.state_digest.to_hex()})
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => answer_error("import_failed", &e.to_string()),
             });
         }
         _ => anyhow::bail!("not an audit command"),

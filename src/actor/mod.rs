@@ -1473,6 +1473,9 @@ impl Handler<Audit> for ContextActor {
                                     cap,
                                 };
                                 let answer = msg.query.run(&view, &mut |_| {});
+                                // Let go of the journal before answering: a close that
+                                // follows the answer then releases the data directory.
+                                drop(view);
                                 let _ = tx.send(
                                     answer
                                         .map(|value| Ack { seq: None, value })

@@ -8,9 +8,11 @@
 //! directories. sled never gives freed space back to the file system, so a rewrite is the
 //! only way the directory really shrinks.
 //!
-//! The swap is two renames: `DIR` → `DIR.pre-compaction`, then `DIR.compacting` → `DIR`.
-//! Opening a data directory finishes an interrupted swap first (see
-//! [`finish_interrupted_swap`]), so a crash at any point leaves either the old log or the new.
+//! The swap is two renames: `DIR` → `DIR.pre-compaction`, then `DIR.compacting` → `DIR`
+//! (see [`crate::swap`]). Compaction holds the data directory's lock from before its first
+//! read to after the old copy is removed, so no other command sees a swap half done; opening
+//! a data directory (under the same lock) finishes or undoes a swap a crash interrupted, so a
+//! crash at any point leaves either the old log or the new.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use crate::journal::{Commit, Journal, OpenError, SledJournal, StoreError};
 use crate::model::Digest;
 use crate::record::{decode_snapshot, encode_snapshot_of};
 use crate::replay::{base, Base};
+use crate::swap::{pause_point, sibling, swap_in, DirLock, SwapError, COMPACTING};
 
 /// Why compaction did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -42,34 +45,17 @@ pub enum CompactError {
     },
     #[error("nothing to compact before {before}: the log already begins after event {first_kept}")]
     Nothing { before: u64, first_kept: u64 },
-    #[error("data directory {0} does not exist")]
+    #[error("data directory {0} does not exist: nothing has been recorded there")]
     Missing(PathBuf),
 }
 
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let mut name = dir
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(suffix);
-    dir.with_file_name(name)
-}
-
-/// Completes or undoes a compaction swap that a crash interrupted. Called on every open.
-pub fn finish_interrupted_swap(dir: &Path) -> std::io::Result<()> {
-    let (new, old) = (sibling(dir, ".compacting"), sibling(dir, ".pre-compaction"));
-    if !dir.exists() && new.exists() && old.exists() {
-        // The new directory was complete and durable before the old one was moved away.
-        std::fs::rename(&new, dir)?;
-    }
-    if dir.exists() {
-        for leftover in [new, old] {
-            if leftover.exists() {
-                std::fs::remove_dir_all(&leftover)?;
-            }
+impl From<SwapError> for CompactError {
+    fn from(e: SwapError) -> Self {
+        match e {
+            SwapError::Missing { dir } => CompactError::Missing(dir),
+            other => CompactError::Open(other.into()),
         }
     }
-    Ok(())
 }
 
 /// The bytes a directory's files take.
@@ -94,15 +80,51 @@ pub fn compact(
     cache_capacity: u64,
     progress: Progress,
 ) -> Result<Value, CompactError> {
+    // Held to the end: no other command opens the directory until the swap is over.
+    let lock = DirLock::acquire(dir, crate::swap::LOCK_PATIENCE, false)?;
+    crate::swap::repair(dir, &lock)?;
     if !dir.exists() {
         return Err(CompactError::Missing(dir.to_path_buf()));
     }
+    pause_point("compact:locked");
+    let bytes_before = dir_bytes(dir);
+    let new_dir = sibling(dir, COMPACTING);
+    let mut report = match write_compacted(dir, &new_dir, before, cache_capacity, progress) {
+        Ok(report) => report,
+        Err(e) => {
+            // Nothing was swapped: the log is as it was. The side directory's space goes back
+            // now (on a full disk, say), not at the next open.
+            match std::fs::remove_dir_all(&new_dir) {
+                Err(r) if r.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(error = %r, dir = %new_dir.display(), "could not remove");
+                }
+                _ => {}
+            }
+            return Err(e);
+        }
+    };
+    swap_in(dir, &new_dir, &lock)?;
+    let bytes_after = dir_bytes(dir);
+    drop(lock);
+    report["bytes_before"] = json!(bytes_before);
+    report["bytes_after"] = json!(bytes_after);
+    report["reclaimed_bytes"] = json!(bytes_before.saturating_sub(bytes_after));
+    Ok(report)
+}
+
+/// Writes the compacted log into `new_dir` (under the lock the caller holds), and closes it.
+fn write_compacted(
+    dir: &Path,
+    new_dir: &Path,
+    before: u64,
+    cache_capacity: u64,
+    progress: Progress,
+) -> Result<Value, CompactError> {
     let io = |op: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source| CompactError::Io { op, path, source }
     };
-    let bytes_before = dir_bytes(dir);
-    let old = SledJournal::open(dir, cache_capacity)?;
+    let old = SledJournal::open_held(dir, cache_capacity)?;
     let start = base(&old).map_err(AuditError::from)?;
     let anchor_seq = before.saturating_sub(1);
     if anchor_seq <= start.head.seq {
@@ -113,20 +135,20 @@ pub fn compact(
     }
     let (anchor_state, anchor_head) = state_at(&old, anchor_seq, progress)?;
 
-    let new_dir = sibling(dir, ".compacting");
     if new_dir.exists() {
-        std::fs::remove_dir_all(&new_dir).map_err(io("removing", &new_dir))?;
+        std::fs::remove_dir_all(new_dir).map_err(io("removing", new_dir))?;
     }
-    let new = SledJournal::open(&new_dir, cache_capacity)?;
+    let new = SledJournal::open_held(new_dir, cache_capacity)?;
     let anchor =
         encode_snapshot_of(anchor_seq, anchor_head.hash, &anchor_state, 0).map_err(|e| {
             StoreError::Io {
                 op: "encoding the anchor",
-                path: new_dir.clone(),
+                path: new_dir.to_path_buf(),
                 source: std::io::Error::other(e.to_string()),
             }
         })?;
     new.set_anchor(&anchor)?;
+    pause_point("compact:writing");
 
     // The kept events, their exact bytes; and what they refer to.
     let mut keep: HashSet<Digest> = state_refs(&anchor_state).into_iter().collect();
@@ -203,19 +225,6 @@ pub fn compact(
     new.commit(&kept)?;
     new.rewrite_cache_view(&old.cache_view()?)?;
     let events_removed = anchor_seq - start.head.seq;
-    drop(new);
-    drop(old);
-
-    let moved = sibling(dir, ".pre-compaction");
-    std::fs::rename(dir, &moved).map_err(io("moving aside", dir))?;
-    std::fs::rename(&new_dir, dir).map_err(io("moving into place", &new_dir))?;
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::File::open(parent)
-            .and_then(|f| f.sync_all())
-            .map_err(io("syncing", parent))?;
-    }
-    std::fs::remove_dir_all(&moved).map_err(io("removing", &moved))?;
-    let bytes_after = dir_bytes(dir);
     Ok(json!({
         "ok": true,
         "anchored_at": anchor_seq,
@@ -223,8 +232,5 @@ pub fn compact(
         "events_kept": kept_events,
         "blobs_removed": blobs_removed,
         "blob_bytes_removed": blob_bytes_removed,
-        "bytes_before": bytes_before,
-        "bytes_after": bytes_after,
-        "reclaimed_bytes": bytes_before.saturating_sub(bytes_after),
     }))
 }

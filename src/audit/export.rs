@@ -1,5 +1,10 @@
 //! `pcx export` / `pcx import`: the log as JSON lines, and back into an empty data directory.
 //!
+//! An import is written into a side directory (`DIR.importing`) and swapped in whole at the
+//! end, under the data directory's lock (as compaction is, see [`crate::swap`]): a killed
+//! import leaves the directory as it found it (empty), never a part of the log that
+//! `verify` would call sound.
+//!
 //! Records travel as their exact bytes (base64), so the imported log has the same hash chain
 //! and verifies; each line also names its event for people reading the file. Format:
 //!
@@ -13,13 +18,14 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, Write};
+use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::audit::{walk, AuditError, Progress};
-use crate::journal::{Commit, Journal, SledJournal, StoreError};
+use crate::journal::{Commit, Journal, OpenError, SledJournal, StoreError};
 use crate::model::Digest;
 use crate::record::{decode_event, decode_snapshot, encode_snapshot_of, SCHEMA_VERSION};
 use crate::replay::{base, Head};
@@ -44,6 +50,8 @@ pub enum ExportError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Open(#[from] OpenError),
     #[error("writing the export: {0}")]
     Write(#[source] std::io::Error),
     #[error("reading the import: {0}")]
@@ -54,6 +62,11 @@ pub enum ExportError {
         "cannot import into {dir}: it already holds a log (import needs an empty data directory)"
     )]
     NotEmpty { dir: String },
+    #[error(
+        "cannot import into {dir}: it holds files but no pcx data directory, and an import \
+         replaces the directory whole (import into a new or empty directory)"
+    )]
+    Foreign { dir: String },
 }
 
 fn write_line(out: &mut dyn Write, v: &Value) -> Result<(), ExportError> {
@@ -161,25 +174,57 @@ pub struct Imported {
 
 const CHUNK: usize = 1024;
 
-/// Reads an export into `journal`, which must hold no log. Every record is checked as replay
-/// would (hash, sequence, chain), every blob against its digest, and the final state against
-/// the export's digest; a snapshot of the final state is written.
+/// Reads an export into the data directory `dir`, which must hold no log (it is created if
+/// missing). Every record is checked as replay would (hash, sequence, chain), every blob
+/// against its digest, and the final state against the export's digest; a snapshot of the
+/// final state is written. The log goes into `DIR.importing` and is swapped in once all of it
+/// is in, all under the directory's lock: a refused, failed or killed import leaves `dir`
+/// holding no log.
 pub fn import(
-    journal: &SledJournal,
+    dir: &Path,
+    cache_capacity: u64,
     input: &mut dyn BufRead,
     progress: Progress,
 ) -> Result<Imported, ExportError> {
-    if journal.last_seq()?.is_some() || journal.anchor()?.is_some() {
-        return Err(ExportError::NotEmpty {
-            dir: journal.dir().display().to_string(),
+    use crate::swap::{repair, sibling, swap_in, DirLock, IMPORTING, LOCK_PATIENCE};
+    let lock = DirLock::acquire(dir, LOCK_PATIENCE, true).map_err(OpenError::from)?;
+    repair(dir, &lock).map_err(OpenError::from)?;
+    // The swap replaces `dir` whole: never a directory of someone else's files.
+    let foreign = std::fs::read_dir(dir)
+        .map(|mut entries| entries.next().is_some() && !dir.join("db").exists())
+        .unwrap_or(false);
+    if foreign {
+        return Err(ExportError::Foreign {
+            dir: dir.display().to_string(),
         });
     }
-    // A refused import leaves the directory as empty as it found it.
-    import_into(journal, input, progress).inspect_err(|_| {
-        if let Err(e) = journal.wipe() {
-            tracing::error!(error = %e, "could not empty the directory after a refused import");
+    {
+        let target = SledJournal::open_held(dir, cache_capacity)?;
+        if target.last_seq()?.is_some() || target.anchor()?.is_some() {
+            return Err(ExportError::NotEmpty {
+                dir: dir.display().to_string(),
+            });
         }
-    })
+    }
+    let side = sibling(dir, IMPORTING);
+    let imported = SledJournal::open_held(&side, cache_capacity)
+        .map_err(ExportError::from)
+        .and_then(|journal| import_into(&journal, input, progress));
+    let imported = match imported {
+        Ok(i) => i,
+        Err(e) => {
+            // Nothing was swapped in: `dir` holds no log, as before.
+            match std::fs::remove_dir_all(&side) {
+                Err(r) if r.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(error = %r, dir = %side.display(), "could not remove");
+                }
+                _ => {}
+            }
+            return Err(e);
+        }
+    };
+    swap_in(dir, &side, &lock).map_err(OpenError::from)?;
+    Ok(imported)
 }
 
 fn import_into(
@@ -299,6 +344,9 @@ fn import_into(
             if pending.records.len() >= CHUNK {
                 journal.commit(&std::mem::take(&mut pending))?;
                 pending_bytes = 0;
+                if head.seq - anchored == CHUNK as u64 {
+                    crate::swap::pause_point("import:writing");
+                }
             }
         } else if v["end"] == json!(true) {
             break v;

@@ -109,6 +109,22 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
+    #[error("data directory {path} does not exist: nothing has been recorded there")]
+    Missing { path: PathBuf },
+    /// The lock beside the directory, or an interrupted compaction or import left there.
+    #[error(transparent)]
+    Swap(crate::swap::SwapError),
+}
+
+impl From<crate::swap::SwapError> for OpenError {
+    fn from(e: crate::swap::SwapError) -> Self {
+        use crate::swap::SwapError;
+        match e {
+            SwapError::Locked { dir } => OpenError::Locked { path: dir },
+            SwapError::Missing { dir } => OpenError::Missing { path: dir },
+            other => OpenError::Swap(other),
+        }
+    }
 }
 
 /// Storage for the event log, snapshots, content blobs and the dynamo cache view.
@@ -188,6 +204,9 @@ pub struct SledJournal {
     /// Writers of packs take turns, so two never number a pack alike.
     writer: Mutex<()>,
     files: ContentFiles,
+    /// The data directory's lock, held as long as the journal (none for the side directories
+    /// a compaction or import writes under the lock it holds itself). Last, so it goes last.
+    _lock: Option<crate::swap::DirLock>,
 }
 
 /// The in-memory content index.
@@ -252,12 +271,38 @@ fn load_contents(h: &Handles) -> Result<Contents, String> {
 }
 
 impl SledJournal {
-    /// Opens (creating if missing) the data directory.
+    /// Opens (creating if missing) the data directory. Takes its lock first (see
+    /// [`crate::swap`]), then finishes or undoes a compaction or import a crash interrupted.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
-        crate::compact::finish_interrupted_swap(dir).map_err(|source| OpenError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        SledJournal::open_locking(dir, cache_capacity, true)
+    }
+
+    /// Opens the data directory as [`SledJournal::open`] does, but never creates it: a
+    /// missing one is [`OpenError::Missing`] (what read-only commands want).
+    pub fn open_existing(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
+        SledJournal::open_locking(dir, cache_capacity, false)
+    }
+
+    fn open_locking(
+        dir: &Path,
+        cache_capacity: u64,
+        create: bool,
+    ) -> Result<SledJournal, OpenError> {
+        let lock = crate::swap::DirLock::acquire(dir, crate::swap::LOCK_PATIENCE, create)?;
+        crate::swap::repair(dir, &lock)?;
+        if !create && !dir.exists() {
+            return Err(OpenError::Missing {
+                path: dir.to_path_buf(),
+            });
+        }
+        let mut journal = SledJournal::open_held(dir, cache_capacity)?;
+        journal._lock = Some(lock);
+        Ok(journal)
+    }
+
+    /// Opens (creating if missing) a directory whose lock the caller holds: a compaction or
+    /// import's own opens of the data directory and of the side directory it writes.
+    pub(crate) fn open_held(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
         std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
             path: dir.to_path_buf(),
             source,
@@ -284,6 +329,7 @@ impl SledJournal {
             contents: std::sync::RwLock::new(contents),
             writer: Mutex::new(()),
             files,
+            _lock: None,
         })
     }
 

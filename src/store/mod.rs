@@ -11,3 +11,4 @@ pub mod journal;
 pub mod pack;
 pub mod record;
 pub mod replay;
+pub mod swap;
