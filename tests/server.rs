@@ -296,14 +296,18 @@ impl Conn {
         self.0.write_all(bytes)
     }
 
-    /// Reads one answer frame.
-    fn recv(&mut self) -> io::Result<Value> {
+    /// Reads one answer frame, as the server sent it.
+    fn recv_msgpack(&mut self) -> io::Result<rmpv::Value> {
         let mut header = [0u8; HEADER_LEN];
         self.0.read_exact(&mut header)?;
         let mut body = vec![0u8; body_len(header) as usize];
         self.0.read_exact(&mut body)?;
-        decode_answer(&body)
-            .and_then(to_json)
+        decode_answer(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    }
+
+    /// Reads one answer frame.
+    fn recv(&mut self) -> io::Result<Value> {
+        to_json(self.recv_msgpack()?)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
     }
 
@@ -1082,6 +1086,97 @@ fn an_oversize_frame_is_refused_naming_max_frame_bytes() {
     assert!(
         message.contains("max_frame_bytes") && !message.contains("max_request_bytes"),
         "the message names the limit that applies: {message}"
+    );
+    drop(c);
+    server.stop();
+}
+
+/// A MessagePack map of text keys (what a client builds by hand).
+fn mp_map(fields: Vec<(&str, rmpv::Value)>) -> rmpv::Value {
+    rmpv::Value::Map(
+        fields
+            .into_iter()
+            .map(|(k, v)| (rmpv::Value::from(k), v))
+            .collect(),
+    )
+}
+
+/// Product bug: the frame decoder turned every MessagePack binary into base64 text, so a key
+/// sent as bytes (`key=b"k"` from Python) was stored under the key "aw==". Binary now
+/// travels only in `*_b64` fields; anywhere else it is refused naming the field.
+#[test]
+fn a_binary_key_is_refused_not_stored_as_base64() {
+    use rmpv::Value as Mp;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(tmp.path(), &[], &[]);
+    let mut c = server.connect();
+    let bin = |b: &[u8]| Mp::Binary(b.to_vec());
+    let wrong: Vec<(Mp, &str)> = vec![
+        (
+            mp_map(vec![
+                ("op", Mp::from("record_artifact")),
+                ("key", bin(b"k")),
+                ("content_b64", bin(b"v")),
+            ]),
+            "key",
+        ),
+        (
+            mp_map(vec![
+                ("op", Mp::from("record_artifact")),
+                ("key", Mp::from("k")),
+                ("kind", bin(b"eager")),
+                ("content_b64", bin(b"v")),
+            ]),
+            "kind",
+        ),
+        (
+            mp_map(vec![("op", bin(b"take_artifact")), ("key", Mp::from("k"))]),
+            "op",
+        ),
+        (
+            mp_map(vec![
+                ("op", Mp::from("record_dynamo_cache_entry")),
+                ("key", Mp::from("e")),
+                (
+                    "entry",
+                    mp_map(vec![
+                        ("device_type", Mp::from("cpu")),
+                        (
+                            "codes",
+                            Mp::Array(vec![mp_map(vec![(
+                                "backend_ids",
+                                Mp::Array(vec![Mp::from("b1"), bin(b"b2")]),
+                            )])]),
+                        ),
+                    ]),
+                ),
+            ]),
+            "entry.codes[0].backend_ids[1]",
+        ),
+    ];
+    for (request, field) in wrong {
+        c.send_raw(&encode_frame(&request)).unwrap();
+        let answer = c.recv().expect("an answer");
+        let message = assert_failed(&answer, "invalid_request");
+        assert!(
+            message.contains(&format!("`{field}`")) && message.contains("binary"),
+            "the message names the field {field}: {message}"
+        );
+    }
+    // Nothing was stored, under the key or under its base64 text.
+    for key in ["k", "aw==", "e"] {
+        assert_eq!(content_of(&c.ask(&serialize(key))), None, "{key}");
+    }
+    assert_eq!(
+        c.ask(&dump()),
+        json!({"ok": true, "debug_info": {}}),
+        "nothing recorded"
+    );
+    // Binary where bytes belong is what clients send.
+    assert_ok(&c.ask(&record("k", b"\x00\xffbytes")));
+    assert_eq!(
+        content_of(&c.ask(&serialize("k"))).as_deref(),
+        Some(&b"\x00\xffbytes"[..])
     );
     drop(c);
     server.stop();
