@@ -243,7 +243,10 @@ impl DynamoCacheEntry {
         let mut total: u64 = 0;
         for (i, code) in self.codes.iter().enumerate() {
             let source = code.code_source.as_deref().unwrap_or_default();
-            for (name, size) in [("payload", code.payload.len()), ("code_source", source.len())] {
+            for (name, size) in [
+                ("payload", code.payload.len()),
+                ("code_source", source.len()),
+            ] {
                 let size = size as u64;
                 if size > limit {
                     return Err(InvalidEntry::TooLarge {
@@ -492,12 +495,24 @@ mod tests {
         let err = entry(vec![with(1, None), with(9, None)]).check_size(8);
         assert_eq!(
             err.map_err(|e| e.to_string()),
-            Err("codes[1].payload is 9 bytes, over the limit of 8 bytes (max_content_bytes)".into())
+            Err(
+                "codes[1].payload is 9 bytes, over the limit of 8 bytes (max_content_bytes)".into()
+            )
         );
         let err = entry(vec![with(0, Some(9))]).check_size(8).unwrap_err();
-        assert!(err.to_string().starts_with("codes[0].code_source is 9 bytes"), "{err}");
-        let err = entry(vec![with(5, None), with(4, None)]).check_size(8).unwrap_err();
-        assert!(err.to_string().starts_with("codes[*] (payloads and sources together) is 9 bytes"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("codes[0].code_source is 9 bytes"),
+            "{err}"
+        );
+        let err = entry(vec![with(5, None), with(4, None)])
+            .check_size(8)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("codes[*] (payloads and sources together) is 9 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,7 +25,9 @@ pub enum WireError {
     Trailing(usize),
     #[error("frame holds a value JSON cannot carry: {0}")]
     Unrepresentable(String),
-    #[error("field `{field}` holds binary, but only fields named `*_b64` carry bytes; send it as text")]
+    #[error(
+        "field `{field}` holds binary, but only fields named `*_b64` carry bytes; send it as text"
+    )]
     Binary { field: String },
 }
 
@@ -44,13 +46,8 @@ impl WireError {
     /// costs nothing for paths when all is well.
     fn within(self, outer: &str) -> WireError {
         match self {
-            WireError::Binary { field } if field.is_empty() || field.starts_with('[') => {
-                WireError::Binary {
-                    field: format!("{outer}{field}"),
-                }
-            }
             WireError::Binary { field } => WireError::Binary {
-                field: format!("{outer}.{field}"),
+                field: crate::shape::field_path(outer, &field),
             },
             other => other,
         }
@@ -249,7 +246,8 @@ mod tests {
 
     #[test]
     fn binary_outside_a_bytes_field_is_refused_naming_the_field() {
-        let request = to_msgpack(&json!({"op": "x", "entry": {"codes": [{}, {"ids": ["a", "b"]}]}}));
+        let request =
+            to_msgpack(&json!({"op": "x", "entry": {"codes": [{}, {"ids": ["a", "b"]}]}}));
         let Mp::Map(mut pairs) = request else {
             panic!("not a map")
         };

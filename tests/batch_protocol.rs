@@ -272,8 +272,17 @@ fn a_dynamo_entry_payload_over_max_content_bytes_is_refused() {
     )
     .answers();
     let message = assert_failed(&answers[0], "too_large");
-    for needle in ["big", "codes[1].payload", &BIG.to_string(), "4096", "max_content_bytes"] {
-        assert!(message.contains(needle), "the message names {needle}: {message}");
+    for needle in [
+        "big",
+        "codes[1].payload",
+        &BIG.to_string(),
+        "4096",
+        "max_content_bytes",
+    ] {
+        assert!(
+            message.contains(needle),
+            "the message names {needle}: {message}"
+        );
     }
     let message = assert_failed(&answers[1], "too_large");
     assert!(message.contains(&(LIMIT + 2).to_string()), "{message}");

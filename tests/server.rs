@@ -1182,6 +1182,72 @@ fn a_binary_key_is_refused_not_stored_as_base64() {
     server.stop();
 }
 
+/// Product bug: a JSON id beyond 64 bits was read as a float and came back as one
+/// (18446744073709551616 → 1.8446744073709552e19). The protocol cannot echo it exactly (the
+/// socket speaks MessagePack, whose integers are 64 bits), so it is refused, naming the
+/// field, through `pcx batch` and `pcx client` alike; 64-bit ids come back exactly.
+#[test]
+fn integer_ids_beyond_64_bits_are_echoed_exactly_or_refused() {
+    let input = [
+        r#"{"op":"dump_debug_info","id":18446744073709551615}"#,
+        r#"{"op":"dump_debug_info","id":-9223372036854775808}"#,
+        r#"{"op":"dump_debug_info","id":18446744073709551616}"#,
+        r#"{"op":"dump_debug_info","id":-9223372036854775809}"#,
+        r#"{"op":"dump_debug_info","id":{"n":[1,123456789012345678901234567890]}}"#,
+        r#"{"op":"record_dynamo_cache_entry","key":"e","id":3,"entry":{"device_type":"cpu","fn_first_lineno":99999999999999999999,"codes":[{"backend_ids":[]}]}}"#,
+        r#"{"op":"dump_debug_info","id":4}"#,
+    ]
+    .map(|l| format!("{l}\n"))
+    .concat();
+    let answers = client_and_batch_agree(&input, &[]);
+    let text: Vec<String> = answers.iter().map(Value::to_string).collect();
+    assert!(
+        text[0].starts_with(r#"{"id":18446744073709551615,"ok":true"#),
+        "{}",
+        text[0]
+    );
+    assert!(
+        text[1].starts_with(r#"{"id":-9223372036854775808,"ok":true"#),
+        "{}",
+        text[1]
+    );
+    for (i, field) in [(2, "id"), (3, "id"), (4, "id.n[1]")] {
+        assert!(answers[i].get("id").is_none(), "no id echoed: {}", text[i]);
+        let message = assert_failed(&answers[i], "invalid_request");
+        assert!(
+            message.contains(&format!("`{field}`")) && message.contains("beyond 64 bits"),
+            "the message names {field}: {message}"
+        );
+    }
+    assert_eq!(answers[5]["id"], json!(3), "{}", text[5]);
+    let message = assert_failed(&answers[5], "invalid_request");
+    assert!(message.contains("`entry.fn_first_lineno`"), "{message}");
+    assert_eq!(
+        answers[6],
+        json!({"id": 4, "ok": true, "debug_info": {}}),
+        "nothing was recorded"
+    );
+
+    // Over the socket, MessagePack integers are 64 bits and come back exactly.
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(tmp.path(), &[], &[]);
+    let mut c = server.connect();
+    for id in [
+        rmpv::Value::from(u64::MAX),
+        rmpv::Value::from(i64::MIN),
+        rmpv::Value::from(0),
+    ] {
+        let request = mp_map(vec![("op", rmpv::Value::from("stats")), ("id", id.clone())]);
+        c.send_raw(&encode_frame(&request)).unwrap();
+        let rmpv::Value::Map(fields) = c.recv_msgpack().unwrap() else {
+            panic!("an answer is a map")
+        };
+        assert_eq!(fields[0], (rmpv::Value::from("id"), id));
+    }
+    drop(c);
+    server.stop();
+}
+
 /// A server on `TMP` that takes at most `in_flight` requests of a connection before it stops
 /// reading it, holding the artifact `big` (`content`); gives it and a connection to it.
 fn server_holding_big(tmp: &Path, in_flight: &str, content: &[u8]) -> (Server, Conn) {
