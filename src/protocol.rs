@@ -256,7 +256,7 @@ const WIDE: f64 = 9_223_372_036_854_775_808.0;
 /// compared). So such numbers are refused, on every path, wherever they are.
 fn wide_number(value: &Value) -> Option<(String, String)> {
     match value {
-        Value::Number(n) if n.as_f64().is_some_and(|f| n.is_f64() && f.abs() >= WIDE) => {
+        Value::Number(n) if n.is_f64() && n.as_f64().is_some_and(|f| f.abs() >= WIDE) => {
             Some((String::new(), n.to_string()))
         }
         Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
