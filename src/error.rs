@@ -61,6 +61,10 @@ impl ContextError {
     pub fn kind(&self) -> &'static str {
         match self {
             ContextError::KeyNotFound { .. } => "key_not_found",
+            ContextError::InvalidEntry {
+                reason: InvalidEntry::TooLarge { .. },
+                ..
+            } => "too_large",
             ContextError::InvalidEntry { .. } => "invalid_entry",
             ContextError::InvalidKind { .. } => "invalid_kind",
             ContextError::TooLarge { .. } => "too_large",

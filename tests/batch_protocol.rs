@@ -218,6 +218,102 @@ fn oversize_content_is_refused() {
     assert_eq!(artifact_text(&answers[1], "k").as_deref(), Some("12345678"));
 }
 
+/// The bytes of every file under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                dir_bytes(&entry.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+/// Product bug: an entry's code payloads were bounded by nothing but the request line, and an
+/// entry is stored whole in its event and again in snapshots, so one 100 MiB payload grew a
+/// data directory by 506 MB. Each payload and source, and all of an entry's together, are now
+/// bounded by `max_content_bytes` like an artifact's content.
+#[test]
+fn a_dynamo_entry_payload_over_max_content_bytes_is_refused() {
+    const LIMIT: usize = 4096;
+    const BIG: usize = 4 << 20;
+    let limit = [("PCX_MAX_CONTENT_BYTES", "4096")];
+    let entry = |payloads: &[&[u8]], source: Option<&str>| {
+        let codes: Vec<Value> = payloads
+            .iter()
+            .map(|p| json!({"backend_ids": ["k"], "payload_b64": b64(p), "code_source": source}))
+            .collect();
+        json!({"fn_name": "f", "device_type": "cpu", "codes": codes})
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let answers = batch_raw(dir.path(), &lines(&[record("k", "v")]), &limit).answers();
+    assert_ok(&answers[0]);
+    // sled sets aside room for its log on the second open: measure from after that.
+    batch_raw(dir.path(), &lines(&[dump()]), &limit);
+    let before = dir_bytes(dir.path());
+
+    let big = vec![7u8; BIG];
+    let at_limit = vec![1u8; LIMIT];
+    let half = vec![2u8; LIMIT / 2 + 1];
+    let answers = batch_raw(
+        dir.path(),
+        &lines(&[
+            record_entry("big", entry(&[b"ok", &big], None)),
+            record_entry("two-halves", entry(&[&half, &half], None)),
+            record_entry("long-source", entry(&[b""], Some(&"x".repeat(LIMIT + 1)))),
+            dump(),
+        ]),
+        &limit,
+    )
+    .answers();
+    let message = assert_failed(&answers[0], "too_large");
+    for needle in [
+        "big",
+        "codes[1].payload",
+        &BIG.to_string(),
+        "4096",
+        "max_content_bytes",
+    ] {
+        assert!(
+            message.contains(needle),
+            "the message names {needle}: {message}"
+        );
+    }
+    let message = assert_failed(&answers[1], "too_large");
+    assert!(message.contains(&(LIMIT + 2).to_string()), "{message}");
+    let message = assert_failed(&answers[2], "too_large");
+    assert!(message.contains("codes[0].code_source"), "{message}");
+    assert_eq!(
+        answers[3],
+        json!({"ok": true, "debug_info": {"backends": ["k"]}}),
+        "nothing of the refused entries is in the context"
+    );
+    let grown = dir_bytes(dir.path()).saturating_sub(before);
+    assert!(
+        grown < (BIG / 4) as u64,
+        "the data directory grew by {grown} bytes for refused entries"
+    );
+    let logged = cli_lines(dir.path(), &["log", "--event", "DynamoEntryRecorded"]);
+    assert_eq!(logged, Vec::<Value>::new(), "no event for a refused entry");
+
+    // At the limit is accepted, and the next process reads it back.
+    let answers = batch_raw(
+        dir.path(),
+        &lines(&[record_entry("fits", entry(&[&at_limit], None))]),
+        &limit,
+    )
+    .answers();
+    assert_ok(&answers[0]);
+    let stitched = batch_raw(dir.path(), &lines(&[stitch()]), &limit).answers();
+    let codes = &stitched[0]["entries"]["fits"]["dynamo"]["codes"];
+    assert_eq!(unb64(&codes[0]["payload_b64"]), at_limit);
+}
+
 #[test]
 fn an_oversize_line_is_refused() {
     let limit = [("PCX_MAX_REQUEST_BYTES", "200")];

@@ -1,15 +1,11 @@
-//! Durability: what survives a killed process, a failed commit, damage to the log, a lost
-//! snapshot or blob, and a second writer; and that group commit pays one sync for many writes.
+//! Durability: what survives a failed commit, damage to the log, a lost snapshot or blob, and
+//! a second writer; and that group commit pays one sync for many writes. (SIGKILLs: tests/crash.rs.)
 //!
 //! Every wait has a timeout. Damage is made by opening the sled database directly (tree
 //! `events` keyed by big-endian sequence numbers, `snapshots`, `blobs` keyed by digest).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +22,7 @@ use serde_json::{json, Value};
 
 mod common;
 use common::library::*;
-use common::protocol::{b64, cli};
-use common::*;
+use common::protocol::cli;
 
 /// How long sled may stay locked after this process closed a data directory: sled's IO
 /// threads hold the locked file for a moment after a close. (`SledJournal::open` has the same
@@ -127,193 +122,6 @@ fn assert_cli_refuses(dir: &Path, needle: &str) {
         "stderr should say `{needle}`: {stderr}"
     );
     assert!(!stderr.contains("panicked"), "pcx panicked: {stderr}");
-}
-
-// ---------------------------------------------------------------------------------------
-// SIGKILL in the middle of a stream of writes
-// ---------------------------------------------------------------------------------------
-
-fn kill_key(round: usize, i: u64) -> String {
-    format!("r{round}-{i:06}")
-}
-
-/// Deterministic content per record; every fourth is empty (empty content is valid), and every
-/// fiftieth is 80 KiB, so the groups holding one go to a content file.
-fn kill_content(round: usize, i: u64) -> Vec<u8> {
-    let line = format!("round {round} record {i};");
-    let times = if i % 50 == 49 {
-        80 * 1024 / line.len() + 1
-    } else {
-        (i % 4) as usize
-    };
-    line.repeat(times).into_bytes()
-}
-
-/// Streams record_artifact lines into `pcx batch` until `kill_after` answers have arrived,
-/// SIGKILLs it, and returns how many records were answered (answers are in order, so they
-/// are records `0..answered`).
-fn stream_and_kill(dir: &Path, round: usize, kill_after: usize) -> u64 {
-    let mut child = Guard(
-        pcx(dir, &["batch"])
-            // Snapshots are written along the way, so a kill can land around one.
-            .env("PCX_SNAPSHOT_EVERY", "64")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn pcx batch"),
-    );
-    let stdin = child.0.stdin.take().unwrap();
-    let stdout = child.0.stdout.take().unwrap();
-
-    let (written_tx, written_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut out = BufWriter::new(stdin);
-        let mut written = 0u64;
-        // Far more than can be answered before the kill; the pipe holds the writer back.
-        for i in 0..1_000_000u64 {
-            let line = json!({
-                "op": "record_artifact",
-                "id": i,
-                "key": kill_key(round, i),
-                "kind": "eager",
-                "content_b64": b64(kill_content(round, i)),
-            });
-            if writeln!(out, "{line}").is_err() || (i % 32 == 31 && out.flush().is_err()) {
-                break;
-            }
-            written = i + 1;
-        }
-        let _ = out.flush();
-        let _ = written_tx.send(written);
-    });
-
-    let (answer_tx, answer_rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if answer_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-
-    let mut answered = 0u64;
-    let check = |answered: &mut u64, line: String| {
-        let v: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("answer is not JSON ({e}): {line}"));
-        assert_eq!(
-            v["id"],
-            json!(*answered),
-            "answers come in request order: {line}"
-        );
-        assert_eq!(v["ok"], json!(true), "a record was refused: {line}");
-        assert!(
-            v["seq"].is_u64(),
-            "a write's answer carries its seq: {line}"
-        );
-        *answered += 1;
-    };
-    while (answered as usize) < kill_after {
-        match answer_rx.recv_timeout(TIMEOUT) {
-            Ok(line) => check(&mut answered, line),
-            Err(e) => panic!("round {round}: only {answered} answers before {e:?}"),
-        }
-    }
-    child.0.kill().expect("SIGKILL pcx batch");
-    let status = child.0.wait().expect("reap pcx batch");
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "pcx batch ended on its own instead of by SIGKILL: {status}"
-    );
-    // Answers written before the kill are still in the pipe: they count as answered too.
-    loop {
-        match answer_rx.recv_timeout(TIMEOUT) {
-            Ok(line) => check(&mut answered, line),
-            Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout) => panic!("stdout of the killed pcx did not close"),
-        }
-    }
-    let written = written_rx
-        .recv_timeout(TIMEOUT)
-        .expect("the writer stops once the pipe is closed");
-    assert!(written >= answered);
-    answered
-}
-
-/// Commits are applied in order and sled recovers a prefix, so what survived is a prefix of
-/// each round's stream, at least as long as what was answered; nothing else is there.
-fn assert_answered_survived(keys: &[String], answered: &[u64], what: &str) {
-    let mut expected = Vec::new();
-    for (r, &answered) in answered.iter().enumerate() {
-        let survived = keys
-            .iter()
-            .filter(|k| k.starts_with(&format!("r{r}-")))
-            .count() as u64;
-        assert!(
-            survived >= answered,
-            "{what}: round {r} had {answered} records answered but only {survived} survived"
-        );
-        expected.extend((0..survived).map(|i| kill_key(r, i)));
-    }
-    assert_eq!(
-        keys, expected,
-        "{what}: the survivors are not prefixes of the streams, in order"
-    );
-}
-
-#[test]
-fn every_answered_write_survives_a_sigkill_of_pcx_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), 64);
-    // Several kills on the same directory, at different points; each round continues the log
-    // the previous kill left behind.
-    let mut answered = Vec::new();
-    for (round, kill_after) in [1usize, 150, 1200].into_iter().enumerate() {
-        answered.push(stream_and_kill(dir.path(), round, kill_after));
-
-        // The log itself, replayed from its first event, holds every answered record...
-        let logged: Vec<String> = {
-            let journal = open_journal(dir.path());
-            let (state, _, _) = fold(&journal, State::default(), Head::EMPTY, None)
-                .unwrap_or_else(|e| panic!("after kill {round}, the log does not replay: {e}"));
-            state.artifacts.keys().cloned().collect()
-        };
-        assert_answered_survived(&logged, &answered, "the event log");
-        // ...and replay from the newest snapshot agrees with it.
-        let recovered = replays_cleanly(dir.path());
-        assert_eq!(
-            recovered.state.artifacts.len() as u64,
-            recovered.head.seq,
-            "one event per record"
-        );
-
-        // What a user reads back after the restart.
-        block_on(async {
-            let ctx = open(&config);
-            let present = backends(&ctx).await;
-            assert_answered_survived(&present, &answered, "the reopened context");
-            for key in &present {
-                let (r, i) = key[1..].split_once('-').unwrap();
-                let (r, i): (usize, u64) = (r.parse().unwrap(), i.parse().unwrap());
-                assert_eq!(
-                    content(&ctx, key).await,
-                    Some(kill_content(r, i)),
-                    "content of {key}"
-                );
-            }
-            ctx.close().await.expect("close");
-        });
-    }
-    let in_files: u64 = content_files(dir.path())
-        .iter()
-        .map(|f| std::fs::metadata(f).unwrap().len())
-        .sum();
-    assert!(
-        in_files >= 80 * 1024,
-        "the large contents went through content files ({in_files} bytes there)"
-    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -902,16 +710,6 @@ fn big_content(n: usize, salt: u32) -> Vec<u8> {
     (0..n as u32)
         .map(|i| (i.wrapping_add(salt).wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect()
-}
-
-fn content_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(dir.join("content"))
-        .expect("the content directory")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
-        .collect();
-    files.sort();
-    files
 }
 
 #[test]

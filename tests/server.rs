@@ -296,14 +296,18 @@ impl Conn {
         self.0.write_all(bytes)
     }
 
-    /// Reads one answer frame.
-    fn recv(&mut self) -> io::Result<Value> {
+    /// Reads one answer frame, as the server sent it.
+    fn recv_msgpack(&mut self) -> io::Result<rmpv::Value> {
         let mut header = [0u8; HEADER_LEN];
         self.0.read_exact(&mut header)?;
         let mut body = vec![0u8; body_len(header) as usize];
         self.0.read_exact(&mut body)?;
-        decode_answer(&body)
-            .and_then(to_json)
+        decode_answer(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    }
+
+    /// Reads one answer frame.
+    fn recv(&mut self) -> io::Result<Value> {
+        to_json(self.recv_msgpack()?)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
     }
 
@@ -422,23 +426,6 @@ fn wait_connections_open(conn: &mut Conn, n: u64, limit: Duration, why: &str) {
             "{why}: connections_open is still {open}, not {n}, after {limit:?}"
         );
         thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A small seeded generator (splitmix64), so "random" moments are the same every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -1083,6 +1070,163 @@ fn an_oversize_frame_is_refused_naming_max_frame_bytes() {
         message.contains("max_frame_bytes") && !message.contains("max_request_bytes"),
         "the message names the limit that applies: {message}"
     );
+    drop(c);
+    server.stop();
+}
+
+/// A MessagePack map of text keys (what a client builds by hand).
+fn mp_map(fields: Vec<(&str, rmpv::Value)>) -> rmpv::Value {
+    rmpv::Value::Map(
+        fields
+            .into_iter()
+            .map(|(k, v)| (rmpv::Value::from(k), v))
+            .collect(),
+    )
+}
+
+/// Product bug: the frame decoder turned every MessagePack binary into base64 text, so a key
+/// sent as bytes (`key=b"k"` from Python) was stored under the key "aw==". Binary now
+/// travels only in `*_b64` fields; anywhere else it is refused naming the field.
+#[test]
+fn a_binary_key_is_refused_not_stored_as_base64() {
+    use rmpv::Value as Mp;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(tmp.path(), &[], &[]);
+    let mut c = server.connect();
+    let bin = |b: &[u8]| Mp::Binary(b.to_vec());
+    let wrong: Vec<(Mp, &str)> = vec![
+        (
+            mp_map(vec![
+                ("op", Mp::from("record_artifact")),
+                ("key", bin(b"k")),
+                ("content_b64", bin(b"v")),
+            ]),
+            "key",
+        ),
+        (
+            mp_map(vec![
+                ("op", Mp::from("record_artifact")),
+                ("key", Mp::from("k")),
+                ("kind", bin(b"eager")),
+                ("content_b64", bin(b"v")),
+            ]),
+            "kind",
+        ),
+        (
+            mp_map(vec![("op", bin(b"take_artifact")), ("key", Mp::from("k"))]),
+            "op",
+        ),
+        (
+            mp_map(vec![
+                ("op", Mp::from("record_dynamo_cache_entry")),
+                ("key", Mp::from("e")),
+                (
+                    "entry",
+                    mp_map(vec![
+                        ("device_type", Mp::from("cpu")),
+                        (
+                            "codes",
+                            Mp::Array(vec![mp_map(vec![(
+                                "backend_ids",
+                                Mp::Array(vec![Mp::from("b1"), bin(b"b2")]),
+                            )])]),
+                        ),
+                    ]),
+                ),
+            ]),
+            "entry.codes[0].backend_ids[1]",
+        ),
+    ];
+    for (request, field) in wrong {
+        c.send_raw(&encode_frame(&request)).unwrap();
+        let answer = c.recv().expect("an answer");
+        let message = assert_failed(&answer, "invalid_request");
+        assert!(
+            message.contains(&format!("`{field}`")) && message.contains("binary"),
+            "the message names the field {field}: {message}"
+        );
+    }
+    // Nothing was stored, under the key or under its base64 text.
+    for key in ["k", "aw==", "e"] {
+        assert_eq!(content_of(&c.ask(&serialize(key))), None, "{key}");
+    }
+    assert_eq!(
+        c.ask(&dump()),
+        json!({"ok": true, "debug_info": {}}),
+        "nothing recorded"
+    );
+    // Binary where bytes belong is what clients send.
+    assert_ok(&c.ask(&record("k", b"\x00\xffbytes")));
+    assert_eq!(
+        content_of(&c.ask(&serialize("k"))).as_deref(),
+        Some(&b"\x00\xffbytes"[..])
+    );
+    drop(c);
+    server.stop();
+}
+
+/// Product bug: a JSON id beyond 64 bits was read as a float and came back as one
+/// (18446744073709551616 → 1.8446744073709552e19). The protocol cannot echo it exactly (the
+/// socket speaks MessagePack, whose integers are 64 bits), so it is refused, naming the
+/// field, through `pcx batch` and `pcx client` alike; 64-bit ids come back exactly.
+#[test]
+fn integer_ids_beyond_64_bits_are_echoed_exactly_or_refused() {
+    let input = [
+        r#"{"op":"dump_debug_info","id":18446744073709551615}"#,
+        r#"{"op":"dump_debug_info","id":-9223372036854775808}"#,
+        r#"{"op":"dump_debug_info","id":18446744073709551616}"#,
+        r#"{"op":"dump_debug_info","id":-9223372036854775809}"#,
+        r#"{"op":"dump_debug_info","id":{"n":[1,123456789012345678901234567890]}}"#,
+        r#"{"op":"record_dynamo_cache_entry","key":"e","id":3,"entry":{"device_type":"cpu","fn_first_lineno":99999999999999999999,"codes":[{"backend_ids":[]}]}}"#,
+        r#"{"op":"dump_debug_info","id":4}"#,
+    ]
+    .map(|l| format!("{l}\n"))
+    .concat();
+    let answers = client_and_batch_agree(&input, &[]);
+    let text: Vec<String> = answers.iter().map(Value::to_string).collect();
+    assert!(
+        text[0].starts_with(r#"{"id":18446744073709551615,"ok":true"#),
+        "{}",
+        text[0]
+    );
+    assert!(
+        text[1].starts_with(r#"{"id":-9223372036854775808,"ok":true"#),
+        "{}",
+        text[1]
+    );
+    for (i, field) in [(2, "id"), (3, "id"), (4, "id.n[1]")] {
+        assert!(answers[i].get("id").is_none(), "no id echoed: {}", text[i]);
+        let message = assert_failed(&answers[i], "invalid_request");
+        assert!(
+            message.contains(&format!("`{field}`")) && message.contains("beyond 64 bits"),
+            "the message names {field}: {message}"
+        );
+    }
+    assert_eq!(answers[5]["id"], json!(3), "{}", text[5]);
+    let message = assert_failed(&answers[5], "invalid_request");
+    assert!(message.contains("`entry.fn_first_lineno`"), "{message}");
+    assert_eq!(
+        answers[6],
+        json!({"id": 4, "ok": true, "debug_info": {}}),
+        "nothing was recorded"
+    );
+
+    // Over the socket, MessagePack integers are 64 bits and come back exactly.
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(tmp.path(), &[], &[]);
+    let mut c = server.connect();
+    for id in [
+        rmpv::Value::from(u64::MAX),
+        rmpv::Value::from(i64::MIN),
+        rmpv::Value::from(0),
+    ] {
+        let request = mp_map(vec![("op", rmpv::Value::from("stats")), ("id", id.clone())]);
+        c.send_raw(&encode_frame(&request)).unwrap();
+        let rmpv::Value::Map(fields) = c.recv_msgpack().unwrap() else {
+            panic!("an answer is a map")
+        };
+        assert_eq!(fields[0], (rmpv::Value::from("id"), id));
+    }
     drop(c);
     server.stop();
 }

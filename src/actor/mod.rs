@@ -965,9 +965,10 @@ impl Handler<RecordEntry> for ContextActor {
 
     fn handle(&mut self, msg: RecordEntry, _: &mut Self::Context) -> Self::Result {
         self.run(
-            move |_| {
+            move |this| {
                 msg.entry
                     .validate()
+                    .and_then(|()| msg.entry.check_size(this.settings.max_content_bytes))
                     .map_err(|reason| ContextError::InvalidEntry {
                         key: msg.key.clone(),
                         reason,

@@ -169,6 +169,12 @@ pub enum RequestError {
     MissingField(String),
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "field `{field}` holds a number beyond 64 bits (read as {number}): the protocol carries \
+         integers from -9223372036854775808 to 18446744073709551615 and floats under 2^63 in \
+         magnitude, so it could not come back exactly"
+    )]
+    WideNumber { field: String, number: String },
     #[error("field {field} is not valid base64: {message}")]
     BadBase64 { field: String, message: String },
     #[error("request line is {len} bytes, over the limit of {limit} bytes (max_request_bytes)")]
@@ -183,7 +189,7 @@ impl RequestError {
             RequestError::BadJson(_) | RequestError::NotAnObject => "bad_json",
             RequestError::UnknownOp(_) => "unknown_op",
             RequestError::MissingField(_) => "missing_field",
-            RequestError::Invalid(_) => "invalid_request",
+            RequestError::Invalid(_) | RequestError::WideNumber { .. } => "invalid_request",
             RequestError::BadBase64 { .. } => "bad_base64",
             RequestError::TooLarge { .. } | RequestError::FrameTooLarge { .. } => "too_large",
         }
@@ -209,6 +215,13 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
         return (None, Err(RequestError::NotAnObject));
     };
     let id = map.remove("id");
+    if let Some((field, number)) = id.as_ref().and_then(wide_number) {
+        let field = crate::shape::field_path("id", &field);
+        return (None, Err(RequestError::WideNumber { field, number }));
+    }
+    if let Some((field, number)) = wide_number_in(&map) {
+        return (id, Err(RequestError::WideNumber { field, number }));
+    }
     let request = match map.get("op") {
         None => Err(RequestError::MissingField("missing field `op`".into())),
         Some(Value::String(op)) if !OPS.contains(&op.as_str()) => {
@@ -227,6 +240,36 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
         ))),
     };
     (id, request)
+}
+
+/// 2^63: floats at least this large in magnitude cannot be told from an integer literal
+/// beyond 64 bits, which serde_json reads as the nearest float.
+const WIDE: f64 = 9_223_372_036_854_775_808.0;
+
+/// The first number in `value` the protocol cannot carry exactly, with its path within
+/// `value` and the number as read.
+///
+/// JSON numbers are read as 64-bit integers or as floats; a wider integer (an id of
+/// 18446744073709551616) becomes the nearest float and would be echoed as one. It cannot be
+/// echoed exactly either: the socket speaks MessagePack, whose integers are 64 bits (and
+/// serde_json's `arbitrary_precision` would change how every number in the build is held and
+/// compared). So such numbers are refused, on every path, wherever they are.
+fn wide_number(value: &Value) -> Option<(String, String)> {
+    match value {
+        Value::Number(n) if n.is_f64() && n.as_f64().is_some_and(|f| f.abs() >= WIDE) => {
+            Some((String::new(), n.to_string()))
+        }
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
+            wide_number(v).map(|(f, n)| (crate::shape::field_path(&format!("[{i}]"), &f), n))
+        }),
+        Value::Object(map) => wide_number_in(map),
+        _ => None,
+    }
+}
+
+fn wide_number_in(map: &Map<String, Value>) -> Option<(String, String)> {
+    map.iter()
+        .find_map(|(k, v)| wide_number(v).map(|(f, n)| (crate::shape::field_path(k, &f), n)))
 }
 
 fn decode_b64(field: &str, text: &str) -> Result<Vec<u8>, RequestError> {
@@ -534,6 +577,34 @@ mod tests {
         assert_eq!(req, Ok(Request::Clear));
         let answer = with_id(id, json!({"ok": true}));
         assert_eq!(answer.to_string(), r#"{"id":"a1","ok":true}"#);
+    }
+
+    #[test]
+    fn numbers_beyond_64_bits_are_refused_naming_their_field() {
+        let refused = |line: &str| match parse(line.as_bytes()) {
+            (id, Err(RequestError::WideNumber { field, .. })) => (id, field),
+            other => panic!("{line}: {other:?}"),
+        };
+        assert_eq!(
+            refused(r#"{"op":"clear","id":18446744073709551616}"#),
+            (None, "id".into())
+        );
+        assert_eq!(
+            refused(r#"{"op":"clear","id":[0,{"a":-9223372036854775809}]}"#),
+            (None, "id[1].a".into())
+        );
+        assert_eq!(
+            refused(r#"{"op":"diff","id":"x","from":1e300,"to":2}"#),
+            (Some(json!("x")), "from".into())
+        );
+        for fine in [
+            r#"{"op":"clear","id":18446744073709551615}"#,
+            r#"{"op":"clear","id":-9223372036854775808}"#,
+            r#"{"op":"clear","id":1.5}"#,
+            r#"{"op":"clear","id":-9.2e18}"#,
+        ] {
+            assert_eq!(parse(fine.as_bytes()).1, Ok(Request::Clear), "{fine}");
+        }
     }
 
     #[test]

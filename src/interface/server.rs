@@ -395,7 +395,7 @@ fn answer_for(ctx: &Context, body: &[u8], counters: &Arc<Counters>) -> AnswerFut
         Ok(v) => v,
         Err(e) => {
             return ready(
-                json!({ "ok": false, "error": { "kind": "bad_frame", "message": e.to_string() } }),
+                json!({ "ok": false, "error": { "kind": e.kind(), "message": e.to_string() } }),
             )
         }
     };

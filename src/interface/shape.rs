@@ -14,6 +14,17 @@ pub const MAX_VALUES: usize = 200_000;
 /// The deepest nesting one request may have (real ones are under ten).
 pub const MAX_DEPTH: usize = 64;
 
+/// How refusals name a field: `inner`'s path as seen from the value that holds it under
+/// `outer`, a map key (`entry`) or an index (`[0]`): `entry.codes[0].payload_b64`. Paths are
+/// built this way, from the inside out, only once something is refused.
+pub fn field_path(outer: &str, inner: &str) -> String {
+    if inner.is_empty() || inner.starts_with('[') {
+        format!("{outer}{inner}")
+    } else {
+        format!("{outer}.{inner}")
+    }
+}
+
 /// Walks the input once, without keeping it; errors if it holds more than [`MAX_VALUES`]
 /// values or nests deeper than [`MAX_DEPTH`], or is not well formed.
 pub fn check<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {

@@ -4,7 +4,9 @@
 //!
 //! Conversion is by key: a field whose name ends in `_b64` holds bytes. On the way in, binary
 //! becomes base64 text (text is accepted as is, so a client may send either); on the way out,
-//! such a field's base64 text becomes binary. Everything else maps one to one.
+//! such a field's base64 text becomes binary. Everything else maps one to one, and binary
+//! anywhere else is refused: turned into base64 text, a key sent as bytes (`b"k"` from
+//! Python) would be stored under the key `aw==`.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -23,6 +25,33 @@ pub enum WireError {
     Trailing(usize),
     #[error("frame holds a value JSON cannot carry: {0}")]
     Unrepresentable(String),
+    #[error(
+        "field `{field}` holds binary, but only fields named `*_b64` carry bytes; send it as text"
+    )]
+    Binary { field: String },
+}
+
+impl WireError {
+    /// The `error.kind` of the answer to a frame refused for this: a frame that is well-formed
+    /// MessagePack but holds binary where text belongs is a request of the wrong shape.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WireError::Binary { .. } => "invalid_request",
+            _ => "bad_frame",
+        }
+    }
+
+    /// The error as seen from the value that holds the field: its path gains `outer`, a map
+    /// key (`entry`) or an index (`[0]`). Built on the way out of a refusal, so conversion
+    /// costs nothing for paths when all is well.
+    fn within(self, outer: &str) -> WireError {
+        match self {
+            WireError::Binary { field } => WireError::Binary {
+                field: crate::shape::field_path(outer, &field),
+            },
+            other => other,
+        }
+    }
 }
 
 /// The body length a frame header announces.
@@ -64,8 +93,18 @@ pub fn decode_body(body: &[u8]) -> Result<Mp, WireError> {
     decode_answer(body)
 }
 
-/// MessagePack → the JSON the protocol parses; binary becomes base64 text.
+/// MessagePack → the JSON the protocol parses; the binary of `*_b64` fields becomes base64
+/// text, binary anywhere else is refused naming its field.
 pub fn to_json(value: Mp) -> Result<Json, WireError> {
+    to_json_field(value, false).map_err(|e| match e {
+        WireError::Binary { field } if field.is_empty() => WireError::Binary {
+            field: "(the whole frame)".into(),
+        },
+        e => e,
+    })
+}
+
+fn to_json_field(value: Mp, bytes: bool) -> Result<Json, WireError> {
     Ok(match value {
         Mp::Nil => Json::Null,
         Mp::Boolean(b) => Json::Bool(b),
@@ -92,8 +131,19 @@ pub fn to_json(value: Mp) -> Result<Json, WireError> {
                 ))
             }
         },
-        Mp::Binary(b) => Json::String(B64.encode(b)),
-        Mp::Array(items) => Json::Array(items.into_iter().map(to_json).collect::<Result<_, _>>()?),
+        Mp::Binary(b) if bytes => Json::String(B64.encode(b)),
+        Mp::Binary(_) => {
+            return Err(WireError::Binary {
+                field: String::new(),
+            })
+        }
+        Mp::Array(items) => Json::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| to_json_field(v, bytes).map_err(|e| e.within(&format!("[{i}]"))))
+                .collect::<Result<_, _>>()?,
+        ),
         Mp::Map(pairs) => {
             let mut map = serde_json::Map::new();
             for (k, v) in pairs {
@@ -107,7 +157,8 @@ pub fn to_json(value: Mp) -> Result<Json, WireError> {
                         "a map key that is not UTF-8".into(),
                     ));
                 };
-                map.insert(k, to_json(v)?);
+                let v = to_json_field(v, k.ends_with("_b64")).map_err(|e| e.within(&k))?;
+                map.insert(k, v);
             }
             Json::Object(map)
         }
@@ -191,5 +242,40 @@ mod tests {
         ));
         assert_eq!(decode_body(b"\x01\x02"), Err(WireError::Trailing(1)));
         assert!(to_json(Mp::Map(vec![(Mp::from(1), Mp::Nil)])).is_err());
+    }
+
+    #[test]
+    fn binary_outside_a_bytes_field_is_refused_naming_the_field() {
+        let request =
+            to_msgpack(&json!({"op": "x", "entry": {"codes": [{}, {"ids": ["a", "b"]}]}}));
+        let Mp::Map(mut pairs) = request else {
+            panic!("not a map")
+        };
+        let Mp::Map(entry) = &mut pairs[1].1 else {
+            panic!("entry not a map")
+        };
+        entry[0].1 = Mp::Array(vec![
+            Mp::Map(vec![]),
+            Mp::Map(vec![(
+                Mp::from("ids"),
+                Mp::Array(vec![Mp::from("a"), Mp::Binary(b"b".to_vec())]),
+            )]),
+        ]);
+        let err = to_json(Mp::Map(pairs)).unwrap_err();
+        assert_eq!(
+            err,
+            WireError::Binary {
+                field: "entry.codes[1].ids[1]".into()
+            }
+        );
+        assert_eq!(err.kind(), "invalid_request");
+        let err = to_json(Mp::Binary(vec![1])).unwrap_err();
+        assert!(err.to_string().contains("(the whole frame)"), "{err}");
+        // Under a `*_b64` key, arrays of binary included, it is bytes.
+        let ok = Mp::Map(vec![(
+            Mp::from("parts_b64"),
+            Mp::Array(vec![Mp::Binary(vec![0, 1, 2])]),
+        )]);
+        assert_eq!(to_json(ok).unwrap(), json!({"parts_b64": ["AAEC"]}));
     }
 }

@@ -189,6 +189,17 @@ pub fn damage_contents(
     db.flush().unwrap();
 }
 
+/// The content files of a data directory (where large contents go), in name order.
+pub fn content_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("content"))
+        .expect("the content directory")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// The digests of every content a closed data directory stores.
 pub fn stored_digests(dir: &Path, patience: Duration) -> std::collections::BTreeSet<Digest> {
     let deadline = Instant::now() + patience;

@@ -229,6 +229,23 @@ pub fn pcx(dir: &Path, args: &[&str]) -> Command {
 // ---------------------------------------------------------------------------------------------
 // values
 
+/// A small seeded generator (splitmix64), so "random" moments are the same every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 /// Owned (key, value) pairs, to compare with.
 pub fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
     items
