@@ -9,7 +9,7 @@
 //!
 //! The steps are reached with the binary's test hook: `PCX_TEST_PAUSE=STEP` makes a
 //! compaction or import create `PCX_TEST_PAUSE_FILE` at STEP and wait until it is removed.
-//! A command started meanwhile logs (at info, target `pcx::swap`) that it waits for the lock:
+//! A command started meanwhile logs (at info, target `pcx::store::swap`) that it waits for the lock:
 //! the test resumes the compaction once it has said so (or after a second, when it does not).
 //!
 //! Logs are small (hundreds of events) so each round is cheap; every wait is bounded.
@@ -33,7 +33,7 @@ use common::*;
 /// How long one pcx process of these tests may take.
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// The steps of a compaction, in order (see `pcx::swap::pause_point`).
+/// The steps of a compaction, in order (see `pcx::store::swap::pause_point`).
 const COMPACT_STEPS: [&str; 6] = [
     "compact:locked",
     "compact:writing",
@@ -390,7 +390,7 @@ fn others(round: &Path, base: &Base, before: u64) -> Vec<Other> {
 fn start_other(dir: &Path, other: &Other) -> Proc {
     let args: Vec<&str> = other.args.iter().map(String::as_str).collect();
     let mut cmd = pcx(dir, &args);
-    cmd.env("PCX_LOG_FILTER", "warn,pcx::swap=info");
+    cmd.env("PCX_LOG_FILTER", "warn,pcx::store::swap=info");
     spawn(cmd, &other.input)
 }
 
