@@ -9,6 +9,10 @@
 //! `cargo test` runs); the cdylib is taken from cargo's `compiler-artifact` messages. C fixtures
 //! are built with `cc` (or `$CC`) for [`HOST_TARGET`]. A fixture that crashes while loading is
 //! only ever loaded by `pcx plugins check`, which loads in a child process.
+//!
+//! pcx refuses plugin files and directories that anyone but its user or root could write, so
+//! the test directories are given plain modes (0755 directories and libraries, 0644 other
+//! files) whatever the umask.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -126,6 +130,7 @@ impl Setup {
     fn new() -> Setup {
         let tmp = tempfile::tempdir().expect("a temporary directory");
         std::fs::create_dir(tmp.path().join("plugins")).unwrap();
+        chmod(&tmp.path().join("plugins"), 0o755);
         Setup { tmp }
     }
 
@@ -146,6 +151,7 @@ impl Setup {
         let to = self.plugins().join(file);
         std::fs::copy(library, &to)
             .unwrap_or_else(|e| panic!("copying {} to {}: {e}", library.display(), to.display()));
+        chmod(&to, 0o755);
         to.canonicalize().unwrap()
     }
 
@@ -158,6 +164,7 @@ impl Setup {
     fn write(&self, file: &str, bytes: &[u8]) -> PathBuf {
         let to = self.plugins().join(file);
         std::fs::write(&to, bytes).unwrap();
+        chmod(&to, 0o644);
         to.canonicalize().unwrap()
     }
 
@@ -173,6 +180,13 @@ impl Setup {
         all.extend_from_slice(args);
         self.pcx(&all)
     }
+}
+
+/// Sets a file's or directory's mode.
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1374,4 +1388,160 @@ async fn a_failed_commit_aborts_the_loads_queued_behind_it() {
     let ctx = Context::open(&config).expect("opens again");
     assert_eq!(ctx.state_digest().await.expect("digest").value, before);
     ctx.close().await.expect("closed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. plugin files anyone could write
+
+/// `pcx plugins list` over the setup's plugin directory, with `env`: it must end by itself
+/// with exit status 1 (a problem), listing only c-upper. Gives the problems.
+fn list_refusing(s: &Setup, env: &[(&str, &str)]) -> Vec<String> {
+    let mut cmd = s.pcx_plugins(&["plugins", "list"]);
+    cmd.envs(env.iter().copied());
+    let list = run(cmd, b"");
+    assert_eq!(
+        list.status.code(),
+        Some(1),
+        "pcx plugins list must report the problem and exit 1: {}\nstdout: {}\nstderr: {}",
+        list.status,
+        list.stdout,
+        list.stderr
+    );
+    let answer = list.answer();
+    assert_eq!(answer["plugins"][0]["name"], "c-upper", "{answer}");
+    assert_eq!(answer["plugins"].as_array().unwrap().len(), 1, "{answer}");
+    answer["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Loads the setup's plugin directory in this process: only c-upper may serve (when
+/// `c_upper_loads`), and the problems are given.
+fn problems_loading(s: &Setup, c_upper_loads: bool) -> Vec<PluginError> {
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    let names: Vec<&str> = kinds.plugins().iter().map(|p| p.name.as_str()).collect();
+    let expected: &[&str] = if c_upper_loads { &["c-upper"] } else { &[] };
+    assert_eq!(names, expected, "{:#?}", kinds.problems());
+    kinds.problems().to_vec()
+}
+
+/// Before: a plugin directory anyone could write to was loaded from without a word.
+#[test]
+fn a_world_writable_plugin_directory_is_refused() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let dir = s.plugins().canonicalize().unwrap();
+    for (mode, by) in [
+        (0o777, "its group and everyone"),
+        (0o1777, "its group and everyone"),
+        (0o757, "everyone"),
+        (0o775, "its group"),
+    ] {
+        chmod(&s.plugins(), mode);
+        let problems = problems_loading(&s, false);
+        assert_eq!(
+            problems,
+            [PluginError::Writable {
+                what: "plugin directory",
+                path: dir.clone(),
+                mode,
+                by
+            }]
+        );
+        assert_contains(
+            &problems[0].to_string(),
+            &[&dir.display().to_string(), &format!("mode {mode:04o}")],
+        );
+    }
+    let list = run(s.pcx_plugins(&["plugins", "list"]), b"");
+    assert_eq!(list.status.code(), Some(1), "{}", list.stderr);
+    let answer = list.answer();
+    assert_eq!(answer["plugins"], json!([]), "{answer}");
+    assert_contains(
+        answer["problems"][0].as_str().unwrap(),
+        &[&dir.display().to_string(), "mode 0775", "writable"],
+    );
+}
+
+/// Before: such a library was loaded like any other.
+#[test]
+fn a_world_writable_plugin_library_is_refused() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let bad = s.install(c_fixture("c_upper_dup"), "libwritable.so");
+    for (mode, by) in [(0o757, "everyone"), (0o775, "its group")] {
+        chmod(&bad, mode);
+        assert_eq!(
+            problems_loading(&s, true),
+            [PluginError::Writable {
+                what: "plugin",
+                path: bad.clone(),
+                mode,
+                by
+            }]
+        );
+    }
+    // Reached through a directory below the plugin directory that anyone can write to.
+    chmod(&bad, 0o755);
+    let sub = s.plugins().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    chmod(&sub, 0o777);
+    std::fs::rename(&bad, sub.join("libwritable.so")).unwrap();
+    std::os::unix::fs::symlink(sub.join("libwritable.so"), s.plugins().join("liblink.so")).unwrap();
+    let problems = problems_loading(&s, true);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_contains(
+        &problems[0].to_string(),
+        &[
+            &sub.canonicalize().unwrap().display().to_string(),
+            "mode 0777",
+        ],
+    );
+    let problems = list_refusing(&s, &[]);
+    assert_contains(
+        &problems[0],
+        &["mode 0777", "writable by its group and everyone"],
+    );
+}
+
+/// Before: such a library was loaded like any other. Changing a file's owner needs root (as
+/// CI runs): elsewhere the test says so and checks nothing.
+#[test]
+fn a_plugin_library_owned_by_another_user_is_refused() {
+    const NOBODY: u32 = 65534;
+    let s = Setup::new();
+    s.c("c_upper");
+    let bad = s.install(c_fixture("c_upper_dup"), "libforeign.so");
+    if let Err(e) = std::os::unix::fs::chown(&bad, Some(NOBODY), None) {
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        eprintln!("skipped: changing a file's owner needs root ({e})");
+        return;
+    }
+    let problems = problems_loading(&s, true);
+    assert!(
+        matches!(
+            &problems[..],
+            [PluginError::ForeignOwner { what: "plugin", path, mode: 0o755, owner: NOBODY, .. }] if *path == bad
+        ),
+        "{problems:#?}"
+    );
+    assert_contains(
+        &problems[0].to_string(),
+        &[&bad.display().to_string(), "uid 65534", "mode 0755"],
+    );
+    let problems = list_refusing(&s, &[]);
+    assert_contains(&problems[0], &["libforeign.so", "owned by uid 65534"]);
+
+    // A plugin directory owned by another user refuses everything in it.
+    std::fs::remove_file(&bad).unwrap();
+    std::os::unix::fs::chown(s.plugins(), Some(NOBODY), None).unwrap();
+    let problems = problems_loading(&s, false);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_contains(
+        &problems[0].to_string(),
+        &["plugin directory", "owned by uid 65534", "mode 0755"],
+    );
 }
