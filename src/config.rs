@@ -28,6 +28,7 @@ pub struct Config {
     pub origin: String,
     pub plugin_dir: PathBuf,
     pub max_plugin_output_bytes: u64,
+    pub plugin_call_timeout_ms: u64,
     pub log_format: LogFormat,
     pub log_filter: String,
 }
@@ -107,6 +108,9 @@ impl Config {
         }
         if self.max_in_flight == 0 {
             return bad("max_in_flight must be at least 1");
+        }
+        if self.plugin_call_timeout_ms == 0 {
+            return bad("plugin_call_timeout_ms must be at least 1");
         }
         Ok(self)
     }

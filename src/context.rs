@@ -254,9 +254,10 @@ pub fn settings(config: &Config) -> ActorSettings {
         max_content_bytes: config.max_content_bytes,
         origin: config.origin(),
         kinds: match config.plugin_dir() {
-            Some(dir) => Kinds::load(
+            Some(dir) => Kinds::load_with(
                 &dir,
                 usize::try_from(config.max_plugin_output_bytes).unwrap_or(usize::MAX),
+                std::time::Duration::from_millis(config.plugin_call_timeout_ms),
             ),
             None => Kinds::builtin(None),
         },

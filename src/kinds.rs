@@ -5,11 +5,17 @@
 //! plugin that claims `eager` or a kind another plugin already serves is refused whole,
 //! naming both files. A broken plugin is reported with its path and the reason, and the others
 //! still load.
+//!
+//! Before any library is loaded: the plugin directory and each library must be trusted
+//! ([`plugin::check_trusted`]), and, in the `pcx` binary, each library is loaded first in a
+//! child process ([`crate::probe`]), so a constructor that crashes or hangs refuses its
+//! library instead of taking pcx down.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::ContextError;
 use crate::model::EAGER_KIND;
@@ -25,6 +31,10 @@ pub struct Deserialized {
     pub description: JsonObject,
     pub content: Vec<u8>,
 }
+
+/// How long loading a library (in a child process) may take unless
+/// `plugin_call_timeout_ms` says otherwise.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The artifact kinds this process can deserialize, and the plugins serving them.
 #[derive(Clone, Debug, Default)]
@@ -48,26 +58,41 @@ impl Kinds {
         }
     }
 
-    /// Loads every plugin in `dir`. Problems are logged and kept (see [`Kinds::problems`]);
-    /// they never stop the others from loading.
+    /// [`Kinds::load_with`] with the default deadline.
     pub fn load(dir: &Path, output_limit: usize) -> Kinds {
+        Kinds::load_with(dir, output_limit, DEFAULT_CALL_TIMEOUT)
+    }
+
+    /// Loads every plugin in `dir`. Problems are logged and kept (see [`Kinds::problems`]);
+    /// they never stop the others from loading. A library is refused before it is loaded if
+    /// it or its directory is not trusted, or (in the `pcx` binary) if loading it in a child
+    /// process crashed or took longer than `call_timeout`.
+    pub fn load_with(dir: &Path, output_limit: usize, call_timeout: Duration) -> Kinds {
         let mut kinds = Kinds {
             output_limit,
             ..Kinds::builtin(Some(dir.to_path_buf()))
         };
-        match plugin::candidates(dir) {
-            Err(e) => kinds.problem(e),
-            Ok(paths) => {
-                for path in paths {
-                    match path.and_then(|p| plugin::load(&p)) {
-                        Ok(p) => {
-                            if let Err(e) = kinds.register(p) {
-                                kinds.problem(e);
-                            }
-                        }
-                        Err(e) => kinds.problem(e),
+        let paths = match plugin::candidates(dir) {
+            Ok(paths) => paths,
+            Err(e) => {
+                kinds.problem(e);
+                return kinds;
+            }
+        };
+        let trusted: Vec<PathBuf> = paths.iter().filter_map(|p| p.clone().ok()).collect();
+        let mut vetted = crate::probe::vet(&trusted, call_timeout).into_iter();
+        for path in paths {
+            let loaded = path.and_then(|p| {
+                vetted.next().unwrap_or(Ok(()))?;
+                plugin::load(&p)
+            });
+            match loaded {
+                Ok(p) => {
+                    if let Err(e) = kinds.register(p) {
+                        kinds.problem(e);
                     }
                 }
+                Err(e) => kinds.problem(e),
             }
         }
         kinds

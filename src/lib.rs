@@ -17,6 +17,7 @@
 //! | [`export`] | the log as JSON lines and back (`pcx export` / `pcx import`) | via journal |
 //! | [`compact`] | rewriting a data directory to begin at an anchor snapshot | sled, files |
 //! | [`plugin`] | loading plugins and calling them safely (every `unsafe` of the plugin ABI) | dlopen |
+//! | [`probe`] | loading a plugin library first in a child process (`pcx plugins probe`) | processes |
 //! | [`kinds`] | the registry of artifact kinds (`eager` built in, the rest from plugins) | via plugin |
 //! | [`committer`] | the committer thread and its queue: group commit, answers once durable | via journal |
 //! | [`actor`] | the context actor: single writer, group commit, panic containment | via journal |
@@ -54,6 +55,7 @@ pub mod kinds;
 pub mod model;
 pub mod pack;
 pub mod plugin;
+pub mod probe;
 pub mod protocol;
 pub mod record;
 pub mod replay;

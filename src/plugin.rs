@@ -115,6 +115,16 @@ pub enum PluginError {
         owner: u32,
         uid: u32,
     },
+    #[error("plugin {path}: loading it crashed a check process with signal {signal} ({name}); not loaded, pcx would have crashed the same way")]
+    CheckCrashed {
+        path: PathBuf,
+        signal: i32,
+        name: &'static str,
+    },
+    #[error("plugin {path}: loading it in a check process did not finish within {deadline_ms} ms (plugin_call_timeout_ms; does a constructor loop?); not loaded")]
+    CheckTimedOut { path: PathBuf, deadline_ms: u64 },
+    #[error("plugin {path}: could not be checked in a child process first: {message}; not loaded")]
+    CheckFailed { path: PathBuf, message: String },
 }
 
 /// A loaded, validated plugin.

@@ -8,7 +8,7 @@
 //! their own target directories under `CARGO_TARGET_TMPDIR` (the main one is locked while
 //! `cargo test` runs); the cdylib is taken from cargo's `compiler-artifact` messages. C fixtures
 //! are built with `cc` (or `$CC`) for [`HOST_TARGET`]. A fixture that crashes while loading is
-//! only ever loaded by `pcx plugins check`, which loads in a child process.
+//! only ever loaded by the `pcx` binary, which loads every library first in a child process.
 //!
 //! pcx refuses plugin files and directories that anyone but its user or root could write, so
 //! the test directories are given plain modes (0755 directories and libraries, 0644 other
@@ -76,6 +76,7 @@ const C_FIXTURES: &[(&str, &[&str])] = &[
     ("bad_kind_name", &["-DBAD_KIND_NAME"]),
     ("ctor_segv", &["-DCTOR_SEGV"]),
     ("ctor_abort", &["-DCTOR_ABORT"]),
+    ("ctor_loop", &["-DCTOR_LOOP"]),
 ];
 
 /// The C fixtures, built once: stem → library.
@@ -1391,7 +1392,7 @@ async fn a_failed_commit_aborts_the_loads_queued_behind_it() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. plugin files anyone could write
+// 6. constructors that crash or loop, files anyone could write
 
 /// `pcx plugins list` over the setup's plugin directory, with `env`: it must end by itself
 /// with exit status 1 (a problem), listing only c-upper. Gives the problems.
@@ -1416,6 +1417,64 @@ fn list_refusing(s: &Setup, env: &[(&str, &str)]) -> Vec<String> {
         .iter()
         .map(|p| p.as_str().unwrap().to_string())
         .collect()
+}
+
+/// Before: `plugins list` and every command that opened the context loaded the library in
+/// their own process and died with it (SIGABRT, SIGSEGV), without a word.
+#[test]
+fn a_library_whose_constructor_aborts_is_refused_with_a_message() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let abort = s.c("ctor_abort");
+    let segv = s.c("ctor_segv");
+    let problems = list_refusing(&s, &[]);
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    for (path, signal) in [
+        (&abort, "signal 6 (SIGABRT)"),
+        (&segv, "signal 11 (SIGSEGV)"),
+    ] {
+        let path = path.display().to_string();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&path) && p.contains(signal) && p.contains("not loaded")),
+            "no problem names {path} and {signal}: {problems:#?}"
+        );
+    }
+    // Everything else is served, as with any other broken plugin.
+    let (answers, Run { stderr, .. }) = batch_with(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record_kind("c1", "c_upper", b"served"),
+            record_forward("fwd", &["c1"]),
+            save(),
+            load("fwd"),
+        ],
+    );
+    answers.iter().for_each(assert_ok);
+    assert_eq!(
+        unb64(&answers[3]["deserialized"]["c1"]["content_b64"]),
+        b"SERVED"
+    );
+    assert_contains(&stderr, &[&abort.display().to_string(), "SIGABRT"]);
+}
+
+/// Before: loading the library never returned, so neither did pcx.
+#[test]
+fn a_library_whose_constructor_never_returns_is_refused_after_the_deadline() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let looping = s.c("ctor_loop");
+    let problems = list_refusing(&s, &[("PCX_PLUGIN_CALL_TIMEOUT_MS", "3000")]);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_contains(
+        &problems[0],
+        &[
+            &looping.display().to_string(),
+            "did not finish within 3000 ms",
+            "not loaded",
+        ],
+    );
 }
 
 /// Loads the setup's plugin directory in this process: only c-upper may serve (when
