@@ -19,6 +19,7 @@
 //! | [`plugin`] | loading plugins and calling them safely (every `unsafe` of the plugin ABI) | dlopen |
 //! | [`probe`] | loading a plugin library first in a child process (`pcx plugins probe`) | processes |
 //! | [`kinds`] | the registry of artifact kinds (`eager` built in, the rest from plugins) | via plugin |
+//! | [`deserializer`] | the plugin thread: every plugin call the context makes, under a deadline | via kinds |
 //! | [`committer`] | the committer thread and its queue: group commit, answers once durable | via journal |
 //! | [`actor`] | the context actor: single writer, group commit, panic containment | via journal |
 //! | [`context`] | the library API ([`Context`]) for orchestrators that embed pcx | via actor |

@@ -690,8 +690,11 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let plugin_stop = std::sync::Arc::new(std::sync::OnceLock::new());
+    stop_plugin_calls_after_signal(plugin_stop.clone());
     let ctx =
         Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let _ = plugin_stop.set(ctx.clone());
     let shutdown = async move {
         tokio::select! {
             _ = int.recv() => {}
@@ -705,6 +708,58 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
     closed.map_err(|e| anyhow::anyhow!("closing the data directory: {e}"))?;
     tracing::info!("pcx server stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A plugin call that does not return holds the context actor, and with it this thread, where
+/// the server and its signal handlers run, until the call's deadline. So a thread of its own
+/// also waits for SIGINT/SIGTERM, and once the server's grace period is over makes the context
+/// give up its plugin calls: shutdown then ends in time whatever a plugin does (the stuck
+/// plugin thread is left to die with the process). Everything answered is durable already;
+/// the requests left waiting for a plugin fail.
+fn stop_plugin_calls_after_signal(ctx: std::sync::Arc<std::sync::OnceLock<Context>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (ready, started) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("pcx-signals".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let signalled = runtime.map(|rt| {
+                rt.block_on(async {
+                    let (int, term) = (
+                        signal(SignalKind::interrupt()),
+                        signal(SignalKind::terminate()),
+                    );
+                    let _ = ready.send(());
+                    let (Ok(mut int), Ok(mut term)) = (int, term) else {
+                        return false;
+                    };
+                    tokio::select! {
+                        _ = int.recv() => true,
+                        _ = term.recv() => true,
+                    }
+                })
+            });
+            if let Ok(true) = signalled {
+                std::thread::sleep(pcx::server::SHUTDOWN_GRACE);
+                if let Some(ctx) = ctx.get() {
+                    tracing::warn!("still shutting down after the grace period: abandoning plugin calls");
+                    ctx.stop_plugin_calls();
+                }
+            } else {
+                tracing::warn!("cannot watch for signals beside the server: a plugin call can hold up shutdown until its deadline");
+            }
+        });
+    match spawned {
+        // Once it listens, a signal is seen by it as well as by the server.
+        Ok(_) => {
+            let _ = started.recv();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the signal thread: a plugin call can hold up shutdown until its deadline")
+        }
+    }
 }
 
 fn client(

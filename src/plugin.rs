@@ -100,14 +100,35 @@ pub enum PluginError {
         op: String,
         available: String,
     },
-    #[error("{what} {path} is writable by {by} (mode {mode:04o}): whoever can write it can run code as pcx; not loaded (chmod go-w {path})")]
+    #[error("plugin {plugin} {version} did not return within {deadline_ms} ms on kind `{kind}` (plugin_call_timeout_ms): the call was abandoned and the plugin is quarantined until pcx restarts")]
+    TimedOut {
+        plugin: String,
+        version: String,
+        kind: String,
+        deadline_ms: u64,
+    },
+    #[error("plugin {plugin} {version} is quarantined until pcx restarts (a call to it did not return within plugin_call_timeout_ms): kind `{kind}` is not served")]
+    Quarantined {
+        plugin: String,
+        version: String,
+        kind: String,
+    },
+    #[error("pcx is shutting down: the call to plugin {plugin} {version} on kind `{kind}` was abandoned")]
+    Abandoned {
+        plugin: String,
+        version: String,
+        kind: String,
+    },
+    #[error("plugin calls cannot be made: the plugin thread could not be started: {message}")]
+    NoThread { message: String },
+    #[error("{what} {path} is writable by {by} (mode {mode:04o}): whoever can write it can run code as pcx; refused (chmod go-w {path})")]
     Writable {
         what: &'static str,
         path: PathBuf,
         mode: u32,
         by: &'static str,
     },
-    #[error("{what} {path} is owned by uid {owner} (mode {mode:04o}), neither this user (uid {uid}) nor root: whoever owns it can run code as pcx; not loaded")]
+    #[error("{what} {path} is owned by uid {owner} (mode {mode:04o}), neither this user (uid {uid}) nor root: whoever owns it can run code as pcx; refused")]
     ForeignOwner {
         what: &'static str,
         path: PathBuf,

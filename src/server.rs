@@ -26,7 +26,7 @@ use crate::protocol::{parse_value, refused, submit, with_id, AnswerFuture, Reque
 use crate::wire::{body_len, decode_body, encode_frame, to_json, to_msgpack, HEADER_LEN};
 
 /// How long, after a shutdown signal, connections may take to write their last answers.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a TCP connection may take to authenticate.
 const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -77,6 +77,10 @@ const C_FIXTURES: &[(&str, &[&str])] = &[
     ("ctor_segv", &["-DCTOR_SEGV"]),
     ("ctor_abort", &["-DCTOR_ABORT"]),
     ("ctor_loop", &["-DCTOR_LOOP"]),
+    (
+        "c_hang",
+        &[r#"-DPLUGIN_NAME="c-hang""#, r#"-DKIND="c_hang""#, "-DHANG"],
+    ),
 ];
 
 /// The C fixtures, built once: stem → library.
@@ -1392,7 +1396,228 @@ async fn a_failed_commit_aborts_the_loads_queued_behind_it() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. constructors that crash or loop, files anyone could write
+// 6. plugins that never return, constructors that crash or loop, files anyone could write
+
+/// `pcx batch` with the plugin directory and a plugin call deadline of `deadline_ms`.
+fn batch_with_deadline(s: &Setup, deadline_ms: &str) -> Command {
+    let mut cmd = s.pcx_plugins(&["batch"]);
+    cmd.env("PCX_PLUGIN_CALL_TIMEOUT_MS", deadline_ms);
+    cmd
+}
+
+/// Before: the plugin thread waited for the call forever, so the load's answer never came,
+/// nor any answer after it (`pcx batch` hung; a server hung every client).
+#[test]
+fn a_plugin_call_that_never_returns_fails_with_plugin_failed_and_quarantines_the_plugin() {
+    let s = Setup::new();
+    s.c("c_upper");
+    s.c("c_hang");
+    let (answers, Run { stderr, .. }) = batch_with(
+        batch_with_deadline(&s, "1000"),
+        &[
+            record_kind("stuck", "c_hang", b"hang forever"),
+            record_kind("fine", "c_hang", b"fine"),
+            record_kind("u", "c_upper", b"upper"),
+            record_forward("stuck_entry", &["stuck"]),
+            record_forward("fine_entry", &["fine"]),
+            record_forward("upper_entry", &["u"]),
+            save(),
+            // Its call never returns.
+            load("stuck_entry"),
+            // The plugin would serve this one, but it is quarantined now.
+            load("fine_entry"),
+            // Another plugin is not.
+            load("upper_entry"),
+            plugin_edit("fine", "append", b"!"),
+            serialize("fine"),
+            json!({"op": "stats"}),
+        ],
+    );
+    for a in &answers[..7] {
+        assert_ok(a);
+    }
+    let message = assert_failed(&answers[7], "plugin_failed");
+    assert_contains(
+        &message,
+        &["c-hang 1.2.3", "`c_hang`", "1000 ms", "quarantined"],
+    );
+    for a in [&answers[8], &answers[10]] {
+        let message = assert_failed(a, "plugin_failed");
+        assert_contains(&message, &["c-hang", "quarantined until pcx restarts"]);
+    }
+    assert_ok(&answers[9]);
+    assert_eq!(
+        unb64(&answers[9]["deserialized"]["u"]["content_b64"]),
+        b"UPPER"
+    );
+    assert_eq!(content_of(&answers[11]).unwrap(), b"fine");
+    // The abandoned call failed; the quarantined ones were not made.
+    let stats = &answers[12]["stats"];
+    assert_eq!(
+        (&stats["plugin_calls"], &stats["plugin_failures"]),
+        (&json!(2), &json!(1)),
+        "{stats}"
+    );
+    assert_contains(&stderr, &["c-hang", "quarantined"]);
+
+    // The log holds only what was answered; the quarantine ends with the process.
+    run(s.pcx(&["verify"]), b"").assert_success();
+    let (answers, _) = batch_with(
+        batch_with_deadline(&s, "1000"),
+        &[load("fine_entry"), load("stuck_entry")],
+    );
+    assert_eq!(
+        unb64(&answers[0]["deserialized"]["fine"]["content_b64"]),
+        b"FINE"
+    );
+    assert_failed(&answers[1], "plugin_failed");
+}
+
+/// Before: the actor called the edit on its own thread and waited for it forever.
+#[test]
+fn a_plugin_edit_that_never_returns_fails_with_plugin_failed_and_changes_nothing() {
+    let s = Setup::new();
+    s.c("c_hang");
+    let (answers, _) = batch_with(
+        batch_with_deadline(&s, "1000"),
+        &[
+            record_kind("stuck", "c_hang", b"hang on edit"),
+            plugin_edit("stuck", "append", b" and more"),
+            serialize("stuck"),
+            record_kind("after", "eager", b"served after"),
+            plugin_edit("stuck", "append", b"!"),
+        ],
+    );
+    assert_ok(&answers[0]);
+    let message = assert_failed(&answers[1], "plugin_failed");
+    assert_contains(&message, &["c-hang", "`c_hang`", "1000 ms", "quarantined"]);
+    assert_eq!(content_of(&answers[2]).unwrap(), b"hang on edit");
+    assert_ok(&answers[3]);
+    let message = assert_failed(&answers[4], "plugin_failed");
+    assert_contains(&message, &["quarantined"]);
+    // No edit was logged, and the log is whole.
+    let history = run(s.pcx(&["history", "stuck"]), b"");
+    assert_eq!(
+        history.assert_success().answers().len(),
+        1,
+        "{}",
+        history.stdout
+    );
+    run(s.pcx(&["verify"]), b"").assert_success();
+}
+
+/// How long `pcx serve` may take to exit after SIGTERM: its grace period (5 s) and a margin.
+const STOP_BOUND: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Before: SIGTERM never stopped the server. A plugin call that does not return held the
+/// actor, which runs on the server's own thread, so the signal was never even looked at
+/// (and a close would have waited for the call forever).
+#[test]
+fn sigterm_stops_the_server_while_a_plugin_call_hangs() {
+    use std::io::{BufRead, Write};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let s = Setup::new();
+    s.c("c_hang");
+    let socket = s.tmp.path().join("s.sock");
+    let log = s.tmp.path().join("serve.log");
+    let socket_arg = socket.to_str().unwrap();
+    let mut serve = s.pcx_plugins(&["serve", "--socket", socket_arg]);
+    // A deadline far beyond the test: only the shutdown can end the call.
+    serve
+        .env("PCX_PLUGIN_CALL_TIMEOUT_MS", "600000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut server = Guard(serve.spawn().expect("pcx serve starts"));
+    let server_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let started = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            server.0.try_wait().unwrap().is_none(),
+            "pcx serve exited: {}",
+            server_log()
+        );
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "pcx serve did not listen: {}",
+            server_log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let mut client = pcx_cmd(&["client", "--socket", socket_arg]);
+    client
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut client = Guard(client.spawn().expect("pcx client starts"));
+    let mut input = client.0.stdin.take().unwrap();
+    let (tx, answers) = std::sync::mpsc::channel();
+    let stdout = client.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(serde_json::from_str::<Value>(&line).expect("a JSON answer"));
+        }
+    });
+    let mut send = |requests: &[Value]| {
+        input.write_all(lines(requests).as_bytes()).unwrap();
+        input.flush().unwrap();
+    };
+    send(&[
+        record_kind("stuck", "c_hang", b"hang forever"),
+        record_forward("stuck_entry", &["stuck"]),
+        save(),
+    ]);
+    for _ in 0..3 {
+        let answer = answers
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("no answer; server log: {}", server_log()));
+        assert_ok(&answer);
+    }
+    send(&[
+        // Its call never returns...
+        load("stuck_entry"),
+        // ...and this waits for it on the actor's thread, which is the server's.
+        plugin_edit("stuck", "append", b"!"),
+    ]);
+    while !server_log().contains("c-hang: never returning") {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "the plugin call did not start: {}",
+            server_log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    server.signal("TERM");
+    let Some(status) = server.wait_for(STOP_BOUND) else {
+        panic!(
+            "pcx serve did not exit within {STOP_BOUND:?} of SIGTERM while a plugin call hung\nlog: {}",
+            server_log()
+        );
+    };
+    assert_eq!(status.code(), Some(0), "log: {}", server_log());
+    drop(input);
+    assert!(
+        client.wait_for(TIMEOUT).is_some(),
+        "the client did not end with the server"
+    );
+    // What was left waiting for the plugin failed; nothing succeeded that did not happen.
+    for answer in answers.try_iter() {
+        assert_eq!(answer["ok"], false, "{answer}");
+    }
+
+    // Everything answered is in the log, whole.
+    let (after, _) = batch_with(
+        s.pcx(&["--no-plugins", "batch"]),
+        &[serialize("stuck"), dump()],
+    );
+    assert_eq!(content_of(&after[0]).unwrap(), b"hang forever");
+    run(s.pcx(&["verify"]), b"").assert_success();
+}
 
 /// `pcx plugins list` over the setup's plugin directory, with `env`: it must end by itself
 /// with exit status 1 (a problem), listing only c-upper. Gives the problems.
