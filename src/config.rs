@@ -39,6 +39,7 @@ pub struct Config {
     pub origin: String,
     pub plugin_dir: PathBuf,
     pub max_plugin_output_bytes: u64,
+    pub plugin_call_timeout_ms: u64,
     pub log_format: LogFormat,
     pub log_filter: String,
 }
@@ -169,6 +170,12 @@ impl Config {
             // 0: derived from the process's descriptor limit.
             ("max_connections", n(self.max_connections), 0..=MAX_QUEUE),
             ("tcp_auth_timeout_ms", self.tcp_auth_timeout_ms, 1..=600_000),
+            // A plugin call over an hour is a hang, not work.
+            (
+                "plugin_call_timeout_ms",
+                self.plugin_call_timeout_ms,
+                1..=3_600_000,
+            ),
             (
                 "max_plugin_output_bytes",
                 self.max_plugin_output_bytes,

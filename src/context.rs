@@ -14,6 +14,7 @@ use crate::actor::{
     Stitched, Tagged, TakeArtifact,
 };
 use crate::config::Config;
+use crate::deserializer::PluginStop;
 use crate::error::ContextError;
 use crate::journal::{Journal, OpenError, SledJournal};
 use crate::kinds::Kinds;
@@ -37,6 +38,8 @@ pub enum ContextOpenError {
 #[derive(Clone)]
 pub struct Context {
     addr: Addr<ContextActor>,
+    /// Stops the plugin thread's calls (when plugins are loaded).
+    plugin_stop: Option<PluginStop>,
 }
 
 impl Context {
@@ -64,18 +67,30 @@ impl Context {
             sync_cache_view(journal.as_ref(), &recovered.state)
                 .map_err(ContextOpenError::CacheView)?;
         }
-        let actor = ContextActor::new(journal, recovered, settings);
+        let mut actor = ContextActor::new(journal, recovered, settings);
+        let mut plugin_stop = None;
         // An unbounded mailbox, from the first message on. With a bound, actix keeps a
         // message sent past it inside its `send` future until that future is polled: a
         // caller that sends many and then awaits them in order delivers them one at a time,
         // each in a commit of its own (W1's records took 31 s that way instead of 0.4 s).
         // A bound would hold no memory back anyway: the message waits in the caller's
         // future instead. Requests waiting here while a group is synced make the next group.
-        let addr = ContextActor::create(move |ctx| {
+        let addr = ContextActor::create(|ctx| {
             ctx.set_mailbox_capacity(0);
+            plugin_stop = actor.start_plugin_thread(&ctx.address());
             actor
         });
-        Ok(Context { addr })
+        Ok(Context { addr, plugin_stop })
+    }
+
+    /// Abandons the plugin call under way, if any, and refuses plugin calls from now on,
+    /// without going through the actor (which may be the one waiting for that call): for
+    /// shutdown, so that no plugin can hold the process up. Requests that need a plugin fail
+    /// (`plugin_failed` for the abandoned call, `closed` for the rest); nothing else changes.
+    pub fn stop_plugin_calls(&self) {
+        if let Some(s) = &self.plugin_stop {
+            s.stop();
+        }
     }
 
     /// The actor's address, for sending messages directly.
@@ -254,9 +269,10 @@ pub fn settings(config: &Config) -> ActorSettings {
         max_content_bytes: config.max_content_bytes,
         origin: config.origin(),
         kinds: match config.plugin_dir() {
-            Some(dir) => Kinds::load(
+            Some(dir) => Kinds::load_with(
                 &dir,
                 usize::try_from(config.max_plugin_output_bytes).unwrap_or(usize::MAX),
+                std::time::Duration::from_millis(config.plugin_call_timeout_ms),
             ),
             None => Kinds::builtin(None),
         },

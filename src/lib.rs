@@ -18,7 +18,9 @@
 //! | [`export`] | the log as JSON lines and back (`pcx export` / `pcx import`) | via journal |
 //! | [`compact`] | rewriting a data directory to begin at an anchor snapshot | sled, files |
 //! | [`plugin`] | loading plugins and calling them safely (every `unsafe` of the plugin ABI) | dlopen |
+//! | [`probe`] | loading a plugin library first in a child process (`pcx plugins probe`) | processes |
 //! | [`kinds`] | the registry of artifact kinds (`eager` built in, the rest from plugins) | via plugin |
+//! | [`deserializer`] | the plugin thread: every plugin call the context makes, under a deadline | via kinds |
 //! | [`committer`] | the committer thread and its queue: group commit, answers once durable | via journal |
 //! | [`actor`] | the context actor: single writer, group commit, panic containment | via journal |
 //! | [`context`] | the library API ([`Context`]) for orchestrators that embed pcx | via actor |
@@ -54,7 +56,7 @@ pub use crate::actor::plugin_thread as deserializer;
 pub use crate::audit::{compact, export};
 pub use crate::core::{event, model, state, stitch};
 pub use crate::interface::{batch, client, protocol, server, shape, wire};
-pub use crate::plugins::{kinds, loader as plugin};
+pub use crate::plugins::{kinds, loader as plugin, probe};
 pub use crate::store::{content, journal, pack, record, replay, swap};
 
 pub use config::Config;

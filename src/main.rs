@@ -194,6 +194,8 @@ static ALLOCATOR: pcx::alloc::Allocator = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     pcx::alloc::small_pages();
+    // Every plugin library is loaded first in a child process, this binary run again.
+    pcx::probe::register_executable(std::env::current_exe());
     let cli = Cli::parse();
     let config = match configure(&cli) {
         Ok(c) => c,
@@ -445,7 +447,8 @@ fn plugins_command(command: PluginsCommand, config: &Config) -> Result<ExitCode>
                 );
                 return Ok(ExitCode::SUCCESS);
             };
-            let kinds = pcx::kinds::Kinds::load(&dir, usize::MAX);
+            let timeout = std::time::Duration::from_millis(config.plugin_call_timeout_ms);
+            let kinds = pcx::kinds::Kinds::load_with(&dir, usize::MAX, timeout);
             let plugins: Vec<Value> = kinds.plugins().iter().map(|p| plugin_json(p)).collect();
             let problems: Vec<String> = kinds.problems().iter().map(|e| e.to_string()).collect();
             println!(
@@ -471,7 +474,7 @@ fn plugins_command(command: PluginsCommand, config: &Config) -> Result<ExitCode>
             })
         }
         PluginsCommand::Check { path } => {
-            let answer = check_in_child(&path)?;
+            let answer = check_in_child(&path, config)?;
             println!("{answer}");
             Ok(if answer["ok"] == true {
                 ExitCode::SUCCESS
@@ -496,55 +499,35 @@ fn probe(path: &std::path::Path) -> Result<pcx::plugin::LoadedPlugin, String> {
 
 /// Runs `pcx plugins probe PATH` in a child, so a plugin that crashes or hangs while loading
 /// cannot take this process down, and turns how the child ended into an answer.
-fn check_in_child(path: &std::path::Path) -> Result<Value> {
-    use std::os::unix::process::ExitStatusExt;
+fn check_in_child(path: &std::path::Path, config: &Config) -> Result<Value> {
+    use pcx::probe::Outcome;
     let exe = std::env::current_exe().context("locating the pcx executable")?;
-    let mut child = std::process::Command::new(exe)
-        .args(["--no-plugins", "--log-format", "json", "plugins", "probe"])
-        .arg(path)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("starting the plugin check child process")?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child
-            .try_wait()
-            .context("waiting for the plugin check child")?
-        {
-            break Some(status);
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let output = child
-        .wait_with_output()
-        .context("reading the plugin check child")?;
-    let Some(status) = status else {
-        return Ok(
-            json!({"ok": false, "path": path, "error": "loading the plugin did not finish within 30 s (its initialisers hang?)"}),
-        );
-    };
-    if let Some(signal) = status.signal() {
-        return Ok(json!({"ok": false, "path": path, "error": format!(
-            "loading the plugin crashed the checking process with signal {signal}; pcx would crash the same way"
-        )}));
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    match stdout.lines().last().map(serde_json::from_str::<Value>) {
-        Some(Ok(mut answer)) => {
+    let timeout = std::time::Duration::from_millis(config.plugin_call_timeout_ms);
+    let outcome = pcx::probe::probe_all(&exe, &[path.to_path_buf()], timeout)
+        .pop()
+        .unwrap_or(Outcome::NotStarted {
+            message: "no check process".into(),
+        });
+    Ok(match outcome {
+        Outcome::Answered { mut answer, .. } => {
             answer["path"] = json!(path);
-            Ok(answer)
+            answer
         }
-        _ => Ok(json!({"ok": false, "path": path, "error": format!(
-            "the checking process exited with {status} and no answer: {}", String::from_utf8_lossy(&output.stderr).trim()
-        )})),
-    }
+        Outcome::Crashed { signal } => json!({"ok": false, "path": path, "error": format!(
+            "loading the plugin crashed the checking process with signal {signal} ({}); pcx would crash the same way",
+            pcx::probe::signal_name(signal)
+        )}),
+        Outcome::TimedOut => json!({"ok": false, "path": path, "error": format!(
+            "loading the plugin did not finish within {} ms (its initialisers hang?)",
+            config.plugin_call_timeout_ms
+        )}),
+        Outcome::NoAnswer { status, stderr } => json!({"ok": false, "path": path, "error": format!(
+            "the checking process exited with {status} and no answer: {stderr}"
+        )}),
+        Outcome::NotStarted { message } => {
+            anyhow::bail!("starting the plugin check child process: {message}")
+        }
+    })
 }
 
 /// A progress bar on stderr for a walk up to `total`: drawn only on a terminal and with text
@@ -720,8 +703,11 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let plugin_stop = std::sync::Arc::new(std::sync::OnceLock::new());
+    stop_plugin_calls_after_signal(plugin_stop.clone());
     let ctx =
         Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let _ = plugin_stop.set(ctx.clone());
     let shutdown = async move {
         tokio::select! {
             _ = int.recv() => {}
@@ -735,6 +721,58 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
     closed.map_err(|e| anyhow::anyhow!("closing the data directory: {e}"))?;
     tracing::info!("pcx server stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A plugin call that does not return holds the context actor, and with it this thread, where
+/// the server and its signal handlers run, until the call's deadline. So a thread of its own
+/// also waits for SIGINT/SIGTERM, and once the server's grace period is over makes the context
+/// give up its plugin calls: shutdown then ends in time whatever a plugin does (the stuck
+/// plugin thread is left to die with the process). Everything answered is durable already;
+/// the requests left waiting for a plugin fail.
+fn stop_plugin_calls_after_signal(ctx: std::sync::Arc<std::sync::OnceLock<Context>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (ready, started) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("pcx-signals".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let signalled = runtime.map(|rt| {
+                rt.block_on(async {
+                    let (int, term) = (
+                        signal(SignalKind::interrupt()),
+                        signal(SignalKind::terminate()),
+                    );
+                    let _ = ready.send(());
+                    let (Ok(mut int), Ok(mut term)) = (int, term) else {
+                        return false;
+                    };
+                    tokio::select! {
+                        _ = int.recv() => true,
+                        _ = term.recv() => true,
+                    }
+                })
+            });
+            if let Ok(true) = signalled {
+                std::thread::sleep(pcx::server::SHUTDOWN_GRACE);
+                if let Some(ctx) = ctx.get() {
+                    tracing::warn!("still shutting down after the grace period: abandoning plugin calls");
+                    ctx.stop_plugin_calls();
+                }
+            } else {
+                tracing::warn!("cannot watch for signals beside the server: a plugin call can hold up shutdown until its deadline");
+            }
+        });
+    match spawned {
+        // Once it listens, a signal is seen by it as well as by the server.
+        Ok(_) => {
+            let _ = started.recv();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the signal thread: a plugin call can hold up shutdown until its deadline")
+        }
+    }
 }
 
 fn client(

@@ -8,7 +8,11 @@
 //! their own target directories under `CARGO_TARGET_TMPDIR` (the main one is locked while
 //! `cargo test` runs); the cdylib is taken from cargo's `compiler-artifact` messages. C fixtures
 //! are built with `cc` (or `$CC`) for [`HOST_TARGET`]. A fixture that crashes while loading is
-//! only ever loaded by `pcx plugins check`, which loads in a child process.
+//! only ever loaded by the `pcx` binary, which loads every library first in a child process.
+//!
+//! pcx refuses plugin files and directories that anyone but its user or root could write, so
+//! the test directories are given plain modes (0755 directories and libraries, 0644 other
+//! files) whatever the umask.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -72,6 +76,11 @@ const C_FIXTURES: &[(&str, &[&str])] = &[
     ("bad_kind_name", &["-DBAD_KIND_NAME"]),
     ("ctor_segv", &["-DCTOR_SEGV"]),
     ("ctor_abort", &["-DCTOR_ABORT"]),
+    ("ctor_loop", &["-DCTOR_LOOP"]),
+    (
+        "c_hang",
+        &[r#"-DPLUGIN_NAME="c-hang""#, r#"-DKIND="c_hang""#, "-DHANG"],
+    ),
 ];
 
 /// The C fixtures, built once: stem → library.
@@ -126,6 +135,7 @@ impl Setup {
     fn new() -> Setup {
         let tmp = tempfile::tempdir().expect("a temporary directory");
         std::fs::create_dir(tmp.path().join("plugins")).unwrap();
+        chmod(&tmp.path().join("plugins"), 0o755);
         Setup { tmp }
     }
 
@@ -146,6 +156,7 @@ impl Setup {
         let to = self.plugins().join(file);
         std::fs::copy(library, &to)
             .unwrap_or_else(|e| panic!("copying {} to {}: {e}", library.display(), to.display()));
+        chmod(&to, 0o755);
         to.canonicalize().unwrap()
     }
 
@@ -158,6 +169,7 @@ impl Setup {
     fn write(&self, file: &str, bytes: &[u8]) -> PathBuf {
         let to = self.plugins().join(file);
         std::fs::write(&to, bytes).unwrap();
+        chmod(&to, 0o644);
         to.canonicalize().unwrap()
     }
 
@@ -173,6 +185,13 @@ impl Setup {
         all.extend_from_slice(args);
         self.pcx(&all)
     }
+}
+
+/// Sets a file's or directory's mode.
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1374,4 +1393,439 @@ async fn a_failed_commit_aborts_the_loads_queued_behind_it() {
     let ctx = Context::open(&config).expect("opens again");
     assert_eq!(ctx.state_digest().await.expect("digest").value, before);
     ctx.close().await.expect("closed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. plugins that never return, constructors that crash or loop, files anyone could write
+
+/// `pcx batch` with the plugin directory and a plugin call deadline of `deadline_ms`.
+fn batch_with_deadline(s: &Setup, deadline_ms: &str) -> Command {
+    let mut cmd = s.pcx_plugins(&["batch"]);
+    cmd.env("PCX_PLUGIN_CALL_TIMEOUT_MS", deadline_ms);
+    cmd
+}
+
+/// Before: the plugin thread waited for the call forever, so the load's answer never came,
+/// nor any answer after it (`pcx batch` hung; a server hung every client).
+#[test]
+fn a_plugin_call_that_never_returns_fails_with_plugin_failed_and_quarantines_the_plugin() {
+    let s = Setup::new();
+    s.c("c_upper");
+    s.c("c_hang");
+    let (answers, Run { stderr, .. }) = batch_with(
+        batch_with_deadline(&s, "1000"),
+        &[
+            record_kind("stuck", "c_hang", b"hang forever"),
+            record_kind("fine", "c_hang", b"fine"),
+            record_kind("u", "c_upper", b"upper"),
+            record_forward("stuck_entry", &["stuck"]),
+            record_forward("fine_entry", &["fine"]),
+            record_forward("upper_entry", &["u"]),
+            save(),
+            // Its call never returns.
+            load("stuck_entry"),
+            // The plugin would serve this one, but it is quarantined now.
+            load("fine_entry"),
+            // Another plugin is not.
+            load("upper_entry"),
+            plugin_edit("fine", "append", b"!"),
+            serialize("fine"),
+            json!({"op": "stats"}),
+        ],
+    );
+    for a in &answers[..7] {
+        assert_ok(a);
+    }
+    let message = assert_failed(&answers[7], "plugin_failed");
+    assert_contains(
+        &message,
+        &["c-hang 1.2.3", "`c_hang`", "1000 ms", "quarantined"],
+    );
+    for a in [&answers[8], &answers[10]] {
+        let message = assert_failed(a, "plugin_failed");
+        assert_contains(&message, &["c-hang", "quarantined until pcx restarts"]);
+    }
+    assert_ok(&answers[9]);
+    assert_eq!(
+        unb64(&answers[9]["deserialized"]["u"]["content_b64"]),
+        b"UPPER"
+    );
+    assert_eq!(content_of(&answers[11]).unwrap(), b"fine");
+    // The abandoned call failed; the quarantined ones were not made.
+    let stats = &answers[12]["stats"];
+    assert_eq!(
+        (&stats["plugin_calls"], &stats["plugin_failures"]),
+        (&json!(2), &json!(1)),
+        "{stats}"
+    );
+    assert_contains(&stderr, &["c-hang", "quarantined"]);
+
+    // The log holds only what was answered; the quarantine ends with the process.
+    run(s.pcx(&["verify"]), b"").assert_success();
+    let (answers, _) = batch_with(
+        batch_with_deadline(&s, "1000"),
+        &[load("fine_entry"), load("stuck_entry")],
+    );
+    assert_eq!(
+        unb64(&answers[0]["deserialized"]["fine"]["content_b64"]),
+        b"FINE"
+    );
+    assert_failed(&answers[1], "plugin_failed");
+}
+
+/// Before: the actor called the edit on its own thread and waited for it forever.
+#[test]
+fn a_plugin_edit_that_never_returns_fails_with_plugin_failed_and_changes_nothing() {
+    let s = Setup::new();
+    s.c("c_hang");
+    let (answers, _) = batch_with(
+        batch_with_deadline(&s, "1000"),
+        &[
+            record_kind("stuck", "c_hang", b"hang on edit"),
+            plugin_edit("stuck", "append", b" and more"),
+            serialize("stuck"),
+            record_kind("after", "eager", b"served after"),
+            plugin_edit("stuck", "append", b"!"),
+        ],
+    );
+    assert_ok(&answers[0]);
+    let message = assert_failed(&answers[1], "plugin_failed");
+    assert_contains(&message, &["c-hang", "`c_hang`", "1000 ms", "quarantined"]);
+    assert_eq!(content_of(&answers[2]).unwrap(), b"hang on edit");
+    assert_ok(&answers[3]);
+    let message = assert_failed(&answers[4], "plugin_failed");
+    assert_contains(&message, &["quarantined"]);
+    // No edit was logged, and the log is whole.
+    let history = run(s.pcx(&["history", "stuck"]), b"");
+    assert_eq!(
+        history.assert_success().answers().len(),
+        1,
+        "{}",
+        history.stdout
+    );
+    run(s.pcx(&["verify"]), b"").assert_success();
+}
+
+/// How long `pcx serve` may take to exit after SIGTERM: its grace period (5 s) and a margin.
+const STOP_BOUND: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Before: SIGTERM never stopped the server. A plugin call that does not return held the
+/// actor, which runs on the server's own thread, so the signal was never even looked at
+/// (and a close would have waited for the call forever).
+#[test]
+fn sigterm_stops_the_server_while_a_plugin_call_hangs() {
+    use std::io::{BufRead, Write};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let s = Setup::new();
+    s.c("c_hang");
+    let socket = s.tmp.path().join("s.sock");
+    let log = s.tmp.path().join("serve.log");
+    let socket_arg = socket.to_str().unwrap();
+    let mut serve = s.pcx_plugins(&["serve", "--socket", socket_arg]);
+    // A deadline far beyond the test: only the shutdown can end the call.
+    serve
+        .env("PCX_PLUGIN_CALL_TIMEOUT_MS", "600000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut server = Guard(serve.spawn().expect("pcx serve starts"));
+    let server_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let started = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            server.0.try_wait().unwrap().is_none(),
+            "pcx serve exited: {}",
+            server_log()
+        );
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "pcx serve did not listen: {}",
+            server_log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let mut client = pcx_cmd(&["client", "--socket", socket_arg]);
+    client
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut client = Guard(client.spawn().expect("pcx client starts"));
+    let mut input = client.0.stdin.take().unwrap();
+    let (tx, answers) = std::sync::mpsc::channel();
+    let stdout = client.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(serde_json::from_str::<Value>(&line).expect("a JSON answer"));
+        }
+    });
+    let mut send = |requests: &[Value]| {
+        input.write_all(lines(requests).as_bytes()).unwrap();
+        input.flush().unwrap();
+    };
+    send(&[
+        record_kind("stuck", "c_hang", b"hang forever"),
+        record_forward("stuck_entry", &["stuck"]),
+        save(),
+    ]);
+    for _ in 0..3 {
+        let answer = answers
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("no answer; server log: {}", server_log()));
+        assert_ok(&answer);
+    }
+    send(&[
+        // Its call never returns...
+        load("stuck_entry"),
+        // ...and this waits for it on the actor's thread, which is the server's.
+        plugin_edit("stuck", "append", b"!"),
+    ]);
+    while !server_log().contains("c-hang: never returning") {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "the plugin call did not start: {}",
+            server_log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    server.signal("TERM");
+    let Some(status) = server.wait_for(STOP_BOUND) else {
+        panic!(
+            "pcx serve did not exit within {STOP_BOUND:?} of SIGTERM while a plugin call hung\nlog: {}",
+            server_log()
+        );
+    };
+    assert_eq!(status.code(), Some(0), "log: {}", server_log());
+    drop(input);
+    assert!(
+        client.wait_for(TIMEOUT).is_some(),
+        "the client did not end with the server"
+    );
+    // What was left waiting for the plugin failed; nothing succeeded that did not happen.
+    for answer in answers.try_iter() {
+        assert_eq!(answer["ok"], false, "{answer}");
+    }
+
+    // Everything answered is in the log, whole.
+    let (after, _) = batch_with(
+        s.pcx(&["--no-plugins", "batch"]),
+        &[serialize("stuck"), dump()],
+    );
+    assert_eq!(content_of(&after[0]).unwrap(), b"hang forever");
+    run(s.pcx(&["verify"]), b"").assert_success();
+}
+
+/// `pcx plugins list` over the setup's plugin directory, with `env`: it must end by itself
+/// with exit status 1 (a problem), listing only c-upper. Gives the problems.
+fn list_refusing(s: &Setup, env: &[(&str, &str)]) -> Vec<String> {
+    let mut cmd = s.pcx_plugins(&["plugins", "list"]);
+    cmd.envs(env.iter().copied());
+    let list = run(cmd, b"");
+    assert_eq!(
+        list.status.code(),
+        Some(1),
+        "pcx plugins list must report the problem and exit 1: {}\nstdout: {}\nstderr: {}",
+        list.status,
+        list.stdout,
+        list.stderr
+    );
+    let answer = list.answer();
+    assert_eq!(answer["plugins"][0]["name"], "c-upper", "{answer}");
+    assert_eq!(answer["plugins"].as_array().unwrap().len(), 1, "{answer}");
+    answer["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Before: `plugins list` and every command that opened the context loaded the library in
+/// their own process and died with it (SIGABRT, SIGSEGV), without a word.
+#[test]
+fn a_library_whose_constructor_aborts_is_refused_with_a_message() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let abort = s.c("ctor_abort");
+    let segv = s.c("ctor_segv");
+    let problems = list_refusing(&s, &[]);
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    for (path, signal) in [
+        (&abort, "signal 6 (SIGABRT)"),
+        (&segv, "signal 11 (SIGSEGV)"),
+    ] {
+        let path = path.display().to_string();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&path) && p.contains(signal) && p.contains("not loaded")),
+            "no problem names {path} and {signal}: {problems:#?}"
+        );
+    }
+    // Everything else is served, as with any other broken plugin.
+    let (answers, Run { stderr, .. }) = batch_with(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record_kind("c1", "c_upper", b"served"),
+            record_forward("fwd", &["c1"]),
+            save(),
+            load("fwd"),
+        ],
+    );
+    answers.iter().for_each(assert_ok);
+    assert_eq!(
+        unb64(&answers[3]["deserialized"]["c1"]["content_b64"]),
+        b"SERVED"
+    );
+    assert_contains(&stderr, &[&abort.display().to_string(), "SIGABRT"]);
+}
+
+/// Before: loading the library never returned, so neither did pcx.
+#[test]
+fn a_library_whose_constructor_never_returns_is_refused_after_the_deadline() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let looping = s.c("ctor_loop");
+    let problems = list_refusing(&s, &[("PCX_PLUGIN_CALL_TIMEOUT_MS", "3000")]);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_contains(
+        &problems[0],
+        &[
+            &looping.display().to_string(),
+            "did not finish within 3000 ms",
+            "not loaded",
+        ],
+    );
+}
+
+/// Loads the setup's plugin directory in this process: only c-upper may serve (when
+/// `c_upper_loads`), and the problems are given.
+fn problems_loading(s: &Setup, c_upper_loads: bool) -> Vec<PluginError> {
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    let names: Vec<&str> = kinds.plugins().iter().map(|p| p.name.as_str()).collect();
+    let expected: &[&str] = if c_upper_loads { &["c-upper"] } else { &[] };
+    assert_eq!(names, expected, "{:#?}", kinds.problems());
+    kinds.problems().to_vec()
+}
+
+/// Before: a plugin directory anyone could write to was loaded from without a word.
+#[test]
+fn a_world_writable_plugin_directory_is_refused() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let dir = s.plugins().canonicalize().unwrap();
+    for (mode, by) in [
+        (0o777, "its group and everyone"),
+        (0o1777, "its group and everyone"),
+        (0o757, "everyone"),
+        (0o775, "its group"),
+    ] {
+        chmod(&s.plugins(), mode);
+        let problems = problems_loading(&s, false);
+        assert_eq!(
+            problems,
+            [PluginError::Writable {
+                what: "plugin directory",
+                path: dir.clone(),
+                mode,
+                by
+            }]
+        );
+        assert_contains(
+            &problems[0].to_string(),
+            &[&dir.display().to_string(), &format!("mode {mode:04o}")],
+        );
+    }
+    let list = run(s.pcx_plugins(&["plugins", "list"]), b"");
+    assert_eq!(list.status.code(), Some(1), "{}", list.stderr);
+    let answer = list.answer();
+    assert_eq!(answer["plugins"], json!([]), "{answer}");
+    assert_contains(
+        answer["problems"][0].as_str().unwrap(),
+        &[&dir.display().to_string(), "mode 0775", "writable"],
+    );
+}
+
+/// Before: such a library was loaded like any other.
+#[test]
+fn a_world_writable_plugin_library_is_refused() {
+    let s = Setup::new();
+    s.c("c_upper");
+    let bad = s.install(c_fixture("c_upper_dup"), "libwritable.so");
+    for (mode, by) in [(0o757, "everyone"), (0o775, "its group")] {
+        chmod(&bad, mode);
+        assert_eq!(
+            problems_loading(&s, true),
+            [PluginError::Writable {
+                what: "plugin",
+                path: bad.clone(),
+                mode,
+                by
+            }]
+        );
+    }
+    // Reached through a directory below the plugin directory that anyone can write to.
+    chmod(&bad, 0o755);
+    let sub = s.plugins().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    chmod(&sub, 0o777);
+    std::fs::rename(&bad, sub.join("libwritable.so")).unwrap();
+    std::os::unix::fs::symlink(sub.join("libwritable.so"), s.plugins().join("liblink.so")).unwrap();
+    let problems = problems_loading(&s, true);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_contains(
+        &problems[0].to_string(),
+        &[
+            &sub.canonicalize().unwrap().display().to_string(),
+            "mode 0777",
+        ],
+    );
+    let problems = list_refusing(&s, &[]);
+    assert_contains(
+        &problems[0],
+        &["mode 0777", "writable by its group and everyone"],
+    );
+}
+
+/// Before: such a library was loaded like any other. Changing a file's owner needs root (as
+/// CI runs): elsewhere the test says so and checks nothing.
+#[test]
+fn a_plugin_library_owned_by_another_user_is_refused() {
+    const NOBODY: u32 = 65534;
+    let s = Setup::new();
+    s.c("c_upper");
+    let bad = s.install(c_fixture("c_upper_dup"), "libforeign.so");
+    if let Err(e) = std::os::unix::fs::chown(&bad, Some(NOBODY), None) {
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        eprintln!("skipped: changing a file's owner needs root ({e})");
+        return;
+    }
+    let problems = problems_loading(&s, true);
+    assert!(
+        matches!(
+            &problems[..],
+            [PluginError::ForeignOwner { what: "plugin", path, mode: 0o755, owner: NOBODY, .. }] if *path == bad
+        ),
+        "{problems:#?}"
+    );
+    assert_contains(
+        &problems[0].to_string(),
+        &[&bad.display().to_string(), "uid 65534", "mode 0755"],
+    );
+    let problems = list_refusing(&s, &[]);
+    assert_contains(&problems[0], &["libforeign.so", "owned by uid 65534"]);
+
+    // A plugin directory owned by another user refuses everything in it.
+    std::fs::remove_file(&bad).unwrap();
+    std::os::unix::fs::chown(s.plugins(), Some(NOBODY), None).unwrap();
+    let problems = problems_loading(&s, false);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_contains(
+        &problems[0].to_string(),
+        &["plugin directory", "owned by uid 65534", "mode 0755"],
+    );
 }

@@ -14,7 +14,8 @@
 //! their plugin calls run on the plugin thread ([`crate::deserializer`]) while the actor
 //! takes the next message. They are staged in arrival order, and every other request first
 //! waits for them (`settle_loads`), so each request still sees the state as if every request
-//! before it had been done whole.
+//! before it had been done whole. A plugin edit runs there too, with the actor waiting: every
+//! plugin call has a deadline, which a call on this thread could not have.
 //!
 //! If a commit fails, every request of that group and of those queued behind it gets an
 //! error (once the state is rebuilt from the log), and the journal takes the group back:
@@ -31,7 +32,7 @@ use indexmap::IndexMap;
 use tokio::sync::oneshot;
 
 use crate::committer::{Committed, Committer, Group, Intake, Waiter};
-use crate::deserializer::{deserialize_all, Backend, Deserializer, Done, Job};
+use crate::deserializer::{deserialize_all, Backend, Deserializer, Done, EditJob, Job, PluginStop};
 use crate::error::ContextError;
 use crate::event::Event;
 use crate::event::SavedEntry;
@@ -41,6 +42,7 @@ use crate::model::{
     Artifact, ArtifactRef, DebugInfo, Digest, DynamoCacheEntry, PrecompileCacheEntry, SystemInfo,
     EAGER_KIND,
 };
+use crate::plugin::PluginError;
 use crate::record::{
     encode_event, encode_saved_entry, encode_snapshot_of, Envelope, SCHEMA_VERSION,
 };
@@ -411,9 +413,74 @@ pub struct ContextActor {
     /// Jobs not yet handed to the plugin thread, and whether a [`FlushJobs`] is on its way.
     outbox: Vec<Job>,
     flush_sent: bool,
+    /// Why the plugin thread could not start, if it could not.
+    no_plugin_thread: Option<String>,
 }
 
 impl ContextActor {
+    /// Starts the plugin thread, if plugins are loaded (before the actor runs, so the caller
+    /// has the handle that stops plugin calls from the start). Without it, every plugin call
+    /// fails with `plugin_failed`: a call made on the actor's thread could not be abandoned.
+    pub fn start_plugin_thread(&mut self, addr: &Addr<Self>) -> Option<PluginStop> {
+        if self.settings.kinds.plugins().is_empty() {
+            return None;
+        }
+        let weak = addr.downgrade();
+        let notify = move || {
+            if let Some(a) = weak.upgrade() {
+                a.do_send(LoadsReady);
+            }
+        };
+        match Deserializer::start(self.settings.kinds.clone(), notify) {
+            Ok(d) => {
+                let stop = d.stopper();
+                self.deserializer = Some(d);
+                Some(stop)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the plugin thread: plugin calls will fail");
+                self.no_plugin_thread = Some(e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Why a plugin call cannot be made, when the plugin thread could not start.
+    fn no_thread(&self) -> ContextError {
+        PluginError::NoThread {
+            message: self
+                .no_plugin_thread
+                .clone()
+                .unwrap_or_else(|| "it was not started".into()),
+        }
+        .into()
+    }
+
+    /// Runs the plugin edit `op` on the plugin thread, waiting at most its deadline.
+    fn plugin_edit(
+        &self,
+        key: &str,
+        kind: &str,
+        op: String,
+        args: Vec<u8>,
+        content: Vec<u8>,
+    ) -> Result<Vec<u8>, ContextError> {
+        match &self.deserializer {
+            Some(d) => d.edit(EditJob {
+                key: key.to_string(),
+                kind: kind.to_string(),
+                op,
+                args,
+                content,
+            }),
+            // No plugin loaded: the registry says no plugin serves the kind, calling nothing.
+            None if self.settings.kinds.plugins().is_empty() => {
+                self.settings.kinds.edit(key, kind, &op, &args, &content)
+            }
+            None => Err(self.no_thread()),
+        }
+    }
+
     /// An actor over a journal, with the state replayed from it.
     pub fn new(
         journal: Arc<dyn Journal>,
@@ -442,6 +509,7 @@ impl ContextActor {
             next_ticket: 0,
             outbox: Vec::new(),
             flush_sent: false,
+            no_plugin_thread: None,
         }
     }
 
@@ -873,19 +941,6 @@ impl Actor for ContextActor {
                 }
             }
         };
-        if !self.settings.kinds.plugins().is_empty() {
-            let weak = addr.downgrade();
-            let notify = move || {
-                if let Some(a) = weak.upgrade() {
-                    a.do_send(LoadsReady);
-                }
-            };
-            match Deserializer::start(self.settings.kinds.clone(), notify) {
-                Ok(d) => self.deserializer = Some(d),
-                // Loads then call their plugins on this thread.
-                Err(e) => tracing::warn!(error = %e, "cannot start the plugin thread"),
-            }
-        }
         let report = move |c| addr.do_send(CommittedMsg(c));
         match Committer::start(self.journal.clone(), answer, report) {
             Ok(c) => self.committer = Some(c),
@@ -1004,9 +1059,7 @@ impl Handler<EditArtifact> for ContextActor {
                         message,
                     })?,
                     Edit::Plugin { op, args } => {
-                        this.settings
-                            .kinds
-                            .edit(&key, &current.kind, &op, &args, &content)?
+                        this.plugin_edit(&key, &current.kind, op, args, content)?
                     }
                 };
                 let r = this.store_content(&key, &current.kind, edited)?;
@@ -1163,16 +1216,10 @@ impl Handler<FlushJobs> for ContextActor {
 
     fn handle(&mut self, _: FlushJobs, _: &mut Self::Context) {
         self.flush_sent = false;
-        // Nothing arrived behind these jobs. One job alone, with nothing else waiting for the
-        // plugin thread, is done here: with nothing to overlap, the two thread hand-offs cost
-        // more than the calls (a lone plugin load took 15 % longer through the thread).
-        let waiting = self.loads.iter().filter(|q| q.done.is_none()).count();
-        if self.outbox.len() == 1 && waiting == 1 {
-            self.deserialize_here();
-            self.collect_loads(false);
-        } else {
-            self.flush_jobs();
-        }
+        // Even one job alone goes to the plugin thread: a lone plugin load took 15 % longer
+        // through it than done here, but a call made here could not be given a deadline.
+        self.flush_jobs();
+        self.collect_loads(false);
     }
 }
 
@@ -1190,7 +1237,9 @@ impl ContextActor {
             Err(e) => return reply(self.finish(Err(e), same)),
         };
         let needs_plugin = backends.iter().any(|b| b.kind != EAGER_KIND);
-        if self.deserializer.is_none() || (self.loads.is_empty() && !needs_plugin) {
+        // No plugin loaded: nothing is called, the registry says no plugin serves the kind.
+        let no_plugins = self.settings.kinds.plugins().is_empty();
+        if no_plugins || (self.loads.is_empty() && !needs_plugin) {
             let durable = self.decide(|this| {
                 let result = deserialize_all(&this.settings.kinds, &backends);
                 this.conclude_load(key, saved, backends, result)
@@ -1316,28 +1365,22 @@ impl ContextActor {
         ))
     }
 
-    /// Hands the gathered jobs to the plugin thread (or, if it is gone, does them here).
+    /// Hands the gathered jobs to the plugin thread. What it cannot take (plugin calls are
+    /// stopped, or it never started) fails: a call made here could not be abandoned.
     fn flush_jobs(&mut self) {
         let jobs = std::mem::take(&mut self.outbox);
         if jobs.is_empty() {
             return;
         }
-        // What the plugin thread cannot take (it is gone) is done here.
-        self.outbox = match &self.deserializer {
-            Some(d) => d.submit(jobs).err().unwrap_or_default(),
-            None => jobs,
+        let (refused, error) = match &self.deserializer {
+            Some(d) => (d.submit(jobs).err(), ContextError::Closed),
+            None => (Some(jobs), self.no_thread()),
         };
-        self.deserialize_here();
-    }
-
-    /// Does the gathered jobs on this thread.
-    fn deserialize_here(&mut self) {
-        for Job { ticket, backends } in std::mem::take(&mut self.outbox) {
-            let result = deserialize_all(&self.settings.kinds, &backends);
+        for Job { ticket, backends } in refused.unwrap_or_default() {
             self.fill(Done {
                 ticket,
                 backends,
-                result,
+                result: Err(error.clone()),
             });
         }
     }

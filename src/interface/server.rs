@@ -35,7 +35,7 @@ use crate::protocol::{parse_value, refused, submit, with_id, AnswerFuture, Reque
 use crate::wire::{body_len, decode_body, encode_frame, to_json, to_msgpack, HEADER_LEN};
 
 /// How long, after a shutdown signal, connections may take to write their last answers.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// The first pause of the accept loop after accepting failed for want of a resource, and the
 /// longest: it doubles from one to the other while accepting keeps failing.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));

@@ -100,6 +100,52 @@ pub enum PluginError {
         op: String,
         available: String,
     },
+    #[error("plugin {plugin} {version} did not return within {deadline_ms} ms on kind `{kind}` (plugin_call_timeout_ms): the call was abandoned and the plugin is quarantined until pcx restarts")]
+    TimedOut {
+        plugin: String,
+        version: String,
+        kind: String,
+        deadline_ms: u64,
+    },
+    #[error("plugin {plugin} {version} is quarantined until pcx restarts (a call to it did not return within plugin_call_timeout_ms): kind `{kind}` is not served")]
+    Quarantined {
+        plugin: String,
+        version: String,
+        kind: String,
+    },
+    #[error("pcx is shutting down: the call to plugin {plugin} {version} on kind `{kind}` was abandoned")]
+    Abandoned {
+        plugin: String,
+        version: String,
+        kind: String,
+    },
+    #[error("plugin calls cannot be made: the plugin thread could not be started: {message}")]
+    NoThread { message: String },
+    #[error("{what} {path} is writable by {by} (mode {mode:04o}): whoever can write it can run code as pcx; refused (chmod go-w {path})")]
+    Writable {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+        by: &'static str,
+    },
+    #[error("{what} {path} is owned by uid {owner} (mode {mode:04o}), neither this user (uid {uid}) nor root: whoever owns it can run code as pcx; refused")]
+    ForeignOwner {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+        owner: u32,
+        uid: u32,
+    },
+    #[error("plugin {path}: loading it crashed a check process with signal {signal} ({name}); not loaded, pcx would have crashed the same way")]
+    CheckCrashed {
+        path: PathBuf,
+        signal: i32,
+        name: &'static str,
+    },
+    #[error("plugin {path}: loading it in a check process did not finish within {deadline_ms} ms (plugin_call_timeout_ms; does a constructor loop?); not loaded")]
+    CheckTimedOut { path: PathBuf, deadline_ms: u64 },
+    #[error("plugin {path}: could not be checked in a child process first: {message}; not loaded")]
+    CheckFailed { path: PathBuf, message: String },
 }
 
 /// A loaded, validated plugin.
@@ -781,8 +827,62 @@ impl LoadedPlugin {
     }
 }
 
+/// This process's effective user id.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Refuses `path` (a plugin library or a directory above one) if anyone but this user or
+/// root could change it: owned by another user, or writable by its group or by everyone.
+/// A plugin runs as pcx, so whoever can write it (or swap it, through its directory) can run
+/// code as pcx. Group-writable is refused too, as ssh refuses it for `~/.ssh` and
+/// `authorized_keys` and PostgreSQL for its data directory; the sticky bit does not help, as
+/// anyone could still add a library.
+pub fn check_trusted(what: &'static str, path: &Path) -> Result<(), PluginError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| PluginError::Open {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    let mode = meta.mode() & 0o7777;
+    let uid = euid();
+    if meta.uid() != uid && meta.uid() != 0 {
+        return Err(PluginError::ForeignOwner {
+            what,
+            path: path.into(),
+            mode,
+            owner: meta.uid(),
+            uid,
+        });
+    }
+    let by = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (false, false) => return Ok(()),
+        (true, false) => "its group",
+        (false, true) => "everyone",
+        (true, true) => "its group and everyone",
+    };
+    Err(PluginError::Writable {
+        what,
+        path: path.into(),
+        mode,
+        by,
+    })
+}
+
+/// Checks a candidate and every directory between it and the plugin directory (checked
+/// already) with [`check_trusted`].
+fn check_candidate(path: &Path, dir: &Path) -> Result<(), PluginError> {
+    check_trusted("plugin", path)?;
+    for parent in path.ancestors().skip(1).take_while(|p| *p != dir) {
+        check_trusted("directory", parent)?;
+    }
+    Ok(())
+}
+
 /// The shared libraries in `dir` that are plugin candidates: regular files with the
-/// platform's library extension, by canonical path, sorted.
+/// platform's library extension, by canonical path, sorted. The directory and each library
+/// must pass [`check_trusted`]: an untrusted directory refuses every library in it.
 pub fn candidates(dir: &Path) -> Result<Vec<Result<PathBuf, PluginError>>, PluginError> {
     let canonical_dir = match dir.canonicalize() {
         Ok(d) => d,
@@ -796,6 +896,7 @@ pub fn candidates(dir: &Path) -> Result<Vec<Result<PathBuf, PluginError>>, Plugi
             })
         }
     };
+    check_trusted("plugin directory", &canonical_dir)?;
     let listing = std::fs::read_dir(&canonical_dir).map_err(|e| PluginError::DirUnreadable {
         dir: dir.into(),
         message: e.to_string(),
@@ -820,7 +921,7 @@ pub fn candidates(dir: &Path) -> Result<Vec<Result<PathBuf, PluginError>>, Plugi
                 dir: canonical_dir.clone(),
             }),
             Ok(c) if !c.is_file() => Err(PluginError::NotAFile { path: c }),
-            Ok(c) => Ok(c),
+            Ok(c) => check_candidate(&c, &canonical_dir).map(|()| c),
         });
     }
     out.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));

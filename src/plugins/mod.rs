@@ -6,3 +6,4 @@
 
 pub mod kinds;
 pub mod loader;
+pub mod probe;
