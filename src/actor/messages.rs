@@ -1,0 +1,129 @@
+//! The actor's messages and the values they answer: one message per request of PyTorch's
+//! `PrecompileContext` and `DynamoCache`, plus the context's own (audit, stats, close).
+
+use actix::prelude::*;
+use indexmap::IndexMap;
+
+use crate::error::ContextError;
+use crate::kinds::{Deserialized, Kinds};
+use crate::model::{
+    Artifact, DebugInfo, Digest, DynamoCacheEntry, PrecompileCacheEntry, SystemInfo,
+};
+
+/// A successful answer: the value, and the sequence number of the last event the request
+/// wrote (none for a request that changed nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack<T> {
+    pub seq: Option<u64>,
+    pub value: T,
+}
+
+/// What every message answers.
+pub type Answer<T> = Result<Ack<T>, ContextError>;
+
+/// A stitched entry with its backends' content.
+pub type StitchedEntry = PrecompileCacheEntry<Artifact>;
+
+/// `create_cache_entries`' value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stitched {
+    pub entries: IndexMap<String, StitchedEntry>,
+    pub debug_info: DebugInfo,
+}
+
+/// `load_cache_entry`'s value: the entry, and each backend's ready-to-use form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loaded {
+    pub entry: StitchedEntry,
+    pub deserialized: IndexMap<String, Deserialized>,
+}
+
+/// Process-wide counts, as PyTorch's `counters["dynamo_cache"]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadCounters {
+    pub hit: u64,
+    pub miss: u64,
+    pub error: u64,
+}
+
+/// What the context has done since it started, for `stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub events_appended: u64,
+    /// Group commits made durable (one flush + sync each).
+    pub flushes: u64,
+    pub failed_commits: u64,
+    pub snapshots: u64,
+    pub stitches: u64,
+    pub dynamo_cache_hits: u64,
+    pub dynamo_cache_misses: u64,
+    pub dynamo_cache_errors: u64,
+    pub plugin_calls: u64,
+    pub plugin_failures: u64,
+    /// Changes staged and waiting for the next commit, plus those being committed now.
+    pub queue_depth: u64,
+    /// The last event's sequence number.
+    pub head_seq: u64,
+}
+
+/// An edit's function: old content → new content, or a message saying why not.
+pub type EditFn = Box<dyn FnOnce(Vec<u8>) -> Result<Vec<u8>, String> + Send>;
+
+/// How an edit makes the new content: a Rust function, or a named edit of the plugin that
+/// serves the artifact's kind.
+pub enum Edit {
+    Apply(EditFn),
+    Plugin { op: String, args: Vec<u8> },
+}
+
+/// Settings the actor needs.
+#[derive(Clone, Debug)]
+pub struct ActorSettings {
+    pub snapshot_every: u64,
+    pub max_content_bytes: u64,
+    pub origin: String,
+    pub kinds: Kinds,
+}
+
+macro_rules! message {
+    ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* } -> $out:ty) => {
+        $(#[$doc])*
+        pub struct $name { $(pub $field: $ty),* }
+        impl Message for $name {
+            type Result = Answer<$out>;
+        }
+    };
+}
+
+message!(/// `record_artifact`.
+    RecordArtifact { artifact: Artifact } -> ());
+message!(/// `record_dynamo_cache_entry`.
+    RecordEntry { key: String, entry: DynamoCacheEntry } -> ());
+message!(/// `edit_artifact`: `edit` runs on the current content; `label` is logged with the result.
+    EditArtifact { key: String, label: String, edit: Edit } -> ());
+message!(/// `serialize_artifact_by_key`.
+    GetArtifact { key: String } -> Option<Artifact>);
+message!(/// `take_artifact`.
+    TakeArtifact { key: String } -> Option<Artifact>);
+message!(/// `clear`.
+    Clear {} -> ());
+message!(/// `dump_debug_info`.
+    DumpDebugInfo {} -> DebugInfo);
+message!(/// `create_cache_entries` (stitch).
+    CreateCacheEntries {} -> Stitched);
+message!(/// `save_to_dynamo_cache`.
+    SaveToDynamoCache {} -> DebugInfo);
+message!(/// `load_cache_entry`, with the caller's system info to check against, if given.
+    LoadCacheEntry { key: String, system_info: Option<SystemInfo> } -> Loaded);
+message!(/// An audit question about the log (log, history, state, diff, verify), answered once
+    /// every change accepted before it is durable, on a thread of its own.
+    Audit { query: crate::audit::Query } -> serde_json::Map<String, serde_json::Value>);
+message!(/// What the context has done since it started.
+    GetStats {} -> Stats);
+message!(/// The current load counters.
+    GetLoadCounters {} -> LoadCounters);
+message!(/// A digest of the whole state (order included), for comparing contexts.
+    StateDigest {} -> Digest);
+message!(/// Waits until everything accepted is durable, then stops the actor and releases the data
+    /// directory.
+    Close {} -> ());

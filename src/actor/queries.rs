@@ -1,0 +1,112 @@
+//! The handlers of questions that change nothing: audit queries over the log, stats, load
+//! counters and the state's digest.
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use super::context_actor::{same, ContextActor};
+use super::messages::{
+    Ack, Answer, Audit, GetLoadCounters, GetStats, LoadCounters, StateDigest, Stats,
+};
+use super::reply::Durable;
+use crate::committer::Committer;
+use crate::error::ContextError;
+use crate::model::Digest;
+
+impl Handler<Audit> for ContextActor {
+    type Result = ResponseFuture<Answer<serde_json::Map<String, serde_json::Value>>>;
+
+    fn handle(&mut self, msg: Audit, _: &mut Self::Context) -> Self::Result {
+        self.settle_loads();
+        let (tx, rx) = oneshot::channel();
+        if self.closed {
+            let _ = tx.send(Err(ContextError::Closed));
+        } else {
+            let journal = self.journal.clone();
+            // Answer as of this point in the stream: later writes may be durable by the time
+            // the query runs.
+            let cap = self.head.seq;
+            self.when_durable(Box::new(move |ready| match ready {
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+                Ok(()) => {
+                    // A long verify must not stall the writer: the journal is read on its own
+                    // thread while the actor goes on serving.
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("pcx-audit".into())
+                            .spawn(move || {
+                                let view = crate::audit::Capped {
+                                    inner: journal,
+                                    cap,
+                                };
+                                let answer = msg.query.run(&view, &mut |_| {});
+                                // Let go of the journal before answering: a close that
+                                // follows the answer then releases the data directory.
+                                drop(view);
+                                let _ = tx.send(
+                                    answer
+                                        .map(|value| Ack { seq: None, value })
+                                        .map_err(ContextError::from),
+                                );
+                            });
+                    if let Err(e) = spawned {
+                        tracing::error!(error = %e, "cannot start an audit thread");
+                    }
+                }
+            }));
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
+    }
+}
+
+impl Handler<GetStats> for ContextActor {
+    type Result = ResponseFuture<Answer<Stats>>;
+
+    fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
+        self.settle_loads();
+        let (calls, failures) = self.settings.kinds.call_counts();
+        let stats = Stats {
+            dynamo_cache_hits: self.hits(),
+            dynamo_cache_misses: self.counters.miss,
+            dynamo_cache_errors: self.counters.error,
+            plugin_calls: calls,
+            plugin_failures: failures,
+            queue_depth: self.committer.as_ref().map_or(0, Committer::queued_events),
+            head_seq: self.head.seq,
+            ..self.stats
+        };
+        // Answered at once: stats describe the moment, not a durable change.
+        Box::pin(std::future::ready(Ok(Ack {
+            seq: None,
+            value: stats,
+        })))
+    }
+}
+
+impl Handler<GetLoadCounters> for ContextActor {
+    type Result = ResponseFuture<Answer<LoadCounters>>;
+
+    fn handle(&mut self, _: GetLoadCounters, _: &mut Self::Context) -> Self::Result {
+        self.settle_loads();
+        // Answered once the loads before it are durable, with the hits counted by then.
+        let (tx, rx) = oneshot::channel();
+        let LoadCounters { miss, error, .. } = self.counters;
+        let hits = self.committer.as_ref().map(Committer::hit_counter);
+        self.when_durable(Box::new(move |ready| {
+            let hit = hits.map_or(0, |h| h.load(std::sync::atomic::Ordering::SeqCst));
+            let value = LoadCounters { hit, miss, error };
+            let _ = tx.send(ready.map(|()| Ack { seq: None, value }));
+        }));
+        Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
+    }
+}
+
+impl Handler<StateDigest> for ContextActor {
+    type Result = Durable<Digest>;
+
+    fn handle(&mut self, _: StateDigest, _: &mut Self::Context) -> Self::Result {
+        self.run(|this| Ok((Vec::new(), this.state.digest())), same)
+    }
+}

@@ -1,0 +1,245 @@
+//! The handlers of the requests that change the context (record, edit, take, clear, stitch,
+//! save) and of `close`: each decides, stages its events and answers once they are durable.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::context_actor::{same, validate_kind, ContextActor};
+use super::messages::{
+    Answer, Clear, Close, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact,
+    RecordArtifact, RecordEntry, SaveToDynamoCache, Stitched, TakeArtifact,
+};
+use super::reply::Durable;
+use crate::error::ContextError;
+use crate::event::Event;
+use crate::model::{Artifact, DebugInfo};
+
+impl Handler<RecordArtifact> for ContextActor {
+    type Result = Durable<()>;
+
+    fn handle(&mut self, msg: RecordArtifact, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            move |this| {
+                let a = msg.artifact;
+                validate_kind(&a.kind)?;
+                let r = this.store_content(&a.key, &a.kind, a.content)?;
+                Ok((
+                    vec![Event::ArtifactRecorded {
+                        key: a.key,
+                        kind: r.kind,
+                        digest: r.digest,
+                        size: r.size,
+                    }],
+                    (),
+                ))
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<RecordEntry> for ContextActor {
+    type Result = Durable<()>;
+
+    fn handle(&mut self, msg: RecordEntry, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            move |this| {
+                msg.entry
+                    .validate()
+                    .and_then(|()| msg.entry.check_size(this.settings.max_content_bytes))
+                    .map_err(|reason| ContextError::InvalidEntry {
+                        key: msg.key.clone(),
+                        reason,
+                    })?;
+                Ok((
+                    vec![Event::DynamoEntryRecorded {
+                        key: msg.key,
+                        entry: msg.entry,
+                    }],
+                    (),
+                ))
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<EditArtifact> for ContextActor {
+    type Result = Durable<()>;
+
+    fn handle(&mut self, msg: EditArtifact, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            move |this| {
+                let EditArtifact { key, label, edit } = msg;
+                let Some(current) = this.state.artifacts.get(&key).cloned() else {
+                    return Err(ContextError::KeyNotFound { key });
+                };
+                let content = this.content(&key, &current)?;
+                // A panicking edit is caught by `run`, like any panic while deciding.
+                let edited = match edit {
+                    Edit::Apply(f) => f(content).map_err(|message| ContextError::EditFailed {
+                        key: key.clone(),
+                        message,
+                    })?,
+                    Edit::Plugin { op, args } => {
+                        this.plugin_edit(&key, &current.kind, op, args, content)?
+                    }
+                };
+                let r = this.store_content(&key, &current.kind, edited)?;
+                Ok((
+                    vec![Event::ArtifactEdited {
+                        key,
+                        label,
+                        digest: r.digest,
+                        size: r.size,
+                    }],
+                    (),
+                ))
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<GetArtifact> for ContextActor {
+    type Result = Durable<Option<Artifact>>;
+
+    fn handle(&mut self, msg: GetArtifact, _: &mut Self::Context) -> Self::Result {
+        self.run(move |this| Ok((Vec::new(), this.artifact(&msg.key)?)), same)
+    }
+}
+
+impl Handler<TakeArtifact> for ContextActor {
+    type Result = Durable<Option<Artifact>>;
+
+    fn handle(&mut self, msg: TakeArtifact, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            move |this| match this.artifact(&msg.key)? {
+                None => Ok((Vec::new(), None)),
+                Some(a) => Ok((vec![Event::ArtifactTaken { key: msg.key }], Some(a))),
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<Clear> for ContextActor {
+    type Result = Durable<()>;
+
+    fn handle(&mut self, _: Clear, _: &mut Self::Context) -> Self::Result {
+        self.run(|_| Ok((vec![Event::Cleared], ())), same)
+    }
+}
+
+impl Handler<DumpDebugInfo> for ContextActor {
+    type Result = Durable<DebugInfo>;
+
+    fn handle(&mut self, _: DumpDebugInfo, _: &mut Self::Context) -> Self::Result {
+        self.run(|this| Ok((Vec::new(), this.state.debug_info())), same)
+    }
+}
+
+impl Handler<CreateCacheEntries> for ContextActor {
+    type Result = Durable<Stitched>;
+
+    fn handle(&mut self, _: CreateCacheEntries, _: &mut Self::Context) -> Self::Result {
+        self.run(
+            |this| {
+                this.stats.stitches += 1;
+                let out = this.stitch(|contents, id, r| {
+                    contents
+                        .read(id, r)
+                        .map(|content| Artifact {
+                            key: id.to_string(),
+                            kind: r.kind.clone(),
+                            content,
+                        })
+                        .map_err(|e| e.to_string())
+                });
+                let event = out.event();
+                Ok((
+                    vec![event],
+                    Stitched {
+                        entries: out.entries,
+                        debug_info: out.debug_info,
+                    },
+                ))
+            },
+            same,
+        )
+    }
+}
+
+impl Handler<SaveToDynamoCache> for ContextActor {
+    type Result = Durable<DebugInfo>;
+
+    fn handle(&mut self, _: SaveToDynamoCache, _: &mut Self::Context) -> Self::Result {
+        let first_key = self
+            .state
+            .entries
+            .keys()
+            .next()
+            .cloned()
+            .unwrap_or_default();
+        self.run(
+            |this| {
+                // The saved entry refers to content by digest; check that each blob is there.
+                this.stats.stitches += 1;
+                let out = this.stitch(|contents, id, r| {
+                    contents
+                        .read(id, r)
+                        .map(|_| r.clone())
+                        .map_err(|e| e.to_string())
+                });
+                let events = vec![
+                    out.event(),
+                    Event::SavedToDynamoCache {
+                        entries: out.entries.clone(),
+                    },
+                ];
+                Ok((events, out.debug_info))
+            },
+            // A failed write names an entry, in PyTorch's words.
+            move |e| match e {
+                ContextError::Storage { message, .. } => ContextError::SaveFailed {
+                    key: first_key,
+                    message,
+                },
+                e => e,
+            },
+        )
+    }
+}
+
+impl Handler<Close> for ContextActor {
+    type Result = ResponseActFuture<Self, Answer<()>>;
+
+    fn handle(&mut self, _: Close, _: &mut Self::Context) -> Self::Result {
+        // Wait for everything accepted so far, and refuse what arrives meanwhile, so nothing
+        // is committed after `Close` is answered. A snapshot at the last event goes with it,
+        // so the next open replays nothing.
+        let barrier = self.run(
+            |this| {
+                if this.head.seq > this.last_snapshot && this.broken.is_none() {
+                    this.snapshot_now();
+                }
+                Ok((Vec::new(), ()))
+            },
+            same,
+        );
+        self.closed = true;
+        Box::pin(
+            actix::fut::wrap_future::<_, Self>(barrier.into_future()).map(|answer, this, ctx| {
+                if let Some(c) = this.committer.take() {
+                    c.close();
+                }
+                // Release the journal (and sled's lock on the directory) now, not whenever the
+                // actor is dropped.
+                this.journal = Arc::new(crate::journal::ClosedJournal);
+                ctx.stop();
+                answer
+            }),
+        )
+    }
+}
