@@ -44,7 +44,6 @@ pub mod audit;
 pub mod config;
 pub mod context;
 pub mod core;
-pub mod error;
 pub mod interface;
 pub mod plugins;
 pub mod store;
@@ -52,6 +51,7 @@ pub mod trace;
 
 // Transitional: the flat module paths, until every caller names the layer.
 pub use crate::actor::committer;
+pub use crate::actor::error;
 pub use crate::actor::plugin_thread as deserializer;
 pub use crate::audit::{compact, export};
 pub use crate::core::{event, model, state, stitch};

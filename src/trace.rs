@@ -1,4 +1,5 @@
-//! Observability: the structured trace events PyTorch emits, and the subscriber set-up.
+//! Observability: the subscriber set-up. The structured trace events PyTorch emits are
+//! emitted by the actor ([`crate::actor::structured`]).
 //!
 //! Structured events go out on target `pcx::structured` with the fields `artifact` (the
 //! event's name, e.g. `dynamo_cache_bypass`), `encoding` (`json`) and `payload` (the JSON
@@ -7,31 +8,7 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::stitch::Structured;
-
-/// The target structured events use.
-pub const STRUCTURED_TARGET: &str = "pcx::structured";
-
-/// Whether structured trace events are logged at all (so their payloads are worth building).
-pub fn structured_enabled() -> bool {
-    tracing::enabled!(target: STRUCTURED_TARGET, tracing::Level::INFO)
-}
-
-/// Emits one structured trace event.
-pub fn structured(event: &Structured) {
-    if !structured_enabled() {
-        return;
-    }
-    let payload = event.payload.to_string();
-    tracing::info!(
-        target: STRUCTURED_TARGET,
-        artifact = event.name,
-        encoding = "json",
-        payload = %payload,
-        "{}",
-        event.name
-    );
-}
+pub use crate::actor::structured::STRUCTURED_TARGET;
 
 /// How log lines are written to stderr.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]

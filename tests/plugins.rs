@@ -524,6 +524,7 @@ fn two_plugins_claiming_one_kind_the_first_keeps_it_and_the_second_registers_not
     let e = kinds
         .after_deserialization("b", "c_unique", b"x")
         .unwrap_err();
+    let e = ContextError::from(e);
     assert!(matches!(e, ContextError::NoPlugin { .. }), "{e:?}");
 
     // Through the binary: the first plugin serves the kind.
@@ -554,6 +555,7 @@ fn a_plugin_claiming_eager_is_refused_whole() {
     let e = kinds
         .after_deserialization("b", "c_also", b"x")
         .unwrap_err();
+    let e = ContextError::from(e);
     assert!(matches!(e, ContextError::NoPlugin { .. }), "{e:?}");
     let d = kinds.after_deserialization("b", "eager", b"x").unwrap();
     assert_eq!(d.served_by, "builtin");
@@ -1084,6 +1086,7 @@ fn aot_refusal(kinds: &Kinds, content: Vec<u8>) -> String {
     match kinds.after_deserialization("b", "bundled_aot_autograd", &content) {
         Ok(d) => panic!("accepted, described as {}", d.description),
         Err(e) => {
+            let e = ContextError::from(e);
             assert_eq!(e.kind(), "plugin_failed", "{e:?}");
             e.to_string()
         }

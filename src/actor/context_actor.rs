@@ -131,7 +131,7 @@ impl ContextActor {
             }),
             // No plugin loaded: the registry says no plugin serves the kind, calling nothing.
             None if self.settings.kinds.plugins().is_empty() => {
-                self.settings.kinds.edit(key, kind, &op, &args, &content)
+                Ok(self.settings.kinds.edit(key, kind, &op, &args, &content)?)
             }
             None => Err(self.no_thread()),
         }
@@ -193,7 +193,7 @@ impl ContextActor {
             Err(e)
         } else {
             catch_unwind(AssertUnwindSafe(|| decide(self))).unwrap_or_else(|panic| {
-                let message = panic_message(&panic);
+                let message = crate::error::panic_message(&panic);
                 tracing::error!(%message, "request handler panicked; nothing was changed");
                 Err(ContextError::Panicked { message })
             })
@@ -450,7 +450,7 @@ impl ContextActor {
         &self,
         resolve: impl Fn(&ContentReader<'_>, &str, &ArtifactRef) -> Result<B, String> + Sync,
     ) -> Stitch<B> {
-        let traced = crate::trace::structured_enabled();
+        let traced = crate::actor::structured::enabled();
         let mut out = Stitch::begin(&self.state, traced);
         let reader = self.reader();
         let state = &self.state;
@@ -485,7 +485,7 @@ impl ContextActor {
             });
         }
         for t in &out.trace {
-            crate::trace::structured(t);
+            crate::actor::structured::emit(t);
         }
         out
     }
@@ -552,14 +552,6 @@ pub(super) fn validate_kind(kind: &str) -> Result<(), ContextError> {
             kind: kind.to_string(),
         })
     }
-}
-
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 pub(super) fn same(e: ContextError) -> ContextError {

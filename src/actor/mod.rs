@@ -28,6 +28,7 @@
 //! [`committer`] (group commit) and [`plugin_thread`] (every plugin call, under a deadline).
 
 pub mod committer;
+pub mod error;
 mod context_actor;
 mod load;
 pub mod messages;
@@ -35,8 +36,8 @@ pub mod plugin_thread;
 mod queries;
 pub mod reply;
 mod requests;
+pub mod structured;
 
-pub(crate) use context_actor::panic_message;
 pub use context_actor::{sync_cache_view, ContextActor};
 pub use messages::*;
 pub use reply::{Durable, Tagged, TaggedReply};

@@ -74,7 +74,7 @@ pub fn deserialize_all(
 ) -> Result<Vec<Deserialized>, ContextError> {
     backends
         .iter()
-        .map(|b| kinds.after_deserialization(&b.id, &b.kind, &b.content))
+        .map(|b| Ok(kinds.after_deserialization(&b.id, &b.kind, &b.content)?))
         .collect()
 }
 
@@ -279,7 +279,7 @@ impl Crew {
         }
         let result = catch_unwind(AssertUnwindSafe(call)).unwrap_or_else(|panic| {
             Err(ContextError::Panicked {
-                message: crate::actor::panic_message(&panic),
+                message: crate::error::panic_message(&panic),
             })
         });
         let mut s = lock(self);
@@ -314,9 +314,12 @@ impl Crew {
                     for b in &job.backends {
                         let result = match self.kinds.plugin_for(&b.kind) {
                             // `eager`, or no plugin: nothing is called.
-                            None => self.kinds.after_deserialization(&b.id, &b.kind, &b.content),
+                            None => self
+                                .kinds
+                                .after_deserialization(&b.id, &b.kind, &b.content)
+                                .map_err(ContextError::from),
                             Some(p) => match self.watched(generation, p, &b.kind, || {
-                                self.kinds.after_deserialization(&b.id, &b.kind, &b.content)
+                                Ok(self.kinds.after_deserialization(&b.id, &b.kind, &b.content)?)
                             }) {
                                 Some(r) => r,
                                 None => return,
@@ -344,7 +347,7 @@ impl Crew {
                     loads_done = true;
                 }
                 Work::Edit(e, reply) => {
-                    let edit = || self.kinds.edit(&e.key, &e.kind, &e.op, &e.args, &e.content);
+                    let edit = || Ok(self.kinds.edit(&e.key, &e.kind, &e.op, &e.args, &e.content)?);
                     let result = match self.kinds.plugin_for(&e.kind) {
                         None => edit(),
                         Some(p) => match self.watched(generation, p, &e.kind, edit) {

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::ContextError;
 use crate::model::EAGER_KIND;
 use crate::plugin::{self, JsonObject, LoadedPlugin, PluginError};
 
@@ -189,7 +188,7 @@ impl Kinds {
     }
 
     /// The plugin serving `kind`; an error if none does or it is quarantined.
-    fn serving(&self, kind: &str, backend: &str) -> Result<&LoadedPlugin, ContextError> {
+    fn serving(&self, kind: &str, backend: &str) -> Result<&LoadedPlugin, PluginError> {
         let Some(s) = self.by_kind.get(kind) else {
             return Err(self.no_plugin(kind, backend));
         };
@@ -198,14 +197,13 @@ impl Kinds {
                 plugin: s.plugin.name.clone(),
                 version: s.plugin.version.clone(),
                 kind: kind.to_string(),
-            }
-            .into());
+            });
         }
         Ok(&s.plugin)
     }
 
-    fn no_plugin(&self, kind: &str, backend: &str) -> ContextError {
-        ContextError::NoPlugin {
+    fn no_plugin(&self, kind: &str, backend: &str) -> PluginError {
+        PluginError::NoPlugin {
             kind: kind.to_string(),
             backend: backend.to_string(),
             plugin_dir: self
@@ -223,7 +221,7 @@ impl Kinds {
         backend: &str,
         kind: &str,
         content: &[u8],
-    ) -> Result<Deserialized, ContextError> {
+    ) -> Result<Deserialized, PluginError> {
         if kind == EAGER_KIND {
             return Ok(Deserialized {
                 kind: kind.to_string(),
@@ -251,9 +249,9 @@ impl Kinds {
         op: &str,
         args: &[u8],
         content: &[u8],
-    ) -> Result<Vec<u8>, ContextError> {
+    ) -> Result<Vec<u8>, PluginError> {
         let p = self.serving(kind, key)?;
-        Ok(self.counted(p.edit(kind, op, args, content, self.output_limit))?)
+        self.counted(p.edit(kind, op, args, content, self.output_limit))
     }
 
     fn counted<T>(&self, result: Result<T, PluginError>) -> Result<T, PluginError> {

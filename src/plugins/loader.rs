@@ -34,6 +34,12 @@ const MAX_DESCRIPTION: usize = 1 << 20;
 /// What went wrong with a plugin, loading or calling it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PluginError {
+    #[error("no plugin serves artifact kind `{kind}` (backend {backend}); plugin directory: {plugin_dir}")]
+    NoPlugin {
+        kind: String,
+        backend: String,
+        plugin_dir: String,
+    },
     #[error("plugin directory {dir} does not exist")]
     DirMissing { dir: PathBuf },
     #[error("cannot read plugin directory {dir}: {message}")]

@@ -33,7 +33,7 @@ pub enum ContextError {
         plugin_dir: String,
     },
     #[error("{0}")]
-    Plugin(#[from] crate::plugin::PluginError),
+    Plugin(crate::plugin::PluginError),
     #[error("content of {key} (blob {digest}) cannot be read: {message}")]
     ContentUnavailable {
         key: String,
@@ -111,4 +111,32 @@ impl From<crate::audit::AuditError> for ContextError {
             message: e.to_string(),
         }
     }
+}
+
+impl From<crate::plugin::PluginError> for ContextError {
+    /// A kind no plugin serves is the caller's to fix (`no_plugin`); the rest are the plugin's.
+    fn from(e: crate::plugin::PluginError) -> Self {
+        match e {
+            crate::plugin::PluginError::NoPlugin {
+                kind,
+                backend,
+                plugin_dir,
+            } => ContextError::NoPlugin {
+                kind,
+                backend,
+                plugin_dir,
+            },
+            e => ContextError::Plugin(e),
+        }
+    }
+}
+
+/// What a caught panic said, for [`ContextError::Panicked`] (a panic's payload is a `&str` or a
+/// `String` when it has a message at all).
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
