@@ -23,18 +23,10 @@ use std::thread::JoinHandle;
 use crate::error::ContextError;
 use crate::journal::{Commit, Journal, StoreError};
 use crate::model::Digest;
+use crate::pack::{MAX_GROUP_BYTES, MAX_GROUP_EVENTS};
 
 /// An answer waiting for its changes (and every change staged before them) to be durable.
 pub type Waiter = Box<dyn FnOnce(Result<(), ContextError>) + Send>;
-
-/// sled applies a group of a thousand or so records fastest; a larger queue is cut into
-/// groups at request boundaries.
-pub const MAX_GROUP_EVENTS: usize = 1024;
-
-/// A group is also cut once it carries this much content: written and synced in pieces of
-/// this size, large content streams to the disk at its sequential speed, while one huge
-/// group would sit in the page cache and then stall in a single long sync.
-pub const MAX_GROUP_BYTES: usize = 64 << 20;
 
 /// Staged changes and the answers waiting for them.
 #[derive(Default)]

@@ -213,7 +213,7 @@ fn write_compacted(
         if keep.contains(&d) {
             kept_bytes += content.len();
             kept.blobs.push((d, std::sync::Arc::new(content)));
-            if kept.blobs.len() >= 1024 || kept_bytes >= crate::committer::MAX_GROUP_BYTES {
+            if kept.blobs.len() >= 1024 || kept_bytes >= crate::pack::MAX_GROUP_BYTES {
                 new.commit(&std::mem::take(&mut kept))?;
                 kept_bytes = 0;
             }

@@ -308,7 +308,7 @@ fn import_into(
             pending_bytes += content.len();
             pending.blobs.push((d, std::sync::Arc::new(content)));
             have.insert(d);
-            if pending_bytes >= crate::committer::MAX_GROUP_BYTES {
+            if pending_bytes >= crate::pack::MAX_GROUP_BYTES {
                 journal.commit(&std::mem::take(&mut pending))?;
                 pending_bytes = 0;
             }

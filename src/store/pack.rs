@@ -219,6 +219,15 @@ pub fn pages<'a>(records: impl IntoIterator<Item = &'a (u64, Vec<u8>)>) -> Vec<(
     out
 }
 
+/// sled applies a group of a thousand or so records fastest; a larger queue is cut into
+/// groups at request boundaries.
+pub const MAX_GROUP_EVENTS: usize = 1024;
+
+/// A group is also cut once it carries this much content: written and synced in pieces of
+/// this size, large content streams to the disk at its sequential speed, while one huge
+/// group would sit in the page cache and then stall in a single long sync.
+pub const MAX_GROUP_BYTES: usize = 64 << 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;
