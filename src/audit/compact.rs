@@ -127,6 +127,10 @@ pub fn compact(
             }
         })?;
     new.set_anchor(&anchor)?;
+    // Losses an operator accepted stay on record for auditors.
+    for lost in old.lost_tails()? {
+        new.accept_lost_tail(&lost, &[])?;
+    }
 
     // The kept events, their exact bytes; and what they refer to.
     let mut keep: HashSet<Digest> = state_refs(&anchor_state).into_iter().collect();
