@@ -161,6 +161,24 @@ enum Command {
         #[arg(long)]
         before: u64,
     },
+    /// For a data directory that does not open: write every event that still reads and
+    /// verifies to FILE (as `export` does, for `import`), and say where the log breaks.
+    /// Changes nothing in the data directory.
+    Salvage {
+        #[arg(long)]
+        output: PathBuf,
+        /// Also scan sled's raw files for records when sled reads its trees whole.
+        #[arg(long)]
+        scan: bool,
+    },
+    /// After opening was refused for a lost tail (exit 3): give up the events that a
+    /// snapshot proves existed after the last one found, record what was given up, and let
+    /// the log continue after its last event.
+    Recover {
+        /// Accept the loss (required: nothing else is done without it).
+        #[arg(long, required = true)]
+        accept_lost_tail: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -188,6 +206,13 @@ struct ContentArgs {
     text: Option<String>,
 }
 
+/// Exit codes beyond 0 (success), 1 (a failed request or command) and 2 (bad flags or
+/// configuration): opening the data directory was refused because a snapshot proves the log
+/// lost acknowledged events (see `pcx recover --accept-lost-tail`)...
+const EXIT_LOST_TAIL: u8 = 3;
+/// ...or because an event no longer matches the snapshot taken after it (it was rewritten).
+const EXIT_SNAPSHOT_CONTRADICTS: u8 = 4;
+
 /// See [`pcx::alloc`].
 #[global_allocator]
 static ALLOCATOR: pcx::alloc::Allocator = mimalloc::MiMalloc;
@@ -209,10 +234,90 @@ fn main() -> ExitCode {
     match system.block_on(run(cli.command, config)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("pcx: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("pcx: {}", error_text(&e));
+            exit_code(&e)
         }
     }
+}
+
+/// The error and its causes, each said once: a cause whose words are already in the message
+/// (thiserror's `{source}`) is not repeated, nor is sled's own text, which the message gives
+/// in words naming the file. Then what the user can do about it.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if cause.downcast_ref::<sled::Error>().is_some() || text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    if let Some(hint) = e.chain().find_map(damage_hint) {
+        text.push_str(".\n");
+        text.push_str(hint);
+    }
+    text
+}
+
+/// What to do about a damaged data directory, for the errors that say it is.
+fn damage_hint(cause: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use pcx::context::ContextOpenError;
+    use pcx::journal::{OpenError, StoreError};
+    use pcx::replay::ReplayError;
+    const DAMAGED: &str = "The data directory is damaged. `pcx verify` names the first bad \
+        event and `pcx export` writes out the log, if the store still opens; `pcx salvage \
+        --output FILE` exports every event that still reads and verifies even when it does not \
+        (to load with `pcx import` into a new data directory), and says where the log breaks.";
+    // `ContextOpenError::Open` is transparent: the chain goes from it to the open error's
+    // own cause.
+    match cause.downcast_ref::<ContextOpenError>() {
+        Some(ContextOpenError::Open(e)) => return damage_hint(e),
+        Some(ContextOpenError::Replay(e)) => return damage_hint(e),
+        _ => {}
+    }
+    if let Some(e) = cause.downcast_ref::<OpenError>() {
+        return match e {
+            OpenError::Sled { .. }
+            | OpenError::Damaged { .. }
+            | OpenError::DataFileMissing { .. } => Some(DAMAGED),
+            _ => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<ReplayError>() {
+        // `ReplayError::Store` is transparent too.
+        return match e {
+            ReplayError::Store(e) => damage_hint(e),
+            _ => Some(DAMAGED),
+        };
+    }
+    match cause.downcast_ref::<StoreError>() {
+        Some(
+            StoreError::Sled { .. }
+            | StoreError::SledRead { .. }
+            | StoreError::SledEvents { .. }
+            | StoreError::Damaged { .. },
+        ) => Some(DAMAGED),
+        _ => None,
+    }
+}
+
+/// The exit code of a failed command: [`EXIT_LOST_TAIL`] and [`EXIT_SNAPSHOT_CONTRADICTS`]
+/// for an open refused for those reasons, else 1.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    use pcx::replay::ReplayError;
+    for cause in e.chain() {
+        match cause.downcast_ref::<ReplayError>() {
+            Some(ReplayError::LostTail { .. }) => return ExitCode::from(EXIT_LOST_TAIL),
+            Some(ReplayError::SnapshotContradicts { .. }) => {
+                return ExitCode::from(EXIT_SNAPSHOT_CONTRADICTS)
+            }
+            _ => {}
+        }
+    }
+    ExitCode::FAILURE
 }
 
 fn configure(cli: &Cli) -> Result<Config> {
@@ -244,6 +349,7 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
             token_file,
             token,
         } => return client(&config, socket, tcp, token_file, token),
+        Command::Salvage { output, scan } => return salvage(&config, &output, scan),
         c @ (Command::Log { .. }
         | Command::History { .. }
         | Command::State { .. }
@@ -251,7 +357,8 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
         | Command::Verify
         | Command::Export { .. }
         | Command::Import { .. }
-        | Command::Compact { .. }) => return audit_command(c, &config),
+        | Command::Compact { .. }
+        | Command::Recover { .. }) => return audit_command(c, &config),
         other => request_of(other)?,
     };
     let ctx =
@@ -604,10 +711,21 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
     let journal = match pcx::journal::SledJournal::open_existing(dir, config.cache_capacity_bytes) {
         Ok(j) => j,
         Err(e @ pcx::journal::OpenError::Missing { .. }) => {
-            return Ok(answer_error("no_data_directory", &e.to_string()))
+            return Ok(answer_error("no_data_directory", &error_text(&e.into())))
         }
-        Err(e) => return Ok(answer_error("open_failed", &e.to_string())),
+        Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
     };
+    if let Command::Recover { .. } = command {
+        return Ok(
+            match pcx::audit::lost_tail::accept_lost_tail(&journal, &config.origin()) {
+                Ok(accepted) => {
+                    println!("{}", json!({"ok": true, "accepted": accepted}));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => answer_error(e.kind(), &error_text(&e.into())),
+            },
+        );
+    }
     let total = pcx::journal::Journal::last_seq(&journal)
         .ok()
         .flatten()
@@ -674,6 +792,35 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
         }
     }
     Ok(if sound {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `pcx salvage`: reads the data directory without opening it as a store.
+fn salvage(config: &Config, output: &std::path::Path, scan: bool) -> Result<ExitCode> {
+    let dir = &config.data_dir;
+    if !dir.is_dir() {
+        return Ok(answer_error(
+            "no_data_directory",
+            &format!("data directory {} does not exist", dir.display()),
+        ));
+    }
+    let file =
+        std::fs::File::create(output).with_context(|| format!("creating {}", output.display()))?;
+    let mut sink = io::BufWriter::new(file);
+    let mut report = match pcx::audit::salvage::salvage(dir, scan, &mut sink) {
+        Ok(r) => r,
+        Err(e) => return Ok(answer_error("salvage_failed", &e.to_string())),
+    };
+    report["output"] = json!(output);
+    let complete = report["ok"] == true;
+    if !complete {
+        tracing::warn!(dir = %dir.display(), "salvage: the log breaks or was longer; see the report");
+    }
+    println!("{report}");
+    Ok(if complete {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -272,7 +272,12 @@ fn commit_loop(
             blobs: commit.blobs.iter().map(|b| b.0).collect(),
             refused: Vec::new(),
             result: result.map_err(|e| {
-                let reopen = matches!(e, StoreError::Sled { .. });
+                let reopen = matches!(
+                    e,
+                    StoreError::Sled { .. }
+                        | StoreError::SledRead { .. }
+                        | StoreError::SledEvents { .. }
+                );
                 (ContextError::from(e), reopen)
             }),
         };

@@ -519,7 +519,12 @@ impl ContentReader<'_> {
             Ok(None) => Err(unavailable("missing from the blob store".into())),
             Err(e) => {
                 // sled fails reads too once it has kept a write error: reopen after this request.
-                if matches!(e, StoreError::Sled { .. }) {
+                if matches!(
+                    e,
+                    StoreError::Sled { .. }
+                        | StoreError::SledRead { .. }
+                        | StoreError::SledEvents { .. }
+                ) {
                     self.suspect.store(true, Ordering::Relaxed);
                 }
                 Err(unavailable(e.to_string()))

@@ -148,6 +148,10 @@ fn write_compacted(
             }
         })?;
     new.set_anchor(&anchor)?;
+    // Losses an operator accepted stay on record for auditors.
+    for lost in old.lost_tails()? {
+        new.accept_lost_tail(&lost, &[])?;
+    }
     pause_point("compact:writing");
 
     // The kept events, their exact bytes; and what they refer to.

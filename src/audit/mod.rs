@@ -1,13 +1,17 @@
 //! Auditing a log from outside the actor: read-only questions ([`query`]: log, history, state
-//! at a point, diff, verify), the log as JSON lines and back ([`export`]), and rewriting a data
-//! directory to begin at an anchor snapshot ([`compact`]).
+//! at a point, diff, verify), the log as JSON lines and back ([`export`]), rewriting a data
+//! directory to begin at an anchor snapshot ([`compact`]), the operator's decision to go on
+//! after a lost tail ([`lost_tail`]), and exporting what still verifies of a directory that
+//! does not open ([`salvage`]).
 //!
 //! May import the core and the store. It works on a journal directly, so it runs on a stopped
 //! data directory as well as inside a live context (the actor dispatches audit queries to it).
 
 pub mod compact;
 pub mod export;
+pub mod lost_tail;
 pub mod query;
+pub mod salvage;
 
 // Transitional: the query items under their old flat path `crate::audit::*`.
 pub use query::*;

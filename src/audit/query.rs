@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use crate::event::Event;
 use crate::journal::{Journal, StoreError};
 use crate::model::{stitch_entry, ArtifactRef, Digest};
-use crate::record::{decode_snapshot, Envelope};
+use crate::record::{decode_lost_tail, decode_snapshot, Envelope, LostTail};
 use crate::replay::{base, Base, Head, ReplayError};
 use crate::state::State;
 
@@ -766,6 +766,19 @@ pub fn verify(
             ),
         }));
     }
+    // Losses an operator accepted are not faults of the log, but an auditor must see them.
+    let mut lost_tails = Vec::new();
+    for (i, bytes) in journal.lost_tails()?.iter().enumerate() {
+        match decode_lost_tail(bytes) {
+            Ok(lost) => lost_tails.push(lost_tail_json(&lost)),
+            Err(e) => {
+                return Ok(Err(Unsound {
+                    seq: 0,
+                    what: format!("the record of accepted lost tail {i} is damaged: {e}"),
+                }))
+            }
+        }
+    }
     Ok(Ok(json!({
         "ok": true,
         "first_seq": if events == 0 { Value::Null } else { json!(anchored + 1) },
@@ -775,7 +788,20 @@ pub fn verify(
         "snapshots_checked": snapshots_checked,
         "blobs_checked": checked_blobs.len(),
         "state_digest": state.digest().to_hex(),
+        "lost_tails": lost_tails,
     })))
+}
+
+/// What an accepted lost tail gave up, as `verify` and `pcx recover` show it.
+pub fn lost_tail_json(lost: &LostTail) -> Value {
+    json!({
+        "last_found": lost.last_found,
+        "snapshot": lost.snapshot,
+        "lost_events": {"from": lost.last_found + 1, "to": lost.snapshot},
+        "snapshots_kept": lost.snapshots.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        "accepted_at": format_time(lost.time_ms),
+        "origin": lost.origin,
+    })
 }
 
 /// A journal seen as of one point: records after `cap` do not exist. A query asked in the
@@ -829,6 +855,9 @@ impl Journal for Capped {
     }
     fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.cache_view()
+    }
+    fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.inner.lost_tails()
     }
 }
 

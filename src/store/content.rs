@@ -299,6 +299,12 @@ fn path_of(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:016}.pack"))
 }
 
+/// The path of content file `n` of the data directory `data_dir` (for readers that do not
+/// open the store, such as `pcx salvage`).
+pub fn file_path(data_dir: &Path, n: u64) -> PathBuf {
+    path_of(&data_dir.join("content"), n)
+}
+
 fn file_number(name: &str) -> Option<u64> {
     name.strip_suffix(".pack")?.parse().ok()
 }

@@ -37,9 +37,27 @@ pub type Records<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError
 /// A storage failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("storage failed while {op}: {source}")]
+    #[error("storage failed while {op}: {}", relative_fault(.source))]
     Sled {
         op: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    /// A read failed inside sled (`what` names the damaged file, as
+    /// [`crate::store::damage::diagnose`] found it).
+    #[error("storage failed while {op}: {what}")]
+    SledRead {
+        op: &'static str,
+        what: String,
+        #[source]
+        source: sled::Error,
+    },
+    /// Reading the log failed inside sled; every event up to `after` was read.
+    #[error("storage failed while reading the events after event {after}: {what}")]
+    SledEvents {
+        after: u64,
+        /// Which of sled's files is damaged, as [`crate::store::damage::diagnose`] found.
+        what: String,
         #[source]
         source: sled::Error,
     },
@@ -84,6 +102,20 @@ fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
     move |source| StoreError::Sled { op, source }
 }
 
+/// sled's error in words naming its file, relative to the data directory.
+fn relative_fault(e: &sled::Error) -> String {
+    crate::store::damage::sled_fault(Path::new(""), e)
+}
+
+/// A failure of sled while opening `dir`, with the damaged file found.
+fn sled_open_error(dir: &Path, source: sled::Error) -> OpenError {
+    OpenError::Sled {
+        path: dir.to_path_buf(),
+        what: crate::store::damage::diagnose(dir, &source),
+        source,
+    }
+}
+
 /// Why a data directory could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -95,14 +127,23 @@ pub enum OpenError {
     },
     #[error("data directory {path} is in use: another pcx process (or context) has it open, and one writer per data directory is allowed")]
     Locked { path: PathBuf },
-    #[error("cannot open the event log in {path}: {source}")]
+    #[error("cannot open the event log in {path}: {what}")]
     Sled {
         path: PathBuf,
+        /// Which of sled's files is damaged, as [`crate::store::damage::diagnose`] found.
+        what: String,
         #[source]
         source: sled::Error,
     },
     #[error("the content index in {path} is damaged: {what}")]
     Damaged { path: PathBuf, what: String },
+    /// sled's data file is gone from a directory sled has written (its configuration is
+    /// there): opening would start an empty log in its place and serve it as this one.
+    #[error(
+        "sled's data file {path} is missing: the data directory's log is gone (opening would \
+         start an empty one in its place)"
+    )]
+    DataFileMissing { path: PathBuf },
     #[error("cannot open {path} for syncing: {source}")]
     DataFile {
         path: PathBuf,
@@ -150,6 +191,11 @@ pub trait Journal: Send + Sync + 'static {
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
     /// The dynamo cache view's entries, in key order.
     fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// The records of lost tails an operator accepted (`pcx recover --accept-lost-tail`),
+    /// oldest first: what was given up, for auditors. None unless the journal keeps them.
+    fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// How long opening waits for a data directory that is locked.
@@ -157,6 +203,10 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The key of the compaction anchor in the `meta` tree.
 const ANCHOR_KEY: &[u8] = b"anchor";
+
+/// The prefix of the keys of accepted lost tails in the `meta` tree (then a big-endian u64
+/// counting them from 0).
+const LOST_TAIL_PREFIX: &[u8] = b"lost_tail/";
 
 /// Free space kept in reserve for sled's own bookkeeping (a few of its 512 KiB segments).
 const SPACE_MARGIN: u64 = 4 << 20;
@@ -237,10 +287,11 @@ struct Written {
 }
 
 /// Reads the content index of a data directory.
-fn load_contents(h: &Handles) -> Result<Contents, String> {
+fn load_contents(h: &Handles, dir: &Path) -> Result<Contents, String> {
+    let fault = |e: sled::Error| crate::store::damage::diagnose(dir, &e);
     let mut contents = Contents::default();
     for item in h.pack_index.iter() {
-        let (k, v) = item.map_err(|e| format!("cannot read it: {e}"))?;
+        let (k, v) = item.map_err(|e| format!("cannot read it: {}", fault(e)))?;
         let at = key_seq(&k).map_or_else(|| format!("{k:?}"), |n| n.to_string());
         let entries = index_entries(&v).ok_or_else(|| {
             format!(
@@ -261,7 +312,7 @@ fn load_contents(h: &Handles) -> Result<Contents, String> {
     if let Some((k, _)) = h
         .packs
         .last()
-        .map_err(|e| format!("cannot read the packs: {e}"))?
+        .map_err(|e| format!("cannot read the packs: {}", fault(e)))?
     {
         if let Some(n) = key_seq(&k) {
             contents.next_pack = contents.next_pack.max(n.saturating_add(1));
@@ -308,7 +359,7 @@ impl SledJournal {
             source,
         })?;
         let handles = open_handles(dir, cache_capacity)?;
-        let contents = load_contents(&handles).map_err(|what| OpenError::Damaged {
+        let contents = load_contents(&handles, dir).map_err(|what| OpenError::Damaged {
             path: dir.to_path_buf(),
             what,
         })?;
@@ -331,6 +382,15 @@ impl SledJournal {
             files,
             _lock: None,
         })
+    }
+
+    /// A failed read of sled, said with the damaged file.
+    fn read_err(&self, op: &'static str) -> impl FnOnce(sled::Error) -> StoreError + '_ {
+        move |source| StoreError::SledRead {
+            op,
+            what: crate::store::damage::diagnose(&self.dir, &source),
+            source,
+        }
     }
 
     /// sled's handles, or an error while they are being reopened.
@@ -369,6 +429,26 @@ impl SledJournal {
         self.make_durable()
     }
 
+    /// Records an accepted lost tail and removes the snapshots ahead of the log that proved
+    /// it (`record` keeps them), durably. The record is written first, so no crash leaves
+    /// the snapshots gone without it.
+    pub fn accept_lost_tail(&self, record: &[u8], ahead: &[u64]) -> Result<(), StoreError> {
+        let h = self.h()?;
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let n = h.meta.scan_prefix(LOST_TAIL_PREFIX).count() as u64;
+        let mut key = LOST_TAIL_PREFIX.to_vec();
+        key.extend_from_slice(&seq_key(n));
+        h.meta
+            .insert(key, record)
+            .map_err(sled_err("recording the lost tail"))?;
+        for seq in ahead {
+            h.snapshots
+                .remove(seq_key(*seq))
+                .map_err(sled_err("removing a snapshot ahead of the log"))?;
+        }
+        self.make_durable()
+    }
+
     /// Empties every tree (a refused import takes back what it wrote).
     pub fn wipe(&self) -> Result<(), StoreError> {
         let h = self.h()?;
@@ -397,7 +477,7 @@ impl SledJournal {
         let h = self.h()?;
         let mut all: Vec<Digest> = self.contents_ref().locs.keys().copied().collect();
         for k in h.legacy_blobs.iter().keys() {
-            let k = k.map_err(sled_err("listing blobs"))?;
+            let k = k.map_err(self.read_err("listing blobs"))?;
             if let Ok(a) = <[u8; 32]>::try_from(k.as_ref()) {
                 all.push(Digest(a));
             }
@@ -611,6 +691,11 @@ impl SledJournal {
 /// close, so an open right after one (the same process restarting its context, or a reset)
 /// retries briefly before calling the directory in use.
 fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
+    if crate::store::damage::data_file_missing(dir) {
+        return Err(OpenError::DataFileMissing {
+            path: dir.join("db"),
+        });
+    }
     let deadline = std::time::Instant::now() + LOCK_PATIENCE;
     let db = loop {
         let opened = sled::Config::new()
@@ -628,19 +713,12 @@ fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            Err(source) => {
-                return Err(OpenError::Sled {
-                    path: dir.to_path_buf(),
-                    source,
-                })
-            }
+            Err(source) => return Err(sled_open_error(dir, source)),
         }
     };
     let tree = |name: &str| {
-        db.open_tree(name).map_err(|source| OpenError::Sled {
-            path: dir.to_path_buf(),
-            source,
-        })
+        db.open_tree(name)
+            .map_err(|source| sled_open_error(dir, source))
     };
     let (pages, packs, pack_index, legacy_events, legacy_blobs) = (
         tree("pages")?,
@@ -694,7 +772,7 @@ impl Journal for SledJournal {
             return Ok(h
                 .legacy_blobs
                 .get(digest.0)
-                .map_err(sled_err("reading a blob"))?
+                .map_err(self.read_err("reading a blob"))?
                 .map(|v| v.to_vec()));
         };
         if loc.place == Place::File {
@@ -718,7 +796,7 @@ impl Journal for SledJournal {
         let pack = h
             .packs
             .get(seq_key(loc.pack))
-            .map_err(sled_err("reading a blob"))?;
+            .map_err(self.read_err("reading a blob"))?;
         match pack.as_deref().map(|p| (p.len(), loc.slice(p))) {
             Some((_, Some(content))) => Ok(Some(content.to_vec())),
             Some((len, None)) => Err(StoreError::Damaged {
@@ -753,15 +831,18 @@ impl Journal for SledJournal {
             Err(e) => {
                 // Take back whatever part of the group reached sled, so a failed change is
                 // not made durable by a later flush. The cache view is rebuilt by the caller.
+                // The snapshot goes first: sled recovers a prefix of its log, and a prefix
+                // that took back the events but not their snapshot would leave a snapshot
+                // ahead of the log, which opening refuses as a lost tail.
+                if let Some((seq, _)) = &c.snapshot {
+                    let _ = h.snapshots.remove(seq_key(*seq));
+                }
                 let mut batch = sled::Batch::default();
                 for (first, _) in pages(&c.records) {
                     batch.remove(&seq_key(first));
                 }
                 let _ = h.pages.apply_batch(batch);
                 Self::unwrite_contents(&h, &written);
-                if let Some((seq, _)) = &c.snapshot {
-                    let _ = h.snapshots.remove(seq_key(*seq));
-                }
                 let _ = h.db.flush();
                 Err(e)
             }
@@ -776,24 +857,44 @@ impl Journal for SledJournal {
         // sled's iterators hold their own handles on the trees. Keys are written only by
         // `commit`; a key of another length is itself damage, reported as sequence number
         // u64::MAX so replay names it.
-        let legacy = h.legacy_events.range(seq_key(from)..).map(|item| {
-            let (k, v) = item.map_err(sled_err("reading events"))?;
-            Ok((key_seq(&k).unwrap_or(u64::MAX), v.to_vec()))
-        });
+        // A failure inside sled is said with the file it is in and the last event read.
+        let dir = self.dir.clone();
+        let failed = move |after: u64, source: sled::Error| StoreError::SledEvents {
+            after,
+            what: crate::store::damage::diagnose(&dir, &source),
+            source,
+        };
+        let in_legacy = failed.clone();
+        let mut legacy_read = from.saturating_sub(1);
+        let legacy = h
+            .legacy_events
+            .range(seq_key(from)..)
+            .map(move |item| match item {
+                Err(e) => Err(in_legacy(legacy_read, e)),
+                Ok((k, v)) => {
+                    let seq = key_seq(&k).unwrap_or(u64::MAX);
+                    legacy_read = seq;
+                    Ok((seq, v.to_vec()))
+                }
+            });
         // The page holding `from` begins at or before it.
         let start = match h.pages.range(..=seq_key(from)).next_back() {
             Some(Ok((k, _))) => k.to_vec(),
             _ => seq_key(from).to_vec(),
         };
+        let mut read = from.saturating_sub(1);
         let pages = h.pages.range(start..).flat_map(move |item| {
             let page: Vec<Result<(u64, Vec<u8>), StoreError>> = match item {
-                Err(e) => vec![Err(sled_err("reading events")(e))],
+                Err(e) => vec![Err(failed(read, e))],
                 Ok((k, v)) => page_records(&v, key_seq(&k).unwrap_or(u64::MAX))
                     .into_iter()
                     .filter(|(seq, _)| *seq >= from)
                     .map(|(seq, r)| Ok((seq, r.to_vec())))
                     .collect(),
             };
+            if let Some(Ok((seq, _))) = page.last() {
+                read = read.max(*seq);
+            }
             page
         });
         Box::new(legacy.chain(pages))
@@ -804,12 +905,12 @@ impl Journal for SledJournal {
         let legacy = h
             .legacy_events
             .last()
-            .map_err(sled_err("reading events"))?
+            .map_err(self.read_err("reading events"))?
             .and_then(|(k, _)| key_seq(&k));
         let paged = h
             .pages
             .last()
-            .map_err(sled_err("reading events"))?
+            .map_err(self.read_err("reading events"))?
             .and_then(|(k, v)| {
                 let first = key_seq(&k)?;
                 page_records(&v, first).last().map(|(seq, _)| *seq)
@@ -821,7 +922,7 @@ impl Journal for SledJournal {
         let h = self.h()?;
         let mut seqs = Vec::new();
         for item in h.snapshots.iter().keys().rev() {
-            let k = item.map_err(sled_err("listing snapshots"))?;
+            let k = item.map_err(self.read_err("listing snapshots"))?;
             if let Some(s) = key_seq(&k) {
                 seqs.push(s);
             }
@@ -833,7 +934,7 @@ impl Journal for SledJournal {
         let h = self.h()?;
         Ok(h.snapshots
             .get(seq_key(seq))
-            .map_err(sled_err("reading a snapshot"))?
+            .map_err(self.read_err("reading a snapshot"))?
             .map(|v| v.to_vec()))
     }
 
@@ -850,7 +951,8 @@ impl Journal for SledJournal {
                 path: self.dir.clone(),
                 source: std::io::Error::other(e.to_string()),
             })?;
-        let contents = load_contents(&reopened).map_err(|what| StoreError::Damaged { what })?;
+        let contents =
+            load_contents(&reopened, &self.dir).map_err(|what| StoreError::Damaged { what })?;
         *self.contents_mut() = contents;
         *slot = Some(std::sync::Arc::new(reopened));
         tracing::info!(dir = %self.dir.display(), "event log reopened");
@@ -861,7 +963,7 @@ impl Journal for SledJournal {
         let h = self.h()?;
         Ok(h.meta
             .get(ANCHOR_KEY)
-            .map_err(sled_err("reading the anchor"))?
+            .map_err(self.read_err("reading the anchor"))?
             .map(|v| v.to_vec()))
     }
 
@@ -885,9 +987,18 @@ impl Journal for SledJournal {
         h.cache
             .iter()
             .map(|item| {
-                let (k, v) = item.map_err(sled_err("reading the dynamo cache"))?;
+                let (k, v) = item.map_err(self.read_err("reading the dynamo cache"))?;
                 Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
             })
+            .collect()
+    }
+
+    fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let h = self.h()?;
+        h.meta
+            .scan_prefix(LOST_TAIL_PREFIX)
+            .values()
+            .map(|v| Ok(v.map_err(self.read_err("reading the lost tails"))?.to_vec()))
             .collect()
     }
 }
@@ -1034,6 +1145,9 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.cache_view()
     }
+    fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.inner.lost_tails()
+    }
 }
 
 impl<J: Journal> Journal for std::sync::Arc<J> {
@@ -1066,5 +1180,8 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         (**self).cache_view()
+    }
+    fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        (**self).lost_tails()
     }
 }

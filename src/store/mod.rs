@@ -2,13 +2,17 @@
 //!
 //! Owns the record format and hash chain ([`record`]), how records and contents share sled
 //! values ([`pack`]), the [`journal`] (the `Journal` trait and its sled implementation), large
-//! contents in append-only files ([`content`]), and rebuilding state from a journal
-//! ([`replay`]). May import the core only: nothing here knows about actors, plugins,
-//! audit commands or interfaces.
+//! contents in append-only files ([`content`]), rebuilding state from a journal
+//! ([`replay`]), saying which of sled's files is damaged when sled fails ([`damage`]), and
+//! reading what still reads of a directory that does not open ([`raw`]).
+//! May import the core only: nothing here knows about actors, plugins, audit commands or
+//! interfaces.
 
 pub mod content;
+pub mod damage;
 pub mod journal;
 pub mod pack;
+pub mod raw;
 pub mod record;
 pub mod replay;
 pub mod swap;

@@ -29,7 +29,8 @@ pub const FILE_THRESHOLD: usize = PACK_TARGET;
 pub const PAGE_TARGET: usize = 96 * 1024;
 
 const FRAME_HEAD: usize = 8 + 4;
-const INDEX_ENTRY: usize = 32 + 1 + 8 + 8 + 8 + 4;
+/// The bytes of one index entry.
+pub const INDEX_ENTRY: usize = 32 + 1 + 8 + 8 + 8 + 4;
 
 /// Which store holds a content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

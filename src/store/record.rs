@@ -190,6 +190,91 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, DecodeError> {
     Ok(snapshot)
 }
 
+/// What an operator gave up with `pcx recover --accept-lost-tail`: the log ended at
+/// `last_found` while stored snapshots proved it had reached `snapshot`. The numbers after
+/// `last_found` are then written again, so this is kept beside the chain (not in it), with
+/// the snapshots that proved the loss exactly as they were, for an auditor to see what was
+/// lost, when and by whom.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostTail {
+    pub schema: u32,
+    /// Wall-clock milliseconds since the Unix epoch when the loss was accepted.
+    pub time_ms: u64,
+    /// Who accepted it (the configured `origin`).
+    pub origin: String,
+    /// The last event the log still held, and its hash.
+    pub last_found: u64,
+    pub last_found_hash: Digest,
+    /// The newest snapshot ahead of the log: the last event known to have existed.
+    pub snapshot: u64,
+    /// The snapshots that were ahead of the log, newest first: `(seq, snapshot record)`.
+    pub snapshots: Vec<(u64, serde_bytes::ByteBuf)>,
+}
+
+/// Encodes the record of an accepted lost tail (same framing as a record).
+pub fn encode_lost_tail(lost: &LostTail) -> Result<Vec<u8>, EncodeError> {
+    frame("lost tail record", lost, RECORD_CAPACITY).map(|(bytes, _)| bytes)
+}
+
+/// Decodes the record of an accepted lost tail.
+pub fn decode_lost_tail(bytes: &[u8]) -> Result<LostTail, DecodeError> {
+    let (body, _) = unframe(bytes)?;
+    let lost: LostTail = decode_body(body)?;
+    if lost.schema > SCHEMA_VERSION {
+        return Err(DecodeError::UnsupportedSchema {
+            found: lost.schema,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(lost)
+}
+
+/// Which framed values [`find_framed`] looks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framed {
+    /// Event records (an envelope: a map of six fields, `schema` first).
+    Event,
+    /// Snapshot records, the compaction anchor among them (a map of four, `schema` first).
+    Snapshot,
+}
+
+/// Where in `bytes` values framed as this module frames them lie, each a whole body and its
+/// trailing hash, which holds: for reading records out of a data directory's raw files when
+/// the store does not open (`pcx salvage`). Found by the start every such body has (the map
+/// header, then the field name `schema`), so bytes around them may be anything. Pure.
+pub fn find_framed(bytes: &[u8], what: Framed) -> Vec<std::ops::Range<usize>> {
+    let start: &[u8] = match what {
+        Framed::Event => b"\x86\xa6schema",
+        Framed::Snapshot => b"\x84\xa6schema",
+    };
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some(i) = find(&bytes[at..], start).map(|i| i + at) {
+        at = i + 1;
+        let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(&bytes[i..]));
+        de.set_max_depth(MAX_RECORD_DEPTH);
+        if serde::de::IgnoredAny::deserialize(&mut de).is_err() {
+            continue;
+        }
+        let Ok(body_len) = usize::try_from(de.position()) else {
+            continue;
+        };
+        let body_end = i + body_len;
+        let Some(hash) = bytes.get(body_end..body_end + HASH_LEN) else {
+            continue;
+        };
+        if Digest::of(&bytes[i..body_end]).0 == hash {
+            found.push(i..body_end + HASH_LEN);
+            at = body_end + HASH_LEN;
+        }
+    }
+    found
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 /// The sled key of a sequence number: big-endian, so sled's key order is log order.
 pub fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
@@ -269,6 +354,32 @@ mod tests {
                 wrong.len()
             );
         }
+    }
+
+    #[test]
+    fn framed_records_are_found_among_other_bytes_and_damaged_ones_are_not() {
+        let (one, _) = encode_event(&envelope()).unwrap();
+        let mut e = envelope();
+        e.seq = 8;
+        let (two, _) = encode_event(&e).unwrap();
+        let mut bytes = b"\x00\x86\xa6schema junk".to_vec();
+        let first = bytes.len()..bytes.len() + one.len();
+        bytes.extend_from_slice(&one);
+        bytes.extend_from_slice(b"sled's own bytes");
+        let mut damaged = two.clone();
+        flip(&mut damaged);
+        bytes.extend_from_slice(&damaged);
+        let second = bytes.len()..bytes.len() + two.len();
+        bytes.extend_from_slice(&two);
+        assert_eq!(find_framed(&bytes, Framed::Event), vec![first, second]);
+        assert!(find_framed(&bytes, Framed::Snapshot).is_empty());
+        let snap = encode_snapshot_of(3, GENESIS, &State::default(), 0).unwrap();
+        assert_eq!(find_framed(&snap, Framed::Snapshot), vec![0..snap.len()]);
+    }
+
+    fn flip(bytes: &mut [u8]) {
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x55;
     }
 
     #[test]

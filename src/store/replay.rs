@@ -55,6 +55,28 @@ pub enum ReplayError {
         #[source]
         source: DecodeError,
     },
+    /// A snapshot is ahead of the log: the events it was taken after were acknowledged and
+    /// have since been lost (sled writes a group's events before its snapshot, and recovers a
+    /// prefix of its log, so no crash leaves a snapshot without its events).
+    #[error(
+        "acknowledged events were lost: snapshot {snapshot} proves the log reached event \
+         {snapshot}, but the last event found is {last_found}. Refusing to serve the shorter \
+         log, whose next events would reuse the lost numbers; `pcx recover --accept-lost-tail` \
+         continues after event {last_found} and records the loss"
+    )]
+    LostTail { snapshot: u64, last_found: u64 },
+    /// A snapshot names a record the log no longer holds: the record (or the snapshot) was
+    /// altered after the snapshot was taken.
+    #[error(
+        "snapshot {seq} contradicts the log: it was taken after an event {seq} whose hash is \
+         {expected}, but event {seq} in the log hashes to {found} (the event was rewritten \
+         after the snapshot). Refusing to open; `pcx verify` reports the log"
+    )]
+    SnapshotContradicts {
+        seq: u64,
+        expected: Digest,
+        found: Digest,
+    },
 }
 
 /// Where a log that was compacted begins: the state right after `head`.
@@ -84,39 +106,70 @@ pub fn base(journal: &dyn Journal) -> Result<Base, ReplayError> {
     }
 }
 
-/// Replays the whole log (through snapshots where they hold).
+/// Replays the whole log (through snapshots where they hold). Refuses a log that a stored
+/// snapshot proves was longer ([`ReplayError::LostTail`]) or different
+/// ([`ReplayError::SnapshotContradicts`]): serving it would reuse lost sequence numbers, or
+/// let the next snapshot written over the contradicting one erase the evidence.
 pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
+    recover_with(journal, false)
+}
+
+/// Replays the log up to its last event, leaving aside the snapshots ahead of it: for the
+/// operator who accepted their loss (`pcx recover --accept-lost-tail`). Gives the replay and
+/// those snapshots, newest first.
+pub fn recover_past_lost_tail(journal: &dyn Journal) -> Result<(Recovered, Vec<u64>), ReplayError> {
     let start = base(journal)?;
-    for seq in journal.snapshot_seqs()? {
-        if seq <= start.head.seq {
-            continue;
-        }
+    let last = last_event(journal, &start)?;
+    let ahead: Vec<u64> = journal
+        .snapshot_seqs()?
+        .into_iter()
+        .filter(|s| *s > last)
+        .collect();
+    Ok((recover_with(journal, true)?, ahead))
+}
+
+/// The sequence number of the log's last event (the anchor's when none follows it).
+fn last_event(journal: &dyn Journal, start: &Base) -> Result<u64, ReplayError> {
+    Ok(journal.last_seq()?.unwrap_or(0).max(start.head.seq))
+}
+
+fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered, ReplayError> {
+    let start = base(journal)?;
+    let last = last_event(journal, &start)?;
+    let seqs: Vec<u64> = journal
+        .snapshot_seqs()?
+        .into_iter()
+        .filter(|s| *s > start.head.seq && !(past_lost_tail && *s > last))
+        .collect();
+    // Every stored snapshot is weighed against the log before any is used (two are kept, and
+    // each costs one page read).
+    if let Some(&ahead) = seqs.iter().find(|s| **s > last) {
+        return Err(ReplayError::LostTail {
+            snapshot: ahead,
+            last_found: last,
+        });
+    }
+    let mut sound = Vec::new();
+    for seq in seqs {
         let Some(bytes) = journal.snapshot(seq)? else {
             continue;
         };
         match decode_snapshot(&bytes) {
-            // A snapshot counts only when the log holds the record it was taken after: a
-            // crash may keep a snapshot and lose its group's events, and replaying from a
-            // state the log does not contain would leave a permanent gap.
-            Ok(snap) if snap.seq == seq && record_hash(journal, seq) != Some(snap.head) => {
-                tracing::warn!(
+            Ok(snap) if snap.seq == seq => match record_hash(journal, seq)? {
+                Some(found) if found != snap.head => {
+                    return Err(ReplayError::SnapshotContradicts {
+                        seq,
+                        expected: snap.head,
+                        found,
+                    })
+                }
+                Some(_) => sound.push(snap),
+                // The record is missing or damaged: the fold from an older start names it.
+                None => tracing::warn!(
                     snapshot = seq,
-                    "snapshot is not backed by the log; falling back"
-                );
-            }
-            Ok(snap) if snap.seq == seq => {
-                let head = Head {
-                    seq: snap.seq,
-                    hash: snap.head,
-                };
-                let (state, head, replayed) = fold(journal, snap.state, head, None)?;
-                return Ok(Recovered {
-                    state,
-                    head,
-                    snapshot: Some(seq),
-                    replayed,
-                });
-            }
+                    "the record the snapshot was taken after does not read; falling back"
+                ),
+            },
             Ok(_) => tracing::warn!(
                 snapshot = seq,
                 "snapshot is stored under the wrong key; falling back"
@@ -125,6 +178,20 @@ pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
                 tracing::warn!(snapshot = seq, error = %e, "snapshot does not decode; falling back")
             }
         }
+    }
+    if let Some(snap) = sound.into_iter().next() {
+        let seq = snap.seq;
+        let head = Head {
+            seq: snap.seq,
+            hash: snap.head,
+        };
+        let (state, head, replayed) = fold(journal, snap.state, head, None)?;
+        return Ok(Recovered {
+            state,
+            head,
+            snapshot: Some(seq),
+            replayed,
+        });
     }
     let anchored = (start.head.seq > 0).then_some(start.head.seq);
     let (state, head, replayed) = fold(journal, start.state, start.head, None)?;
@@ -136,13 +203,19 @@ pub fn recover(journal: &dyn Journal) -> Result<Recovered, ReplayError> {
     })
 }
 
-/// The hash of the record at `seq`, if it is there and sound.
-fn record_hash(journal: &dyn Journal, seq: u64) -> Option<Digest> {
-    let (key, bytes) = journal.records(seq).next()?.ok()?;
+/// The hash of the record at `seq`, if it is there and its own hash holds.
+fn record_hash(journal: &dyn Journal, seq: u64) -> Result<Option<Digest>, StoreError> {
+    let Some(item) = journal.records(seq).next() else {
+        return Ok(None);
+    };
+    let (key, bytes) = item?;
     if key != seq {
-        return None;
+        return Ok(None);
     }
-    decode_event(&bytes).ok().map(|(_, hash)| hash)
+    Ok(decode_event(&bytes)
+        .ok()
+        .filter(|(envelope, _)| envelope.seq == seq)
+        .map(|(_, hash)| hash))
 }
 
 /// Checks the record stored under `key` as the one after `head`: its sequence number (no
