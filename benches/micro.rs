@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use indexmap::IndexMap;
-use pcx::event::Event;
-use pcx::model::{stitch_entry, ArtifactRef, Digest, DynamoCacheEntry, DynamoCodeEntry};
-use pcx::record::{decode_event, encode_event, Envelope, SCHEMA_VERSION};
-use pcx::state::State;
+use pcx::core::event::Event;
+use pcx::core::model::{stitch_entry, ArtifactRef, Digest, DynamoCacheEntry, DynamoCodeEntry};
+use pcx::core::state::State;
+use pcx::store::record::{decode_event, encode_event, Envelope, SCHEMA_VERSION};
 
 fn backend_id(i: usize) -> String {
     format!("__compiled_fn_{i}_5b0c9d3e7f1a2b4c6d8e0f1a3b5c7d9e")
@@ -267,7 +267,7 @@ fn plugin_call(c: &mut Criterion) {
             return;
         }
     };
-    let plugin = pcx::plugin::load(&path)
+    let plugin = pcx::plugins::loader::load(&path)
         .unwrap_or_else(|e| panic!("the aot-bundle plugin at {} loads: {e}", path.display()));
     let doc = bundle_document();
     let limit = 1 << 20;

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use crate::actor::error::ContextError;
+use crate::actor::plugin_thread::PluginStop;
 use crate::actor::{
     sync_cache_view, ActorSettings, Answer, Clear, Close, ContextActor, CreateCacheEntries,
     DumpDebugInfo, Edit, EditArtifact, GetArtifact, GetLoadCounters, GetStats, LoadCacheEntry,
@@ -14,14 +16,12 @@ use crate::actor::{
     Stitched, Tagged, TakeArtifact,
 };
 use crate::config::Config;
-use crate::deserializer::PluginStop;
-use crate::error::ContextError;
-use crate::journal::{Journal, OpenError, SledJournal};
-use crate::kinds::Kinds;
-use crate::model::{Artifact, DebugInfo, Digest, DynamoCacheEntry, SystemInfo};
-use crate::record::encode_saved_entry;
-use crate::replay::{recover, ReplayError};
-use crate::state::State;
+use crate::core::model::{Artifact, DebugInfo, Digest, DynamoCacheEntry, SystemInfo};
+use crate::core::state::State;
+use crate::plugins::kinds::Kinds;
+use crate::store::journal::{Journal, OpenError, SledJournal};
+use crate::store::record::encode_saved_entry;
+use crate::store::replay::{recover, ReplayError};
 
 /// Why a context could not be opened.
 #[derive(Debug, thiserror::Error)]

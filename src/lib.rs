@@ -49,17 +49,7 @@ pub mod plugins;
 pub mod store;
 pub mod trace;
 
-// Transitional: the flat module paths, until every caller names the layer.
-pub use crate::actor::committer;
-pub use crate::actor::error;
-pub use crate::actor::plugin_thread as deserializer;
-pub use crate::audit::{compact, export};
-pub use crate::core::{event, model, state, stitch};
-pub use crate::interface::{batch, client, protocol, server, shape, wire};
-pub use crate::plugins::{kinds, loader as plugin, probe};
-pub use crate::store::{content, journal, pack, record, replay, swap};
-
+pub use actor::error::ContextError;
 pub use config::Config;
 pub use context::Context;
-pub use error::ContextError;
-pub use model::{Artifact, DynamoCacheEntry, DynamoCodeEntry, SystemInfo};
+pub use core::model::{Artifact, DynamoCacheEntry, DynamoCodeEntry, SystemInfo};

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use pcx::config::Config;
-use pcx::protocol::{self, Request, WireEdit, WireEntry};
+use pcx::interface::protocol::{self, Request, WireEdit, WireEntry};
 use pcx::trace::{self, LogFormat};
 use pcx::Context;
 
@@ -95,7 +95,7 @@ enum Command {
     /// Audit: events as JSON lines, filtered (bounds inclusive).
     Log {
         #[command(flatten)]
-        filter: pcx::audit::LogFilter,
+        filter: pcx::audit::query::LogFilter,
     },
     /// Audit: every event that touched KEY, oldest first, as JSON lines.
     History { key: String },
@@ -122,7 +122,7 @@ enum Command {
     /// The whole log as JSON lines (to stdout, or --output FILE).
     Export {
         #[arg(long, value_enum, default_value = "inline")]
-        content: pcx::export::ContentMode,
+        content: pcx::audit::export::ContentMode,
         #[arg(long)]
         output: Option<PathBuf>,
     },
@@ -220,7 +220,7 @@ static ALLOCATOR: pcx::alloc::Allocator = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     pcx::alloc::small_pages();
     // Every plugin library is loaded first in a child process, this binary run again.
-    pcx::probe::register_executable(std::env::current_exe());
+    pcx::plugins::probe::register_executable(std::env::current_exe());
     let cli = Cli::parse();
     let config = match configure(&cli) {
         Ok(c) => c,
@@ -265,8 +265,8 @@ fn error_text(e: &anyhow::Error) -> String {
 /// What to do about a damaged data directory, for the errors that say it is.
 fn damage_hint(cause: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     use pcx::context::ContextOpenError;
-    use pcx::journal::{OpenError, StoreError};
-    use pcx::replay::ReplayError;
+    use pcx::store::journal::{OpenError, StoreError};
+    use pcx::store::replay::ReplayError;
     const DAMAGED: &str = "The data directory is damaged. `pcx verify` names the first bad \
         event and `pcx export` writes out the log, if the store still opens; `pcx salvage \
         --output FILE` exports every event that still reads and verifies even when it does not \
@@ -307,7 +307,7 @@ fn damage_hint(cause: &(dyn std::error::Error + 'static)) -> Option<&'static str
 /// The exit code of a failed command: [`EXIT_LOST_TAIL`] and [`EXIT_SNAPSHOT_CONTRADICTS`]
 /// for an open refused for those reasons, else 1.
 fn exit_code(e: &anyhow::Error) -> ExitCode {
-    use pcx::replay::ReplayError;
+    use pcx::store::replay::ReplayError;
     for cause in e.chain() {
         match cause.downcast_ref::<ReplayError>() {
             Some(ReplayError::LostTail { .. }) => return ExitCode::from(EXIT_LOST_TAIL),
@@ -453,7 +453,7 @@ async fn batch(config: Config) -> Result<ExitCode> {
         Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
     let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
     let mut stdout = io::stdout().lock();
-    let summary = pcx::batch::run(
+    let summary = pcx::interface::batch::run(
         &ctx,
         stdin,
         &mut stdout,
@@ -537,7 +537,7 @@ async fn show(out: &mut impl Write, ctx: &Context, request: Value) -> Result<()>
     Ok(())
 }
 
-fn plugin_json(p: &pcx::plugin::LoadedPlugin) -> Value {
+fn plugin_json(p: &pcx::plugins::loader::LoadedPlugin) -> Value {
     json!({
         "name": p.name, "version": p.version, "abi": format!("{}.{}", p.abi_major, p.abi_minor),
         "kinds": p.kinds, "edits": p.edits, "target": p.target, "path": p.path,
@@ -555,7 +555,7 @@ fn plugins_command(command: PluginsCommand, config: &Config) -> Result<ExitCode>
                 return Ok(ExitCode::SUCCESS);
             };
             let timeout = std::time::Duration::from_millis(config.plugin_call_timeout_ms);
-            let kinds = pcx::kinds::Kinds::load_with(&dir, usize::MAX, timeout);
+            let kinds = pcx::plugins::kinds::Kinds::load_with(&dir, usize::MAX, timeout);
             let plugins: Vec<Value> = kinds.plugins().iter().map(|p| plugin_json(p)).collect();
             let problems: Vec<String> = kinds.problems().iter().map(|e| e.to_string()).collect();
             println!(
@@ -593,13 +593,13 @@ fn plugins_command(command: PluginsCommand, config: &Config) -> Result<ExitCode>
 }
 
 /// Loads one candidate in this process, with every check registration would make.
-fn probe(path: &std::path::Path) -> Result<pcx::plugin::LoadedPlugin, String> {
+fn probe(path: &std::path::Path) -> Result<pcx::plugins::loader::LoadedPlugin, String> {
     let canonical = path
         .canonicalize()
         .map_err(|e| format!("plugin {}: {e}", path.display()))?;
-    let p = pcx::plugin::load(&canonical).map_err(|e| e.to_string())?;
-    if p.kinds.iter().any(|k| k == pcx::model::EAGER_KIND) {
-        return Err(pcx::plugin::PluginError::ClaimsEager { path: canonical }.to_string());
+    let p = pcx::plugins::loader::load(&canonical).map_err(|e| e.to_string())?;
+    if p.kinds.iter().any(|k| k == pcx::core::model::EAGER_KIND) {
+        return Err(pcx::plugins::loader::PluginError::ClaimsEager { path: canonical }.to_string());
     }
     Ok(p)
 }
@@ -607,10 +607,10 @@ fn probe(path: &std::path::Path) -> Result<pcx::plugin::LoadedPlugin, String> {
 /// Runs `pcx plugins probe PATH` in a child, so a plugin that crashes or hangs while loading
 /// cannot take this process down, and turns how the child ended into an answer.
 fn check_in_child(path: &std::path::Path, config: &Config) -> Result<Value> {
-    use pcx::probe::Outcome;
+    use pcx::plugins::probe::Outcome;
     let exe = std::env::current_exe().context("locating the pcx executable")?;
     let timeout = std::time::Duration::from_millis(config.plugin_call_timeout_ms);
-    let outcome = pcx::probe::probe_all(&exe, &[path.to_path_buf()], timeout)
+    let outcome = pcx::plugins::probe::probe_all(&exe, &[path.to_path_buf()], timeout)
         .pop()
         .unwrap_or(Outcome::NotStarted {
             message: "no check process".into(),
@@ -622,7 +622,7 @@ fn check_in_child(path: &std::path::Path, config: &Config) -> Result<Value> {
         }
         Outcome::Crashed { signal } => json!({"ok": false, "path": path, "error": format!(
             "loading the plugin crashed the checking process with signal {signal} ({}); pcx would crash the same way",
-            pcx::probe::signal_name(signal)
+            pcx::plugins::probe::signal_name(signal)
         )}),
         Outcome::TimedOut => json!({"ok": false, "path": path, "error": format!(
             "loading the plugin did not finish within {} ms (its initialisers hang?)",
@@ -664,22 +664,23 @@ fn answer_error(kind: &str, message: &str) -> ExitCode {
 
 /// The audit and maintenance commands: they read (or rewrite) the data directory directly.
 fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
-    use pcx::audit::{self, Query};
+    use pcx::audit::query::{self, Query};
     let dir = &config.data_dir;
     // Whether the directory exists is asked under its lock, once an interrupted compaction
     // is settled (it may have moved the directory aside): by the opens below.
     if let Command::Compact { before } = command {
         let bar = progress_bar(config, before, "compacting");
-        let report = pcx::compact::compact(dir, before, config.cache_capacity_bytes, &mut |s| {
-            bar.set_position(s)
-        });
+        let report =
+            pcx::audit::compact::compact(dir, before, config.cache_capacity_bytes, &mut |s| {
+                bar.set_position(s)
+            });
         bar.finish_and_clear();
         return Ok(match report {
             Ok(r) => {
                 println!("{r}");
                 ExitCode::SUCCESS
             }
-            Err(e @ pcx::compact::CompactError::Missing(_)) => {
+            Err(e @ pcx::audit::compact::CompactError::Missing(_)) => {
                 answer_error("no_data_directory", &e.to_string())
             }
             Err(e) => answer_error("compact_failed", &e.to_string()),
@@ -693,9 +694,10 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
             )),
             None => Box::new(io::stdin().lock()),
         };
-        let result = pcx::export::import(dir, config.cache_capacity_bytes, &mut reader, &mut |s| {
-            bar.set_position(s)
-        });
+        let result =
+            pcx::audit::export::import(dir, config.cache_capacity_bytes, &mut reader, &mut |s| {
+                bar.set_position(s)
+            });
         bar.finish_and_clear();
         return Ok(match result {
             Ok(i) => {
@@ -708,13 +710,14 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
             Err(e) => answer_error("import_failed", &e.to_string()),
         });
     }
-    let journal = match pcx::journal::SledJournal::open_existing(dir, config.cache_capacity_bytes) {
-        Ok(j) => j,
-        Err(e @ pcx::journal::OpenError::Missing { .. }) => {
-            return Ok(answer_error("no_data_directory", &error_text(&e.into())))
-        }
-        Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
-    };
+    let journal =
+        match pcx::store::journal::SledJournal::open_existing(dir, config.cache_capacity_bytes) {
+            Ok(j) => j,
+            Err(e @ pcx::store::journal::OpenError::Missing { .. }) => {
+                return Ok(answer_error("no_data_directory", &error_text(&e.into())))
+            }
+            Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
+        };
     if let Command::Recover { .. } = command {
         return Ok(
             match pcx::audit::lost_tail::accept_lost_tail(&journal, &config.origin()) {
@@ -726,7 +729,7 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
             },
         );
     }
-    let total = pcx::journal::Journal::last_seq(&journal)
+    let total = pcx::store::journal::Journal::last_seq(&journal)
         .ok()
         .flatten()
         .unwrap_or(0);
@@ -734,7 +737,7 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
     let query = match command {
         Command::Log { filter } => {
             let mut failed = None;
-            let result = audit::log(&journal, &filter, &mut |line| {
+            let result = query::log(&journal, &filter, &mut |line| {
                 if failed.is_none() {
                     if let Err(e) = writeln!(out, "{line}") {
                         failed = Some(e);
@@ -762,8 +765,9 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
                 )),
                 None => Box::new(io::BufWriter::new(out)),
             };
-            let result =
-                pcx::export::export(&journal, content, &mut sink, &mut |s| bar.set_position(s));
+            let result = pcx::audit::export::export(&journal, content, &mut sink, &mut |s| {
+                bar.set_position(s)
+            });
             bar.finish_and_clear();
             return Ok(match result {
                 Ok(_) => ExitCode::SUCCESS,
@@ -837,7 +841,7 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
             .with_context(|| format!("--tcp {tcp_addr} is not an address like 127.0.0.1:7411"))?;
         Some((addr, config.tcp_token.clone()))
     };
-    let server = pcx::server::ServerConfig {
+    let server = pcx::interface::server::ServerConfig {
         socket_path: socket.unwrap_or_else(|| config.socket()),
         tcp,
         max_frame_bytes: config.max_frame_bytes,
@@ -861,8 +865,8 @@ async fn serve(config: Config, socket: Option<PathBuf>, tcp: Option<String>) -> 
             _ = term.recv() => {}
         }
     };
-    let counters = std::sync::Arc::new(pcx::server::Counters::default());
-    let served = pcx::server::run(ctx.clone(), server, counters, shutdown).await;
+    let counters = std::sync::Arc::new(pcx::interface::server::Counters::default());
+    let served = pcx::interface::server::run(ctx.clone(), server, counters, shutdown).await;
     let closed = ctx.close().await;
     served?;
     closed.map_err(|e| anyhow::anyhow!("closing the data directory: {e}"))?;
@@ -902,7 +906,7 @@ fn stop_plugin_calls_after_signal(ctx: std::sync::Arc<std::sync::OnceLock<Contex
                 })
             });
             if let Ok(true) = signalled {
-                std::thread::sleep(pcx::server::SHUTDOWN_GRACE);
+                std::thread::sleep(pcx::interface::server::SHUTDOWN_GRACE);
                 if let Some(ctx) = ctx.get() {
                     tracing::warn!("still shutting down after the grace period: abandoning plugin calls");
                     ctx.stop_plugin_calls();
@@ -937,18 +941,21 @@ fn client(
             let mut stream = std::net::TcpStream::connect(&addr)
                 .with_context(|| format!("connecting to {addr}"))?;
             let token = client_token(config, token_file, token)?;
-            let hello = pcx::client::exchange(&mut stream, &json!({"op": "auth", "token": token}))?;
+            let hello = pcx::interface::client::exchange(
+                &mut stream,
+                &json!({"op": "auth", "token": token}),
+            )?;
             if hello["ok"] != true {
                 anyhow::bail!("the server refused the token: {hello}");
             }
-            pcx::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
+            pcx::interface::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
         }
         None => {
             let path = socket.unwrap_or_else(|| config.socket());
             let stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
                 format!("connecting to {} (is `pcx serve` running?)", path.display())
             })?;
-            pcx::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
+            pcx::interface::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 use pcx::actor::Answer;
-use pcx::audit::{state_at, AuditError};
-use pcx::model::Digest;
-use pcx::record::{decode_snapshot, encode_snapshot_of, seq_key};
+use pcx::audit::query::{state_at, AuditError};
+use pcx::core::model::Digest;
+use pcx::store::record::{decode_snapshot, encode_snapshot_of, seq_key};
 use pcx::Context;
 use serde_json::{json, Value};
 use tempfile::TempDir;

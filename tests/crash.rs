@@ -24,7 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
-use pcx::model::Digest;
+use pcx::core::model::Digest;
 use serde_json::{json, Value};
 
 mod common;

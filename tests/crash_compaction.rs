@@ -481,9 +481,10 @@ fn finish_other(
 /// What `pcx verify` and `pcx state` say of `dir`, asked through the library (the same code,
 /// without a process each): (verify's summary, the state).
 fn verify_and_state(dir: &Path, context: &str) -> (Value, Value) {
-    use pcx::audit::Query;
-    let journal = pcx::journal::SledJournal::open_existing(dir, common::library::CACHE_BYTES)
-        .unwrap_or_else(|e| panic!("{context}: opening {}: {e}", dir.display()));
+    use pcx::audit::query::Query;
+    let journal =
+        pcx::store::journal::SledJournal::open_existing(dir, common::library::CACHE_BYTES)
+            .unwrap_or_else(|e| panic!("{context}: opening {}: {e}", dir.display()));
     let ask = |q: Query| {
         q.run(&journal, &mut |_| {})
             .unwrap_or_else(|e| panic!("{context}: {e}"))

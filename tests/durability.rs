@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use pcx::actor::{Ack, RecordArtifact};
 use pcx::context::{settings, ContextOpenError};
-use pcx::event::Event;
-use pcx::journal::{FaultyJournal, Journal, OpenError, SledJournal};
-use pcx::model::Digest;
-use pcx::record::{decode_event, seq_key, DecodeError};
-use pcx::replay::{fold, recover, Head, Recovered, ReplayError};
-use pcx::state::State;
+use pcx::core::event::Event;
+use pcx::core::model::Digest;
+use pcx::core::state::State;
+use pcx::store::journal::{FaultyJournal, Journal, OpenError, SledJournal};
+use pcx::store::record::{decode_event, seq_key, DecodeError};
+use pcx::store::replay::{fold, recover, Head, Recovered, ReplayError};
 use pcx::{Config, Context, ContextError};
 use serde_json::{json, Value};
 
@@ -769,14 +769,14 @@ fn a_data_directory_in_the_first_layout_opens_with_its_history() {
         );
         for page in pages.iter() {
             let (k, v) = page.unwrap();
-            let first = pcx::record::key_seq(&k).unwrap();
-            for (seq, record) in pcx::pack::page_records(&v, first) {
+            let first = pcx::store::record::key_seq(&k).unwrap();
+            for (seq, record) in pcx::store::pack::page_records(&v, first) {
                 events.insert(seq_key(seq), record).unwrap();
             }
         }
         for entry in index.iter() {
             let (_, v) = entry.unwrap();
-            for (digest, loc) in pcx::pack::index_entries(&v).unwrap() {
+            for (digest, loc) in pcx::store::pack::index_entries(&v).unwrap() {
                 let pack = packs.get(seq_key(loc.pack)).unwrap().unwrap();
                 blobs.insert(digest.0, loc.slice(&pack).unwrap()).unwrap();
             }

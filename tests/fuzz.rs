@@ -10,7 +10,7 @@
 //!
 //! The plugin descriptor validator (`src/plugin.rs`, `validate`) is private and needs a loaded
 //! library; it is covered by the hostile fixtures of `tests/plugins.rs`. Here only the cheap
-//! public part before `dlopen` is fuzzed: [`pcx::plugin::load`] on arbitrary bytes that are
+//! public part before `dlopen` is fuzzed: [`pcx::plugins::loader::load`] on arbitrary bytes that are
 //! not ELF, and on 64-bit ELF headers whose tables reach past the end of the file.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -19,15 +19,17 @@ use std::io::BufReader;
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
-use pcx::batch::{read_bounded_line, Line};
-use pcx::event::{Event, SavedEntry, StitchBypass, StitchFailure};
-use pcx::model::{ArtifactRef, Digest, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry};
-use pcx::record::{
+use pcx::core::event::{Event, SavedEntry, StitchBypass, StitchFailure};
+use pcx::core::model::{
+    ArtifactRef, Digest, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry,
+};
+use pcx::core::state::State;
+use pcx::interface::batch::{read_bounded_line, Line};
+use pcx::interface::wire::{decode_body, encode_frame, to_json, to_msgpack};
+use pcx::store::record::{
     decode_event, decode_saved_entry, decode_snapshot, encode_event, encode_saved_entry,
     encode_snapshot_of, Envelope, GENESIS, SCHEMA_VERSION,
 };
-use pcx::state::State;
-use pcx::wire::{decode_body, encode_frame, to_json, to_msgpack};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -431,7 +433,7 @@ fn field_name() -> impl Strategy<Value = String> {
 /// A request-shaped object: a known (or unknown) op and arbitrary fields.
 fn request_like() -> impl Strategy<Value = Value> {
     let op = prop_oneof![
-        4 => prop::sample::select(pcx::protocol::OPS.to_vec()).prop_map(Value::from),
+        4 => prop::sample::select(pcx::interface::protocol::OPS.to_vec()).prop_map(Value::from),
         1 => json_value(),
     ];
     (
@@ -450,19 +452,19 @@ proptest! {
 
     #[test]
     fn parse_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
-        let _ = pcx::protocol::parse(&bytes);
+        let _ = pcx::interface::protocol::parse(&bytes);
     }
 
     #[test]
     fn parse_never_panics_on_json_ish_text(text in r#"[\[\]{}":,0-9a-z_ .\-+eE\\]{0,160}"#) {
-        let _ = pcx::protocol::parse(text.as_bytes());
+        let _ = pcx::interface::protocol::parse(text.as_bytes());
     }
 
     #[test]
     fn parse_never_panics_on_request_shaped_json(value in request_like()) {
         let text = serde_json::to_vec(&value).expect("a JSON value serializes");
-        let (_, direct) = pcx::protocol::parse_value(value.clone());
-        let (_, parsed) = pcx::protocol::parse(&text);
+        let (_, direct) = pcx::interface::protocol::parse_value(value.clone());
+        let (_, parsed) = pcx::interface::protocol::parse(&text);
         // Parsing the text and parsing the value agree on acceptance.
         prop_assert_eq!(direct.is_ok(), parsed.is_ok(), "{}", value);
     }
@@ -485,7 +487,7 @@ proptest! {
         for m in &edits {
             m.apply(&mut bytes);
         }
-        let _ = pcx::protocol::parse(&bytes);
+        let _ = pcx::interface::protocol::parse(&bytes);
     }
 }
 
@@ -664,7 +666,7 @@ fn a_frame_of_tiny_values_does_not_blow_up_in_memory() {
 fn a_request_line_of_tiny_values_does_not_blow_up_in_memory() {
     const N: usize = 1 << 18;
     let line = format!("{{\"op\":\"clear\",\"x\":[{}0]}}", "0,".repeat(N - 1));
-    let ((_, parsed), held, took) = measured(|| pcx::protocol::parse(line.as_bytes()));
+    let ((_, parsed), held, took) = measured(|| pcx::interface::protocol::parse(line.as_bytes()));
     let factor = held as f64 / line.len() as f64;
     eprintln!(
         "a {} byte request line of {N} zeros: accepted {}, held {} MiB at once ({factor:.0}× the line), {took:?}",
@@ -813,7 +815,7 @@ proptest! {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("libfuzz.so");
         std::fs::write(&path, &bytes).expect("written");
-        prop_assert!(pcx::plugin::load(&path).is_err());
+        prop_assert!(pcx::plugins::loader::load(&path).is_err());
     }
 
     /// 64-bit ELF headers whose tables reach past the end of the file are refused before
@@ -832,7 +834,7 @@ proptest! {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("libfuzz.so");
         std::fs::write(&path, &bytes).expect("written");
-        let err = pcx::plugin::load(&path).expect_err("a truncated library is refused");
+        let err = pcx::plugins::loader::load(&path).expect_err("a truncated library is refused");
         prop_assert!(err.to_string().contains("truncated library"), "{}", err);
     }
 }

@@ -19,14 +19,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use indexmap::IndexMap;
-use pcx::event::{Event, SavedEntry, StitchBypass, StitchFailure};
-use pcx::journal::{Commit, Journal, SledJournal};
-use pcx::model::{
+use pcx::core::event::{Event, SavedEntry, StitchBypass, StitchFailure};
+use pcx::core::model::{
     ArtifactRef, Digest, DynamoCacheEntry, DynamoCodeEntry, InlinedSource, SourceInfo, SystemInfo,
 };
-use pcx::record::{self, Envelope, GENESIS, SCHEMA_VERSION};
-use pcx::replay::{fold, recover, Head};
-use pcx::state::State;
+use pcx::core::state::State;
+use pcx::store::journal::{Commit, Journal, SledJournal};
+use pcx::store::record::{self, Envelope, GENESIS, SCHEMA_VERSION};
+use pcx::store::replay::{fold, recover, Head};
 
 const TIME_MS: u64 = 1_700_000_000_000;
 const ORIGIN: &str = "golden@pcx";

@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pcx::context::ContextOpenError;
-use pcx::event::Event;
-use pcx::journal::{Journal, SledJournal};
-use pcx::model::Digest;
-use pcx::record::{decode_event, encode_event};
-use pcx::replay::ReplayError;
+use pcx::core::event::Event;
+use pcx::core::model::Digest;
+use pcx::store::journal::{Journal, SledJournal};
+use pcx::store::record::{decode_event, encode_event};
+use pcx::store::replay::ReplayError;
 use pcx::{Config, Context};
 use serde_json::{json, Value};
 

@@ -2,7 +2,7 @@
 //! `plugins/aot-bundle`, a fixture plugin written with the SDK (`tests/fixtures/plugins/misbehaving`)
 //! and a plugin written in C (`tests/fixtures/plugins/c/fixture.c`, with one hostile variant per
 //! rule of the ABI), copy them into a fresh plugin directory per test, and run them through the
-//! registry ([`Kinds::load`], [`plugin::load`]) or the real binary (`pcx batch`, `pcx plugins`).
+//! registry ([`Kinds::load`], [`loader::load`]) or the real binary (`pcx batch`, `pcx plugins`).
 //!
 //! Rust fixtures are built once per test binary with `$CARGO build --message-format=json` into
 //! their own target directories under `CARGO_TARGET_TMPDIR` (the main one is locked while
@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use pcx::kinds::Kinds;
-use pcx::plugin::{self, PluginError, HOST_TARGET};
+use pcx::plugins::kinds::Kinds;
+use pcx::plugins::loader::{self, PluginError, HOST_TARGET};
 use pcx::ContextError;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -422,7 +422,7 @@ fn another_abi_major_is_refused() {
             major: 2,
             minor: 0,
             host_major: 1,
-            host_min_minor: plugin::MIN_ABI_MINOR
+            host_min_minor: loader::MIN_ABI_MINOR
         }
     );
     assert_contains(&e.to_string(), &["speaks ABI 2.0", "this pcx speaks 1.x"]);
@@ -432,7 +432,7 @@ fn another_abi_major_is_refused() {
 fn a_minor_below_the_hosts_minimum_is_refused() {
     let s = Setup::new();
     let path = s.c("c_upper");
-    let e = plugin::load_with_min_minor(&path, 1).unwrap_err();
+    let e = loader::load_with_min_minor(&path, 1).unwrap_err();
     assert_eq!(
         e,
         PluginError::Abi {
@@ -448,7 +448,7 @@ fn a_minor_below_the_hosts_minimum_is_refused() {
         &[&path.display().to_string(), "speaks ABI 1.0", "x >= 1"],
     );
     // The same library is fine for a host that accepts minor 0.
-    let p = plugin::load(&path).expect("minor 0 is accepted by default");
+    let p = loader::load(&path).expect("minor 0 is accepted by default");
     assert_eq!((p.abi_major, p.abi_minor), (1, 0));
 }
 
@@ -1201,9 +1201,9 @@ fn large_bundle() -> Vec<u8> {
 }
 
 /// An entry of one code referencing `ids`.
-fn entry_of(ids: &[&str]) -> pcx::model::DynamoCacheEntry {
-    pcx::model::DynamoCacheEntry {
-        codes: vec![pcx::model::DynamoCodeEntry {
+fn entry_of(ids: &[&str]) -> pcx::core::model::DynamoCacheEntry {
+    pcx::core::model::DynamoCacheEntry {
+        codes: vec![pcx::core::model::DynamoCodeEntry {
             backend_ids: ids.iter().map(|s| s.to_string()).collect(),
             python_module: "model".into(),
             ..Default::default()
@@ -1221,7 +1221,7 @@ fn entry_of(ids: &[&str]) -> pcx::model::DynamoCacheEntry {
 #[actix::test]
 async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests() {
     use pcx::context::Context;
-    use pcx::model::Artifact;
+    use pcx::core::model::Artifact;
 
     let (_s, config) = aot_config();
     let doc = rmp_serde::to_vec_named(&bundle()).unwrap();
@@ -1346,8 +1346,8 @@ async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests()
 #[actix::test]
 async fn a_failed_commit_aborts_the_loads_queued_behind_it() {
     use pcx::context::{settings, Context};
-    use pcx::journal::FaultyJournal;
-    use pcx::model::Artifact;
+    use pcx::core::model::Artifact;
+    use pcx::store::journal::FaultyJournal;
     use std::sync::Arc;
 
     let (_s, config) = aot_config();

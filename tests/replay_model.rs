@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use indexmap::IndexMap;
 use pcx::actor::StitchedEntry;
-use pcx::event::SavedEntry;
-use pcx::journal::SledJournal;
-use pcx::model::{
+use pcx::core::event::SavedEntry;
+use pcx::core::model::{
     ArtifactRef, DebugInfo, Digest, DynamoCacheEntry, DynamoCodeEntry, EntryDebugInfo,
 };
-use pcx::replay::{fold, recover, Head};
-use pcx::state::State;
+use pcx::core::state::State;
+use pcx::store::journal::SledJournal;
+use pcx::store::replay::{fold, recover, Head};
 use pcx::Context;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
@@ -541,7 +541,7 @@ proptest! {
 fn reopen_and_recover(
     dir: &std::path::Path,
     config: &pcx::Config,
-) -> Result<(SledJournal, pcx::replay::Recovered), TestCaseError> {
+) -> Result<(SledJournal, pcx::store::replay::Recovered), TestCaseError> {
     let journal = SledJournal::open(dir, config.cache_capacity_bytes).expect("reopen the journal");
     let recovered = recover(&journal).map_err(|e| TestCaseError::fail(format!("recover: {e}")))?;
     Ok((journal, recovered))

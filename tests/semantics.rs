@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pcx::actor::{Edit, EditArtifact, Loaded, RecordArtifact, Stitched, StitchedEntry};
-use pcx::journal::{Commit, Journal, Records, SledJournal, StoreError};
-use pcx::model::Digest;
+use pcx::core::model::Digest;
+use pcx::store::journal::{Commit, Journal, Records, SledJournal, StoreError};
 use pcx::{Artifact, Config, Context, DynamoCacheEntry, DynamoCodeEntry, SystemInfo};
 use serde_json::{json, Value};
 use tempfile::TempDir;

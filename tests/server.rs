@@ -1,5 +1,5 @@
 //! `pcx serve` end to end: a real server process on a temporary socket and data directory,
-//! spoken to through `pcx client`, through frames written here (`pcx::wire`), and through the
+//! spoken to through `pcx client`, through frames written here (`pcx::interface::wire`), and through the
 //! Python example client. Every server is stopped by a guard when its test ends, however it
 //! ends; every wait has a timeout.
 
@@ -16,7 +16,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pcx::wire::{body_len, decode_answer, encode_frame, to_json, to_msgpack, HEADER_LEN};
+use pcx::interface::wire::{
+    body_len, decode_answer, encode_frame, to_json, to_msgpack, HEADER_LEN,
+};
 use serde_json::{json, Value};
 
 mod common;

@@ -13,7 +13,9 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pcx::wire::{body_len, decode_answer, encode_frame, to_json, to_msgpack, HEADER_LEN};
+use pcx::interface::wire::{
+    body_len, decode_answer, encode_frame, to_json, to_msgpack, HEADER_LEN,
+};
 use serde_json::{json, Value};
 
 mod common;

@@ -20,10 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use crate::error::ContextError;
-use crate::journal::{Commit, Journal, StoreError};
-use crate::model::Digest;
-use crate::pack::{MAX_GROUP_BYTES, MAX_GROUP_EVENTS};
+use crate::actor::error::ContextError;
+use crate::core::model::Digest;
+use crate::store::journal::{Commit, Journal, StoreError};
+use crate::store::pack::{MAX_GROUP_BYTES, MAX_GROUP_EVENTS};
 
 /// An answer waiting for its changes (and every change staged before them) to be durable.
 pub type Waiter = Box<dyn FnOnce(Result<(), ContextError>) + Send>;
@@ -328,7 +328,7 @@ fn finish(shared: &Shared, failed: bool) -> Vec<Waiter> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{FaultyJournal, SledJournal};
+    use crate::store::journal::{FaultyJournal, SledJournal};
     use std::sync::mpsc;
     use std::time::Duration;
 

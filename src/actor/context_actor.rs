@@ -8,22 +8,23 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 
-use super::load::{LoadsReady, QueuedLoad};
-use super::messages::{ActorSettings, LoadCounters, Stats};
+use super::messages::{ActorSettings, Answer, LoadCounters, Loaded, Stats};
 use super::reply::{Durable, Replier, Reply};
-use crate::committer::{Committed, Committer, Group, Waiter};
-use crate::deserializer::{Deserializer, EditJob, Job, PluginStop};
-use crate::error::ContextError;
-use crate::event::Event;
-use crate::journal::{Journal, StoreError};
-use crate::model::{Artifact, ArtifactRef, Digest};
-use crate::plugin::PluginError;
-use crate::record::{
+use crate::actor::committer::{Committed, Committer, Group, Waiter};
+use crate::actor::error::ContextError;
+use crate::actor::plugin_thread::Done;
+use crate::actor::plugin_thread::{Deserializer, EditJob, Job, PluginStop};
+use crate::core::event::Event;
+use crate::core::event::SavedEntry;
+use crate::core::model::{Artifact, ArtifactRef, Digest};
+use crate::core::state::State;
+use crate::core::stitch::{stitch_part, Stitch};
+use crate::plugins::loader::PluginError;
+use crate::store::journal::{Journal, StoreError};
+use crate::store::record::{
     encode_event, encode_saved_entry, encode_snapshot_of, Envelope, SCHEMA_VERSION,
 };
-use crate::replay::{recover, Head};
-use crate::state::State;
-use crate::stitch::{stitch_part, Stitch};
+use crate::store::replay::{recover, Head};
 
 /// How often a broken journal is tried again.
 pub(super) const HEAL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -32,6 +33,26 @@ pub(super) const HEAL_INTERVAL: std::time::Duration = std::time::Duration::from_
 pub(super) struct CommittedMsg(Committed);
 
 impl Message for CommittedMsg {
+    type Result = ();
+}
+
+/// Where a load's answer goes once it is staged.
+pub(super) type LoadReply = Box<dyn FnOnce(Durable<Loaded>)>;
+
+/// A load waiting for the loads before it, or for the plugin thread.
+pub(super) struct QueuedLoad {
+    pub(super) ticket: u64,
+    pub(super) key: String,
+    pub(super) saved: SavedEntry,
+    /// The backends and their ready-to-use forms, once deserialized.
+    pub(super) done: Option<Done>,
+    pub(super) reply: LoadReply,
+}
+
+/// Tells the actor the plugin thread has results.
+pub(super) struct LoadsReady;
+
+impl Message for LoadsReady {
     type Result = ();
 }
 
@@ -140,7 +161,7 @@ impl ContextActor {
     /// An actor over a journal, with the state replayed from it.
     pub fn new(
         journal: Arc<dyn Journal>,
-        recovered: crate::replay::Recovered,
+        recovered: crate::store::replay::Recovered,
         settings: ActorSettings,
     ) -> Self {
         ContextActor {
@@ -193,7 +214,7 @@ impl ContextActor {
             Err(e)
         } else {
             catch_unwind(AssertUnwindSafe(|| decide(self))).unwrap_or_else(|panic| {
-                let message = crate::error::panic_message(&panic);
+                let message = crate::actor::error::panic_message(&panic);
                 tracing::error!(%message, "request handler panicked; nothing was changed");
                 Err(ContextError::Panicked { message })
             })
@@ -335,7 +356,7 @@ impl ContextActor {
             Err(e) => {
                 tracing::error!(error = %e, "cannot replay the log after a failed commit; will retry on the next request");
                 self.broken = Some(match e {
-                    crate::replay::ReplayError::Store(s) => ContextError::from(s),
+                    crate::store::replay::ReplayError::Store(s) => ContextError::from(s),
                     other => ContextError::Storage {
                         message: other.to_string(),
                         no_space: false,
@@ -539,7 +560,7 @@ pub fn sync_cache_view(journal: &dyn Journal, state: &State) -> Result<(), Conte
         .dynamo_cache
         .iter()
         .map(|(k, e)| Ok((k.clone(), encode_saved_entry(e)?)))
-        .collect::<Result<Vec<_>, crate::record::EncodeError>>()?;
+        .collect::<Result<Vec<_>, crate::store::record::EncodeError>>()?;
     journal.rewrite_cache_view(&entries)?;
     Ok(())
 }
@@ -640,6 +661,26 @@ impl Handler<CommittedMsg> for ContextActor {
                     w(Err(e));
                 }
             }
+        }
+    }
+}
+
+impl<T, M> actix::dev::MessageResponse<ContextActor, M> for Durable<T>
+where
+    T: Send + 'static,
+    M: Message<Result = Answer<T>>,
+{
+    fn handle(
+        self,
+        _: &mut Context<ContextActor>,
+        tx: Option<actix::dev::OneshotSender<Answer<T>>>,
+    ) {
+        match tx {
+            Some(tx) => self.reply_with(move |answer| {
+                let _ = tx.send(answer);
+            }),
+            // Nobody waits for the answer: the changes are still queued.
+            None => self.send(drop),
         }
     }
 }

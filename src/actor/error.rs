@@ -1,8 +1,8 @@
 //! What a request to the context can fail with. Each variant says whose failure it is: the
 //! caller's (a rejected request: bad input, unknown key) or the system's (storage, a panic).
 
-use crate::journal::StoreError;
-use crate::model::InvalidEntry;
+use crate::core::model::InvalidEntry;
+use crate::store::journal::StoreError;
 
 /// A request's failure. Cloneable, because one failed commit fails every request in its group.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -33,7 +33,7 @@ pub enum ContextError {
         plugin_dir: String,
     },
     #[error("{0}")]
-    Plugin(crate::plugin::PluginError),
+    Plugin(crate::plugins::loader::PluginError),
     #[error("content of {key} (blob {digest}) cannot be read: {message}")]
     ContentUnavailable {
         key: String,
@@ -51,7 +51,7 @@ pub enum ContextError {
     Panicked { message: String },
     #[error("the context is closed")]
     Closed,
-    /// An audit question that could not be answered (`kind` as [`crate::audit::AuditError::kind`]).
+    /// An audit question that could not be answered (`kind` as [`crate::audit::query::AuditError::kind`]).
     #[error("{message}")]
     Audit { kind: &'static str, message: String },
 }
@@ -72,7 +72,9 @@ impl ContextError {
             ContextError::PackageNotFound { .. } => "package_not_found",
             ContextError::SystemMismatch { .. } => "system_mismatch",
             ContextError::NoPlugin { .. } => "no_plugin",
-            ContextError::Plugin(crate::plugin::PluginError::NoSuchEdit { .. }) => "no_such_edit",
+            ContextError::Plugin(crate::plugins::loader::PluginError::NoSuchEdit { .. }) => {
+                "no_such_edit"
+            }
             ContextError::Plugin(_) => "plugin_failed",
             ContextError::ContentUnavailable { .. } => "content_unavailable",
             ContextError::SaveFailed { .. } => "save_failed",
@@ -95,8 +97,8 @@ impl From<StoreError> for ContextError {
     }
 }
 
-impl From<crate::record::EncodeError> for ContextError {
-    fn from(e: crate::record::EncodeError) -> Self {
+impl From<crate::store::record::EncodeError> for ContextError {
+    fn from(e: crate::store::record::EncodeError) -> Self {
         ContextError::Storage {
             no_space: false,
             message: e.to_string(),
@@ -104,8 +106,8 @@ impl From<crate::record::EncodeError> for ContextError {
     }
 }
 
-impl From<crate::audit::AuditError> for ContextError {
-    fn from(e: crate::audit::AuditError) -> Self {
+impl From<crate::audit::query::AuditError> for ContextError {
+    fn from(e: crate::audit::query::AuditError) -> Self {
         ContextError::Audit {
             kind: e.kind(),
             message: e.to_string(),
@@ -113,11 +115,11 @@ impl From<crate::audit::AuditError> for ContextError {
     }
 }
 
-impl From<crate::plugin::PluginError> for ContextError {
+impl From<crate::plugins::loader::PluginError> for ContextError {
     /// A kind no plugin serves is the caller's to fix (`no_plugin`); the rest are the plugin's.
-    fn from(e: crate::plugin::PluginError) -> Self {
+    fn from(e: crate::plugins::loader::PluginError) -> Self {
         match e {
-            crate::plugin::PluginError::NoPlugin {
+            crate::plugins::loader::PluginError::NoPlugin {
                 kind,
                 backend,
                 plugin_dir,

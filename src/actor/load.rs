@@ -5,15 +5,15 @@
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::context_actor::{same, ContextActor};
+use super::context_actor::{same, ContextActor, LoadReply, LoadsReady, QueuedLoad};
 use super::messages::{Answer, LoadCacheEntry, Loaded};
-use super::reply::{Durable, Tagged};
-use crate::deserializer::{deserialize_all, Backend, Done, Job};
-use crate::error::ContextError;
-use crate::event::Event;
-use crate::event::SavedEntry;
-use crate::kinds::Deserialized;
-use crate::model::{Artifact, PrecompileCacheEntry, SystemInfo, EAGER_KIND};
+use super::reply::Tagged;
+use crate::actor::error::ContextError;
+use crate::actor::plugin_thread::{deserialize_all, Backend, Done, Job};
+use crate::core::event::Event;
+use crate::core::event::SavedEntry;
+use crate::core::model::{Artifact, PrecompileCacheEntry, SystemInfo, EAGER_KIND};
+use crate::plugins::kinds::Deserialized;
 
 impl Handler<Tagged<LoadCacheEntry, Loaded>> for ContextActor {
     type Result = ();
@@ -23,26 +23,6 @@ impl Handler<Tagged<LoadCacheEntry, Loaded>> for ContextActor {
         let reply: LoadReply = Box::new(move |d| d.send(move |answer| reply.answer(answer)));
         self.load(msg, reply, ctx);
     }
-}
-
-/// Where a load's answer goes once it is staged.
-pub(super) type LoadReply = Box<dyn FnOnce(Durable<Loaded>)>;
-
-/// A load waiting for the loads before it, or for the plugin thread.
-pub(super) struct QueuedLoad {
-    pub(super) ticket: u64,
-    pub(super) key: String,
-    pub(super) saved: SavedEntry,
-    /// The backends and their ready-to-use forms, once deserialized.
-    pub(super) done: Option<Done>,
-    pub(super) reply: LoadReply,
-}
-
-/// Tells the actor the plugin thread has results.
-pub(super) struct LoadsReady;
-
-impl Message for LoadsReady {
-    type Result = ();
 }
 
 /// Sent by the actor to itself behind the messages already in its mailbox: hands the jobs

@@ -4,11 +4,11 @@
 use actix::prelude::*;
 use indexmap::IndexMap;
 
-use crate::error::ContextError;
-use crate::kinds::{Deserialized, Kinds};
-use crate::model::{
+use crate::actor::error::ContextError;
+use crate::core::model::{
     Artifact, DebugInfo, Digest, DynamoCacheEntry, PrecompileCacheEntry, SystemInfo,
 };
+use crate::plugins::kinds::{Deserialized, Kinds};
 
 /// A successful answer: the value, and the sequence number of the last event the request
 /// wrote (none for a request that changed nothing).
@@ -117,7 +117,7 @@ message!(/// `load_cache_entry`, with the caller's system info to check against,
     LoadCacheEntry { key: String, system_info: Option<SystemInfo> } -> Loaded);
 message!(/// An audit question about the log (log, history, state, diff, verify), answered once
     /// every change accepted before it is durable, on a thread of its own.
-    Audit { query: crate::audit::Query } -> serde_json::Map<String, serde_json::Value>);
+    Audit { query: crate::audit::query::Query } -> serde_json::Map<String, serde_json::Value>);
 message!(/// What the context has done since it started.
     GetStats {} -> Stats);
 message!(/// The current load counters.

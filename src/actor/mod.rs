@@ -4,14 +4,14 @@
 //! reject, changes nothing) → **stage** (number and encode the events, then `apply` them) →
 //! **durable** (the group commit that holds them is flushed and synced) → **answer**.
 //!
-//! Group commit ([`crate::committer`]): staged records collect in a queue while the previous
+//! Group commit ([`crate::actor::committer`]): staged records collect in a queue while the previous
 //! group is being made durable on the committer thread, which takes the whole queue when it
 //! is free and hands the group's answers back to this thread in one go. Under load a group
 //! holds everything that arrived during one sync. Reads are answered in the same order: a
 //! read waits for the changes staged before it, so nobody sees a change before it is durable.
 //!
 //! Loads with backends of plugin kinds are the one exception to "one request at a time":
-//! their plugin calls run on the plugin thread ([`crate::deserializer`]) while the actor
+//! their plugin calls run on the plugin thread ([`crate::actor::plugin_thread`]) while the actor
 //! takes the next message. They are staged in arrival order, and every other request first
 //! waits for them (`settle_loads`), so each request still sees the state as if every request
 //! before it had been done whole. A plugin edit runs there too, with the actor waiting: every
@@ -28,8 +28,8 @@
 //! [`committer`] (group commit) and [`plugin_thread`] (every plugin call, under a deadline).
 
 pub mod committer;
-pub mod error;
 mod context_actor;
+pub mod error;
 mod load;
 pub mod messages;
 pub mod plugin_thread;

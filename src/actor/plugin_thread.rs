@@ -32,9 +32,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::error::ContextError;
-use crate::kinds::{Deserialized, Kinds};
-use crate::plugin::{LoadedPlugin, PluginError};
+use crate::actor::error::ContextError;
+use crate::plugins::kinds::{Deserialized, Kinds};
+use crate::plugins::loader::{LoadedPlugin, PluginError};
 
 /// One backend of a load: its id, its kind and its stored content.
 pub struct Backend {
@@ -279,7 +279,7 @@ impl Crew {
         }
         let result = catch_unwind(AssertUnwindSafe(call)).unwrap_or_else(|panic| {
             Err(ContextError::Panicked {
-                message: crate::error::panic_message(&panic),
+                message: crate::actor::error::panic_message(&panic),
             })
         });
         let mut s = lock(self);
@@ -319,7 +319,9 @@ impl Crew {
                                 .after_deserialization(&b.id, &b.kind, &b.content)
                                 .map_err(ContextError::from),
                             Some(p) => match self.watched(generation, p, &b.kind, || {
-                                Ok(self.kinds.after_deserialization(&b.id, &b.kind, &b.content)?)
+                                Ok(self
+                                    .kinds
+                                    .after_deserialization(&b.id, &b.kind, &b.content)?)
                             }) {
                                 Some(r) => r,
                                 None => return,
@@ -347,7 +349,11 @@ impl Crew {
                     loads_done = true;
                 }
                 Work::Edit(e, reply) => {
-                    let edit = || Ok(self.kinds.edit(&e.key, &e.kind, &e.op, &e.args, &e.content)?);
+                    let edit = || {
+                        Ok(self
+                            .kinds
+                            .edit(&e.key, &e.kind, &e.op, &e.args, &e.content)?)
+                    };
                     let result = match self.kinds.plugin_for(&e.kind) {
                         None => edit(),
                         Some(p) => match self.watched(generation, p, &e.kind, edit) {

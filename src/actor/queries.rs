@@ -9,9 +9,9 @@ use super::messages::{
     Ack, Answer, Audit, GetLoadCounters, GetStats, LoadCounters, StateDigest, Stats,
 };
 use super::reply::Durable;
-use crate::committer::Committer;
-use crate::error::ContextError;
-use crate::model::Digest;
+use crate::actor::committer::Committer;
+use crate::actor::error::ContextError;
+use crate::core::model::Digest;
 
 impl Handler<Audit> for ContextActor {
     type Result = ResponseFuture<Answer<serde_json::Map<String, serde_json::Value>>>;
@@ -37,7 +37,7 @@ impl Handler<Audit> for ContextActor {
                         std::thread::Builder::new()
                             .name("pcx-audit".into())
                             .spawn(move || {
-                                let view = crate::audit::Capped {
+                                let view = crate::audit::query::Capped {
                                     inner: journal,
                                     cap,
                                 };

@@ -5,10 +5,9 @@
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::context_actor::ContextActor;
-use super::messages::{Ack, Answer, EditArtifact, RecordArtifact, RecordEntry};
-use crate::committer::{Group, Intake};
-use crate::error::ContextError;
+use super::messages::{Ack, Answer};
+use crate::actor::committer::{Group, Intake};
+use crate::actor::error::ContextError;
 
 /// A request's answer, sent once its changes (and every change before them) are durable.
 ///
@@ -60,26 +59,6 @@ impl<T: Send + 'static> Durable<T> {
             let _ = tx.send(a);
         });
         async move { rx.await.unwrap_or(Err(ContextError::Closed)) }
-    }
-}
-
-impl<T, M> actix::dev::MessageResponse<ContextActor, M> for Durable<T>
-where
-    T: Send + 'static,
-    M: Message<Result = Answer<T>>,
-{
-    fn handle(
-        self,
-        _: &mut Context<ContextActor>,
-        tx: Option<actix::dev::OneshotSender<Answer<T>>>,
-    ) {
-        match tx {
-            Some(tx) => self.reply_with(move |answer| {
-                let _ = tx.send(answer);
-            }),
-            // Nobody waits for the answer: the changes are still queued.
-            None => self.send(drop),
-        }
     }
 }
 
@@ -150,19 +129,3 @@ impl<M, T: Send + 'static> Tagged<M, T> {
 impl<M, T: Send + 'static> Message for Tagged<M, T> {
     type Result = ();
 }
-
-/// The requests a pipeline takes: those that change the context, and loads.
-macro_rules! pipelined {
-    ($($m:ty => $t:ty),*) => {$(
-        impl Handler<Tagged<$m, $t>> for ContextActor {
-            type Result = ();
-
-            fn handle(&mut self, tagged: Tagged<$m, $t>, ctx: &mut Self::Context) {
-                let Tagged { msg, reply } = tagged;
-                <Self as Handler<$m>>::handle(self, msg, ctx).send(move |answer| reply.answer(answer));
-            }
-        }
-    )*};
-}
-
-pipelined!(RecordArtifact => (), RecordEntry => (), EditArtifact => ());

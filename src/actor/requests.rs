@@ -10,10 +10,10 @@ use super::messages::{
     Answer, Clear, Close, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact,
     RecordArtifact, RecordEntry, SaveToDynamoCache, Stitched, TakeArtifact,
 };
-use super::reply::Durable;
-use crate::error::ContextError;
-use crate::event::Event;
-use crate::model::{Artifact, DebugInfo};
+use super::reply::{Durable, Tagged};
+use crate::actor::error::ContextError;
+use crate::core::event::Event;
+use crate::core::model::{Artifact, DebugInfo};
 
 impl Handler<RecordArtifact> for ContextActor {
     type Result = Durable<()>;
@@ -236,10 +236,26 @@ impl Handler<Close> for ContextActor {
                 }
                 // Release the journal (and sled's lock on the directory) now, not whenever the
                 // actor is dropped.
-                this.journal = Arc::new(crate::journal::ClosedJournal);
+                this.journal = Arc::new(crate::store::journal::ClosedJournal);
                 ctx.stop();
                 answer
             }),
         )
     }
 }
+
+/// The requests a pipeline takes: those that change the context, and loads.
+macro_rules! pipelined {
+    ($($m:ty => $t:ty),*) => {$(
+        impl Handler<Tagged<$m, $t>> for ContextActor {
+            type Result = ();
+
+            fn handle(&mut self, tagged: Tagged<$m, $t>, ctx: &mut Self::Context) {
+                let Tagged { msg, reply } = tagged;
+                <Self as Handler<$m>>::handle(self, msg, ctx).send(move |answer| reply.answer(answer));
+            }
+        }
+    )*};
+}
+
+pipelined!(RecordArtifact => (), RecordEntry => (), EditArtifact => ());

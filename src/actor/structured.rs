@@ -2,7 +2,7 @@
 //! (pure, in the core), the actor sends them out here, on target `pcx::structured` with the
 //! fields `artifact` (the event's name), `encoding` (`json`) and `payload` (the JSON text).
 
-use crate::stitch::Structured;
+use crate::core::stitch::Structured;
 
 /// The target structured events use.
 pub const STRUCTURED_TARGET: &str = "pcx::structured";

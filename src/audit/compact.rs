@@ -9,7 +9,7 @@
 //! only way the directory really shrinks.
 //!
 //! The swap is two renames: `DIR` → `DIR.pre-compaction`, then `DIR.compacting` → `DIR`
-//! (see [`crate::swap`]). Compaction holds the data directory's lock from before its first
+//! (see [`crate::store::swap`]). Compaction holds the data directory's lock from before its first
 //! read to after the old copy is removed, so no other command sees a swap half done; opening
 //! a data directory (under the same lock) finishes or undoes a swap a crash interrupted, so a
 //! crash at any point leaves either the old log or the new.
@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::audit::{state_at, walk, AuditError, Progress};
-use crate::export::state_refs;
-use crate::journal::{Commit, Journal, OpenError, SledJournal, StoreError};
-use crate::model::Digest;
-use crate::record::{decode_snapshot, encode_snapshot_of};
-use crate::replay::{base, Base};
-use crate::swap::{pause_point, sibling, swap_in, DirLock, SwapError, COMPACTING};
+use crate::audit::export::state_refs;
+use crate::audit::query::{state_at, walk, AuditError, Progress};
+use crate::core::model::Digest;
+use crate::store::journal::{Commit, Journal, OpenError, SledJournal, StoreError};
+use crate::store::record::{decode_snapshot, encode_snapshot_of};
+use crate::store::replay::{base, Base};
+use crate::store::swap::{pause_point, sibling, swap_in, DirLock, SwapError, COMPACTING};
 
 /// Why compaction did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +81,8 @@ pub fn compact(
     progress: Progress,
 ) -> Result<Value, CompactError> {
     // Held to the end: no other command opens the directory until the swap is over.
-    let lock = DirLock::acquire(dir, crate::swap::LOCK_PATIENCE, false)?;
-    crate::swap::repair(dir, &lock)?;
+    let lock = DirLock::acquire(dir, crate::store::swap::LOCK_PATIENCE, false)?;
+    crate::store::swap::repair(dir, &lock)?;
     if !dir.exists() {
         return Err(CompactError::Missing(dir.to_path_buf()));
     }
@@ -217,7 +217,7 @@ fn write_compacted(
         if keep.contains(&d) {
             kept_bytes += content.len();
             kept.blobs.push((d, std::sync::Arc::new(content)));
-            if kept.blobs.len() >= 1024 || kept_bytes >= crate::pack::MAX_GROUP_BYTES {
+            if kept.blobs.len() >= 1024 || kept_bytes >= crate::store::pack::MAX_GROUP_BYTES {
                 new.commit(&std::mem::take(&mut kept))?;
                 kept_bytes = 0;
             }

@@ -1,7 +1,7 @@
 //! `pcx export` / `pcx import`: the log as JSON lines, and back into an empty data directory.
 //!
 //! An import is written into a side directory (`DIR.importing`) and swapped in whole at the
-//! end, under the data directory's lock (as compaction is, see [`crate::swap`]): a killed
+//! end, under the data directory's lock (as compaction is, see [`crate::store::swap`]): a killed
 //! import leaves the directory as it found it (empty), never a part of the log that
 //! `verify` would call sound.
 //!
@@ -24,12 +24,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::audit::{walk, AuditError, Progress};
-use crate::journal::{Commit, Journal, OpenError, SledJournal, StoreError};
-use crate::model::Digest;
-use crate::record::{decode_event, decode_snapshot, encode_snapshot_of, SCHEMA_VERSION};
-use crate::replay::{base, Head};
-use crate::state::State;
+use crate::audit::query::{walk, AuditError, Progress};
+use crate::core::model::Digest;
+use crate::core::state::State;
+use crate::store::journal::{Commit, Journal, OpenError, SledJournal, StoreError};
+use crate::store::record::{decode_event, decode_snapshot, encode_snapshot_of, SCHEMA_VERSION};
+use crate::store::replay::{base, Head};
 
 /// The export format's version.
 pub const EXPORT_VERSION: u64 = 1;
@@ -186,7 +186,7 @@ pub fn import(
     input: &mut dyn BufRead,
     progress: Progress,
 ) -> Result<Imported, ExportError> {
-    use crate::swap::{repair, sibling, swap_in, DirLock, IMPORTING, LOCK_PATIENCE};
+    use crate::store::swap::{repair, sibling, swap_in, DirLock, IMPORTING, LOCK_PATIENCE};
     let lock = DirLock::acquire(dir, LOCK_PATIENCE, true).map_err(OpenError::from)?;
     repair(dir, &lock).map_err(OpenError::from)?;
     // The swap replaces `dir` whole: never a directory of someone else's files.
@@ -308,7 +308,7 @@ fn import_into(
             pending_bytes += content.len();
             pending.blobs.push((d, std::sync::Arc::new(content)));
             have.insert(d);
-            if pending_bytes >= crate::pack::MAX_GROUP_BYTES {
+            if pending_bytes >= crate::store::pack::MAX_GROUP_BYTES {
                 journal.commit(&std::mem::take(&mut pending))?;
                 pending_bytes = 0;
             }
@@ -345,7 +345,7 @@ fn import_into(
                 journal.commit(&std::mem::take(&mut pending))?;
                 pending_bytes = 0;
                 if head.seq - anchored == CHUNK as u64 {
-                    crate::swap::pause_point("import:writing");
+                    crate::store::swap::pause_point("import:writing");
                 }
             }
         } else if v["end"] == json!(true) {
@@ -379,7 +379,7 @@ fn import_into(
     let view: Vec<(String, Vec<u8>)> = state
         .dynamo_cache
         .iter()
-        .map(|(k, e)| crate::record::encode_saved_entry(e).map(|b| (k.clone(), b)))
+        .map(|(k, e)| crate::store::record::encode_saved_entry(e).map(|b| (k.clone(), b)))
         .collect::<Result<_, _>>()
         .map_err(|e| bad(line, e.to_string()))?;
     journal.rewrite_cache_view(&view)?;

@@ -15,10 +15,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::audit::lost_tail_json;
-use crate::journal::{Journal, SledJournal, StoreError};
-use crate::record::{encode_lost_tail, EncodeError, LostTail, SCHEMA_VERSION};
-use crate::replay::{recover_past_lost_tail, ReplayError};
+use crate::audit::query::lost_tail_json;
+use crate::store::journal::{Journal, SledJournal, StoreError};
+use crate::store::record::{encode_lost_tail, EncodeError, LostTail, SCHEMA_VERSION};
+use crate::store::replay::{recover_past_lost_tail, ReplayError};
 
 /// Why a lost tail was not accepted.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,3 @@ pub mod export;
 pub mod lost_tail;
 pub mod query;
 pub mod salvage;
-
-// Transitional: the query items under their old flat path `crate::audit::*`.
-pub use query::*;

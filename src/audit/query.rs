@@ -13,12 +13,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
-use crate::event::Event;
-use crate::journal::{Journal, StoreError};
-use crate::model::{stitch_entry, ArtifactRef, Digest};
-use crate::record::{decode_lost_tail, decode_snapshot, Envelope, LostTail};
-use crate::replay::{base, Base, Head, ReplayError};
-use crate::state::State;
+use crate::core::event::Event;
+use crate::core::model::{stitch_entry, ArtifactRef, Digest};
+use crate::core::state::State;
+use crate::store::journal::{Journal, StoreError};
+use crate::store::record::{decode_lost_tail, decode_snapshot, Envelope, LostTail};
+use crate::store::replay::{base, Base, Head, ReplayError};
 
 /// Why an audit question could not be answered.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +83,7 @@ pub fn walk(
     } = start;
     for item in journal.records(head.seq + 1) {
         let (key, bytes) = item?;
-        let (envelope, hash) = crate::replay::checked(&head, key, &bytes)?;
+        let (envelope, hash) = crate::store::replay::checked(&head, key, &bytes)?;
         if !f(&envelope, hash, &state)? {
             break;
         }
@@ -338,7 +338,7 @@ pub fn history(
                     line.insert("stitch".into(), json!("failed"));
                     line.insert("error".into(), json!(f.error));
                 }
-                let own: Vec<&crate::event::StitchBypass> =
+                let own: Vec<&crate::core::event::StitchBypass> =
                     bypassed.iter().filter(|b| b.key == key).collect();
                 if !own.is_empty() {
                     touched = true;
@@ -816,10 +816,10 @@ impl Journal for Capped {
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.blob(digest)
     }
-    fn commit(&self, commit: &crate::journal::Commit) -> Result<(), StoreError> {
+    fn commit(&self, commit: &crate::store::journal::Commit) -> Result<(), StoreError> {
         self.inner.commit(commit)
     }
-    fn records(&self, from: u64) -> crate::journal::Records<'_> {
+    fn records(&self, from: u64) -> crate::store::journal::Records<'_> {
         let cap = self.cap;
         Box::new(
             self.inner

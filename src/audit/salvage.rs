@@ -19,12 +19,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::export::{state_refs, ExportError, EXPORT_VERSION};
-use crate::model::Digest;
-use crate::record::{decode_event, decode_snapshot, Snapshot, GENESIS, SCHEMA_VERSION};
-use crate::replay::{checked, Head};
-use crate::state::State;
+use crate::audit::export::{state_refs, ExportError, EXPORT_VERSION};
+use crate::core::model::Digest;
+use crate::core::state::State;
 use crate::store::raw::{read, Candidate, Found, FoundAt};
+use crate::store::record::{decode_event, decode_snapshot, Snapshot, GENESIS, SCHEMA_VERSION};
+use crate::store::replay::{checked, Head};
 
 /// Where and why the log breaks.
 struct Break {

@@ -7,7 +7,7 @@
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ArtifactRef, BackendId, Digest, DynamoCacheEntry, PrecompileCacheEntry};
+use crate::core::model::{ArtifactRef, BackendId, Digest, DynamoCacheEntry, PrecompileCacheEntry};
 
 /// A stitched entry as stored: backends are references into the blob store.
 pub type SavedEntry = PrecompileCacheEntry<ArtifactRef>;

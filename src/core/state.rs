@@ -4,8 +4,8 @@
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, SavedEntry};
-use crate::model::{self, ArtifactRef, BackendId, DebugInfo, Digest, DynamoCacheEntry};
+use crate::core::event::{Event, SavedEntry};
+use crate::core::model::{self, ArtifactRef, BackendId, DebugInfo, Digest, DynamoCacheEntry};
 
 /// The precompile context: two insertion-ordered maps (Python dict order: re-recording a key
 /// keeps its first position) plus the dynamo cache of saved, stitched entries.

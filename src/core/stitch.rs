@@ -6,11 +6,11 @@ use indexmap::map::Slice;
 use indexmap::IndexMap;
 use serde_json::json;
 
-use crate::event::{Event, StitchBypass, StitchFailure};
-use crate::model::{
+use crate::core::event::{Event, StitchBypass, StitchFailure};
+use crate::core::model::{
     bypass_reason, stitch_entry, ArtifactRef, DebugInfo, DynamoCacheEntry, PrecompileCacheEntry,
 };
-use crate::state::State;
+use crate::core::state::State;
 
 /// A structured trace event in PyTorch's shape (`trace_structured("artifact", name, json)`).
 #[derive(Clone, Debug, PartialEq)]
@@ -173,7 +173,7 @@ pub fn stitch_part<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
+    use crate::core::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
 
     fn state() -> State {
         let mut s = State::default();

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::context::Context;
-use crate::protocol::{parse, refused, submit, with_id, AnswerFuture, RequestError};
+use crate::interface::protocol::{parse, refused, submit, with_id, AnswerFuture, RequestError};
 
 /// One input line, or the length of a line that was too long to keep.
 #[derive(Debug, PartialEq, Eq)]

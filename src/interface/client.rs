@@ -10,9 +10,11 @@ use std::sync::mpsc;
 
 use serde_json::Value;
 
-use crate::batch::{read_bounded_line, Line};
-use crate::protocol::{refused, RequestError};
-use crate::wire::{body_len, decode_answer, encode_frame, to_json, to_msgpack, HEADER_LEN};
+use crate::interface::batch::{read_bounded_line, Line};
+use crate::interface::protocol::{refused, RequestError};
+use crate::interface::wire::{
+    body_len, decode_answer, encode_frame, to_json, to_msgpack, HEADER_LEN,
+};
 
 /// One answer's place in the output: from the server, or made here.
 enum Slot {

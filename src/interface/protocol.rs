@@ -1,5 +1,5 @@
 //! The JSON request/answer protocol that `pcx batch`, the CLI commands and the socket server
-//! (through [`crate::wire`]) speak. Parsing and answer building are pure; [`submit`] hands a request to the
+//! (through [`crate::interface::wire`]) speak. Parsing and answer building are pure; [`submit`] hands a request to the
 //! context actor at once and returns the future of its answer, so callers can pipeline.
 
 use std::future::Future;
@@ -11,14 +11,14 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::actor::error::ContextError;
 use crate::actor::{
     Ack, Answer, Audit, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact,
     GetStats, LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
 };
-use crate::audit::{LogFilter, Query};
+use crate::audit::query::{LogFilter, Query};
 use crate::context::Context;
-use crate::error::ContextError;
-use crate::model::{
+use crate::core::model::{
     Artifact, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry, SourceInfo, SystemInfo,
     EAGER_KIND,
 };
@@ -200,7 +200,8 @@ impl RequestError {
 pub fn parse(line: &[u8]) -> (Option<Value>, Result<Request, RequestError>) {
     // Count values and nesting before building a tree: a line of tiny values would take
     // fifty times its size in memory.
-    if let Err(e) = crate::shape::check(&mut serde_json::Deserializer::from_slice(line)) {
+    if let Err(e) = crate::interface::shape::check(&mut serde_json::Deserializer::from_slice(line))
+    {
         return (None, Err(RequestError::BadJson(e.to_string())));
     }
     match serde_json::from_slice(line) {
@@ -216,7 +217,7 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
     };
     let id = map.remove("id");
     if let Some((field, number)) = id.as_ref().and_then(wide_number) {
-        let field = crate::shape::field_path("id", &field);
+        let field = crate::interface::shape::field_path("id", &field);
         return (None, Err(RequestError::WideNumber { field, number }));
     }
     if let Some((field, number)) = wide_number_in(&map) {
@@ -260,7 +261,12 @@ fn wide_number(value: &Value) -> Option<(String, String)> {
             Some((String::new(), n.to_string()))
         }
         Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
-            wide_number(v).map(|(f, n)| (crate::shape::field_path(&format!("[{i}]"), &f), n))
+            wide_number(v).map(|(f, n)| {
+                (
+                    crate::interface::shape::field_path(&format!("[{i}]"), &f),
+                    n,
+                )
+            })
         }),
         Value::Object(map) => wide_number_in(map),
         _ => None,
@@ -268,8 +274,9 @@ fn wide_number(value: &Value) -> Option<(String, String)> {
 }
 
 fn wide_number_in(map: &Map<String, Value>) -> Option<(String, String)> {
-    map.iter()
-        .find_map(|(k, v)| wide_number(v).map(|(f, n)| (crate::shape::field_path(k, &f), n)))
+    map.iter().find_map(|(k, v)| {
+        wide_number(v).map(|(f, n)| (crate::interface::shape::field_path(k, &f), n))
+    })
 }
 
 fn decode_b64(field: &str, text: &str) -> Result<Vec<u8>, RequestError> {

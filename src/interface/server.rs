@@ -1,7 +1,7 @@
 //! `pcx serve`: the context as a service for many clients at once.
 //!
 //! Listens on a Unix domain socket (mode 0600), and optionally on loopback TCP with a token.
-//! Each connection reads frames ([`crate::wire`]), hands each request to the one context actor
+//! Each connection reads frames ([`crate::interface::wire`]), hands each request to the one context actor
 //! at once (so requests from every connection share group commits) and writes the answers
 //! back in order, each only once its change is durable. Queues are bounded end to end: a
 //! connection keeps at most `max_in_flight_per_connection` requests in flight and stops
@@ -31,8 +31,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::context::Context;
-use crate::protocol::{parse_value, refused, submit, with_id, AnswerFuture, Request, RequestError};
-use crate::wire::{body_len, decode_body, encode_frame, to_json, to_msgpack, HEADER_LEN};
+use crate::interface::protocol::{
+    parse_value, refused, submit, with_id, AnswerFuture, Request, RequestError,
+};
+use crate::interface::wire::{
+    body_len, decode_body, encode_frame, to_json, to_msgpack, HEADER_LEN,
+};
 
 /// How long, after a shutdown signal, connections may take to write their last answers.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

@@ -47,7 +47,7 @@ impl WireError {
     fn within(self, outer: &str) -> WireError {
         match self {
             WireError::Binary { field } => WireError::Binary {
-                field: crate::shape::field_path(outer, &field),
+                field: crate::interface::shape::field_path(outer, &field),
             },
             other => other,
         }
@@ -88,7 +88,7 @@ pub fn decode_body(body: &[u8]) -> Result<Mp, WireError> {
     // A first walk with rmp_serde: refuses the reserved marker 0xc1 anywhere (rmpv's reader
     // takes it for nil) and bounds the number of values and the nesting before rmpv builds
     // the tree, keeping text that is not UTF-8 apart from binary.
-    crate::shape::check(&mut rmp_serde::Deserializer::new(body))
+    crate::interface::shape::check(&mut rmp_serde::Deserializer::new(body))
         .map_err(|e| WireError::NotMsgpack(e.to_string()))?;
     decode_answer(body)
 }

@@ -8,7 +8,7 @@
 //!
 //! Before any library is loaded: the plugin directory and each library must be trusted
 //! ([`plugin::check_trusted`]), and, in the `pcx` binary, each library is loaded first in a
-//! child process ([`crate::probe`]), so a constructor that crashes or hangs refuses its
+//! child process ([`crate::plugins::probe`]), so a constructor that crashes or hangs refuses its
 //! library instead of taking pcx down. A plugin whose call missed its deadline is
 //! quarantined ([`Kinds::quarantine`]): every later call to it fails at once.
 
@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::EAGER_KIND;
-use crate::plugin::{self, JsonObject, LoadedPlugin, PluginError};
+use crate::core::model::EAGER_KIND;
+use crate::plugins::loader::{self, JsonObject, LoadedPlugin, PluginError};
 
 /// The ready-to-use form of one backend artifact.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,14 +85,14 @@ impl Kinds {
     /// they never stop the others from loading. A library is refused before it is loaded if
     /// it or its directory is not trusted, or (in the `pcx` binary) if loading it in a child
     /// process crashed or took longer than `call_timeout`; `call_timeout` is also the
-    /// deadline of each plugin call the context makes ([`crate::deserializer`]).
+    /// deadline of each plugin call the context makes ([`crate::actor::plugin_thread`]).
     pub fn load_with(dir: &Path, output_limit: usize, call_timeout: Duration) -> Kinds {
         let mut kinds = Kinds {
             output_limit,
             call_timeout,
             ..Kinds::builtin(Some(dir.to_path_buf()))
         };
-        let paths = match plugin::candidates(dir) {
+        let paths = match loader::candidates(dir) {
             Ok(paths) => paths,
             Err(e) => {
                 kinds.problem(e);
@@ -100,11 +100,11 @@ impl Kinds {
             }
         };
         let trusted: Vec<PathBuf> = paths.iter().filter_map(|p| p.clone().ok()).collect();
-        let mut vetted = crate::probe::vet(&trusted, call_timeout).into_iter();
+        let mut vetted = crate::plugins::probe::vet(&trusted, call_timeout).into_iter();
         for path in paths {
             let loaded = path.and_then(|p| {
                 vetted.next().unwrap_or(Ok(()))?;
-                plugin::load(&p)
+                loader::load(&p)
             });
             match loaded {
                 Ok(p) => {

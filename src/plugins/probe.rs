@@ -19,12 +19,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::plugin::PluginError;
+use crate::plugins::loader::PluginError;
 
 /// The executable that probes, or why there is none.
 static EXECUTABLE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
-/// Makes [`crate::kinds::Kinds::load_with`] probe every library with `exe` (the running pcx
+/// Makes [`crate::plugins::kinds::Kinds::load_with`] probe every library with `exe` (the running pcx
 /// binary) before loading it. Without an executable (`current_exe` failed), every library is
 /// refused: loading unchecked is what this is here to avoid.
 pub fn register_executable(exe: std::io::Result<PathBuf>) {

@@ -4,7 +4,7 @@
 //! when it splits one, and the node carries its values: measured with sled 0.34.7 on this
 //! machine, 100 MiB stored as 64 KiB or 1 MiB values wrote 280–360 MiB. Content is the bulk
 //! of what pcx stores (compiled kernels are megabytes), so a group holding
-//! [`crate::pack::FILE_THRESHOLD`] bytes or more of new content appends it here instead, in
+//! [`crate::store::pack::FILE_THRESHOLD`] bytes or more of new content appends it here instead, in
 //! one vectored write and one `fdatasync`, and the journal records in sled where each
 //! content landed. Files are only appended to; bytes that no index entry points at (a
 //! commit that failed after its content was written, say) are dropped by compaction.
@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::journal::StoreError;
+use crate::store::journal::StoreError;
 
 /// A file is closed for appending once it reaches this size.
 pub const FILE_LIMIT: u64 = 1 << 30;

@@ -3,7 +3,7 @@
 //!
 //! The [`Journal`] trait is the seam: [`SledJournal`] is the product, and
 //! [`FaultyJournal`] wraps any journal to inject failures in tests. The journal stores bytes
-//! made by [`crate::record`] and never looks inside them.
+//! made by [`crate::store::record`] and never looks inside them.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,13 +12,13 @@ use std::sync::Mutex;
 
 use std::collections::{HashMap, HashSet};
 
-use crate::content::ContentFiles;
-use crate::model::Digest;
-use crate::pack::{
+use crate::core::model::Digest;
+use crate::store::content::ContentFiles;
+use crate::store::pack::{
     file_locs, index_entries, index_push, pack_contents, page_records, pages, Loc, Packed, Place,
     FILE_THRESHOLD,
 };
-use crate::record::{key_seq, seq_key};
+use crate::store::record::{key_seq, seq_key};
 
 /// One group commit: event records (by sequence number), dynamo cache view writes, and an
 /// optional snapshot. Applied all together or not at all, and durable once `commit` returns.
@@ -154,12 +154,12 @@ pub enum OpenError {
     Missing { path: PathBuf },
     /// The lock beside the directory, or an interrupted compaction or import left there.
     #[error(transparent)]
-    Swap(crate::swap::SwapError),
+    Swap(crate::store::swap::SwapError),
 }
 
-impl From<crate::swap::SwapError> for OpenError {
-    fn from(e: crate::swap::SwapError) -> Self {
-        use crate::swap::SwapError;
+impl From<crate::store::swap::SwapError> for OpenError {
+    fn from(e: crate::store::swap::SwapError) -> Self {
+        use crate::store::swap::SwapError;
         match e {
             SwapError::Locked { dir } => OpenError::Locked { path: dir },
             SwapError::Missing { dir } => OpenError::Missing { path: dir },
@@ -256,7 +256,7 @@ pub struct SledJournal {
     files: ContentFiles,
     /// The data directory's lock, held as long as the journal (none for the side directories
     /// a compaction or import writes under the lock it holds itself). Last, so it goes last.
-    _lock: Option<crate::swap::DirLock>,
+    _lock: Option<crate::store::swap::DirLock>,
 }
 
 /// The in-memory content index.
@@ -323,7 +323,7 @@ fn load_contents(h: &Handles, dir: &Path) -> Result<Contents, String> {
 
 impl SledJournal {
     /// Opens (creating if missing) the data directory. Takes its lock first (see
-    /// [`crate::swap`]), then finishes or undoes a compaction or import a crash interrupted.
+    /// [`crate::store::swap`]), then finishes or undoes a compaction or import a crash interrupted.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
         SledJournal::open_locking(dir, cache_capacity, true)
     }
@@ -339,8 +339,9 @@ impl SledJournal {
         cache_capacity: u64,
         create: bool,
     ) -> Result<SledJournal, OpenError> {
-        let lock = crate::swap::DirLock::acquire(dir, crate::swap::LOCK_PATIENCE, create)?;
-        crate::swap::repair(dir, &lock)?;
+        let lock =
+            crate::store::swap::DirLock::acquire(dir, crate::store::swap::LOCK_PATIENCE, create)?;
+        crate::store::swap::repair(dir, &lock)?;
         if !create && !dir.exists() {
             return Err(OpenError::Missing {
                 path: dir.to_path_buf(),

@@ -10,11 +10,11 @@
 //! - page: `(seq: u64 BE, len: u32 BE, record: len bytes)*`
 //! - pack: the contents, back to back (a sled value, or a stretch of a content file)
 //! - index: `(digest: 32 bytes, place: u8, pack: u64 BE, offset: u64 BE, len: u64 BE,
-//!   crc: u32 BE)*`, where place 0 is a sled pack and 1 a content file ([`crate::content`]);
+//!   crc: u32 BE)*`, where place 0 is a sled pack and 1 a content file ([`crate::store::content`]);
 //!   the CRC-32 of a content in a file is checked on every read (sled checks its own values),
 //!   so a damaged file is an error, never wrong bytes served as a compiled artifact
 
-use crate::model::Digest;
+use crate::core::model::Digest;
 
 /// Contents are gathered into packs of about this size: big enough that sled's per-key cost
 /// is spread over many contents, small enough that reading one content (which reads its

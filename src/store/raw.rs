@@ -20,11 +20,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::content::file_path;
-use crate::model::Digest;
-use crate::pack::{index_entries, page_records, Loc, Place, INDEX_ENTRY};
-use crate::record::{find_framed, key_seq, seq_key, Framed};
+use crate::core::model::Digest;
+use crate::store::content::file_path;
 use crate::store::damage::{blob_files, diagnose, sled_fault};
+use crate::store::pack::{index_entries, page_records, Loc, Place, INDEX_ENTRY};
+use crate::store::record::{find_framed, key_seq, seq_key, Framed};
 
 /// One stored copy of a record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -316,7 +316,7 @@ impl Found {
         for (path, bytes) in &self.raw {
             for range in find_framed(bytes, Framed::Event) {
                 let record = bytes[range.clone()].to_vec();
-                if let Ok((envelope, _)) = crate::record::decode_event(&record) {
+                if let Ok((envelope, _)) = crate::store::record::decode_event(&record) {
                     let place = FoundAt::Scanned {
                         file: path.clone(),
                         offset: range.start,

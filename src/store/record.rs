@@ -17,9 +17,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, SavedEntry};
-use crate::model::Digest;
-use crate::state::State;
+use crate::core::event::{Event, SavedEntry};
+use crate::core::model::Digest;
+use crate::core::state::State;
 
 /// The schema version this build writes. Every older version must keep decoding.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -2,10 +2,10 @@
 //! chain, else from the first event. Every record is checked (hash, sequence, chain) as it is
 //! folded, and the first bad one is named.
 
-use crate::journal::{Journal, StoreError};
-use crate::model::Digest;
-use crate::record::{decode_event, decode_snapshot, DecodeError, Envelope, GENESIS};
-use crate::state::State;
+use crate::core::model::Digest;
+use crate::core::state::State;
+use crate::store::journal::{Journal, StoreError};
+use crate::store::record::{decode_event, decode_snapshot, DecodeError, Envelope, GENESIS};
 
 /// The last record folded: where the next append continues.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -145,12 +145,12 @@ async fn serve(
     let (reader, mut writer) = stream.into_split();
     let mut reader = tokio::io::BufReader::with_capacity(64 << 10, reader);
     loop {
-        let mut header = [0u8; pcx::wire::HEADER_LEN];
+        let mut header = [0u8; pcx::interface::wire::HEADER_LEN];
         match reader.read_exact(&mut header).await {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             other => other?,
         };
-        let len = pcx::wire::body_len(header);
+        let len = pcx::interface::wire::body_len(header);
         if len > MAX_FRAME {
             return Err(std::io::Error::other(format!("a frame of {len} bytes")));
         }
@@ -191,9 +191,9 @@ impl FloorServer {
                 (Some(tx), Some(thread))
             }
         };
-        let answer = std::sync::Arc::new(pcx::wire::encode_frame(&pcx::wire::to_msgpack(
-            &json!({ "ok": true }),
-        )));
+        let answer = std::sync::Arc::new(pcx::interface::wire::encode_frame(
+            &pcx::interface::wire::to_msgpack(&json!({ "ok": true })),
+        ));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = std::thread::Builder::new()
             .name("floor-server".into())
@@ -306,11 +306,12 @@ mod tests {
             let mut frame = (body.len() as u32).to_be_bytes().to_vec();
             frame.extend_from_slice(body);
             s.write_all(&frame).expect("send");
-            let mut header = [0u8; pcx::wire::HEADER_LEN];
+            let mut header = [0u8; pcx::interface::wire::HEADER_LEN];
             s.read_exact(&mut header).expect("answer header");
-            let mut answer = vec![0u8; pcx::wire::body_len(header) as usize];
+            let mut answer = vec![0u8; pcx::interface::wire::body_len(header) as usize];
             s.read_exact(&mut answer).expect("answer body");
-            let answer = pcx::wire::decode_answer(&answer).and_then(pcx::wire::to_json);
+            let answer = pcx::interface::wire::decode_answer(&answer)
+                .and_then(pcx::interface::wire::to_json);
             assert_eq!(answer.expect("an answer")["ok"], true);
         }
     }

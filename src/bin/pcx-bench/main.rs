@@ -19,7 +19,7 @@ use pcx::actor::{
     CreateCacheEntries, Edit, EditArtifact, LoadCacheEntry, RecordArtifact, RecordEntry,
     SaveToDynamoCache,
 };
-use pcx::model::{Artifact, DynamoCacheEntry, DynamoCodeEntry};
+use pcx::core::model::{Artifact, DynamoCacheEntry, DynamoCodeEntry};
 use pcx::{Config, Context};
 
 mod floor;
@@ -583,7 +583,7 @@ impl Drop for Server {
 }
 
 fn frame(v: &Value) -> Vec<u8> {
-    pcx::wire::encode_frame(&pcx::wire::to_msgpack(v))
+    pcx::interface::wire::encode_frame(&pcx::interface::wire::to_msgpack(v))
 }
 
 /// Closed-loop clients: each sends its next record only after the answer to the previous.
@@ -628,10 +628,11 @@ fn closed_loop(
                     s.write_all(&f).await?;
                     let mut h = [0u8; 4];
                     s.read_exact(&mut h).await?;
-                    body.resize(pcx::wire::body_len(h) as usize, 0);
+                    body.resize(pcx::interface::wire::body_len(h) as usize, 0);
                     s.read_exact(&mut body).await?;
                     lat.push(t.elapsed().as_secs_f64() * 1e3);
-                    let a = pcx::wire::to_json(pcx::wire::decode_answer(&body)?)?;
+                    let a =
+                        pcx::interface::wire::to_json(pcx::interface::wire::decode_answer(&body)?)?;
                     if a["ok"] != true {
                         bail!("client {c}: {a}");
                     }
