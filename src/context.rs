@@ -19,9 +19,11 @@ use crate::config::Config;
 use crate::core::model::{Artifact, DebugInfo, Digest, DynamoCacheEntry, SystemInfo};
 use crate::core::state::State;
 use crate::plugins::kinds::Kinds;
-use crate::store::journal::{Journal, OpenError, SledJournal};
+use crate::store::error::OpenError;
+use crate::store::journal::Journal;
 use crate::store::record::encode_saved_entry;
 use crate::store::replay::{recover, ReplayError};
+use crate::store::sled_journal::SledJournal;
 
 /// Why a context could not be opened.
 #[derive(Debug, thiserror::Error)]

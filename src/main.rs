@@ -265,7 +265,7 @@ fn error_text(e: &anyhow::Error) -> String {
 /// What to do about a damaged data directory, for the errors that say it is.
 fn damage_hint(cause: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     use pcx::context::ContextOpenError;
-    use pcx::store::journal::{OpenError, StoreError};
+    use pcx::store::error::{OpenError, StoreError};
     use pcx::store::replay::ReplayError;
     const DAMAGED: &str = "The data directory is damaged. `pcx verify` names the first bad \
         event and `pcx export` writes out the log, if the store still opens; `pcx salvage \
@@ -710,14 +710,16 @@ fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
             Err(e) => answer_error("import_failed", &e.to_string()),
         });
     }
-    let journal =
-        match pcx::store::journal::SledJournal::open_existing(dir, config.cache_capacity_bytes) {
-            Ok(j) => j,
-            Err(e @ pcx::store::journal::OpenError::Missing { .. }) => {
-                return Ok(answer_error("no_data_directory", &error_text(&e.into())))
-            }
-            Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
-        };
+    let journal = match pcx::store::sled_journal::SledJournal::open_existing(
+        dir,
+        config.cache_capacity_bytes,
+    ) {
+        Ok(j) => j,
+        Err(e @ pcx::store::error::OpenError::Missing { .. }) => {
+            return Ok(answer_error("no_data_directory", &error_text(&e.into())))
+        }
+        Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
+    };
     if let Command::Recover { .. } = command {
         return Ok(
             match pcx::audit::lost_tail::accept_lost_tail(&journal, &config.origin()) {

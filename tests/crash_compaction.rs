@@ -483,7 +483,7 @@ fn finish_other(
 fn verify_and_state(dir: &Path, context: &str) -> (Value, Value) {
     use pcx::audit::query::Query;
     let journal =
-        pcx::store::journal::SledJournal::open_existing(dir, common::library::CACHE_BYTES)
+        pcx::store::sled_journal::SledJournal::open_existing(dir, common::library::CACHE_BYTES)
             .unwrap_or_else(|e| panic!("{context}: opening {}: {e}", dir.display()));
     let ask = |q: Query| {
         q.run(&journal, &mut |_| {})

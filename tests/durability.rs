@@ -14,9 +14,11 @@ use pcx::context::{settings, ContextOpenError};
 use pcx::core::event::Event;
 use pcx::core::model::Digest;
 use pcx::core::state::State;
-use pcx::store::journal::{FaultyJournal, Journal, OpenError, SledJournal};
+use pcx::store::error::OpenError;
+use pcx::store::journal::{FaultyJournal, Journal};
 use pcx::store::record::{decode_event, seq_key, DecodeError};
 use pcx::store::replay::{fold, recover, Head, Recovered, ReplayError};
+use pcx::store::sled_journal::SledJournal;
 use pcx::{Config, Context, ContextError};
 use serde_json::{json, Value};
 

@@ -24,9 +24,10 @@ use pcx::core::model::{
     ArtifactRef, Digest, DynamoCacheEntry, DynamoCodeEntry, InlinedSource, SourceInfo, SystemInfo,
 };
 use pcx::core::state::State;
-use pcx::store::journal::{Commit, Journal, SledJournal};
+use pcx::store::journal::{Commit, Journal};
 use pcx::store::record::{self, Envelope, GENESIS, SCHEMA_VERSION};
 use pcx::store::replay::{fold, recover, Head};
+use pcx::store::sled_journal::SledJournal;
 
 const TIME_MS: u64 = 1_700_000_000_000;
 const ORIGIN: &str = "golden@pcx";

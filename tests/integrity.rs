@@ -15,9 +15,10 @@ use std::time::Duration;
 use pcx::context::ContextOpenError;
 use pcx::core::event::Event;
 use pcx::core::model::Digest;
-use pcx::store::journal::{Journal, SledJournal};
+use pcx::store::journal::Journal;
 use pcx::store::record::{decode_event, encode_event};
 use pcx::store::replay::ReplayError;
+use pcx::store::sled_journal::SledJournal;
 use pcx::{Config, Context};
 use serde_json::{json, Value};
 

@@ -17,8 +17,8 @@ use pcx::core::model::{
     ArtifactRef, DebugInfo, Digest, DynamoCacheEntry, DynamoCodeEntry, EntryDebugInfo,
 };
 use pcx::core::state::State;
-use pcx::store::journal::SledJournal;
 use pcx::store::replay::{fold, recover, Head};
+use pcx::store::sled_journal::SledJournal;
 use pcx::Context;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;

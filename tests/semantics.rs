@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use pcx::actor::{Edit, EditArtifact, Loaded, RecordArtifact, Stitched, StitchedEntry};
 use pcx::core::model::Digest;
-use pcx::store::journal::{Commit, Journal, Records, SledJournal, StoreError};
+use pcx::store::error::StoreError;
+use pcx::store::journal::{Commit, Journal, Records};
+use pcx::store::sled_journal::SledJournal;
 use pcx::{Artifact, Config, Context, DynamoCacheEntry, DynamoCodeEntry, SystemInfo};
 use serde_json::{json, Value};
 use tempfile::TempDir;

@@ -22,7 +22,8 @@ use std::thread::JoinHandle;
 
 use crate::actor::error::ContextError;
 use crate::core::model::Digest;
-use crate::store::journal::{Commit, Journal, StoreError};
+use crate::store::error::StoreError;
+use crate::store::journal::{Commit, Journal};
 use crate::store::pack::{MAX_GROUP_BYTES, MAX_GROUP_EVENTS};
 
 /// An answer waiting for its changes (and every change staged before them) to be durable.
@@ -328,7 +329,8 @@ fn finish(shared: &Shared, failed: bool) -> Vec<Waiter> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::journal::{FaultyJournal, SledJournal};
+    use crate::store::journal::FaultyJournal;
+    use crate::store::sled_journal::SledJournal;
     use std::sync::mpsc;
     use std::time::Duration;
 

@@ -20,7 +20,8 @@ use crate::core::model::{Artifact, ArtifactRef, Digest};
 use crate::core::state::State;
 use crate::core::stitch::{stitch_part, Stitch};
 use crate::plugins::loader::PluginError;
-use crate::store::journal::{Journal, StoreError};
+use crate::store::error::StoreError;
+use crate::store::journal::Journal;
 use crate::store::record::{
     encode_event, encode_saved_entry, encode_snapshot_of, Envelope, SCHEMA_VERSION,
 };

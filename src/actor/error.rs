@@ -2,7 +2,7 @@
 //! caller's (a rejected request: bad input, unknown key) or the system's (storage, a panic).
 
 use crate::core::model::InvalidEntry;
-use crate::store::journal::StoreError;
+use crate::store::error::StoreError;
 
 /// A request's failure. Cloneable, because one failed commit fails every request in its group.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

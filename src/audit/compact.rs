@@ -22,9 +22,11 @@ use serde_json::{json, Value};
 use crate::audit::export::state_refs;
 use crate::audit::query::{state_at, walk, AuditError, Progress};
 use crate::core::model::Digest;
-use crate::store::journal::{Commit, Journal, OpenError, SledJournal, StoreError};
+use crate::store::error::{OpenError, StoreError};
+use crate::store::journal::{Commit, Journal};
 use crate::store::record::{decode_snapshot, encode_snapshot_of};
 use crate::store::replay::{base, Base};
+use crate::store::sled_journal::SledJournal;
 use crate::store::swap::{pause_point, sibling, swap_in, DirLock, SwapError, COMPACTING};
 
 /// Why compaction did not happen.

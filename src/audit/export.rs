@@ -27,9 +27,11 @@ use serde_json::{json, Value};
 use crate::audit::query::{walk, AuditError, Progress};
 use crate::core::model::Digest;
 use crate::core::state::State;
-use crate::store::journal::{Commit, Journal, OpenError, SledJournal, StoreError};
+use crate::store::error::{OpenError, StoreError};
+use crate::store::journal::{Commit, Journal};
 use crate::store::record::{decode_event, decode_snapshot, encode_snapshot_of, SCHEMA_VERSION};
 use crate::store::replay::{base, Head};
+use crate::store::sled_journal::SledJournal;
 
 /// The export format's version.
 pub const EXPORT_VERSION: u64 = 1;

@@ -16,9 +16,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::audit::query::lost_tail_json;
-use crate::store::journal::{Journal, SledJournal, StoreError};
+use crate::store::error::StoreError;
+use crate::store::journal::Journal;
 use crate::store::record::{encode_lost_tail, EncodeError, LostTail, SCHEMA_VERSION};
 use crate::store::replay::{recover_past_lost_tail, ReplayError};
+use crate::store::sled_journal::SledJournal;
 
 /// Why a lost tail was not accepted.
 #[derive(Debug, thiserror::Error)]

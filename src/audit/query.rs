@@ -16,7 +16,8 @@ use serde_json::{json, Map, Value};
 use crate::core::event::Event;
 use crate::core::model::{stitch_entry, ArtifactRef, Digest};
 use crate::core::state::State;
-use crate::store::journal::{Journal, StoreError};
+use crate::store::error::StoreError;
+use crate::store::journal::Journal;
 use crate::store::record::{decode_lost_tail, decode_snapshot, Envelope, LostTail};
 use crate::store::replay::{base, Base, Head, ReplayError};
 

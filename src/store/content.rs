@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::store::journal::StoreError;
+use crate::store::error::StoreError;
 
 /// A file is closed for appending once it reaches this size.
 pub const FILE_LIMIT: u64 = 1 << 30;

@@ -10,9 +10,11 @@
 
 pub mod content;
 pub mod damage;
+pub mod error;
 pub mod journal;
 pub mod pack;
 pub mod raw;
 pub mod record;
 pub mod replay;
+pub mod sled_journal;
 pub mod swap;

@@ -4,7 +4,8 @@
 
 use crate::core::model::Digest;
 use crate::core::state::State;
-use crate::store::journal::{Journal, StoreError};
+use crate::store::error::StoreError;
+use crate::store::journal::Journal;
 use crate::store::record::{decode_event, decode_snapshot, DecodeError, Envelope, GENESIS};
 
 /// The last record folded: where the next append continues.

@@ -7,9 +7,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pcx::core::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
-use pcx::store::journal::SledJournal;
 use pcx::store::pack::{index_entries, index_push, page_push, page_records, Loc, Place};
 use pcx::store::record::{key_seq, seq_key};
+use pcx::store::sled_journal::SledJournal;
 use pcx::{Artifact, Config, Context};
 
 /// The cache capacity of the tests' contexts and journals.

@@ -1,0 +1,126 @@
+//! The store's errors: what failed while storing or reading ([`StoreError`]) and why a data
+//! directory could not be opened ([`OpenError`]). Defined here, where they arise; the actor
+//! wraps them in its own error for callers.
+
+use std::path::{Path, PathBuf};
+
+/// A storage failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage failed while {op}: {}", relative_fault(.source))]
+    Sled {
+        op: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    /// A read failed inside sled (`what` names the damaged file, as
+    /// [`crate::store::damage::diagnose`] found it).
+    #[error("storage failed while {op}: {what}")]
+    SledRead {
+        op: &'static str,
+        what: String,
+        #[source]
+        source: sled::Error,
+    },
+    /// Reading the log failed inside sled; every event up to `after` was read.
+    #[error("storage failed while reading the events after event {after}: {what}")]
+    SledEvents {
+        after: u64,
+        /// Which of sled's files is damaged, as [`crate::store::damage::diagnose`] found.
+        what: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("storage failed while {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the data directory is closed")]
+    Closed,
+    #[error("No space left on device: a write needs about {needed} bytes free, {available} are")]
+    NoSpace { needed: u64, available: u64 },
+    #[error("the event log is being reopened after a storage failure; try again")]
+    Unavailable,
+    #[error("storage failed while {op}: injected fault")]
+    Injected { op: &'static str },
+    #[error("the content store is damaged: {what}")]
+    Damaged { what: String },
+}
+
+impl StoreError {
+    /// True when the failure is the disk being full.
+    pub fn is_no_space(&self) -> bool {
+        if matches!(self, StoreError::NoSpace { .. }) {
+            return true;
+        }
+        let io = match self {
+            StoreError::Io { source, .. } => Some(source),
+            StoreError::Sled {
+                source: sled::Error::Io(e),
+                ..
+            } => Some(e),
+            _ => None,
+        };
+        io.is_some_and(|e| e.raw_os_error() == Some(28) || e.to_string().contains("No space left"))
+    }
+}
+
+/// sled's error in words naming its file, relative to the data directory.
+fn relative_fault(e: &sled::Error) -> String {
+    crate::store::damage::sled_fault(Path::new(""), e)
+}
+
+/// Why a data directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data directory {path} is in use: another pcx process (or context) has it open, and one writer per data directory is allowed")]
+    Locked { path: PathBuf },
+    #[error("cannot open the event log in {path}: {what}")]
+    Sled {
+        path: PathBuf,
+        /// Which of sled's files is damaged, as [`crate::store::damage::diagnose`] found.
+        what: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("the content index in {path} is damaged: {what}")]
+    Damaged { path: PathBuf, what: String },
+    /// sled's data file is gone from a directory sled has written (its configuration is
+    /// there): opening would start an empty log in its place and serve it as this one.
+    #[error(
+        "sled's data file {path} is missing: the data directory's log is gone (opening would \
+         start an empty one in its place)"
+    )]
+    DataFileMissing { path: PathBuf },
+    #[error("cannot open {path} for syncing: {source}")]
+    DataFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data directory {path} does not exist: nothing has been recorded there")]
+    Missing { path: PathBuf },
+    /// The lock beside the directory, or an interrupted compaction or import left there.
+    #[error(transparent)]
+    Swap(crate::store::swap::SwapError),
+}
+
+impl From<crate::store::swap::SwapError> for OpenError {
+    fn from(e: crate::store::swap::SwapError) -> Self {
+        use crate::store::swap::SwapError;
+        match e {
+            SwapError::Locked { dir } => OpenError::Locked { path: dir },
+            SwapError::Missing { dir } => OpenError::Missing { path: dir },
+            other => OpenError::Swap(other),
+        }
+    }
+}

@@ -1,0 +1,838 @@
+//! The sled-backed journal (sled 0.34.7): records one page per group commit, contents in
+//! packs or content files, snapshots, the dynamo cache view and the compaction anchor, made
+//! durable by sled's flush plus an explicit `fdatasync` of its files.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use std::collections::{HashMap, HashSet};
+
+use crate::core::model::Digest;
+use crate::store::content::ContentFiles;
+use crate::store::error::{OpenError, StoreError};
+use crate::store::journal::{Commit, Journal, Records};
+use crate::store::pack::{
+    file_locs, index_entries, index_push, pack_contents, page_records, pages, Loc, Packed, Place,
+    FILE_THRESHOLD,
+};
+use crate::store::record::{key_seq, seq_key};
+
+fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
+    move |source| StoreError::Sled { op, source }
+}
+
+/// A failure of sled while opening `dir`, with the damaged file found.
+fn sled_open_error(dir: &Path, source: sled::Error) -> OpenError {
+    OpenError::Sled {
+        path: dir.to_path_buf(),
+        what: crate::store::damage::diagnose(dir, &source),
+        source,
+    }
+}
+
+/// How long opening waits for a data directory that is locked.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The key of the compaction anchor in the `meta` tree.
+const ANCHOR_KEY: &[u8] = b"anchor";
+
+/// The prefix of the keys of accepted lost tails in the `meta` tree (then a big-endian u64
+/// counting them from 0).
+const LOST_TAIL_PREFIX: &[u8] = b"lost_tail/";
+
+/// Free space kept in reserve for sled's own bookkeeping (a few of its 512 KiB segments).
+const SPACE_MARGIN: u64 = 4 << 20;
+
+/// How many snapshots are kept: the newest, and one before it to fall back to.
+const SNAPSHOTS_KEPT: usize = 2;
+
+/// sled's handles on one data directory.
+struct Handles {
+    db: sled::Db,
+    /// Records, one page per group commit, keyed by the page's first sequence number.
+    pages: sled::Tree,
+    /// Contents, packed, keyed by pack number.
+    packs: sled::Tree,
+    /// Where each content sits: one value per group commit, keyed by its first pack number.
+    pack_index: sled::Tree,
+    /// Records one per key, as pcx wrote them before pages: read, never written.
+    legacy_events: sled::Tree,
+    /// Contents one per key by digest, as pcx wrote them before packs: read, never written.
+    legacy_blobs: sled::Tree,
+    snapshots: sled::Tree,
+    cache: sled::Tree,
+    /// Holds the compaction anchor: the snapshot the remaining log continues from.
+    meta: sled::Tree,
+    /// sled's data file: flushed by sled with `sync_file_range`, which leaves the device's
+    /// write cache unflushed (sled issue 1452), so we `fdatasync` it ourselves.
+    data_file: File,
+}
+
+/// The sled-backed journal (sled 0.34.7), durable through an explicit `fdatasync`.
+///
+/// sled keeps the first write error it meets (a full disk, say) and fails everything after
+/// it until the database is opened again; [`Journal::reset`] does that, so the context recovers
+/// without a restart once the cause is gone.
+pub struct SledJournal {
+    handles: std::sync::RwLock<Option<std::sync::Arc<Handles>>>,
+    dir: PathBuf,
+    cache_capacity: u64,
+    /// The highest sled blob file already synced (sled names them by log sequence number and
+    /// never syncs them itself).
+    synced_blob_files: Mutex<u64>,
+    /// Where every packed content is, read from `pack_index` at open: a read goes straight to
+    /// its pack, and a content already stored is not stored again.
+    contents: std::sync::RwLock<Contents>,
+    /// Writers of packs take turns, so two never number a pack alike.
+    writer: Mutex<()>,
+    files: ContentFiles,
+    /// The data directory's lock, held as long as the journal (none for the side directories
+    /// a compaction or import writes under the lock it holds itself). Last, so it goes last.
+    _lock: Option<crate::store::swap::DirLock>,
+}
+
+/// The in-memory content index.
+#[derive(Default)]
+struct Contents {
+    locs: HashMap<Digest, Loc>,
+    next_pack: u64,
+    /// The key of the next `pack_index` value.
+    next_index: u64,
+}
+
+/// A group's new contents, laid out but not yet written.
+struct Staged<'a> {
+    /// Content not stored yet, each once, in order.
+    fresh: Vec<(&'a Digest, &'a [u8])>,
+    /// Small groups: sled packs and where each content is in them. Large groups go to a
+    /// content file, and learn where once appended.
+    packs: Option<Packed>,
+    index_key: u64,
+}
+
+/// Where a staged group's contents went.
+#[derive(Default)]
+struct Written {
+    locs: Vec<(Digest, Loc)>,
+    pack_keys: Vec<u64>,
+    index_key: Option<u64>,
+}
+
+/// Reads the content index of a data directory.
+fn load_contents(h: &Handles, dir: &Path) -> Result<Contents, String> {
+    let fault = |e: sled::Error| crate::store::damage::diagnose(dir, &e);
+    let mut contents = Contents::default();
+    for item in h.pack_index.iter() {
+        let (k, v) = item.map_err(|e| format!("cannot read it: {}", fault(e)))?;
+        let at = key_seq(&k).map_or_else(|| format!("{k:?}"), |n| n.to_string());
+        let entries = index_entries(&v).ok_or_else(|| {
+            format!(
+                "its value {at} ({} bytes) is not a whole number of well-formed entries",
+                v.len()
+            )
+        })?;
+        for (digest, loc) in entries {
+            if loc.place == Place::Sled {
+                contents.next_pack = contents.next_pack.max(loc.pack.saturating_add(1));
+            }
+            contents.locs.insert(digest, loc);
+        }
+        if let Some(n) = key_seq(&k) {
+            contents.next_index = contents.next_index.max(n.saturating_add(1));
+        }
+    }
+    if let Some((k, _)) = h
+        .packs
+        .last()
+        .map_err(|e| format!("cannot read the packs: {}", fault(e)))?
+    {
+        if let Some(n) = key_seq(&k) {
+            contents.next_pack = contents.next_pack.max(n.saturating_add(1));
+        }
+    }
+    Ok(contents)
+}
+
+impl SledJournal {
+    /// Opens (creating if missing) the data directory. Takes its lock first (see
+    /// [`crate::store::swap`]), then finishes or undoes a compaction or import a crash interrupted.
+    pub fn open(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
+        SledJournal::open_locking(dir, cache_capacity, true)
+    }
+
+    /// Opens the data directory as [`SledJournal::open`] does, but never creates it: a
+    /// missing one is [`OpenError::Missing`] (what read-only commands want).
+    pub fn open_existing(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
+        SledJournal::open_locking(dir, cache_capacity, false)
+    }
+
+    fn open_locking(
+        dir: &Path,
+        cache_capacity: u64,
+        create: bool,
+    ) -> Result<SledJournal, OpenError> {
+        let lock =
+            crate::store::swap::DirLock::acquire(dir, crate::store::swap::LOCK_PATIENCE, create)?;
+        crate::store::swap::repair(dir, &lock)?;
+        if !create && !dir.exists() {
+            return Err(OpenError::Missing {
+                path: dir.to_path_buf(),
+            });
+        }
+        let mut journal = SledJournal::open_held(dir, cache_capacity)?;
+        journal._lock = Some(lock);
+        Ok(journal)
+    }
+
+    /// Opens (creating if missing) a directory whose lock the caller holds: a compaction or
+    /// import's own opens of the data directory and of the side directory it writes.
+    pub(crate) fn open_held(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let handles = open_handles(dir, cache_capacity)?;
+        let contents = load_contents(&handles, dir).map_err(|what| OpenError::Damaged {
+            path: dir.to_path_buf(),
+            what,
+        })?;
+        let files = ContentFiles::open(dir).map_err(|e| OpenError::DataFile {
+            path: dir.join("content"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        // The directory entries of sled's files must survive power loss too.
+        sync_dir(dir).map_err(|source| OpenError::DataFile {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(SledJournal {
+            handles: std::sync::RwLock::new(Some(std::sync::Arc::new(handles))),
+            dir: dir.to_path_buf(),
+            cache_capacity,
+            synced_blob_files: Mutex::new(0),
+            contents: std::sync::RwLock::new(contents),
+            writer: Mutex::new(()),
+            files,
+            _lock: None,
+        })
+    }
+
+    /// A failed read of sled, said with the damaged file.
+    fn read_err(&self, op: &'static str) -> impl FnOnce(sled::Error) -> StoreError + '_ {
+        move |source| StoreError::SledRead {
+            op,
+            what: crate::store::damage::diagnose(&self.dir, &source),
+            source,
+        }
+    }
+
+    /// sled's handles, or an error while they are being reopened.
+    fn h(&self) -> Result<std::sync::Arc<Handles>, StoreError> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    /// Refuses a write that would leave less than a margin free: sled poisons itself on a
+    /// failed write, and refusing before it writes keeps reads working on a full disk.
+    fn ensure_space(&self, bytes: u64) -> Result<(), StoreError> {
+        let Some(available) = free_bytes(&self.dir) else {
+            return Ok(());
+        };
+        let needed = bytes.saturating_mul(2).saturating_add(SPACE_MARGIN);
+        if available < needed {
+            return Err(StoreError::NoSpace { needed, available });
+        }
+        Ok(())
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sets the compaction anchor and makes it durable (compaction and import only).
+    pub fn set_anchor(&self, snapshot: &[u8]) -> Result<(), StoreError> {
+        let h = self.h()?;
+        h.meta
+            .insert(ANCHOR_KEY, snapshot)
+            .map_err(sled_err("writing the anchor"))?;
+        self.make_durable()
+    }
+
+    /// Records an accepted lost tail and removes the snapshots ahead of the log that proved
+    /// it (`record` keeps them), durably. The record is written first, so no crash leaves
+    /// the snapshots gone without it.
+    pub fn accept_lost_tail(&self, record: &[u8], ahead: &[u64]) -> Result<(), StoreError> {
+        let h = self.h()?;
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let n = h.meta.scan_prefix(LOST_TAIL_PREFIX).count() as u64;
+        let mut key = LOST_TAIL_PREFIX.to_vec();
+        key.extend_from_slice(&seq_key(n));
+        h.meta
+            .insert(key, record)
+            .map_err(sled_err("recording the lost tail"))?;
+        for seq in ahead {
+            h.snapshots
+                .remove(seq_key(*seq))
+                .map_err(sled_err("removing a snapshot ahead of the log"))?;
+        }
+        self.make_durable()
+    }
+
+    /// Empties every tree (a refused import takes back what it wrote).
+    pub fn wipe(&self) -> Result<(), StoreError> {
+        let h = self.h()?;
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let trees = [
+            &h.pages,
+            &h.packs,
+            &h.pack_index,
+            &h.legacy_events,
+            &h.legacy_blobs,
+            &h.snapshots,
+            &h.cache,
+            &h.meta,
+        ];
+        for tree in trees {
+            tree.clear()
+                .map_err(sled_err("emptying the data directory"))?;
+        }
+        *self.contents_mut() = Contents::default();
+        self.files.remove_all()?;
+        self.make_durable()
+    }
+
+    /// Every stored blob digest (compaction only).
+    pub fn blob_digests(&self) -> Result<Vec<Digest>, StoreError> {
+        let h = self.h()?;
+        let mut all: Vec<Digest> = self.contents_ref().locs.keys().copied().collect();
+        for k in h.legacy_blobs.iter().keys() {
+            let k = k.map_err(self.read_err("listing blobs"))?;
+            if let Ok(a) = <[u8; 32]>::try_from(k.as_ref()) {
+                all.push(Digest(a));
+            }
+        }
+        Ok(all)
+    }
+
+    fn contents_ref(&self) -> std::sync::RwLockReadGuard<'_, Contents> {
+        self.contents.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn contents_mut(&self) -> std::sync::RwLockWriteGuard<'_, Contents> {
+        self.contents.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lays out the contents of `blobs` not stored yet (each once).
+    fn stage<'a>(&self, blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>) -> Staged<'a> {
+        let known = self.contents_ref();
+        let mut seen = HashSet::new();
+        let fresh: Vec<(&Digest, &[u8])> = blobs
+            .into_iter()
+            .filter(|(d, _)| !known.locs.contains_key(*d) && seen.insert(**d))
+            .collect();
+        let bytes: usize = fresh.iter().map(|(_, c)| c.len()).sum();
+        let packs =
+            (bytes < FILE_THRESHOLD).then(|| pack_contents(fresh.iter().copied(), known.next_pack));
+        Staged {
+            fresh,
+            packs,
+            index_key: known.next_index,
+        }
+    }
+
+    /// Writes staged contents (to sled packs or a content file) and their index entry. sled's
+    /// part is durable with the next flush; a content file is synced here, before the events
+    /// that refer to it are written.
+    fn write_contents(
+        &self,
+        h: &Handles,
+        staged: &Staged<'_>,
+        written: &mut Written,
+    ) -> Result<(), StoreError> {
+        if staged.fresh.is_empty() {
+            return Ok(());
+        }
+        let locs = match &staged.packs {
+            Some((packs, locs)) => {
+                for (n, pack) in packs {
+                    written.pack_keys.push(*n);
+                    h.packs
+                        .insert(seq_key(*n), pack.as_slice())
+                        .map_err(sled_err("writing content"))?;
+                }
+                locs.clone()
+            }
+            None => {
+                let parts: Vec<&[u8]> = staged.fresh.iter().map(|(_, c)| *c).collect();
+                let (file, at) = self.files.append(&parts)?;
+                file_locs(staged.fresh.iter().copied(), file, at)
+            }
+        };
+        let mut index = Vec::with_capacity(locs.len() * 57);
+        for (d, loc) in &locs {
+            index_push(&mut index, d, *loc);
+        }
+        written.index_key = Some(staged.index_key);
+        h.pack_index
+            .insert(seq_key(staged.index_key), index)
+            .map_err(sled_err("writing the content index"))?;
+        written.locs = locs;
+        Ok(())
+    }
+
+    /// Takes back the sled part of contents written by a group that failed. (Bytes in a
+    /// content file stay, unreferenced, until compaction.)
+    fn unwrite_contents(h: &Handles, written: &Written) {
+        let mut batch = sled::Batch::default();
+        for n in &written.pack_keys {
+            batch.remove(&seq_key(*n));
+        }
+        let _ = h.packs.apply_batch(batch);
+        if let Some(k) = written.index_key {
+            let _ = h.pack_index.remove(seq_key(k));
+        }
+    }
+
+    /// Makes written contents findable.
+    fn publish(&self, written: Written) {
+        let mut contents = self.contents_mut();
+        if let Some(k) = written.index_key {
+            contents.next_index = contents.next_index.max(k + 1);
+        }
+        if let Some(n) = written.pack_keys.last() {
+            contents.next_pack = contents.next_pack.max(n + 1);
+        }
+        contents.locs.extend(written.locs);
+    }
+
+    /// Flush sled, then `fdatasync` its data file and any new large-value files.
+    fn make_durable(&self) -> Result<(), StoreError> {
+        let h = self.h()?;
+        h.db.flush().map_err(sled_err("flushing the log"))?;
+        h.data_file.sync_data().map_err(|source| StoreError::Io {
+            op: "syncing",
+            path: self.dir.join("db"),
+            source,
+        })?;
+        self.sync_blob_files()
+    }
+
+    /// sled writes values too large for a log segment to files under `blobs/` without syncing
+    /// them; sync every one newer than the last synced, then the directory.
+    fn sync_blob_files(&self) -> Result<(), StoreError> {
+        let dir = self.dir.join("blobs");
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { op, path, source }
+        };
+        let mut synced = self
+            .synced_blob_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut newest = *synced;
+        let listing = match std::fs::read_dir(&dir) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("listing", &dir)(e)),
+        };
+        let mut any = false;
+        for entry in listing {
+            let entry = entry.map_err(io("listing", &dir))?;
+            let Some(lsn) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if lsn <= *synced {
+                continue;
+            }
+            let path = entry.path();
+            match File::open(&path) {
+                Ok(f) => f.sync_data().map_err(io("syncing", &path))?,
+                // sled may have garbage-collected it meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("opening", &path)(e)),
+            }
+            newest = newest.max(lsn);
+            any = true;
+        }
+        if any {
+            sync_dir(&dir).map_err(io("syncing", &dir))?;
+            *synced = newest;
+        }
+        Ok(())
+    }
+
+    fn try_commit(
+        &self,
+        h: &Handles,
+        c: &Commit,
+        staged: &Staged<'_>,
+        written: &mut Written,
+    ) -> Result<(), StoreError> {
+        let bytes: usize = staged.fresh.iter().map(|p| p.1.len()).sum::<usize>()
+            + c.records.iter().map(|r| r.1.len()).sum::<usize>()
+            + c.cache_puts.iter().map(|p| p.1.len()).sum::<usize>()
+            + c.snapshot.as_ref().map_or(0, |s| s.1.len());
+        self.ensure_space(bytes as u64)?;
+        // One key at a time, in an order that makes every prefix whole: sled recovers a
+        // prefix of its log (one writer, in order), so after a crash an event has its content
+        // and its page's predecessors, and whatever else of this group survives (snapshot,
+        // cache view) has its events. No `apply_batch`: in sled 0.34.7 each batch waits on
+        // the log (about 50 µs before the flush, measured) and doubles the flush that
+        // follows, and a prefix of a group is never answered, so its atomicity buys nothing.
+        self.write_contents(h, staged, written)?;
+        for (first, page) in pages(&c.records) {
+            h.pages
+                .insert(seq_key(first), page)
+                .map_err(sled_err("appending events"))?;
+        }
+        if let Some((seq, bytes)) = &c.snapshot {
+            h.snapshots
+                .insert(seq_key(*seq), bytes.as_slice())
+                .map_err(sled_err("writing a snapshot"))?;
+            // (A snapshot written again at the same place replaces that one.)
+            let older: Vec<u64> = self
+                .snapshot_seqs()?
+                .into_iter()
+                .filter(|s| s != seq)
+                .skip(SNAPSHOTS_KEPT - 1)
+                .collect();
+            for s in older {
+                h.snapshots
+                    .remove(seq_key(s))
+                    .map_err(sled_err("dropping an old snapshot"))?;
+            }
+        }
+        // The view is checked against the events at open and rewritten if it differs.
+        for (key, bytes) in &c.cache_puts {
+            h.cache
+                .insert(key.as_bytes(), bytes.as_slice())
+                .map_err(sled_err("writing the dynamo cache"))?;
+        }
+        self.make_durable()
+    }
+}
+
+/// Opens sled on `dir`. sled's IO threads hold the locked data file for a moment after a
+/// close, so an open right after one (the same process restarting its context, or a reset)
+/// retries briefly before calling the directory in use.
+fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
+    if crate::store::damage::data_file_missing(dir) {
+        return Err(OpenError::DataFileMissing {
+            path: dir.join("db"),
+        });
+    }
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    let db = loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => break db,
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(OpenError::Locked {
+                        path: dir.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(source) => return Err(sled_open_error(dir, source)),
+        }
+    };
+    let tree = |name: &str| {
+        db.open_tree(name)
+            .map_err(|source| sled_open_error(dir, source))
+    };
+    let (pages, packs, pack_index, legacy_events, legacy_blobs) = (
+        tree("pages")?,
+        tree("packs")?,
+        tree("pack_index")?,
+        tree("events")?,
+        tree("blobs")?,
+    );
+    let (snapshots, cache, meta) = (tree("snapshots")?, tree("dynamo_cache")?, tree("meta")?);
+    let data_path = dir.join("db");
+    let data_file = File::open(&data_path).map_err(|source| OpenError::DataFile {
+        path: data_path.clone(),
+        source,
+    })?;
+    Ok(Handles {
+        db,
+        pages,
+        packs,
+        pack_index,
+        legacy_events,
+        legacy_blobs,
+        snapshots,
+        cache,
+        meta,
+        data_file,
+    })
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct we own, from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Journal for SledJournal {
+    fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let h = self.h()?;
+        let loc = self.contents_ref().locs.get(digest).copied();
+        let Some(loc) = loc else {
+            return Ok(h
+                .legacy_blobs
+                .get(digest.0)
+                .map_err(self.read_err("reading a blob"))?
+                .map(|v| v.to_vec()));
+        };
+        if loc.place == Place::File {
+            let damaged = |why: String| StoreError::Damaged {
+                what: format!("content {} in a content file: {why}", digest.to_hex()),
+            };
+            let bytes = self
+                .files
+                .read(loc.pack, loc.offset, loc.len)
+                .map_err(damaged)?;
+            if crc32fast::hash(&bytes) != loc.crc {
+                return Err(damaged(format!(
+                    "bytes {}..{} of file {} fail their checksum",
+                    loc.offset,
+                    loc.offset + loc.len,
+                    loc.pack
+                )));
+            }
+            return Ok(Some(bytes));
+        }
+        let pack = h
+            .packs
+            .get(seq_key(loc.pack))
+            .map_err(self.read_err("reading a blob"))?;
+        match pack.as_deref().map(|p| (p.len(), loc.slice(p))) {
+            Some((_, Some(content))) => Ok(Some(content.to_vec())),
+            Some((len, None)) => Err(StoreError::Damaged {
+                what: format!(
+                    "content {} is indexed at bytes {}..{} of pack {}, which has {len} bytes",
+                    digest.to_hex(),
+                    loc.offset,
+                    loc.offset.saturating_add(loc.len),
+                    loc.pack
+                ),
+            }),
+            None => Err(StoreError::Damaged {
+                what: format!(
+                    "content {} is indexed in pack {}, which is missing",
+                    digest.to_hex(),
+                    loc.pack
+                ),
+            }),
+        }
+    }
+
+    fn commit(&self, c: &Commit) -> Result<(), StoreError> {
+        let h = self.h()?;
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let staged = self.stage(c.blobs.iter().map(|(d, b)| (d, b.as_slice())));
+        let mut written = Written::default();
+        match self.try_commit(&h, c, &staged, &mut written) {
+            Ok(()) => {
+                self.publish(written);
+                Ok(())
+            }
+            Err(e) => {
+                // Take back whatever part of the group reached sled, so a failed change is
+                // not made durable by a later flush. The cache view is rebuilt by the caller.
+                // The snapshot goes first: sled recovers a prefix of its log, and a prefix
+                // that took back the events but not their snapshot would leave a snapshot
+                // ahead of the log, which opening refuses as a lost tail.
+                if let Some((seq, _)) = &c.snapshot {
+                    let _ = h.snapshots.remove(seq_key(*seq));
+                }
+                let mut batch = sled::Batch::default();
+                for (first, _) in pages(&c.records) {
+                    batch.remove(&seq_key(first));
+                }
+                let _ = h.pages.apply_batch(batch);
+                Self::unwrite_contents(&h, &written);
+                let _ = h.db.flush();
+                Err(e)
+            }
+        }
+    }
+
+    fn records(&self, from: u64) -> Records<'_> {
+        let h = match self.h() {
+            Ok(h) => h,
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        // sled's iterators hold their own handles on the trees. Keys are written only by
+        // `commit`; a key of another length is itself damage, reported as sequence number
+        // u64::MAX so replay names it.
+        // A failure inside sled is said with the file it is in and the last event read.
+        let dir = self.dir.clone();
+        let failed = move |after: u64, source: sled::Error| StoreError::SledEvents {
+            after,
+            what: crate::store::damage::diagnose(&dir, &source),
+            source,
+        };
+        let in_legacy = failed.clone();
+        let mut legacy_read = from.saturating_sub(1);
+        let legacy = h
+            .legacy_events
+            .range(seq_key(from)..)
+            .map(move |item| match item {
+                Err(e) => Err(in_legacy(legacy_read, e)),
+                Ok((k, v)) => {
+                    let seq = key_seq(&k).unwrap_or(u64::MAX);
+                    legacy_read = seq;
+                    Ok((seq, v.to_vec()))
+                }
+            });
+        // The page holding `from` begins at or before it.
+        let start = match h.pages.range(..=seq_key(from)).next_back() {
+            Some(Ok((k, _))) => k.to_vec(),
+            _ => seq_key(from).to_vec(),
+        };
+        let mut read = from.saturating_sub(1);
+        let pages = h.pages.range(start..).flat_map(move |item| {
+            let page: Vec<Result<(u64, Vec<u8>), StoreError>> = match item {
+                Err(e) => vec![Err(failed(read, e))],
+                Ok((k, v)) => page_records(&v, key_seq(&k).unwrap_or(u64::MAX))
+                    .into_iter()
+                    .filter(|(seq, _)| *seq >= from)
+                    .map(|(seq, r)| Ok((seq, r.to_vec())))
+                    .collect(),
+            };
+            if let Some(Ok((seq, _))) = page.last() {
+                read = read.max(*seq);
+            }
+            page
+        });
+        Box::new(legacy.chain(pages))
+    }
+
+    fn last_seq(&self) -> Result<Option<u64>, StoreError> {
+        let h = self.h()?;
+        let legacy = h
+            .legacy_events
+            .last()
+            .map_err(self.read_err("reading events"))?
+            .and_then(|(k, _)| key_seq(&k));
+        let paged = h
+            .pages
+            .last()
+            .map_err(self.read_err("reading events"))?
+            .and_then(|(k, v)| {
+                let first = key_seq(&k)?;
+                page_records(&v, first).last().map(|(seq, _)| *seq)
+            });
+        Ok(legacy.max(paged))
+    }
+
+    fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        let h = self.h()?;
+        let mut seqs = Vec::new();
+        for item in h.snapshots.iter().keys().rev() {
+            let k = item.map_err(self.read_err("listing snapshots"))?;
+            if let Some(s) = key_seq(&k) {
+                seqs.push(s);
+            }
+        }
+        Ok(seqs)
+    }
+
+    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let h = self.h()?;
+        Ok(h.snapshots
+            .get(seq_key(seq))
+            .map_err(self.read_err("reading a snapshot"))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn reset(&self) -> Result<(), StoreError> {
+        // Not in the middle of a commit: it finishes on the old handles first.
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        // Drop ours first: sled's lock on the directory goes with its last handle (an
+        // iterator still held elsewhere may keep it a moment; opening waits for that).
+        *slot = None;
+        let reopened =
+            open_handles(&self.dir, self.cache_capacity).map_err(|e| StoreError::Io {
+                op: "reopening the event log in",
+                path: self.dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let contents =
+            load_contents(&reopened, &self.dir).map_err(|what| StoreError::Damaged { what })?;
+        *self.contents_mut() = contents;
+        *slot = Some(std::sync::Arc::new(reopened));
+        tracing::info!(dir = %self.dir.display(), "event log reopened");
+        Ok(())
+    }
+
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let h = self.h()?;
+        Ok(h.meta
+            .get(ANCHOR_KEY)
+            .map_err(self.read_err("reading the anchor"))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        let h = self.h()?;
+        h.cache
+            .clear()
+            .map_err(sled_err("rewriting the dynamo cache"))?;
+        let mut batch = sled::Batch::default();
+        for (key, bytes) in entries {
+            batch.insert(key.as_bytes(), bytes.as_slice());
+        }
+        h.cache
+            .apply_batch(batch)
+            .map_err(sled_err("rewriting the dynamo cache"))?;
+        self.make_durable()
+    }
+
+    fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let h = self.h()?;
+        h.cache
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(self.read_err("reading the dynamo cache"))?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let h = self.h()?;
+        h.meta
+            .scan_prefix(LOST_TAIL_PREFIX)
+            .values()
+            .map(|v| Ok(v.map_err(self.read_err("reading the lost tails"))?.to_vec()))
+            .collect()
+    }
+}
