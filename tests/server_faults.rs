@@ -498,7 +498,7 @@ fn unread_answers_are_bounded_by_bytes() {
 // secrets
 
 /// Product bug: `pcx client --token T` was the only way to give the client a token other than
-/// the config, and it puts the secret in every user's `ps` (src/main.rs, `client`).
+/// the config, and it puts the secret in every user's `ps` (the `pcx` binary's `client`).
 #[test]
 fn a_token_on_the_command_line_is_warned_about() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1,0 +1,200 @@
+//! The audit and maintenance commands, which read (or rewrite) a stopped data directory
+//! directly: log, history, state, diff, verify, export, import, compact, recover, salvage.
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use serde_json::{json, Value};
+
+use crate::args::Command;
+use crate::report::{answer_error, error_text};
+use pcx::config::Config;
+use pcx::trace::LogFormat;
+
+/// logs, never into a pipe or a JSON log.
+pub(crate) fn progress_bar(config: &Config, total: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if config.log_format != LogFormat::Text || !io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} events ({eta})")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// The audit and maintenance commands: they read (or rewrite) the data directory directly.
+pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
+    use pcx::audit::query::{self, Query};
+    let dir = &config.data_dir;
+    // Whether the directory exists is asked under its lock, once an interrupted compaction
+    // is settled (it may have moved the directory aside): by the opens below.
+    if let Command::Compact { before } = command {
+        let bar = progress_bar(config, before, "compacting");
+        let report =
+            pcx::audit::compact::compact(dir, before, config.cache_capacity_bytes, &mut |s| {
+                bar.set_position(s)
+            });
+        bar.finish_and_clear();
+        return Ok(match report {
+            Ok(r) => {
+                println!("{r}");
+                ExitCode::SUCCESS
+            }
+            Err(e @ pcx::audit::compact::CompactError::Missing(_)) => {
+                answer_error("no_data_directory", &e.to_string())
+            }
+            Err(e) => answer_error("compact_failed", &e.to_string()),
+        });
+    }
+    if let Command::Import { input } = command {
+        let bar = progress_bar(config, 0, "importing");
+        let mut reader: Box<dyn io::BufRead> = match &input {
+            Some(path) => Box::new(io::BufReader::new(
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+            )),
+            None => Box::new(io::stdin().lock()),
+        };
+        let result =
+            pcx::audit::export::import(dir, config.cache_capacity_bytes, &mut reader, &mut |s| {
+                bar.set_position(s)
+            });
+        bar.finish_and_clear();
+        return Ok(match result {
+            Ok(i) => {
+                println!(
+                    "{}",
+                    json!({"ok": true, "events": i.events, "last_seq": i.last_seq, "state_digest": i.state_digest.to_hex()})
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => answer_error("import_failed", &e.to_string()),
+        });
+    }
+    let journal = match pcx::store::sled_journal::SledJournal::open_existing(
+        dir,
+        config.cache_capacity_bytes,
+    ) {
+        Ok(j) => j,
+        Err(e @ pcx::store::error::OpenError::Missing { .. }) => {
+            return Ok(answer_error("no_data_directory", &error_text(&e.into())))
+        }
+        Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
+    };
+    if let Command::Recover { .. } = command {
+        return Ok(
+            match pcx::audit::lost_tail::accept_lost_tail(&journal, &config.origin()) {
+                Ok(accepted) => {
+                    println!("{}", json!({"ok": true, "accepted": accepted}));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => answer_error(e.kind(), &error_text(&e.into())),
+            },
+        );
+    }
+    let total = pcx::store::journal::Journal::last_seq(&journal)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let mut out = io::stdout().lock();
+    let query = match command {
+        Command::Log { filter } => {
+            let mut failed = None;
+            let result = query::log(&journal, &filter, &mut |line| {
+                if failed.is_none() {
+                    if let Err(e) = writeln!(out, "{line}") {
+                        failed = Some(e);
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e).context("writing the log");
+            }
+            return Ok(match result {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => answer_error(e.kind(), &e.to_string()),
+            });
+        }
+        Command::History { key } => Query::History { key },
+        Command::State { at, at_time, key } => Query::State { at, at_time, key },
+        Command::Diff { from, to } => Query::Diff { from, to },
+        Command::Verify => Query::Verify,
+        Command::Export { content, output } => {
+            let bar = progress_bar(config, total, "exporting");
+            let mut sink: Box<dyn Write> = match &output {
+                Some(path) => Box::new(io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?,
+                )),
+                None => Box::new(io::BufWriter::new(out)),
+            };
+            let result = pcx::audit::export::export(&journal, content, &mut sink, &mut |s| {
+                bar.set_position(s)
+            });
+            bar.finish_and_clear();
+            return Ok(match result {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => answer_error("export_failed", &e.to_string()),
+            });
+        }
+        _ => anyhow::bail!("not an audit command"),
+    };
+    let bar = progress_bar(config, total, "replaying");
+    let result = query.run(&journal, &mut |s| bar.set_position(s));
+    bar.finish_and_clear();
+    let fields = match result {
+        Ok(f) => f,
+        Err(e) => return Ok(answer_error(e.kind(), &e.to_string())),
+    };
+    let sound = fields.get("verify").is_none_or(|v| v["ok"] == true);
+    for (_, value) in fields {
+        match value {
+            Value::Array(lines) => {
+                for line in lines {
+                    writeln!(out, "{line}")?;
+                }
+            }
+            Value::String(_) => {}
+            other => writeln!(out, "{other}")?,
+        }
+    }
+    Ok(if sound {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `pcx salvage`: reads the data directory without opening it as a store.
+pub(crate) fn salvage(config: &Config, output: &std::path::Path, scan: bool) -> Result<ExitCode> {
+    let dir = &config.data_dir;
+    if !dir.is_dir() {
+        return Ok(answer_error(
+            "no_data_directory",
+            &format!("data directory {} does not exist", dir.display()),
+        ));
+    }
+    let file =
+        std::fs::File::create(output).with_context(|| format!("creating {}", output.display()))?;
+    let mut sink = io::BufWriter::new(file);
+    let mut report = match pcx::audit::salvage::salvage(dir, scan, &mut sink) {
+        Ok(r) => r,
+        Err(e) => return Ok(answer_error("salvage_failed", &e.to_string())),
+    };
+    report["output"] = json!(output);
+    let complete = report["ok"] == true;
+    if !complete {
+        tracing::warn!(dir = %dir.display(), "salvage: the log breaks or was longer; see the report");
+    }
+    println!("{report}");
+    Ok(if complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

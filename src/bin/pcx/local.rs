@@ -1,0 +1,103 @@
+//! The commands that run a context in this process: `pcx batch` (JSON lines through the
+//! context) and `pcx demo`.
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use pcx::config::Config;
+use pcx::interface::protocol::{self};
+use pcx::Context;
+
+pub(crate) async fn batch(config: Config) -> Result<ExitCode> {
+    let ctx =
+        Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
+    let mut stdout = io::stdout().lock();
+    let summary = pcx::interface::batch::run(
+        &ctx,
+        stdin,
+        &mut stdout,
+        config.max_request_bytes,
+        config.max_in_flight,
+    )
+    .await;
+    let closed = ctx.close().await;
+    let summary = summary.context("batch input/output")?;
+    if let Err(e) = closed {
+        anyhow::bail!("closing the data directory: {e}");
+    }
+    tracing::info!(
+        answered = summary.answered,
+        failed = summary.failed,
+        "batch done"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The newcomer's tour: every step is a protocol request, shown with its answer.
+pub(crate) async fn demo(config: Config) -> Result<ExitCode> {
+    let mut out = io::stdout().lock();
+    let dir = config.data_dir.display().to_string();
+    writeln!(out, "pcx demo on data directory {dir}\n")?;
+    let step = |title: &str| format!("\n== {title}");
+    let entry = json!({
+        "fn_name": "forward", "fn_first_lineno": 3, "device_type": "cpu",
+        "codes": [
+            {"backend_ids": ["demo_b1", "demo_b2"], "python_module": "model"},
+            {"backend_ids": ["demo_b3", "demo_b1"], "python_module": "model"}
+        ]
+    });
+    let first: Vec<Value> = vec![
+        json!({"op":"record_artifact","key":"demo_b1","kind":"eager","content_b64":B64.encode("kernel one")}),
+        json!({"op":"record_artifact","key":"demo_b2","kind":"eager","content_b64":B64.encode("kernel two")}),
+        json!({"op":"edit_artifact","key":"demo_b2","edit":{"append_b64":B64.encode(" (tuned)")}}),
+        json!({"op":"record_dynamo_cache_entry","key":"demo_entry","entry":entry}),
+        json!({"op":"dump_debug_info"}),
+        json!({"op":"create_cache_entries"}),
+        json!({"op":"save_to_dynamo_cache"}),
+        json!({"op":"clear"}),
+    ];
+    writeln!(out, "{}", step("1. record two artifacts, edit one, record an entry that also names a missing demo_b3, stitch, save, clear"))?;
+    let ctx = Context::open(&config).with_context(|| format!("opening {dir}"))?;
+    for req in first {
+        show(&mut out, &ctx, req).await?;
+    }
+    ctx.close()
+        .await
+        .map_err(|e| anyhow::anyhow!("closing: {e}"))?;
+    writeln!(out, "{}", step("2. restart: the context is closed and opened again; its state is replayed from the log"))?;
+    let ctx = Context::open(&config).with_context(|| format!("reopening {dir}"))?;
+    for req in [
+        json!({"op":"dump_debug_info"}),
+        json!({"op":"load_cache_entry","key":"demo_entry"}),
+        json!({"op":"serialize_artifact_by_key","key":"demo_b2"}),
+        json!({"op":"load_cache_entry","key":"no_such_entry"}),
+    ] {
+        show(&mut out, &ctx, req).await?;
+    }
+    ctx.close()
+        .await
+        .map_err(|e| anyhow::anyhow!("closing: {e}"))?;
+    writeln!(
+        out,
+        "{}\nEverything above is in {dir}: run `pcx --data-dir {dir} debug-info`, or pipe requests into `pcx --data-dir {dir} batch`.",
+        step("done")
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn show(out: &mut impl Write, ctx: &Context, request: Value) -> Result<()> {
+    writeln!(out, "-> {request}")?;
+    let (id, parsed) = protocol::parse(request.to_string().as_bytes());
+    let answer = match parsed {
+        Ok(r) => protocol::with_id(id, protocol::submit(ctx, r).await),
+        Err(e) => protocol::refused(&e),
+    };
+    writeln!(out, "<- {answer}")?;
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! The `pcx` command: flags are parsed, turned into one validated configuration, and each
+//! subcommand becomes a protocol request (the same ones `pcx batch` reads).
+//!
+//! Its files: [`args`] (the command line), [`local`] (batch and demo), [`remote`] (serve and
+//! client), [`audit_cmd`] (the commands over a stopped data directory), [`plugins_cmd`], and
+//! [`report`] (how failures read, and exit codes).
+
+mod args;
+mod audit_cmd;
+mod local;
+mod plugins_cmd;
+mod remote;
+mod report;
+
+use std::io::{self};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use clap::Parser;
+use serde_json::Value;
+
+use crate::args::Cli;
+use crate::args::Command;
+use crate::audit_cmd::{audit_command, salvage};
+use crate::local::{batch, demo};
+use crate::plugins_cmd::plugins_command;
+use crate::remote::{client, serve};
+use crate::report::error_text;
+use crate::report::exit_code;
+use pcx::config::Config;
+use pcx::interface::protocol::{self, Request, WireEdit, WireEntry};
+use pcx::trace::{self};
+use pcx::Context;
+
+/// See [`pcx::alloc`].
+#[global_allocator]
+static ALLOCATOR: pcx::alloc::Allocator = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    pcx::alloc::small_pages();
+    // Every plugin library is loaded first in a child process, this binary run again.
+    pcx::plugins::probe::register_executable(std::env::current_exe());
+    let cli = Cli::parse();
+    let config = match configure(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pcx: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    trace::init(config.log_format, &config.log_filter);
+    let system = actix::System::new();
+    match system.block_on(run(cli.command, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pcx: {}", error_text(&e));
+            exit_code(&e)
+        }
+    }
+}
+
+fn configure(cli: &Cli) -> Result<Config> {
+    let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    if let Some(dir) = &cli.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(format) = cli.log_format {
+        config.log_format = format;
+    }
+    if let Some(dir) = &cli.plugin_dir {
+        config.plugin_dir = dir.clone();
+    }
+    if cli.no_plugins {
+        config.plugin_dir = PathBuf::new();
+    }
+    Ok(config)
+}
+
+async fn run(command: Command, config: Config) -> Result<ExitCode> {
+    let request = match command {
+        Command::Batch => return batch(config).await,
+        Command::Demo => return demo(config).await,
+        Command::Plugins(p) => return plugins_command(p, &config),
+        Command::Serve { socket, tcp } => return serve(config, socket, tcp).await,
+        Command::Client {
+            socket,
+            tcp,
+            token_file,
+            token,
+        } => return client(&config, socket, tcp, token_file, token),
+        Command::Salvage { output, scan } => return salvage(&config, &output, scan),
+        c @ (Command::Log { .. }
+        | Command::History { .. }
+        | Command::State { .. }
+        | Command::Diff { .. }
+        | Command::Verify
+        | Command::Export { .. }
+        | Command::Import { .. }
+        | Command::Compact { .. }
+        | Command::Recover { .. }) => return audit_command(c, &config),
+        other => request_of(other)?,
+    };
+    let ctx =
+        Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let answer = protocol::submit(&ctx, request).await;
+    let closed = ctx.close().await;
+    println!("{answer}");
+    if let Err(e) = closed {
+        anyhow::bail!("closing the data directory: {e}");
+    }
+    Ok(if answer.get("ok") == Some(&Value::Bool(true)) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn request_of(command: Command) -> Result<Request> {
+    Ok(match command {
+        Command::RecordArtifact { key, kind, content } => {
+            let bytes = match (content.file, content.content_b64, content.text) {
+                (Some(f), _, _) => {
+                    std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?
+                }
+                (_, Some(b), _) => {
+                    return Ok(Request::RecordArtifact {
+                        key,
+                        kind,
+                        content_b64: b,
+                    })
+                }
+                (_, _, Some(t)) => t.into_bytes(),
+                _ => read_stdin()?,
+            };
+            Request::RecordArtifact {
+                key,
+                kind,
+                content_b64: B64.encode(bytes),
+            }
+        }
+        Command::RecordEntry { key, json } => {
+            let text = match json.as_deref() {
+                None | Some("-") => {
+                    String::from_utf8(read_stdin()?).context("the entry JSON is not UTF-8")?
+                }
+                Some(j) => j.to_string(),
+            };
+            let entry: WireEntry =
+                serde_json::from_str(&text).context("the entry JSON is not a valid entry")?;
+            Request::RecordDynamoCacheEntry { key, entry }
+        }
+        Command::Edit {
+            key,
+            set_b64,
+            append_b64,
+        } => {
+            let edit = match (set_b64, append_b64) {
+                (Some(s), _) => WireEdit::SetB64(s),
+                (_, Some(a)) => WireEdit::AppendB64(a),
+                _ => anyhow::bail!("edit needs --set-b64 or --append-b64"),
+            };
+            Request::EditArtifact { key, edit }
+        }
+        Command::Get { key } => Request::SerializeArtifactByKey { key },
+        Command::Take { key } => Request::TakeArtifact { key },
+        Command::Clear => Request::Clear,
+        Command::DebugInfo => Request::DumpDebugInfo,
+        Command::Stitch => Request::CreateCacheEntries,
+        Command::Save => Request::SaveToDynamoCache,
+        Command::Load { key, system_info } => {
+            let system_info = system_info
+                .map(|s| {
+                    serde_json::from_str(&s).context("--system-info is not valid system info JSON")
+                })
+                .transpose()?;
+            Request::LoadCacheEntry { key, system_info }
+        }
+        _ => {
+            anyhow::bail!("not a single request")
+        }
+    })
+}
+
+fn read_stdin() -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    io::Read::read_to_end(&mut io::stdin(), &mut buf).context("reading stdin")?;
+    Ok(buf)
+}

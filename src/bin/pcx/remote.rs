@@ -1,0 +1,169 @@
+//! `pcx serve` (the context as a service, stopped by a signal within its bound) and
+//! `pcx client` (JSON lines through a server).
+
+use std::io::{self};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use serde_json::json;
+
+use pcx::config::Config;
+use pcx::Context;
+
+pub(crate) async fn serve(
+    config: Config,
+    socket: Option<PathBuf>,
+    tcp: Option<String>,
+) -> Result<ExitCode> {
+    let tcp_addr = tcp.unwrap_or_else(|| config.tcp_listen.clone());
+    let tcp = if tcp_addr.is_empty() {
+        None
+    } else {
+        let addr = tcp_addr
+            .parse()
+            .with_context(|| format!("--tcp {tcp_addr} is not an address like 127.0.0.1:7411"))?;
+        Some((addr, config.tcp_token.clone()))
+    };
+    let server = pcx::interface::server::ServerConfig {
+        socket_path: socket.unwrap_or_else(|| config.socket()),
+        tcp,
+        max_frame_bytes: config.max_frame_bytes,
+        max_in_flight_per_connection: config.max_in_flight_per_connection,
+        max_unread_answer_bytes_per_connection: config.max_unread_answer_bytes_per_connection,
+        max_connections: config.max_connections,
+        tcp_auth_timeout: std::time::Duration::from_millis(config.tcp_auth_timeout_ms),
+    };
+    // Signal handlers first, so a signal during start-up is a clean shutdown, not a death.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let plugin_stop = std::sync::Arc::new(std::sync::OnceLock::new());
+    stop_plugin_calls_after_signal(plugin_stop.clone());
+    let ctx =
+        Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
+    let _ = plugin_stop.set(ctx.clone());
+    let shutdown = async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    };
+    let counters = std::sync::Arc::new(pcx::interface::server::Counters::default());
+    let served = pcx::interface::server::run(ctx.clone(), server, counters, shutdown).await;
+    let closed = ctx.close().await;
+    served?;
+    closed.map_err(|e| anyhow::anyhow!("closing the data directory: {e}"))?;
+    tracing::info!("pcx server stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A plugin call that does not return holds the context actor, and with it this thread, where
+/// the server and its signal handlers run, until the call's deadline. So a thread of its own
+/// also waits for SIGINT/SIGTERM, and once the server's grace period is over makes the context
+/// give up its plugin calls: shutdown then ends in time whatever a plugin does (the stuck
+/// plugin thread is left to die with the process). Everything answered is durable already;
+/// the requests left waiting for a plugin fail.
+pub(crate) fn stop_plugin_calls_after_signal(ctx: std::sync::Arc<std::sync::OnceLock<Context>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (ready, started) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("pcx-signals".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let signalled = runtime.map(|rt| {
+                rt.block_on(async {
+                    let (int, term) = (
+                        signal(SignalKind::interrupt()),
+                        signal(SignalKind::terminate()),
+                    );
+                    let _ = ready.send(());
+                    let (Ok(mut int), Ok(mut term)) = (int, term) else {
+                        return false;
+                    };
+                    tokio::select! {
+                        _ = int.recv() => true,
+                        _ = term.recv() => true,
+                    }
+                })
+            });
+            if let Ok(true) = signalled {
+                std::thread::sleep(pcx::interface::server::SHUTDOWN_GRACE);
+                if let Some(ctx) = ctx.get() {
+                    tracing::warn!("still shutting down after the grace period: abandoning plugin calls");
+                    ctx.stop_plugin_calls();
+                }
+            } else {
+                tracing::warn!("cannot watch for signals beside the server: a plugin call can hold up shutdown until its deadline");
+            }
+        });
+    match spawned {
+        // Once it listens, a signal is seen by it as well as by the server.
+        Ok(_) => {
+            let _ = started.recv();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the signal thread: a plugin call can hold up shutdown until its deadline")
+        }
+    }
+}
+
+pub(crate) fn client(
+    config: &Config,
+    socket: Option<PathBuf>,
+    tcp: Option<String>,
+    token_file: Option<PathBuf>,
+    token: Option<String>,
+) -> Result<ExitCode> {
+    let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
+    let mut stdout = io::stdout().lock();
+    let (limit, in_flight) = (config.max_request_bytes, config.max_in_flight);
+    match tcp {
+        Some(addr) => {
+            let mut stream = std::net::TcpStream::connect(&addr)
+                .with_context(|| format!("connecting to {addr}"))?;
+            let token = client_token(config, token_file, token)?;
+            let hello = pcx::interface::client::exchange(
+                &mut stream,
+                &json!({"op": "auth", "token": token}),
+            )?;
+            if hello["ok"] != true {
+                anyhow::bail!("the server refused the token: {hello}");
+            }
+            pcx::interface::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
+        }
+        None => {
+            let path = socket.unwrap_or_else(|| config.socket());
+            let stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+                format!("connecting to {} (is `pcx serve` running?)", path.display())
+            })?;
+            pcx::interface::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The token `pcx client --tcp` sends: from `--token-file`, `--token` (with a warning), or the
+/// config's `tcp_token`.
+pub(crate) fn client_token(
+    config: &Config,
+    token_file: Option<PathBuf>,
+    token: Option<String>,
+) -> Result<String> {
+    if let Some(path) = token_file {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the token file {}", path.display()))?;
+        let token = text.strip_suffix('\n').unwrap_or(&text);
+        return Ok(token.strip_suffix('\r').unwrap_or(token).to_string());
+    }
+    if let Some(token) = token {
+        tracing::warn!(
+            "--token puts the token on the command line, which every user of this machine can \
+             read (ps, /proc); use --token-file FILE or the variable PCX_TCP_TOKEN instead"
+        );
+        return Ok(token);
+    }
+    Ok(config.tcp_token.clone())
+}

@@ -1,0 +1,101 @@
+//! How a failed command reads: each cause said once, what the user can do about it, and
+//! the exit code that tells a script what happened.
+
+use std::process::ExitCode;
+
+use serde_json::json;
+
+/// Exit codes beyond 0 (success), 1 (a failed request or command) and 2 (bad flags or
+/// configuration): opening the data directory was refused because a snapshot proves the log
+/// lost acknowledged events (see `pcx recover --accept-lost-tail`)...
+pub(crate) const EXIT_LOST_TAIL: u8 = 3;
+/// ...or because an event no longer matches the snapshot taken after it (it was rewritten).
+pub(crate) const EXIT_SNAPSHOT_CONTRADICTS: u8 = 4;
+
+/// The error and its causes, each said once: a cause whose words are already in the message
+/// (thiserror's `{source}`) is not repeated, nor is sled's own text, which the message gives
+/// in words naming the file. Then what the user can do about it.
+pub(crate) fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if cause.downcast_ref::<sled::Error>().is_some() || text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    if let Some(hint) = e.chain().find_map(damage_hint) {
+        text.push_str(".\n");
+        text.push_str(hint);
+    }
+    text
+}
+
+/// What to do about a damaged data directory, for the errors that say it is.
+pub(crate) fn damage_hint(cause: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use pcx::context::ContextOpenError;
+    use pcx::store::error::{OpenError, StoreError};
+    use pcx::store::replay::ReplayError;
+    const DAMAGED: &str = "The data directory is damaged. `pcx verify` names the first bad \
+        event and `pcx export` writes out the log, if the store still opens; `pcx salvage \
+        --output FILE` exports every event that still reads and verifies even when it does not \
+        (to load with `pcx import` into a new data directory), and says where the log breaks.";
+    // `ContextOpenError::Open` is transparent: the chain goes from it to the open error's
+    // own cause.
+    match cause.downcast_ref::<ContextOpenError>() {
+        Some(ContextOpenError::Open(e)) => return damage_hint(e),
+        Some(ContextOpenError::Replay(e)) => return damage_hint(e),
+        _ => {}
+    }
+    if let Some(e) = cause.downcast_ref::<OpenError>() {
+        return match e {
+            OpenError::Sled { .. }
+            | OpenError::Damaged { .. }
+            | OpenError::DataFileMissing { .. } => Some(DAMAGED),
+            _ => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<ReplayError>() {
+        // `ReplayError::Store` is transparent too.
+        return match e {
+            ReplayError::Store(e) => damage_hint(e),
+            _ => Some(DAMAGED),
+        };
+    }
+    match cause.downcast_ref::<StoreError>() {
+        Some(
+            StoreError::Sled { .. }
+            | StoreError::SledRead { .. }
+            | StoreError::SledEvents { .. }
+            | StoreError::Damaged { .. },
+        ) => Some(DAMAGED),
+        _ => None,
+    }
+}
+
+/// The exit code of a failed command: [`EXIT_LOST_TAIL`] and [`EXIT_SNAPSHOT_CONTRADICTS`]
+/// for an open refused for those reasons, else 1.
+pub(crate) fn exit_code(e: &anyhow::Error) -> ExitCode {
+    use pcx::store::replay::ReplayError;
+    for cause in e.chain() {
+        match cause.downcast_ref::<ReplayError>() {
+            Some(ReplayError::LostTail { .. }) => return ExitCode::from(EXIT_LOST_TAIL),
+            Some(ReplayError::SnapshotContradicts { .. }) => {
+                return ExitCode::from(EXIT_SNAPSHOT_CONTRADICTS)
+            }
+            _ => {}
+        }
+    }
+    ExitCode::FAILURE
+}
+
+pub(crate) fn answer_error(kind: &str, message: &str) -> ExitCode {
+    println!(
+        "{}",
+        json!({"ok": false, "error": {"kind": kind, "message": message}})
+    );
+    ExitCode::FAILURE
+}
