@@ -23,8 +23,8 @@
 //! answered as an error; the actor keeps serving.
 //!
 //! The actor's files, one concern each: [`messages`] (what it takes and answers), [`reply`]
-//! (how answers reach callers once durable), [`context_actor`] (the request loop), [`requests`]
-//! and [`queries`] (the handlers), [`load`] (the load pipeline), and its two helper threads,
+//! (how answers reach callers once durable), `context_actor` (the request loop), `requests`
+//! and `queries` (the handlers), `load` (the load pipeline), and its two helper threads,
 //! [`committer`] (group commit) and [`plugin_thread`] (every plugin call, under a deadline).
 
 pub mod committer;

@@ -2,7 +2,7 @@
 //! every event that still reads and verifies, written as `pcx export` writes (so `pcx import`
 //! takes it into a new data directory), and exactly where the log breaks.
 //!
-//! The directory is read without the normal open and changed in no way ([`crate::raw`]).
+//! The directory is read without the normal open and changed in no way ([`crate::store::raw`]).
 //! From the start of the log (the compaction anchor, or before event 1) each next event is
 //! taken from the copies found of it: the first that passes replay's own checks (its hash,
 //! its sequence number, the chain) and whose contents read and match their digests. The

@@ -7,7 +7,7 @@
 //! still load.
 //!
 //! Before any library is loaded: the plugin directory and each library must be trusted
-//! ([`plugin::check_trusted`]), and, in the `pcx` binary, each library is loaded first in a
+//! ([`crate::plugins::loader::check_trusted`]), and, in the `pcx` binary, each library is loaded first in a
 //! child process ([`crate::plugins::probe`]), so a constructor that crashes or hangs refuses its
 //! library instead of taking pcx down. A plugin whose call missed its deadline is
 //! quarantined ([`Kinds::quarantine`]): every later call to it fails at once.
