@@ -101,6 +101,30 @@ pub enum OpenError {
          start an empty one in its place)"
     )]
     DataFileMissing { path: PathBuf },
+    /// sled's log fails its checks before its end, at a place sled had made durable: not a
+    /// write a crash cut short but damage, past which sled would silently drop the rest of
+    /// the log (see [`crate::store::sled_log`]). Found before sled opened; nothing changed.
+    #[error(
+        "sled's data file {file} is damaged at byte {offset}: {what}, yet the log goes on \
+         after it (sled had made it durable up to log position {durable}), so this is not a \
+         write a crash cut short; opening would silently drop everything after byte {offset}, \
+         so the data directory is not opened and nothing in it was changed (`pcx salvage \
+         --scan` finds every event that still verifies, past the damage too)"
+    )]
+    SledLogDamaged {
+        file: PathBuf,
+        offset: u64,
+        /// What fails there.
+        what: String,
+        /// The log position (sled's) up to which the log was on disk, whole, before.
+        durable: i64,
+    },
+    #[error("cannot read sled's data file {file} to check its log before opening: {source}")]
+    SledLogUnreadable {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open {path} for syncing: {source}")]
     DataFile {
         path: PathBuf,

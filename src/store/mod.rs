@@ -3,7 +3,8 @@
 //! Owns the record format and hash chain ([`record`]), how records and contents share sled
 //! values ([`pack`]), the [`journal`] (the `Journal` trait and its sled implementation), large
 //! contents in append-only files ([`content`]), rebuilding state from a journal
-//! ([`replay`]), saying which of sled's files is damaged when sled fails ([`damage`]), and
+//! ([`replay`]), saying which of sled's files is damaged when sled fails ([`damage`]),
+//! refusing a sled log damaged before its end, which sled would cut there ([`sled_log`]), and
 //! reading what still reads of a directory that does not open ([`raw`]).
 //! May import the core only: nothing here knows about actors, plugins, audit commands or
 //! interfaces.
@@ -17,4 +18,5 @@ pub mod raw;
 pub mod record;
 pub mod replay;
 pub mod sled_journal;
+pub mod sled_log;
 pub mod swap;

@@ -530,6 +530,7 @@ fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
             path: dir.join("db"),
         });
     }
+    crate::store::sled_log::check(dir)?;
     let deadline = std::time::Instant::now() + LOCK_PATIENCE;
     let db = loop {
         let opened = sled::Config::new()

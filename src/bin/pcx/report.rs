@@ -54,7 +54,8 @@ pub(crate) fn damage_hint(cause: &(dyn std::error::Error + 'static)) -> Option<&
         return match e {
             OpenError::Sled { .. }
             | OpenError::Damaged { .. }
-            | OpenError::DataFileMissing { .. } => Some(DAMAGED),
+            | OpenError::DataFileMissing { .. }
+            | OpenError::SledLogDamaged { .. } => Some(DAMAGED),
             _ => None,
         };
     }
