@@ -79,7 +79,17 @@ pub fn check(dir: &Path) -> Result<(), OpenError> {
         file_len,
         segment_size,
     };
-    match log.first_damage(snapshot).map_err(unreadable)? {
+    let started = std::time::Instant::now();
+    let found = log.first_damage(snapshot).map_err(unreadable)?;
+    tracing::debug!(
+        file = %path.display(),
+        file_bytes = file_len,
+        from_position = snapshot,
+        damaged = found.is_some(),
+        took_us = started.elapsed().as_micros() as u64,
+        "checked sled's log before opening it"
+    );
+    match found {
         None => Ok(()),
         Some(d) => Err(OpenError::SledLogDamaged {
             file: path,
