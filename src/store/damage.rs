@@ -172,7 +172,8 @@ fn snapshot_is_sound(bytes: &[u8]) -> bool {
     crc32fast::hash(&bytes[..len - 12]) == u32::from_le_bytes(crc)
 }
 
-fn blob_is_sound(bytes: &[u8]) -> bool {
+/// Whether a large-value file `blobs/N` passes sled's check: a CRC-32 of the rest first.
+pub fn blob_is_sound(bytes: &[u8]) -> bool {
     if bytes.len() < 5 {
         return false;
     }

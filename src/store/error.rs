@@ -119,6 +119,22 @@ pub enum OpenError {
         /// The log position (sled's) up to which the log was on disk, whole, before.
         durable: i64,
     },
+    /// A large-value file fails its checksum, and the log record pointing to it lies where
+    /// sled had made the log durable: sled, opening, would end the log at that record and
+    /// silently drop everything after it. Found before sled opened; nothing changed.
+    #[error(
+        "sled's large-value file {blob} is damaged (it fails its checksum); the record of \
+         sled's log pointing to it, at byte {offset} of {file}, lies where the log was durable \
+         (up to log position {durable}), and opening would silently drop everything after it, \
+         so the data directory is not opened and nothing in it was changed (`pcx salvage \
+         --scan` finds every event that still verifies)"
+    )]
+    SledBlobDamaged {
+        blob: PathBuf,
+        file: PathBuf,
+        offset: u64,
+        durable: i64,
+    },
     #[error("cannot read sled's data file {file} to check its log before opening: {source}")]
     SledLogUnreadable {
         file: PathBuf,

@@ -50,6 +50,9 @@ const MAX_MSG_HEADER_LEN: u64 = 32;
 const HEADER_READ: usize = 128;
 /// The record kind that caps a full segment.
 const KIND_CAP: u8 = 2;
+/// The record kinds whose body is the log position naming a large-value file `blobs/N`
+/// (`BlobMeta`, `BlobNode`, `BlobLink`).
+const BLOB_KINDS: [u8; 3] = [7, 9, 11];
 /// The highest record kind sled 0.34 writes (`BlobLink`); 0 and anything above are "corrupted".
 const KIND_MAX: u8 = 11;
 /// The xor mask of positions in a segment header.
@@ -74,10 +77,12 @@ pub fn check(dir: &Path) -> Result<(), OpenError> {
     };
     let file_len = file.metadata().map_err(unreadable)?.len();
     let snapshot = snapshot_position(dir).unwrap_or(0);
+    let blobs = dir.join("blobs");
     let log = Log {
         file: &file,
         file_len,
         segment_size,
+        blobs: &blobs,
     };
     let started = std::time::Instant::now();
     let found = log.first_damage(snapshot).map_err(unreadable)?;
@@ -91,6 +96,17 @@ pub fn check(dir: &Path) -> Result<(), OpenError> {
     );
     match found {
         None => Ok(()),
+        Some(Damage {
+            offset,
+            durable,
+            blob: Some(blob),
+            ..
+        }) => Err(OpenError::SledBlobDamaged {
+            blob,
+            file: path,
+            offset,
+            durable,
+        }),
         Some(d) => Err(OpenError::SledLogDamaged {
             file: path,
             offset: d.offset,
@@ -108,6 +124,9 @@ struct Damage {
     what: String,
     /// The log position up to which sled had made the log durable.
     durable: i64,
+    /// The large-value file that fails its checksum, when that is the damage (`offset` is
+    /// then the record pointing to it).
+    blob: Option<std::path::PathBuf>,
 }
 
 /// One segment, as its header says.
@@ -129,12 +148,17 @@ enum End {
     /// At the record at this offset in the segment: it fails a check, or nothing was written
     /// there (the end of the log).
     Stopped { at: u64, why: &'static str },
+    /// The record at this offset, below the durable mark, points to a large-value file that
+    /// is there but fails its checksum: sled's recovery would end the log at that record.
+    BadBlob { at: u64, blob: std::path::PathBuf },
 }
 
 struct Log<'a> {
     file: &'a File,
     file_len: u64,
     segment_size: u64,
+    /// sled's large-value files, `blobs/N` (N the log position of the record pointing to it).
+    blobs: &'a Path,
 }
 
 impl Log<'_> {
@@ -154,14 +178,24 @@ impl Log<'_> {
             if s.lsn > durable {
                 break;
             }
-            if let End::Stopped { at, why } = self.walk(s, &mut buf)? {
-                if s.lsn + at as i64 <= durable {
+            match self.walk(s, durable, &mut buf)? {
+                End::Stopped { at, why } if s.lsn + at as i64 <= durable => {
                     return Ok(Some(Damage {
                         offset: s.offset + at,
                         what: format!("a record of sled's log {why}"),
                         durable,
+                        blob: None,
                     }));
                 }
+                End::BadBlob { at, blob } => {
+                    return Ok(Some(Damage {
+                        offset: s.offset + at,
+                        what: format!("the large-value file {} fails its checksum", blob.display()),
+                        durable,
+                        blob: Some(blob),
+                    }));
+                }
+                _ => {}
             }
         }
         // A segment whose header fails while its first record names a durable position no
@@ -179,6 +213,7 @@ impl Log<'_> {
                         "the header of the segment at log position {lsn} fails its checksum"
                     ),
                     durable,
+                    blob: None,
                 }));
             }
         }
@@ -240,8 +275,10 @@ impl Log<'_> {
         self.file.read_exact_at(buf, offset)
     }
 
-    /// Reads the records of segment `s` until one fails or the segment is full.
-    fn walk(&self, s: &Segment, buf: &mut Vec<u8>) -> std::io::Result<End> {
+    /// Reads the records of segment `s` until one fails or the segment is full, checking the
+    /// large-value file of each record at or below `durable` that points to one (as sled's
+    /// recovery reads it; a missing one sled skips, and so does this).
+    fn walk(&self, s: &Segment, durable: i64, buf: &mut Vec<u8>) -> std::io::Result<End> {
         let size = self.segment_size;
         self.read_slot(s.offset, buf)?;
         let number = s.lsn as u64 / size;
@@ -255,7 +292,14 @@ impl Log<'_> {
                     })
                 }
                 Ok(r) if r.kind == KIND_CAP => return Ok(End::Full),
-                Ok(r) => at = r.next,
+                Ok(r) => {
+                    if BLOB_KINDS.contains(&r.kind) && s.lsn + at as i64 <= durable {
+                        if let Some(blob) = self.bad_blob(&buf[r.body.clone()])? {
+                            return Ok(End::BadBlob { at, blob });
+                        }
+                    }
+                    at = r.next
+                }
                 Err(why) => return Ok(End::Stopped { at, why }),
             }
         }
@@ -263,9 +307,28 @@ impl Log<'_> {
     }
 }
 
+impl Log<'_> {
+    /// The large-value file a blob record's body points to, if it is there and fails its
+    /// checksum.
+    fn bad_blob(&self, body: &[u8]) -> std::io::Result<Option<std::path::PathBuf>> {
+        let Ok(id) = <[u8; 8]>::try_from(body) else {
+            return Ok(None);
+        };
+        let path = self.blobs.join(i64::from_le_bytes(id).to_string());
+        match std::fs::read(&path) {
+            Ok(bytes) if crate::store::damage::blob_is_sound(&bytes) => Ok(None),
+            Ok(_) => Ok(Some(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// A record that passes its checksum.
 struct Record {
     kind: u8,
+    /// Where its body lies in the segment.
+    body: std::ops::Range<usize>,
     /// The segment number it names.
     segment: u64,
     /// Where the next record begins in the segment.
@@ -308,6 +371,7 @@ fn read_record(seg: &[u8], at: u64, size: u64) -> Result<Record, &'static str> {
     }
     Ok(Record {
         kind,
+        body: body_start..body_end,
         segment: seg_number,
         next: at + header_len + len,
     })
@@ -454,6 +518,7 @@ mod tests {
             file: &f,
             file_len: SIZE * slots.len() as u64,
             segment_size: SIZE,
+            blobs: Path::new("/nonexistent/blobs"),
         };
         log.first_damage(snapshot).unwrap()
     }

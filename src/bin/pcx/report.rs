@@ -55,7 +55,8 @@ pub(crate) fn damage_hint(cause: &(dyn std::error::Error + 'static)) -> Option<&
             OpenError::Sled { .. }
             | OpenError::Damaged { .. }
             | OpenError::DataFileMissing { .. }
-            | OpenError::SledLogDamaged { .. } => Some(DAMAGED),
+            | OpenError::SledLogDamaged { .. }
+            | OpenError::SledBlobDamaged { .. } => Some(DAMAGED),
             _ => None,
         };
     }
