@@ -1,38 +1,28 @@
 //! The sled-backed journal (sled 0.34.7): records one page per group commit, contents in
 //! packs or content files, snapshots, the dynamo cache view and the compaction anchor, made
 //! durable by sled's flush plus an explicit `fdatasync` of its files.
+//!
+//! The journal is three files: this one (the journal itself: opening, commits, durability,
+//! and the `Journal` trait's reads and writes), [`handles`] (opening sled and its trees, and
+//! the file-system facts a commit needs), and [`contents`] (where contents go: sled packs or
+//! content files, and the in-memory index of them).
+
+mod contents;
+mod handles;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use std::collections::{HashMap, HashSet};
-
 use crate::core::model::Digest;
 use crate::store::content::ContentFiles;
 use crate::store::error::{OpenError, StoreError};
 use crate::store::journal::{Commit, Journal, Records};
-use crate::store::pack::{
-    file_locs, index_entries, index_push, pack_contents, page_records, pages, Loc, Packed, Place,
-    FILE_THRESHOLD,
-};
+use crate::store::pack::{page_records, pages, Place};
 use crate::store::record::{key_seq, seq_key};
 
-fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
-    move |source| StoreError::Sled { op, source }
-}
-
-/// A failure of sled while opening `dir`, with the damaged file found.
-fn sled_open_error(dir: &Path, source: sled::Error) -> OpenError {
-    OpenError::Sled {
-        path: dir.to_path_buf(),
-        what: crate::store::damage::diagnose(dir, &source),
-        source,
-    }
-}
-
-/// How long opening waits for a data directory that is locked.
-const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+use contents::{load_contents, Contents, Staged, Written};
+use handles::{free_bytes, open_handles, sled_err, sync_dir, Handles};
 
 /// The key of the compaction anchor in the `meta` tree.
 const ANCHOR_KEY: &[u8] = b"anchor";
@@ -47,29 +37,6 @@ const SPACE_MARGIN: u64 = 4 << 20;
 /// How many snapshots are kept: the newest, and one before it to fall back to.
 const SNAPSHOTS_KEPT: usize = 2;
 
-/// sled's handles on one data directory.
-struct Handles {
-    db: sled::Db,
-    /// Records, one page per group commit, keyed by the page's first sequence number.
-    pages: sled::Tree,
-    /// Contents, packed, keyed by pack number.
-    packs: sled::Tree,
-    /// Where each content sits: one value per group commit, keyed by its first pack number.
-    pack_index: sled::Tree,
-    /// Records one per key, as pcx wrote them before pages: read, never written.
-    legacy_events: sled::Tree,
-    /// Contents one per key by digest, as pcx wrote them before packs: read, never written.
-    legacy_blobs: sled::Tree,
-    snapshots: sled::Tree,
-    cache: sled::Tree,
-    /// Holds the compaction anchor: the snapshot the remaining log continues from.
-    meta: sled::Tree,
-    /// sled's data file: flushed by sled with `sync_file_range`, which leaves the device's
-    /// write cache unflushed (sled issue 1452), so we `fdatasync` it ourselves.
-    data_file: File,
-}
-
-/// The sled-backed journal (sled 0.34.7), durable through an explicit `fdatasync`.
 ///
 /// sled keeps the first write error it meets (a full disk, say) and fails everything after
 /// it until the database is opened again; [`Journal::reset`] does that, so the context recovers
@@ -90,68 +57,6 @@ pub struct SledJournal {
     /// The data directory's lock, held as long as the journal (none for the side directories
     /// a compaction or import writes under the lock it holds itself). Last, so it goes last.
     _lock: Option<crate::store::swap::DirLock>,
-}
-
-/// The in-memory content index.
-#[derive(Default)]
-struct Contents {
-    locs: HashMap<Digest, Loc>,
-    next_pack: u64,
-    /// The key of the next `pack_index` value.
-    next_index: u64,
-}
-
-/// A group's new contents, laid out but not yet written.
-struct Staged<'a> {
-    /// Content not stored yet, each once, in order.
-    fresh: Vec<(&'a Digest, &'a [u8])>,
-    /// Small groups: sled packs and where each content is in them. Large groups go to a
-    /// content file, and learn where once appended.
-    packs: Option<Packed>,
-    index_key: u64,
-}
-
-/// Where a staged group's contents went.
-#[derive(Default)]
-struct Written {
-    locs: Vec<(Digest, Loc)>,
-    pack_keys: Vec<u64>,
-    index_key: Option<u64>,
-}
-
-/// Reads the content index of a data directory.
-fn load_contents(h: &Handles, dir: &Path) -> Result<Contents, String> {
-    let fault = |e: sled::Error| crate::store::damage::diagnose(dir, &e);
-    let mut contents = Contents::default();
-    for item in h.pack_index.iter() {
-        let (k, v) = item.map_err(|e| format!("cannot read it: {}", fault(e)))?;
-        let at = key_seq(&k).map_or_else(|| format!("{k:?}"), |n| n.to_string());
-        let entries = index_entries(&v).ok_or_else(|| {
-            format!(
-                "its value {at} ({} bytes) is not a whole number of well-formed entries",
-                v.len()
-            )
-        })?;
-        for (digest, loc) in entries {
-            if loc.place == Place::Sled {
-                contents.next_pack = contents.next_pack.max(loc.pack.saturating_add(1));
-            }
-            contents.locs.insert(digest, loc);
-        }
-        if let Some(n) = key_seq(&k) {
-            contents.next_index = contents.next_index.max(n.saturating_add(1));
-        }
-    }
-    if let Some((k, _)) = h
-        .packs
-        .last()
-        .map_err(|e| format!("cannot read the packs: {}", fault(e)))?
-    {
-        if let Some(n) = key_seq(&k) {
-            contents.next_pack = contents.next_pack.max(n.saturating_add(1));
-        }
-    }
-    Ok(contents)
 }
 
 impl SledJournal {
@@ -318,98 +223,9 @@ impl SledJournal {
         }
         Ok(all)
     }
+}
 
-    fn contents_ref(&self) -> std::sync::RwLockReadGuard<'_, Contents> {
-        self.contents.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn contents_mut(&self) -> std::sync::RwLockWriteGuard<'_, Contents> {
-        self.contents.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Lays out the contents of `blobs` not stored yet (each once).
-    fn stage<'a>(&self, blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>) -> Staged<'a> {
-        let known = self.contents_ref();
-        let mut seen = HashSet::new();
-        let fresh: Vec<(&Digest, &[u8])> = blobs
-            .into_iter()
-            .filter(|(d, _)| !known.locs.contains_key(*d) && seen.insert(**d))
-            .collect();
-        let bytes: usize = fresh.iter().map(|(_, c)| c.len()).sum();
-        let packs =
-            (bytes < FILE_THRESHOLD).then(|| pack_contents(fresh.iter().copied(), known.next_pack));
-        Staged {
-            fresh,
-            packs,
-            index_key: known.next_index,
-        }
-    }
-
-    /// Writes staged contents (to sled packs or a content file) and their index entry. sled's
-    /// part is durable with the next flush; a content file is synced here, before the events
-    /// that refer to it are written.
-    fn write_contents(
-        &self,
-        h: &Handles,
-        staged: &Staged<'_>,
-        written: &mut Written,
-    ) -> Result<(), StoreError> {
-        if staged.fresh.is_empty() {
-            return Ok(());
-        }
-        let locs = match &staged.packs {
-            Some((packs, locs)) => {
-                for (n, pack) in packs {
-                    written.pack_keys.push(*n);
-                    h.packs
-                        .insert(seq_key(*n), pack.as_slice())
-                        .map_err(sled_err("writing content"))?;
-                }
-                locs.clone()
-            }
-            None => {
-                let parts: Vec<&[u8]> = staged.fresh.iter().map(|(_, c)| *c).collect();
-                let (file, at) = self.files.append(&parts)?;
-                file_locs(staged.fresh.iter().copied(), file, at)
-            }
-        };
-        let mut index = Vec::with_capacity(locs.len() * 57);
-        for (d, loc) in &locs {
-            index_push(&mut index, d, *loc);
-        }
-        written.index_key = Some(staged.index_key);
-        h.pack_index
-            .insert(seq_key(staged.index_key), index)
-            .map_err(sled_err("writing the content index"))?;
-        written.locs = locs;
-        Ok(())
-    }
-
-    /// Takes back the sled part of contents written by a group that failed. (Bytes in a
-    /// content file stay, unreferenced, until compaction.)
-    fn unwrite_contents(h: &Handles, written: &Written) {
-        let mut batch = sled::Batch::default();
-        for n in &written.pack_keys {
-            batch.remove(&seq_key(*n));
-        }
-        let _ = h.packs.apply_batch(batch);
-        if let Some(k) = written.index_key {
-            let _ = h.pack_index.remove(seq_key(k));
-        }
-    }
-
-    /// Makes written contents findable.
-    fn publish(&self, written: Written) {
-        let mut contents = self.contents_mut();
-        if let Some(k) = written.index_key {
-            contents.next_index = contents.next_index.max(k + 1);
-        }
-        if let Some(n) = written.pack_keys.last() {
-            contents.next_pack = contents.next_pack.max(n + 1);
-        }
-        contents.locs.extend(written.locs);
-    }
-
+impl SledJournal {
     /// Flush sled, then `fdatasync` its data file and any new large-value files.
     fn make_durable(&self) -> Result<(), StoreError> {
         let h = self.h()?;
@@ -519,84 +335,6 @@ impl SledJournal {
         }
         self.make_durable()
     }
-}
-
-/// Opens sled on `dir`. sled's IO threads hold the locked data file for a moment after a
-/// close, so an open right after one (the same process restarting its context, or a reset)
-/// retries briefly before calling the directory in use.
-fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
-    if crate::store::damage::data_file_missing(dir) {
-        return Err(OpenError::DataFileMissing {
-            path: dir.join("db"),
-        });
-    }
-    crate::store::sled_log::check(dir)?;
-    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
-    let db = loop {
-        let opened = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_capacity)
-            .flush_every_ms(None)
-            .open();
-        match opened {
-            Ok(db) => break db,
-            Err(e) if e.to_string().contains("could not acquire lock") => {
-                if std::time::Instant::now() >= deadline {
-                    return Err(OpenError::Locked {
-                        path: dir.to_path_buf(),
-                    });
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(source) => return Err(sled_open_error(dir, source)),
-        }
-    };
-    let tree = |name: &str| {
-        db.open_tree(name)
-            .map_err(|source| sled_open_error(dir, source))
-    };
-    let (pages, packs, pack_index, legacy_events, legacy_blobs) = (
-        tree("pages")?,
-        tree("packs")?,
-        tree("pack_index")?,
-        tree("events")?,
-        tree("blobs")?,
-    );
-    let (snapshots, cache, meta) = (tree("snapshots")?, tree("dynamo_cache")?, tree("meta")?);
-    let data_path = dir.join("db");
-    let data_file = File::open(&data_path).map_err(|source| OpenError::DataFile {
-        path: data_path.clone(),
-        source,
-    })?;
-    Ok(Handles {
-        db,
-        pages,
-        packs,
-        pack_index,
-        legacy_events,
-        legacy_blobs,
-        snapshots,
-        cache,
-        meta,
-        data_file,
-    })
-}
-
-/// Free bytes for an unprivileged writer on the file system holding `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs fills the struct we own, from a NUL-terminated path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 impl Journal for SledJournal {

@@ -1,0 +1,188 @@
+//! W3, closed-loop clients over the socket server (64, and one alone), 256-byte records.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+
+use super::*;
+
+pub(crate) struct Server {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, extra_env: &[(&str, String)]) -> Result<Server> {
+        let exe = std::env::current_exe()?;
+        let pcx = exe.with_file_name("pcx");
+        if !pcx.exists() {
+            bail!("{} not found: build it with `cargo build --release` (pcx-bench runs the real server)", pcx.display());
+        }
+        let socket = dir.join("s.sock");
+        let mut cmd = Command::new(&pcx);
+        cmd.arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("the server did not start listening within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Server { child, socket })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: sending SIGTERM to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn frame(v: &Value) -> Vec<u8> {
+    pcx::interface::wire::encode_frame(&pcx::interface::wire::to_msgpack(v))
+}
+
+/// Closed-loop clients: each sends its next record only after the answer to the previous.
+///
+/// The clients are tasks on one thread of their own (like a Python worker pool behind one
+/// event loop) rather than 64 threads: on this 2-core machine 64 client threads spent more
+/// CPU on being scheduled than the server spent serving, which measured the harness. Every
+/// request is encoded before the clock starts; each latency runs from its write to its answer.
+pub(crate) fn closed_loop(
+    socket: &Path,
+    clients: usize,
+    per_client: usize,
+    size: usize,
+) -> Result<(f64, Vec<f64>)> {
+    let requests: Vec<Vec<Vec<u8>>> = (0..clients)
+        .map(|c| {
+            let mut seed = 1 + c as u64;
+            (0..per_client)
+                .map(|i| {
+                    let key = format!("c{c}_r{i}");
+                    let content = payload(&key, size, &mut seed);
+                    frame(&json!({"op": "record_artifact", "key": key, "kind": "eager", "content_b64": base64_of(&content)}))
+                })
+                .collect()
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    runtime.block_on(async move {
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (c, frames) in requests.into_iter().enumerate() {
+            let socket = socket.to_path_buf();
+            tasks.spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s = tokio::net::UnixStream::connect(&socket).await?;
+                let mut lat = Vec::with_capacity(frames.len());
+                let mut body = Vec::new();
+                for f in frames {
+                    let t = Instant::now();
+                    s.write_all(&f).await?;
+                    let mut h = [0u8; 4];
+                    s.read_exact(&mut h).await?;
+                    body.resize(pcx::interface::wire::body_len(h) as usize, 0);
+                    s.read_exact(&mut body).await?;
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                    let a =
+                        pcx::interface::wire::to_json(pcx::interface::wire::decode_answer(&body)?)?;
+                    if a["ok"] != true {
+                        bail!("client {c}: {a}");
+                    }
+                }
+                Ok::<Vec<f64>, anyhow::Error>(lat)
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            all.extend(done.map_err(|e| anyhow::anyhow!("a client task failed: {e}"))??);
+        }
+        Ok((start.elapsed().as_secs_f64(), all))
+    })
+}
+
+pub(crate) fn base64_of(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+pub(crate) fn w3(quick: bool) -> Result<Value> {
+    let (clients, per) = if quick { (8, 50) } else { (64, 1000) };
+    let d = disk(true)?;
+    let fsync_ms = d["fsync_ms"].as_f64().unwrap_or(f64::NAN);
+    let dir = temp_dir("w3")?;
+    let server = Server::start(dir.path(), &[])?;
+    let (secs, lat) = closed_loop(&server.socket, clients, per, 256)?;
+    let alone_n = if quick { 50 } else { 500 };
+    let (_, alone) = closed_loop(&server.socket, 1, alone_n, 256)?;
+    drop(server);
+    let floors = floor::measure(
+        dir.path(),
+        clients,
+        per,
+        alone_n,
+        |socket, clients, per| closed_loop(socket, clients, per, 256),
+        percentile,
+    )?;
+    let throughput = (clients * per) as f64 / secs;
+    let limit = clients as f64 / (fsync_ms / 1e3);
+    let alone_p50 = percentile(alone, 0.5);
+    let sled_floor = floors["floor_sled_records_per_s"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let mut run = json!({
+        "clients": clients,
+        "records_per_s": throughput,
+        "fsync_ms (same run)": fsync_ms,
+        "closed_loop_limit_per_s (clients/fsync)": limit,
+        "fraction_of_limit": throughput / limit,
+        "p50_ms": percentile(lat.clone(), 0.5),
+        "p99_ms": percentile(lat, 0.99),
+        "one_client_p50_ms": alone_p50,
+        "one_client_p50_over_fsync": alone_p50 / fsync_ms,
+        "fraction_of_sled_floor": throughput / sled_floor,
+    });
+    if let (Some(run), Value::Object(floors)) = (run.as_object_mut(), floors) {
+        run.extend(floors);
+    }
+    Ok(run)
+}
+
+// ---------------------------------------------------------------------------------------
+// W4

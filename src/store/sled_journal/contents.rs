@@ -1,0 +1,173 @@
+//! Where a group's contents go and how they are found again: small groups into sled packs,
+//! large ones into a content file, each content once, with the in-memory index built from
+//! `pack_index` at open. Apart from the journal because it is the one part that decides
+//! placement; the journal only orders the writes and makes them durable.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use super::handles::{sled_err, Handles};
+use super::SledJournal;
+use crate::core::model::Digest;
+use crate::store::error::StoreError;
+use crate::store::pack::{
+    file_locs, index_entries, index_push, pack_contents, Loc, Packed, Place, FILE_THRESHOLD,
+};
+use crate::store::record::{key_seq, seq_key};
+
+#[derive(Default)]
+pub(super) struct Contents {
+    pub(super) locs: HashMap<Digest, Loc>,
+    pub(super) next_pack: u64,
+    /// The key of the next `pack_index` value.
+    pub(super) next_index: u64,
+}
+
+/// A group's new contents, laid out but not yet written.
+pub(super) struct Staged<'a> {
+    /// Content not stored yet, each once, in order.
+    pub(super) fresh: Vec<(&'a Digest, &'a [u8])>,
+    /// Small groups: sled packs and where each content is in them. Large groups go to a
+    /// content file, and learn where once appended.
+    pub(super) packs: Option<Packed>,
+    pub(super) index_key: u64,
+}
+
+/// Where a staged group's contents went.
+#[derive(Default)]
+pub(super) struct Written {
+    pub(super) locs: Vec<(Digest, Loc)>,
+    pub(super) pack_keys: Vec<u64>,
+    pub(super) index_key: Option<u64>,
+}
+
+/// Reads the content index of a data directory.
+pub(super) fn load_contents(h: &Handles, dir: &Path) -> Result<Contents, String> {
+    let fault = |e: sled::Error| crate::store::damage::diagnose(dir, &e);
+    let mut contents = Contents::default();
+    for item in h.pack_index.iter() {
+        let (k, v) = item.map_err(|e| format!("cannot read it: {}", fault(e)))?;
+        let at = key_seq(&k).map_or_else(|| format!("{k:?}"), |n| n.to_string());
+        let entries = index_entries(&v).ok_or_else(|| {
+            format!(
+                "its value {at} ({} bytes) is not a whole number of well-formed entries",
+                v.len()
+            )
+        })?;
+        for (digest, loc) in entries {
+            if loc.place == Place::Sled {
+                contents.next_pack = contents.next_pack.max(loc.pack.saturating_add(1));
+            }
+            contents.locs.insert(digest, loc);
+        }
+        if let Some(n) = key_seq(&k) {
+            contents.next_index = contents.next_index.max(n.saturating_add(1));
+        }
+    }
+    if let Some((k, _)) = h
+        .packs
+        .last()
+        .map_err(|e| format!("cannot read the packs: {}", fault(e)))?
+    {
+        if let Some(n) = key_seq(&k) {
+            contents.next_pack = contents.next_pack.max(n.saturating_add(1));
+        }
+    }
+    Ok(contents)
+}
+
+impl SledJournal {
+    pub(super) fn contents_ref(&self) -> std::sync::RwLockReadGuard<'_, Contents> {
+        self.contents.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn contents_mut(&self) -> std::sync::RwLockWriteGuard<'_, Contents> {
+        self.contents.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lays out the contents of `blobs` not stored yet (each once).
+    pub(super) fn stage<'a>(
+        &self,
+        blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>,
+    ) -> Staged<'a> {
+        let known = self.contents_ref();
+        let mut seen = HashSet::new();
+        let fresh: Vec<(&Digest, &[u8])> = blobs
+            .into_iter()
+            .filter(|(d, _)| !known.locs.contains_key(*d) && seen.insert(**d))
+            .collect();
+        let bytes: usize = fresh.iter().map(|(_, c)| c.len()).sum();
+        let packs =
+            (bytes < FILE_THRESHOLD).then(|| pack_contents(fresh.iter().copied(), known.next_pack));
+        Staged {
+            fresh,
+            packs,
+            index_key: known.next_index,
+        }
+    }
+
+    /// Writes staged contents (to sled packs or a content file) and their index entry. sled's
+    /// part is durable with the next flush; a content file is synced here, before the events
+    /// that refer to it are written.
+    pub(super) fn write_contents(
+        &self,
+        h: &Handles,
+        staged: &Staged<'_>,
+        written: &mut Written,
+    ) -> Result<(), StoreError> {
+        if staged.fresh.is_empty() {
+            return Ok(());
+        }
+        let locs = match &staged.packs {
+            Some((packs, locs)) => {
+                for (n, pack) in packs {
+                    written.pack_keys.push(*n);
+                    h.packs
+                        .insert(seq_key(*n), pack.as_slice())
+                        .map_err(sled_err("writing content"))?;
+                }
+                locs.clone()
+            }
+            None => {
+                let parts: Vec<&[u8]> = staged.fresh.iter().map(|(_, c)| *c).collect();
+                let (file, at) = self.files.append(&parts)?;
+                file_locs(staged.fresh.iter().copied(), file, at)
+            }
+        };
+        let mut index = Vec::with_capacity(locs.len() * 57);
+        for (d, loc) in &locs {
+            index_push(&mut index, d, *loc);
+        }
+        written.index_key = Some(staged.index_key);
+        h.pack_index
+            .insert(seq_key(staged.index_key), index)
+            .map_err(sled_err("writing the content index"))?;
+        written.locs = locs;
+        Ok(())
+    }
+
+    /// Takes back the sled part of contents written by a group that failed. (Bytes in a
+    /// content file stay, unreferenced, until compaction.)
+    pub(super) fn unwrite_contents(h: &Handles, written: &Written) {
+        let mut batch = sled::Batch::default();
+        for n in &written.pack_keys {
+            batch.remove(&seq_key(*n));
+        }
+        let _ = h.packs.apply_batch(batch);
+        if let Some(k) = written.index_key {
+            let _ = h.pack_index.remove(seq_key(k));
+        }
+    }
+
+    /// Makes written contents findable.
+    pub(super) fn publish(&self, written: Written) {
+        let mut contents = self.contents_mut();
+        if let Some(k) = written.index_key {
+            contents.next_index = contents.next_index.max(k + 1);
+        }
+        if let Some(n) = written.pack_keys.last() {
+            contents.next_pack = contents.next_pack.max(n + 1);
+        }
+        contents.locs.extend(written.locs);
+    }
+}
