@@ -116,6 +116,7 @@ fn entry() -> DynamoCacheEntry {
         },
         fn_name: Some("forward".into()),
         fn_first_lineno: Some(3),
+        extra: Vec::new(),
     }
 }
 

@@ -124,13 +124,22 @@ pub struct SystemInfo {
 }
 
 impl SystemInfo {
-    /// PyTorch's `SystemInfo.check_compatibility`, with its messages: `self` is the package's
-    /// info, `current` the loader's.
+    /// The device types whose toolkit, Triton and GPU are compared (torch 2.10's
+    /// `SystemInfo.CHECK_GPUS`).
+    pub const CHECK_GPUS: [&'static str; 2] = ["cuda", "xpu"];
+
+    /// PyTorch 2.10's `SystemInfo.check_compatibility`, with its messages: `self` is the
+    /// package's info, `current` the loader's. Python and torch versions always; for `cuda`
+    /// and `xpu` also the toolkit, Triton (skipped when the loader has none: torch's `(0, 0)`,
+    /// which a client sends as null or `"(0, 0)"`) and the GPU name (skipped when the loader's
+    /// is null). torch also raises when the device is not available in the loading process;
+    /// pcx cannot know that, so the client checks it.
     pub fn check_compatibility(
         &self,
         current: &SystemInfo,
         device_type: &str,
     ) -> Result<(), String> {
+        let none = |v: &Option<String>| v.clone().unwrap_or_else(|| "None".into());
         if self.python_version != current.python_version {
             return Err(format!(
                 "Compile package was created with a different Python version: {}",
@@ -143,24 +152,28 @@ impl SystemInfo {
                 self.torch_version
             ));
         }
-        if device_type == "cuda" {
+        if Self::CHECK_GPUS.contains(&device_type) {
             if self.toolkit_version != current.toolkit_version {
                 return Err(format!(
-                    "Compile package was created with a different CUDA version: {}",
-                    self.toolkit_version.as_deref().unwrap_or("None")
+                    "Compile package was created with a different toolkit version: {}",
+                    none(&self.toolkit_version)
                 ));
             }
-            if self.triton_version != current.triton_version {
+            let loader_has_triton = current
+                .triton_version
+                .as_deref()
+                .is_some_and(|t| t != "(0, 0)");
+            if loader_has_triton && self.triton_version != current.triton_version {
                 return Err(format!(
                     "Compile package was created with a different Triton version: {}",
-                    self.triton_version.as_deref().unwrap_or("None")
+                    none(&self.triton_version)
                 ));
             }
-            if self.gpu_name != current.gpu_name {
+            if current.gpu_name.is_some() && self.gpu_name != current.gpu_name {
                 return Err(format!(
-                    "Compile package was created with different GPU: cached_gpu_name={} current_gpu_name={}",
-                    self.gpu_name.as_deref().unwrap_or("None"),
-                    current.gpu_name.as_deref().unwrap_or("None")
+                    "Compile package was created with different GPU: cached={}, current={}",
+                    none(&self.gpu_name),
+                    none(&current.gpu_name)
                 ));
             }
         }
@@ -209,6 +222,12 @@ pub struct DynamoCacheEntry {
     pub system_info: SystemInfo,
     pub fn_name: Option<String>,
     pub fn_first_lineno: Option<i64>,
+    /// What PyTorch's entry carries beyond the fields pcx reads (e.g. inlined sources' text,
+    /// the exact `SystemInfo`), kept as opaque bytes so a load gives back exactly what was
+    /// recorded. Absent from the encoding when empty, so entries without it are stored byte
+    /// for byte as before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "serde_bytes")]
+    pub extra: Vec<u8>,
 }
 
 /// An entry is rejected at record time when it cannot be stitched (PyTorch only fails later,
@@ -258,9 +277,18 @@ impl DynamoCacheEntry {
                 total = total.saturating_add(size);
             }
         }
+        let extra = self.extra.len() as u64;
+        if extra > limit {
+            return Err(InvalidEntry::TooLarge {
+                field: "extra".into(),
+                size: extra,
+                limit,
+            });
+        }
+        total = total.saturating_add(extra);
         if total > limit {
             return Err(InvalidEntry::TooLarge {
-                field: "codes[*] (payloads and sources together)".into(),
+                field: "codes[*] and extra (payloads, sources and extra together)".into(),
                 size: total,
                 limit,
             });
@@ -509,10 +537,18 @@ mod tests {
             .check_size(8)
             .unwrap_err();
         assert!(
-            err.to_string()
-                .starts_with("codes[*] (payloads and sources together) is 9 bytes"),
+            err.to_string().starts_with(
+                "codes[*] and extra (payloads, sources and extra together) is 9 bytes"
+            ),
             "{err}"
         );
+        let mut big_extra = entry(vec![with(1, None)]);
+        big_extra.extra = vec![0; 9];
+        let err = big_extra.check_size(8).unwrap_err();
+        assert!(err.to_string().starts_with("extra is 9 bytes"), "{err}");
+        big_extra.extra = vec![0; 8];
+        let err = big_extra.check_size(8).unwrap_err();
+        assert!(err.to_string().contains("together) is 9 bytes"), "{err}");
     }
 
     #[test]
@@ -531,5 +567,50 @@ mod tests {
             Err("Compile package was created with a different PyTorch version: 2.10".into())
         );
         assert_eq!(saved.check_compatibility(&saved, "cuda"), Ok(()));
+    }
+
+    /// torch 2.10's `check_compatibility`: which fields count for which device, when Triton
+    /// and the GPU name are skipped, and its words.
+    #[test]
+    fn the_system_check_follows_torch_2_10() {
+        let saved = SystemInfo {
+            python_version: "3.11".into(),
+            torch_version: "2.10".into(),
+            toolkit_version: Some("12.8".into()),
+            triton_version: Some("(3, 4)".into()),
+            gpu_name: Some("H100".into()),
+        };
+        let other = |f: &dyn Fn(&mut SystemInfo)| {
+            let mut o = saved.clone();
+            f(&mut o);
+            o
+        };
+        // Toolkit, Triton and GPU count only for cuda and xpu.
+        let new_toolkit = other(&|o| o.toolkit_version = Some("13.0".into()));
+        assert_eq!(saved.check_compatibility(&new_toolkit, "cpu"), Ok(()));
+        for device in ["cuda", "xpu"] {
+            assert_eq!(
+                saved.check_compatibility(&new_toolkit, device),
+                Err("Compile package was created with a different toolkit version: 12.8".into())
+            );
+        }
+        let new_triton = other(&|o| o.triton_version = Some("(3, 5)".into()));
+        assert_eq!(
+            saved.check_compatibility(&new_triton, "xpu"),
+            Err("Compile package was created with a different Triton version: (3, 4)".into())
+        );
+        // A loader without Triton (torch's (0, 0)) does not compare it.
+        for none in [None, Some("(0, 0)".into())] {
+            let no_triton = other(&|o| o.triton_version = none.clone());
+            assert_eq!(saved.check_compatibility(&no_triton, "cuda"), Ok(()));
+        }
+        let new_gpu = other(&|o| o.gpu_name = Some("A100".into()));
+        assert_eq!(
+            saved.check_compatibility(&new_gpu, "cuda"),
+            Err("Compile package was created with different GPU: cached=H100, current=A100".into())
+        );
+        // A loader that names no GPU does not compare it.
+        let no_gpu = other(&|o| o.gpu_name = None);
+        assert_eq!(saved.check_compatibility(&no_gpu, "cuda"), Ok(()));
     }
 }

@@ -136,6 +136,9 @@ pub struct WireEntry {
     #[serde(default)]
     pub source_info: SourceInfo,
     pub codes: Vec<WireCode>,
+    /// Opaque bytes kept with the entry (see [`DynamoCacheEntry::extra`]).
+    #[serde(default)]
+    pub extra_b64: Option<String>,
 }
 
 /// One code of an entry on the wire.
@@ -311,7 +314,12 @@ impl WireEntry {
                 })
             })
             .collect::<Result<_, RequestError>>()?;
+        let extra = match self.extra_b64 {
+            Some(e) => decode_b64("entry.extra_b64", &e)?,
+            None => Vec::new(),
+        };
         Ok(DynamoCacheEntry {
+            extra,
             codes,
             source_info: self.source_info,
             device_type: self.device_type,
@@ -531,14 +539,19 @@ pub fn entry_json(e: &DynamoCacheEntry) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut entry = json!({
         "fn_name": e.fn_name,
         "fn_first_lineno": e.fn_first_lineno,
         "device_type": e.device_type,
         "system_info": e.system_info,
         "source_info": e.source_info,
         "codes": codes,
-    })
+    });
+    // Only when present, so answers about entries without it read as they always did.
+    if !e.extra.is_empty() {
+        entry["extra_b64"] = json!(B64.encode(&e.extra));
+    }
+    entry
 }
 
 fn stitched_json(e: &PrecompileCacheEntry<Artifact>) -> Value {

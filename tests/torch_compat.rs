@@ -1,0 +1,159 @@
+//! What a PyTorch 2.10 client needs of the protocol: an entry keeps the bytes pcx does not read
+//! (`extra_b64`) exactly, through save, load and a restart, and the system check at load follows
+//! torch 2.10's `check_compatibility` (which fields count for which device, and its words).
+
+use serde_json::{json, Value};
+
+mod common;
+use common::protocol::*;
+
+/// Opaque bytes as torch's pickled leftovers would be: every byte value, NULs included.
+fn opaque() -> Vec<u8> {
+    (0..=255u8).rev().chain(0..=255u8).collect()
+}
+
+fn entry_with_extra(extra: &[u8]) -> Value {
+    let mut e = entry_with_codes(&[&["b1"]]);
+    e["extra_b64"] = json!(b64(extra));
+    e
+}
+
+#[test]
+fn an_entrys_extra_bytes_come_back_exactly_after_save_load_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let answers = batch(
+        dir.path(),
+        &[
+            record("b1", "aaa"),
+            record_entry("e1", entry_with_extra(&opaque())),
+            save(),
+            load("e1"),
+        ],
+    );
+    for a in &answers {
+        assert_ok(a);
+    }
+    let loaded = &answers[3]["entry"]["dynamo"];
+    assert_eq!(unb64(&loaded["extra_b64"]), opaque(), "{loaded}");
+
+    // A new process, replaying the log: the same bytes.
+    let again = batch(dir.path(), &[load("e1")]);
+    assert_ok(&again[0]);
+    assert_eq!(unb64(&again[0]["entry"]["dynamo"]["extra_b64"]), opaque());
+
+    // An entry without extra answers without the field, as before it existed.
+    let plain = batch(
+        dir.path(),
+        &[
+            record_entry("e2", entry_with_codes(&[&["b1"]])),
+            save(),
+            load("e2"),
+        ],
+    );
+    assert_ok(&plain[2]);
+    assert!(
+        plain[2]["entry"]["dynamo"].get("extra_b64").is_none(),
+        "{}",
+        plain[2]
+    );
+}
+
+#[test]
+fn extra_bytes_count_against_max_content_bytes_and_bad_base64_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = batch_raw(
+        dir.path(),
+        &lines(&[
+            record_entry("e1", entry_with_extra(&[7; 64])),
+            json!({"op":"record_dynamo_cache_entry","key":"e2","entry":{"device_type":"cpu","codes":[{"backend_ids":[]}],"extra_b64":"!!"}}),
+            dump(),
+        ]),
+        &[("PCX_MAX_CONTENT_BYTES", "32")],
+    );
+    let answers: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let message = assert_failed(&answers[0], "too_large");
+    assert!(message.contains("extra is 64 bytes"), "{message}");
+    let message = assert_failed(&answers[1], "bad_base64");
+    assert!(message.contains("entry.extra_b64"), "{message}");
+    let dynamo = &answers[2]["debug_info"]["dynamo"];
+    assert!(
+        dynamo.as_array().is_none_or(Vec::is_empty),
+        "nothing recorded: {dynamo}"
+    );
+}
+
+/// Saves an entry for `device` made on `saved`, then loads it as a process with `current`.
+fn load_as(device: &str, saved: Value, current: Value) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let mut entry = entry_with_codes(&[&["b1"]]);
+    entry["device_type"] = json!(device);
+    entry["system_info"] = saved;
+    let answers = batch(
+        dir.path(),
+        &[
+            record("b1", "aaa"),
+            record_entry("e1", entry),
+            save(),
+            json!({"op":"load_cache_entry","key":"e1","system_info":current}),
+        ],
+    );
+    answers[3].clone()
+}
+
+fn sys(toolkit: Option<&str>, triton: Option<&str>, gpu: Option<&str>) -> Value {
+    json!({"python_version":"3.11.9","torch_version":"2.10.0",
+           "toolkit_version":toolkit,"triton_version":triton,"gpu_name":gpu})
+}
+
+#[test]
+fn the_system_check_at_load_follows_torch_2_10() {
+    let made = sys(Some("12.8"), Some("(3, 4)"), Some("NVIDIA H100"));
+    // cpu: only Python and torch count.
+    assert_ok(&load_as("cpu", made.clone(), sys(None, None, None)));
+    // xpu counts the toolkit, as cuda does.
+    let a = load_as(
+        "xpu",
+        made.clone(),
+        sys(Some("2025.1"), Some("(3, 4)"), Some("NVIDIA H100")),
+    );
+    let message = assert_failed(&a, "system_mismatch");
+    assert!(
+        message.contains("Compile package was created with a different toolkit version: 12.8"),
+        "{message}"
+    );
+    // A loader without Triton ((0, 0)) or without a GPU name skips those.
+    assert_ok(&load_as(
+        "cuda",
+        made.clone(),
+        sys(Some("12.8"), Some("(0, 0)"), None),
+    ));
+    assert_ok(&load_as(
+        "cuda",
+        made.clone(),
+        sys(Some("12.8"), None, Some("NVIDIA H100")),
+    ));
+    let a = load_as(
+        "cuda",
+        made.clone(),
+        sys(Some("12.8"), Some("(3, 5)"), None),
+    );
+    let message = assert_failed(&a, "system_mismatch");
+    assert!(
+        message.contains("different Triton version: (3, 4)"),
+        "{message}"
+    );
+    let a = load_as(
+        "cuda",
+        made,
+        sys(Some("12.8"), Some("(3, 4)"), Some("NVIDIA A100")),
+    );
+    let message = assert_failed(&a, "system_mismatch");
+    assert!(
+        message.contains("different GPU: cached=NVIDIA H100, current=NVIDIA A100"),
+        "{message}"
+    );
+}
