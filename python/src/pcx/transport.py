@@ -1,0 +1,239 @@
+"""The two ways to carry requests to pcx, behind one interface.
+
+- :class:`SocketTransport`: a connection to ``pcx serve`` (Unix socket, or loopback TCP with a
+  token). Each message, both ways, is a frame: a 4-byte big-endian length, then one MessagePack
+  value. Fields named ``*_b64`` travel as MessagePack binary.
+- :class:`BatchTransport`: a ``pcx batch`` child process owning a data directory, JSON lines on
+  its stdin and stdout. Fields named ``*_b64`` travel as base64 text; this side converts them, so
+  callers see ``bytes`` there with either transport.
+
+Both answer in request order, so a caller may send many requests before reading (pipelining).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+import subprocess
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
+
+import msgpack
+
+from .errors import TransportError
+
+__all__ = ["Transport", "SocketTransport", "BatchTransport", "Request", "Answer"]
+
+#: A request map: ``{"op": NAME, ...fields}``.
+Request = Mapping[str, Any]
+#: An answer map as pcx sent it (``*_b64`` fields hold ``bytes``).
+Answer = Dict[str, Any]
+
+_HEADER = struct.Struct(">I")
+
+
+class Transport:
+    """Sends request maps and receives answer maps, in order. Not thread-safe by itself
+    (:class:`pcx.Client` serialises its use)."""
+
+    #: What the transport talks to, for messages.
+    description = "pcx"
+
+    def send(self, request: Request) -> None:
+        """Writes one request without waiting for its answer."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Pushes requests written so far to pcx (a no-op where writes are unbuffered)."""
+
+    def receive(self) -> Answer:
+        """Reads the next answer (answers come in request order)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SocketTransport(Transport):
+    """MessagePack frames over a connected stream socket."""
+
+    def __init__(self, sock: socket.socket, description: str) -> None:
+        self._sock = sock
+        self.description = description
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    @classmethod
+    def unix(cls, path: str, timeout: Optional[float] = None) -> "SocketTransport":
+        """Connects to a server's Unix socket (by default ``DATA_DIR/pcx.sock``)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, f"pcx serve at {path}")
+
+    @classmethod
+    def tcp(cls, host: str, port: int, timeout: Optional[float] = None) -> "SocketTransport":
+        """Connects over loopback TCP; the caller sends ``auth`` first."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(sock, f"pcx serve at {host}:{port}")
+
+    def send(self, request: Request) -> None:
+        body = self._packer.pack(dict(request))
+        try:
+            self._sock.sendall(_HEADER.pack(len(body)) + body)
+        except OSError as e:
+            raise TransportError(f"sending to {self.description}: {e}") from e
+
+    def receive(self) -> Answer:
+        (length,) = _HEADER.unpack(self._read_exactly(_HEADER.size))
+        answer = msgpack.unpackb(self._read_exactly(length), raw=False, strict_map_key=False)
+        if not isinstance(answer, dict):
+            raise TransportError(f"{self.description} answered a frame that is not a map")
+        return answer
+
+    def _read_exactly(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self._sock.recv_into(view[got:], n - got)
+            except OSError as e:
+                raise TransportError(f"reading from {self.description}: {e}") from e
+            if k == 0:
+                raise TransportError(f"{self.description} closed the connection")
+            got += k
+        return bytes(buf)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class BatchTransport(Transport):
+    """JSON lines through a ``pcx batch`` child process that owns ``data_dir``.
+
+    The child holds the data directory exclusively while it runs (a running server on the same
+    directory makes it exit with an error), and every answer is durable when it is read."""
+
+    def __init__(
+        self,
+        binary: str,
+        data_dir: Optional[str] = None,
+        extra_args: Sequence[str] = (),
+        env: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        args = [binary]
+        if data_dir is not None:
+            args += ["--data-dir", data_dir]
+        args += [*extra_args, "batch"]
+        self.description = f"pcx batch on {data_dir or 'the configured data directory'}"
+        child_env = dict(os.environ if env is None else env)
+        try:
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=child_env,
+            )
+        except OSError as e:
+            raise TransportError(f"cannot start {binary}: {e}") from e
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._stdin: IO[bytes] = self._proc.stdin
+        self._stdout: IO[bytes] = self._proc.stdout
+        self._stderr_tail: List[bytes] = []
+        self._start_stderr_drain()
+
+    def _start_stderr_drain(self) -> None:
+        # pcx logs to stderr; an undrained pipe would block the child once it fills.
+        import threading
+
+        stderr = self._proc.stderr
+        assert stderr is not None
+        tail = self._stderr_tail
+
+        def drain() -> None:
+            for line in stderr:
+                tail.append(line)
+                if len(tail) > 50:
+                    del tail[:-50]
+
+        threading.Thread(target=drain, name="pcx-batch-stderr", daemon=True).start()
+
+    def send(self, request: Request) -> None:
+        line = json.dumps(_to_json(request), separators=(",", ":")).encode() + b"\n"
+        try:
+            self._stdin.write(line)
+        except OSError as e:
+            raise TransportError(f"writing to {self.description}: {e}{self._why()}") from e
+
+    def flush(self) -> None:
+        try:
+            self._stdin.flush()
+        except OSError as e:
+            raise TransportError(f"writing to {self.description}: {e}{self._why()}") from e
+
+    def receive(self) -> Answer:
+        self.flush()
+        line = self._stdout.readline()
+        if not line:
+            self._proc.wait()
+            raise TransportError(
+                f"{self.description} exited ({self._proc.returncode}) before answering{self._why()}"
+            )
+        answer = json.loads(line)
+        if not isinstance(answer, dict):
+            raise TransportError(f"{self.description} answered a line that is not an object")
+        return _from_json(answer)
+
+    def _why(self) -> str:
+        tail = b"".join(self._stderr_tail[-5:]).decode(errors="replace").strip()
+        return f"; its stderr ends: {tail}" if tail else ""
+
+    def close(self) -> None:
+        """Ends the input; the child answers what it read, commits and exits."""
+        try:
+            self._stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._stdout.close()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+
+def _to_json(value: Any, key: str = "") -> Any:
+    """Bytes become base64 text (pcx wants base64 exactly in ``*_b64`` fields)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v, key) for v in value]
+    return value
+
+
+def _from_json(value: Any, key: str = "") -> Any:
+    """``*_b64`` text becomes bytes, as the socket transport gives them."""
+    if isinstance(value, dict):
+        return {k: _from_json(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v, key) for v in value]
+    if isinstance(value, str) and key.endswith("_b64"):
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError:
+            return value
+    return value
