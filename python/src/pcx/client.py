@@ -1,0 +1,247 @@
+"""The client: one method per operation of pcx's protocol (docs/protocol.md), over either
+transport, with failures raised as typed errors.
+
+Three ways to get one::
+
+    Client.connect("/path/to/pcx.sock")          # a running ``pcx serve``
+    Client.batch("/path/to/data", binary="pcx")  # a ``pcx batch`` child owning the directory
+    Client.default()                             # the embedded default: a per-user data
+                                                 # directory and a ``pcx serve`` started once
+                                                 # and reused (see :mod:`pcx.server`)
+
+Every method sends one request and returns its answer map (``*_b64`` fields as ``bytes``).
+``context`` and ``namespace``, when given to the constructor, go with every request that takes
+them (named contexts and the namespaced dynamo cache); left ``None`` they are not sent, so the
+client also works with a server that predates them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, List, Mapping, Optional
+
+from .errors import error_from_answer
+from .transport import Answer, BatchTransport, SocketTransport, Transport
+
+__all__ = ["Client"]
+
+# Requests that address a context, and those that address the dynamo cache's namespace.
+_CONTEXT_OPS = frozenset(
+    {
+        "record_artifact",
+        "record_dynamo_cache_entry",
+        "edit_artifact",
+        "serialize_artifact_by_key",
+        "take_artifact",
+        "clear",
+        "dump_debug_info",
+        "create_cache_entries",
+        "save_to_dynamo_cache",
+        "load_cache_entry",
+        "put_cache_entry",
+        "drop_context",
+    }
+)
+_NAMESPACE_OPS = frozenset(
+    {
+        "save_to_dynamo_cache",
+        "load_cache_entry",
+        "put_cache_entry",
+        "get_cache_entry",
+        "delete_cache_entry",
+        "list_cache_entries",
+        "clear_dynamo_cache",
+    }
+)
+
+
+class Client:
+    """A connection to pcx. Thread-safe: requests from several threads are sent one at a time
+    (each waits for its answer), as torch's compile threads may record concurrently."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        context: Optional[str] = None,
+        namespace: Optional[str] = None,
+    ) -> None:
+        self._transport = transport
+        self._lock = threading.Lock()
+        self.context = context
+        self.namespace = namespace
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls,
+        socket_path: str,
+        *,
+        timeout: Optional[float] = 120.0,
+        context: Optional[str] = None,
+        namespace: Optional[str] = None,
+    ) -> "Client":
+        """Connects to a running ``pcx serve`` on its Unix socket."""
+        return cls(
+            SocketTransport.unix(socket_path, timeout=timeout),
+            context=context,
+            namespace=namespace,
+        )
+
+    @classmethod
+    def batch(
+        cls,
+        data_dir: str,
+        *,
+        binary: Optional[str] = None,
+        context: Optional[str] = None,
+        namespace: Optional[str] = None,
+    ) -> "Client":
+        """Starts a ``pcx batch`` child that owns ``data_dir`` for as long as this client."""
+        from .server import find_binary
+
+        return cls(
+            BatchTransport(binary or find_binary(), data_dir),
+            context=context,
+            namespace=namespace,
+        )
+
+    @classmethod
+    def default(
+        cls, *, context: Optional[str] = None, namespace: Optional[str] = None
+    ) -> "Client":
+        """The embedded default: connects to the per-user ``pcx serve``, starting it if no
+        process serves it yet (:func:`pcx.server.ensure_server`)."""
+        from .server import ensure_server
+
+        return cls.connect(ensure_server(), context=context, namespace=namespace)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one request ------------------------------------------------------------------------
+
+    def request(self, op: str, **fields: Any) -> Answer:
+        """Sends ``{"op": op, **fields}`` (fields that are ``None`` left out) and returns the
+        answer, or raises the :class:`pcx.PcxError` subclass of its kind."""
+        req: Dict[str, Any] = {"op": op}
+        if self.context is not None and op in _CONTEXT_OPS:
+            req["context"] = self.context
+        if self.namespace is not None and op in _NAMESPACE_OPS:
+            req["namespace"] = self.namespace
+        req.update({k: v for k, v in fields.items() if v is not None})
+        with self._lock:
+            self._transport.send(req)
+            answer = self._transport.receive()
+        if not answer.get("ok"):
+            raise error_from_answer(answer)
+        return answer
+
+    # -- the context (PyTorch's PrecompileContext) ------------------------------------------
+
+    def record_artifact(self, key: str, content: bytes, kind: str = "eager") -> Answer:
+        return self.request("record_artifact", key=key, kind=kind, content_b64=content)
+
+    def record_dynamo_cache_entry(self, key: str, entry: Mapping[str, Any]) -> Answer:
+        return self.request("record_dynamo_cache_entry", key=key, entry=dict(entry))
+
+    def edit_artifact(
+        self,
+        key: str,
+        *,
+        set: Optional[bytes] = None,
+        append: Optional[bytes] = None,
+        expected_digest: Optional[str] = None,
+    ) -> Answer:
+        """Replaces (``set``) or extends (``append``) an artifact's content. With
+        ``expected_digest`` (the ``digest`` a read answered), the edit applies only if the
+        content is still that one; otherwise :class:`pcx.Conflict`."""
+        if (set is None) == (append is None):
+            raise ValueError("give exactly one of set= and append=")
+        edit = {"set_b64": set} if set is not None else {"append_b64": append}
+        return self.request(
+            "edit_artifact", key=key, edit=edit, expected_digest=expected_digest
+        )
+
+    def serialize_artifact_by_key(self, key: str) -> Optional[Dict[str, Any]]:
+        """The artifact (``{"key","kind","content_b64"}``), or ``None``."""
+        artifact: Optional[Dict[str, Any]] = self.request(
+            "serialize_artifact_by_key", key=key
+        ).get("artifact")
+        return artifact
+
+    def take_artifact(self, key: str) -> Optional[Dict[str, Any]]:
+        artifact: Optional[Dict[str, Any]] = self.request("take_artifact", key=key).get(
+            "artifact"
+        )
+        return artifact
+
+    def clear(self) -> Answer:
+        return self.request("clear")
+
+    def dump_debug_info(self) -> Dict[str, Any]:
+        info: Dict[str, Any] = self.request("dump_debug_info")["debug_info"]
+        return info
+
+    def create_cache_entries(self) -> Answer:
+        return self.request("create_cache_entries")
+
+    def save_to_dynamo_cache(self) -> Answer:
+        return self.request("save_to_dynamo_cache")
+
+    def load_cache_entry(
+        self, key: str, system_info: Optional[Mapping[str, Any]] = None
+    ) -> Answer:
+        return self.request(
+            "load_cache_entry",
+            key=key,
+            system_info=dict(system_info) if system_info is not None else None,
+        )
+
+    # -- named contexts and the shared, namespaced dynamo cache -------------------------------
+
+    def list_contexts(self) -> List[Dict[str, Any]]:
+        contexts: List[Dict[str, Any]] = self.request("list_contexts")["contexts"]
+        return contexts
+
+    def drop_context(self) -> Answer:
+        return self.request("drop_context")
+
+    def put_cache_entry(self, key: str, entry: Mapping[str, Any]) -> Answer:
+        """Writes one stitched entry (``{"dynamo": ENTRY, "backends": {ID: {"kind",
+        "content_b64"}}}``) to the dynamo cache, as torch's ``DynamoStore.write`` does."""
+        return self.request("put_cache_entry", key=key, entry=dict(entry))
+
+    def get_cache_entry(self, key: str) -> Optional[Dict[str, Any]]:
+        """The saved entry, or ``None``; changes nothing and counts nothing."""
+        entry: Optional[Dict[str, Any]] = self.request("get_cache_entry", key=key).get(
+            "entry"
+        )
+        return entry
+
+    def delete_cache_entry(self, key: str) -> bool:
+        return bool(self.request("delete_cache_entry", key=key).get("deleted"))
+
+    def list_cache_entries(self) -> List[Dict[str, Any]]:
+        entries: List[Dict[str, Any]] = self.request("list_cache_entries")["entries"]
+        return entries
+
+    def clear_dynamo_cache(self) -> int:
+        return int(self.request("clear_dynamo_cache").get("cleared", 0))
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def log(self, **filters: Any) -> List[Dict[str, Any]]:
+        """The events (``pcx log``'s filters as keyword arguments)."""
+        events: List[Dict[str, Any]] = self.request("log", **filters)["events"]
+        return events
+
+    def stats(self) -> Answer:
+        return self.request("stats")

@@ -1,0 +1,136 @@
+"""The embedded default: a per-user data directory and one ``pcx serve`` on it, started by the
+first process that needs it and reused by every later one.
+
+Where things are:
+
+- the binary: ``$PCX_BIN``, else ``pcx`` on ``PATH``;
+- the data directory: ``$PCX_DATA_DIR``, else ``$XDG_DATA_HOME/pcx``, else
+  ``~/.local/share/pcx``;
+- the socket: ``DATA_DIR/pcx.sock`` (pcx's default ``socket_path``);
+- the server's own log: ``DATA_DIR.serve.log`` beside the directory.
+
+Two processes starting at once: each takes an exclusive lock on ``DATA_DIR.start-lock`` before
+looking for a server, so exactly one starts it and the other finds it. The server is started in
+its own session, so it outlives the process that started it (the point: the next torch process
+warm-starts from it); stop it with SIGTERM (its pid is in :func:`server_pid`'s answer).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import ServerStartError
+
+__all__ = ["default_data_dir", "find_binary", "ensure_server", "server_pid"]
+
+#: How long a started server may take to listen.
+START_TIMEOUT_S = 30.0
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory of the embedded default."""
+    explicit = os.environ.get("PCX_DATA_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "pcx"
+
+
+def find_binary() -> str:
+    """The ``pcx`` binary: ``$PCX_BIN``, else ``pcx`` on ``PATH``."""
+    explicit = os.environ.get("PCX_BIN")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise ServerStartError(f"PCX_BIN={explicit} is not an executable file")
+        return explicit
+    found = shutil.which("pcx")
+    if found is None:
+        raise ServerStartError(
+            "no `pcx` binary: put it on PATH (`cargo install --path .` in pcx's repository) "
+            "or set PCX_BIN to its path"
+        )
+    return found
+
+
+def _answers(socket_path: Path) -> bool:
+    """Whether a server answers on ``socket_path``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(2.0)
+    try:
+        sock.connect(str(socket_path))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def ensure_server(data_dir: Optional[Path] = None, binary: Optional[str] = None) -> str:
+    """The socket path of the server on ``data_dir`` (the embedded default's when ``None``),
+    starting ``pcx serve`` there if nothing answers yet."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    socket_path = data_dir / "pcx.sock"
+    if _answers(socket_path):
+        return str(socket_path)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = data_dir.parent / (data_dir.name + ".start-lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _answers(socket_path):
+            return str(socket_path)
+        _start(data_dir, socket_path, binary or find_binary())
+    return str(socket_path)
+
+
+def _start(data_dir: Path, socket_path: Path, binary: str) -> None:
+    log_path = data_dir.parent / (data_dir.name + ".serve.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [binary, "--data-dir", str(data_dir), "serve"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    (data_dir.parent / (data_dir.name + ".serve.pid")).write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if _answers(socket_path):
+            return
+        code = proc.poll()
+        if code is not None:
+            raise ServerStartError(
+                f"`{binary} --data-dir {data_dir} serve` exited with {code} before listening; "
+                f"its log: {log_path}: {_tail(log_path)}"
+            )
+        time.sleep(0.02)
+    raise ServerStartError(
+        f"`{binary} --data-dir {data_dir} serve` did not listen on {socket_path} within "
+        f"{START_TIMEOUT_S:.0f} s; its log: {log_path}"
+    )
+
+
+def server_pid(data_dir: Optional[Path] = None) -> Optional[int]:
+    """The pid of the server this module started on ``data_dir``, if it recorded one."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    try:
+        return int((data_dir.parent / (data_dir.name + ".serve.pid")).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(unreadable)"
+    return " | ".join(text[-lines:])

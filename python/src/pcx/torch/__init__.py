@@ -1,0 +1,117 @@
+"""PyTorch's precompile context and dynamo cache, stored in pcx: one line, no edits to torch.
+
+::
+
+    import pcx.torch; pcx.torch.install()     # or PCX_TORCH=1, or pytest -p pcx.torch
+
+Then, with ``torch._dynamo.config.caching_precompile`` on (``TORCH_CACHING_PRECOMPILE=1``),
+every artifact and dynamo entry torch records goes to pcx as a durable event,
+``torch.compiler.save_cache_artifacts()`` stitches and saves in pcx, and the next process's
+``torch.compile`` warm-starts from pcx (torch's own ``after_deserialization`` runs in Python on
+the bytes pcx returns). With no client given, the embedded default is used: a per-user data
+directory and a ``pcx serve`` started once and reused (:mod:`pcx.server`).
+
+Works with torch 2.10 (the precompile API is private and changes between releases; ``install``
+refuses a torch without it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import time
+from typing import Any, Optional
+
+from ..client import Client
+from ..errors import UnknownOp
+from .hooks import Hooks
+
+__all__ = ["install", "uninstall", "installed", "default_namespace"]
+
+_hooks: Optional[Hooks] = None
+
+
+def default_namespace() -> str:
+    """One namespace per torch cache directory, as torch's ``DynamoCache`` is one directory
+    per cache dir (torch's tests isolate by cache directory)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    digest = hashlib.sha256(os.path.abspath(cache_dir()).encode()).hexdigest()[:16]
+    return f"torch-{digest}"
+
+
+def _process_context() -> str:
+    """This process's own context, as torch's PrecompileContext is per process."""
+    host = re.sub(r"[^A-Za-z0-9_.:@+-]", "-", socket.gethostname())[:64]
+    return f"torch@{host}:{os.getpid()}:{int(time.time() * 1000)}"
+
+
+def _supports(client: Client, op: str) -> bool:
+    try:
+        client.request(op)
+    except UnknownOp:
+        return False
+    except Exception:
+        # Known to the server (it refused the request itself, e.g. a missing field).
+        return True
+    return True
+
+
+def install(
+    client: Optional[Client] = None,
+    *,
+    namespace: Optional[str] = None,
+    torch_kinds: Optional[bool] = None,
+) -> Client:
+    """Makes torch's precompile context and dynamo cache use pcx through ``client`` (the
+    embedded default when ``None``). Idempotent: a second call returns the client in use.
+
+    ``namespace``: the dynamo cache namespace (default: one per torch cache directory), used
+    when the server has namespaces. ``torch_kinds``: record artifacts as
+    ``torch.bundled_aot_autograd``/``torch.pickle`` (needs pcx's torch-pickle plugin in the
+    server's plugin directory) instead of ``eager``; default from ``PCX_TORCH_KINDS=1``."""
+    global _hooks
+    if _hooks is not None:
+        return _hooks.client
+    try:
+        from torch._dynamo import package, precompile_context  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            f"pcx.torch needs torch with the precompile API (torch 2.10): {e}"
+        ) from e
+    if client is None:
+        client = Client.default()
+    named = _supports(client, "list_contexts")
+    if named:
+        client.context = client.context or _process_context()
+        client.namespace = namespace or client.namespace or default_namespace()
+    if torch_kinds is None:
+        torch_kinds = os.environ.get("PCX_TORCH_KINDS") == "1"
+    hooks = Hooks(client, torch_kinds=torch_kinds, shared_cache=named)
+    hooks.apply()
+    _hooks = hooks
+    return client
+
+
+def uninstall() -> None:
+    """Puts torch's own precompile context and dynamo cache back."""
+    global _hooks
+    if _hooks is not None:
+        _hooks.remove()
+        _hooks = None
+
+
+def installed() -> Optional[Client]:
+    """The client in use, or ``None`` when not installed."""
+    return None if _hooks is None else _hooks.client
+
+
+def pytest_configure(config: Any) -> None:
+    """``pytest -p pcx.torch``: the whole session's torch runs on pcx."""
+    install()
+
+
+def pytest_unconfigure(config: Any) -> None:
+    uninstall()

@@ -1,0 +1,204 @@
+"""The replacements for torch 2.10's ``PrecompileContext`` and ``DynamoCache`` storage.
+
+``PrecompileContext``'s class methods are replaced (torch calls them through the class, from
+AOTAutograd, Dynamo's ``DynamoStore`` and ``torch.compiler.save_cache_artifacts``), and the
+module-level ``DynamoCache`` object gets instance attributes that shadow its ``load``,
+``read``, ``write`` and ``clear`` (every caller reaches it as that one object). Nothing of
+torch's source is changed, and :meth:`Hooks.remove` puts every original back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ..client import Client
+from ..errors import PackageNotFound, PcxError
+from . import convert
+
+logger = logging.getLogger("pcx.torch")
+
+_CONTEXT_METHODS = (
+    "clear",
+    "record_artifact",
+    "record_dynamo_cache_entry",
+    "edit_artifact",
+    "serialize_artifact_by_key",
+    "save_to_dynamo_cache",
+    "create_cache_entries",
+)
+_CACHE_METHODS = ("load", "read", "write", "clear")
+
+
+class Hooks:
+    """pcx standing in for torch's precompile context and dynamo cache, through ``client``.
+
+    ``torch_kinds``: record artifacts under torch kinds (served by pcx's torch-pickle plugin)
+    rather than ``eager``. ``shared_cache``: the server has the namespaced cache operations
+    (``put_cache_entry``…); without them ``DynamoCache.write``/``read``/``clear`` fail with a
+    message saying so, while save and load (through the context) still work."""
+
+    def __init__(self, client: Client, *, torch_kinds: bool, shared_cache: bool) -> None:
+        self.client = client
+        self.torch_kinds = torch_kinds
+        self.shared_cache = shared_cache
+        self._saved_context: Dict[str, Any] = {}
+        self._cache: Any = None
+
+    # -- installing -------------------------------------------------------------------------
+
+    def apply(self) -> None:
+        from torch._dynamo import package
+        from torch._dynamo.precompile_context import PrecompileContext
+
+        for name in _CONTEXT_METHODS:
+            self._saved_context[name] = PrecompileContext.__dict__[name]
+            setattr(PrecompileContext, name, classmethod(getattr(self, "_ctx_" + name)))
+        self._cache = package.DynamoCache
+        for name in _CACHE_METHODS:
+            setattr(self._cache, name, getattr(self, "_cache_" + name))
+
+    def remove(self) -> None:
+        from torch._dynamo.precompile_context import PrecompileContext
+
+        for name, original in self._saved_context.items():
+            setattr(PrecompileContext, name, original)
+        self._saved_context.clear()
+        if self._cache is not None:
+            for name in _CACHE_METHODS:
+                self._cache.__dict__.pop(name, None)
+            self._cache = None
+
+    # -- PrecompileContext --------------------------------------------------------------------
+
+    def _ctx_clear(self, cls: type) -> None:
+        self.client.clear()
+
+    def _ctx_record_artifact(self, cls: type, artifact: Any) -> None:
+        # torch deep-copies under no_dispatch (fake tensors must not be cloned); pickling is
+        # the copy here, under the same guard.
+        from torch.utils._mode_utils import no_dispatch
+
+        with no_dispatch():
+            content = convert.artifact_bytes(artifact)
+        self.client.record_artifact(
+            str(artifact.key), content, convert.artifact_kind(artifact, self.torch_kinds)
+        )
+
+    def _ctx_record_dynamo_cache_entry(self, cls: type, cache_entry: Any, key: str) -> None:
+        self.client.record_dynamo_cache_entry(key, convert.entry_to_pcx(cache_entry))
+
+    def _ctx_edit_artifact(self, cls: type, key: str, edit_fn: Callable[..., Any]) -> None:
+        current = self.client.serialize_artifact_by_key(key)
+        assert current is not None, f"Key {key} not found in artifacts"
+        artifact = convert.artifact_from_bytes(current["content_b64"])
+        artifact.edit_contents(edit_fn)
+        # Only if nobody changed it since it was read (the server answers `conflict`).
+        self.client.edit_artifact(
+            key, set=convert.artifact_bytes(artifact), expected_digest=current.get("digest")
+        )
+
+    def _ctx_serialize_artifact_by_key(self, cls: type, key: str) -> Optional[Any]:
+        current = self.client.serialize_artifact_by_key(key)
+        return None if current is None else convert.artifact_from_bytes(current["content_b64"])
+
+    def _ctx_save_to_dynamo_cache(self, cls: type) -> Dict[str, Any]:
+        answer = self.client.save_to_dynamo_cache()
+        debug_info: Dict[str, Any] = answer.get("debug_info", {})
+        _trace_entries(debug_info)
+        return debug_info
+
+    def _ctx_create_cache_entries(self, cls: type) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        from torch._dynamo.package import PrecompileCacheEntry
+
+        answer = self.client.create_cache_entries()
+        debug_info: Dict[str, Any] = answer.get("debug_info", {})
+        _trace_entries(debug_info)
+        entries = {
+            key: PrecompileCacheEntry(
+                dynamo=convert.entry_from_pcx(e["dynamo"]),
+                backends=convert.backends_from_pcx(e["backends"]),
+            )
+            for key, e in answer.get("entries", {}).items()
+        }
+        return entries, debug_info
+
+    # -- DynamoCache ----------------------------------------------------------------------------
+
+    def _cache_load(self, fn: Callable[..., Any]) -> Optional[Any]:
+        """torch's ``DiskDynamoCache.load``: the entry for ``fn`` with its backends recorded
+        into the context (pcx's load records them), counting a hit, a miss or an error."""
+        from torch._dynamo.package import CompilePackage, PrecompileCacheEntry
+        from torch._dynamo.utils import counters
+
+        key = CompilePackage.source_id_from_fn(fn)
+        try:
+            answer = self.client.load_cache_entry(key)
+            entry = answer["entry"]
+            result = PrecompileCacheEntry(
+                dynamo=convert.entry_from_pcx(entry["dynamo"]),
+                backends=convert.backends_from_pcx(entry["backends"]),
+            )
+        except PackageNotFound:
+            logger.info("No package found for %s", key)
+            counters["dynamo_cache"]["dynamo_cache_miss"] += 1
+            return None
+        except Exception:
+            counters["dynamo_cache"]["dynamo_cache_error"] += 1
+            logger.warning("Failed to load package %s from pcx", key, exc_info=True)
+            return None
+        counters["dynamo_cache"]["dynamo_cache_hit"] += 1
+        return result
+
+    def _need_shared_cache(self, what: str) -> None:
+        if not self.shared_cache:
+            raise RuntimeError(
+                f"DynamoCache.{what} through pcx needs a server with the shared dynamo cache "
+                "operations (put_cache_entry, get_cache_entry, clear_dynamo_cache); this one "
+                "answers `unknown op` to them: upgrade pcx"
+            )
+
+    def _cache_write(self, entry: Any, path: str) -> None:
+        self._need_shared_cache("write")
+        try:
+            self.client.put_cache_entry(
+                path,
+                {
+                    "dynamo": convert.entry_to_pcx(entry.dynamo),
+                    "backends": convert.backends_to_pcx(entry.backends, self.torch_kinds),
+                },
+            )
+        except PcxError as e:
+            raise RuntimeError(f"Failed to save package to {path}: {e}") from e
+
+    def _cache_read(self, path: str) -> Any:
+        from torch._dynamo.package import PrecompileCacheEntry
+
+        self._need_shared_cache("read")
+        entry = self.client.get_cache_entry(path)
+        if entry is None:
+            raise RuntimeError(f"No package found with key {path}")
+        return PrecompileCacheEntry(
+            dynamo=convert.entry_from_pcx(entry["dynamo"]),
+            backends=convert.backends_from_pcx(entry["backends"]),
+        )
+
+    def _cache_clear(self) -> None:
+        self._need_shared_cache("clear")
+        self.client.clear_dynamo_cache()
+
+
+def _trace_entries(debug_info: Dict[str, Any]) -> None:
+    """Emits torch's ``dynamo_cache_entries`` structured trace event, as torch's own stitch
+    does, so tlparse sees pcx's stitches too."""
+    import torch
+
+    dynamo: List[Any] = debug_info.get("dynamo", [])
+    payload = json.dumps({"num_entries": len(dynamo), "artifacts": debug_info})
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "dynamo_cache_entries", "encoding": "json"},
+        payload_fn=lambda: payload,
+        expect_trace_id=False,
+    )

@@ -1,0 +1,76 @@
+"""Fixtures: the `pcx` binary under test, fresh data directories, and a client per transport."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import pcx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pcx_binary() -> str:
+    """$PCX_BIN, else the debug build of this checkout (build it with `cargo build`)."""
+    explicit = os.environ.get("PCX_BIN")
+    if explicit:
+        return explicit
+    built = REPO / "target" / "debug" / "pcx"
+    if not built.exists():
+        pytest.fail(f"no pcx binary: run `cargo build --bin pcx` (looked for {built})")
+    return str(built)
+
+
+@pytest.fixture(autouse=True)
+def _binary_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PCX_BIN", pcx_binary())
+
+
+class Served:
+    """A `pcx serve` on a fresh data directory, stopped by pid at the end."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.socket = data_dir / "pcx.sock"
+        self.proc = subprocess.Popen(
+            [pcx_binary(), "--data-dir", str(data_dir), "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pcx serve did not start: {self.proc.stderr.read()!r}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path / "data")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(params=["socket", "batch"])
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[pcx.Client]:
+    """The same tests over both transports."""
+    if request.param == "socket":
+        s = Served(tmp_path / "data")
+        c = pcx.Client.connect(str(s.socket))
+        yield c
+        c.close()
+        s.stop()
+    else:
+        c = pcx.Client.batch(str(tmp_path / "data"))
+        yield c
+        c.close()

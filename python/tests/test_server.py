@@ -1,0 +1,73 @@
+"""The embedded default: one `pcx serve` per data directory, started by the first process that
+needs it and found again by the next, even across processes starting at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pcx
+from pcx import server
+
+
+@pytest.fixture
+def default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    d = tmp_path / "share" / "pcx"
+    monkeypatch.setenv("PCX_DATA_DIR", str(d))
+    yield d
+    pid = server.server_pid(d)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+def test_the_default_server_is_started_once_and_reused(default_dir: Path) -> None:
+    with pcx.Client.default() as a:
+        a.record_artifact("k", b"v")
+    pid = server.server_pid(default_dir)
+    assert pid is not None
+    # A second client, and processes starting at the same moment, find the same server.
+    code = (
+        "import pcx; c = pcx.Client.default(); "
+        "print(c.serialize_artifact_by_key('k')['content_b64'].decode()); c.close()"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert outs == ["v"] * 4
+    assert server.server_pid(default_dir) == pid, "no second server was started"
+    # It outlives the processes that used it, and stops by pid.
+    os.kill(pid, signal.SIGTERM)
+    _wait_gone(pid)
+    # The next use starts a new one on the same data: nothing was lost.
+    with pcx.Client.default() as b:
+        assert b.serialize_artifact_by_key("k")["content_b64"] == b"v"
+    assert server.server_pid(default_dir) != pid
+
+
+def test_a_missing_binary_is_a_clear_error(
+    default_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PCX_BIN", str(default_dir / "no-such-pcx"))
+    with pytest.raises(pcx.ServerStartError, match="PCX_BIN=.*no-such-pcx"):
+        pcx.Client.default()
