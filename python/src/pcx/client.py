@@ -18,6 +18,7 @@ client also works with a server that predates them.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Dict, List, Mapping, Optional
 
 from .errors import error_from_answer
@@ -70,6 +71,9 @@ class Client:
         self._lock = threading.Lock()
         self.context = context
         self.namespace = namespace
+        #: Seconds spent in :meth:`request` (sending and waiting for answers), for
+        #: measuring pcx's own share of a caller's time.
+        self.busy_s = 0.0
 
     # -- construction ---------------------------------------------------------------------
 
@@ -138,8 +142,10 @@ class Client:
             req["namespace"] = self.namespace
         req.update({k: v for k, v in fields.items() if v is not None})
         with self._lock:
+            started = time.perf_counter()
             self._transport.send(req)
             answer = self._transport.receive()
+            self.busy_s += time.perf_counter() - started
         if not answer.get("ok"):
             raise error_from_answer(answer)
         return answer

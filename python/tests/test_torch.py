@@ -1,0 +1,94 @@
+"""A real torch.compile records into pcx through pcx.torch, and a fresh process warm-starts
+from pcx: zero frames compiled, a dynamo cache hit, identical outputs. Each process gets its
+own inductor cache directory, so nothing but pcx carries the compiled artifacts across.
+
+Skipped, saying so, where torch is not installed (`.ci/run` installs it in a cached venv)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+import pcx
+
+torch = pytest.importorskip("torch", reason="torch is not installed (.ci/run installs it)")
+
+PROGRAM = Path(__file__).parent / "torch_programs" / "compile_mlp.py"
+
+
+def run(served: Any, tmp: Path, name: str, *flags: str, mode: str = "pcx") -> Dict[str, Any]:
+    """Runs one process of the program; gives its JSON line."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / f"inductor-{name}"))
+    done = subprocess.run(
+        [sys.executable, str(PROGRAM), mode, str(served.socket), *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_inference_warm_starts_from_pcx(served: Any, tmp_path: Path) -> None:
+    a = run(served, tmp_path, "a", "--save")
+    assert a["frames_compiled"] >= 1 and a["misses"] == 1
+    b = run(served, tmp_path, "b")
+    assert b["frames_compiled"] == 0, b
+    assert (b["hits"], b["misses"], b["errors"]) == (1, 0, 0), b
+    assert b["out"] == a["out"]
+    # The history shows what torch recorded, as events.
+    with pcx.Client.connect(str(served.socket)) as client:
+        events = client.log()
+    kinds = [e["event"] for e in events]
+    assert "ArtifactRecorded" in kinds and "DynamoEntryRecorded" in kinds, kinds
+    assert "SavedToDynamoCache" in kinds and "EntryLoaded" in kinds, kinds
+    compiled = [e for e in events if e["event"] == "ArtifactRecorded"]
+    assert all(k.startswith("__compiled_fn") for e in compiled for k in e["keys"]), compiled
+
+
+def test_a_training_step_warm_starts_from_pcx(served: Any, tmp_path: Path) -> None:
+    a = run(served, tmp_path, "a", "--train", "--save")
+    b = run(served, tmp_path, "b", "--train")
+    assert b["frames_compiled"] == 0, b
+    assert b["hits"] == 1, b
+    assert (b["out"], b["grad"]) == (a["out"], a["grad"])
+
+
+def test_a_process_killed_after_its_save_still_serves_the_next(
+    served: Any, tmp_path: Path
+) -> None:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-a"))
+    a = subprocess.Popen(
+        [sys.executable, str(PROGRAM), "pcx", str(served.socket), "--save", "--sleep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert a.stdout is not None
+    first = json.loads(a.stdout.readline())
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=60)
+    b = run(served, tmp_path, "b")
+    assert b["frames_compiled"] == 0 and b["hits"] == 1, b
+    assert b["out"] == first["out"]
+
+
+def test_a_system_mismatch_behaves_as_in_torch(served: Any, tmp_path: Path) -> None:
+    """torch counts the hit, refuses the entry in its own version check and compiles."""
+    run(served, tmp_path, "a", "--save")
+    b = run(served, tmp_path, "b", "--fake-torch-version")
+    stock_a = run(served, tmp_path, "sa", "--save", mode="stock")
+    stock_b = run(served, tmp_path, "sa", "--fake-torch-version", mode="stock")
+    assert stock_b["hits"] == 1 and stock_b["frames_compiled"] >= 1, stock_b
+    assert (b["hits"], b["frames_compiled"]) == (stock_b["hits"], stock_b["frames_compiled"])
+    assert b["out"] == stock_a["out"]
