@@ -92,3 +92,19 @@ def test_a_system_mismatch_behaves_as_in_torch(served: Any, tmp_path: Path) -> N
     assert stock_b["hits"] == 1 and stock_b["frames_compiled"] >= 1, stock_b
     assert (b["hits"], b["frames_compiled"]) == (stock_b["hits"], stock_b["frames_compiled"])
     assert b["out"] == stock_a["out"]
+
+
+def test_pcx_torch_1_installs_at_interpreter_start(served: Any) -> None:
+    """The `.pth` hook: PCX_TORCH=1 and no code change (here reusing the server on
+    PCX_DATA_DIR, as the embedded default does)."""
+    code = "import pcx.torch; print(pcx.torch.installed() is not None)"
+    env = dict(os.environ, PCX_TORCH="1", PCX_DATA_DIR=str(served.data_dir))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+    env.pop("PCX_TORCH")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
