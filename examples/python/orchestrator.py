@@ -26,9 +26,12 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    import pcx  # noqa: F401
+except ImportError:  # not installed: the package in this checkout
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python", "src"))
 
-from pcx_client import PcxClient, PcxError  # noqa: E402
+from pcx import Client, PcxError  # noqa: E402
 
 SYSTEM_INFO = {"python_version": "3.11.7", "torch_version": "2.10.0"}
 
@@ -85,7 +88,7 @@ def entry_json(entry_key: str, codes: List[List[str]]) -> Dict[str, Any]:
 
 def worker(socket_path: str, run: str, index: int, artifacts: int) -> Dict[str, int]:
     """Records this worker's artifacts (pipelined) and entries (one at a time)."""
-    with PcxClient.unix(socket_path) as pcx:
+    with Client.connect(socket_path) as pcx:
         records = [
             {
                 "op": "record_artifact",
@@ -106,7 +109,7 @@ def worker(socket_path: str, run: str, index: int, artifacts: int) -> Dict[str, 
 
 def stitch_and_save(socket_path: str, run: str) -> Dict[str, int]:
     """Stitches (to see the bypasses) and saves every entry to the dynamo cache."""
-    with PcxClient.unix(socket_path) as pcx:
+    with Client.connect(socket_path) as pcx:
         stitched = pcx.create_cache_entries()["entries"]
         ours = {k: e for k, e in stitched.items() if k.startswith(run + "/")}
         bypassed = sum(
@@ -125,7 +128,7 @@ def load_and_check(socket_path: str, run: str, workers: int, artifacts: int) -> 
     """A fresh process: loads every entry and compares it with what the workers recorded.
     Gives one line per mismatch."""
     problems: List[str] = []
-    with PcxClient.unix(socket_path) as pcx:
+    with Client.connect(socket_path) as pcx:
         for w in range(workers):
             for key, codes in entry_specs(run, w, artifacts):
                 try:
@@ -197,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--workers and --artifacts-per-worker must be at least 1")
 
     try:
-        with PcxClient.unix(args.socket) as pcx:
+        with Client.connect(args.socket) as pcx:
             before = pcx.stats()
     except OSError as e:
         print(f"cannot reach pcx at {args.socket}: {e} (is `pcx serve` running?)", file=sys.stderr)
@@ -218,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             load_and_check, args.socket, run, args.workers, args.artifacts_per_worker
         ).result()
 
-    with PcxClient.unix(args.socket) as pcx:
+    with Client.connect(args.socket) as pcx:
         after = pcx.stats()
     entries = sum(r["entries"] for r in recorded)
     events = after["events_appended"] - before["events_appended"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Exercises every method of pcx_client.py against a running ``pcx serve`` on an empty data
-directory; exits 0 when all checks pass (tests/server.rs runs it).
+"""Exercises every method of the pcx package's client (python/) against a running ``pcx serve``
+on an empty data directory; exits 0 when all checks pass (tests/server.rs runs it). Works with
+the package installed (``pip install ./python``) or straight from the checkout.
 
     python3 examples/python/test_client.py --socket PATH [--tcp HOST:PORT --token T]
 """
@@ -12,9 +13,12 @@ import os
 import sys
 from typing import Any, Callable, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    import pcx  # noqa: F401
+except ImportError:  # not installed: the package in this checkout
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python", "src"))
 
-from pcx_client import PcxClient, PcxError  # noqa: E402
+from pcx import Client, PcxError  # noqa: E402
 
 
 def raises(kind: str, call: Callable[[], Any]) -> PcxError:
@@ -27,22 +31,22 @@ def raises(kind: str, call: Callable[[], Any]) -> PcxError:
     raise AssertionError(f"expected a {kind} error")
 
 
-def check_methods(pcx: PcxClient) -> None:
-    seq = pcx.record_artifact("b1", b"aaa")
+def check_methods(pcx: Client) -> None:
+    seq = pcx.record_artifact("b1", b"aaa")["seq"]
     assert isinstance(seq, int) and seq >= 1
-    assert pcx.record_artifact("b2", b"bb\x00\xff") == seq + 1
+    assert pcx.record_artifact("b2", b"bb\x00\xff")["seq"] == seq + 1
     assert pcx.serialize_artifact_by_key("b2") == {"key": "b2", "kind": "eager", "content_b64": b"bb\x00\xff"}
     assert pcx.serialize_artifact_by_key("zz") is None
 
-    pcx.edit_artifact_append("b2", b"!")
-    pcx.edit_artifact_set("b1", b"ccc")
+    pcx.edit_artifact("b2", append=b"!")
+    pcx.edit_artifact("b1", set=b"ccc")
     assert pcx.serialize_artifact_by_key("b1")["content_b64"] == b"ccc"
     assert pcx.serialize_artifact_by_key("b2")["content_b64"] == b"bb\x00\xff!"
-    e = raises("key_not_found", lambda: pcx.edit_artifact_append("nope", b"!"))
+    e = raises("key_not_found", lambda: pcx.edit_artifact("nope", append=b"!"))
     assert "Key nope not found in artifacts" in e.message
     # The built-in eager kind offers no plugin edits.
     try:
-        pcx.edit_artifact_plugin("b1", "strip", b"\x01")
+        pcx.edit_artifact("b1", plugin=("strip", b"\x01"))
         raise AssertionError("a plugin edit of an eager artifact succeeded")
     except PcxError as e:
         assert e.kind in ("no_plugin", "no_such_edit"), e
@@ -125,10 +129,10 @@ def check_methods(pcx: PcxClient) -> None:
 
 def check_tcp(address: str, token: str) -> None:
     host, port = address.rsplit(":", 1)
-    with PcxClient.tcp(host, int(port), token) as pcx:
+    with Client.tcp(host, int(port), token) as pcx:
         pcx.record_artifact("over-tcp", b"t")
         assert pcx.serialize_artifact_by_key("over-tcp")["content_b64"] == b"t"
-    raises("unauthorized", lambda: PcxClient.tcp(host, int(port), token + "-wrong"))
+    raises("unauthorized", lambda: Client.tcp(host, int(port), token + "-wrong"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -137,11 +141,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tcp", help="also check TCP at HOST:PORT")
     parser.add_argument("--token", default="")
     args = parser.parse_args(argv)
-    with PcxClient.unix(args.socket) as pcx:
+    with Client.connect(args.socket) as pcx:
         check_methods(pcx)
     if args.tcp:
         check_tcp(args.tcp, args.token)
-    print("pcx_client: all checks passed")
+    print("pcx client: all checks passed")
     return 0
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import error_from_answer
 from .transport import Answer, BatchTransport, SocketTransport, Transport
@@ -94,6 +94,31 @@ class Client:
         )
 
     @classmethod
+    def tcp(
+        cls,
+        host: str,
+        port: int,
+        token: str,
+        *,
+        timeout: Optional[float] = 120.0,
+        context: Optional[str] = None,
+        namespace: Optional[str] = None,
+    ) -> "Client":
+        """Connects over loopback TCP and authenticates with the server's ``tcp_token``
+        (:class:`pcx.Unauthorized` when it is not the server's)."""
+        client = cls(
+            SocketTransport.tcp(host, port, timeout=timeout),
+            context=context,
+            namespace=namespace,
+        )
+        try:
+            client.request("auth", token=token)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    @classmethod
     def batch(
         cls,
         data_dir: str,
@@ -150,6 +175,26 @@ class Client:
             raise error_from_answer(answer)
         return answer
 
+    def pipeline(self, requests: Iterable[Mapping[str, Any]], window: int = 64) -> List[Answer]:
+        """Sends many request maps with up to ``window`` in flight and gives every answer, in
+        order, failures included (nothing is raised for them). Far faster than one request at
+        a time: the server commits requests that arrive together in one group. Keep
+        ``window`` at or below the server's ``max_in_flight_per_connection``."""
+        answers: List[Answer] = []
+        with self._lock:
+            started = time.perf_counter()
+            in_flight = 0
+            for r in requests:
+                self._transport.send(r)
+                in_flight += 1
+                if in_flight >= window:
+                    answers.append(self._transport.receive())
+                    in_flight -= 1
+            for _ in range(in_flight):
+                answers.append(self._transport.receive())
+            self.busy_s += time.perf_counter() - started
+        return answers
+
     # -- the context (PyTorch's PrecompileContext) ------------------------------------------
 
     def record_artifact(self, key: str, content: bytes, kind: str = "eager") -> Answer:
@@ -164,14 +209,24 @@ class Client:
         *,
         set: Optional[bytes] = None,
         append: Optional[bytes] = None,
+        plugin: Optional[Tuple[str, bytes]] = None,
         expected_digest: Optional[str] = None,
     ) -> Answer:
-        """Replaces (``set``) or extends (``append``) an artifact's content. With
+        """Replaces (``set``) or extends (``append``) an artifact's content, or applies the
+        named edit ``plugin=(op, args)`` of the plugin serving its kind. With
         ``expected_digest`` (the ``digest`` a read answered), the edit applies only if the
         content is still that one; otherwise :class:`pcx.Conflict`."""
-        if (set is None) == (append is None):
-            raise ValueError("give exactly one of set= and append=")
-        edit = {"set_b64": set} if set is not None else {"append_b64": append}
+        given = [e for e in (set, append, plugin) if e is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of set=, append= and plugin=")
+        edit: Dict[str, Any]
+        if set is not None:
+            edit = {"set_b64": set}
+        elif append is not None:
+            edit = {"append_b64": append}
+        else:
+            assert plugin is not None
+            edit = {"plugin": {"op": plugin[0], "args_b64": plugin[1]}}
         return self.request(
             "edit_artifact", key=key, edit=edit, expected_digest=expected_digest
         )
@@ -245,9 +300,38 @@ class Client:
     # -- audit ------------------------------------------------------------------------------
 
     def log(self, **filters: Any) -> List[Dict[str, Any]]:
-        """The events (``pcx log``'s filters as keyword arguments)."""
+        """Events as log lines; filters (all optional, bounds inclusive): ``from_``, ``to``,
+        ``since``, ``until`` (RFC 3339), ``key``, ``event`` (e.g. "ArtifactEdited"),
+        ``limit``."""
+        if "from_" in filters:
+            filters["from"] = filters.pop("from_")
         events: List[Dict[str, Any]] = self.request("log", **filters)["events"]
         return events
 
-    def stats(self) -> Answer:
-        return self.request("stats")
+    def history(self, key: str) -> List[Dict[str, Any]]:
+        """Every event that touched ``key``, oldest first."""
+        history: List[Dict[str, Any]] = self.request("history", key=key)["history"]
+        return history
+
+    def state(
+        self, at: Optional[int] = None, at_time: Optional[str] = None, key: Optional[str] = None
+    ) -> Dict[str, Any]:
+        """The context right after event ``at`` (or the last at ``at_time``; the latest by
+        default); with ``key``, that artifact's content as it was then."""
+        state: Dict[str, Any] = self.request("state", at=at, at_time=at_time, key=key)["state"]
+        return state
+
+    def diff(self, from_: int, to: int) -> Dict[str, Any]:
+        """What was added, changed, taken or cleared between two sequence numbers."""
+        diff: Dict[str, Any] = self.request("diff", **{"from": from_, "to": to})["diff"]
+        return diff
+
+    def verify(self) -> Dict[str, Any]:
+        """Checks the whole log (records, sequence, hash chain, blobs, snapshots)."""
+        report: Dict[str, Any] = self.request("verify")["verify"]
+        return report
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters since the server started (events, flushes, stitches, cache hits…)."""
+        stats: Dict[str, Any] = self.request("stats")["stats"]
+        return stats
