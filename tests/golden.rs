@@ -145,7 +145,40 @@ fn fixture_name(event: &Event) -> &'static str {
         Event::Stitched { .. } => "event_stitched.bin",
         Event::SavedToDynamoCache { .. } => "event_saved_to_dynamo_cache.bin",
         Event::EntryLoaded { .. } => "event_entry_loaded.bin",
+        Event::Scoped { .. } => "event_scoped.bin",
+        Event::ContextDropped { .. } => "event_context_dropped.bin",
+        Event::CacheEntryPut { .. } => "event_cache_entry_put.bin",
+        Event::CacheEntryDeleted { .. } => "event_cache_entry_deleted.bin",
+        Event::DynamoCacheCleared { .. } => "event_dynamo_cache_cleared.bin",
     }
+}
+
+/// One event of each variant that came with named contexts and namespaces (after the v1 log
+/// was frozen; still schema 1, since the variants before them are stored as they were).
+fn scope_events() -> Vec<Event> {
+    vec![
+        Event::Scoped {
+            context: "torch@host:1:2".into(),
+            namespace: "torch-0123456789abcdef".into(),
+            event: Box::new(Event::ArtifactTaken { key: "b1".into() }),
+        },
+        Event::ContextDropped {
+            context: "torch@host:1:2".into(),
+        },
+        Event::CacheEntryPut {
+            namespace: "ns".into(),
+            key: "e2".into(),
+            entry: saved_entry(),
+            saved_by: "torch@host:1:2".into(),
+        },
+        Event::CacheEntryDeleted {
+            namespace: "ns".into(),
+            key: "e2".into(),
+        },
+        Event::DynamoCacheCleared {
+            namespace: "ns".into(),
+        },
+    ]
 }
 
 /// One event of each variant, in the order of the fixture log (seq 1 to 8).
@@ -202,6 +235,7 @@ fn final_state() -> State {
             .collect(),
         entries: IndexMap::new(),
         dynamo_cache: [("e1".to_string(), saved_entry())].into_iter().collect(),
+        ..State::default()
     }
 }
 
@@ -258,6 +292,27 @@ fn every_event_variant_decodes_from_its_v1_fixture() {
     // The first record starts the chain.
     let (first, _) = record::decode_event(&records[0].1).unwrap();
     assert_eq!(first.prev, GENESIS);
+}
+
+#[test]
+fn every_context_and_namespace_variant_decodes_from_its_fixture() {
+    for (i, event) in scope_events().into_iter().enumerate() {
+        let name = fixture_name(&event);
+        let expected = Envelope {
+            schema: SCHEMA_VERSION,
+            seq: 100 + i as u64,
+            time_ms: TIME_MS,
+            origin: ORIGIN.into(),
+            prev: GENESIS,
+            event,
+        };
+        let (today, _) = record::encode_event(&expected).unwrap();
+        fixture(name, today, |stored| {
+            let decoded = record::decode_event(stored)
+                .unwrap_or_else(|e| panic!("fixture {name} does not decode: {e}"));
+            assert_eq!(decoded.0, expected, "fixture {name} decodes differently");
+        });
+    }
 }
 
 #[test]

@@ -211,6 +211,7 @@ impl Model {
                     )
                 })
                 .collect(),
+            ..State::default()
         }
     }
 }

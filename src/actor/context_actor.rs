@@ -17,6 +17,7 @@ use crate::actor::plugin_thread::{Deserializer, EditJob, Job, PluginStop};
 use crate::core::event::Event;
 use crate::core::event::SavedEntry;
 use crate::core::model::{Artifact, ArtifactRef, Digest};
+use crate::core::scope::{Scope, DEFAULT};
 use crate::core::state::State;
 use crate::core::stitch::{stitch_part, Stitch};
 use crate::plugins::loader::PluginError;
@@ -43,6 +44,8 @@ pub(super) type LoadReply = Box<dyn FnOnce(Durable<Loaded>)>;
 /// A load waiting for the loads before it, or for the plugin thread.
 pub(super) struct QueuedLoad {
     pub(super) ticket: u64,
+    /// The scope it was asked in: it is staged later, while another request's is current.
+    pub(super) scope: Scope,
     pub(super) key: String,
     pub(super) saved: SavedEntry,
     /// The backends and their ready-to-use forms, once deserialized.
@@ -60,6 +63,9 @@ impl Message for LoadsReady {
 /// The actor. Its state is the fold of the log plus the changes staged after it.
 pub struct ContextActor {
     pub(super) journal: Arc<dyn Journal>,
+    /// The context and namespace of the request being decided ([`InScope`] sets it for one
+    /// message); events staged meanwhile are wrapped in it.
+    pub(super) scope: Scope,
     pub(super) settings: ActorSettings,
     pub(super) state: State,
     /// The last staged event (speculative: may not be durable yet).
@@ -167,6 +173,7 @@ impl ContextActor {
     ) -> Self {
         ContextActor {
             journal,
+            scope: Scope::default(),
             settings,
             state: recovered.state,
             head: recovered.head,
@@ -264,6 +271,7 @@ impl ContextActor {
         let mut records = Vec::with_capacity(events.len());
         let mut cache_puts = Vec::new();
         for event in events {
+            let event = self.in_scope(event);
             let envelope = Envelope {
                 schema: SCHEMA_VERSION,
                 seq: head.seq + 1,
@@ -274,10 +282,23 @@ impl ContextActor {
             };
             let (bytes, hash) = encode_event(&envelope)?;
             self.snapshot_hint = self.snapshot_hint.saturating_add(bytes.len());
-            if let Event::SavedToDynamoCache { entries } = &envelope.event {
-                for (key, entry) in entries {
+            // sled's view of the default namespace (other namespaces live in the log and
+            // snapshots only; the view is checked against the log at every open).
+            match &envelope.event {
+                Event::SavedToDynamoCache { entries } => {
+                    for (key, entry) in entries {
+                        cache_puts.push((key.clone(), encode_saved_entry(entry)?));
+                    }
+                }
+                Event::CacheEntryPut {
+                    namespace,
+                    key,
+                    entry,
+                    ..
+                } if namespace == DEFAULT => {
                     cache_puts.push((key.clone(), encode_saved_entry(entry)?));
                 }
+                _ => {}
             }
             head = Head {
                 seq: envelope.seq,
@@ -409,8 +430,13 @@ impl ContextActor {
         }
     }
 
+    /// The context the request being decided acts in.
+    pub(super) fn here(&self) -> crate::core::state::ContextRef<'_> {
+        self.state.context(&self.scope.context)
+    }
+
     pub(super) fn artifact(&self, key: &str) -> Result<Option<Artifact>, ContextError> {
-        match self.state.artifacts.get(key) {
+        match self.here().artifacts.get(key) {
             None => Ok(None),
             Some(r) => Ok(Some(Artifact {
                 key: key.to_string(),
@@ -473,9 +499,9 @@ impl ContextActor {
         resolve: impl Fn(&ContentReader<'_>, &str, &ArtifactRef) -> Result<B, String> + Sync,
     ) -> Stitch<B> {
         let traced = crate::actor::structured::enabled();
-        let mut out = Stitch::begin(&self.state, traced);
+        let state = self.state.context(&self.scope.context);
+        let mut out = Stitch::begin(state, traced);
         let reader = self.reader();
-        let state = &self.state;
         let part = |entries: &indexmap::map::Slice<_, _>| {
             stitch_part(state, entries, traced, |id, r| resolve(&reader, id, r))
         };

@@ -119,6 +119,7 @@ impl ContextActor {
         tracing::debug!(key = %key, ticket, "load queued for the plugin thread");
         self.loads.push_back(QueuedLoad {
             ticket,
+            scope: self.scope.clone(),
             key,
             saved,
             done,
@@ -133,7 +134,7 @@ impl ContextActor {
         key: &str,
         system_info: Option<&SystemInfo>,
     ) -> Result<(SavedEntry, Vec<Backend>), ContextError> {
-        let Some(saved) = self.state.dynamo_cache.get(key).cloned() else {
+        let Some(saved) = self.state.cache(&self.scope.namespace).get(key).cloned() else {
             self.counters.miss += 1;
             tracing::info!(key = %key, counter = "dynamo_cache_miss", "no package found");
             return Err(ContextError::PackageNotFound { key: key.into() });
@@ -186,7 +187,9 @@ impl ContextActor {
             Err(e) => return Err(self.load_failed(&key, e)),
         };
         let ids = backends.iter().map(|b| b.id.clone());
+        let saved_by = self.state.saver(&self.scope.namespace, &key).to_string();
         let value = Loaded {
+            saved_by,
             deserialized: ids.zip(deserialized).collect(),
             entry: PrecompileCacheEntry {
                 dynamo: saved.dynamo,
@@ -319,11 +322,13 @@ impl ContextActor {
     pub(super) fn stage_load(&mut self, q: QueuedLoad) {
         let QueuedLoad {
             key,
+            scope,
             saved,
             done,
             reply,
             ..
         } = q;
+        let outer = std::mem::replace(&mut self.scope, scope);
         let (backends, result) = match done {
             Some(Done {
                 backends, result, ..
@@ -335,5 +340,6 @@ impl ContextActor {
         };
         let decided = self.decide(|this| this.conclude_load(key, saved, backends, result));
         reply(self.finish(decided, same));
+        self.scope = outer;
     }
 }

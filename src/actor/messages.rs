@@ -36,6 +36,8 @@ pub struct Stitched {
 pub struct Loaded {
     pub entry: StitchedEntry,
     pub deserialized: IndexMap<String, Deserialized>,
+    /// The context that saved the entry (`default` for entries saved before contexts).
+    pub saved_by: String,
 }
 
 /// Process-wide counts, as PyTorch's `counters["dynamo_cache"]`.
@@ -85,6 +87,17 @@ pub struct ActorSettings {
     pub kinds: Kinds,
 }
 
+/// `msg`, decided in a context and namespace other than the default ones (the protocol's
+/// `"context"` and `"namespace"` fields). Answers as `msg` does.
+pub struct InScope<M> {
+    pub scope: crate::core::scope::Scope,
+    pub msg: M,
+}
+
+impl<M: Message> Message for InScope<M> {
+    type Result = M::Result;
+}
+
 macro_rules! message {
     ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* } -> $out:ty) => {
         $(#[$doc])*
@@ -127,3 +140,42 @@ message!(/// A digest of the whole state (order included), for comparing context
 message!(/// Waits until everything accepted is durable, then stops the actor and releases the data
     /// directory.
     Close {} -> ());
+
+/// A context, as `list_contexts` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ContextInfo {
+    pub name: String,
+    pub artifacts: usize,
+    pub entries: usize,
+}
+
+/// A saved entry of the dynamo cache, as `list_cache_entries` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CacheEntryInfo {
+    pub key: String,
+    pub saved_by: String,
+    pub debug_info: crate::core::model::EntryDebugInfo,
+}
+
+/// A saved entry with its backends' contents, and the context that saved it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedCacheEntry {
+    pub entry: StitchedEntry,
+    pub saved_by: String,
+}
+
+message!(/// `list_contexts`: every context with something in it, the default first.
+    ListContexts {} -> Vec<ContextInfo>);
+message!(/// `drop_context`: the current context and everything in it go (the default is emptied).
+    DropContext {} -> ());
+message!(/// `put_cache_entry`: one stitched entry into the current namespace, as PyTorch's
+    /// `DynamoStore.write`; its backends' contents are stored by digest.
+    PutCacheEntry { key: String, entry: StitchedEntry } -> ());
+message!(/// `get_cache_entry`: a saved entry of the current namespace; changes and counts nothing.
+    GetCacheEntry { key: String } -> Option<SavedCacheEntry>);
+message!(/// `delete_cache_entry`: whether there was one to delete.
+    DeleteCacheEntry { key: String } -> bool);
+message!(/// `list_cache_entries` of the current namespace.
+    ListCacheEntries {} -> Vec<CacheEntryInfo>);
+message!(/// `clear_dynamo_cache`: empties the current namespace; gives how many entries went.
+    ClearDynamoCache {} -> u64);

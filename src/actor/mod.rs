@@ -27,9 +27,11 @@
 //! and `queries` (the handlers), `load` (the load pipeline), and its two helper threads,
 //! [`committer`] (group commit) and [`plugin_thread`] (every plugin call, under a deadline).
 
+mod cache_ops;
 pub mod committer;
 mod context_actor;
 pub mod error;
+mod in_scope;
 mod load;
 pub mod messages;
 pub mod plugin_thread;

@@ -72,7 +72,7 @@ impl Handler<EditArtifact> for ContextActor {
         self.run(
             move |this| {
                 let EditArtifact { key, label, edit } = msg;
-                let Some(current) = this.state.artifacts.get(&key).cloned() else {
+                let Some(current) = this.here().artifacts.get(&key).cloned() else {
                     return Err(ContextError::KeyNotFound { key });
                 };
                 let content = this.content(&key, &current)?;
@@ -136,7 +136,7 @@ impl Handler<DumpDebugInfo> for ContextActor {
     type Result = Durable<DebugInfo>;
 
     fn handle(&mut self, _: DumpDebugInfo, _: &mut Self::Context) -> Self::Result {
-        self.run(|this| Ok((Vec::new(), this.state.debug_info())), same)
+        self.run(|this| Ok((Vec::new(), this.here().debug_info())), same)
     }
 }
 
@@ -176,7 +176,7 @@ impl Handler<SaveToDynamoCache> for ContextActor {
 
     fn handle(&mut self, _: SaveToDynamoCache, _: &mut Self::Context) -> Self::Result {
         let first_key = self
-            .state
+            .here()
             .entries
             .keys()
             .next()

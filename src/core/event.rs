@@ -54,6 +54,29 @@ pub enum Event {
         key: String,
         backends: IndexMap<BackendId, ArtifactRef>,
     },
+    // Variants below came with named contexts and namespaces; the ones above are stored
+    // exactly as before, and only events outside the default context or namespace use these.
+    /// One of the events above, in a context or namespace other than the default
+    /// ([`crate::core::scope`]). Never nested.
+    Scoped {
+        context: String,
+        namespace: String,
+        event: Box<Event>,
+    },
+    /// `drop_context`: the context and everything in it are gone (the default one is emptied).
+    ContextDropped { context: String },
+    /// `put_cache_entry`: one stitched entry written to a namespace of the dynamo cache, as
+    /// PyTorch's `DynamoStore.write` does; `saved_by` is the context that wrote it.
+    CacheEntryPut {
+        namespace: String,
+        key: String,
+        entry: SavedEntry,
+        saved_by: String,
+    },
+    /// `delete_cache_entry` removed a saved entry.
+    CacheEntryDeleted { namespace: String, key: String },
+    /// `clear_dynamo_cache` emptied a namespace.
+    DynamoCacheCleared { namespace: String },
 }
 
 /// A code a stitch bypassed, with the backend that was missing.
@@ -84,6 +107,11 @@ impl Event {
             Event::Stitched { .. } => "Stitched",
             Event::SavedToDynamoCache { .. } => "SavedToDynamoCache",
             Event::EntryLoaded { .. } => "EntryLoaded",
+            Event::Scoped { event, .. } => event.name(),
+            Event::ContextDropped { .. } => "ContextDropped",
+            Event::CacheEntryPut { .. } => "CacheEntryPut",
+            Event::CacheEntryDeleted { .. } => "CacheEntryDeleted",
+            Event::DynamoCacheCleared { .. } => "DynamoCacheCleared",
         }
     }
 
@@ -98,6 +126,10 @@ impl Event {
                 .flat_map(|e| e.backends.values().map(|r| r.digest))
                 .collect(),
             Event::EntryLoaded { backends, .. } => backends.values().map(|r| r.digest).collect(),
+            Event::CacheEntryPut { entry, .. } => {
+                entry.backends.values().map(|r| r.digest).collect()
+            }
+            Event::Scoped { event, .. } => event.content_refs(),
             _ => Vec::new(),
         }
     }

@@ -10,7 +10,7 @@ use crate::core::event::{Event, StitchBypass, StitchFailure};
 use crate::core::model::{
     bypass_reason, stitch_entry, ArtifactRef, DebugInfo, DynamoCacheEntry, PrecompileCacheEntry,
 };
-use crate::core::state::State;
+use crate::core::state::ContextRef;
 
 /// A structured trace event in PyTorch's shape (`trace_structured("artifact", name, json)`).
 #[derive(Clone, Debug, PartialEq)]
@@ -48,7 +48,7 @@ impl<B> Stitch<B> {
 /// when `traced` (the first carries the whole debug info: tens of milliseconds for a state of
 /// 100,000 artifacts, wasted when nobody logs them).
 pub fn create_cache_entries<B>(
-    state: &State,
+    state: ContextRef<'_>,
     traced: bool,
     resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>,
 ) -> Stitch<B> {
@@ -74,7 +74,7 @@ pub struct Part<B> {
 
 impl<B> Stitch<B> {
     /// A stitch of no entries yet: the debug info, and the trace event that comes first.
-    pub fn begin(state: &State, traced: bool) -> Stitch<B> {
+    pub fn begin(state: ContextRef<'_>, traced: bool) -> Stitch<B> {
         let debug_info = state.debug_info();
         let mut trace = Vec::new();
         if traced {
@@ -107,7 +107,7 @@ impl<B> Stitch<B> {
 
 /// Stitches `entries`, a run of `state.entries` (see [`create_cache_entries`]).
 pub fn stitch_part<B>(
-    state: &State,
+    state: ContextRef<'_>,
     entries: &Slice<String, DynamoCacheEntry>,
     traced: bool,
     mut resolve: impl FnMut(&str, &ArtifactRef) -> Result<B, String>,
@@ -174,6 +174,8 @@ pub fn stitch_part<B>(
 mod tests {
     use super::*;
     use crate::core::model::{Digest, DynamoCacheEntry, DynamoCodeEntry};
+    use crate::core::scope::DEFAULT;
+    use crate::core::state::State;
 
     fn state() -> State {
         let mut s = State::default();
@@ -205,7 +207,7 @@ mod tests {
     #[test]
     fn the_worked_example_stitches_with_one_bypassed_code_and_traces_it() {
         let s = state();
-        let out = create_cache_entries(&s, true, |_, r| Ok(r.digest));
+        let out = create_cache_entries(s.context(DEFAULT), true, |_, r| Ok(r.digest));
         let e1 = &out.entries["e1"];
         assert_eq!(e1.backends.keys().collect::<Vec<_>>(), vec!["b1", "b2"]);
         let flags: Vec<bool> = e1.dynamo.codes.iter().map(|c| c.bypassed).collect();
@@ -217,10 +219,10 @@ mod tests {
         assert_eq!(out.trace[1].payload["entry"]["num_codes"], "2");
         // Repeatable, and the state's entry is not marked.
         assert!(s.entries["e1"].codes.iter().all(|c| !c.bypassed));
-        let again = create_cache_entries(&s, true, |_, r| Ok(r.digest));
+        let again = create_cache_entries(s.context(DEFAULT), true, |_, r| Ok(r.digest));
         assert_eq!(again.entries["e1"], out.entries["e1"]);
         // Untraced: the same result and the same fact, no trace events built.
-        let quiet = create_cache_entries(&s, false, |_, r| Ok(r.digest));
+        let quiet = create_cache_entries(s.context(DEFAULT), false, |_, r| Ok(r.digest));
         assert!(quiet.trace.is_empty());
         assert_eq!(quiet.entries, out.entries);
         assert_eq!(quiet.event(), out.event());
@@ -239,7 +241,7 @@ mod tests {
                 ..Default::default()
             },
         });
-        let out = create_cache_entries(&s, true, |id, _| {
+        let out = create_cache_entries(s.context(DEFAULT), true, |id, _| {
             if id == "b1" {
                 Err("blob gone".into())
             } else {

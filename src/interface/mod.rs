@@ -6,7 +6,9 @@
 //! May import every layer below it and the library API ([`crate::context`]); nothing below
 //! imports it.
 
+pub mod answer;
 pub mod batch;
+pub mod cache_protocol;
 pub mod client;
 pub mod protocol;
 pub mod server;

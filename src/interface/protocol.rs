@@ -2,9 +2,6 @@
 //! (through [`crate::interface::wire`]) speak. Parsing and answer building are pure; [`submit`] hands a request to the
 //! context actor at once and returns the future of its answer, so callers can pipeline.
 
-use std::future::Future;
-use std::pin::Pin;
-
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use indexmap::IndexMap;
@@ -13,8 +10,9 @@ use serde_json::{json, Map, Value};
 
 use crate::actor::error::ContextError;
 use crate::actor::{
-    Ack, Answer, Audit, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact,
-    GetStats, LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
+    Audit, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact, GetStats,
+    InScope, LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache, StitchedEntry,
+    TakeArtifact,
 };
 use crate::audit::query::{LogFilter, Query};
 use crate::context::Context;
@@ -22,6 +20,11 @@ use crate::core::model::{
     Artifact, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry, SourceInfo, SystemInfo,
     EAGER_KIND,
 };
+use crate::core::scope::{valid_name, Scope};
+pub use crate::interface::answer::{
+    artifact_json, entry_json, failed, ready, render, stitched_json, with_id, AnswerFuture,
+};
+use crate::interface::cache_protocol::{self, CacheOp};
 
 /// The operations, as named on the wire.
 pub const OPS: &[&str] = &[
@@ -41,6 +44,13 @@ pub const OPS: &[&str] = &[
     "diff",
     "verify",
     "stats",
+    "list_contexts",
+    "drop_context",
+    "put_cache_entry",
+    "get_cache_entry",
+    "delete_cache_entry",
+    "list_cache_entries",
+    "clear_dynamo_cache",
 ];
 
 /// One request.
@@ -103,6 +113,31 @@ pub enum Request {
     Verify,
     /// What the context has done since it started.
     Stats,
+    /// Every context with something in it.
+    ListContexts,
+    /// The request's context and everything in it go.
+    DropContext,
+    /// One stitched entry into the request's namespace of the dynamo cache.
+    PutCacheEntry {
+        key: String,
+        entry: WireCacheEntry,
+    },
+    /// A saved entry of the namespace, without side effects.
+    GetCacheEntry {
+        key: String,
+    },
+    DeleteCacheEntry {
+        key: String,
+    },
+    ListCacheEntries,
+    ClearDynamoCache,
+    /// A request with `"context"` or `"namespace"` given: never read from the wire as such,
+    /// made by [`parse_value`] from those fields.
+    #[serde(skip)]
+    Scoped {
+        scope: Scope,
+        request: Box<Request>,
+    },
 }
 
 fn eager() -> String {
@@ -139,6 +174,22 @@ pub struct WireEntry {
     /// Opaque bytes kept with the entry (see [`DynamoCacheEntry::extra`]).
     #[serde(default)]
     pub extra_b64: Option<String>,
+}
+
+/// A stitched entry on the wire (`put_cache_entry`): the dynamo entry and its backends.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct WireCacheEntry {
+    pub dynamo: WireEntry,
+    #[serde(default)]
+    pub backends: IndexMap<String, WireBackend>,
+}
+
+/// One backend of a stitched entry on the wire.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct WireBackend {
+    #[serde(default = "eager")]
+    pub kind: String,
+    pub content_b64: String,
 }
 
 /// One code of an entry on the wire.
@@ -226,6 +277,10 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
     if let Some((field, number)) = wide_number_in(&map) {
         return (id, Err(RequestError::WideNumber { field, number }));
     }
+    let scope = match take_scope(&mut map) {
+        Ok(scope) => scope,
+        Err(e) => return (id, Err(e)),
+    };
     let request = match map.get("op") {
         None => Err(RequestError::MissingField("missing field `op`".into())),
         Some(Value::String(op)) if !OPS.contains(&op.as_str()) => {
@@ -243,7 +298,39 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
             "`op` must be a string, not {other}"
         ))),
     };
+    let request = match (request, scope) {
+        (Ok(r), Some(scope)) => Ok(Request::Scoped {
+            scope,
+            request: Box::new(r),
+        }),
+        (r, _) => r,
+    };
     (id, request)
+}
+
+/// Takes `"context"` and `"namespace"` out of a request: `None` when neither is given.
+fn take_scope(map: &mut Map<String, Value>) -> Result<Option<Scope>, RequestError> {
+    let mut scope = Scope::default();
+    let mut given = false;
+    for (field, slot) in [
+        ("context", &mut scope.context),
+        ("namespace", &mut scope.namespace),
+    ] {
+        match map.remove(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(name)) if valid_name(&name) => {
+                *slot = name;
+                given = true;
+            }
+            Some(other) => {
+                return Err(RequestError::Invalid(format!(
+                    "field `{field}` must be a name of 1 to 128 characters from \
+                     [A-Za-z0-9_.:@+-], not {other}"
+                )))
+            }
+        }
+    }
+    Ok(given.then_some(scope))
 }
 
 /// 2^63: floats at least this large in magnitude cannot be told from an integer literal
@@ -282,7 +369,7 @@ fn wide_number_in(map: &Map<String, Value>) -> Option<(String, String)> {
     })
 }
 
-fn decode_b64(field: &str, text: &str) -> Result<Vec<u8>, RequestError> {
+pub(crate) fn decode_b64(field: &str, text: &str) -> Result<Vec<u8>, RequestError> {
     B64.decode(text).map_err(|e| RequestError::BadBase64 {
         field: field.to_string(),
         message: e.to_string(),
@@ -330,12 +417,17 @@ impl WireEntry {
     }
 }
 
-/// The answer to a request, as JSON (without the id).
-pub type AnswerFuture = Pin<Box<dyn Future<Output = Value> + Send>>;
-
 /// Hands `request` to the context now (so requests queue in order and commit together) and
 /// returns the future of its answer.
 pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
+    match request {
+        Request::Scoped { scope, request } => submit_in(ctx, scope, *request),
+        request => submit_in(ctx, Scope::default(), request),
+    }
+}
+
+/// [`submit`], deciding the context's requests in `scope`.
+fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
     let addr = ctx.addr().clone();
     macro_rules! send {
         ($msg:expr, $render:expr) => {{
@@ -346,7 +438,37 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
             })
         }};
     }
+    // The context's own requests, decided in the request's scope.
+    macro_rules! send_in {
+        ($msg:expr, $render:expr) => {
+            send!(
+                InScope {
+                    scope: scope.clone(),
+                    msg: $msg
+                },
+                $render
+            )
+        };
+    }
     match request {
+        Request::Scoped { request, .. } => submit_in(ctx, scope, *request),
+        Request::ListContexts => cache_protocol::submit(&addr, scope, CacheOp::ListContexts),
+        Request::DropContext => cache_protocol::submit(&addr, scope, CacheOp::DropContext),
+        Request::PutCacheEntry { key, entry } => match entry.into_stitched() {
+            Ok(entry) => {
+                let entry = Box::new(entry);
+                cache_protocol::submit(&addr, scope, CacheOp::Put { key, entry })
+            }
+            Err(e) => ready(refused(&e)),
+        },
+        Request::GetCacheEntry { key } => {
+            cache_protocol::submit(&addr, scope, CacheOp::Get { key })
+        }
+        Request::DeleteCacheEntry { key } => {
+            cache_protocol::submit(&addr, scope, CacheOp::Delete { key })
+        }
+        Request::ListCacheEntries => cache_protocol::submit(&addr, scope, CacheOp::List),
+        Request::ClearDynamoCache => cache_protocol::submit(&addr, scope, CacheOp::Clear),
         Request::Log { filter } => send!(
             Audit {
                 query: Query::Log(filter)
@@ -394,7 +516,7 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
             kind,
             content_b64,
         } => match decode_b64("content_b64", &content_b64) {
-            Ok(content) => send!(
+            Ok(content) => send_in!(
                 RecordArtifact {
                     artifact: Artifact { key, kind, content }
                 },
@@ -403,7 +525,7 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
             Err(e) => ready(refused(&e)),
         },
         Request::RecordDynamoCacheEntry { key, entry } => match entry.into_entry() {
-            Ok(entry) => send!(RecordEntry { key, entry }, |_: ()| json!({})),
+            Ok(entry) => send_in!(RecordEntry { key, entry }, |_: ()| json!({})),
             Err(e) => ready(refused(&e)),
         },
         Request::EditArtifact { key, edit } => {
@@ -429,29 +551,33 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
                     }
                 }
             };
-            send!(EditArtifact { key, label, edit }, |_: ()| json!({}))
+            send_in!(EditArtifact { key, label, edit }, |_: ()| json!({}))
         }
         Request::SerializeArtifactByKey { key } => {
-            send!(GetArtifact { key }, |a: Option<Artifact>| {
+            send_in!(GetArtifact { key }, |a: Option<Artifact>| {
                 json!({ "artifact": a.as_ref().map(artifact_json) })
             })
         }
-        Request::TakeArtifact { key } => send!(TakeArtifact { key }, |a: Option<Artifact>| {
+        Request::TakeArtifact { key } => send_in!(TakeArtifact { key }, |a: Option<Artifact>| {
             json!({ "artifact": a.as_ref().map(artifact_json) })
         }),
-        Request::Clear => send!(Clear {}, |_: ()| json!({})),
-        Request::DumpDebugInfo => send!(DumpDebugInfo {}, |d| json!({ "debug_info": d })),
-        Request::CreateCacheEntries => send!(CreateCacheEntries {}, |s: crate::actor::Stitched| {
-            let entries: Map<String, Value> = s
-                .entries
-                .iter()
-                .map(|(k, e)| (k.clone(), stitched_json(e)))
-                .collect();
-            json!({ "debug_info": s.debug_info, "entries": entries })
-        }),
-        Request::SaveToDynamoCache => send!(SaveToDynamoCache {}, |d| json!({ "debug_info": d })),
+        Request::Clear => send_in!(Clear {}, |_: ()| json!({})),
+        Request::DumpDebugInfo => send_in!(DumpDebugInfo {}, |d| json!({ "debug_info": d })),
+        Request::CreateCacheEntries => {
+            send_in!(CreateCacheEntries {}, |s: crate::actor::Stitched| {
+                let entries: Map<String, Value> = s
+                    .entries
+                    .iter()
+                    .map(|(k, e)| (k.clone(), stitched_json(e)))
+                    .collect();
+                json!({ "debug_info": s.debug_info, "entries": entries })
+            })
+        }
+        Request::SaveToDynamoCache => {
+            send_in!(SaveToDynamoCache {}, |d| json!({ "debug_info": d }))
+        }
         Request::LoadCacheEntry { key, system_info } => {
-            send!(
+            send_in!(
                 LoadCacheEntry { key, system_info },
                 |l: crate::actor::Loaded| {
                     let deserialized: Map<String, Value> = l
@@ -464,103 +590,38 @@ pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
                         )
                     })
                     .collect();
-                    json!({ "entry": stitched_json(&l.entry), "deserialized": deserialized })
+                    json!({ "entry": stitched_json(&l.entry), "deserialized": deserialized, "saved_by": l.saved_by })
                 }
             )
         }
     }
 }
 
-fn ready(value: Value) -> AnswerFuture {
-    Box::pin(std::future::ready(value))
-}
-
-/// Renders an answer: `{"ok":true,"seq"?:N,…}` or `{"ok":false,"error":{kind,message}}`.
-fn render<T>(answer: Answer<T>, value: impl FnOnce(T) -> Value) -> Value {
-    match answer {
-        Ok(Ack { seq, value: v }) => {
-            let mut out = Map::new();
-            out.insert("ok".into(), Value::Bool(true));
-            if let Some(seq) = seq {
-                out.insert("seq".into(), json!(seq));
-            }
-            if let Value::Object(fields) = value(v) {
-                out.extend(fields);
-            }
-            Value::Object(out)
-        }
-        Err(e) => failed(e.kind(), &e.to_string()),
+impl WireCacheEntry {
+    /// The stitched entry, with every base64 field decoded.
+    pub fn into_stitched(self) -> Result<StitchedEntry, RequestError> {
+        let dynamo = self.dynamo.into_entry()?;
+        let backends = self
+            .backends
+            .into_iter()
+            .map(|(id, b)| {
+                let content =
+                    decode_b64(&format!("entry.backends.{id}.content_b64"), &b.content_b64)?;
+                let artifact = Artifact {
+                    key: id.clone(),
+                    kind: b.kind,
+                    content,
+                };
+                Ok((id, artifact))
+            })
+            .collect::<Result<_, RequestError>>()?;
+        Ok(PrecompileCacheEntry { dynamo, backends })
     }
 }
 
 /// The answer to a request refused before it reached the context.
 pub fn refused(e: &RequestError) -> Value {
     failed(e.kind(), &e.to_string())
-}
-
-fn failed(kind: &str, message: &str) -> Value {
-    json!({ "ok": false, "error": { "kind": kind, "message": message } })
-}
-
-/// Puts the request's id first in its answer.
-pub fn with_id(id: Option<Value>, answer: Value) -> Value {
-    match (id, answer) {
-        (Some(id), Value::Object(fields)) => {
-            let mut out = Map::new();
-            out.insert("id".into(), id);
-            out.extend(fields);
-            Value::Object(out)
-        }
-        (_, answer) => answer,
-    }
-}
-
-/// An artifact as JSON.
-pub fn artifact_json(a: &Artifact) -> Value {
-    json!({ "key": a.key, "kind": a.kind, "content_b64": B64.encode(&a.content) })
-}
-
-/// A dynamo cache entry as JSON (bytes as base64).
-pub fn entry_json(e: &DynamoCacheEntry) -> Value {
-    let codes: Vec<Value> = e
-        .codes
-        .iter()
-        .map(|c| {
-            json!({
-                "backend_ids": c.backend_ids,
-                "python_module": c.python_module,
-                "function_names": c.function_names,
-                "code_source": c.code_source,
-                "install_to_global": c.install_to_global,
-                "has_compile_id": c.has_compile_id,
-                "bypassed": c.bypassed,
-                "bypass_reason": c.bypass_reason,
-                "payload_b64": B64.encode(&c.payload),
-            })
-        })
-        .collect();
-    let mut entry = json!({
-        "fn_name": e.fn_name,
-        "fn_first_lineno": e.fn_first_lineno,
-        "device_type": e.device_type,
-        "system_info": e.system_info,
-        "source_info": e.source_info,
-        "codes": codes,
-    });
-    // Only when present, so answers about entries without it read as they always did.
-    if !e.extra.is_empty() {
-        entry["extra_b64"] = json!(B64.encode(&e.extra));
-    }
-    entry
-}
-
-fn stitched_json(e: &PrecompileCacheEntry<Artifact>) -> Value {
-    let backends: IndexMap<&String, Value> = e
-        .backends
-        .iter()
-        .map(|(k, a)| (k, artifact_json(a)))
-        .collect();
-    json!({ "dynamo": entry_json(&e.dynamo), "backends": backends })
 }
 
 #[cfg(test)]

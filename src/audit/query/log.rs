@@ -49,6 +49,13 @@ pub fn event_keys(event: &Event) -> Vec<String> {
             add(key);
             backends.keys().for_each(&mut add);
         }
+        Event::Scoped { event, .. } => return event_keys(event),
+        Event::CacheEntryPut { key, entry, .. } => {
+            add(key);
+            entry.backends.keys().for_each(&mut add);
+        }
+        Event::CacheEntryDeleted { key, .. } => add(key),
+        Event::ContextDropped { .. } | Event::DynamoCacheCleared { .. } => {}
     }
     keys
 }
@@ -62,7 +69,13 @@ pub fn log_line(e: &Envelope) -> Value {
     m.insert("origin".into(), json!(e.origin));
     m.insert("event".into(), json!(e.event.name()));
     m.insert("keys".into(), json!(event_keys(&e.event)));
-    match &e.event {
+    event_fields(&e.event, &mut m);
+    Value::Object(m)
+}
+
+/// What an event says beyond its name and keys, into `m`.
+fn event_fields(event: &Event, m: &mut Map<String, Value>) {
+    match event {
         Event::ArtifactRecorded {
             kind, digest, size, ..
         } => {
@@ -105,8 +118,37 @@ pub fn log_line(e: &Envelope) -> Value {
             m.insert("backends".into(), Value::Object(b));
         }
         Event::ArtifactTaken { .. } | Event::Cleared => {}
+        Event::Scoped {
+            context,
+            namespace,
+            event,
+        } => {
+            m.insert("context".into(), json!(context));
+            m.insert("namespace".into(), json!(namespace));
+            event_fields(event, m);
+        }
+        Event::ContextDropped { context } => {
+            m.insert("context".into(), json!(context));
+        }
+        Event::CacheEntryPut {
+            namespace,
+            entry,
+            saved_by,
+            ..
+        } => {
+            m.insert("namespace".into(), json!(namespace));
+            m.insert("context".into(), json!(saved_by));
+            let b: Map<String, Value> = entry
+                .backends
+                .iter()
+                .map(|(k, r)| (k.clone(), content_json(r)))
+                .collect();
+            m.insert("backends".into(), Value::Object(b));
+        }
+        Event::CacheEntryDeleted { namespace, .. } | Event::DynamoCacheCleared { namespace } => {
+            m.insert("namespace".into(), json!(namespace));
+        }
     }
-    Value::Object(m)
 }
 
 /// Which events `log` shows. All bounds are inclusive. The same fields are the CLI's flags

@@ -1,0 +1,71 @@
+//! Requests in a named context or namespace: [`InScope`] sets the actor's current scope for
+//! the one message it carries, and the events staged meanwhile are wrapped in it
+//! ([`Event::Scoped`]). Apart from the request loop because it is one concern, the scope, that
+//! every handler shares.
+
+use actix::prelude::*;
+
+use super::context_actor::ContextActor;
+use super::messages::InScope;
+use crate::core::event::Event;
+
+impl ContextActor {
+    /// `event` as stored in the current scope: a context's event outside the default
+    /// context or namespace is wrapped in [`Event::Scoped`]; the others say their own scope.
+    pub(super) fn in_scope(&self, event: Event) -> Event {
+        let own_scope = matches!(
+            event,
+            Event::Scoped { .. }
+                | Event::ContextDropped { .. }
+                | Event::CacheEntryPut { .. }
+                | Event::CacheEntryDeleted { .. }
+                | Event::DynamoCacheCleared { .. }
+        );
+        if own_scope || self.scope.is_default() {
+            return event;
+        }
+        Event::Scoped {
+            context: self.scope.context.clone(),
+            namespace: self.scope.namespace.clone(),
+            event: Box::new(event),
+        }
+    }
+}
+
+/// Each request that acts in a context or namespace also answers [`InScope`]: it is decided
+/// with `scope` current. Every handler decides and stages before it returns, so the scope is
+/// only needed for the call; a load staged later keeps its own ([`QueuedLoad::scope`]).
+macro_rules! scoped {
+    ($($m:ty),*) => {$(
+        impl Handler<InScope<$m>> for ContextActor {
+            type Result = <ContextActor as Handler<$m>>::Result;
+
+            fn handle(&mut self, msg: InScope<$m>, ctx: &mut Self::Context) -> Self::Result {
+                let outer = std::mem::replace(&mut self.scope, msg.scope);
+                let result = <Self as Handler<$m>>::handle(self, msg.msg, ctx);
+                self.scope = outer;
+                result
+            }
+        }
+    )*};
+}
+
+scoped!(
+    super::messages::RecordArtifact,
+    super::messages::RecordEntry,
+    super::messages::EditArtifact,
+    super::messages::GetArtifact,
+    super::messages::TakeArtifact,
+    super::messages::Clear,
+    super::messages::DumpDebugInfo,
+    super::messages::CreateCacheEntries,
+    super::messages::SaveToDynamoCache,
+    super::messages::LoadCacheEntry,
+    super::messages::ListContexts,
+    super::messages::DropContext,
+    super::messages::PutCacheEntry,
+    super::messages::GetCacheEntry,
+    super::messages::DeleteCacheEntry,
+    super::messages::ListCacheEntries,
+    super::messages::ClearDynamoCache
+);
