@@ -153,6 +153,7 @@ impl Context {
             key: key.into(),
             label: label.into(),
             edit: Edit::Apply(Box::new(move |c| Ok(edit(c)))),
+            expected: None,
         })
         .await
     }
@@ -170,6 +171,7 @@ impl Context {
             key: key.into(),
             label: format!("plugin:{op}"),
             edit: Edit::Plugin { op, args },
+            expected: None,
         })
         .await
     }

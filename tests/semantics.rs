@@ -620,6 +620,7 @@ async fn a_pipeline_answers_each_request_once_under_its_tag() {
             c.push(b'!');
             Ok(c)
         })),
+        expected: None,
     });
     let mut answers = Vec::new();
     while p.answers(&mut answers, 500).await > 0 {}

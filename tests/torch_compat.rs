@@ -157,3 +157,40 @@ fn the_system_check_at_load_follows_torch_2_10() {
         "{message}"
     );
 }
+
+#[test]
+fn an_edit_naming_the_content_it_read_applies_only_to_that_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let answers = batch(dir.path(), &[record("b1", "v1"), serialize("b1")]);
+    let read = answers[1]["artifact"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cas = |digest: &str, text: &str| json!({"op":"edit_artifact","key":"b1","edit":{"set_b64":b64(text)},"expected_digest":digest});
+    let answers = batch(
+        dir.path(),
+        &[
+            cas(&read, "v2"), // what was read: applies
+            cas(&read, "v3"), // stale now: refused
+            serialize("b1"),
+            json!({"op":"log"}),
+        ],
+    );
+    assert_ok(&answers[0]);
+    let message = assert_failed(&answers[1], "conflict");
+    assert!(message.contains(&read), "{message}");
+    assert_eq!(unb64_text(&answers[2]["artifact"]["content_b64"]), "v2");
+    let events = answers[3]["events"].as_array().unwrap();
+    assert_eq!(
+        events.len(),
+        2,
+        "the refused edit wrote nothing: {events:?}"
+    );
+    // The digest answered is the content's: the next edit names it and applies.
+    let now = answers[2]["artifact"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(now, read);
+    assert_ok(&batch(dir.path(), &[cas(&now, "v3")])[0]);
+}

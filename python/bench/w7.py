@@ -28,7 +28,9 @@ PROGRAM = Path(__file__).resolve().parents[1] / "tests" / "torch_programs" / "co
 
 
 def run(mode: str, sock: str, inductor: Path, *flags: str) -> Dict[str, Any]:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor))
+    # One namespace for every pcx run: the fresh-inductor runs stand for other machines,
+    # which share a cache by naming it (the default is one namespace per cache directory).
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor), PCX_TORCH_NAMESPACE="w7")
     done = subprocess.run(
         [sys.executable, str(PROGRAM), mode, sock, *flags],
         capture_output=True,

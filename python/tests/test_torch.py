@@ -23,9 +23,16 @@ torch = pytest.importorskip("torch", reason="torch is not installed (.ci/run ins
 PROGRAM = Path(__file__).parent / "torch_programs" / "compile_mlp.py"
 
 
-def run(served: Any, tmp: Path, name: str, *flags: str, mode: str = "pcx") -> Dict[str, Any]:
-    """Runs one process of the program; gives its JSON line."""
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / f"inductor-{name}"))
+def run(
+    served: Any, tmp: Path, name: str, *flags: str, mode: str = "pcx", namespace: str = "shared"
+) -> Dict[str, Any]:
+    """Runs one process of the program (its own inductor directory; the dynamo cache
+    namespace given, so that processes of one test share it); gives its JSON line."""
+    env = dict(
+        os.environ,
+        TORCHINDUCTOR_CACHE_DIR=str(tmp / f"inductor-{name}"),
+        PCX_TORCH_NAMESPACE=namespace,
+    )
     done = subprocess.run(
         [sys.executable, str(PROGRAM), mode, str(served.socket), *flags],
         capture_output=True,
@@ -66,7 +73,11 @@ def test_a_training_step_warm_starts_from_pcx(served: Any, tmp_path: Path) -> No
 def test_a_process_killed_after_its_save_still_serves_the_next(
     served: Any, tmp_path: Path
 ) -> None:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-a"))
+    env = dict(
+        os.environ,
+        TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-a"),
+        PCX_TORCH_NAMESPACE="shared",
+    )
     a = subprocess.Popen(
         [sys.executable, str(PROGRAM), "pcx", str(served.socket), "--save", "--sleep"],
         stdout=subprocess.PIPE,
@@ -81,6 +92,34 @@ def test_a_process_killed_after_its_save_still_serves_the_next(
     b = run(served, tmp_path, "b")
     assert b["frames_compiled"] == 0 and b["hits"] == 1, b
     assert b["out"] == first["out"]
+
+
+def test_namespaces_keep_two_caches_apart_on_one_data_directory(
+    served: Any, tmp_path: Path
+) -> None:
+    """Two jobs on one pcx (one data directory), each with its namespace, as two torch cache
+    directories: neither warm-starts from the other's entries."""
+    run(served, tmp_path, "one-a", "--save", namespace="job-one")
+    other = run(served, tmp_path, "two-a", namespace="job-two")
+    assert other["misses"] == 1 and other["frames_compiled"] >= 1, other
+    same = run(served, tmp_path, "one-b", namespace="job-one")
+    assert same["hits"] == 1 and same["frames_compiled"] == 0, same
+    with pcx.Client.connect(str(served.socket), namespace="job-two") as client:
+        assert client.list_cache_entries() == []
+    with pcx.Client.connect(str(served.socket), namespace="job-one") as client:
+        (listed,) = client.list_cache_entries()
+        assert listed["saved_by"].startswith("torch@"), listed
+
+
+def test_each_process_records_into_a_context_of_its_own(served: Any, tmp_path: Path) -> None:
+    run(served, tmp_path, "a", "--save")
+    run(served, tmp_path, "b")
+    with pcx.Client.connect(str(served.socket)) as client:
+        contexts = client.list_contexts()
+    torch_contexts = [c for c in contexts if c["name"].startswith("torch@")]
+    assert len(torch_contexts) == 2, contexts
+    # The default context is untouched: torch's processes each had their own.
+    assert contexts[0]["name"] == "default" and contexts[0]["artifacts"] == 0, contexts
 
 
 def test_a_system_mismatch_behaves_as_in_torch(served: Any, tmp_path: Path) -> None:

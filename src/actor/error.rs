@@ -10,6 +10,17 @@ pub enum ContextError {
     /// PyTorch's assertion message, word for word.
     #[error("Key {key} not found in artifacts")]
     KeyNotFound { key: String },
+    /// An edit that named the content it expected (`expected_digest`) found another: someone
+    /// changed the artifact since the editor read it. Nothing was applied.
+    #[error(
+        "edit of {key} refused: it expected content {expected}, but the artifact now holds \
+         {found}; read it again and redo the edit"
+    )]
+    Conflict {
+        key: String,
+        expected: String,
+        found: String,
+    },
     #[error("dynamo cache entry {key} is invalid: {reason}")]
     InvalidEntry { key: String, reason: InvalidEntry },
     #[error("artifact kind `{kind}` is not a valid kind name ([a-z0-9_.-]{{1,64}})")]
@@ -61,6 +72,7 @@ impl ContextError {
     pub fn kind(&self) -> &'static str {
         match self {
             ContextError::KeyNotFound { .. } => "key_not_found",
+            ContextError::Conflict { .. } => "conflict",
             ContextError::InvalidEntry {
                 reason: InvalidEntry::TooLarge { .. },
                 ..

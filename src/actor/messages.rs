@@ -113,7 +113,9 @@ message!(/// `record_artifact`.
 message!(/// `record_dynamo_cache_entry`.
     RecordEntry { key: String, entry: DynamoCacheEntry } -> ());
 message!(/// `edit_artifact`: `edit` runs on the current content; `label` is logged with the result.
-    EditArtifact { key: String, label: String, edit: Edit } -> ());
+    /// With `expected` (the hex digest of the content the editor read), the edit applies only
+    /// if the content is still that one (compare-and-set), else [`ContextError::Conflict`].
+    EditArtifact { key: String, label: String, edit: Edit, expected: Option<String> } -> ());
 message!(/// `serialize_artifact_by_key`.
     GetArtifact { key: String } -> Option<Artifact>);
 message!(/// `take_artifact`.

@@ -71,10 +71,25 @@ impl Handler<EditArtifact> for ContextActor {
     fn handle(&mut self, msg: EditArtifact, _: &mut Self::Context) -> Self::Result {
         self.run(
             move |this| {
-                let EditArtifact { key, label, edit } = msg;
+                let EditArtifact {
+                    key,
+                    label,
+                    edit,
+                    expected,
+                } = msg;
                 let Some(current) = this.here().artifacts.get(&key).cloned() else {
                     return Err(ContextError::KeyNotFound { key });
                 };
+                if let Some(expected) = expected {
+                    let found = current.digest.to_hex();
+                    if !expected.eq_ignore_ascii_case(&found) {
+                        return Err(ContextError::Conflict {
+                            key,
+                            expected,
+                            found,
+                        });
+                    }
+                }
                 let content = this.content(&key, &current)?;
                 // A panicking edit is caught by `run`, like any panic while deciding.
                 let edited = match edit {

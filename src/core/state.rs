@@ -142,12 +142,27 @@ impl State {
         if context == DEFAULT {
             if let Some(m) = self.saved_by.get_mut(namespace) {
                 m.shift_remove(key);
+                if m.is_empty() {
+                    self.saved_by.shift_remove(namespace);
+                }
             }
         } else {
             self.saved_by
                 .entry(namespace.to_string())
                 .or_default()
                 .insert(key.to_string(), context.to_string());
+        }
+    }
+
+    /// An emptied namespace other than the default is no longer kept (it reads as empty
+    /// anyway), so a state holds, and encodes, only what is in it.
+    fn forget_if_empty(&mut self, namespace: &str) {
+        if self
+            .namespaces
+            .get(namespace)
+            .is_some_and(IndexMap::is_empty)
+        {
+            self.namespaces.shift_remove(namespace);
         }
     }
 
@@ -226,10 +241,12 @@ impl State {
             Event::CacheEntryDeleted { namespace, key } => {
                 self.cache_mut(&namespace).shift_remove(&key);
                 self.set_saver(&namespace, &key, DEFAULT);
+                self.forget_if_empty(&namespace);
             }
             Event::DynamoCacheCleared { namespace } => {
                 self.cache_mut(&namespace).clear();
                 self.saved_by.shift_remove(&namespace);
+                self.forget_if_empty(&namespace);
             }
         }
     }
@@ -346,7 +363,6 @@ mod tests {
         s.apply(Event::ContextDropped {
             context: "p1".into(),
         });
-        s.namespaces.clear();
         // Back to only the default: encoded exactly as a state that never had the others.
         assert_eq!(rmp_serde::to_vec_named(&s).unwrap(), before);
         let decoded: State = rmp_serde::from_slice(&before).unwrap();

@@ -17,8 +17,8 @@ use crate::actor::{
 use crate::audit::query::{LogFilter, Query};
 use crate::context::Context;
 use crate::core::model::{
-    Artifact, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry, SourceInfo, SystemInfo,
-    EAGER_KIND,
+    Artifact, Digest, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry, SourceInfo,
+    SystemInfo, EAGER_KIND,
 };
 use crate::core::scope::{valid_name, Scope};
 pub use crate::interface::answer::{
@@ -70,6 +70,10 @@ pub enum Request {
     EditArtifact {
         key: String,
         edit: WireEdit,
+        /// Compare-and-set: the hex digest of the content the editor read (the `digest` that
+        /// `serialize_artifact_by_key` answers); another content answers `conflict`.
+        #[serde(default)]
+        expected_digest: Option<String>,
     },
     SerializeArtifactByKey {
         key: String,
@@ -528,7 +532,11 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
             Ok(entry) => send_in!(RecordEntry { key, entry }, |_: ()| json!({})),
             Err(e) => ready(refused(&e)),
         },
-        Request::EditArtifact { key, edit } => {
+        Request::EditArtifact {
+            key,
+            edit,
+            expected_digest,
+        } => {
             let (label, edit) = match edit {
                 WireEdit::SetB64(b) => match decode_b64("edit.set_b64", &b) {
                     Ok(new) => ("set".to_string(), Edit::Apply(Box::new(move |_| Ok(new)))),
@@ -551,11 +559,25 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
                     }
                 }
             };
-            send_in!(EditArtifact { key, label, edit }, |_: ()| json!({}))
+            send_in!(
+                EditArtifact {
+                    key,
+                    label,
+                    edit,
+                    expected: expected_digest
+                },
+                |_: ()| json!({})
+            )
         }
         Request::SerializeArtifactByKey { key } => {
             send_in!(GetArtifact { key }, |a: Option<Artifact>| {
-                json!({ "artifact": a.as_ref().map(artifact_json) })
+                // The digest is what a compare-and-set edit names as the content it read.
+                let artifact = a.as_ref().map(|a| {
+                    let mut v = artifact_json(a);
+                    v["digest"] = json!(Digest::of(&a.content).to_hex());
+                    v
+                });
+                json!({ "artifact": artifact })
             })
         }
         Request::TakeArtifact { key } => send_in!(TakeArtifact { key }, |a: Option<Artifact>| {

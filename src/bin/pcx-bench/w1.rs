@@ -176,6 +176,7 @@ pub(crate) fn w1_with(
                     key: k,
                     label: "append".into(),
                     edit,
+                    expected: None,
                 }
             }),
         )

@@ -162,7 +162,11 @@ fn request_of(command: Command) -> Result<Request> {
                 (_, Some(a)) => WireEdit::AppendB64(a),
                 _ => anyhow::bail!("edit needs --set-b64 or --append-b64"),
             };
-            Request::EditArtifact { key, edit }
+            Request::EditArtifact {
+                key,
+                edit,
+                expected_digest: None,
+            }
         }
         Command::Get { key } => Request::SerializeArtifactByKey { key },
         Command::Take { key } => Request::TakeArtifact { key },

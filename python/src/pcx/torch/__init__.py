@@ -68,8 +68,9 @@ def install(
     """Makes torch's precompile context and dynamo cache use pcx through ``client`` (the
     embedded default when ``None``). Idempotent: a second call returns the client in use.
 
-    ``namespace``: the dynamo cache namespace (default: one per torch cache directory), used
-    when the server has namespaces. ``torch_kinds``: record artifacts as
+    ``namespace``: the dynamo cache namespace, used when the server has namespaces; default
+    ``$PCX_TORCH_NAMESPACE``, else one per torch cache directory (as torch's own cache is one
+    directory). Processes on several machines share a cache by naming the same namespace. ``torch_kinds``: record artifacts as
     ``torch.bundled_aot_autograd``/``torch.pickle`` (needs pcx's torch-pickle plugin in the
     server's plugin directory) instead of ``eager``; default from ``PCX_TORCH_KINDS=1``."""
     global _hooks
@@ -86,7 +87,12 @@ def install(
     named = _supports(client, "list_contexts")
     if named:
         client.context = client.context or _process_context()
-        client.namespace = namespace or client.namespace or default_namespace()
+        client.namespace = (
+            namespace
+            or client.namespace
+            or os.environ.get("PCX_TORCH_NAMESPACE")
+            or default_namespace()
+        )
     if torch_kinds is None:
         torch_kinds = os.environ.get("PCX_TORCH_KINDS") == "1"
     hooks = Hooks(client, torch_kinds=torch_kinds, shared_cache=named)
