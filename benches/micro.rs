@@ -222,7 +222,7 @@ fn build_aot_bundle() -> Result<PathBuf, String> {
     }
 }
 
-/// A `bundled_aot_autograd` document of about 1 KiB (see plugins/aot-bundle/src/lib.rs).
+/// A `example.aot_bundle` document of about 1 KiB (see plugins/aot-bundle/src/lib.rs).
 fn bundle_document() -> Vec<u8> {
     use rmpv::Value;
     let s = |t: &str| Value::from(t);
@@ -272,7 +272,7 @@ fn plugin_call(c: &mut Criterion) {
     let doc = bundle_document();
     let limit = 1 << 20;
     let described = plugin
-        .deserialize("bundled_aot_autograd", &doc, limit)
+        .deserialize("example.aot_bundle", &doc, limit)
         .expect("the plugin accepts the document");
     assert_eq!(described.description.value()["kernel_count"], 2);
     let mut group = c.benchmark_group("plugin");
@@ -282,7 +282,7 @@ fn plugin_call(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 plugin
-                    .deserialize("bundled_aot_autograd", black_box(&doc), limit)
+                    .deserialize("example.aot_bundle", black_box(&doc), limit)
                     .expect("deserializes")
             })
         },

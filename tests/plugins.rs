@@ -844,7 +844,7 @@ fn plugins_list_shows_name_version_abi_kinds_and_path() {
         answer["plugins"],
         json!([
             {"name": "aot-bundle", "version": "0.1.0", "abi": "1.0",
-             "kinds": ["bundled_aot_autograd"], "edits": ["clear_backend_id"],
+             "kinds": ["example.aot_bundle"], "edits": ["clear_backend_id"],
              "target": HOST_TARGET, "path": a},
             {"name": "c-upper", "version": "1.2.3", "abi": "1.0",
              "kinds": ["c_upper"], "edits": ["append"], "target": HOST_TARGET, "path": c},
@@ -970,7 +970,7 @@ fn bundle() -> Bundle {
 }
 
 fn decode_bundle(bytes: &[u8]) -> Bundle {
-    rmp_serde::from_slice(bytes).expect("a bundled_aot_autograd document")
+    rmp_serde::from_slice(bytes).expect("a example.aot_bundle document")
 }
 
 #[test]
@@ -992,14 +992,14 @@ fn aot_bundle_record_edit_stitch_save_restart_load_and_without_plugins() {
     let (answers, _) = batch_with(
         s.pcx_plugins(&["batch"]),
         &[
-            record_kind("aot1", "bundled_aot_autograd", &doc),
+            record_kind("aot1", "example.aot_bundle", &doc),
             plugin_edit("aot1", "clear_backend_id", b""),
             record_kind("e1", "eager", b"eager kernel"),
             record_forward("fwd", &["aot1", "e1"]),
             stitch(),
             save(),
             // A map of five entries that ends after its header.
-            record_kind("junk", "bundled_aot_autograd", b"\x85"),
+            record_kind("junk", "example.aot_bundle", b"\x85"),
             plugin_edit("junk", "clear_backend_id", b""),
             plugin_edit("aot1", "recompile", b""),
         ],
@@ -1008,7 +1008,7 @@ fn aot_bundle_record_edit_stitch_save_restart_load_and_without_plugins() {
         assert_ok(a);
     }
     let stitched = &answers[4]["entries"]["fwd"]["backends"]["aot1"];
-    assert_eq!(stitched["kind"], "bundled_aot_autograd", "{}", answers[4]);
+    assert_eq!(stitched["kind"], "example.aot_bundle", "{}", answers[4]);
     assert_eq!(decode_bundle(&unb64(&stitched["content_b64"])), edited);
     let message = assert_failed(&answers[7], "plugin_failed");
     assert_contains(&message, &["aot-bundle", "not valid MessagePack"]);
@@ -1020,7 +1020,7 @@ fn aot_bundle_record_edit_stitch_save_restart_load_and_without_plugins() {
     let loaded = &answers[0];
     assert_ok(loaded);
     let d = &loaded["deserialized"]["aot1"];
-    assert_eq!(d["kind"], "bundled_aot_autograd", "{loaded}");
+    assert_eq!(d["kind"], "example.aot_bundle", "{loaded}");
     assert_eq!(d["plugin"], "aot-bundle", "{loaded}");
     assert_eq!(d["description"]["kernel_count"], 2, "{loaded}");
     assert_eq!(
@@ -1054,12 +1054,12 @@ fn aot_bundle_record_edit_stitch_save_restart_load_and_without_plugins() {
         ],
     );
     let message = assert_failed(&answers[0], "no_plugin");
-    assert_contains(&message, &["`bundled_aot_autograd`", "aot1"]);
+    assert_contains(&message, &["`example.aot_bundle`", "aot1"]);
     for a in &answers[1..] {
         assert_ok(a);
     }
     let artifact = &answers[1]["artifact"];
-    assert_eq!(artifact["kind"], "bundled_aot_autograd");
+    assert_eq!(artifact["kind"], "example.aot_bundle");
     assert_eq!(decode_bundle(&unb64(&artifact["content_b64"])), edited);
     assert_eq!(
         unb64(&answers[5]["deserialized"]["e2"]["content_b64"]),
@@ -1081,9 +1081,9 @@ fn aot_kinds() -> (Setup, Kinds) {
     (s, kinds)
 }
 
-/// The error `after_deserialization` of `bundled_aot_autograd` gives for `content`.
+/// The error `after_deserialization` of `example.aot_bundle` gives for `content`.
 fn aot_refusal(kinds: &Kinds, content: Vec<u8>) -> String {
-    match kinds.after_deserialization("b", "bundled_aot_autograd", &content) {
+    match kinds.after_deserialization("b", "example.aot_bundle", &content) {
         Ok(d) => panic!("accepted, described as {}", d.description),
         Err(e) => {
             let e = ContextError::from(e);
@@ -1229,7 +1229,7 @@ async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests()
     let large = large_bundle();
     let aot = |key: &str, content: &[u8]| Artifact {
         key: key.into(),
-        kind: "bundled_aot_autograd".into(),
+        kind: "example.aot_bundle".into(),
         content: content.to_vec(),
     };
     let ctx = Context::open(&config).expect("the context opens");
@@ -1359,7 +1359,7 @@ async fn a_failed_commit_aborts_the_loads_queued_behind_it() {
     // The load is still with the plugin thread when the save's failure is back.
     ctx.record_artifact(Artifact {
         key: "a1".into(),
-        kind: "bundled_aot_autograd".into(),
+        kind: "example.aot_bundle".into(),
         content: large_bundle(),
     })
     .await

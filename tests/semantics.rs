@@ -1221,7 +1221,7 @@ async fn loading_a_kind_without_a_plugin_fails_naming_the_kind() {
     let (_dir, ctx) = fresh();
     ctx.record_artifact(Artifact {
         key: "b1".into(),
-        kind: "bundled_aot_autograd".into(),
+        kind: "example.aot_bundle".into(),
         content: b"graph".to_vec(),
     })
     .await
@@ -1232,7 +1232,7 @@ async fn loading_a_kind_without_a_plugin_fails_naming_the_kind() {
 
     let err = ctx.load_cache_entry("e1", None).await.unwrap_err();
     assert_eq!(err.kind(), "no_plugin", "{err}");
-    assert!(err.to_string().contains("bundled_aot_autograd"), "{err}");
+    assert!(err.to_string().contains("example.aot_bundle"), "{err}");
     assert_eq!(load_counters(&ctx).await, (0, 0, 1));
     assert_eq!(
         debug_json(&ctx).await,

@@ -324,7 +324,7 @@ pub fn build_cdylib(manifest: &Path, target_dir: &Path) -> PathBuf {
     libraries.remove(0)
 }
 
-/// The example plugin `plugins/aot-bundle` (kind `bundled_aot_autograd`).
+/// The example plugin `plugins/aot-bundle` (kind `example.aot_bundle`).
 pub fn aot_bundle() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     LIB.get_or_init(|| {

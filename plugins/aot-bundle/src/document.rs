@@ -1,4 +1,4 @@
-//! The `bundled_aot_autograd` document: reading it (validating every byte, borrowing every
+//! The `example.aot_bundle` document: reading it (validating every byte, borrowing every
 //! string and kernel) and writing it.
 //!
 //! The reader is a single pass over the bytes, written for this one shape rather than
@@ -29,11 +29,11 @@ pub struct Bundle<'a> {
 }
 
 fn not_msgpack(what: &str) -> String {
-    format!("bundled_aot_autograd content is not valid MessagePack: {what}")
+    format!("example.aot_bundle content is not valid MessagePack: {what}")
 }
 
 fn malformed(what: &str) -> String {
-    format!("bundled_aot_autograd content is malformed: {what}")
+    format!("example.aot_bundle content is malformed: {what}")
 }
 
 #[cold]
@@ -42,7 +42,7 @@ fn not_utf8(what: &str) -> String {
 }
 
 fn version_error(v: u64) -> String {
-    format!("bundled_aot_autograd format_version {v} is not supported (this plugin reads {FORMAT_VERSION})")
+    format!("example.aot_bundle format_version {v} is not supported (this plugin reads {FORMAT_VERSION})")
 }
 
 /// Reads and validates a document: a map with exactly the five fields (in any order), the
@@ -53,7 +53,7 @@ pub fn decode(bytes: &[u8]) -> Result<Bundle<'_>, String> {
     match bytes.first() {
         None | Some(0xc1) => return Err(not_msgpack("no document")),
         Some(0x80..=0x8f | 0xde | 0xdf) => {}
-        Some(_) => return Err("bundled_aot_autograd content must be a MessagePack map".into()),
+        Some(_) => return Err("example.aot_bundle content must be a MessagePack map".into()),
     }
     let fields = match read_fields(bytes) {
         Ok(fields) => fields,
@@ -70,7 +70,7 @@ pub fn decode(bytes: &[u8]) -> Result<Bundle<'_>, String> {
             });
         }
     };
-    let missing = |f: &str| format!("bundled_aot_autograd content is missing field `{f}`");
+    let missing = |f: &str| format!("example.aot_bundle content is missing field `{f}`");
     let format_version = fields
         .format_version
         .ok_or_else(|| missing("format_version"))?;
@@ -447,6 +447,6 @@ pub fn encode(bundle: &Bundle, size: usize) -> Result<Vec<u8>, String> {
         Ok(())
     };
     let mut out = Vec::with_capacity(size);
-    write(&mut out).map_err(|e| format!("cannot encode bundled_aot_autograd: {e}"))?;
+    write(&mut out).map_err(|e| format!("cannot encode example.aot_bundle: {e}"))?;
     Ok(out)
 }

@@ -1,4 +1,6 @@
-//! The `bundled_aot_autograd` kind, modelled on PyTorch's `BundledAOTAutogradCacheArtifact`.
+//! The `example.aot_bundle` kind: an example plugin, modelled on PyTorch's
+//! `BundledAOTAutogradCacheArtifact` but not its format (PyTorch's real artifacts are pickles,
+//! served by `plugins/torch-pickle`); named `example.` so nobody takes it for torch's.
 //!
 //! Content is a MessagePack map
 //! `{format_version: 1, guards_expr: str|nil, precompile_backend_id: str|nil,
@@ -100,7 +102,7 @@ impl Plugin for AotBundle {
     type Value = Ready;
     const NAME: &'static str = "aot-bundle";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const KINDS: &'static [&'static str] = &["bundled_aot_autograd"];
+    const KINDS: &'static [&'static str] = &["example.aot_bundle"];
     const EDITS: &'static [&'static str] = &["clear_backend_id"];
 
     /// Validates the document and drops `guards_expr`, as PyTorch does once the guards are
@@ -208,7 +210,7 @@ mod tests {
 
     #[test]
     fn after_deserialization_drops_guards_and_describes() {
-        let v = AotBundle::after_deserialization("bundled_aot_autograd", &bytes(&doc())).unwrap();
+        let v = AotBundle::after_deserialization("example.aot_bundle", &bytes(&doc())).unwrap();
         let d = AotBundle::describe(&v).unwrap();
         let json: serde_json::Value = serde_json::from_str(&d.json).unwrap();
         assert_eq!(
@@ -399,7 +401,7 @@ mod tests {
     #[test]
     fn clear_backend_id_sets_it_to_nil_and_keeps_the_rest() {
         let bytes = bytes(&doc());
-        let out = AotBundle::edit("bundled_aot_autograd", "clear_backend_id", &[], &bytes).unwrap();
+        let out = AotBundle::edit("example.aot_bundle", "clear_backend_id", &[], &bytes).unwrap();
         assert_eq!(
             decode(&out).unwrap(),
             Bundle {
@@ -407,6 +409,6 @@ mod tests {
                 ..doc()
             }
         );
-        assert!(AotBundle::edit("bundled_aot_autograd", "nope", &[], &bytes).is_err());
+        assert!(AotBundle::edit("example.aot_bundle", "nope", &[], &bytes).is_err());
     }
 }

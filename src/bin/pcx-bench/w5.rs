@@ -11,7 +11,7 @@ use pcx::Context;
 
 use super::*;
 
-/// A `bundled_aot_autograd` document of about `size` bytes.
+/// A `example.aot_bundle` document of about `size` bytes.
 pub(crate) fn bundle_doc(key: &str, size: usize, seed: &mut u64) -> Vec<u8> {
     let code = payload(key, size.saturating_sub(160).max(16), seed);
     let doc = rmpv::Value::Map(vec![
@@ -88,7 +88,7 @@ pub(crate) fn w5_loads(quick: bool, dir: &Path, plugins: Option<&Path>) -> Resul
 pub(crate) fn w5(quick: bool) -> Result<Value> {
     let plugins = plugin_dir()?;
     let (_, eager_dir) = w1_with(quick, "eager", None)?;
-    let (_, plugin_dir) = w1_with(quick, "bundled_aot_autograd", Some(plugins.path()))?;
+    let (_, plugin_dir) = w1_with(quick, "example.aot_bundle", Some(plugins.path()))?;
     let (mut eager, mut plugin) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         eager.push(w5_loads(quick, eager_dir.path(), None)?);
