@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -32,14 +33,25 @@ def _binary_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PCX_BIN", pcx_binary())
 
 
+def torch_pickle_plugin() -> Path:
+    """The torch-pickle plugin library (`cargo build -p torch-pickle`; `cargo test
+    --workspace` builds it too), or $PCX_TORCH_PICKLE_LIB."""
+    explicit = os.environ.get("PCX_TORCH_PICKLE_LIB")
+    built = Path(explicit) if explicit else REPO / "target" / "debug" / "libtorch_pickle.so"
+    if not built.exists():
+        pytest.fail(f"no torch-pickle plugin: run `cargo build -p torch-pickle` ({built})")
+    return built
+
+
 class Served:
     """A `pcx serve` on a fresh data directory, stopped by pid at the end."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, plugin_dir: Optional[Path] = None) -> None:
         self.data_dir = data_dir
         self.socket = data_dir / "pcx.sock"
+        extra = ["--plugin-dir", str(plugin_dir)] if plugin_dir is not None else []
         self.proc = subprocess.Popen(
-            [pcx_binary(), "--data-dir", str(data_dir), "serve"],
+            [pcx_binary(), "--data-dir", str(data_dir), *extra, "serve"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -57,6 +69,19 @@ class Served:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     s = Served(tmp_path / "data")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def served_with_torch_kinds(tmp_path: Path) -> Iterator[Served]:
+    """A server with the torch-pickle plugin in its plugin directory."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(mode=0o755)
+    lib = plugins / "libtorch_pickle.so"
+    shutil.copyfile(torch_pickle_plugin(), lib)
+    lib.chmod(0o755)
+    s = Served(tmp_path / "data", plugin_dir=plugins)
     yield s
     s.stop()
 

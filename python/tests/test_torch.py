@@ -24,7 +24,13 @@ PROGRAM = Path(__file__).parent / "torch_programs" / "compile_mlp.py"
 
 
 def run(
-    served: Any, tmp: Path, name: str, *flags: str, mode: str = "pcx", namespace: str = "shared"
+    served: Any,
+    tmp: Path,
+    name: str,
+    *flags: str,
+    mode: str = "pcx",
+    namespace: str = "shared",
+    torch_kinds: bool = False,
 ) -> Dict[str, Any]:
     """Runs one process of the program (its own inductor directory; the dynamo cache
     namespace given, so that processes of one test share it); gives its JSON line."""
@@ -32,6 +38,7 @@ def run(
         os.environ,
         TORCHINDUCTOR_CACHE_DIR=str(tmp / f"inductor-{name}"),
         PCX_TORCH_NAMESPACE=namespace,
+        PCX_TORCH_KINDS="1" if torch_kinds else "0",
     )
     done = subprocess.run(
         [sys.executable, str(PROGRAM), mode, str(served.socket), *flags],
@@ -120,6 +127,19 @@ def test_each_process_records_into_a_context_of_its_own(served: Any, tmp_path: P
     assert len(torch_contexts) == 2, contexts
     # The default context is untouched: torch's processes each had their own.
     assert contexts[0]["name"] == "default" and contexts[0]["artifacts"] == 0, contexts
+
+
+def test_torch_kinds_are_checked_by_the_plugin_and_still_warm_start(
+    served_with_torch_kinds: Any, tmp_path: Path
+) -> None:
+    served = served_with_torch_kinds
+    a = run(served, tmp_path, "a", "--save", torch_kinds=True)
+    b = run(served, tmp_path, "b", torch_kinds=True)
+    assert b["frames_compiled"] == 0 and b["hits"] == 1, b
+    assert b["out"] == a["out"]
+    with pcx.Client.connect(str(served.socket)) as client:
+        kinds = {e.get("kind") for e in client.log(event="ArtifactRecorded")}
+    assert kinds == {"torch.bundled_aot_autograd"}, kinds
 
 
 def test_a_system_mismatch_behaves_as_in_torch(served: Any, tmp_path: Path) -> None:
