@@ -194,3 +194,24 @@ fn an_edit_naming_the_content_it_read_applies_only_to_that_content() {
     assert_ne!(now, read);
     assert_ok(&batch(dir.path(), &[cas(&now, "v3")])[0]);
 }
+
+#[test]
+fn a_code_recorded_bypassed_stays_bypassed_through_the_stitch() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry = json!({"device_type":"cpu","codes":[
+        {"backend_ids":["b1"],"bypassed":true,"bypass_reason":"torch bypassed it at record"},
+        {"backend_ids":["b1"]}
+    ]});
+    let answers = batch(
+        dir.path(),
+        &[
+            record("b1", "aaa"),
+            record_entry("e1", entry),
+            op("create_cache_entries"),
+        ],
+    );
+    let codes = &answers[2]["entries"]["e1"]["dynamo"]["codes"];
+    assert_eq!(codes[0]["bypassed"], true, "{codes}");
+    assert_eq!(codes[0]["bypass_reason"], "torch bypassed it at record");
+    assert_eq!(codes[1]["bypassed"], false, "{codes}");
+}

@@ -18,7 +18,7 @@ use crate::audit::query::{LogFilter, Query};
 use crate::context::Context;
 use crate::core::model::{
     Artifact, Digest, DynamoCacheEntry, DynamoCodeEntry, PrecompileCacheEntry, SourceInfo,
-    SystemInfo, EAGER_KIND,
+    SystemInfo, EAGER_KIND, MAX_BYPASS_REASON_CHARS,
 };
 use crate::core::scope::{valid_name, Scope};
 pub use crate::interface::answer::{
@@ -212,6 +212,11 @@ pub struct WireCode {
     pub has_compile_id: bool,
     #[serde(default)]
     pub payload_b64: Option<String>,
+    /// Recorded already bypassed (PyTorch's `bypass_current_entry`): stitching keeps it so.
+    #[serde(default)]
+    pub bypassed: bool,
+    #[serde(default)]
+    pub bypass_reason: Option<String>,
 }
 
 /// A request the protocol refused before it reached the context.
@@ -399,8 +404,11 @@ impl WireEntry {
                     code_source: c.code_source,
                     install_to_global: c.install_to_global,
                     has_compile_id: c.has_compile_id,
-                    bypassed: false,
-                    bypass_reason: None,
+                    bypassed: c.bypassed,
+                    bypass_reason: c.bypassed.then(|| {
+                        let reason = c.bypass_reason.unwrap_or_default();
+                        reason.chars().take(MAX_BYPASS_REASON_CHARS).collect()
+                    }),
                     payload,
                 })
             })

@@ -90,6 +90,9 @@ def entry_to_pcx(entry: Any) -> Dict[str, Any]:
                 "code_source": code.code_source,
                 "install_to_global": bool(code.install_to_global),
                 "has_compile_id": bool(getattr(code, "has_compile_id", False)),
+                # torch's `bypass_current_entry` marks a code at record time; pcx keeps it.
+                "bypassed": bool(getattr(code, "bypassed", False)),
+                "bypass_reason": "bypassed by torch at record" if getattr(code, "bypassed", False) else None,
                 "payload_b64": pickle.dumps(code, protocol=pickle.HIGHEST_PROTOCOL),
             }
         )
