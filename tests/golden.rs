@@ -150,6 +150,7 @@ fn fixture_name(event: &Event) -> &'static str {
         Event::CacheEntryPut { .. } => "event_cache_entry_put.bin",
         Event::CacheEntryDeleted { .. } => "event_cache_entry_deleted.bin",
         Event::DynamoCacheCleared { .. } => "event_dynamo_cache_cleared.bin",
+        Event::DynamoEntryExtended { .. } => "event_dynamo_entry_extended.bin",
     }
 }
 
@@ -177,6 +178,11 @@ fn scope_events() -> Vec<Event> {
         },
         Event::DynamoCacheCleared {
             namespace: "ns".into(),
+        },
+        Event::DynamoEntryExtended {
+            key: "e1".into(),
+            kept: 1,
+            entry: entry(),
         },
     ]
 }

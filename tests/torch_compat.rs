@@ -215,3 +215,83 @@ fn a_code_recorded_bypassed_stays_bypassed_through_the_stitch() {
     assert_eq!(codes[0]["bypass_reason"], "torch bypassed it at record");
     assert_eq!(codes[1]["bypassed"], false, "{codes}");
 }
+
+/// A code with a payload of `size` bytes naming backend `b{i}`.
+fn code(i: usize, size: usize) -> Value {
+    json!({"backend_ids":[format!("b{i}")],"python_module":"m","function_names":[format!("f{i}")],
+           "payload_b64": b64(vec![i as u8; size])})
+}
+
+fn growing_entry(n: usize) -> Value {
+    let codes: Vec<Value> = (0..n).map(|i| code(i, 4096)).collect();
+    json!({"fn_name":"f","device_type":"cpu","codes":codes})
+}
+
+/// Bytes of the log as `pcx export` writes it.
+fn exported(dir: &std::path::Path) -> usize {
+    let run = cli(dir, &["export"]);
+    run.assert_success();
+    run.stdout.len()
+}
+
+#[test]
+fn an_entry_re_recorded_as_it_grows_stores_only_its_new_codes() {
+    const N: usize = 30;
+    // As torch does: the whole entry again after every frame compiled, one code more each time.
+    let growing = tempfile::tempdir().unwrap();
+    let requests: Vec<Value> = (1..=N)
+        .map(|n| record_entry("fwd", growing_entry(n)))
+        .collect();
+    for a in batch(growing.path(), &requests) {
+        assert_ok(&a);
+    }
+    // The same final entry, recorded once.
+    let once = tempfile::tempdir().unwrap();
+    assert_ok(&batch(once.path(), &[record_entry("fwd", growing_entry(N))])[0]);
+
+    // The same context either way, live and replayed.
+    let ask = [op("create_cache_entries"), dump()];
+    let (a, b) = (batch(growing.path(), &ask), batch(once.path(), &ask));
+    assert!(
+        a[0]["entries"] == b[0]["entries"],
+        "the stitched entries differ"
+    );
+    assert_eq!(a[1], b[1]);
+    // The re-records are stored as extensions, and the log grows with the entry, not with
+    // the square of its codes (stored whole each time: about N/2 = 15 times the final entry).
+    let log = cli_lines(growing.path(), &["log"]);
+    assert_eq!(log[0]["event"], "DynamoEntryRecorded");
+    assert!(log[1..N]
+        .iter()
+        .all(|e| e["event"] == "DynamoEntryExtended" && e["new_codes"] == 1));
+    let (grown, whole) = (exported(growing.path()), exported(once.path()));
+    assert!(
+        grown < 3 * whole,
+        "re-recording a growing entry stored {grown} bytes; the final entry alone is {whole}"
+    );
+    // A changed code (torch recompiled it) is stored from there on, and the result is exact.
+    let mut changed = growing_entry(N);
+    changed["codes"][5] = code(5, 100);
+    let answers = batch(
+        growing.path(),
+        &[
+            record_entry("fwd", changed.clone()),
+            op("create_cache_entries"),
+        ],
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    let expected = batch(
+        fresh.path(),
+        &[record_entry("fwd", changed), op("create_cache_entries")],
+    );
+    assert!(
+        answers[1]["entries"] == expected[1]["entries"],
+        "the re-recorded entry differs from the same entry recorded fresh"
+    );
+    let log = cli_lines(growing.path(), &["log", "--event", "DynamoEntryExtended"]);
+    let last = log.last().unwrap();
+    assert_eq!(
+        (&last["kept_codes"], &last["new_codes"]),
+        (&json!(5), &json!(N - 5))
+    );
+}

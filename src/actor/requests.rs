@@ -52,13 +52,31 @@ impl Handler<RecordEntry> for ContextActor {
                         key: msg.key.clone(),
                         reason,
                     })?;
-                Ok((
-                    vec![Event::DynamoEntryRecorded {
+                // The codes already recorded under the key, in order, are not stored again.
+                let kept = match this.here().entries.get(&msg.key) {
+                    Some(old) => old
+                        .codes
+                        .iter()
+                        .zip(&msg.entry.codes)
+                        .take_while(|(a, b)| a == b)
+                        .count(),
+                    None => 0,
+                };
+                let event = if kept == 0 {
+                    Event::DynamoEntryRecorded {
                         key: msg.key,
                         entry: msg.entry,
-                    }],
-                    (),
-                ))
+                    }
+                } else {
+                    let mut entry = msg.entry;
+                    entry.codes.drain(..kept);
+                    Event::DynamoEntryExtended {
+                        key: msg.key,
+                        kept: u32::try_from(kept).unwrap_or(u32::MAX),
+                        entry,
+                    }
+                };
+                Ok((vec![event], ()))
             },
             same,
         )

@@ -77,6 +77,16 @@ pub enum Event {
     CacheEntryDeleted { namespace: String, key: String },
     /// `clear_dynamo_cache` emptied a namespace.
     DynamoCacheCleared { namespace: String },
+    /// `record_dynamo_cache_entry` of an entry whose first `kept` codes are those already
+    /// recorded under the key: only the codes after them are stored (in `entry.codes`, with
+    /// every other field of the new entry). PyTorch re-records a function's whole, growing
+    /// entry after every frame it compiles; storing each whole made the log grow with the
+    /// square of the number of graph breaks.
+    DynamoEntryExtended {
+        key: String,
+        kept: u32,
+        entry: DynamoCacheEntry,
+    },
 }
 
 /// A code a stitch bypassed, with the backend that was missing.
@@ -112,6 +122,7 @@ impl Event {
             Event::CacheEntryPut { .. } => "CacheEntryPut",
             Event::CacheEntryDeleted { .. } => "CacheEntryDeleted",
             Event::DynamoCacheCleared { .. } => "DynamoCacheCleared",
+            Event::DynamoEntryExtended { .. } => "DynamoEntryExtended",
         }
     }
 

@@ -189,6 +189,20 @@ impl State {
             Event::DynamoEntryRecorded { key, entry } => {
                 self.maps_mut(context).1.insert(key, entry);
             }
+            Event::DynamoEntryExtended {
+                key,
+                kept,
+                mut entry,
+            } => {
+                let entries = self.maps_mut(context).1;
+                if let Some(old) = entries.get_mut(&key) {
+                    let mut codes = std::mem::take(&mut old.codes);
+                    codes.truncate(kept as usize);
+                    codes.append(&mut entry.codes);
+                    entry.codes = codes;
+                }
+                entries.insert(key, entry);
+            }
             Event::ArtifactEdited {
                 key, digest, size, ..
             } => {

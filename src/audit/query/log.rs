@@ -25,7 +25,8 @@ pub fn event_keys(event: &Event) -> Vec<String> {
         Event::ArtifactRecorded { key, .. }
         | Event::ArtifactEdited { key, .. }
         | Event::ArtifactTaken { key }
-        | Event::DynamoEntryRecorded { key, .. } => add(key),
+        | Event::DynamoEntryRecorded { key, .. }
+        | Event::DynamoEntryExtended { key, .. } => add(key),
         Event::Cleared => {}
         Event::Stitched {
             produced,
@@ -95,6 +96,11 @@ fn event_fields(event: &Event, m: &mut Map<String, Value>) {
         }
         Event::DynamoEntryRecorded { entry, .. } => {
             m.insert("num_codes".into(), json!(entry.codes.len()));
+            m.insert("backend_ids".into(), json!(entry.backend_ids()));
+        }
+        Event::DynamoEntryExtended { kept, entry, .. } => {
+            m.insert("kept_codes".into(), json!(kept));
+            m.insert("new_codes".into(), json!(entry.codes.len()));
             m.insert("backend_ids".into(), json!(entry.backend_ids()));
         }
         Event::Stitched {
