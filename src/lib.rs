@@ -6,13 +6,13 @@
 //!
 //! | layer | what it owns | IO? |
 //! |---|---|---|
-//! | [`core`] | artifacts, dynamo entries, events, the folded state and its one `apply`, stitching | no |
+//! | [`core`] | artifacts, dynamo entries, events, the folded state and its one `apply`, stitching, scopes (contexts and namespaces) | no |
 //! | [`store`] | the record format and hash chain, packs, the `Journal` trait and the sled journal, sled's log checked before sled opens it, content files, replay, the directory lock and swap, damage reports | sled, files |
 //! | [`plugins`] | loading plugin libraries (every `unsafe` of the ABI), trying them in a child process first, the registry of kinds | dlopen |
 //! | [`audit`] | read-only questions of a log, verify, export and import, compaction, lost tails, salvage | via the store |
-//! | [`actor`] | the context actor: messages, answers once durable, the request loop, loads, the committer and plugin threads | threads |
+//! | [`actor`] | the context actor: messages, answers once durable, the request loop, requests in a named context or namespace, loads, the committer and plugin threads | threads |
 //! | [`context`], [`config`], [`trace`], [`alloc`] | the library API for orchestrators that embed pcx, configuration, logging, the allocator | files |
-//! | [`interface`] | the JSON protocol, batch, socket frames, the server and its client | stdin/out, sockets |
+//! | [`interface`] | the JSON protocol (requests on the wire, answers, the cache operations), batch, socket frames, the server and its client | stdin/out, sockets |
 //!
 //! The programs sit on top: `pcx` (`src/bin/pcx/`) and `pcx-bench` (`src/bin/pcx-bench/`).
 //!

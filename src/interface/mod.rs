@@ -14,3 +14,4 @@ pub mod protocol;
 pub mod server;
 pub mod shape;
 pub mod wire;
+pub mod wire_request;
