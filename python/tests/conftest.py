@@ -34,10 +34,13 @@ def _binary_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def torch_pickle_plugin() -> Path:
-    """The torch-pickle plugin library (`cargo build -p torch-pickle`; `cargo test
-    --workspace` builds it too), or $PCX_TORCH_PICKLE_LIB."""
+    """The torch-pickle plugin library: $PCX_TORCH_PICKLE_LIB, else this checkout's debug
+    build (built here with `cargo build -p torch-pickle` when missing)."""
     explicit = os.environ.get("PCX_TORCH_PICKLE_LIB")
     built = Path(explicit) if explicit else REPO / "target" / "debug" / "libtorch_pickle.so"
+    if not built.exists() and not explicit:
+        # `cargo test` builds the crate's tests, not its library: build it here.
+        subprocess.run(["cargo", "build", "--quiet", "-p", "torch-pickle"], cwd=REPO, check=False)
     if not built.exists():
         pytest.fail(f"no torch-pickle plugin: run `cargo build -p torch-pickle` ({built})")
     return built
