@@ -10,10 +10,10 @@ use actix::prelude::*;
 use crate::actor::error::ContextError;
 use crate::actor::plugin_thread::PluginStop;
 use crate::actor::{
-    sync_cache_view, ActorSettings, Answer, Clear, Close, ContextActor, CreateCacheEntries,
+    sync_cache_view, Ack, ActorSettings, Answer, Clear, Close, ContextActor, CreateCacheEntries,
     DumpDebugInfo, Edit, EditArtifact, GetArtifact, GetLoadCounters, GetStats, LoadCacheEntry,
-    LoadCounters, Loaded, RecordArtifact, RecordEntry, SaveToDynamoCache, StateDigest, Stats,
-    Stitched, Tagged, TakeArtifact,
+    LoadCounters, Loaded, RecordArtifact, RecordEntry, SaveToDynamoCache, Saved, StateDigest,
+    Stats, Stitched, Tagged, TakeArtifact,
 };
 use crate::config::Config;
 use crate::core::model::{Artifact, DebugInfo, Digest, DynamoCacheEntry, SystemInfo};
@@ -211,6 +211,14 @@ impl Context {
 
     /// `save_to_dynamo_cache`: stitches and saves every entry; returns `debug_info`.
     pub async fn save_to_dynamo_cache(&self) -> Answer<DebugInfo> {
+        self.save_to_dynamo_cache_keys().await.map(|ack| Ack {
+            seq: ack.seq,
+            value: ack.value.debug_info,
+        })
+    }
+
+    /// [`Context::save_to_dynamo_cache`], also giving the keys it wrote.
+    pub async fn save_to_dynamo_cache_keys(&self) -> Answer<Saved> {
         self.ask(SaveToDynamoCache {}).await
     }
 

@@ -78,6 +78,11 @@ fn what_one_context_saves_another_loads_and_learns_who_saved_it() {
     for i in [0, 1, 2, 3, 4, 7] {
         assert_ok(&answers[i]);
     }
+    assert_eq!(
+        answers[2]["saved"],
+        json!(["e1"]),
+        "save answers the keys it wrote"
+    );
     assert_eq!(answers[3]["saved_by"], "A");
     assert_eq!(
         unb64_text(&answers[3]["entry"]["backends"]["b1"]["content_b64"]),

@@ -127,7 +127,7 @@ message!(/// `dump_debug_info`.
 message!(/// `create_cache_entries` (stitch).
     CreateCacheEntries {} -> Stitched);
 message!(/// `save_to_dynamo_cache`.
-    SaveToDynamoCache {} -> DebugInfo);
+    SaveToDynamoCache {} -> Saved);
 message!(/// `load_cache_entry`, with the caller's system info to check against, if given.
     LoadCacheEntry { key: String, system_info: Option<SystemInfo> } -> Loaded);
 message!(/// An audit question about the log (log, history, state, diff, verify), answered once
@@ -142,6 +142,14 @@ message!(/// A digest of the whole state (order included), for comparing context
 message!(/// Waits until everything accepted is durable, then stops the actor and releases the data
     /// directory.
     Close {} -> ());
+
+/// What `save_to_dynamo_cache` did: PyTorch's debug info, and the keys it wrote to the
+/// dynamo cache, in order (entries that failed to stitch are not among them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Saved {
+    pub debug_info: DebugInfo,
+    pub saved: Vec<String>,
+}
 
 /// A context, as `list_contexts` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

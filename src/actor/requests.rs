@@ -8,7 +8,7 @@ use actix::prelude::*;
 use super::context_actor::{same, validate_kind, ContextActor};
 use super::messages::{
     Answer, Clear, Close, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact,
-    RecordArtifact, RecordEntry, SaveToDynamoCache, Stitched, TakeArtifact,
+    RecordArtifact, RecordEntry, SaveToDynamoCache, Saved, Stitched, TakeArtifact,
 };
 use super::reply::{Durable, Tagged};
 use crate::actor::error::ContextError;
@@ -205,7 +205,7 @@ impl Handler<CreateCacheEntries> for ContextActor {
 }
 
 impl Handler<SaveToDynamoCache> for ContextActor {
-    type Result = Durable<DebugInfo>;
+    type Result = Durable<Saved>;
 
     fn handle(&mut self, _: SaveToDynamoCache, _: &mut Self::Context) -> Self::Result {
         let first_key = self
@@ -225,13 +225,15 @@ impl Handler<SaveToDynamoCache> for ContextActor {
                         .map(|_| r.clone())
                         .map_err(|e| e.to_string())
                 });
+                let saved = out.entries.keys().cloned().collect();
                 let events = vec![
                     out.event(),
                     Event::SavedToDynamoCache {
                         entries: out.entries.clone(),
                     },
                 ];
-                Ok((events, out.debug_info))
+                let debug_info = out.debug_info;
+                Ok((events, Saved { debug_info, saved }))
             },
             // A failed write names an entry, in PyTorch's words.
             move |e| match e {

@@ -410,7 +410,9 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
             })
         }
         Request::SaveToDynamoCache => {
-            send_in!(SaveToDynamoCache {}, |d| json!({ "debug_info": d }))
+            send_in!(SaveToDynamoCache {}, |s: crate::actor::Saved| {
+                json!({ "debug_info": s.debug_info, "saved": s.saved })
+            })
         }
         Request::LoadCacheEntry { key, system_info } => {
             send_in!(
