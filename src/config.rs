@@ -40,6 +40,7 @@ pub struct Config {
     pub plugin_dir: PathBuf,
     pub max_plugin_output_bytes: u64,
     pub plugin_call_timeout_ms: u64,
+    pub system_check: crate::actor::SystemCheck,
     pub log_format: LogFormat,
     pub log_filter: String,
 }

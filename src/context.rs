@@ -279,6 +279,7 @@ pub fn settings(config: &Config) -> ActorSettings {
     ActorSettings {
         snapshot_every: config.snapshot_every,
         max_content_bytes: config.max_content_bytes,
+        system_check: config.system_check,
         origin: config.origin(),
         kinds: match config.plugin_dir() {
             Some(dir) => Kinds::load_with(

@@ -295,3 +295,38 @@ fn an_entry_re_recorded_as_it_grows_stores_only_its_new_codes() {
         (&json!(5), &json!(N - 5))
     );
 }
+
+#[test]
+fn in_report_mode_a_system_mismatch_is_answered_and_the_load_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = sys(None, None, None);
+    let mut other = made.clone();
+    other["torch_version"] = json!("2.9.0");
+    let mut entry = entry_with_codes(&[&["b1"]]);
+    entry["system_info"] = made;
+    let lines_in = lines(&[
+        record("b1", "aaa"),
+        record_entry("e1", entry),
+        save(),
+        json!({"op":"load_cache_entry","key":"e1","system_info":other}),
+    ]);
+    let run = batch_raw(dir.path(), &lines_in, &[("PCX_SYSTEM_CHECK", "report")]);
+    let answers: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_ok(&answers[3]);
+    assert_eq!(
+        answers[3]["system_mismatch"],
+        "Compile package was created with a different PyTorch version: 2.10.0"
+    );
+    // The default refuses, as before; an unknown mode is a configuration error (exit 2).
+    let refused = load_as("cpu", sys(None, None, None), other.clone());
+    assert_failed(&refused, "system_mismatch");
+    let mut cmd = common::pcx(dir.path(), &["batch"]);
+    cmd.env("PCX_SYSTEM_CHECK", "maybe");
+    let bad = common::run(cmd, b"");
+    assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
+    assert!(bad.stderr.contains("system_check"), "{}", bad.stderr);
+}

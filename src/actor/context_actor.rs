@@ -48,6 +48,8 @@ pub(super) struct QueuedLoad {
     pub(super) scope: Scope,
     pub(super) key: String,
     pub(super) saved: SavedEntry,
+    /// The system check's complaint, in `system_check = "report"` mode.
+    pub(super) mismatch: Option<String>,
     /// The backends and their ready-to-use forms, once deserialized.
     pub(super) done: Option<Done>,
     pub(super) reply: LoadReply,

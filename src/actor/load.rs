@@ -6,7 +6,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::context_actor::{same, ContextActor, LoadReply, LoadsReady, QueuedLoad};
-use super::messages::{Answer, LoadCacheEntry, Loaded};
+use super::messages::{Answer, LoadCacheEntry, Loaded, SystemCheck};
 use super::reply::Tagged;
 use crate::actor::error::ContextError;
 use crate::actor::plugin_thread::{deserialize_all, Backend, Done, Job};
@@ -82,7 +82,7 @@ impl ContextActor {
         self.collect_loads(false);
         let LoadCacheEntry { key, system_info } = msg;
         let found = self.decide(|this| this.find_load(&key, system_info.as_ref()));
-        let (saved, backends) = match found {
+        let (saved, backends, mismatch) = match found {
             Ok(found) => found,
             Err(e) => return reply(self.finish(Err(e), same)),
         };
@@ -92,7 +92,7 @@ impl ContextActor {
         if no_plugins || (self.loads.is_empty() && !needs_plugin) {
             let durable = self.decide(|this| {
                 let result = deserialize_all(&this.settings.kinds, &backends);
-                this.conclude_load(key, saved, backends, result)
+                this.conclude_load(key, saved, backends, mismatch, result)
             });
             return reply(self.finish(durable, same));
         }
@@ -122,6 +122,7 @@ impl ContextActor {
             scope: self.scope.clone(),
             key,
             saved,
+            mismatch,
             done,
             reply,
         });
@@ -133,22 +134,30 @@ impl ContextActor {
         &mut self,
         key: &str,
         system_info: Option<&SystemInfo>,
-    ) -> Result<(SavedEntry, Vec<Backend>), ContextError> {
+    ) -> Result<(SavedEntry, Vec<Backend>, Option<String>), ContextError> {
         let Some(saved) = self.state.cache(&self.scope.namespace).get(key).cloned() else {
             self.counters.miss += 1;
             tracing::info!(key = %key, counter = "dynamo_cache_miss", "no package found");
             return Err(ContextError::PackageNotFound { key: key.into() });
         };
+        let mut mismatch = None;
         let backends = (|| {
             if let Some(current) = system_info {
-                saved
+                let checked = saved
                     .dynamo
                     .system_info
-                    .check_compatibility(current, &saved.dynamo.device_type)
-                    .map_err(|message| ContextError::SystemMismatch {
-                        key: key.into(),
-                        message,
-                    })?;
+                    .check_compatibility(current, &saved.dynamo.device_type);
+                match (checked, self.settings.system_check) {
+                    (Ok(()), _) => {}
+                    // torch's way: the load goes on, and the caller is told.
+                    (Err(message), SystemCheck::Report) => mismatch = Some(message),
+                    (Err(message), SystemCheck::Refuse) => {
+                        return Err(ContextError::SystemMismatch {
+                            key: key.into(),
+                            message,
+                        })
+                    }
+                }
             }
             saved
                 .backends
@@ -163,7 +172,7 @@ impl ContextActor {
                 .collect::<Result<Vec<_>, ContextError>>()
         })();
         match backends {
-            Ok(b) => Ok((saved, b)),
+            Ok(b) => Ok((saved, b, mismatch)),
             Err(e) => Err(self.load_failed(key, e)),
         }
     }
@@ -180,6 +189,7 @@ impl ContextActor {
         key: String,
         saved: SavedEntry,
         backends: Vec<Backend>,
+        system_mismatch: Option<String>,
         result: Result<Vec<Deserialized>, ContextError>,
     ) -> Result<(Vec<Event>, Loaded), ContextError> {
         let deserialized = match result {
@@ -190,6 +200,7 @@ impl ContextActor {
         let saved_by = self.state.saver(&self.scope.namespace, &key).to_string();
         let value = Loaded {
             saved_by,
+            system_mismatch,
             deserialized: ids.zip(deserialized).collect(),
             entry: PrecompileCacheEntry {
                 dynamo: saved.dynamo,
@@ -324,6 +335,7 @@ impl ContextActor {
             key,
             scope,
             saved,
+            mismatch,
             done,
             reply,
             ..
@@ -338,7 +350,8 @@ impl ContextActor {
                 (Vec::new(), Err(ContextError::Panicked { message }))
             }
         };
-        let decided = self.decide(|this| this.conclude_load(key, saved, backends, result));
+        let decided =
+            self.decide(|this| this.conclude_load(key, saved, backends, mismatch, result));
         reply(self.finish(decided, same));
         self.scope = outer;
     }

@@ -38,6 +38,9 @@ pub struct Loaded {
     pub deserialized: IndexMap<String, Deserialized>,
     /// The context that saved the entry (`default` for entries saved before contexts).
     pub saved_by: String,
+    /// With `system_check = "report"`: why the entry's system differs from the caller's
+    /// (the load went on, as torch's does; the caller decides).
+    pub system_mismatch: Option<String>,
 }
 
 /// Process-wide counts, as PyTorch's `counters["dynamo_cache"]`.
@@ -83,8 +86,20 @@ pub enum Edit {
 pub struct ActorSettings {
     pub snapshot_every: u64,
     pub max_content_bytes: u64,
+    pub system_check: SystemCheck,
     pub origin: String,
     pub kinds: Kinds,
+}
+
+/// What a load does when the saved entry's system differs from the caller's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SystemCheck {
+    /// pcx's stricter way: the load fails `system_mismatch`, and nothing is recorded.
+    #[default]
+    Refuse,
+    /// torch's way: the load goes on and answers `system_mismatch` with the reason.
+    Report,
 }
 
 /// `msg`, decided in a context and namespace other than the default ones (the protocol's

@@ -428,7 +428,14 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
                         )
                     })
                     .collect();
-                    json!({ "entry": stitched_json(&l.entry), "deserialized": deserialized, "saved_by": l.saved_by })
+                    {
+                        let mut answer = json!({ "entry": stitched_json(&l.entry), "deserialized": deserialized, "saved_by": l.saved_by });
+                        // Only in `system_check = "report"` mode, when the systems differ.
+                        if let Some(m) = l.system_mismatch {
+                            answer["system_mismatch"] = json!(m);
+                        }
+                        answer
+                    }
                 }
             )
         }
