@@ -596,34 +596,62 @@ fn a_directory_a_symlink_out_of_the_directory_and_other_extensions_are_not_loade
 fn misbehaving_load(kind: &str, env: &[(&str, &str)], extra: &[Value]) -> (Value, Vec<Value>) {
     let s = Setup::new();
     s.install(misbehaving(), "libmisbehaving.so");
+    // Recorded while the plugin behaves (pcx checks content at record), loaded while not.
+    let mut cmd = s.pcx_plugins(&["batch"]);
+    cmd.envs(env.iter().copied()).env("FIXTURE_BEHAVE", "1");
+    let (answers, _) = batch_with(
+        cmd,
+        &[
+            record_kind("bad", kind, b"twelve bytes"),
+            record_kind("fine", "fixture_echo", b"echo me"),
+            record_kind("e", "eager", b"plain"),
+            record_forward("bad_entry", &["bad"]),
+            record_forward("fine_entry", &["fine", "e"]),
+            save(),
+        ],
+    );
+    for a in &answers {
+        assert_ok(a);
+    }
     let mut cmd = s.pcx_plugins(&["batch"]);
     cmd.envs(env.iter().copied());
-    let mut requests = vec![
-        record_kind("bad", kind, b"twelve bytes"),
-        record_kind("fine", "fixture_echo", b"echo me"),
-        record_kind("e", "eager", b"plain"),
-        record_forward("bad_entry", &["bad"]),
-        record_forward("fine_entry", &["fine", "e"]),
-        save(),
-        load("bad_entry"),
-        load("fine_entry"),
-        dump(),
-    ];
+    let mut requests = vec![load("bad_entry"), load("fine_entry"), dump()];
     requests.extend_from_slice(extra);
     let (mut answers, _) = batch_with(cmd, &requests);
-    for (i, a) in answers[..9].iter().enumerate() {
-        if i != 6 {
-            assert_ok(a);
-        }
-    }
+    assert_ok(&answers[1]);
+    assert_ok(&answers[2]);
     // The next request is served, by the same plugin.
-    let fine = &answers[7]["deserialized"];
+    let fine = &answers[1]["deserialized"];
     assert_eq!(fine["fine"]["plugin"], "misbehaving", "{fine}");
     assert_eq!(unb64(&fine["fine"]["content_b64"]), b"echo me");
     assert_eq!(fine["fine"]["description"], json!({"size": 7}));
     assert_eq!(unb64(&fine["e"]["content_b64"]), b"plain");
-    let extra_answers = answers.split_off(9);
-    (answers.swap_remove(6), extra_answers)
+    let extra_answers = answers.split_off(3);
+    (answers.swap_remove(0), extra_answers)
+}
+
+#[test]
+fn content_a_plugin_refuses_is_refused_at_record_and_nothing_is_written() {
+    let s = Setup::new();
+    s.install(misbehaving(), "libmisbehaving.so");
+    let (answers, _) = batch_with(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record_kind("bad", "fixture_error", b"twelve bytes"),
+            record_kind("boom", "fixture_panic", b"twelve bytes"),
+            record_kind("nobody", "no_such_kind", b"x"),
+            dump(),
+        ],
+    );
+    let message = assert_failed(&answers[0], "plugin_failed");
+    assert_contains(&message, &["fixture error: refusing 12 input bytes"]);
+    let message = assert_failed(&answers[1], "plugin_failed");
+    assert_contains(&message, &["fixture panic on 12 input bytes"]);
+    assert_failed(&answers[2], "no_plugin");
+    let dumped = answers[3].to_string();
+    for key in ["\"bad\"", "\"boom\"", "\"nobody\""] {
+        assert!(!dumped.contains(key), "{key} was written: {dumped}");
+    }
 }
 
 #[test]
@@ -726,25 +754,25 @@ fn a_missing_plugin_directory_is_reported_and_eager_still_works() {
         cmd,
         &[
             record_kind("e1", "eager", b"eager"),
+            // Refused at record: no plugin serves the kind.
             record_kind("c1", "c_upper", b"needs a plugin"),
             record_forward("eager_only", &["e1"]),
-            record_forward("needs_plugin", &["c1"]),
             save(),
             load("eager_only"),
-            load("needs_plugin"),
             dump(),
         ],
     );
     for (i, a) in answers.iter().enumerate() {
-        if i != 6 {
+        if i != 1 {
             assert_ok(a);
         }
     }
     assert_eq!(
-        unb64(&answers[5]["deserialized"]["e1"]["content_b64"]),
+        unb64(&answers[4]["deserialized"]["e1"]["content_b64"]),
         b"eager"
     );
-    let message = assert_failed(&answers[6], "no_plugin");
+    assert!(!answers[5].to_string().contains("\"c1\""), "{}", answers[5]);
+    let message = assert_failed(&answers[1], "no_plugin");
     assert_contains(&message, &["`c_upper`", &missing_text]);
     assert_contains(&stderr, &[&missing_text, "does not exist"]);
 }
@@ -998,20 +1026,21 @@ fn aot_bundle_record_edit_stitch_save_restart_load_and_without_plugins() {
             record_forward("fwd", &["aot1", "e1"]),
             stitch(),
             save(),
-            // A map of five entries that ends after its header.
+            // A map of five entries that ends after its header: refused at record.
             record_kind("junk", "example.aot_bundle", b"\x85"),
             plugin_edit("junk", "clear_backend_id", b""),
             plugin_edit("aot1", "recompile", b""),
         ],
     );
-    for a in &answers[..7] {
+    for a in &answers[..6] {
         assert_ok(a);
     }
     let stitched = &answers[4]["entries"]["fwd"]["backends"]["aot1"];
     assert_eq!(stitched["kind"], "example.aot_bundle", "{}", answers[4]);
     assert_eq!(decode_bundle(&unb64(&stitched["content_b64"])), edited);
-    let message = assert_failed(&answers[7], "plugin_failed");
+    let message = assert_failed(&answers[6], "plugin_failed");
     assert_contains(&message, &["aot-bundle", "not valid MessagePack"]);
+    assert_failed(&answers[7], "key_not_found");
     let message = assert_failed(&answers[8], "no_such_edit");
     assert_contains(&message, &["recompile", "clear_backend_id"]);
 
@@ -1237,8 +1266,8 @@ async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests()
         aot("a1", &doc),
         aot("a2", &large),
         aot("b1", &doc),
-        // Not a document: its load fails in the plugin.
-        aot("bad", b"\x85"),
+        // A document now, not one once edited below: its load fails in the plugin.
+        aot("bad", &doc),
         Artifact {
             key: "e1".into(),
             kind: "eager".into(),
@@ -1262,6 +1291,10 @@ async fn loads_through_the_plugin_thread_keep_their_place_among_other_requests()
             .await
             .expect("recorded");
     }
+    // An edit by a Rust function is not checked by the plugin (a record is).
+    ctx.edit_artifact("bad", "break it", |_| b"\x85".to_vec())
+        .await
+        .expect("edited");
     ctx.save_to_dynamo_cache().await.expect("saved");
     ctx.clear().await.expect("cleared");
 
@@ -1415,8 +1448,11 @@ fn a_plugin_call_that_never_returns_fails_with_plugin_failed_and_quarantines_the
     let s = Setup::new();
     s.c("c_upper");
     s.c("c_hang");
-    let (answers, Run { stderr, .. }) = batch_with(
-        batch_with_deadline(&s, "1000"),
+    // Recorded while the plugin behaves (pcx checks content at record).
+    let mut behaving = batch_with_deadline(&s, "1000");
+    behaving.env("FIXTURE_BEHAVE", "1");
+    let (answers, _) = batch_with(
+        behaving,
         &[
             record_kind("stuck", "c_hang", b"hang forever"),
             record_kind("fine", "c_hang", b"fine"),
@@ -1425,6 +1461,14 @@ fn a_plugin_call_that_never_returns_fails_with_plugin_failed_and_quarantines_the
             record_forward("fine_entry", &["fine"]),
             record_forward("upper_entry", &["u"]),
             save(),
+        ],
+    );
+    for a in &answers {
+        assert_ok(a);
+    }
+    let (mut answers, Run { stderr, .. }) = batch_with(
+        batch_with_deadline(&s, "1000"),
+        &[
             // Its call never returns.
             load("stuck_entry"),
             // The plugin would serve this one, but it is quarantined now.
@@ -1436,9 +1480,8 @@ fn a_plugin_call_that_never_returns_fails_with_plugin_failed_and_quarantines_the
             json!({"op": "stats"}),
         ],
     );
-    for a in &answers[..7] {
-        assert_ok(a);
-    }
+    // Indexed as when everything was one batch.
+    answers.splice(0..0, std::iter::repeat_n(Value::Null, 7));
     let message = assert_failed(&answers[7], "plugin_failed");
     assert_contains(
         &message,
@@ -1481,16 +1524,20 @@ fn a_plugin_call_that_never_returns_fails_with_plugin_failed_and_quarantines_the
 fn a_plugin_edit_that_never_returns_fails_with_plugin_failed_and_changes_nothing() {
     let s = Setup::new();
     s.c("c_hang");
-    let (answers, _) = batch_with(
+    // Recorded while the plugin behaves (pcx checks content at record).
+    let mut behaving = batch_with_deadline(&s, "1000");
+    behaving.env("FIXTURE_BEHAVE", "1");
+    let (recorded, _) = batch_with(behaving, &[record_kind("stuck", "c_hang", b"hang on edit")]);
+    let (mut answers, _) = batch_with(
         batch_with_deadline(&s, "1000"),
         &[
-            record_kind("stuck", "c_hang", b"hang on edit"),
             plugin_edit("stuck", "append", b" and more"),
             serialize("stuck"),
             record_kind("after", "eager", b"served after"),
             plugin_edit("stuck", "append", b"!"),
         ],
     );
+    answers.insert(0, recorded[0].clone());
     assert_ok(&answers[0]);
     let message = assert_failed(&answers[1], "plugin_failed");
     assert_contains(&message, &["c-hang", "`c_hang`", "1000 ms", "quarantined"]);
@@ -1523,6 +1570,20 @@ fn sigterm_stops_the_server_while_a_plugin_call_hangs() {
 
     let s = Setup::new();
     s.c("c_hang");
+    // Recorded while the plugin behaves (pcx checks content at record).
+    let mut behaving = s.pcx_plugins(&["batch"]);
+    behaving.env("FIXTURE_BEHAVE", "1");
+    let (recorded, _) = batch_with(
+        behaving,
+        &[
+            record_kind("stuck", "c_hang", b"hang forever"),
+            record_forward("stuck_entry", &["stuck"]),
+            save(),
+        ],
+    );
+    for a in &recorded {
+        assert_ok(a);
+    }
     let socket = s.tmp.path().join("s.sock");
     let log = s.tmp.path().join("serve.log");
     let socket_arg = socket.to_str().unwrap();
@@ -1569,17 +1630,6 @@ fn sigterm_stops_the_server_while_a_plugin_call_hangs() {
         input.write_all(lines(requests).as_bytes()).unwrap();
         input.flush().unwrap();
     };
-    send(&[
-        record_kind("stuck", "c_hang", b"hang forever"),
-        record_forward("stuck_entry", &["stuck"]),
-        save(),
-    ]);
-    for _ in 0..3 {
-        let answer = answers
-            .recv_timeout(TIMEOUT)
-            .unwrap_or_else(|_| panic!("no answer; server log: {}", server_log()));
-        assert_ok(&answer);
-    }
     send(&[
         // Its call never returns...
         load("stuck_entry"),

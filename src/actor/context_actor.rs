@@ -155,7 +155,7 @@ impl ContextActor {
             Some(d) => d.edit(EditJob {
                 key: key.to_string(),
                 kind: kind.to_string(),
-                op,
+                op: Some(op),
                 args,
                 content,
             }),

@@ -57,11 +57,13 @@ pub struct Done {
     pub result: Result<Vec<Deserialized>, ContextError>,
 }
 
-/// A plugin edit: the named edit `op` of the plugin serving `kind`, on `content`.
+/// A plugin edit: the named edit `op` of the plugin serving `kind`, on `content`; with no
+/// `op`, a check: the plugin's `after_deserialization` must accept `content` (a record's
+/// check, answered with no bytes).
 pub struct EditJob {
     pub key: String,
     pub kind: String,
-    pub op: String,
+    pub op: Option<String>,
     pub args: Vec<u8>,
     pub content: Vec<u8>,
 }
@@ -349,10 +351,15 @@ impl Crew {
                     loads_done = true;
                 }
                 Work::Edit(e, reply) => {
-                    let edit = || {
-                        Ok(self
-                            .kinds
-                            .edit(&e.key, &e.kind, &e.op, &e.args, &e.content)?)
+                    let edit = || match &e.op {
+                        Some(op) => {
+                            Ok(self.kinds.edit(&e.key, &e.kind, op, &e.args, &e.content)?)
+                        }
+                        None => {
+                            self.kinds
+                                .after_deserialization(&e.key, &e.kind, &e.content)?;
+                            Ok(Vec::new())
+                        }
                     };
                     let result = match self.kinds.plugin_for(&e.kind) {
                         None => edit(),

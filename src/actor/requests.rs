@@ -12,6 +12,7 @@ use super::messages::{
 };
 use super::reply::{Durable, Tagged};
 use crate::actor::error::ContextError;
+use crate::actor::plugin_thread::EditJob;
 use crate::core::event::Event;
 use crate::core::model::{Artifact, DebugInfo};
 
@@ -23,6 +24,7 @@ impl Handler<RecordArtifact> for ContextActor {
             move |this| {
                 let a = msg.artifact;
                 validate_kind(&a.kind)?;
+                this.plugin_check(&a.key, &a.kind, &a.content)?;
                 let r = this.store_content(&a.key, &a.kind, a.content)?;
                 Ok((
                     vec![Event::ArtifactRecorded {
@@ -294,3 +296,38 @@ macro_rules! pipelined {
 }
 
 pipelined!(RecordArtifact => (), RecordEntry => (), EditArtifact => ());
+
+impl ContextActor {
+    /// Checks content recorded under a plugin kind: the plugin's `after_deserialization`
+    /// must accept it (on the plugin thread, within its deadline), so content no load could
+    /// use is refused at record, before anything is written. `eager` is not checked.
+    pub(super) fn plugin_check(
+        &self,
+        key: &str,
+        kind: &str,
+        content: &[u8],
+    ) -> Result<(), ContextError> {
+        if kind == crate::core::model::EAGER_KIND {
+            return Ok(());
+        }
+        match &self.deserializer {
+            Some(d) => d
+                .edit(EditJob {
+                    key: key.to_string(),
+                    kind: kind.to_string(),
+                    op: None,
+                    args: Vec::new(),
+                    content: content.to_vec(),
+                })
+                .map(drop),
+            // No plugin loaded: the registry says no plugin serves the kind, calling nothing.
+            None if self.settings.kinds.plugins().is_empty() => self
+                .settings
+                .kinds
+                .after_deserialization(key, kind, content)
+                .map(drop)
+                .map_err(ContextError::from),
+            None => Err(self.no_thread()),
+        }
+    }
+}
