@@ -206,7 +206,7 @@ impl Context {
 
     /// `create_cache_entries`: stitches every entry (logged as an event).
     pub async fn create_cache_entries(&self) -> Answer<Stitched> {
-        self.ask(CreateCacheEntries {}).await
+        self.ask(CreateCacheEntries { trace: false }).await
     }
 
     /// `save_to_dynamo_cache`: stitches and saves every entry; returns `debug_info`.
@@ -219,7 +219,7 @@ impl Context {
 
     /// [`Context::save_to_dynamo_cache`], also giving the keys it wrote.
     pub async fn save_to_dynamo_cache_keys(&self) -> Answer<Saved> {
-        self.ask(SaveToDynamoCache {}).await
+        self.ask(SaveToDynamoCache { trace: false }).await
     }
 
     /// `load_cache_entry`: reads a saved entry, records its backends again and deserializes

@@ -330,3 +330,39 @@ fn in_report_mode_a_system_mismatch_is_answered_and_the_load_goes_on() {
     assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
     assert!(bad.stderr.contains("system_check"), "{}", bad.stderr);
 }
+
+#[test]
+fn stitch_and_save_answer_their_structured_trace_events_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let answers = batch(
+        dir.path(),
+        &[
+            record("b1", "aaa"),
+            record_entry("e1", entry_with_codes(&[&["b1"], &["b3"]])),
+            json!({"op":"create_cache_entries","trace":true}),
+            json!({"op":"save_to_dynamo_cache","trace":true}),
+            op("create_cache_entries"),
+        ],
+    );
+    for a in &answers[2..] {
+        assert_ok(a);
+    }
+    // PyTorch's events, in its order: the entries first, then the bypass of the code whose
+    // backend b3 is missing (a client re-emits them through torch's trace_structured).
+    for a in &answers[2..4] {
+        let names: Vec<&str> = a["trace"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["dynamo_cache_entries", "dynamo_cache_bypass"],
+            "{a}"
+        );
+        assert_eq!(a["trace"][0]["payload"]["num_entries"], 1);
+        assert_eq!(a["trace"][1]["payload"]["missing_backend"], "b3");
+    }
+    assert!(answers[4].get("trace").is_none(), "only when asked");
+}

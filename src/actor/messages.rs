@@ -29,6 +29,8 @@ pub type StitchedEntry = PrecompileCacheEntry<Artifact>;
 pub struct Stitched {
     pub entries: IndexMap<String, StitchedEntry>,
     pub debug_info: DebugInfo,
+    /// PyTorch's structured trace events of the stitch, when asked for.
+    pub trace: Vec<crate::core::stitch::Structured>,
 }
 
 /// `load_cache_entry`'s value: the entry, and each backend's ready-to-use form.
@@ -140,9 +142,12 @@ message!(/// `clear`.
 message!(/// `dump_debug_info`.
     DumpDebugInfo {} -> DebugInfo);
 message!(/// `create_cache_entries` (stitch).
-    CreateCacheEntries {} -> Stitched);
+    /// With `trace`, the structured trace events come back in the answer too (for a client
+    /// that re-emits them through PyTorch's `trace_structured`).
+    CreateCacheEntries { trace: bool } -> Stitched);
 message!(/// `save_to_dynamo_cache`.
-    SaveToDynamoCache {} -> Saved);
+    /// With `trace`, the stitch's structured trace events come back in the answer.
+    SaveToDynamoCache { trace: bool } -> Saved);
 message!(/// `load_cache_entry`, with the caller's system info to check against, if given.
     LoadCacheEntry { key: String, system_info: Option<SystemInfo> } -> Loaded);
 message!(/// An audit question about the log (log, history, state, diff, verify), answered once
@@ -164,6 +169,8 @@ message!(/// Waits until everything accepted is durable, then stops the actor an
 pub struct Saved {
     pub debug_info: DebugInfo,
     pub saved: Vec<String>,
+    /// PyTorch's structured trace events of the stitch, when asked for.
+    pub trace: Vec<crate::core::stitch::Structured>,
 }
 
 /// A context, as `list_contexts` shows it.

@@ -178,11 +178,11 @@ impl Handler<DumpDebugInfo> for ContextActor {
 impl Handler<CreateCacheEntries> for ContextActor {
     type Result = Durable<Stitched>;
 
-    fn handle(&mut self, _: CreateCacheEntries, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: CreateCacheEntries, _: &mut Self::Context) -> Self::Result {
         self.run(
-            |this| {
+            move |this| {
                 this.stats.stitches += 1;
-                let out = this.stitch(|contents, id, r| {
+                let out = this.stitch(msg.trace, |contents, id, r| {
                     contents
                         .read(id, r)
                         .map(|content| Artifact {
@@ -193,11 +193,13 @@ impl Handler<CreateCacheEntries> for ContextActor {
                         .map_err(|e| e.to_string())
                 });
                 let event = out.event();
+                let trace = if msg.trace { out.trace } else { Vec::new() };
                 Ok((
                     vec![event],
                     Stitched {
                         entries: out.entries,
                         debug_info: out.debug_info,
+                        trace,
                     },
                 ))
             },
@@ -209,7 +211,7 @@ impl Handler<CreateCacheEntries> for ContextActor {
 impl Handler<SaveToDynamoCache> for ContextActor {
     type Result = Durable<Saved>;
 
-    fn handle(&mut self, _: SaveToDynamoCache, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: SaveToDynamoCache, _: &mut Self::Context) -> Self::Result {
         let first_key = self
             .here()
             .entries
@@ -218,10 +220,10 @@ impl Handler<SaveToDynamoCache> for ContextActor {
             .cloned()
             .unwrap_or_default();
         self.run(
-            |this| {
+            move |this| {
                 // The saved entry refers to content by digest; check that each blob is there.
                 this.stats.stitches += 1;
-                let out = this.stitch(|contents, id, r| {
+                let out = this.stitch(msg.trace, |contents, id, r| {
                     contents
                         .read(id, r)
                         .map(|_| r.clone())
@@ -235,7 +237,15 @@ impl Handler<SaveToDynamoCache> for ContextActor {
                     },
                 ];
                 let debug_info = out.debug_info;
-                Ok((events, Saved { debug_info, saved }))
+                let trace = if msg.trace { out.trace } else { Vec::new() };
+                Ok((
+                    events,
+                    Saved {
+                        debug_info,
+                        saved,
+                        trace,
+                    },
+                ))
             },
             // A failed write names an entry, in PyTorch's words.
             move |e| match e {

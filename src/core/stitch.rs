@@ -13,7 +13,7 @@ use crate::core::model::{
 use crate::core::state::ContextRef;
 
 /// A structured trace event in PyTorch's shape (`trace_structured("artifact", name, json)`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Structured {
     pub name: &'static str,
     pub payload: serde_json::Value,

@@ -55,8 +55,15 @@ pub enum Request {
     },
     Clear,
     DumpDebugInfo,
-    CreateCacheEntries,
-    SaveToDynamoCache,
+    /// `"trace": true` asks for the stitch's structured trace events in the answer.
+    CreateCacheEntries {
+        #[serde(default)]
+        trace: bool,
+    },
+    SaveToDynamoCache {
+        #[serde(default)]
+        trace: bool,
+    },
     LoadCacheEntry {
         key: String,
         #[serde(default)]
@@ -399,20 +406,34 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
         }),
         Request::Clear => send_in!(Clear {}, |_: ()| json!({})),
         Request::DumpDebugInfo => send_in!(DumpDebugInfo {}, |d| json!({ "debug_info": d })),
-        Request::CreateCacheEntries => {
-            send_in!(CreateCacheEntries {}, |s: crate::actor::Stitched| {
-                let entries: Map<String, Value> = s
-                    .entries
-                    .iter()
-                    .map(|(k, e)| (k.clone(), stitched_json(e)))
-                    .collect();
-                json!({ "debug_info": s.debug_info, "entries": entries })
-            })
+        Request::CreateCacheEntries { trace } => {
+            send_in!(
+                CreateCacheEntries { trace },
+                move |s: crate::actor::Stitched| {
+                    let entries: Map<String, Value> = s
+                        .entries
+                        .iter()
+                        .map(|(k, e)| (k.clone(), stitched_json(e)))
+                        .collect();
+                    let mut answer = json!({ "debug_info": s.debug_info, "entries": entries });
+                    if trace {
+                        answer["trace"] = trace_json(&s.trace);
+                    }
+                    answer
+                }
+            )
         }
-        Request::SaveToDynamoCache => {
-            send_in!(SaveToDynamoCache {}, |s: crate::actor::Saved| {
-                json!({ "debug_info": s.debug_info, "saved": s.saved })
-            })
+        Request::SaveToDynamoCache { trace } => {
+            send_in!(
+                SaveToDynamoCache { trace },
+                move |s: crate::actor::Saved| {
+                    let mut answer = json!({ "debug_info": s.debug_info, "saved": s.saved });
+                    if trace {
+                        answer["trace"] = trace_json(&s.trace);
+                    }
+                    answer
+                }
+            )
         }
         Request::LoadCacheEntry { key, system_info } => {
             send_in!(
@@ -440,6 +461,17 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
             )
         }
     }
+}
+
+/// Structured trace events as an answer carries them: `[{"name","payload"}]`, for a client to
+/// re-emit through PyTorch's `trace_structured`.
+fn trace_json(events: &[crate::core::stitch::Structured]) -> Value {
+    Value::Array(
+        events
+            .iter()
+            .map(|t| json!({ "name": t.name, "payload": t.payload }))
+            .collect(),
+    )
 }
 
 /// The answer to a request refused before it reached the context.

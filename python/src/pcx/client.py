@@ -251,11 +251,15 @@ class Client:
         info: Dict[str, Any] = self.request("dump_debug_info")["debug_info"]
         return info
 
-    def create_cache_entries(self) -> Answer:
-        return self.request("create_cache_entries")
+    def create_cache_entries(self, trace: bool = False) -> Answer:
+        """Stitches; with ``trace``, the answer carries PyTorch's structured trace events
+        (``"trace": [{"name", "payload"}]``) for the caller to re-emit."""
+        return self.request("create_cache_entries", trace=trace or None)
 
-    def save_to_dynamo_cache(self) -> Answer:
-        return self.request("save_to_dynamo_cache")
+    def save_to_dynamo_cache(self, trace: bool = False) -> Answer:
+        """Stitches and saves; answers ``debug_info``, the keys ``saved`` and, with
+        ``trace``, the stitch's structured trace events."""
+        return self.request("save_to_dynamo_cache", trace=trace or None)
 
     def load_cache_entry(
         self, key: str, system_info: Optional[Mapping[str, Any]] = None

@@ -184,7 +184,7 @@ pub(crate) fn w1_with(
         let t3 = Instant::now();
         let stitched = ctx
             .addr()
-            .send(CreateCacheEntries {})
+            .send(CreateCacheEntries { trace: false })
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map_err(|e| anyhow::anyhow!("{e}"))?;

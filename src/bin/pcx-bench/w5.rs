@@ -63,7 +63,7 @@ pub(crate) fn w5_loads(quick: bool, dir: &Path, plugins: Option<&Path>) -> Resul
     actix::System::new().block_on(async move {
         let ctx = Context::open(&config)?;
         ctx.addr()
-            .send(SaveToDynamoCache {})
+            .send(SaveToDynamoCache { trace: false })
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map_err(|e| anyhow::anyhow!("{e}"))?;

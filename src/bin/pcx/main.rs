@@ -172,8 +172,8 @@ fn request_of(command: Command) -> Result<Request> {
         Command::Take { key } => Request::TakeArtifact { key },
         Command::Clear => Request::Clear,
         Command::DebugInfo => Request::DumpDebugInfo,
-        Command::Stitch => Request::CreateCacheEntries,
-        Command::Save => Request::SaveToDynamoCache,
+        Command::Stitch => Request::CreateCacheEntries { trace: false },
+        Command::Save => Request::SaveToDynamoCache { trace: false },
         Command::Load { key, system_info } => {
             let system_info = system_info
                 .map(|s| {

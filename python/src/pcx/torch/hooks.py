@@ -104,17 +104,17 @@ class Hooks:
         return None if current is None else convert.artifact_from_bytes(current["content_b64"])
 
     def _ctx_save_to_dynamo_cache(self, cls: type) -> Dict[str, Any]:
-        answer = self.client.save_to_dynamo_cache()
+        answer = self.client.save_to_dynamo_cache(trace=True)
+        _re_emit(answer.get("trace", []))
         debug_info: Dict[str, Any] = answer.get("debug_info", {})
-        _trace_entries(debug_info)
         return debug_info
 
     def _ctx_create_cache_entries(self, cls: type) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         from torch._dynamo.package import PrecompileCacheEntry
 
-        answer = self.client.create_cache_entries()
+        answer = self.client.create_cache_entries(trace=True)
+        _re_emit(answer.get("trace", []))
         debug_info: Dict[str, Any] = answer.get("debug_info", {})
-        _trace_entries(debug_info)
         entries = {
             key: PrecompileCacheEntry(
                 dynamo=convert.entry_from_pcx(e["dynamo"]),
@@ -189,16 +189,18 @@ class Hooks:
         self.client.clear_dynamo_cache()
 
 
-def _trace_entries(debug_info: Dict[str, Any]) -> None:
-    """Emits torch's ``dynamo_cache_entries`` structured trace event, as torch's own stitch
-    does, so tlparse sees pcx's stitches too."""
+def _re_emit(events: List[Dict[str, Any]]) -> None:
+    """Emits the structured trace events pcx's stitch answered (``dynamo_cache_entries``,
+    ``dynamo_cache_bypass``, ``dynamo_cache_exception``) through torch's own
+    ``trace_structured``, as torch's stitch would have, so tlparse sees them."""
     import torch
 
-    dynamo: List[Any] = debug_info.get("dynamo", [])
-    payload = json.dumps({"num_entries": len(dynamo), "artifacts": debug_info})
-    torch._logging.trace_structured(
-        "artifact",
-        metadata_fn=lambda: {"name": "dynamo_cache_entries", "encoding": "json"},
-        payload_fn=lambda: payload,
-        expect_trace_id=False,
-    )
+    for event in events:
+        name = str(event.get("name", ""))
+        payload = json.dumps(event.get("payload"))
+        torch._logging.trace_structured(
+            "artifact",
+            metadata_fn=lambda name=name: {"name": name, "encoding": "json"},
+            payload_fn=lambda payload=payload: payload,
+            expect_trace_id=False,
+        )
