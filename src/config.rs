@@ -41,8 +41,22 @@ pub struct Config {
     pub max_plugin_output_bytes: u64,
     pub plugin_call_timeout_ms: u64,
     pub system_check: crate::actor::SystemCheck,
+    pub journal: JournalBackend,
+    pub journal_url: String,
+    pub journal_name: String,
+    pub journal_lease_ms: u64,
+    pub journal_wait_ms: u64,
     pub log_format: LogFormat,
     pub log_filter: String,
+}
+
+/// Where the event log lives: the embedded sled data directory (the default), or a journal
+/// in a PostgreSQL database (cargo feature `postgres`) for a fleet.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalBackend {
+    Sled,
+    Postgres,
 }
 
 /// Why a configuration could not be read.
@@ -121,6 +135,12 @@ impl Config {
                 });
             }
         }
+        if self.journal == JournalBackend::Postgres && self.journal_url.is_empty() {
+            return Err(ConfigError::Invalid {
+                origin: "(merged)".into(),
+                message: "`journal` = \"postgres\" needs `journal_url` (a libpq connection string or URL)".into(),
+            });
+        }
         // A short token can be guessed over loopback by anyone on the machine.
         if !self.tcp_token.is_empty() && self.tcp_token.len() < MIN_TOKEN_BYTES {
             return Err(ConfigError::Invalid {
@@ -177,6 +197,9 @@ impl Config {
                 self.plugin_call_timeout_ms,
                 1..=3_600_000,
             ),
+            // Renewed every third of it: under 300 ms a renewal is a busy loop.
+            ("journal_lease_ms", self.journal_lease_ms, 300..=3_600_000),
+            ("journal_wait_ms", self.journal_wait_ms, 0..=TOML_MAX),
             (
                 "max_plugin_output_bytes",
                 self.max_plugin_output_bytes,

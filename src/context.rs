@@ -15,7 +15,7 @@ use crate::actor::{
     LoadCounters, Loaded, RecordArtifact, RecordEntry, SaveToDynamoCache, Saved, StateDigest,
     Stats, Stitched, Tagged, TakeArtifact,
 };
-use crate::config::Config;
+use crate::config::{Config, JournalBackend};
 use crate::core::model::{Artifact, DebugInfo, Digest, DynamoCacheEntry, SystemInfo};
 use crate::core::state::State;
 use crate::plugins::kinds::Kinds;
@@ -45,10 +45,10 @@ pub struct Context {
 }
 
 impl Context {
-    /// Opens the configured data directory (creating it if missing) and replays its log.
+    /// Opens the configured journal (the data directory, created if missing, or a journal in
+    /// PostgreSQL, taking its lease) and replays its log.
     pub fn open(config: &Config) -> Result<Context, ContextOpenError> {
-        let journal = SledJournal::open(&config.data_dir, config.cache_capacity_bytes)?;
-        Context::with_journal(Arc::new(journal), settings(config))
+        Context::with_journal(open_journal(config)?, settings(config))
     }
 
     /// Starts a context over any journal (tests pass a fault-injecting one).
@@ -254,6 +254,49 @@ impl Context {
 }
 
 /// True when the dynamo cache view holds exactly the state's saved entries.
+/// The configured journal, opened as its one writer.
+pub fn open_journal(config: &Config) -> Result<Arc<dyn Journal>, OpenError> {
+    match config.journal {
+        JournalBackend::Sled => Ok(Arc::new(SledJournal::open(
+            &config.data_dir,
+            config.cache_capacity_bytes,
+        )?)),
+        #[cfg(feature = "postgres")]
+        JournalBackend::Postgres => Ok(Arc::new(crate::store::pg_journal::PgJournal::open(
+            pg_settings(config),
+        )?)),
+        #[cfg(not(feature = "postgres"))]
+        JournalBackend::Postgres => Err(OpenError::Database {
+            url: String::new(),
+            what:
+                "this pcx was built without PostgreSQL support: build it with `--features postgres`"
+                    .into(),
+        }),
+    }
+}
+
+/// Where the PostgreSQL journal is and who this writer is (its holder name says which
+/// process, on which machine, and where it serves).
+#[cfg(feature = "postgres")]
+pub fn pg_settings(config: &Config) -> crate::store::pg_journal::PgSettings {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let address = if config.tcp_listen.is_empty() {
+        config.socket().display().to_string()
+    } else {
+        config.tcp_listen.clone()
+    };
+    crate::store::pg_journal::PgSettings {
+        url: config.journal_url.clone(),
+        journal: config.journal_name.clone(),
+        holder: format!("{} pid {} on {host}", config.origin(), std::process::id()),
+        address,
+        lease: std::time::Duration::from_millis(config.journal_lease_ms),
+        wait: std::time::Duration::from_millis(config.journal_wait_ms),
+    }
+}
+
 fn cache_view_matches(journal: &dyn Journal, state: &State) -> Result<bool, ContextOpenError> {
     let view = journal
         .cache_view()

@@ -1,7 +1,9 @@
 //! One test per rule of `reference/SEMANTICS.md`, through the library API ([`pcx::Context`]).
 //!
 //! Every test opens a context on a fresh temporary data directory; the rules about restart
-//! close the context and open the same directory again.
+//! close the context and open the same directory again. With `PCX_TEST_SUITE_JOURNAL=postgres`
+//! (and pcx built with `--features postgres`) every context is a journal in the database at
+//! `PCX_TEST_PG_URL` instead, one per test directory: the same rules, on the fleet's backend.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +28,7 @@ use common::pairs;
 fn config(dir: &Path) -> Config {
     let mut config = Config::load(None, std::iter::empty()).expect("the built-in config loads");
     config.data_dir = dir.to_path_buf();
+    common::library::suite_journal(&mut config);
     config
 }
 

@@ -48,6 +48,13 @@ pub enum StoreError {
     Injected { op: &'static str },
     #[error("the content store is damaged: {what}")]
     Damaged { what: String },
+    /// The database (the PostgreSQL journal) failed or could not be reached.
+    #[error("the database failed while {op}: {what}")]
+    Database { op: &'static str, what: String },
+    /// This writer may no longer write the journal: its lease ran out or another writer took
+    /// the journal over (PostgreSQL journal). Nothing of the refused group was stored.
+    #[error("journal {journal} is fenced: {why}; nothing was written")]
+    Fenced { journal: String, why: String },
 }
 
 impl StoreError {
@@ -146,6 +153,14 @@ pub enum OpenError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot open the journal in the database {url}: {what}")]
+    Database { url: String, what: String },
+    #[error("journal {journal} is served by {holder}, whose lease has {remaining_ms} ms to run: one writer per journal (wait for it with journal_wait_ms)")]
+    LeaseHeld {
+        journal: String,
+        holder: String,
+        remaining_ms: i64,
     },
     #[error("data directory {path} does not exist: nothing has been recorded there")]
     Missing { path: PathBuf },

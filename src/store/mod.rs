@@ -1,7 +1,8 @@
 //! The store: how events and contents become durable bytes and come back.
 //!
 //! Owns the record format and hash chain ([`record`]), how records and contents share sled
-//! values ([`pack`]), the [`journal`] (the `Journal` trait and its sled implementation), large
+//! values ([`pack`]), the [`journal`] (the `Journal` trait; its sled implementation, the
+//! default, in `sled_journal`, and the PostgreSQL one in `pg_journal`, feature `postgres`), large
 //! contents in append-only files ([`content`]), rebuilding state from a journal
 //! ([`replay`]), saying which of sled's files is damaged when sled fails ([`damage`]),
 //! refusing a sled log damaged before its end, which sled would cut there ([`sled_log`]), and
@@ -14,6 +15,8 @@ pub mod damage;
 pub mod error;
 pub mod journal;
 pub mod pack;
+#[cfg(feature = "postgres")]
+pub mod pg_journal;
 pub mod raw;
 pub mod record;
 pub mod replay;

@@ -25,7 +25,30 @@ pub fn config(dir: &Path, snapshot_every: u64) -> Config {
     c.data_dir = dir.to_path_buf();
     c.snapshot_every = snapshot_every;
     c.cache_capacity_bytes = CACHE_BYTES;
+    suite_journal(&mut c);
     c
+}
+
+/// Points `config` at the backend the suite runs on: unchanged (the sled data directory), or
+/// with `PCX_TEST_SUITE_JOURNAL=postgres` a PostgreSQL journal at `PCX_TEST_PG_URL`, named
+/// after the data directory (so that a test reopening its directory reopens its journal).
+pub fn suite_journal(config: &mut Config) {
+    match std::env::var("PCX_TEST_SUITE_JOURNAL").as_deref() {
+        Err(_) | Ok("") | Ok("sled") => {}
+        Ok("postgres") => {
+            config.journal = pcx::config::JournalBackend::Postgres;
+            config.journal_url = std::env::var("PCX_TEST_PG_URL")
+                .expect("PCX_TEST_SUITE_JOURNAL=postgres needs PCX_TEST_PG_URL");
+            config.journal_name = format!(
+                "suite-{}",
+                Digest::of(config.data_dir.to_string_lossy().as_bytes()).to_hex()
+            );
+            // A test that closes and reopens at once: the closed context gave its lease up,
+            // but a clone of its handle may still be going away.
+            config.journal_wait_ms = 10_000;
+        }
+        Ok(other) => panic!("PCX_TEST_SUITE_JOURNAL={other}: say sled or postgres"),
+    }
 }
 
 pub fn open(config: &Config) -> Context {

@@ -30,8 +30,10 @@ pub(crate) fn progress_bar(config: &Config, total: u64, what: &str) -> indicatif
 
 /// The audit and maintenance commands: they read (or rewrite) the data directory directly.
 pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCode> {
-    use pcx::audit::query::{self, Query};
     let dir = &config.data_dir;
+    if config.journal == pcx::config::JournalBackend::Postgres {
+        return postgres_audit(command, config);
+    }
     // Whether the directory exists is asked under its lock, once an interrupted compaction
     // is settled (it may have moved the directory aside): by the opens below.
     if let Command::Compact { before } = command {
@@ -97,15 +99,22 @@ pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCod
             },
         );
     }
-    let total = pcx::store::journal::Journal::last_seq(&journal)
-        .ok()
-        .flatten()
-        .unwrap_or(0);
+    read_command(command, &journal, config)
+}
+
+/// The commands that only read a journal, whichever backend holds it.
+fn read_command(
+    command: Command,
+    journal: &dyn pcx::store::journal::Journal,
+    config: &Config,
+) -> Result<ExitCode> {
+    use pcx::audit::query::{self, Query};
+    let total = journal.last_seq().ok().flatten().unwrap_or(0);
     let mut out = io::stdout().lock();
     let query = match command {
         Command::Log { filter } => {
             let mut failed = None;
-            let result = query::log(&journal, &filter, &mut |line| {
+            let result = query::log(journal, &filter, &mut |line| {
                 if failed.is_none() {
                     if let Err(e) = writeln!(out, "{line}") {
                         failed = Some(e);
@@ -133,7 +142,7 @@ pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCod
                 )),
                 None => Box::new(io::BufWriter::new(out)),
             };
-            let result = pcx::audit::export::export(&journal, content, &mut sink, &mut |s| {
+            let result = pcx::audit::export::export(journal, content, &mut sink, &mut |s| {
                 bar.set_position(s)
             });
             bar.finish_and_clear();
@@ -145,7 +154,7 @@ pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCod
         _ => anyhow::bail!("not an audit command"),
     };
     let bar = progress_bar(config, total, "replaying");
-    let result = query.run(&journal, &mut |s| bar.set_position(s));
+    let result = query.run(journal, &mut |s| bar.set_position(s));
     bar.finish_and_clear();
     let fields = match result {
         Ok(f) => f,
@@ -168,6 +177,39 @@ pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCod
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The audit commands on a PostgreSQL journal: the reading ones work as on a data
+/// directory (the records are the same bytes); the rewriting ones are the data directory's.
+fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
+    if matches!(
+        command,
+        Command::Compact { .. } | Command::Import { .. } | Command::Recover { .. }
+    ) {
+        return Ok(answer_error(
+            "unsupported",
+            "compact, import and recover work on a sled data directory; the postgres journal has no such command yet",
+        ));
+    }
+    #[cfg(feature = "postgres")]
+    {
+        let settings = pcx::context::pg_settings(config);
+        match pcx::store::pg_journal::PgJournal::open_reader(settings) {
+            Ok(journal) => read_command(command, &journal, config),
+            Err(e) => Ok(answer_error("open_failed", &error_text(&e.into()))),
+        }
+    }
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = command;
+        Ok(answer_error(
+            "open_failed",
+            &format!(
+                "journal = \"postgres\" in {}: this pcx was built without PostgreSQL support (build it with `--features postgres`)",
+                config.data_dir.display()
+            ),
+        ))
+    }
 }
 
 /// `pcx salvage`: reads the data directory without opening it as a store.

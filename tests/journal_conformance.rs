@@ -1,0 +1,368 @@
+//! The `Journal` contract, one suite run against every backend: the sled data directory
+//! always, and the PostgreSQL journal when pcx is built with `--features postgres` (then
+//! `PCX_TEST_PG_URL` must name a database: `.ci/run` starts a 3-node cluster for it with
+//! `scripts/pg-cluster.sh`; these tests fail, not skip, without one).
+//!
+//! Each case says what a user of the store relies on: a group reads back exactly, in order,
+//! after a reopen; contents come back by digest, large ones too; two snapshots are kept;
+//! the cache view is replaced whole; a second writer is refused while the first lives.
+
+use std::sync::Arc;
+
+use pcx::core::model::Digest;
+use pcx::store::journal::{Commit, Journal};
+
+/// A backend under test: opens (and reopens) one journal as its writer.
+trait Backend {
+    fn name(&self) -> &'static str;
+    fn open(&self) -> Box<dyn Journal>;
+    /// Opening a second writer while `first` is open must fail: the error's text.
+    fn second_writer_refused(&self, first: &dyn Journal) -> String;
+}
+
+struct Sled(tempfile::TempDir);
+
+impl Backend for Sled {
+    fn name(&self) -> &'static str {
+        "sled"
+    }
+    fn open(&self) -> Box<dyn Journal> {
+        Box::new(
+            pcx::store::sled_journal::SledJournal::open(self.0.path(), 4 << 20)
+                .expect("sled opens"),
+        )
+    }
+    fn second_writer_refused(&self, _: &dyn Journal) -> String {
+        let started = std::time::Instant::now();
+        let second = pcx::store::sled_journal::SledJournal::open(self.0.path(), 4 << 20);
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        match second {
+            Ok(_) => panic!("a second sled writer opened the same directory"),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
+fn commit(records: &[(u64, &[u8])]) -> Commit {
+    Commit {
+        records: records.iter().map(|(s, b)| (*s, b.to_vec())).collect(),
+        ..Commit::default()
+    }
+}
+
+fn all(j: &dyn Journal, from: u64) -> Vec<(u64, Vec<u8>)> {
+    j.records(from)
+        .collect::<Result<Vec<_>, _>>()
+        .expect("records read")
+}
+
+/// Groups read back exactly and in order, from any point, and after a reopen.
+fn groups_read_back_in_order_after_reopen(b: &dyn Backend) {
+    let j = b.open();
+    assert_eq!(
+        j.last_seq().unwrap(),
+        None,
+        "{}: a new journal is empty",
+        b.name()
+    );
+    j.commit(&commit(&[(1, b"one"), (2, b"two")])).unwrap();
+    // More than one page of rows (the PostgreSQL journal reads 1,024 at a time).
+    let many: Vec<(u64, Vec<u8>)> = (3..=2100)
+        .map(|s| (s, format!("r{s}").into_bytes()))
+        .collect();
+    j.commit(&Commit {
+        records: many.clone(),
+        ..Commit::default()
+    })
+    .unwrap();
+    assert_eq!(j.last_seq().unwrap(), Some(2100), "{}", b.name());
+    drop(j);
+    let j = b.open();
+    let read = all(j.as_ref(), 1);
+    assert_eq!(read.len(), 2100, "{}", b.name());
+    assert_eq!(read[0], (1, b"one".to_vec()));
+    assert_eq!(read[1], (2, b"two".to_vec()));
+    assert_eq!(&read[2..], &many[..], "{}", b.name());
+    let tail = all(j.as_ref(), 2099);
+    assert_eq!(
+        tail.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![2099, 2100]
+    );
+    assert!(all(j.as_ref(), 2101).is_empty());
+}
+
+/// Contents come back by digest, byte for byte, small, empty and larger than a part.
+fn contents_come_back_by_digest(b: &dyn Backend) {
+    let j = b.open();
+    let small = b"a small artifact".to_vec();
+    let large: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i * 7 % 251) as u8).collect();
+    let empty = Vec::new();
+    let blobs: Vec<(Digest, Arc<Vec<u8>>)> = [&small, &large, &empty]
+        .iter()
+        .map(|c| (Digest::of(c), Arc::new((*c).clone())))
+        .collect();
+    j.commit(&Commit {
+        blobs: blobs.clone(),
+        records: vec![(1, b"refers to them".to_vec())],
+        ..Commit::default()
+    })
+    .unwrap();
+    drop(j);
+    let j = b.open();
+    for (digest, content) in &blobs {
+        assert_eq!(
+            j.blob(digest).unwrap().as_deref(),
+            Some(content.as_slice()),
+            "{}",
+            b.name()
+        );
+    }
+    assert_eq!(
+        j.blob(&Digest::of(b"never stored")).unwrap(),
+        None,
+        "{}",
+        b.name()
+    );
+}
+
+/// The newest two snapshots are kept, newest first; a snapshot reads back exactly.
+fn two_snapshots_are_kept(b: &dyn Backend) {
+    let j = b.open();
+    for seq in 1..=3u64 {
+        j.commit(&Commit {
+            records: vec![(seq, vec![seq as u8])],
+            snapshot: Some((seq, format!("snapshot at {seq}").into_bytes())),
+            ..Commit::default()
+        })
+        .unwrap();
+    }
+    drop(j);
+    let j = b.open();
+    assert_eq!(j.snapshot_seqs().unwrap(), vec![3, 2], "{}", b.name());
+    assert_eq!(j.snapshot(3).unwrap(), Some(b"snapshot at 3".to_vec()));
+    assert_eq!(
+        j.snapshot(1).unwrap(),
+        None,
+        "{}: the oldest is dropped",
+        b.name()
+    );
+}
+
+/// The cache view takes puts, is replaced whole by a rewrite, and lists in key order.
+fn cache_view_is_replaced_whole(b: &dyn Backend) {
+    let j = b.open();
+    j.commit(&Commit {
+        records: vec![(1, b"e".to_vec())],
+        cache_puts: vec![("b".into(), b"2".to_vec()), ("a".into(), b"1".to_vec())],
+        ..Commit::default()
+    })
+    .unwrap();
+    assert_eq!(
+        j.cache_view().unwrap(),
+        vec![
+            ("a".to_string(), b"1".to_vec()),
+            ("b".to_string(), b"2".to_vec())
+        ],
+        "{}",
+        b.name()
+    );
+    j.rewrite_cache_view(&[("Z".into(), b"z".to_vec()), ("c".into(), b"3".to_vec())])
+        .unwrap();
+    drop(j);
+    let j = b.open();
+    // Byte order, as sled keeps keys: "Z" (0x5a) before "c" (0x63).
+    assert_eq!(
+        j.cache_view().unwrap(),
+        vec![
+            ("Z".to_string(), b"z".to_vec()),
+            ("c".to_string(), b"3".to_vec())
+        ],
+        "{}",
+        b.name()
+    );
+    assert_eq!(
+        j.anchor().unwrap(),
+        None,
+        "{}: no compaction, no anchor",
+        b.name()
+    );
+}
+
+/// While one writer has the journal open, a second is refused, saying why.
+fn a_second_writer_is_refused(b: &dyn Backend) {
+    let j = b.open();
+    j.commit(&commit(&[(1, b"first")])).unwrap();
+    let why = b.second_writer_refused(j.as_ref());
+    assert!(
+        why.contains("in use") || why.contains("served by"),
+        "{}: the refusal says why: {why}",
+        b.name()
+    );
+    // The first writer goes on undisturbed.
+    j.commit(&commit(&[(2, b"second")])).unwrap();
+    assert_eq!(all(j.as_ref(), 1).len(), 2);
+}
+
+fn suite(make: &dyn Fn() -> Box<dyn Backend>) {
+    groups_read_back_in_order_after_reopen(make().as_ref());
+    contents_come_back_by_digest(make().as_ref());
+    two_snapshots_are_kept(make().as_ref());
+    cache_view_is_replaced_whole(make().as_ref());
+    a_second_writer_is_refused(make().as_ref());
+}
+
+#[test]
+fn the_sled_journal_keeps_the_contract() {
+    suite(&|| Box::new(Sled(tempfile::tempdir().expect("a temporary directory"))));
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use pcx::store::error::StoreError;
+    use pcx::store::pg_journal::{PgJournal, PgSettings};
+    use std::time::Duration;
+
+    /// The database the tests use: `PCX_TEST_PG_URL` (`.ci/run` sets it).
+    pub fn url() -> String {
+        std::env::var("PCX_TEST_PG_URL").unwrap_or_else(|_| {
+            panic!(
+                "PCX_TEST_PG_URL is not set: the postgres feature's tests need a database \
+                 (start one with `scripts/pg-cluster.sh start` and export its `url`)"
+            )
+        })
+    }
+
+    /// A journal name no earlier run used.
+    pub fn fresh_name(what: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("test-{what}-{}-{nanos}", std::process::id())
+    }
+
+    pub fn settings(name: &str, lease_ms: u64) -> PgSettings {
+        PgSettings {
+            url: url(),
+            journal: name.to_string(),
+            holder: format!("test pid {}", std::process::id()),
+            address: String::new(),
+            lease: Duration::from_millis(lease_ms),
+            wait: Duration::ZERO,
+        }
+    }
+
+    struct Pg(String);
+
+    impl Backend for Pg {
+        fn name(&self) -> &'static str {
+            "postgres"
+        }
+        fn open(&self) -> Box<dyn Journal> {
+            Box::new(
+                PgJournal::open(settings(&self.0, 10_000)).expect("the postgres journal opens"),
+            )
+        }
+        fn second_writer_refused(&self, _: &dyn Journal) -> String {
+            match PgJournal::open(settings(&self.0, 10_000)) {
+                Ok(_) => panic!("a second writer took a live journal's lease"),
+                Err(e) => e.to_string(),
+            }
+        }
+    }
+
+    #[test]
+    fn the_postgres_journal_keeps_the_contract() {
+        suite(&|| Box::new(Pg(fresh_name("contract"))));
+    }
+
+    /// Moves a journal's lease into the past, as if its holder had stopped renewing it
+    /// (paused, or cut off from the database) for longer than the lease.
+    fn expire_lease(name: &str) {
+        let url = url();
+        let name = name.to_string();
+        // The postgres client runs its own runtime: keep it off any test runtime's thread.
+        std::thread::spawn(move || {
+            let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
+            c.execute(
+                "UPDATE pcx_heads SET lease_until = clock_timestamp() - interval '1 second' WHERE journal = $1",
+                &[&name],
+            )
+            .expect("expire the lease");
+        })
+        .join()
+        .expect("the admin thread");
+    }
+
+    #[test]
+    fn a_writer_whose_lease_was_taken_over_is_fenced_and_writes_nothing() {
+        let name = fresh_name("fenced");
+        let a = PgJournal::open(settings(&name, 60_000)).expect("A opens");
+        a.commit(&commit(&[(1, b"from A")])).unwrap();
+        expire_lease(&name);
+        let b = PgJournal::open(settings(&name, 60_000)).expect("B takes over an expired lease");
+        assert_eq!(
+            b.epoch(),
+            a.epoch().map(|e| e + 1),
+            "a takeover is a new epoch"
+        );
+        // A still believes it holds the journal: its next group is refused by the database.
+        match a.commit(&commit(&[(2, b"A after losing the lease")])) {
+            Err(StoreError::Fenced { why, .. }) => {
+                assert!(why.contains("took it over"), "{why}")
+            }
+            other => panic!("A's write after a takeover must be fenced, got {other:?}"),
+        }
+        // And so is every later one, without asking the database again.
+        assert!(matches!(
+            a.commit(&commit(&[(2, b"again")])),
+            Err(StoreError::Fenced { .. })
+        ));
+        b.commit(&commit(&[(2, b"from B")])).unwrap();
+        let records = all(&b, 1);
+        assert_eq!(
+            records,
+            vec![(1, b"from A".to_vec()), (2, b"from B".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_writer_whose_lease_ran_out_cannot_write_even_before_anyone_takes_over() {
+        let name = fresh_name("expired");
+        let a = PgJournal::open(settings(&name, 60_000)).expect("A opens");
+        expire_lease(&name);
+        match a.commit(&commit(&[(1, b"too late")])) {
+            Err(StoreError::Fenced { why, .. }) => assert!(why.contains("ran out"), "{why}"),
+            other => panic!("a write after the lease ran out must be fenced, got {other:?}"),
+        }
+        drop(a);
+        let reader = PgJournal::open_reader(settings(&name, 60_000)).expect("a reader opens");
+        assert_eq!(
+            reader.last_seq().unwrap(),
+            None,
+            "nothing of the refused group exists"
+        );
+    }
+
+    #[test]
+    fn a_standby_takes_over_when_the_holder_lets_go() {
+        let name = fresh_name("standby");
+        let a = PgJournal::open(settings(&name, 60_000)).expect("A opens");
+        a.commit(&commit(&[(1, b"A")])).unwrap();
+        let name2 = name.clone();
+        let standby = std::thread::spawn(move || {
+            let mut s = settings(&name2, 60_000);
+            s.wait = Duration::from_secs(30);
+            PgJournal::open(s)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        drop(a); // a clean shutdown gives the lease up at once
+        let b = standby
+            .join()
+            .expect("the standby thread")
+            .expect("the standby takes over");
+        b.commit(&commit(&[(2, b"B")])).unwrap();
+        assert_eq!(all(&b, 1).len(), 2);
+    }
+}
