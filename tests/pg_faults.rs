@@ -1,0 +1,345 @@
+//! Faults of a fleet on PostgreSQL (pcx built with `--features postgres`, a database at
+//! `PCX_TEST_PG_URL`): a lost answer to a COMMIT is resolved from the database, not guessed;
+//! a lease holder paused past its lease (SIGSTOP) is fenced once it runs again, and nothing
+//! it wrote after losing the lease exists. Every wait is bounded.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pcx::store::error::StoreError;
+use pcx::store::journal::{Commit, Journal};
+use pcx::store::pg_journal::{PgJournal, PgSettings};
+use serde_json::{json, Value};
+
+fn url() -> String {
+    std::env::var("PCX_TEST_PG_URL").unwrap_or_else(|_| {
+        panic!("PCX_TEST_PG_URL is not set: start a database with `scripts/pg-cluster.sh start` and export its `url`")
+    })
+}
+
+fn fresh_name(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("fault-{what}-{}-{nanos}", std::process::id())
+}
+
+// ---------------------------------------------------------------------------------------------
+// a TCP proxy in front of the database that loses a COMMIT, or the answer to one
+
+const PASS: u8 = 0;
+/// The next COMMIT is not forwarded; both sockets close (the transaction never commits).
+const LOSE_COMMIT: u8 = 1;
+/// The next COMMIT is forwarded, its answer is not; both sockets close once the database
+/// has had time to commit (the transaction commits, the client never hears so).
+const LOSE_ANSWER: u8 = 2;
+
+struct Proxy {
+    port: u16,
+    mode: Arc<AtomicU8>,
+}
+
+impl Proxy {
+    fn start(upstream: (String, u16)) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let m = mode.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect((upstream.0.as_str(), upstream.1)) else {
+                    continue;
+                };
+                let m = m.clone();
+                let (c2, s2) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                let cut = Arc::new(AtomicU8::new(0));
+                let cut2 = cut.clone();
+                // client -> server, watching for COMMIT
+                std::thread::spawn(move || pump_up(client, server, &m, &cut));
+                // server -> client, silenced once a COMMIT's answer is to be lost
+                std::thread::spawn(move || pump_down(s2, c2, &cut2));
+            }
+        });
+        Proxy { port, mode }
+    }
+
+    fn arm(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    fn url(&self) -> String {
+        let base = url();
+        let kept: Vec<&str> = base
+            .split_whitespace()
+            .filter(|w| {
+                !w.starts_with("host=")
+                    && !w.starts_with("port=")
+                    && !w.starts_with("target_session_attrs=")
+            })
+            .collect();
+        format!("host=127.0.0.1 port={} {}", self.port, kept.join(" "))
+    }
+}
+
+fn pump_up(mut from: TcpStream, mut to: TcpStream, mode: &AtomicU8, cut: &AtomicU8) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        let is_commit = chunk.windows(6).any(|w| w == b"COMMIT");
+        let armed = if is_commit {
+            mode.swap(PASS, Ordering::SeqCst)
+        } else {
+            PASS
+        };
+        match armed {
+            LOSE_COMMIT => break,
+            LOSE_ANSWER => {
+                cut.store(1, Ordering::SeqCst);
+                let _ = to.write_all(chunk);
+                // The database commits and answers; the answer goes nowhere.
+                std::thread::sleep(Duration::from_millis(500));
+                break;
+            }
+            _ => {
+                if to.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+fn pump_down(mut from: TcpStream, mut to: TcpStream, cut: &AtomicU8) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.load(Ordering::SeqCst) == 1 {
+            continue;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// The first host and port of `PCX_TEST_PG_URL` (the primary the cluster script starts).
+fn upstream() -> (String, u16) {
+    let base = url();
+    let field = |name: &str| {
+        base.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(|v| v.split(',').next().unwrap_or("").to_string())
+    };
+    let host = field("host=").unwrap_or_else(|| "127.0.0.1".into());
+    let port = field("port=").and_then(|p| p.parse().ok()).unwrap_or(5432);
+    (host, port)
+}
+
+fn settings(url: String, name: &str) -> PgSettings {
+    PgSettings {
+        url,
+        journal: name.to_string(),
+        holder: format!("fault test pid {}", std::process::id()),
+        address: String::new(),
+        lease: Duration::from_secs(60),
+        wait: Duration::ZERO,
+    }
+}
+
+fn group(seq: u64, bytes: &[u8]) -> Commit {
+    Commit {
+        records: vec![(seq, bytes.to_vec())],
+        ..Commit::default()
+    }
+}
+
+fn records(j: &dyn Journal) -> Vec<(u64, Vec<u8>)> {
+    j.records(1)
+        .collect::<Result<Vec<_>, _>>()
+        .expect("records read")
+}
+
+#[test]
+fn a_commit_whose_answer_was_lost_is_found_to_have_landed_and_is_answered_ok() {
+    let proxy = Proxy::start(upstream());
+    let name = fresh_name("lost-answer");
+    let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
+    j.commit(&group(1, b"before")).unwrap();
+    proxy.arm(LOSE_ANSWER);
+    // The database committed; the connection broke before its answer: pcx must learn that
+    // the group landed (and answer ok), not report a failure for a stored write.
+    j.commit(&group(2, b"answer lost"))
+        .expect("a landed group is answered ok");
+    j.commit(&group(3, b"after"))
+        .expect("the journal goes on at the right head");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(
+        records(&direct),
+        vec![
+            (1, b"before".to_vec()),
+            (2, b"answer lost".to_vec()),
+            (3, b"after".to_vec())
+        ]
+    );
+}
+
+#[test]
+fn a_commit_that_never_reached_the_database_is_found_not_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let name = fresh_name("lost-commit");
+    let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
+    j.commit(&group(1, b"before")).unwrap();
+    proxy.arm(LOSE_COMMIT);
+    match j.commit(&group(2, b"never committed")) {
+        Err(StoreError::Database { what, .. }) => {
+            assert!(
+                what.contains("did not land"),
+                "the error says nothing was stored: {what}"
+            )
+        }
+        other => panic!("a group that did not land must fail, got {other:?}"),
+    }
+    // Nothing of it exists, and the journal goes on from the same head.
+    j.commit(&group(2, b"instead"))
+        .expect("the next group takes the same place");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(
+        records(&direct),
+        vec![(1, b"before".to_vec()), (2, b"instead".to_vec())]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// a lease holder paused past its lease
+
+struct Batch {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Batch {
+    fn start(dir: &std::path::Path, name: &str, lease_ms: u64, wait_ms: u64) -> Batch {
+        let mut child = common::pcx(dir, &["batch"])
+            .env("PCX_JOURNAL", "postgres")
+            .env("PCX_JOURNAL_URL", url())
+            .env("PCX_JOURNAL_NAME", name)
+            .env("PCX_JOURNAL_LEASE_MS", lease_ms.to_string())
+            .env("PCX_JOURNAL_WAIT_MS", wait_ms.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pcx batch starts");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Batch {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends one request and reads its answer (bounded by the reader thread's timeout).
+    fn ask(&mut self, request: Value) -> Value {
+        writeln!(self.stdin, "{request}").expect("write a request");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read an answer");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not an answer ({e}): {line:?}"))
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn record(key: &str, content: &str) -> Value {
+    use base64::Engine as _;
+    json!({"op": "record_artifact", "key": key, "kind": "eager",
+           "content_b64": base64::engine::general_purpose::STANDARD.encode(content)})
+}
+
+#[test]
+fn a_holder_paused_past_its_lease_is_fenced_when_it_runs_again_and_its_late_write_does_not_exist() {
+    let name = fresh_name("sigstop");
+    let dir_a = tempfile::tempdir().expect("a dir");
+    let dir_b = tempfile::tempdir().expect("a dir");
+    let mut a = Batch::start(dir_a.path(), &name, 1_500, 0);
+    let first = a.ask(record("a1", "written by A"));
+    assert_eq!(first["ok"], true, "{first}");
+    a.signal(libc::SIGSTOP);
+    // B waits as a standby and takes over once A's lease has run out (about 1.5 s).
+    let started = Instant::now();
+    let mut b = Batch::start(dir_b.path(), &name, 1_500, 30_000);
+    let b1 = b.ask(record("b1", "written by B"));
+    let took = started.elapsed();
+    assert_eq!(b1["ok"], true, "{b1}");
+    assert!(
+        took < Duration::from_millis(1_500 + 5_000),
+        "the takeover took {took:?}"
+    );
+    a.signal(libc::SIGCONT);
+    let late = a.ask(record("a2", "A after losing its lease"));
+    assert_eq!(
+        late["ok"], false,
+        "A's write after the takeover must fail: {late}"
+    );
+    let message = late["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("fenced"), "the error says why: {message}");
+    // What B sees: A's first write and its own, and nothing A tried later.
+    let state = b.ask(json!({"op": "serialize_artifact_by_key", "key": "a2"}));
+    assert!(
+        state["artifact"].is_null(),
+        "A's late write exists: {state}"
+    );
+    let a1 = b.ask(json!({"op": "serialize_artifact_by_key", "key": "a1"}));
+    assert!(
+        !a1["artifact"].is_null(),
+        "A's answered write was lost: {a1}"
+    );
+    drop(b);
+    drop(a);
+    let verify = common::pcx(dir_b.path(), &["verify"])
+        .env("PCX_JOURNAL", "postgres")
+        .env("PCX_JOURNAL_URL", url())
+        .env("PCX_JOURNAL_NAME", &name)
+        .output()
+        .expect("pcx verify runs");
+    let answer: Value = serde_json::from_slice(&verify.stdout).expect("verify answers JSON");
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["events"], 2, "{answer}");
+}
