@@ -151,6 +151,7 @@ fn fixture_name(event: &Event) -> &'static str {
         Event::CacheEntryDeleted { .. } => "event_cache_entry_deleted.bin",
         Event::DynamoCacheCleared { .. } => "event_dynamo_cache_cleared.bin",
         Event::DynamoEntryExtended { .. } => "event_dynamo_entry_extended.bin",
+        Event::Requested { .. } => "event_requested.bin",
     }
 }
 
@@ -183,6 +184,14 @@ fn scope_events() -> Vec<Event> {
             key: "e1".into(),
             kept: 1,
             entry: entry(),
+        },
+        Event::Requested {
+            request_id: "job-7:rec-b1".into(),
+            event: Box::new(Event::Scoped {
+                context: "torch@host:1:2".into(),
+                namespace: "default".into(),
+                event: Box::new(Event::ArtifactTaken { key: "b1".into() }),
+            }),
         },
     ]
 }

@@ -61,3 +61,11 @@ def test_what_one_process_wrote_the_next_reads(tmp_path: Path) -> None:
         assert got == b"compiled"
         events = second.log()
         assert [e["event"] for e in events][:2] == ["ArtifactRecorded", "DynamoEntryRecorded"]
+
+
+def test_a_retry_with_the_same_request_id_is_applied_once(client: pcx.Client) -> None:
+    first = client.request("record_artifact", key="k", content_b64=b"v1", request_id="job-1:k")
+    assert first["ok"] and "already_applied" not in first
+    retry = client.request("record_artifact", key="k", content_b64=b"v2", request_id="job-1:k")
+    assert retry == {"ok": True, "already_applied": True, "request_id": "job-1:k"}
+    assert client.serialize_artifact_by_key("k")["content_b64"] == b"v1"

@@ -60,6 +60,7 @@ impl Group {
         self.commit.records.extend(commit.records);
         self.commit.blobs.extend(commit.blobs);
         self.commit.cache_puts.extend(commit.cache_puts);
+        self.commit.shared_cache.extend(commit.shared_cache);
         if commit.snapshot.is_some() {
             self.commit.snapshot = commit.snapshot;
         }

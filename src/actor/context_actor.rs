@@ -272,8 +272,23 @@ impl ContextActor {
         let mut head = self.head;
         let mut records = Vec::with_capacity(events.len());
         let mut cache_puts = Vec::new();
+        let mut shared = Vec::new();
         for event in events {
-            let event = self.in_scope(event);
+            let mut event = self.in_scope(event);
+            if let Some(request_id) = &self.scope.request_id {
+                event = Event::Requested {
+                    request_id: request_id.clone(),
+                    event: Box::new(event),
+                };
+            }
+            if let Some(journal) = self.journal.cluster_name() {
+                shared.extend(crate::store::journal::SharedCacheOp::of_event(
+                    &event,
+                    journal,
+                    &self.scope.context,
+                    &self.scope.namespace,
+                )?);
+            }
             let envelope = Envelope {
                 schema: SCHEMA_VERSION,
                 seq: head.seq + 1,
@@ -313,6 +328,7 @@ impl ContextActor {
             self.staging.commit.records.push((seq, bytes));
         }
         self.staging.commit.cache_puts.extend(cache_puts);
+        self.staging.commit.shared_cache.extend(shared);
         self.head = head;
         // A snapshot costs about as much as its items, so they are written no more often
         // than once per that many events: a constant cost per event at any state size. (Every

@@ -10,6 +10,11 @@ pub enum ContextError {
     /// PyTorch's assertion message, word for word.
     #[error("Key {key} not found in artifacts")]
     KeyNotFound { key: String },
+    /// A request whose client request id was applied before: nothing was done now. Answered
+    /// once everything staged before it is durable (so the first one is too), and rendered by
+    /// the protocol as `{"ok":true,"already_applied":true}`.
+    #[error("request {request_id} was already applied; nothing was done again")]
+    AlreadyApplied { request_id: String },
     /// An edit that named the content it expected (`expected_digest`) found another: someone
     /// changed the artifact since the editor read it. Nothing was applied.
     #[error(
@@ -95,6 +100,7 @@ impl ContextError {
             ContextError::Aborted { .. } => "aborted",
             ContextError::Panicked { .. } => "internal",
             ContextError::Closed => "closed",
+            ContextError::AlreadyApplied { .. } => "already_applied",
             ContextError::Audit { kind, .. } => kind,
         }
     }

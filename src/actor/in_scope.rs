@@ -32,6 +32,28 @@ impl ContextActor {
     }
 }
 
+/// What a request's answer is when its client request id was applied before: a
+/// [`super::reply::Durable`] says so once the first is durable; the answers that are not durable writes
+/// (loads, reads) have no such answer, and their request is decided again.
+pub(super) trait AlreadyApplied: Sized {
+    fn already_applied(actor: &mut ContextActor, request_id: &str) -> Option<Self>;
+}
+
+impl<T: Send + 'static> AlreadyApplied for super::reply::Durable<T> {
+    fn already_applied(actor: &mut ContextActor, request_id: &str) -> Option<Self> {
+        let refusal = crate::actor::error::ContextError::AlreadyApplied {
+            request_id: request_id.to_string(),
+        };
+        Some(actor.finish(Err(refusal), super::context_actor::same))
+    }
+}
+
+impl<T> AlreadyApplied for actix::prelude::ResponseFuture<T> {
+    fn already_applied(_: &mut ContextActor, _: &str) -> Option<Self> {
+        None
+    }
+}
+
 /// Each request that acts in a context or namespace also answers [`InScope`]: it is decided
 /// with `scope` current. Every handler decides and stages before it returns, so the scope is
 /// only needed for the call; a load staged later keeps its own ([`QueuedLoad::scope`]).
@@ -41,6 +63,16 @@ macro_rules! scoped {
             type Result = <ContextActor as Handler<$m>>::Result;
 
             fn handle(&mut self, msg: InScope<$m>, ctx: &mut Self::Context) -> Self::Result {
+                if let Some(id) = msg.scope.request_id.as_deref() {
+                    if self.state.applied(id) {
+                        tracing::info!(request_id = %id, "a request already applied came again");
+                        if let Some(answer) =
+                            <Self::Result as AlreadyApplied>::already_applied(self, id)
+                        {
+                            return answer;
+                        }
+                    }
+                }
                 let outer = std::mem::replace(&mut self.scope, msg.scope);
                 let result = <Self as Handler<$m>>::handle(self, msg.msg, ctx);
                 self.scope = outer;

@@ -135,6 +135,9 @@ impl ContextActor {
         key: &str,
         system_info: Option<&SystemInfo>,
     ) -> Result<(SavedEntry, Vec<Backend>, Option<String>), ContextError> {
+        if let Err(e) = self.adopt_shared_entry(key) {
+            return Err(self.load_failed(key, e));
+        }
         let Some(saved) = self.state.cache(&self.scope.namespace).get(key).cloned() else {
             self.counters.miss += 1;
             tracing::info!(key = %key, counter = "dynamo_cache_miss", "no package found");

@@ -38,6 +38,7 @@ pub mod plugin_thread;
 mod queries;
 pub mod reply;
 mod requests;
+mod shared_cache;
 pub mod structured;
 
 pub use context_actor::{sync_cache_view, ContextActor};

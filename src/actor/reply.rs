@@ -43,6 +43,17 @@ impl<T: Send + 'static> Durable<T> {
             map_commit_error,
         } = self;
         match (outcome, intake) {
+            // A retry of an applied request waits for what was staged before it, the first
+            // one included: "already applied" is never said of a change not yet durable.
+            (Err(ContextError::AlreadyApplied { request_id }), Some(intake)) => intake.push(
+                staged,
+                Box::new(move |r| {
+                    reply(match r {
+                        Ok(()) => Err(ContextError::AlreadyApplied { request_id }),
+                        Err(e) => Err(map_commit_error(e)),
+                    })
+                }),
+            ),
             (Err(e), _) => reply(Err(e)),
             (Ok(_), None) => reply(Err(ContextError::Closed)),
             (Ok((seq, value)), Some(intake)) => intake.push(

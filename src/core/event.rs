@@ -87,6 +87,13 @@ pub enum Event {
         kept: u32,
         entry: DynamoCacheEntry,
     },
+    /// One of the events above (perhaps [`Event::Scoped`]), made by a request that carried a
+    /// client request id: a retry of that request (after a lost answer, or a takeover of the
+    /// journal) is answered "already applied" instead of applying it twice.
+    Requested {
+        request_id: String,
+        event: Box<Event>,
+    },
 }
 
 /// A code a stitch bypassed, with the backend that was missing.
@@ -117,7 +124,7 @@ impl Event {
             Event::Stitched { .. } => "Stitched",
             Event::SavedToDynamoCache { .. } => "SavedToDynamoCache",
             Event::EntryLoaded { .. } => "EntryLoaded",
-            Event::Scoped { event, .. } => event.name(),
+            Event::Scoped { event, .. } | Event::Requested { event, .. } => event.name(),
             Event::ContextDropped { .. } => "ContextDropped",
             Event::CacheEntryPut { .. } => "CacheEntryPut",
             Event::CacheEntryDeleted { .. } => "CacheEntryDeleted",
@@ -140,7 +147,7 @@ impl Event {
             Event::CacheEntryPut { entry, .. } => {
                 entry.backends.values().map(|r| r.digest).collect()
             }
-            Event::Scoped { event, .. } => event.content_refs(),
+            Event::Scoped { event, .. } | Event::Requested { event, .. } => event.content_refs(),
             _ => Vec::new(),
         }
     }

@@ -16,6 +16,10 @@ pub const DEFAULT: &str = "default";
 pub struct Scope {
     pub context: String,
     pub namespace: String,
+    /// The client's id of the request being decided, if it gave one (not a place, but carried
+    /// with the request's scope to the events it stages: [`crate::core::event::Event::Requested`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl Default for Scope {
@@ -23,6 +27,7 @@ impl Default for Scope {
         Scope {
             context: DEFAULT.into(),
             namespace: DEFAULT.into(),
+            request_id: None,
         }
     }
 }

@@ -52,7 +52,15 @@ pub struct State {
     /// Which context saved each entry, by namespace and key, where it was not the default.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub saved_by: IndexMap<String, IndexMap<String, String>>,
+    /// The client request ids of the newest applied requests that carried one (at most
+    /// [`REMEMBERED_REQUESTS`], oldest dropped first), for answering a retry "already applied".
+    #[serde(default, skip_serializing_if = "indexmap::IndexSet::is_empty")]
+    pub requests: indexmap::IndexSet<String>,
 }
+
+/// How many client request ids the state remembers: a retry comes within seconds or minutes
+/// of its request, so the newest 100,000 cover any client's retries (about 5 MB at most).
+pub const REMEMBERED_REQUESTS: usize = 100_000;
 
 static EMPTY_CONTEXT: std::sync::OnceLock<ContextState> = std::sync::OnceLock::new();
 static EMPTY_CACHE: std::sync::OnceLock<IndexMap<String, SavedEntry>> = std::sync::OnceLock::new();
@@ -173,6 +181,11 @@ impl State {
         self.apply_in(DEFAULT, DEFAULT, event);
     }
 
+    /// Whether a request carrying this client request id was applied.
+    pub fn applied(&self, request_id: &str) -> bool {
+        self.requests.contains(request_id)
+    }
+
     fn apply_in(&mut self, context: &str, namespace: &str, event: Event) {
         match event {
             Event::ArtifactRecorded {
@@ -235,6 +248,14 @@ impl State {
                 namespace,
                 event,
             } => self.apply_in(&context, &namespace, *event),
+            Event::Requested { request_id, event } => {
+                self.requests.shift_remove(&request_id);
+                self.requests.insert(request_id);
+                if self.requests.len() > REMEMBERED_REQUESTS {
+                    self.requests.shift_remove_index(0);
+                }
+                self.apply_in(context, namespace, *event);
+            }
             Event::ContextDropped { context } => {
                 if context == DEFAULT {
                     self.artifacts.clear();

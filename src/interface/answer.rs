@@ -35,6 +35,10 @@ pub fn render<T>(answer: Answer<T>, value: impl FnOnce(T) -> Value) -> Value {
             }
             Value::Object(out)
         }
+        // A retry of a request applied before: a success, saying so.
+        Err(crate::actor::error::ContextError::AlreadyApplied { request_id }) => {
+            json!({ "ok": true, "already_applied": true, "request_id": request_id })
+        }
         Err(e) => failed(e.kind(), &e.to_string()),
     }
 }

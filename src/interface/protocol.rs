@@ -181,10 +181,26 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
     (id, request)
 }
 
-/// Takes `"context"` and `"namespace"` out of a request: `None` when neither is given.
+/// The longest client request id: room for a UUID, a host name and a counter.
+const MAX_REQUEST_ID: usize = 256;
+
+/// Takes `"context"`, `"namespace"` and `"request_id"` out of a request: `None` when none is
+/// given.
 fn take_scope(map: &mut Map<String, Value>) -> Result<Option<Scope>, RequestError> {
     let mut scope = Scope::default();
     let mut given = false;
+    match map.remove("request_id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(id)) if (1..=MAX_REQUEST_ID).contains(&id.len()) => {
+            scope.request_id = Some(id);
+            given = true;
+        }
+        Some(other) => {
+            return Err(RequestError::Invalid(format!(
+                "field `request_id` must be a string of 1 to {MAX_REQUEST_ID} bytes, not {other}"
+            )))
+        }
+    }
     for (field, slot) in [
         ("context", &mut scope.context),
         ("namespace", &mut scope.namespace),

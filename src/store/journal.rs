@@ -8,8 +8,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::core::event::Event;
 use crate::core::model::Digest;
 use crate::store::error::StoreError;
+use crate::store::record::{encode_saved_entry, EncodeError};
 
 /// One group commit: event records (by sequence number), dynamo cache view writes, and an
 /// optional snapshot. Applied all together or not at all, and durable once `commit` returns.
@@ -20,6 +22,78 @@ pub struct Commit {
     pub records: Vec<(u64, Vec<u8>)>,
     pub cache_puts: Vec<(String, Vec<u8>)>,
     pub snapshot: Option<(u64, Vec<u8>)>,
+    /// The group's changes to the dynamo cache, every namespace, for a journal whose cache
+    /// is shared by a cluster (the PostgreSQL journal); the sled journal keeps its own view.
+    pub shared_cache: Vec<SharedCacheOp>,
+}
+
+/// One change to a cluster's shared dynamo cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SharedCacheOp {
+    /// An entry saved (its encoded bytes) by a context of this journal.
+    Put {
+        namespace: String,
+        key: String,
+        entry: Vec<u8>,
+        saved_by: String,
+    },
+    Delete {
+        namespace: String,
+        key: String,
+    },
+    Clear {
+        namespace: String,
+    },
+}
+
+impl SharedCacheOp {
+    /// What `event`, staged in `context` and `namespace`, changes in the shared cache; `journal`
+    /// is this journal's name in the cluster.
+    pub fn of_event(
+        event: &Event,
+        journal: &str,
+        context: &str,
+        namespace: &str,
+    ) -> Result<Vec<SharedCacheOp>, EncodeError> {
+        Ok(match event {
+            Event::Scoped {
+                context,
+                namespace,
+                event,
+            } => return SharedCacheOp::of_event(event, journal, context, namespace),
+            Event::SavedToDynamoCache { entries } => entries
+                .iter()
+                .map(|(key, entry)| {
+                    Ok(SharedCacheOp::Put {
+                        namespace: namespace.to_string(),
+                        key: key.clone(),
+                        entry: encode_saved_entry(entry)?,
+                        saved_by: format!("{journal}/{context}"),
+                    })
+                })
+                .collect::<Result<_, EncodeError>>()?,
+            // A copy adopted from the cluster (its saver names a journal) is not told back.
+            Event::CacheEntryPut {
+                namespace,
+                key,
+                entry,
+                saved_by,
+            } if !saved_by.contains('/') => vec![SharedCacheOp::Put {
+                namespace: namespace.clone(),
+                key: key.clone(),
+                entry: encode_saved_entry(entry)?,
+                saved_by: format!("{journal}/{saved_by}"),
+            }],
+            Event::CacheEntryDeleted { namespace, key } => vec![SharedCacheOp::Delete {
+                namespace: namespace.clone(),
+                key: key.clone(),
+            }],
+            Event::DynamoCacheCleared { namespace } => vec![SharedCacheOp::Clear {
+                namespace: namespace.clone(),
+            }],
+            _ => Vec::new(),
+        })
+    }
 }
 
 /// Stored records in order: `(sequence number, record bytes)`.
@@ -52,6 +126,20 @@ pub trait Journal: Send + Sync + 'static {
     /// oldest first: what was given up, for auditors. None unless the journal keeps them.
     fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(Vec::new())
+    }
+    /// A cluster's shared dynamo cache entry (its encoded bytes, and who saved it, as
+    /// `journal/context`), for a journal that shares one with other journals. None when the
+    /// cluster has no such entry, or the journal shares no cache (the sled journal).
+    fn shared_cache_entry(
+        &self,
+        _namespace: &str,
+        _key: &str,
+    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        Ok(None)
+    }
+    /// This journal's name in a cluster (None for a journal of its own).
+    fn cluster_name(&self) -> Option<&str> {
+        None
     }
 }
 
@@ -200,6 +288,16 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         self.inner.lost_tails()
     }
+    fn shared_cache_entry(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        self.inner.shared_cache_entry(namespace, key)
+    }
+    fn cluster_name(&self) -> Option<&str> {
+        self.inner.cluster_name()
+    }
 }
 
 impl<J: Journal> Journal for std::sync::Arc<J> {
@@ -235,5 +333,15 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         (**self).lost_tails()
+    }
+    fn shared_cache_entry(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        (**self).shared_cache_entry(namespace, key)
+    }
+    fn cluster_name(&self) -> Option<&str> {
+        (**self).cluster_name()
     }
 }

@@ -25,7 +25,10 @@
 //! acknowledgement never rests on WAL only the primary has.
 //!
 //! Contents are content-addressed and stored once for the whole database (every journal of
-//! the cluster shares them), in parts of [`PART_BYTES`], so no single value is huge.
+//! the cluster shares them), in parts of [`PART_BYTES`], so no single value is huge. The
+//! dynamo cache is shared too (`pcx_dynamo_cache`, by namespace and key, written in the
+//! same transaction as the events that change it): an entry any journal saved loads in
+//! every other (see `crate::actor::shared_cache`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,7 +38,7 @@ use postgres::{Client, NoTls};
 
 use crate::core::model::Digest;
 use crate::store::error::{OpenError, StoreError};
-use crate::store::journal::{Commit, Journal, Records};
+use crate::store::journal::{Commit, Journal, Records, SharedCacheOp};
 
 /// The version of the schema this build creates and reads.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -80,6 +83,10 @@ CREATE TABLE IF NOT EXISTS pcx_content_parts (
 CREATE TABLE IF NOT EXISTS pcx_cache_view (
     journal text NOT NULL, key text NOT NULL, bytes bytea NOT NULL,
     PRIMARY KEY (journal, key)
+);
+CREATE TABLE IF NOT EXISTS pcx_dynamo_cache (
+    namespace text NOT NULL, key text NOT NULL, entry bytea NOT NULL, saved_by text NOT NULL,
+    PRIMARY KEY (namespace, key)
 );
 CREATE TABLE IF NOT EXISTS pcx_meta (
     journal text NOT NULL, key text NOT NULL, bytes bytea NOT NULL,
@@ -348,6 +355,7 @@ struct Group {
     records: Vec<(u64, Vec<u8>)>,
     cache_puts: Vec<(String, Vec<u8>)>,
     snapshot: Option<(u64, Vec<u8>)>,
+    shared_cache: Vec<SharedCacheOp>,
 }
 
 /// How a group's commit ended.
@@ -406,6 +414,28 @@ impl Group {
                  ON CONFLICT (journal, key) DO UPDATE SET bytes = EXCLUDED.bytes",
                 &[&self.journal, key, bytes],
             )?;
+        }
+        for op in &self.shared_cache {
+            match op {
+                SharedCacheOp::Put {
+                    namespace,
+                    key,
+                    entry,
+                    saved_by,
+                } => tx.execute(
+                    "INSERT INTO pcx_dynamo_cache (namespace, key, entry, saved_by) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (namespace, key) DO UPDATE SET entry = EXCLUDED.entry, saved_by = EXCLUDED.saved_by",
+                    &[namespace, key, entry, saved_by],
+                )?,
+                SharedCacheOp::Delete { namespace, key } => tx.execute(
+                    "DELETE FROM pcx_dynamo_cache WHERE namespace = $1 AND key = $2",
+                    &[namespace, key],
+                )?,
+                SharedCacheOp::Clear { namespace } => tx.execute(
+                    "DELETE FROM pcx_dynamo_cache WHERE namespace = $1",
+                    &[namespace],
+                )?,
+            };
         }
         tx.commit()?;
         Ok(true)
@@ -873,6 +903,7 @@ impl Journal for PgJournal {
             records: c.records.clone(),
             cache_puts: c.cache_puts.clone(),
             snapshot: c.snapshot.clone(),
+            shared_cache: c.shared_cache.clone(),
         };
         match self.db.run(move |db| group.commit(db))? {
             Outcome::Landed | Outcome::Resolved(true, _) => {
@@ -996,6 +1027,25 @@ impl Journal for PgJournal {
             }
             Ok(())
         })
+    }
+
+    fn shared_cache_entry(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        let (namespace, key) = (namespace.to_string(), key.to_string());
+        self.read("reading the cluster's dynamo cache", move |client, _| {
+            let row = client.query_opt(
+                "SELECT entry, saved_by FROM pcx_dynamo_cache WHERE namespace = $1 AND key = $2",
+                &[&namespace, &key],
+            )?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    fn cluster_name(&self) -> Option<&str> {
+        Some(&self.settings.journal)
     }
 
     fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

@@ -50,7 +50,7 @@ pub fn event_keys(event: &Event) -> Vec<String> {
             add(key);
             backends.keys().for_each(&mut add);
         }
-        Event::Scoped { event, .. } => return event_keys(event),
+        Event::Scoped { event, .. } | Event::Requested { event, .. } => return event_keys(event),
         Event::CacheEntryPut { key, entry, .. } => {
             add(key);
             entry.backends.keys().for_each(&mut add);
@@ -131,6 +131,10 @@ fn event_fields(event: &Event, m: &mut Map<String, Value>) {
         } => {
             m.insert("context".into(), json!(context));
             m.insert("namespace".into(), json!(namespace));
+            event_fields(event, m);
+        }
+        Event::Requested { request_id, event } => {
+            m.insert("request_id".into(), json!(request_id));
             event_fields(event, m);
         }
         Event::ContextDropped { context } => {

@@ -3,7 +3,7 @@
 //! tenfold with the neighbours' load, so results are ratios).
 //!
 //! ```text
-//! pcx-bench disk | w1 | w2 | w3 | w4 | w5 | compare-torch  [--quick] [--runs N] [--json]
+//! pcx-bench disk | w1 | w2 | w3 | w4 | w5 | w6 | compare-torch  [--quick] [--runs N] [--json]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -23,6 +23,8 @@ mod w2;
 mod w3;
 mod w4;
 mod w5;
+#[cfg(feature = "postgres")]
+mod w6;
 
 use disk::*;
 use torch::*;
@@ -31,11 +33,13 @@ use w2::*;
 use w3::*;
 use w4::*;
 use w5::*;
+#[cfg(feature = "postgres")]
+use w6::*;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "pcx-bench",
-    about = "pcx's workloads W1–W5 beside their references"
+    about = "pcx's workloads W1–W6 beside their references"
 )]
 struct Cli {
     /// Small sizes, for CI: every workload runs, figures are not meaningful.
@@ -65,6 +69,9 @@ enum Workload {
     W4,
     /// Loads of saved entries: eager against a plugin-served kind.
     W5,
+    /// A fleet on PostgreSQL (a pcx built with `--features postgres`): 4 pcx processes, 16
+    /// clients each, on a 3-node cluster, beside a bare PostgreSQL floor; then a takeover.
+    W6,
     /// W1 in pcx and in PyTorch, alternately, 3 times each.
     CompareTorch {
         #[arg(long)]
@@ -104,6 +111,12 @@ fn run(cli: &Cli) -> Result<()> {
         Workload::W3 => report(cli, "w3", runs(w3)?),
         Workload::W4 => report(cli, "w4", runs(w4)?),
         Workload::W5 => report(cli, "w5", runs(w5)?),
+        #[cfg(feature = "postgres")]
+        Workload::W6 => report(cli, "w6", runs(w6)?),
+        #[cfg(not(feature = "postgres"))]
+        Workload::W6 => anyhow::bail!(
+            "W6 needs PostgreSQL support: build with `cargo build --release --features postgres`"
+        ),
         Workload::CompareTorch { python } => compare_torch(cli, python.clone()),
         Workload::OpenProbe { dir } => open_probe(dir),
     }

@@ -11,11 +11,19 @@ use super::*;
 
 pub(crate) struct Server {
     child: std::process::Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
 impl Server {
-    fn start(dir: &Path, extra_env: &[(&str, String)]) -> Result<Server> {
+    /// Starts `pcx serve` on `dir` and waits until it listens.
+    pub(crate) fn start(dir: &Path, extra_env: &[(&str, String)]) -> Result<Server> {
+        let server = Server::spawn(dir, extra_env)?;
+        server.wait_ready(Duration::from_secs(30))?;
+        Ok(server)
+    }
+
+    /// Starts `pcx serve` on `dir` (data in `dir/data`, socket `dir/s.sock`) without waiting.
+    pub(crate) fn spawn(dir: &Path, extra_env: &[(&str, String)]) -> Result<Server> {
         let exe = std::env::current_exe()?;
         let pcx = exe.with_file_name("pcx");
         if !pcx.exists() {
@@ -36,14 +44,26 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if Instant::now() > deadline {
-                bail!("the server did not start listening within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
         Ok(Server { child, socket })
+    }
+
+    /// Waits until the server accepts connections.
+    pub(crate) fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("the server did not start listening within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the server (a crash) and reaps it (W6's takeover).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,7 +1,8 @@
-//! Faults of a fleet on PostgreSQL (pcx built with `--features postgres`, a database at
-//! `PCX_TEST_PG_URL`): a lost answer to a COMMIT is resolved from the database, not guessed;
-//! a lease holder paused past its lease (SIGSTOP) is fenced once it runs again, and nothing
-//! it wrote after losing the lease exists. Every wait is bounded.
+//! A fleet on PostgreSQL (pcx built with `--features postgres`, a database at
+//! `PCX_TEST_PG_URL`): two pcx processes for two journals share one dynamo cache (one saves,
+//! the other loads, namespaces kept apart); a lost answer to a COMMIT is resolved from the
+//! database, not guessed; a lease holder paused past its lease (SIGSTOP) is fenced once it
+//! runs again, and nothing it wrote after losing the lease exists. Every wait is bounded.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -238,6 +239,7 @@ struct Batch {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Batch {
@@ -250,15 +252,17 @@ impl Batch {
             .env("PCX_JOURNAL_WAIT_MS", wait_ms.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("pcx batch starts");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let stderr = child.stderr.take().map(common::drain);
         Batch {
             child,
             stdin,
             stdout,
+            stderr,
         }
     }
 
@@ -268,6 +272,16 @@ impl Batch {
         self.stdin.flush().expect("flush");
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("read an answer");
+        if line.is_empty() {
+            // The process ended: say why.
+            let _ = self.child.kill();
+            let stderr = self
+                .stderr
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default();
+            panic!("pcx batch ended without answering {request}: {stderr}");
+        }
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not an answer ({e}): {line:?}"))
     }
 
@@ -282,6 +296,74 @@ impl Drop for Batch {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[test]
+fn an_entry_one_pcx_saves_is_loaded_by_another_on_the_cluster_in_its_namespace_only() {
+    use common::protocol::{entry_with_codes, record_entry};
+    let (name_a, name_b) = (fresh_name("share-a"), fresh_name("share-b"));
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let mut a = Batch::start(dir_a.path(), &name_a, 10_000, 0);
+    let mut b = Batch::start(dir_b.path(), &name_b, 10_000, 0);
+    let in_ns = |mut v: Value, ns: &str| {
+        v["namespace"] = json!(ns);
+        v
+    };
+    for request in [
+        record("b1", "kernel one"),
+        record("b2", "kernel two"),
+        record_entry("f", entry_with_codes(&[&["b1", "b2"]])),
+        in_ns(json!({"op": "save_to_dynamo_cache"}), "job1"),
+    ] {
+        let answer = a.ask(request);
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    // B never recorded anything: its hit comes from the cluster.
+    let loaded = b.ask(in_ns(json!({"op": "load_cache_entry", "key": "f"}), "job1"));
+    assert_eq!(loaded["ok"], true, "{loaded}");
+    assert_eq!(
+        loaded["saved_by"],
+        format!("{name_a}/default"),
+        "the answer names the saver: {loaded}"
+    );
+    let text = loaded.to_string();
+    for content in ["kernel one", "kernel two"] {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(content);
+        assert!(
+            text.contains(&b64),
+            "the loaded backends carry {content:?}: {text}"
+        );
+    }
+    // Another namespace does not see it.
+    let other = b.ask(in_ns(json!({"op": "load_cache_entry", "key": "f"}), "job2"));
+    assert_eq!(other["ok"], false, "{other}");
+    assert_eq!(other["error"]["kind"], "package_not_found", "{other}");
+    drop(b);
+    drop(a);
+    // B's own log says what it loaded, and from whom, and verifies (its contents are the
+    // cluster's, stored once).
+    let env = |cmd: &mut std::process::Command| {
+        cmd.env("PCX_JOURNAL", "postgres")
+            .env("PCX_JOURNAL_URL", url())
+            .env("PCX_JOURNAL_NAME", &name_b);
+    };
+    let mut log = common::pcx(dir_b.path(), &["log"]);
+    env(&mut log);
+    let log = String::from_utf8(log.output().expect("pcx log").stdout).unwrap_or_default();
+    assert!(
+        log.contains("CacheEntryPut") && log.contains(&format!("{name_a}/default")),
+        "{log}"
+    );
+    assert!(log.contains("EntryLoaded"), "{log}");
+    let mut verify = common::pcx(dir_b.path(), &["verify"]);
+    env(&mut verify);
+    let v: Value =
+        serde_json::from_slice(&verify.output().expect("pcx verify").stdout).expect("JSON");
+    assert_eq!(v["ok"], true, "{v}");
 }
 
 fn record(key: &str, content: &str) -> Value {

@@ -1,0 +1,54 @@
+//! The dynamo cache a cluster shares (a journal in PostgreSQL): how a load takes up an entry
+//! that another journal saved (what a group tells the cluster of its own saves, deletes and
+//! clears is [`crate::store::journal::SharedCacheOp::of_event`]). PyTorch's processes share one cache directory; a fleet's pcx processes
+//! share this, namespaces and all.
+//!
+//! A context's own copies stay in its log (so that `log`, `state --at` and replay see every
+//! load with the entry it loaded): an entry adopted from the cluster is recorded as a
+//! `CacheEntryPut` whose saver is `journal/context` (a name no context can have, so it is
+//! never told back to the cluster), followed by the load's `EntryLoaded`.
+
+use super::context_actor::ContextActor;
+use crate::actor::error::ContextError;
+use crate::core::event::Event;
+use crate::store::record::{decode_saved_entry, encode_saved_entry};
+
+impl ContextActor {
+    /// Before a load of `key` on a journal whose cache a cluster shares: when the cluster's
+    /// entry differs from this context's copy (or it has none) and was saved by another
+    /// journal, stage it here as a `CacheEntryPut` naming its saver, so that the load takes
+    /// it. An entry this journal saved itself is already its own (perhaps newer, staged).
+    pub(super) fn adopt_shared_entry(&mut self, key: &str) -> Result<(), ContextError> {
+        let Some(me) = self.journal.cluster_name().map(str::to_string) else {
+            return Ok(());
+        };
+        let namespace = self.scope.namespace.clone();
+        let Some((bytes, saved_by)) = self.journal.shared_cache_entry(&namespace, key)? else {
+            return Ok(());
+        };
+        if saved_by.split('/').next() == Some(me.as_str()) {
+            return Ok(());
+        }
+        let own = self
+            .state
+            .cache(&namespace)
+            .get(key)
+            .map(encode_saved_entry)
+            .transpose()?;
+        if own.as_deref() == Some(bytes.as_slice()) {
+            return Ok(());
+        }
+        let entry = decode_saved_entry(&bytes).map_err(|e| ContextError::Storage {
+            message: format!("the cluster's dynamo cache entry {key} (namespace {namespace}, saved by {saved_by}) does not decode: {e}"),
+            no_space: false,
+        })?;
+        tracing::info!(key = %key, namespace = %namespace, saved_by = %saved_by, "adopting a dynamo cache entry the cluster shares");
+        self.stage(vec![Event::CacheEntryPut {
+            namespace,
+            key: key.to_string(),
+            entry,
+            saved_by,
+        }])?;
+        Ok(())
+    }
+}

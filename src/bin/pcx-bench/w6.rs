@@ -1,0 +1,206 @@
+//! W6, a compile fleet on PostgreSQL: pcx processes (4), each serving its own journal to 16
+//! closed-loop clients (256-byte records), on a 3-node cluster (a primary, two synchronous
+//! standbys, started here by `scripts/pg-cluster.sh`), beside the same run's references: the
+//! disk's fsync, and a bare PostgreSQL floor, minimal clients issuing the commit pcx issues
+//! (a compare-and-set of a head, a record insert, COMMIT) on as many connections. Then a
+//! takeover: the first holder is SIGKILLed, and a standby pcx that waits for its journal is
+//! timed until it answers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::{json, Value};
+
+use super::*;
+
+/// The lease of the W6 servers: a takeover is due within it plus a second.
+const LEASE_MS: u64 = 2_000;
+
+/// The cluster W6 runs on, destroyed when dropped.
+struct Cluster {
+    script: PathBuf,
+    dir: PathBuf,
+    base: u16,
+}
+
+impl Cluster {
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("bash")
+            .arg(&self.script)
+            .args(args)
+            .env("PCX_PG_DIR", &self.dir)
+            .env("PCX_PG_BASE_PORT", self.base.to_string())
+            .output()
+            .with_context(|| format!("running {}", self.script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "pg-cluster.sh {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn start(dir: &Path) -> Result<Cluster> {
+        let exe = std::env::current_exe()?;
+        // target/<profile>/pcx-bench → the repository's scripts/.
+        let script = exe
+            .ancestors()
+            .nth(3)
+            .map(|root| root.join("scripts/pg-cluster.sh"))
+            .filter(|p| p.exists())
+            .context("W6 needs scripts/pg-cluster.sh: run the pcx-bench built in the repository")?;
+        // PostgreSQL runs as the postgres user under root: it must reach the directory.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let c = Cluster {
+            script,
+            dir: dir.join("cluster"),
+            base: 47_000 + (std::process::id() % 600) as u16 * 3,
+        };
+        c.run(&["start"])?;
+        Ok(c)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.run(&["destroy"]);
+    }
+}
+
+fn server_env(url: &str, journal: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("PCX_JOURNAL", "postgres".to_string()),
+        ("PCX_JOURNAL_URL", url.to_string()),
+        ("PCX_JOURNAL_NAME", journal.to_string()),
+        ("PCX_JOURNAL_LEASE_MS", LEASE_MS.to_string()),
+    ]
+}
+
+/// The bare floor: `connections` closed-loop clients, each committing `per` transactions of
+/// the shape pcx commits (compare-and-set of its own head, one record), on their own threads.
+fn pg_floor(url: &str, connections: usize, per: usize, size: usize) -> Result<(f64, Vec<f64>)> {
+    let mut setup = postgres::Client::connect(url, postgres::NoTls)?;
+    setup.batch_execute(
+        "DROP TABLE IF EXISTS w6_heads, w6_records;
+         CREATE TABLE w6_heads (id integer PRIMARY KEY, head bigint NOT NULL);
+         CREATE TABLE w6_records (id integer NOT NULL, seq bigint NOT NULL, bytes bytea NOT NULL,
+                                  PRIMARY KEY (id, seq));",
+    )?;
+    for id in 0..connections as i32 {
+        setup.execute("INSERT INTO w6_heads VALUES ($1, 0)", &[&id])?;
+    }
+    let start = Instant::now();
+    let threads: Vec<_> = (0..connections)
+        .map(|c| {
+            let url = url.to_string();
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
+                let bytes = vec![7u8; size];
+                let id = c as i32;
+                let mut lat = Vec::with_capacity(per);
+                for seq in 0..per as i64 {
+                    let t = Instant::now();
+                    let mut tx = client.transaction()?;
+                    let moved = tx.execute(
+                        "UPDATE w6_heads SET head = $1 WHERE id = $2 AND head = $3",
+                        &[&(seq + 1), &id, &seq],
+                    )?;
+                    if moved != 1 {
+                        bail!("floor client {c}: its head moved");
+                    }
+                    tx.execute(
+                        "INSERT INTO w6_records VALUES ($1, $2, $3)",
+                        &[&id, &(seq + 1), &bytes],
+                    )?;
+                    tx.commit()?;
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a floor client panicked"))??,
+        );
+    }
+    Ok((start.elapsed().as_secs_f64(), all))
+}
+
+/// SIGKILLs the holder of `w6-0` and times a waiting standby until it answers a request.
+fn takeover(dir: &Path, url: &str, holder: Server) -> Result<f64> {
+    let standby_dir = dir.join("standby");
+    std::fs::create_dir_all(&standby_dir)?;
+    let mut env = server_env(url, "w6-0");
+    env.push(("PCX_JOURNAL_WAIT_MS", "60000".to_string()));
+    let standby = Server::spawn(&standby_dir, &env)?;
+    // Let the standby reach its wait for the lease.
+    std::thread::sleep(Duration::from_millis(500));
+    holder.kill();
+    let killed = Instant::now();
+    standby.wait_ready(Duration::from_secs(60))?;
+    closed_loop(&standby.socket, 1, 1, 256)?;
+    Ok(killed.elapsed().as_secs_f64())
+}
+
+pub(crate) fn w6(quick: bool) -> Result<Value> {
+    let (servers, clients, per) = if quick { (2, 4, 25) } else { (4, 16, 300) };
+    let d = disk(true)?;
+    let fsync_ms = d["fsync_ms"].as_f64().unwrap_or(f64::NAN);
+    let dir = temp_dir("w6")?;
+    let cluster = Cluster::start(dir.path())?;
+    let url = cluster.run(&["url"])?;
+
+    let mut fleet = Vec::new();
+    for i in 0..servers {
+        let d = dir.path().join(format!("p{i}"));
+        std::fs::create_dir_all(&d)?;
+        fleet.push(Server::start(&d, &server_env(&url, &format!("w6-{i}")))?);
+    }
+    let start = Instant::now();
+    let loads: Vec<_> = fleet
+        .iter()
+        .map(|s| {
+            let socket = s.socket.clone();
+            std::thread::spawn(move || closed_loop(&socket, clients, per, 256))
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for l in loads {
+        let (_, l) = l
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+        lat.extend(l);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let total = (servers * clients * per) as f64;
+    let mut fleet = fleet.into_iter();
+    let first = fleet.next().context("no server")?;
+    drop(fleet);
+
+    let (floor_secs, floor_lat) = pg_floor(&url, servers * clients, per, 256)?;
+    let takeover_s = takeover(dir.path(), &url, first)?;
+    drop(cluster);
+
+    let throughput = total / secs;
+    let floor = total / floor_secs;
+    Ok(json!({
+        "servers": servers,
+        "clients_per_server": clients,
+        "records_per_s": throughput,
+        "p50_ms": percentile(lat.clone(), 0.5),
+        "p99_ms": percentile(lat, 0.99),
+        "floor_pg_records_per_s (same commit, minimal client)": floor,
+        "floor_pg_p50_ms": percentile(floor_lat, 0.5),
+        "fraction_of_pg_floor": throughput / floor,
+        "fsync_ms (same run)": fsync_ms,
+        "takeover_after_sigkill_s": takeover_s,
+        "lease_s": LEASE_MS as f64 / 1e3,
+    }))
+}

@@ -1,0 +1,117 @@
+//! Client request ids: a request may carry `"request_id"`, and a retry of it (after a lost
+//! answer, a restart, or a takeover of the journal) is answered `already_applied` instead of
+//! being applied twice, on the wire as the library sees it, across restarts and snapshots.
+
+mod common;
+
+use common::protocol::{batch, cli_lines, record, take};
+use serde_json::{json, Value};
+
+fn with_id(mut request: Value, id: &str) -> Value {
+    request["request_id"] = json!(id);
+    request
+}
+
+fn events(dir: &std::path::Path) -> Vec<Value> {
+    cli_lines(dir, &["log"])
+}
+
+#[test]
+fn a_retried_request_is_answered_already_applied_and_applied_once() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let answers = batch(
+        dir.path(),
+        &[
+            with_id(record("a", "first"), "req-1"),
+            // The retry comes in the same group as the first, before it is durable.
+            with_id(record("a", "first"), "req-1"),
+            with_id(take("a"), "req-2"),
+            with_id(take("a"), "req-2"),
+        ],
+    );
+    assert_eq!(answers[0]["ok"], true, "{}", answers[0]);
+    assert!(answers[0]["seq"].is_u64(), "{}", answers[0]);
+    assert_eq!(
+        answers[1],
+        json!({"ok": true, "already_applied": true, "request_id": "req-1"})
+    );
+    assert_eq!(answers[2]["ok"], true);
+    assert!(
+        !answers[2]["artifact"].is_null(),
+        "the take took it: {}",
+        answers[2]
+    );
+    assert_eq!(
+        answers[3]["already_applied"], true,
+        "a second take is not applied: {}",
+        answers[3]
+    );
+    let log = events(dir.path());
+    assert_eq!(log.len(), 2, "one event per request id: {log:#?}");
+    assert_eq!(log[0]["request_id"], "req-1");
+    assert_eq!(log[1]["request_id"], "req-2");
+}
+
+#[test]
+fn a_retry_after_a_restart_is_still_already_applied() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let first = batch(dir.path(), &[with_id(record("k", "v1"), "job-7:rec-k")]);
+    assert_eq!(first[0]["ok"], true);
+    // A new process replays the log (and, on the second retry, a snapshot).
+    let again = batch(dir.path(), &[with_id(record("k", "v2"), "job-7:rec-k")]);
+    assert_eq!(again[0]["already_applied"], true, "{}", again[0]);
+    let snapshotted = common::protocol::batch_raw(
+        dir.path(),
+        &format!("{}\n", with_id(record("other", "x"), "job-7:rec-other")),
+        &[("PCX_SNAPSHOT_EVERY", "1")],
+    );
+    assert!(
+        snapshotted.stdout.contains("\"ok\":true"),
+        "{}",
+        snapshotted.stdout
+    );
+    let third = batch(dir.path(), &[with_id(record("k", "v3"), "job-7:rec-k")]);
+    assert_eq!(third[0]["already_applied"], true, "{}", third[0]);
+    let state = common::protocol::cli_value(dir.path(), &["state", "--key", "k"]);
+    assert_eq!(
+        state["artifact"]["content_b64"],
+        common::protocol::b64("v1"),
+        "the first write stands: {state}"
+    );
+    assert_eq!(events(dir.path()).len(), 2);
+}
+
+#[test]
+fn requests_without_an_id_or_with_another_id_are_applied_as_always() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let answers = batch(
+        dir.path(),
+        &[
+            record("a", "x"),
+            record("a", "x"),
+            with_id(record("a", "x"), "r1"),
+            with_id(record("a", "x"), "r2"),
+        ],
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|a| a["ok"] == true && a.get("already_applied").is_none()),
+        "{answers:#?}"
+    );
+    assert_eq!(events(dir.path()).len(), 4);
+}
+
+#[test]
+fn a_malformed_request_id_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().expect("a directory");
+    for bad in [json!(7), json!(""), json!("x".repeat(257))] {
+        let mut request = record("a", "x");
+        request["request_id"] = bad.clone();
+        let answer = &batch(dir.path(), &[request])[0];
+        assert_eq!(answer["ok"], false, "{bad}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("request_id"), "{bad}: {message}");
+    }
+    assert!(events(dir.path()).is_empty(), "nothing was applied");
+}
