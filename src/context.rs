@@ -283,7 +283,11 @@ pub fn pg_settings(config: &Config) -> crate::store::pg_journal::PgSettings {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
     let address = if config.tcp_listen.is_empty() {
-        config.socket().display().to_string()
+        let socket = config.socket();
+        std::path::absolute(&socket)
+            .unwrap_or(socket)
+            .display()
+            .to_string()
     } else {
         config.tcp_listen.clone()
     };

@@ -425,3 +425,97 @@ fn a_holder_paused_past_its_lease_is_fenced_when_it_runs_again_and_its_late_writ
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["events"], 2, "{answer}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// clients follow the holder
+
+/// `pcx serve` for a journal, on a socket of its own; killed when dropped.
+struct Serve(Child);
+
+impl Serve {
+    fn start(dir: &std::path::Path, name: &str, wait_ms: u64) -> (Serve, std::path::PathBuf) {
+        let socket = dir.join("s.sock");
+        let child = common::pcx(dir, &["serve", "--socket"])
+            .arg(&socket)
+            .env("PCX_JOURNAL", "postgres")
+            .env("PCX_JOURNAL_URL", url())
+            .env("PCX_JOURNAL_NAME", name)
+            .env("PCX_JOURNAL_LEASE_MS", "1500")
+            .env("PCX_JOURNAL_WAIT_MS", wait_ms.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pcx serve starts");
+        (Serve(child), socket)
+    }
+
+    fn wait_listening(socket: &std::path::Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not listen on {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `pcx client` with no address: it asks the database where the journal's holder serves.
+fn client_following(name: &str, request: &Value) -> Value {
+    let elsewhere = tempfile::tempdir().expect("a dir");
+    let mut child = common::pcx(elsewhere.path(), &["client"])
+        .env("PCX_JOURNAL", "postgres")
+        .env("PCX_JOURNAL_URL", url())
+        .env("PCX_JOURNAL_NAME", name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pcx client starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{request}").expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().expect("pcx client ends");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "pcx client answered no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn pcx_client_finds_the_journals_holder_in_the_database_and_follows_a_takeover() {
+    let name = fresh_name("follow");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, socket_a) = Serve::start(dir_a.path(), &name, 0);
+    Serve::wait_listening(&socket_a);
+    let first = client_following(&name, &record("k1", "through A"));
+    assert_eq!(first["ok"], true, "{first}");
+    // B waits as a standby; A dies; B takes over and records its own address.
+    let (_b, socket_b) = Serve::start(dir_b.path(), &name, 30_000);
+    drop(a);
+    Serve::wait_listening(&socket_b);
+    let second = client_following(&name, &record("k2", "through B"));
+    assert_eq!(second["ok"], true, "{second}");
+    let both = client_following(
+        &name,
+        &json!({"op": "serialize_artifact_by_key", "key": "k1"}),
+    );
+    assert!(
+        !both["artifact"].is_null(),
+        "B serves what A recorded: {both}"
+    );
+}

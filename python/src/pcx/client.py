@@ -8,6 +8,8 @@ Three ways to get one::
     Client.default()                             # the embedded default: a per-user data
                                                  # directory and a ``pcx serve`` started once
                                                  # and reused (see :mod:`pcx.server`)
+    Client.follow()                              # a fleet's journal in PostgreSQL: whichever
+                                                 # ``pcx serve`` holds it now
 
 Every method sends one request and returns its answer map (``*_b64`` fields as ``bytes``).
 ``context`` and ``namespace``, when given to the constructor, go with every request that takes
@@ -17,6 +19,9 @@ client also works with a server that predates them.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -145,6 +150,41 @@ class Client:
         from .server import ensure_server
 
         return cls.connect(ensure_server(), context=context, namespace=namespace)
+
+    @classmethod
+    def follow(
+        cls,
+        *,
+        binary: Optional[str] = None,
+        token: Optional[str] = None,
+        timeout: Optional[float] = 120.0,
+        context: Optional[str] = None,
+        namespace: Optional[str] = None,
+    ) -> "Client":
+        """Connects to the ``pcx serve`` that holds a fleet's journal now (the journal named by
+        the environment: ``PCX_JOURNAL=postgres``, ``PCX_JOURNAL_URL``, ``PCX_JOURNAL_NAME``),
+        as ``pcx holder`` finds it in the database. After a takeover the address moves: call
+        it again when a connection breaks, and retry with the same ``request_id``."""
+        from .errors import TransportError
+        from .server import find_binary
+
+        done = subprocess.run(
+            [binary or find_binary(), "holder"], capture_output=True, text=True, timeout=60
+        )
+        if done.returncode != 0:
+            raise TransportError(f"pcx holder failed: {done.stderr.strip()}")
+        address: str = json.loads(done.stdout)["address"]
+        if "/" not in address and ":" in address:
+            host, port = address.rsplit(":", 1)
+            return cls.tcp(
+                host,
+                int(port),
+                token if token is not None else os.environ.get("PCX_TCP_TOKEN", ""),
+                timeout=timeout,
+                context=context,
+                namespace=namespace,
+            )
+        return cls.connect(address, timeout=timeout, context=context, namespace=namespace)
 
     def close(self) -> None:
         self._transport.close()

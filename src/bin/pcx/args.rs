@@ -146,6 +146,9 @@ pub(crate) enum Command {
         #[arg(long)]
         token: Option<String>,
     },
+    /// With `journal = "postgres"`: who holds the configured journal and where it serves, as
+    /// one JSON line (`pcx client` and the Python client follow it).
+    Holder,
     /// Drop the events before SEQ (and content no longer referenced), keeping the state.
     Compact {
         #[arg(long)]

@@ -91,6 +91,7 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
             token_file,
             token,
         } => return client(&config, socket, tcp, token_file, token),
+        Command::Holder => return crate::remote::print_holder(&config),
         Command::Salvage { output, scan } => return salvage(&config, &output, scan),
         c @ (Command::Log { .. }
         | Command::History { .. }

@@ -12,11 +12,18 @@ use pcx::config::Config;
 use pcx::Context;
 
 pub(crate) async fn serve(
-    config: Config,
+    mut config: Config,
     socket: Option<PathBuf>,
     tcp: Option<String>,
 ) -> Result<ExitCode> {
-    let tcp_addr = tcp.unwrap_or_else(|| config.tcp_listen.clone());
+    // Where this server listens is what a fleet's journal records as its holder's address.
+    if let Some(socket) = &socket {
+        config.socket_path = std::path::absolute(socket).unwrap_or_else(|_| socket.clone());
+    }
+    if let Some(tcp) = &tcp {
+        config.tcp_listen = tcp.clone();
+    }
+    let tcp_addr = config.tcp_listen.clone();
     let tcp = if tcp_addr.is_empty() {
         None
     } else {
@@ -26,7 +33,7 @@ pub(crate) async fn serve(
         Some((addr, config.tcp_token.clone()))
     };
     let server = pcx::interface::server::ServerConfig {
-        socket_path: socket.unwrap_or_else(|| config.socket()),
+        socket_path: config.socket(),
         tcp,
         max_frame_bytes: config.max_frame_bytes,
         max_in_flight_per_connection: config.max_in_flight_per_connection,
@@ -117,6 +124,10 @@ pub(crate) fn client(
     token_file: Option<PathBuf>,
     token: Option<String>,
 ) -> Result<ExitCode> {
+    let (socket, tcp) = match (socket, tcp) {
+        (None, None) if config.journal == pcx::config::JournalBackend::Postgres => holder(config)?,
+        given => given,
+    };
     let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
     let mut stdout = io::stdout().lock();
     let (limit, in_flight) = (config.max_request_bytes, config.max_in_flight);
@@ -142,6 +153,54 @@ pub(crate) fn client(
             pcx::interface::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Who holds the configured journal (in PostgreSQL), where it serves (a TCP address, or a
+/// socket path on its machine) and its epoch.
+fn lookup_holder(config: &Config) -> Result<(String, String, i64)> {
+    #[cfg(feature = "postgres")]
+    {
+        let journal =
+            pcx::store::pg_journal::PgJournal::open_reader(pcx::context::pg_settings(config))?;
+        journal.holder()?.with_context(|| {
+            format!(
+                "journal {} has never been served: no holder to connect to",
+                config.journal_name
+            )
+        })
+    }
+    #[cfg(not(feature = "postgres"))]
+    {
+        anyhow::bail!(
+            "journal = \"postgres\" ({}): this pcx was built without PostgreSQL support (build it with `--features postgres`)",
+            config.journal_name
+        )
+    }
+}
+
+/// Where `pcx client` connects for a journal in PostgreSQL: its holder's address.
+fn holder(config: &Config) -> Result<(Option<PathBuf>, Option<String>)> {
+    let (holder, address, epoch) = lookup_holder(config)?;
+    tracing::info!(%holder, %address, epoch, "following the journal's holder");
+    let is_tcp = !address.contains('/') && address.contains(':');
+    Ok(if is_tcp {
+        (None, Some(address))
+    } else {
+        (Some(PathBuf::from(address)), None)
+    })
+}
+
+/// `pcx holder`: the configured journal's holder as one JSON line.
+pub(crate) fn print_holder(config: &Config) -> Result<ExitCode> {
+    if config.journal != pcx::config::JournalBackend::Postgres {
+        anyhow::bail!("`pcx holder` is for a journal in PostgreSQL (journal = \"postgres\"); this one is the data directory {}", config.data_dir.display());
+    }
+    let (holder, address, epoch) = lookup_holder(config)?;
+    println!(
+        "{}",
+        json!({"ok": true, "journal": config.journal_name, "holder": holder, "address": address, "epoch": epoch})
+    );
     Ok(ExitCode::SUCCESS)
 }
 
