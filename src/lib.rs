@@ -7,7 +7,7 @@
 //! | layer | what it owns | IO? |
 //! |---|---|---|
 //! | [`core`] | artifacts, dynamo entries, events, the folded state and its one `apply`, stitching, scopes (contexts and namespaces) | no |
-//! | [`store`] | the record format and hash chain, packs, the `Journal` trait and the sled journal, sled's log checked before sled opens it, content files, replay, the directory lock and swap, damage reports | sled, files |
+//! | [`store`] | the record format and hash chain, packs, the `Journal` trait, the sled journal and (feature `postgres`) the PostgreSQL journal, sled's log checked before sled opens it, content files, replay, the directory lock and swap, damage reports | sled, files |
 //! | [`plugins`] | loading plugin libraries (every `unsafe` of the ABI), trying them in a child process first, the registry of kinds | dlopen |
 //! | [`audit`] | read-only questions of a log, verify, export and import, compaction, lost tails, salvage | via the store |
 //! | [`actor`] | the context actor: messages, answers once durable, the request loop, requests in a named context or namespace, loads, the committer and plugin threads | threads |

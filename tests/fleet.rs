@@ -34,18 +34,20 @@ fn fresh_name(what: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// a TCP proxy in front of the database that loses a COMMIT, or the answer to one
+// a TCP proxy in front of the database that loses a group's commit, or the answer to it
 
 const PASS: u8 = 0;
-/// The next COMMIT is not forwarded; both sockets close (the transaction never commits).
+/// The next group's commit (the statement that writes its records, which commits as it ends)
+/// is not forwarded; both sockets close (the group never commits).
 const LOSE_COMMIT: u8 = 1;
-/// The next COMMIT is forwarded, its answer is not; both sockets close once the database
-/// has had time to commit (the transaction commits, the client never hears so).
+/// The next group's commit is forwarded, its answer is not; both sockets close once the
+/// database has had time to commit (the group commits, the client never hears so).
 const LOSE_ANSWER: u8 = 2;
 
 struct Proxy {
     port: u16,
     mode: Arc<AtomicU8>,
+    marker: Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl Proxy {
@@ -53,29 +55,34 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let mode = Arc::new(AtomicU8::new(PASS));
-        let m = mode.clone();
+        let marker: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+        let (m, k) = (mode.clone(), marker.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = TcpStream::connect((upstream.0.as_str(), upstream.1)) else {
                     continue;
                 };
-                let m = m.clone();
+                let (m, k) = (m.clone(), k.clone());
                 let (c2, s2) = (
                     client.try_clone().expect("clone"),
                     server.try_clone().expect("clone"),
                 );
                 let cut = Arc::new(AtomicU8::new(0));
                 let cut2 = cut.clone();
-                // client -> server, watching for COMMIT
-                std::thread::spawn(move || pump_up(client, server, &m, &cut));
-                // server -> client, silenced once a COMMIT's answer is to be lost
+                // client -> server, watching for a group's commit
+                std::thread::spawn(move || pump_up(client, server, &m, &k, &cut));
+                // server -> client, silenced once a commit's answer is to be lost
                 std::thread::spawn(move || pump_down(s2, c2, &cut2));
             }
         });
-        Proxy { port, mode }
+        Proxy { port, mode, marker }
     }
 
-    fn arm(&self, mode: u8) {
+    /// The next client message that carries `marker` (a group's record bytes: they travel
+    /// in the message that executes the group's statement, which commits as it ends) is lost,
+    /// or its answer is.
+    fn arm(&self, mode: u8, marker: &[u8]) {
+        *self.marker.lock().unwrap_or_else(|p| p.into_inner()) = marker.to_vec();
         self.mode.store(mode, Ordering::SeqCst);
     }
 
@@ -93,7 +100,13 @@ impl Proxy {
     }
 }
 
-fn pump_up(mut from: TcpStream, mut to: TcpStream, mode: &AtomicU8, cut: &AtomicU8) {
+fn pump_up(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    mode: &AtomicU8,
+    marker: &std::sync::Mutex<Vec<u8>>,
+    cut: &AtomicU8,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -101,7 +114,10 @@ fn pump_up(mut from: TcpStream, mut to: TcpStream, mode: &AtomicU8, cut: &Atomic
             Ok(n) => n,
         };
         let chunk = &buf[..n];
-        let is_commit = chunk.windows(6).any(|w| w == b"COMMIT");
+        let is_commit = {
+            let m = marker.lock().unwrap_or_else(|p| p.into_inner());
+            !m.is_empty() && chunk.windows(m.len()).any(|w| w == m.as_slice())
+        };
         let armed = if is_commit {
             mode.swap(PASS, Ordering::SeqCst)
         } else {
@@ -188,7 +204,7 @@ fn a_commit_whose_answer_was_lost_is_found_to_have_landed_and_is_answered_ok() {
     let name = fresh_name("lost-answer");
     let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
     j.commit(&group(1, b"before")).unwrap();
-    proxy.arm(LOSE_ANSWER);
+    proxy.arm(LOSE_ANSWER, b"answer lost");
     // The database committed; the connection broke before its answer: pcx must learn that
     // the group landed (and answer ok), not report a failure for a stored write.
     j.commit(&group(2, b"answer lost"))
@@ -212,7 +228,7 @@ fn a_commit_that_never_reached_the_database_is_found_not_to_have_landed() {
     let name = fresh_name("lost-commit");
     let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
     j.commit(&group(1, b"before")).unwrap();
-    proxy.arm(LOSE_COMMIT);
+    proxy.arm(LOSE_COMMIT, b"never committed");
     match j.commit(&group(2, b"never committed")) {
         Err(StoreError::Database { what, .. }) => {
             assert!(
@@ -518,4 +534,44 @@ fn pcx_client_finds_the_journals_holder_in_the_database_and_follows_a_takeover()
         !both["artifact"].is_null(),
         "B serves what A recorded: {both}"
     );
+}
+
+#[test]
+fn compaction_of_a_journal_in_postgres_is_one_transaction_that_verify_accepts() {
+    let name = fresh_name("compact");
+    let dir = tempfile::tempdir().expect("a dir");
+    {
+        // Killed at the end of this block: its short lease lets compaction take over soon.
+        let mut a = Batch::start(dir.path(), &name, 1_000, 0);
+        for i in 1..=10 {
+            let answer = a.ask(record(&format!("k{i}"), &format!("content {i}")));
+            assert_eq!(answer["ok"], true, "{answer}");
+        }
+    }
+    let run = |args: &[&str]| -> Value {
+        let out = common::pcx(dir.path(), args)
+            .env("PCX_JOURNAL", "postgres")
+            .env("PCX_JOURNAL_URL", url())
+            .env("PCX_JOURNAL_NAME", &name)
+            .env("PCX_JOURNAL_WAIT_MS", "10000")
+            .output()
+            .expect("pcx runs");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?} answered no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let compacted = run(&["compact", "--before", "6"]);
+    assert_eq!(compacted["ok"], true, "{compacted}");
+    assert_eq!(compacted["anchored_at"], 5, "{compacted}");
+    assert_eq!(compacted["events_removed"], 5, "{compacted}");
+    let verify = run(&["verify"]);
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert_eq!(verify["anchored_at"], 5, "{verify}");
+    assert_eq!(verify["events"], 5, "the events from 6 on remain: {verify}");
+    // The state before the anchor is the anchor's: k1 still reads.
+    let k1 = run(&["state", "--key", "k1"]);
+    assert!(!k1["artifact"].is_null(), "{k1}");
 }

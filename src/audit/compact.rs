@@ -240,3 +240,38 @@ fn write_compacted(
         "blob_bytes_removed": blob_bytes_removed,
     }))
 }
+
+/// `pcx compact --before SEQ` on a journal in PostgreSQL, as its writer: the anchor (the state
+/// right after `SEQ - 1`, with that record's hash) is set and the events and snapshots before
+/// it are deleted **in one transaction**, so the journal is either as it was or compacted.
+/// Contents stay: the cluster shares them, and one journal cannot tell whether another
+/// still refers to one.
+#[cfg(feature = "postgres")]
+pub fn compact_postgres(
+    journal: &crate::store::pg_journal::PgJournal,
+    before: u64,
+    progress: Progress,
+) -> Result<Value, CompactError> {
+    let start = base(journal).map_err(AuditError::from)?;
+    let anchor_seq = before.saturating_sub(1);
+    if anchor_seq <= start.head.seq {
+        return Err(CompactError::Nothing {
+            before,
+            first_kept: start.head.seq,
+        });
+    }
+    let (anchor_state, anchor_head) = state_at(journal, anchor_seq, progress)?;
+    let anchor =
+        encode_snapshot_of(anchor_seq, anchor_head.hash, &anchor_state, 0).map_err(|e| {
+            StoreError::Damaged {
+                what: format!("the anchor does not encode: {e}"),
+            }
+        })?;
+    let (events_removed, snapshots_removed) = journal.compact_before(anchor_seq, &anchor)?;
+    Ok(json!({
+        "ok": true,
+        "anchored_at": anchor_seq,
+        "events_removed": events_removed,
+        "snapshots_removed": snapshots_removed,
+    }))
+}

@@ -1,9 +1,10 @@
 //! W6, a compile fleet on PostgreSQL: pcx processes (4), each serving its own journal to 16
 //! closed-loop clients (256-byte records), on a 3-node cluster (a primary, two synchronous
 //! standbys, started here by `scripts/pg-cluster.sh`), beside the same run's references: the
-//! disk's fsync, and a bare PostgreSQL floor, minimal clients issuing the commit pcx issues
-//! (a compare-and-set of a head, a record insert, COMMIT) on as many connections. Then a
-//! takeover: the first holder is SIGKILLed, and a standby pcx that waits for its journal is
+//! disk's fsync, and two bare PostgreSQL floors: minimal clients issuing the commit pcx issues
+//! (a compare-and-set of a head, a record insert, COMMIT) one request per transaction on as
+//! many connections, and one writer per pcx process committing groups of as many records as
+//! it has clients (the best grouping pcx could do, with no server between). Then a takeover: the first holder is SIGKILLed, and a standby pcx that waits for its journal is
 //! timed until it answers.
 
 use std::path::{Path, PathBuf};
@@ -133,6 +134,57 @@ fn pg_floor(url: &str, connections: usize, per: usize, size: usize) -> Result<(f
     Ok((start.elapsed().as_secs_f64(), all))
 }
 
+/// The group-commit floor: `writers` minimal clients (one per pcx process), each committing
+/// `per` transactions of `group` records (a compare-and-set of its head, the records in one
+/// insert): the commit pcx issues when every one of its clients' requests makes the group,
+/// with no server in between. What pcx could reach at best on this cluster.
+fn pg_group_floor(url: &str, writers: usize, group: usize, per: usize, size: usize) -> Result<f64> {
+    let mut setup = postgres::Client::connect(url, postgres::NoTls)?;
+    setup.batch_execute(
+        "DROP TABLE IF EXISTS w6_gheads, w6_grecords;
+         CREATE TABLE w6_gheads (id integer PRIMARY KEY, head bigint NOT NULL);
+         CREATE TABLE w6_grecords (id integer NOT NULL, seq bigint NOT NULL, bytes bytea NOT NULL,
+                                   PRIMARY KEY (id, seq));",
+    )?;
+    for id in 0..writers as i32 {
+        setup.execute("INSERT INTO w6_gheads VALUES ($1, 0)", &[&id])?;
+    }
+    let start = Instant::now();
+    let threads: Vec<_> = (0..writers)
+        .map(|w| {
+            let url = url.to_string();
+            std::thread::spawn(move || -> Result<()> {
+                let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
+                let id = w as i32;
+                let bytes: Vec<Vec<u8>> = (0..group).map(|_| vec![7u8; size]).collect();
+                for g in 0..per as i64 {
+                    let (old, new) = (g * group as i64, (g + 1) * group as i64);
+                    let seqs: Vec<i64> = (old + 1..=new).collect();
+                    let mut tx = client.transaction()?;
+                    if tx.execute(
+                        "UPDATE w6_gheads SET head = $1 WHERE id = $2 AND head = $3",
+                        &[&new, &id, &old],
+                    )? != 1
+                    {
+                        bail!("group floor writer {w}: its head moved");
+                    }
+                    tx.execute(
+                        "INSERT INTO w6_grecords SELECT $1, s, b FROM unnest($2::bigint[], $3::bytea[]) AS t(s, b)",
+                        &[&id, &seqs, &bytes],
+                    )?;
+                    tx.commit()?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a group floor writer panicked"))??;
+    }
+    Ok((writers * group * per) as f64 / start.elapsed().as_secs_f64())
+}
+
 /// SIGKILLs the holder of `w6-0` and times a waiting standby until it answers a request.
 fn takeover(dir: &Path, url: &str, holder: Server) -> Result<f64> {
     let standby_dir = dir.join("standby");
@@ -185,6 +237,7 @@ pub(crate) fn w6(quick: bool) -> Result<Value> {
     drop(fleet);
 
     let (floor_secs, floor_lat) = pg_floor(&url, servers * clients, per, 256)?;
+    let group_floor = pg_group_floor(&url, servers, clients, per, 256)?;
     let takeover_s = takeover(dir.path(), &url, first)?;
     drop(cluster);
 
@@ -199,6 +252,8 @@ pub(crate) fn w6(quick: bool) -> Result<Value> {
         "floor_pg_records_per_s (same commit, minimal client)": floor,
         "floor_pg_p50_ms": percentile(floor_lat, 0.5),
         "fraction_of_pg_floor": throughput / floor,
+        "floor_pg_group_commit_records_per_s (groups of clients_per_server)": group_floor,
+        "fraction_of_pg_group_floor (target >= 0.7)": throughput / group_floor,
         "fsync_ms (same run)": fsync_ms,
         "takeover_after_sigkill_s": takeover_s,
         "lease_s": LEASE_MS as f64 / 1e3,

@@ -182,18 +182,34 @@ fn read_command(
 /// The audit commands on a PostgreSQL journal: the reading ones work as on a data
 /// directory (the records are the same bytes); the rewriting ones are the data directory's.
 fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
-    if matches!(
-        command,
-        Command::Compact { .. } | Command::Import { .. } | Command::Recover { .. }
-    ) {
+    if matches!(command, Command::Import { .. } | Command::Recover { .. }) {
         return Ok(answer_error(
             "unsupported",
-            "compact, import and recover work on a sled data directory; the postgres journal has no such command yet",
+            "import and recover work on a sled data directory; the postgres journal has no such command yet",
         ));
     }
     #[cfg(feature = "postgres")]
     {
         let settings = pcx::context::pg_settings(config);
+        if let Command::Compact { before } = command {
+            // Compaction writes: it takes the journal's lease, as a server would.
+            let journal = match pcx::store::pg_journal::PgJournal::open(settings) {
+                Ok(j) => j,
+                Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
+            };
+            let bar = progress_bar(config, before, "compacting");
+            let report = pcx::audit::compact::compact_postgres(&journal, before, &mut |s| {
+                bar.set_position(s)
+            });
+            bar.finish_and_clear();
+            return Ok(match report {
+                Ok(r) => {
+                    println!("{r}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => answer_error("compact_failed", &e.to_string()),
+            });
+        }
         match pcx::store::pg_journal::PgJournal::open_reader(settings) {
             Ok(journal) => read_command(command, &journal, config),
             Err(e) => Ok(answer_error("open_failed", &error_text(&e.into()))),

@@ -1,0 +1,526 @@
+//! The PostgreSQL-backed journal (cargo feature `postgres`): the event log of one named
+//! journal in a PostgreSQL database, for a compile fleet that outgrows one machine. pcx adds
+//! no replication of its own: durability across machines is PostgreSQL's synchronous
+//! streaming replication (`synchronous_commit = on` with synchronous standbys), so a group is
+//! acknowledged only once its transaction's WAL is flushed on the primary and the standbys
+//! the database requires.
+//!
+//! Records keep their exact bytes and sequence numbers (the hash chain is in the bytes, made
+//! above), so replay, `verify`, `log` and every audit query work unchanged. One group commit
+//! is one transaction: a compare-and-set of the journal's head (sequence number **and** the
+//! writer's epoch **and** an unexpired lease, all judged by the database's clock), then the
+//! contents, records, snapshot and cache view.
+//!
+//! **One writer, fenced.** Opening takes the journal's lease: a new epoch, granted only when
+//! no live holder has it. Every commit checks the epoch and the lease in the same statement
+//! that moves the head, so a holder that was paused or cut off past its lease cannot write,
+//! even if it believes it still holds it ([`StoreError::Fenced`]). A thread renews the lease
+//! every third of its period on its own connection.
+//!
+//! **A lost acknowledgement is resolved, not guessed.** When the connection breaks while a
+//! group commits, the outcome is learned from the database: once the old session is gone
+//! (its transaction then either committed or did not), the head and the stored newest record
+//! (byte for byte) say whether the group landed, and a landed group is answered only after a
+//! later synchronous commit (the lease renewal) has passed through replication, so that an
+//! acknowledgement never rests on WAL only the primary has.
+//!
+//! Contents are content-addressed and stored once for the whole database (every journal of
+//! the cluster shares them), in parts of [`PART_BYTES`], so no single value is huge. The
+//! dynamo cache is shared too (`pcx_dynamo_cache`, by namespace and key, written in the
+//! same transaction as the events that change it): an entry any journal saved loads in
+//! every other (see `crate::actor::shared_cache`).
+
+mod db;
+mod group;
+mod lease;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use postgres::Client;
+
+use crate::core::model::Digest;
+use crate::store::error::{OpenError, StoreError};
+use crate::store::journal::{Commit, Journal, Records};
+
+use db::*;
+use group::*;
+use lease::*;
+
+pub use db::{redact, PgSettings, PART_BYTES, SCHEMA_VERSION};
+
+/// Records read per query when replaying.
+const PAGE_ROWS: i64 = 1024;
+
+/// The key of the compaction anchor in `pcx_meta`.
+const ANCHOR_KEY: &str = "anchor";
+
+/// The PostgreSQL journal; see the module's documentation.
+pub struct PgJournal {
+    settings: PgSettings,
+    db: DbThread,
+    /// The sequence number of the newest committed record (0: none), as this writer knows it.
+    head: Mutex<u64>,
+    lease: Option<Lease>,
+}
+
+fn open_err(settings: &PgSettings) -> impl Fn(StoreError) -> OpenError + '_ {
+    move |e| OpenError::Database {
+        url: redact(&settings.url),
+        what: e.to_string(),
+    }
+}
+
+impl PgJournal {
+    /// Opens the journal as its one writer: connects, creates or checks the schema, and takes
+    /// the lease (waiting up to `settings.wait` for a live holder's to end).
+    pub fn open(settings: PgSettings) -> Result<PgJournal, OpenError> {
+        let db = Self::start(&settings)?;
+        let deadline = Instant::now() + settings.wait;
+        let (epoch, head) = loop {
+            let s = settings.clone();
+            let grant = db
+                .run(move |db| acquire(db.client()?, &s).map_err(db_err("taking the lease")))
+                .map_err(open_err(&settings))?;
+            match grant {
+                Ok(granted) => break granted,
+                Err((holder, remaining_ms)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(OpenError::LeaseHeld {
+                            journal: settings.journal.clone(),
+                            holder,
+                            remaining_ms,
+                        });
+                    }
+                    let pause = Duration::from_millis(remaining_ms.clamp(20, 250) as u64);
+                    std::thread::sleep(pause.min(deadline - now));
+                }
+            }
+        };
+        tracing::info!(journal = %settings.journal, epoch, head, "took the journal's lease");
+        let lease = Lease::start(&settings, epoch).map_err(open_err(&settings))?;
+        Ok(PgJournal {
+            settings,
+            db,
+            head: Mutex::new(u64_of(head)),
+            lease: Some(lease),
+        })
+    }
+
+    /// Opens the journal to read it only (the audit commands): no lease, no writes.
+    pub fn open_reader(settings: PgSettings) -> Result<PgJournal, OpenError> {
+        let db = Self::start(&settings)?;
+        Ok(PgJournal {
+            settings,
+            db,
+            head: Mutex::new(0),
+            lease: None,
+        })
+    }
+
+    /// Starts the database thread, connects, and creates (or checks) the schema.
+    fn start(settings: &PgSettings) -> Result<DbThread, OpenError> {
+        let db = DbThread::start(settings.url.clone()).map_err(open_err(settings))?;
+        let version = db
+            .run(|db| ensure_schema(db.client()?).map_err(db_err("creating the schema")))
+            .map_err(open_err(settings))?;
+        match version {
+            Some(v) if v > SCHEMA_VERSION => Err(OpenError::Database {
+                url: redact(&settings.url),
+                what: format!(
+                    "its pcx schema is version {v}, newer than this pcx's {SCHEMA_VERSION}: upgrade pcx"
+                ),
+            }),
+            _ => Ok(db),
+        }
+    }
+
+    /// The epoch this writer holds (none for a reader).
+    pub fn epoch(&self) -> Option<i64> {
+        self.lease.as_ref().map(|l| l.epoch)
+    }
+
+    /// Who holds the journal's lease and where they serve: `(holder, address, epoch)`.
+    pub fn holder(&self) -> Result<Option<(String, String, i64)>, StoreError> {
+        let journal = self.settings.journal.clone();
+        self.db.run(move |db| {
+            let row = db
+                .client()?
+                .query_opt(
+                    "SELECT holder, address, epoch FROM pcx_heads WHERE journal = $1",
+                    &[&journal],
+                )
+                .map_err(db_err("reading the lease"))?;
+            Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+        })
+    }
+
+    fn fenced(&self) -> Result<i64, StoreError> {
+        let Some(lease) = &self.lease else {
+            return Err(StoreError::Fenced {
+                journal: self.settings.journal.clone(),
+                why: "it was opened to read only".into(),
+            });
+        };
+        let lost = lease.lost.lock().unwrap_or_else(|p| p.into_inner());
+        match lost.as_ref() {
+            Some(why) => Err(StoreError::Fenced {
+                journal: self.settings.journal.clone(),
+                why: why.clone(),
+            }),
+            None => Ok(lease.epoch),
+        }
+    }
+
+    /// Marks the lease lost, for every later write.
+    fn lose(&self, why: String) -> StoreError {
+        if let Some(lease) = &self.lease {
+            let mut lost = lease.lost.lock().unwrap_or_else(|p| p.into_inner());
+            lost.get_or_insert(why.clone());
+        }
+        tracing::error!(journal = %self.settings.journal, %why, "the journal's lease is lost: no more writes");
+        StoreError::Fenced {
+            journal: self.settings.journal.clone(),
+            why,
+        }
+    }
+
+    /// A write outside a group (the cache view, the anchor, a wipe), in one transaction that
+    /// first checks this writer still holds the lease.
+    fn write_held(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut postgres::Transaction<'_>, &str) -> Result<(), postgres::Error>
+            + Send
+            + 'static,
+    ) -> Result<(), StoreError> {
+        let epoch = self.fenced()?;
+        let journal = self.settings.journal.clone();
+        let old = *self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = self.db.run(move |db| {
+            let client = db.client()?;
+            let mut tx = client.transaction().map_err(db_err(op))?;
+            let held = tx
+                .execute(
+                    "UPDATE pcx_heads SET head = head \
+                     WHERE journal = $1 AND epoch = $2 AND lease_until > clock_timestamp()",
+                    &[&journal, &epoch],
+                )
+                .map_err(db_err(op))?;
+            if held != 1 {
+                drop(tx);
+                return Ok(Some(why_fenced(client, &journal, epoch, old)));
+            }
+            f(&mut tx, &journal).map_err(db_err(op))?;
+            tx.commit().map_err(db_err(op))?;
+            Ok(None)
+        })?;
+        match refused {
+            Some(why) => Err(self.lose(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets the compaction anchor (compaction and import only).
+    pub fn set_anchor(&self, snapshot: &[u8]) -> Result<(), StoreError> {
+        let snapshot = snapshot.to_vec();
+        self.write_held("writing the anchor", move |tx, journal| {
+            tx.execute(
+                "INSERT INTO pcx_meta (journal, key, bytes) VALUES ($1, $2, $3) \
+                 ON CONFLICT (journal, key) DO UPDATE SET bytes = EXCLUDED.bytes",
+                &[&journal, &ANCHOR_KEY, &snapshot],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Compaction's write, one transaction under the lease: sets the anchor (a snapshot record
+    /// at `anchor_seq`) and deletes the events and snapshots up to it. Gives how many of each
+    /// were deleted.
+    pub fn compact_before(&self, anchor_seq: u64, anchor: &[u8]) -> Result<(u64, u64), StoreError> {
+        let anchor = anchor.to_vec();
+        let counts = Arc::new(Mutex::new((0u64, 0u64)));
+        let out = counts.clone();
+        self.write_held("compacting", move |tx, journal| {
+            tx.execute(
+                "INSERT INTO pcx_meta (journal, key, bytes) VALUES ($1, $2, $3) \
+                 ON CONFLICT (journal, key) DO UPDATE SET bytes = EXCLUDED.bytes",
+                &[&journal, &ANCHOR_KEY, &anchor],
+            )?;
+            let events = tx.execute(
+                "DELETE FROM pcx_records WHERE journal = $1 AND seq <= $2",
+                &[&journal, &i64_of(anchor_seq)],
+            )?;
+            let snapshots = tx.execute(
+                "DELETE FROM pcx_snapshots WHERE journal = $1 AND seq <= $2",
+                &[&journal, &i64_of(anchor_seq)],
+            )?;
+            *out.lock().unwrap_or_else(|p| p.into_inner()) = (events, snapshots);
+            Ok(())
+        })?;
+        let done = *counts.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(done)
+    }
+
+    /// Removes this journal's records, snapshots, cache view and anchor (contents are shared
+    /// by the cluster and stay).
+    pub fn wipe(&self) -> Result<(), StoreError> {
+        self.write_held("emptying the journal", |tx, journal| {
+            for table in ["pcx_records", "pcx_snapshots", "pcx_cache_view", "pcx_meta"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE journal = $1"),
+                    &[&journal],
+                )?;
+            }
+            tx.execute(
+                "UPDATE pcx_heads SET head = 0 WHERE journal = $1",
+                &[&journal],
+            )?;
+            Ok(())
+        })?;
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+        Ok(())
+    }
+
+    /// Gives up the lease at once (a clean shutdown), so that a standby takes over without
+    /// waiting for it to run out.
+    pub fn release(&self) {
+        let Some(lease) = &self.lease else { return };
+        lease.stop.store(true, Ordering::SeqCst);
+        let (journal, epoch) = (self.settings.journal.clone(), lease.epoch);
+        let _ = self.db.run(move |db| {
+            db.client()?
+                .execute(
+                    "UPDATE pcx_heads SET lease_until = clock_timestamp() WHERE journal = $1 AND epoch = $2",
+                    &[&journal, &epoch],
+                )
+                .map_err(db_err("releasing the lease"))
+        });
+    }
+
+    /// One read on the database thread.
+    fn read<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Client, &str) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let journal = self.settings.journal.clone();
+        self.db
+            .run(move |db| f(db.client()?, &journal).map_err(db_err(op)))
+    }
+}
+
+impl Drop for PgJournal {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Journal for PgJournal {
+    fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let d = *digest;
+        let found = self.read("reading a content", move |client, _| {
+            let Some(meta) = client.query_opt(
+                "SELECT len, parts FROM pcx_contents WHERE digest = $1",
+                &[&d.0.as_slice()],
+            )?
+            else {
+                return Ok(None);
+            };
+            let (len, parts): (i64, i32) = (meta.get(0), meta.get(1));
+            let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            let rows = client.query(
+                "SELECT bytes FROM pcx_content_parts WHERE digest = $1 ORDER BY part",
+                &[&d.0.as_slice()],
+            )?;
+            for row in &rows {
+                out.extend_from_slice(row.get::<_, &[u8]>(0));
+            }
+            Ok(Some((out, len, parts, rows.len())))
+        })?;
+        let Some((out, len, parts, seen)) = found else {
+            return Ok(None);
+        };
+        if seen as i32 != parts.max(1) || out.len() as i64 != len || Digest::of(&out) != *digest {
+            return Err(StoreError::Damaged {
+                what: format!(
+                    "content {} in the database: {seen} of {parts} parts, {} of {len} bytes, or its digest differs",
+                    digest.to_hex(),
+                    out.len()
+                ),
+            });
+        }
+        Ok(Some(out))
+    }
+
+    fn commit(&self, c: &Commit) -> Result<(), StoreError> {
+        let epoch = self.fenced()?;
+        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let old = *head;
+        let new = c.records.last().map_or(old, |r| r.0);
+        let group = Group {
+            journal: self.settings.journal.clone(),
+            epoch,
+            old,
+            new,
+            blobs: c.blobs.clone(),
+            records: c.records.clone(),
+            cache_puts: c.cache_puts.clone(),
+            snapshot: c.snapshot.clone(),
+            shared_cache: c.shared_cache.clone(),
+        };
+        match self.db.run(move |db| group.commit(db))? {
+            Outcome::Landed | Outcome::Resolved(true, _) => {
+                *head = new;
+                Ok(())
+            }
+            Outcome::Refused(why) => Err(self.lose(why)),
+            Outcome::Resolved(false, what) => Err(StoreError::Database {
+                op: "committing",
+                what: format!("{what} (the group did not land: nothing of it was stored)"),
+            }),
+        }
+    }
+
+    fn records(&self, from: u64) -> Records<'_> {
+        let mut next = from;
+        let mut page: std::vec::IntoIter<(u64, Vec<u8>)> = Vec::new().into_iter();
+        let mut done = false;
+        Box::new(std::iter::from_fn(move || loop {
+            if let Some(r) = page.next() {
+                next = r.0 + 1;
+                return Some(Ok(r));
+            }
+            if done {
+                return None;
+            }
+            let from = i64_of(next);
+            let rows = self.read("reading events", move |client, journal| {
+                client
+                    .query(
+                        "SELECT seq, bytes FROM pcx_records WHERE journal = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                        &[&journal, &from, &PAGE_ROWS],
+                    )
+                    .map(|rows| {
+                        rows.into_iter()
+                            .map(|r| (u64_of(r.get(0)), r.get::<_, Vec<u8>>(1)))
+                            .collect::<Vec<_>>()
+                    })
+            });
+            match rows {
+                Ok(rows) => {
+                    done = (rows.len() as i64) < PAGE_ROWS;
+                    page = rows.into_iter();
+                }
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
+                }
+            }
+        }))
+    }
+
+    fn last_seq(&self) -> Result<Option<u64>, StoreError> {
+        self.read("reading the last event", |client, journal| {
+            let row = client.query_one(
+                "SELECT max(seq) FROM pcx_records WHERE journal = $1",
+                &[&journal],
+            )?;
+            Ok(row.get::<_, Option<i64>>(0).map(u64_of))
+        })
+    }
+
+    fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        self.read("listing snapshots", |client, journal| {
+            let rows = client.query(
+                "SELECT seq FROM pcx_snapshots WHERE journal = $1 ORDER BY seq DESC",
+                &[&journal],
+            )?;
+            Ok(rows.iter().map(|r| u64_of(r.get(0))).collect())
+        })
+    }
+
+    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read("reading a snapshot", move |client, journal| {
+            let row = client.query_opt(
+                "SELECT bytes FROM pcx_snapshots WHERE journal = $1 AND seq = $2",
+                &[&journal, &i64_of(seq)],
+            )?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn reset(&self) -> Result<(), StoreError> {
+        self.fenced()?;
+        // A new connection, and the head as the database has it: a commit whose outcome
+        // was in doubt is settled by the replay that follows.
+        let journal = self.settings.journal.clone();
+        let head = self.db.run(move |db| {
+            db.set_conn(None);
+            let row = db
+                .client()?
+                .query_opt("SELECT head FROM pcx_heads WHERE journal = $1", &[&journal])
+                .map_err(db_err("reading the head"))?;
+            Ok(row.map(|r| u64_of(r.get(0))))
+        })?;
+        if let Some(h) = head {
+            *self.head.lock().unwrap_or_else(|p| p.into_inner()) = h;
+        }
+        Ok(())
+    }
+
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read("reading the anchor", |client, journal| {
+            let row = client.query_opt(
+                "SELECT bytes FROM pcx_meta WHERE journal = $1 AND key = $2",
+                &[&journal, &ANCHOR_KEY],
+            )?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        let entries = entries.to_vec();
+        self.write_held("rewriting the dynamo cache view", move |tx, journal| {
+            tx.execute("DELETE FROM pcx_cache_view WHERE journal = $1", &[&journal])?;
+            for (key, bytes) in &entries {
+                tx.execute(
+                    "INSERT INTO pcx_cache_view (journal, key, bytes) VALUES ($1, $2, $3)",
+                    &[&journal, key, bytes],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn shared_cache_entry(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        let (namespace, key) = (namespace.to_string(), key.to_string());
+        self.read("reading the cluster's dynamo cache", move |client, _| {
+            let row = client.query_opt(
+                "SELECT entry, saved_by FROM pcx_dynamo_cache WHERE namespace = $1 AND key = $2",
+                &[&namespace, &key],
+            )?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    fn cluster_name(&self) -> Option<&str> {
+        Some(&self.settings.journal)
+    }
+
+    fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read("reading the dynamo cache view", |client, journal| {
+            let rows = client.query(
+                "SELECT key, bytes FROM pcx_cache_view WHERE journal = $1 ORDER BY key COLLATE \"C\"",
+                &[&journal],
+            )?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+}
