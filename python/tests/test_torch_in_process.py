@@ -1,0 +1,109 @@
+"""torch's own in-process pattern for the precompile context and the dynamo cache (the shape
+of PyTorch's tests of ``DynamoCache`` and ``PrecompileContext``, written here): compile, save
+with ``PrecompileContext.save_to_dynamo_cache()``, ``torch._dynamo.reset()`` and
+``PrecompileContext.clear()`` (a new process, as far as torch can tell), then compile again
+under ``fail_on_recompile``: the frame must come from the dynamo cache, here pcx.
+
+Skipped, saying so, where torch is not installed (`.ci/run` installs it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import pcx
+
+torch = pytest.importorskip("torch", reason="torch is not installed (.ci/run installs it)")
+
+
+@pytest.fixture
+def on_pcx(served: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pcx.Client]:
+    import pcx.torch
+    from torch._dynamo.package import DynamoCache
+    from torch._dynamo.precompile_context import PrecompileContext
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    client = pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="in-process")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    DynamoCache.clear()
+    PrecompileContext.clear()
+    try:
+        with torch._dynamo.config.patch(caching_precompile=True):
+            yield client
+    finally:
+        pcx.torch.uninstall()
+        torch._dynamo.reset()
+
+
+def entry_key(fn: Any) -> str:
+    from torch._dynamo.package import CompilePackage
+
+    return str(CompilePackage.source_id_from_fn(fn))
+
+
+def reload_as_torch_tests_do() -> None:
+    from torch._dynamo.precompile_context import PrecompileContext
+
+    torch._dynamo.reset()
+    PrecompileContext.clear()
+
+
+def test_save_reset_and_compile_again_loads_every_frame_from_pcx(on_pcx: pcx.Client) -> None:
+    from torch._dynamo.precompile_context import PrecompileContext
+    from torch._dynamo.utils import counters
+
+    def fn(x: Any) -> Any:
+        return x.sin() + x.cos()
+
+    x = torch.randn(4, 3)
+    expected = torch.compile(fn)(x)
+    debug_info = PrecompileContext.save_to_dynamo_cache()
+    assert len(debug_info["dynamo"]) == 1 and len(debug_info["backends"]) == 1, debug_info
+    # What torch saved is pcx's: the entry is in the namespace, its artifacts in the log.
+    listed = on_pcx.list_cache_entries()
+    assert len(listed) == 1, listed
+    reload_as_torch_tests_do()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(fn)(x), expected)
+    assert counters["dynamo_cache"]["dynamo_cache_hit"] == 1
+
+
+def test_dynamo_cache_save_and_load_and_install_package_round_trip(on_pcx: pcx.Client) -> None:
+    from torch._dynamo.package import DynamoCache
+    from torch._dynamo.precompile_context import PrecompileContext
+
+    def fn(x: Any) -> Any:
+        return x * 2 + 1
+
+    x = torch.randn(5)
+    compiled = torch.compile(fn)
+    expected = compiled(x)
+    PrecompileContext.save_to_dynamo_cache()
+    entry = DynamoCache.load(fn)
+    assert entry is not None and len(entry.backends) == 1
+    assert [e["key"] for e in on_pcx.list_cache_entries()] == [entry_key(fn)]
+    reload_as_torch_tests_do()
+    package = DynamoCache.load_and_install_package(fn)
+    assert package is not None
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(fn)(x), expected)
+
+
+def test_clearing_the_dynamo_cache_makes_the_next_compile_a_miss(on_pcx: pcx.Client) -> None:
+    from torch._dynamo.package import DynamoCache
+    from torch._dynamo.precompile_context import PrecompileContext
+    from torch._dynamo.utils import counters
+
+    def fn(x: Any) -> Any:
+        return x - 3
+
+    torch.compile(fn)(torch.randn(2))
+    PrecompileContext.save_to_dynamo_cache()
+    DynamoCache.clear()
+    assert on_pcx.list_cache_entries() == []
+    reload_as_torch_tests_do()
+    assert DynamoCache.load(fn) is None
+    assert counters["dynamo_cache"]["dynamo_cache_miss"] >= 1
