@@ -81,9 +81,8 @@ fn server_env(url: &str, journal: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// The bare floor: `connections` closed-loop clients, each committing `per` transactions of
-/// the shape pcx commits (compare-and-set of its own head, one record), on their own threads.
-fn pg_floor(url: &str, connections: usize, per: usize, size: usize) -> Result<(f64, Vec<f64>)> {
+/// Fresh tables for a floor: a head per writer, and the records.
+fn floor_tables(url: &str, writers: usize) -> Result<()> {
     let mut setup = postgres::Client::connect(url, postgres::NoTls)?;
     setup.batch_execute(
         "DROP TABLE IF EXISTS w6_heads, w6_records;
@@ -91,9 +90,16 @@ fn pg_floor(url: &str, connections: usize, per: usize, size: usize) -> Result<(f
          CREATE TABLE w6_records (id integer NOT NULL, seq bigint NOT NULL, bytes bytea NOT NULL,
                                   PRIMARY KEY (id, seq));",
     )?;
-    for id in 0..connections as i32 {
+    for id in 0..writers as i32 {
         setup.execute("INSERT INTO w6_heads VALUES ($1, 0)", &[&id])?;
     }
+    Ok(())
+}
+
+/// The bare floor: `connections` closed-loop clients, each committing `per` transactions of
+/// the shape pcx commits (compare-and-set of its own head, one record), on their own threads.
+fn pg_floor(url: &str, connections: usize, per: usize, size: usize) -> Result<(f64, Vec<f64>)> {
+    floor_tables(url, connections)?;
     let start = Instant::now();
     let threads: Vec<_> = (0..connections)
         .map(|c| {
@@ -139,16 +145,7 @@ fn pg_floor(url: &str, connections: usize, per: usize, size: usize) -> Result<(f
 /// insert): the commit pcx issues when every one of its clients' requests makes the group,
 /// with no server in between. What pcx could reach at best on this cluster.
 fn pg_group_floor(url: &str, writers: usize, group: usize, per: usize, size: usize) -> Result<f64> {
-    let mut setup = postgres::Client::connect(url, postgres::NoTls)?;
-    setup.batch_execute(
-        "DROP TABLE IF EXISTS w6_gheads, w6_grecords;
-         CREATE TABLE w6_gheads (id integer PRIMARY KEY, head bigint NOT NULL);
-         CREATE TABLE w6_grecords (id integer NOT NULL, seq bigint NOT NULL, bytes bytea NOT NULL,
-                                   PRIMARY KEY (id, seq));",
-    )?;
-    for id in 0..writers as i32 {
-        setup.execute("INSERT INTO w6_gheads VALUES ($1, 0)", &[&id])?;
-    }
+    floor_tables(url, writers)?;
     let start = Instant::now();
     let threads: Vec<_> = (0..writers)
         .map(|w| {
@@ -162,14 +159,14 @@ fn pg_group_floor(url: &str, writers: usize, group: usize, per: usize, size: usi
                     let seqs: Vec<i64> = (old + 1..=new).collect();
                     let mut tx = client.transaction()?;
                     if tx.execute(
-                        "UPDATE w6_gheads SET head = $1 WHERE id = $2 AND head = $3",
+                        "UPDATE w6_heads SET head = $1 WHERE id = $2 AND head = $3",
                         &[&new, &id, &old],
                     )? != 1
                     {
                         bail!("group floor writer {w}: its head moved");
                     }
                     tx.execute(
-                        "INSERT INTO w6_grecords SELECT $1, s, b FROM unnest($2::bigint[], $3::bytea[]) AS t(s, b)",
+                        "INSERT INTO w6_records SELECT $1, s, b FROM unnest($2::bigint[], $3::bytea[]) AS t(s, b)",
                         &[&id, &seqs, &bytes],
                     )?;
                     tx.commit()?;

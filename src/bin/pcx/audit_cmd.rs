@@ -44,14 +44,10 @@ pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCod
             });
         bar.finish_and_clear();
         return Ok(match report {
-            Ok(r) => {
-                println!("{r}");
-                ExitCode::SUCCESS
-            }
             Err(e @ pcx::audit::compact::CompactError::Missing(_)) => {
                 answer_error("no_data_directory", &e.to_string())
             }
-            Err(e) => answer_error("compact_failed", &e.to_string()),
+            other => compaction_answer(other),
         });
     }
     if let Command::Import { input } = command {
@@ -179,6 +175,17 @@ fn read_command(
     })
 }
 
+/// A compaction's report on stdout, or its failure.
+fn compaction_answer(report: Result<Value, pcx::audit::compact::CompactError>) -> ExitCode {
+    match report {
+        Ok(r) => {
+            println!("{r}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => answer_error("compact_failed", &e.to_string()),
+    }
+}
+
 /// The audit commands on a PostgreSQL journal: the reading ones work as on a data
 /// directory (the records are the same bytes); the rewriting ones are the data directory's.
 fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
@@ -202,13 +209,7 @@ fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
                 bar.set_position(s)
             });
             bar.finish_and_clear();
-            return Ok(match report {
-                Ok(r) => {
-                    println!("{r}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => answer_error("compact_failed", &e.to_string()),
-            });
+            return Ok(compaction_answer(report));
         }
         match pcx::store::pg_journal::PgJournal::open_reader(settings) {
             Ok(journal) => read_command(command, &journal, config),

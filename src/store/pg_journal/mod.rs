@@ -223,19 +223,6 @@ impl PgJournal {
         }
     }
 
-    /// Sets the compaction anchor (compaction and import only).
-    pub fn set_anchor(&self, snapshot: &[u8]) -> Result<(), StoreError> {
-        let snapshot = snapshot.to_vec();
-        self.write_held("writing the anchor", move |tx, journal| {
-            tx.execute(
-                "INSERT INTO pcx_meta (journal, key, bytes) VALUES ($1, $2, $3) \
-                 ON CONFLICT (journal, key) DO UPDATE SET bytes = EXCLUDED.bytes",
-                &[&journal, &ANCHOR_KEY, &snapshot],
-            )
-            .map(|_| ())
-        })
-    }
-
     /// Compaction's write, one transaction under the lease: sets the anchor (a snapshot record
     /// at `anchor_seq`) and deletes the events and snapshots up to it. Gives how many of each
     /// were deleted.
@@ -262,26 +249,6 @@ impl PgJournal {
         })?;
         let done = *counts.lock().unwrap_or_else(|p| p.into_inner());
         Ok(done)
-    }
-
-    /// Removes this journal's records, snapshots, cache view and anchor (contents are shared
-    /// by the cluster and stay).
-    pub fn wipe(&self) -> Result<(), StoreError> {
-        self.write_held("emptying the journal", |tx, journal| {
-            for table in ["pcx_records", "pcx_snapshots", "pcx_cache_view", "pcx_meta"] {
-                tx.execute(
-                    &format!("DELETE FROM {table} WHERE journal = $1"),
-                    &[&journal],
-                )?;
-            }
-            tx.execute(
-                "UPDATE pcx_heads SET head = 0 WHERE journal = $1",
-                &[&journal],
-            )?;
-            Ok(())
-        })?;
-        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = 0;
-        Ok(())
     }
 
     /// Gives up the lease at once (a clean shutdown), so that a standby takes over without
