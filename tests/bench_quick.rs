@@ -82,4 +82,16 @@ fn every_workload_runs_and_reports_its_figures_beside_its_reference() {
 
     let w5 = &bench("w5")[0];
     assert!(figure(w5, "plugin_loads_per_s") > 0.0 && figure(w5, "eager_loads_per_s") > 0.0);
+
+    // W6 starts a PostgreSQL cluster of its own (scripts/pg-cluster.sh).
+    #[cfg(feature = "postgres")]
+    {
+        let w6 = &bench("w6")[0];
+        assert!(figure(w6, "records_per_s") > 0.0, "{w6}");
+        assert!(
+            figure(w6, "fraction_of_pg_group_floor (target >= 0.7)") > 0.0,
+            "{w6}"
+        );
+        assert!(figure(w6, "takeover_after_sigkill_s") > 0.0, "{w6}");
+    }
 }
