@@ -358,6 +358,14 @@ fn an_entry_one_pcx_saves_is_loaded_by_another_on_the_cluster_in_its_namespace_o
     let other = b.ask(in_ns(json!({"op": "load_cache_entry", "key": "f"}), "job2"));
     assert_eq!(other["ok"], false, "{other}");
     assert_eq!(other["error"]["kind"], "package_not_found", "{other}");
+    // Deleted where it was saved, it is gone for B too, though B holds a copy.
+    let deleted = a.ask(in_ns(
+        json!({"op": "delete_cache_entry", "key": "f"}),
+        "job1",
+    ));
+    assert_eq!(deleted["deleted"], true, "{deleted}");
+    let gone = b.ask(in_ns(json!({"op": "load_cache_entry", "key": "f"}), "job1"));
+    assert_eq!(gone["error"]["kind"], "package_not_found", "{gone}");
     drop(b);
     drop(a);
     // B's own log says what it loaded, and from whom, and verifies (its contents are the

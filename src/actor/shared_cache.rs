@@ -24,6 +24,17 @@ impl ContextActor {
         };
         let namespace = self.scope.namespace.clone();
         let Some((bytes, saved_by)) = self.journal.shared_cache_entry(&namespace, key)? else {
+            // Gone from the cluster (deleted or cleared by a journal): a copy adopted from it
+            // goes too. A copy this journal saved itself stays (it may not be durable yet).
+            let adopted = self.state.cache(&namespace).contains_key(key)
+                && self.state.saver(&namespace, key).contains('/');
+            if adopted {
+                tracing::info!(key = %key, namespace = %namespace, "a dynamo cache entry the cluster no longer holds is dropped here too");
+                self.stage(vec![Event::CacheEntryDeleted {
+                    namespace,
+                    key: key.to_string(),
+                }])?;
+            }
             return Ok(());
         };
         if saved_by.split('/').next() == Some(me.as_str()) {
