@@ -332,7 +332,12 @@ fn an_entry_one_pcx_saves_is_loaded_by_another_on_the_cluster_in_its_namespace_o
         record("b1", "kernel one"),
         record("b2", "kernel two"),
         record_entry("f", entry_with_codes(&[&["b1", "b2"]])),
-        in_ns(json!({"op": "save_to_dynamo_cache"}), "job1"),
+        // Under a request id: the save still reaches the cluster (regression: the shared
+        // cache's changes were read off the event without looking inside the id).
+        in_ns(
+            json!({"op": "save_to_dynamo_cache", "request_id": "save-1"}),
+            "job1",
+        ),
     ] {
         let answer = a.ask(request);
         assert_eq!(answer["ok"], true, "{answer}");

@@ -301,7 +301,7 @@ impl ContextActor {
             self.snapshot_hint = self.snapshot_hint.saturating_add(bytes.len());
             // sled's view of the default namespace (other namespaces live in the log and
             // snapshots only; the view is checked against the log at every open).
-            match &envelope.event {
+            match envelope.event.change() {
                 Event::SavedToDynamoCache { entries } => {
                     for (key, entry) in entries {
                         cache_puts.push((key.clone(), encode_saved_entry(entry)?));

@@ -113,6 +113,15 @@ pub struct StitchFailure {
 }
 
 impl Event {
+    /// The change itself: the event without the client request id it was made under (a
+    /// request id says who asked, not what changed; every reader of what changed looks here).
+    pub fn change(&self) -> &Event {
+        match self {
+            Event::Requested { event, .. } => event.change(),
+            other => other,
+        }
+    }
+
     /// The event's name as shown to people and in JSON.
     pub fn name(&self) -> &'static str {
         match self {

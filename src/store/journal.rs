@@ -56,6 +56,9 @@ impl SharedCacheOp {
         namespace: &str,
     ) -> Result<Vec<SharedCacheOp>, EncodeError> {
         Ok(match event {
+            Event::Requested { event, .. } => {
+                return SharedCacheOp::of_event(event, journal, context, namespace)
+            }
             Event::Scoped {
                 context,
                 namespace,

@@ -256,7 +256,7 @@ pub fn history(
         progress(e.seq);
         let mut line = Map::new();
         let mut touched = false;
-        match &e.event {
+        match e.event.change() {
             Event::ArtifactRecorded {
                 key: k,
                 kind,

@@ -141,7 +141,7 @@ pub fn diff(
                 return Ok(false);
             }
             progress(e.seq);
-            match &e.event {
+            match e.event.change() {
                 Event::ArtifactTaken { key } => {
                     removed_by.insert(key.clone(), "taken");
                 }
