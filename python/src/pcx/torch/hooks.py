@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..client import Client
@@ -29,6 +30,36 @@ _CONTEXT_METHODS = (
     "create_cache_entries",
 )
 _CACHE_METHODS = ("load", "read", "write", "clear")
+_CONTEXT_DICTS = ("_backend_artifacts_by_key", "_dynamo_cache_entries")
+
+
+class _ArtifactMirror(dict):  # type: ignore[type-arg]
+    """``PrecompileContext._backend_artifacts_by_key`` while pcx is installed: this process's
+    copy of what it recorded (torch and its tests read the class dict directly), whose
+    removals are forwarded to pcx (``take_artifact``) so the next stitch sees them too."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self._client = client
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._client.take_artifact(str(key))
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key in self:
+            self._client.take_artifact(str(key))
+        return super().pop(key, *default)
+
+    def popitem(self) -> Any:
+        key, value = super().popitem()
+        self._client.take_artifact(str(key))
+        return key, value
+
+    def clear(self) -> None:
+        for key in list(self):
+            self._client.take_artifact(str(key))
+        super().clear()
 
 
 class Hooks:
@@ -44,6 +75,9 @@ class Hooks:
         self.torch_kinds = torch_kinds
         self.shared_cache = shared_cache
         self._saved_context: Dict[str, Any] = {}
+        self._saved_dicts: Dict[str, Any] = {}
+        self._artifacts: _ArtifactMirror = _ArtifactMirror(client)
+        self._entries: Dict[str, Any] = {}
         self._cache: Any = None
 
     # -- installing -------------------------------------------------------------------------
@@ -55,6 +89,12 @@ class Hooks:
         for name in _CONTEXT_METHODS:
             self._saved_context[name] = PrecompileContext.__dict__[name]
             setattr(PrecompileContext, name, classmethod(getattr(self, "_ctx_" + name)))
+        # torch (and its own tests) read and delete from these class dicts directly; keep
+        # them as this process's mirror of its pcx context instead of leaving them empty.
+        for name in _CONTEXT_DICTS:
+            self._saved_dicts[name] = PrecompileContext.__dict__[name]
+        PrecompileContext._backend_artifacts_by_key = self._artifacts  # type: ignore[assignment]
+        PrecompileContext._dynamo_cache_entries = self._entries
         self._cache = package.DynamoCache
         for name in _CACHE_METHODS:
             setattr(self._cache, name, getattr(self, "_cache_" + name))
@@ -65,6 +105,9 @@ class Hooks:
         for name, original in self._saved_context.items():
             setattr(PrecompileContext, name, original)
         self._saved_context.clear()
+        for name, original in self._saved_dicts.items():
+            setattr(PrecompileContext, name, original)
+        self._saved_dicts.clear()
         if self._cache is not None:
             for name in _CACHE_METHODS:
                 self._cache.__dict__.pop(name, None)
@@ -74,6 +117,8 @@ class Hooks:
 
     def _ctx_clear(self, cls: type) -> None:
         self.client.clear()
+        dict.clear(self._artifacts)
+        self._entries.clear()
 
     def _ctx_record_artifact(self, cls: type, artifact: Any) -> None:
         # torch deep-copies under no_dispatch (fake tensors must not be cloned); pickling is
@@ -85,9 +130,12 @@ class Hooks:
         self.client.record_artifact(
             str(artifact.key), content, convert.artifact_kind(artifact, self.torch_kinds)
         )
+        # torch keeps a deep copy; unpickling the bytes just sent is that copy.
+        dict.__setitem__(self._artifacts, artifact.key, convert.artifact_from_bytes(content))
 
     def _ctx_record_dynamo_cache_entry(self, cls: type, cache_entry: Any, key: str) -> None:
         self.client.record_dynamo_cache_entry(key, convert.entry_to_pcx(cache_entry))
+        self._entries[key] = cache_entry
 
     def _ctx_edit_artifact(self, cls: type, key: str, edit_fn: Callable[..., Any]) -> None:
         current = self.client.serialize_artifact_by_key(key)
@@ -95,9 +143,9 @@ class Hooks:
         artifact = convert.artifact_from_bytes(current["content_b64"])
         artifact.edit_contents(edit_fn)
         # Only if nobody changed it since it was read (the server answers `conflict`).
-        self.client.edit_artifact(
-            key, set=convert.artifact_bytes(artifact), expected_digest=current.get("digest")
-        )
+        content = convert.artifact_bytes(artifact)
+        self.client.edit_artifact(key, set=content, expected_digest=current.get("digest"))
+        dict.__setitem__(self._artifacts, key, convert.artifact_from_bytes(content))
 
     def _ctx_serialize_artifact_by_key(self, cls: type, key: str) -> Optional[Any]:
         current = self.client.serialize_artifact_by_key(key)
@@ -106,15 +154,14 @@ class Hooks:
     def _ctx_save_to_dynamo_cache(self, cls: type) -> Dict[str, Any]:
         answer = self.client.save_to_dynamo_cache(trace=True)
         _re_emit(answer.get("trace", []))
-        debug_info: Dict[str, Any] = answer.get("debug_info", {})
-        return debug_info
+        return _debug_info(answer)
 
     def _ctx_create_cache_entries(self, cls: type) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         from torch._dynamo.package import PrecompileCacheEntry
 
         answer = self.client.create_cache_entries(trace=True)
         _re_emit(answer.get("trace", []))
-        debug_info: Dict[str, Any] = answer.get("debug_info", {})
+        debug_info = _debug_info(answer)
         entries = {
             key: PrecompileCacheEntry(
                 dynamo=convert.entry_from_pcx(e["dynamo"]),
@@ -149,6 +196,9 @@ class Hooks:
             logger.warning("Failed to load package %s from pcx", key, exc_info=True)
             return None
         counters["dynamo_cache"]["dynamo_cache_hit"] += 1
+        # pcx's load recorded the backends into this process's context; mirror that.
+        for bid, artifact in result.backends.items():
+            dict.__setitem__(self._artifacts, bid, artifact)
         return result
 
     def _need_shared_cache(self, what: str) -> None:
@@ -187,6 +237,15 @@ class Hooks:
     def _cache_clear(self) -> None:
         self._need_shared_cache("clear")
         self.client.clear_dynamo_cache()
+
+
+def _debug_info(answer: Dict[str, Any]) -> Dict[str, Any]:
+    """The answer's ``debug_info`` as torch returns it: a ``defaultdict(list)``, so that
+    ``info["dynamo"]``/``info["backends"]`` read ``[]`` rather than raising when empty (pcx,
+    like torch's JSON dump, leaves empty lists out)."""
+    info: Dict[str, Any] = defaultdict(list)
+    info.update(answer.get("debug_info", {}))
+    return info
 
 
 def _re_emit(events: List[Dict[str, Any]]) -> None:
