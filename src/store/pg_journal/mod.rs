@@ -30,6 +30,7 @@
 //! same transaction as the events that change it): an entry any journal saved loads in
 //! every other (see `crate::actor::shared_cache`).
 
+mod bare;
 mod db;
 mod group;
 mod lease;
@@ -48,6 +49,7 @@ use db::*;
 use group::*;
 use lease::*;
 
+pub use bare::BareWriter;
 pub use db::{redact, PgSettings, PART_BYTES, SCHEMA_VERSION};
 
 /// Records read per query when replaying.
@@ -479,6 +481,10 @@ impl Journal for PgJournal {
 
     fn cluster_name(&self) -> Option<&str> {
         Some(&self.settings.journal)
+    }
+
+    fn gathers_groups(&self) -> bool {
+        true
     }
 
     fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
