@@ -198,7 +198,28 @@ fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
     #[cfg(feature = "postgres")]
     {
         let settings = pcx::context::pg_settings(config);
+        // Every command here reads an existing journal (compaction too): a missing one is
+        // said so, as a missing data directory is, and is not created.
+        let reader = match pcx::store::pg_journal::PgJournal::open_reader(settings.clone()) {
+            Ok(j) => j,
+            Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
+        };
+        match reader.exists() {
+            Ok(true) => {}
+            Ok(false) => {
+                return Ok(answer_error(
+                    "no_data_directory",
+                    &format!(
+                        "journal {} does not exist in the database {}",
+                        reader.name(),
+                        pcx::store::pg_journal::redact(&config.journal_url)
+                    ),
+                ))
+            }
+            Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
+        }
         if let Command::Compact { before } = command {
+            drop(reader);
             // Compaction writes: it takes the journal's lease, as a server would.
             let journal = match pcx::store::pg_journal::PgJournal::open(settings) {
                 Ok(j) => j,
@@ -211,10 +232,7 @@ fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
             bar.finish_and_clear();
             return Ok(compaction_answer(report));
         }
-        match pcx::store::pg_journal::PgJournal::open_reader(settings) {
-            Ok(journal) => read_command(command, &journal, config),
-            Err(e) => Ok(answer_error("open_failed", &error_text(&e.into()))),
-        }
+        read_command(command, &reader, config)
     }
     #[cfg(not(feature = "postgres"))]
     {

@@ -137,6 +137,22 @@ impl PgJournal {
         }
     }
 
+    /// Whether the journal exists: a writer opened it once (taking its lease made its row in
+    /// `pcx_heads`). The reading commands ask first, so that a mistyped `journal_name` is
+    /// said to be missing rather than read as an empty, sound log.
+    pub fn exists(&self) -> Result<bool, StoreError> {
+        self.read("looking the journal up", |client, journal| {
+            Ok(client
+                .query_opt("SELECT 1 FROM pcx_heads WHERE journal = $1", &[&journal])?
+                .is_some())
+        })
+    }
+
+    /// The journal's name in the database.
+    pub fn name(&self) -> &str {
+        &self.settings.journal
+    }
+
     /// The epoch this writer holds (none for a reader).
     pub fn epoch(&self) -> Option<i64> {
         self.lease.as_ref().map(|l| l.epoch)
