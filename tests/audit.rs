@@ -1393,9 +1393,6 @@ fn import_refused(dir: &Path, file: &Path) -> String {
 
 #[test]
 fn export_then_import_gives_the_same_log_and_state_plain_and_compacted() {
-    if sled_only("`pcx import` into a journal in PostgreSQL is refused (sled only)") {
-        return;
-    }
     let (tmp, src) = story("src");
     let before = summary(&src);
 
@@ -1461,9 +1458,6 @@ fn export_then_import_gives_the_same_log_and_state_plain_and_compacted() {
 
 #[test]
 fn imports_are_refused_for_digest_exports_non_empty_directories_and_truncated_exports() {
-    if sled_only("`pcx import` into a journal in PostgreSQL is refused (sled only)") {
-        return;
-    }
     let (tmp, src) = story("src");
     let good = tmp.path().join("good.jsonl");
     export(&src, &good, "inline");
@@ -1495,9 +1489,13 @@ fn imports_are_refused_for_digest_exports_non_empty_directories_and_truncated_ex
     let dst3 = tmp.path().join("from-cut");
     import_refused(&dst3, &cut);
 
-    // A refused import leaves the directory empty: the good export still goes in.
+    // A refused import leaves the directory empty (on PostgreSQL: the journal, and no side
+    // journal beside it): the good export still goes in.
     for dir in [&dst, &dst2, &dst3] {
         assert!(cli_lines(dir, &["log"]).is_empty(), "{}", dir.display());
+        if suite_on_postgres() {
+            assert_eq!(pg_damage::journals(dir), vec![suite_journal_name(dir)]);
+        }
         import(dir, &good);
         assert_eq!(summary(dir), summary(&src));
     }
@@ -1511,9 +1509,6 @@ fn imports_are_refused_for_digest_exports_non_empty_directories_and_truncated_ex
 
 #[test]
 fn a_refused_import_of_a_compacted_export_leaves_the_directory_empty() {
-    if sled_only("`pcx import` into a journal in PostgreSQL is refused (sled only)") {
-        return;
-    }
     let (tmp, src) = story("src");
     cli_value(&src, &["compact", "--before", "9"]);
     let good = tmp.path().join("good.jsonl");
@@ -1552,9 +1547,6 @@ fn a_refused_import_of_a_compacted_export_leaves_the_directory_empty() {
 
 #[test]
 fn a_digest_export_of_a_compacted_log_is_refused_even_when_its_kept_events_carry_no_content() {
-    if sled_only("`pcx import` into a journal in PostgreSQL is refused (sled only)") {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     batch_ok(
@@ -1580,6 +1572,106 @@ fn a_digest_export_of_a_compacted_log_is_refused_even_when_its_kept_events_carry
         run.stdout.trim(),
         verify.stdout.trim()
     );
+}
+
+/// Into PostgreSQL too: the import's log is written into a side journal and taken over in
+/// one transaction, so a kill while it writes leaves the journal without a log, not a part
+/// of one.
+#[test]
+fn a_killed_import_leaves_no_log_and_the_next_import_goes_in_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    // More than one import chunk (1024 events): the import is killed after the first.
+    let requests: Vec<Value> = (0..1100)
+        .map(|i| record(&format!("k{}", i % 40), &format!("v{i}")))
+        .collect();
+    batch_ok(&src, &requests);
+    let file = tmp.path().join("export.jsonl");
+    export(&src, &file, "inline");
+
+    let dst = tmp.path().join("dst");
+    let pause = tmp.path().join("pause");
+    let mut cmd = pcx(&dst, &["import", "--input", file.to_str().unwrap()]);
+    cmd.env("PCX_TEST_PAUSE", "import:writing")
+        .env("PCX_TEST_PAUSE_FILE", &pause)
+        // On PostgreSQL the killed importer's leases then run out soon.
+        .env("PCX_JOURNAL_LEASE_MS", "1000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut killed = Guard(cmd.spawn().expect("pcx import starts"));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !pause.exists() {
+        assert!(
+            killed.wait_for(std::time::Duration::ZERO).is_none(),
+            "the import ended before it had written 1024 events"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the import did not write 1024 events within {TIMEOUT:?}"
+        );
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+    killed.0.kill().expect("SIGKILL the import");
+    killed.0.wait().expect("reap the import");
+
+    // No log, not even the part written: verify and log see none (or no directory at all).
+    let verify = cli(&dst, &["verify"]);
+    let v = verify.answer();
+    if v["ok"] == json!(false) {
+        assert_eq!(v["error"]["kind"], json!("no_data_directory"), "{v}");
+    } else {
+        assert_eq!(
+            v["events"],
+            json!(0),
+            "a killed import left part of its log: {v}"
+        );
+        assert!(cli_lines(&dst, &["log"]).is_empty());
+    }
+    let imported = import(&dst, &file);
+    assert_eq!(imported["events"], json!(1100), "{imported}");
+    assert_eq!(summary(&dst), summary(&src));
+    if suite_on_postgres() {
+        // The side journal the killed import left was taken over and is gone.
+        assert_eq!(pg_damage::journals(&dst), vec![suite_journal_name(&dst)]);
+    }
+}
+
+/// On PostgreSQL, `recover` and `salvage` (about sled's files) are refused saying why, and
+/// what to do instead; the journal is untouched.
+#[test]
+fn recover_and_salvage_on_postgres_say_why_they_do_not_apply() {
+    if !suite_on_postgres() {
+        println!("skipped on sled: both work on a sled data directory (tests/integrity.rs)");
+        return;
+    }
+    let (tmp, dir) = story("data");
+    let before = summary(&dir);
+    let message = cli_error(&dir, &["recover", "--accept-lost-tail"], "unsupported");
+    for words in [
+        "sled data directory",
+        "PostgreSQL",
+        "one replicated transaction",
+        "pcx import",
+    ] {
+        assert!(message.contains(words), "`{words}` not in: {message}");
+    }
+    let output = tmp.path().join("salvaged.jsonl");
+    let message = cli_error(
+        &dir,
+        &["salvage", "--output", output.to_str().unwrap()],
+        "unsupported",
+    );
+    for words in [
+        "sled data directory",
+        "PostgreSQL",
+        "pcx verify",
+        "pcx export",
+    ] {
+        assert!(message.contains(words), "`{words}` not in: {message}");
+    }
+    assert!(!output.exists(), "salvage wrote {}", output.display());
+    assert_eq!(summary(&dir), before);
 }
 
 // ---------------------------------------------------------------------------------------------

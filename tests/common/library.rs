@@ -46,10 +46,10 @@ pub fn suite_pg_url() -> String {
 
 /// The database URL for the data directory `dir`: `PCX_TEST_PG_URL` with a schema of its
 /// own first on the search path (made here if missing), where pcx creates its tables. Each
-/// test's journals are then alone in their "cluster", as each sled test's data directory is
-/// alone on its disk: the cluster shares contents and the dynamo cache between journals by
-/// design (another test's saved `e1` would be taken up by a load here), and a test damaging a
-/// content must not damage another's.
+/// directory's journal is then alone in its "cluster", as a sled data directory is alone on
+/// its disk: a cluster shares contents and the dynamo cache between journals by design
+/// (another test's saved `e1` would be taken up by a load here; an import would find the
+/// source's contents already there), and a test damaging a content must not damage another's.
 pub fn suite_pg_url_for(dir: &Path) -> String {
     let schema = format!(
         "suite_{}",

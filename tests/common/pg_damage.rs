@@ -207,3 +207,13 @@ pub fn journal_exists(dir: &Path) -> bool {
             .expect("read pcx_heads")
             .is_some()
 }
+
+/// The journals in the schema of `dir` (its own, and any an import left beside it).
+pub fn journals(dir: &Path) -> Vec<String> {
+    client(dir)
+        .query("SELECT journal FROM pcx_heads ORDER BY journal", &[])
+        .expect("list the journals")
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+}
