@@ -1,9 +1,11 @@
-//! `pcx export` / `pcx import`: the log as JSON lines, and back into an empty data directory.
+//! `pcx export` / `pcx import`: the log as JSON lines, and back into an empty data directory
+//! (or an empty journal in PostgreSQL).
 //!
 //! An import is written into a side directory (`DIR.importing`) and swapped in whole at the
 //! end, under the data directory's lock (as compaction is, see [`crate::store::swap`]): a killed
 //! import leaves the directory as it found it (empty), never a part of the log that
-//! `verify` would call sound.
+//! `verify` would call sound. Into PostgreSQL the same, with a side journal taken over in one
+//! transaction ([`import_postgres`]).
 //!
 //! Records travel as their exact bytes (base64), so the imported log has the same hash chain
 //! and verifies; each line also names its event for people reading the file. Format:
@@ -64,6 +66,10 @@ pub enum ExportError {
         "cannot import into {dir}: it already holds a log (import needs an empty data directory)"
     )]
     NotEmpty { dir: String },
+    #[error(
+        "cannot import into journal {journal}: it already holds a log (import needs an empty or new journal)"
+    )]
+    NotEmptyJournal { journal: String },
     #[error(
         "cannot import into {dir}: it holds files but no pcx data directory, and an import \
          replaces the directory whole (import into a new or empty directory)"
@@ -211,7 +217,7 @@ pub fn import(
     let side = sibling(dir, IMPORTING);
     let imported = SledJournal::open_held(&side, cache_capacity)
         .map_err(ExportError::from)
-        .and_then(|journal| import_into(&journal, input, progress));
+        .and_then(|journal| import_into(&journal, &|a| journal.set_anchor(a), input, progress));
     let imported = match imported {
         Ok(i) => i,
         Err(e) => {
@@ -229,8 +235,67 @@ pub fn import(
     Ok(imported)
 }
 
+/// `pcx import` into a journal in PostgreSQL, which must hold no log (it is made if missing).
+/// The same checks as [`import`]; the promise too: a refused, failed or killed import leaves
+/// the journal holding no log. Its writer takes the journal's lease first (so nothing else
+/// writes it meanwhile); the log is written into a side journal (`NAME.importing`, emptied
+/// first: a killed import may have left one) and taken over **in one transaction**
+/// ([`PgJournal::adopt_log_of`](crate::store::pg_journal::PgJournal::adopt_log_of)), so the
+/// journal is either empty or holds the whole log. The imported entries of the dynamo cache
+/// are the journal's own, as they were in the exported log; they are not saved into the
+/// cluster's shared cache (an import restores a log, it saves nothing anew).
+#[cfg(feature = "postgres")]
+pub fn import_postgres(
+    settings: &crate::store::pg_journal::PgSettings,
+    input: &mut dyn BufRead,
+    progress: Progress,
+) -> Result<Imported, ExportError> {
+    use crate::store::pg_journal::{PgJournal, PgSettings};
+    let target = PgJournal::open(settings.clone())?;
+    let not_empty = || ExportError::NotEmptyJournal {
+        journal: settings.journal.clone(),
+    };
+    if target.last_seq()?.is_some() || target.anchor()?.is_some() {
+        return Err(not_empty());
+    }
+    let side = PgJournal::open(PgSettings {
+        journal: format!("{}{IMPORTING_JOURNAL}", settings.journal),
+        ..settings.clone()
+    })?;
+    side.wipe(false)?;
+    let imported = match import_into(&side, &|a| side.set_anchor(a), input, progress) {
+        Ok(i) => i,
+        Err(e) => {
+            // Nothing was taken over: the journal holds no log, as before.
+            if let Err(w) = side.wipe(true) {
+                tracing::warn!(error = %w, journal = side.name(), "could not remove the side journal of a failed import");
+            }
+            return Err(e);
+        }
+    };
+    let side_name = side.name().to_string();
+    // Its writer goes first (a clean release), so that nothing of it writes the side journal
+    // while its log changes hands.
+    drop(side);
+    crate::store::swap::pause_point("import:taking-over");
+    match target.adopt_log_of(&side_name)? {
+        Ok(_) => Ok(imported),
+        Err(why) => {
+            tracing::warn!(journal = %settings.journal, %why, "the import was not taken over");
+            Err(not_empty())
+        }
+    }
+}
+
+/// The suffix of the side journal an import into a journal in PostgreSQL writes.
+pub const IMPORTING_JOURNAL: &str = ".importing";
+
+/// Reads an export into `journal` (empty): every record checked as replay would, every
+/// content against its digest, the final state against the export's digest; `set_anchor`
+/// stores a compacted export's anchor.
 fn import_into(
-    journal: &SledJournal,
+    journal: &dyn Journal,
+    set_anchor: &dyn Fn(&[u8]) -> Result<(), StoreError>,
     input: &mut dyn BufRead,
     progress: Progress,
 ) -> Result<Imported, ExportError> {
@@ -276,7 +341,7 @@ fn import_into(
             .decode(a)
             .map_err(|e| bad(1, format!("anchor_b64: {e}")))?;
         let snap = decode_snapshot(&bytes).map_err(|e| bad(1, format!("anchor: {e}")))?;
-        journal.set_anchor(&bytes)?;
+        set_anchor(&bytes)?;
         anchor_refs = state_refs(&snap.state);
         state = snap.state;
         head = Head {

@@ -29,26 +29,124 @@ pub fn config(dir: &Path, snapshot_every: u64) -> Config {
     c
 }
 
-/// Points `config` at the backend the suite runs on: unchanged (the sled data directory), or
-/// with `PCX_TEST_SUITE_JOURNAL=postgres` a PostgreSQL journal at `PCX_TEST_PG_URL`, named
-/// after the data directory (so that a test reopening its directory reopens its journal).
-pub fn suite_journal(config: &mut Config) {
+/// Whether the suite runs on PostgreSQL (`PCX_TEST_SUITE_JOURNAL=postgres`) rather than on
+/// sled data directories (unset, empty or `sled`).
+pub fn suite_on_postgres() -> bool {
     match std::env::var("PCX_TEST_SUITE_JOURNAL").as_deref() {
-        Err(_) | Ok("") | Ok("sled") => {}
-        Ok("postgres") => {
-            config.journal = pcx::config::JournalBackend::Postgres;
-            config.journal_url = std::env::var("PCX_TEST_PG_URL")
-                .expect("PCX_TEST_SUITE_JOURNAL=postgres needs PCX_TEST_PG_URL");
-            config.journal_name = format!(
-                "suite-{}",
-                Digest::of(config.data_dir.to_string_lossy().as_bytes()).to_hex()
-            );
-            // A test that closes and reopens at once: the closed context gave its lease up,
-            // but a clone of its handle may still be going away.
-            config.journal_wait_ms = 10_000;
-        }
+        Err(_) | Ok("") | Ok("sled") => false,
+        Ok("postgres") => true,
         Ok(other) => panic!("PCX_TEST_SUITE_JOURNAL={other}: say sled or postgres"),
     }
+}
+
+/// The database the suite runs on with `PCX_TEST_SUITE_JOURNAL=postgres`.
+pub fn suite_pg_url() -> String {
+    std::env::var("PCX_TEST_PG_URL").expect("PCX_TEST_SUITE_JOURNAL=postgres needs PCX_TEST_PG_URL")
+}
+
+/// The database URL for the data directory `dir`: `PCX_TEST_PG_URL` with a schema of its
+/// own first on the search path (made here if missing), where pcx creates its tables. Each
+/// directory's journal is then alone in its "cluster", as a sled data directory is alone on
+/// its disk: a cluster shares contents and the dynamo cache between journals by design
+/// (another test's saved `e1` would be taken up by a load here; an import would find the
+/// source's contents already there), and a test damaging a content must not damage another's.
+pub fn suite_pg_url_for(dir: &Path) -> String {
+    let schema = format!(
+        "suite_{}",
+        &Digest::of(dir.to_string_lossy().as_bytes()).to_hex()[..20]
+    );
+    ensure_schema(&schema);
+    let base = suite_pg_url();
+    if base.starts_with("postgres://") || base.starts_with("postgresql://") {
+        let glue = if base.contains('?') { '&' } else { '?' };
+        format!("{base}{glue}options=-csearch_path%3D{schema}")
+    } else {
+        format!("{base} options=-csearch_path={schema}")
+    }
+}
+
+/// Creates the schema `name` in the suite's database once per test process.
+fn ensure_schema(name: &str) {
+    static MADE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
+    if made.iter().any(|m| m == name) {
+        return;
+    }
+    let url = suite_pg_url();
+    let sql = format!("CREATE SCHEMA IF NOT EXISTS {name}");
+    // On a thread of its own: the caller may be inside the actor's runtime (a config made in
+    // `block_on`), where the client's own runtime cannot start.
+    thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        client
+            .batch_execute(&sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    })
+    .join()
+    .expect("the schema is made");
+    made.push(name.to_string());
+}
+
+/// The name of the PostgreSQL journal that stands for the data directory `dir`: the same for
+/// the library and the CLI, so that a test reopening its directory (in either) reopens its
+/// journal, and a fresh directory is a fresh journal.
+pub fn suite_journal_name(dir: &Path) -> String {
+    format!(
+        "suite-{}",
+        Digest::of(dir.to_string_lossy().as_bytes()).to_hex()
+    )
+}
+
+/// How long a suite's opener waits for the journal's lease: a test that closes and reopens at
+/// once (or runs one `pcx` after another) finds the lease given up, but a clone of the closed
+/// context's handle may still be going away.
+const SUITE_WAIT_MS: u64 = 10_000;
+
+/// Points `config` at the backend the suite runs on: unchanged (the sled data directory), or
+/// with `PCX_TEST_SUITE_JOURNAL=postgres` a PostgreSQL journal at `PCX_TEST_PG_URL`, in a
+/// schema of the data directory's own ([`suite_pg_url_for`]), named after the directory
+/// ([`suite_journal_name`]).
+pub fn suite_journal(config: &mut Config) {
+    if suite_on_postgres() {
+        config.journal = pcx::config::JournalBackend::Postgres;
+        config.journal_url = suite_pg_url_for(&config.data_dir);
+        config.journal_name = suite_journal_name(&config.data_dir);
+        config.journal_wait_ms = SUITE_WAIT_MS;
+    }
+}
+
+/// The environment that points a `pcx` process given `--data-dir DIR` at the suite's backend
+/// as [`suite_journal`] points the library: nothing on sled; on PostgreSQL the `PCX_JOURNAL*`
+/// variables the configuration reads.
+pub fn suite_env(dir: &Path) -> Vec<(String, String)> {
+    if !suite_on_postgres() {
+        return Vec::new();
+    }
+    vec![
+        ("PCX_JOURNAL".into(), "postgres".into()),
+        ("PCX_JOURNAL_URL".into(), suite_pg_url_for(dir)),
+        ("PCX_JOURNAL_NAME".into(), suite_journal_name(dir)),
+        ("PCX_JOURNAL_WAIT_MS".into(), SUITE_WAIT_MS.to_string()),
+    ]
+}
+
+/// The suite's journal for `dir`, opened to read only (as the audit commands open it): the
+/// sled data directory, or the PostgreSQL journal named after it.
+pub fn open_suite_reader(dir: &Path) -> Box<dyn pcx::store::journal::Journal> {
+    if !suite_on_postgres() {
+        return Box::new(open_journal(dir));
+    }
+    #[cfg(feature = "postgres")]
+    {
+        let settings = pcx::context::pg_settings(&config(dir, 1));
+        Box::new(
+            pcx::store::pg_journal::PgJournal::open_reader(settings)
+                .unwrap_or_else(|e| panic!("opening the journal of {}: {e}", dir.display())),
+        )
+    }
+    #[cfg(not(feature = "postgres"))]
+    panic!("PCX_TEST_SUITE_JOURNAL=postgres needs `cargo test --features postgres`")
 }
 
 pub fn open(config: &Config) -> Context {
@@ -170,6 +268,27 @@ pub fn damage_records(
         }
     }
     db.flush().unwrap();
+}
+
+/// Changes the snapshots of a closed data directory as damage would: `change` gets them by
+/// the sequence number they are stored under and may alter, remove or add them.
+pub fn damage_snapshots(
+    dir: &Path,
+    patience: Duration,
+    change: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>),
+) {
+    damage(dir, "snapshots", patience, |t| {
+        let mut snapshots = BTreeMap::new();
+        for item in t.iter() {
+            let (k, v) = item.unwrap();
+            snapshots.insert(key_seq(&k).expect("a snapshot key"), v.to_vec());
+        }
+        change(&mut snapshots);
+        t.clear().unwrap();
+        for (seq, bytes) in snapshots {
+            t.insert(seq_key(seq), bytes).unwrap();
+        }
+    });
 }
 
 /// Changes the contents a closed data directory keeps in sled (small ones) as damage would:

@@ -5,10 +5,13 @@
 //!   with a clean environment ([`pcx`]), building fixture crates ([`build_cdylib`]);
 //! - [`protocol`]: `pcx` as its users drive it: JSON requests and answers, `pcx batch` and the
 //!   single-shot CLI commands;
-//! - [`library`]: the library ([`pcx::Context`]) and the sled database under a data directory.
+//! - [`library`]: the library ([`pcx::Context`]) and the sled database under a data directory,
+//!   and which backend the suite runs on (`PCX_TEST_SUITE_JOURNAL`);
+//! - [`pg_damage`]: damage to a journal in PostgreSQL, made with SQL.
 #![allow(dead_code)]
 
 pub mod library;
+pub mod pg_damage;
 pub mod protocol;
 
 use std::ffi::OsString;
@@ -219,9 +222,12 @@ pub fn pcx_cmd(args: &[&str]) -> Command {
     cmd
 }
 
-/// `pcx --data-dir DIR ARGS…`, as [`pcx_cmd`].
+/// `pcx --data-dir DIR ARGS…`, as [`pcx_cmd`], on the suite's backend: with
+/// `PCX_TEST_SUITE_JOURNAL=postgres`, the PostgreSQL journal that stands for DIR
+/// ([`library::suite_env`]).
 pub fn pcx(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = pcx_cmd(&[]);
+    cmd.envs(library::suite_env(dir));
     cmd.arg("--data-dir").arg(dir).args(args);
     cmd
 }

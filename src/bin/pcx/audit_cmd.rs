@@ -51,27 +51,8 @@ pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCod
         });
     }
     if let Command::Import { input } = command {
-        let bar = progress_bar(config, 0, "importing");
-        let mut reader: Box<dyn io::BufRead> = match &input {
-            Some(path) => Box::new(io::BufReader::new(
-                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-            )),
-            None => Box::new(io::stdin().lock()),
-        };
-        let result =
-            pcx::audit::export::import(dir, config.cache_capacity_bytes, &mut reader, &mut |s| {
-                bar.set_position(s)
-            });
-        bar.finish_and_clear();
-        return Ok(match result {
-            Ok(i) => {
-                println!(
-                    "{}",
-                    json!({"ok": true, "events": i.events, "last_seq": i.last_seq, "state_digest": i.state_digest.to_hex()})
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => answer_error("import_failed", &e.to_string()),
+        return import_command(config, input.as_deref(), &mut |reader, progress| {
+            pcx::audit::export::import(dir, config.cache_capacity_bytes, reader, progress)
         });
     }
     let journal = match pcx::store::sled_journal::SledJournal::open_existing(
@@ -97,6 +78,44 @@ pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCod
     }
     read_command(command, &journal, config)
 }
+
+/// `pcx import` from `input` (a file, or stdin) with `import` (into a data directory or a
+/// journal in PostgreSQL): its answer on stdout.
+fn import_command(
+    config: &Config,
+    input: Option<&std::path::Path>,
+    import: &mut dyn FnMut(
+        &mut dyn io::BufRead,
+        pcx::audit::query::Progress,
+    )
+        -> Result<pcx::audit::export::Imported, pcx::audit::export::ExportError>,
+) -> Result<ExitCode> {
+    let bar = progress_bar(config, 0, "importing");
+    let mut reader: Box<dyn io::BufRead> = match input {
+        Some(path) => Box::new(io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        )),
+        None => Box::new(io::stdin().lock()),
+    };
+    let result = import(&mut reader, &mut |s| bar.set_position(s));
+    bar.finish_and_clear();
+    Ok(match result {
+        Ok(i) => {
+            println!(
+                "{}",
+                json!({"ok": true, "events": i.events, "last_seq": i.last_seq, "state_digest": i.state_digest.to_hex()})
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => answer_error("import_failed", &e.to_string()),
+    })
+}
+
+/// Why `pcx recover --accept-lost-tail` has nothing to do on a journal in PostgreSQL.
+const RECOVER_ON_POSTGRES: &str = "`pcx recover --accept-lost-tail` repairs a sled data directory whose newest events a crash lost (sled's flush is not one transaction with its snapshots); a journal in PostgreSQL writes its records, head and snapshots in one replicated transaction, so a log shorter than its snapshot there means rows were deleted or an older backup restored: restore the database from its standbys or a backup, or `pcx export` what is left and `pcx import` it into a new journal";
+
+/// Why `pcx salvage` has nothing to read on a journal in PostgreSQL.
+const SALVAGE_ON_POSTGRES: &str = "`pcx salvage` reads the files of a sled data directory that no longer opens; a journal in PostgreSQL has no such files (its records are rows of pcx_records, readable with SQL): `pcx verify` names the first damaged event and `pcx export` writes out the log";
 
 /// The commands that only read a journal, whichever backend holds it.
 fn read_command(
@@ -187,18 +206,43 @@ fn compaction_answer(report: Result<Value, pcx::audit::compact::CompactError>) -
 }
 
 /// The audit commands on a PostgreSQL journal: the reading ones work as on a data
-/// directory (the records are the same bytes); the rewriting ones are the data directory's.
+/// directory (the records are the same bytes), and so do compaction and import (each taking
+/// the journal's lease); recovering a lost tail is the data directory's only.
 fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
-    if matches!(command, Command::Import { .. } | Command::Recover { .. }) {
-        return Ok(answer_error(
-            "unsupported",
-            "import and recover work on a sled data directory; the postgres journal has no such command yet",
-        ));
+    if let Command::Recover { .. } = command {
+        return Ok(answer_error("unsupported", RECOVER_ON_POSTGRES));
     }
     #[cfg(feature = "postgres")]
     {
         let settings = pcx::context::pg_settings(config);
+        if let Command::Import { input } = command {
+            // Import makes the journal if missing, as it makes a data directory.
+            return import_command(config, input.as_deref(), &mut |reader, progress| {
+                pcx::audit::export::import_postgres(&settings, reader, progress)
+            });
+        }
+        // Every command here reads an existing journal (compaction too): a missing one is
+        // said so, as a missing data directory is, and is not created.
+        let reader = match pcx::store::pg_journal::PgJournal::open_reader(settings.clone()) {
+            Ok(j) => j,
+            Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
+        };
+        match reader.exists() {
+            Ok(true) => {}
+            Ok(false) => {
+                return Ok(answer_error(
+                    "no_data_directory",
+                    &format!(
+                        "journal {} does not exist in the database {}",
+                        reader.name(),
+                        pcx::store::pg_journal::redact(&config.journal_url)
+                    ),
+                ))
+            }
+            Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
+        }
         if let Command::Compact { before } = command {
+            drop(reader);
             // Compaction writes: it takes the journal's lease, as a server would.
             let journal = match pcx::store::pg_journal::PgJournal::open(settings) {
                 Ok(j) => j,
@@ -211,10 +255,7 @@ fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
             bar.finish_and_clear();
             return Ok(compaction_answer(report));
         }
-        match pcx::store::pg_journal::PgJournal::open_reader(settings) {
-            Ok(journal) => read_command(command, &journal, config),
-            Err(e) => Ok(answer_error("open_failed", &error_text(&e.into()))),
-        }
+        read_command(command, &reader, config)
     }
     #[cfg(not(feature = "postgres"))]
     {
@@ -231,6 +272,9 @@ fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
 
 /// `pcx salvage`: reads the data directory without opening it as a store.
 pub(crate) fn salvage(config: &Config, output: &std::path::Path, scan: bool) -> Result<ExitCode> {
+    if config.journal == pcx::config::JournalBackend::Postgres {
+        return Ok(answer_error("unsupported", SALVAGE_ON_POSTGRES));
+    }
     let dir = &config.data_dir;
     if !dir.is_dir() {
         return Ok(answer_error(

@@ -139,6 +139,22 @@ impl PgJournal {
         }
     }
 
+    /// Whether the journal exists: a writer opened it once (taking its lease made its row in
+    /// `pcx_heads`). The reading commands ask first, so that a mistyped `journal_name` is
+    /// said to be missing rather than read as an empty, sound log.
+    pub fn exists(&self) -> Result<bool, StoreError> {
+        self.read("looking the journal up", |client, journal| {
+            Ok(client
+                .query_opt("SELECT 1 FROM pcx_heads WHERE journal = $1", &[&journal])?
+                .is_some())
+        })
+    }
+
+    /// The journal's name in the database.
+    pub fn name(&self) -> &str {
+        &self.settings.journal
+    }
+
     /// The epoch this writer holds (none for a reader).
     pub fn epoch(&self) -> Option<i64> {
         self.lease.as_ref().map(|l| l.epoch)
@@ -251,6 +267,117 @@ impl PgJournal {
         })?;
         let done = *counts.lock().unwrap_or_else(|p| p.into_inner());
         Ok(done)
+    }
+
+    /// Sets the compaction anchor (a snapshot record) under the lease: an import of a
+    /// compacted export starts from it.
+    pub fn set_anchor(&self, anchor: &[u8]) -> Result<(), StoreError> {
+        let anchor = anchor.to_vec();
+        self.write_held("setting the anchor", move |tx, journal| {
+            tx.execute(
+                "INSERT INTO pcx_meta (journal, key, bytes) VALUES ($1, $2, $3) \
+                 ON CONFLICT (journal, key) DO UPDATE SET bytes = EXCLUDED.bytes",
+                &[&journal, &ANCHOR_KEY, &anchor],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Empties the journal under the lease (records, snapshots, cache view, anchor; head 0):
+    /// what an import's side journal does first, in case a killed import left one behind.
+    /// With `remove`, its row in `pcx_heads` goes too and this writer stops writing: an
+    /// import that failed leaves no side journal.
+    pub fn wipe(&self, remove: bool) -> Result<(), StoreError> {
+        if remove {
+            // No renewal of a row about to go (it would report the lease lost).
+            if let Some(lease) = &self.lease {
+                lease.stop.store(true, Ordering::SeqCst);
+            }
+        }
+        self.write_held("emptying the journal", move |tx, journal| {
+            for table in ["pcx_records", "pcx_snapshots", "pcx_cache_view", "pcx_meta"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE journal = $1"),
+                    &[&journal],
+                )?;
+            }
+            let heads = if remove {
+                "DELETE FROM pcx_heads WHERE journal = $1"
+            } else {
+                "UPDATE pcx_heads SET head = 0 WHERE journal = $1"
+            };
+            tx.execute(heads, &[&journal])?;
+            Ok(())
+        })?;
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+        if remove {
+            if let Some(lease) = &self.lease {
+                lease
+                    .lost
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| "the journal was removed".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the whole log of the journal `side` (an import written there; its writer gone)
+    /// as this journal's, **in one transaction** under this writer's lease: its records,
+    /// snapshots, cache view and anchor change journals, this head becomes its head, and
+    /// `side` is removed. Gives the new head, or why nothing changed (this journal holds a log
+    /// by then, or `side` is gone). Contents are the cluster's already.
+    pub fn adopt_log_of(&self, side: &str) -> Result<Result<u64, String>, StoreError> {
+        let side = side.to_string();
+        let outcome: Arc<Mutex<Result<u64, String>>> =
+            Arc::new(Mutex::new(Err("the transaction did not run".into())));
+        let out = outcome.clone();
+        self.write_held("taking the imported log", move |tx, journal| {
+            let set = |r: Result<u64, String>| *out.lock().unwrap_or_else(|p| p.into_inner()) = r;
+            let holds: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pcx_records WHERE journal = $1) \
+                     OR EXISTS (SELECT 1 FROM pcx_meta WHERE journal = $1 AND key = $2)",
+                    &[&journal, &ANCHOR_KEY],
+                )?
+                .get(0);
+            if holds {
+                set(Err(format!("journal {journal} holds a log")));
+                return Ok(());
+            }
+            let Some(head) = tx.query_opt(
+                "DELETE FROM pcx_heads WHERE journal = $1 RETURNING head",
+                &[&side],
+            )?
+            else {
+                set(Err(format!("the imported journal {side} is gone")));
+                return Ok(());
+            };
+            let head: i64 = head.get(0);
+            for table in ["pcx_snapshots", "pcx_cache_view", "pcx_meta"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE journal = $1"),
+                    &[&journal],
+                )?;
+            }
+            for table in ["pcx_records", "pcx_snapshots", "pcx_cache_view", "pcx_meta"] {
+                tx.execute(
+                    &format!("UPDATE {table} SET journal = $1 WHERE journal = $2"),
+                    &[&journal, &side],
+                )?;
+            }
+            tx.execute(
+                "UPDATE pcx_heads SET head = $2 WHERE journal = $1",
+                &[&journal, &head],
+            )?;
+            set(Ok(u64_of(head)));
+            Ok(())
+        })?;
+        let outcome = outcome.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Ok(head) = outcome {
+            *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head;
+        }
+        Ok(outcome)
     }
 
     /// Gives up the lease at once (a clean shutdown), so that a standby takes over without
