@@ -703,6 +703,39 @@ fn verify_finds_a_removed_newest_record_by_the_snapshot_ahead_of_it() {
     assert_verify_finds(&dir, 12, &["snapshot at 12", "ahead"]);
 }
 
+/// Regression (data loss): on PostgreSQL the journal's head row moves in the same transaction
+/// as its records, so a log whose newest records were deleted together with every snapshot
+/// that proved them is still known to be short. `verify` passed such a log as sound, and a
+/// writer opening it moved the head back and numbered its next events over the lost ones.
+/// (sled has no second account of its end: there the snapshots are the proof, above.)
+#[test]
+fn a_postgres_log_whose_newest_records_and_snapshots_were_deleted_is_found_by_its_head_and_refused()
+{
+    if !suite_on_postgres() {
+        eprintln!("skipped on sled: its log has no head row apart from the records");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage_log_snapshots(&dir, |s| s.clear());
+    damage_log_records(&dir, |r| {
+        r.remove(&12).expect("record 12");
+        r.remove(&11).expect("record 11");
+    });
+    assert_verify_finds(&dir, 11, &["11..=12", "head says the log reached event 12"]);
+    let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
+        .expect("opening the short log is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("the journal's head says the log reached event 12"),
+        "{refused}"
+    );
+    // The refused open wrote nothing: the gap is still there for the auditor.
+    assert_verify_finds(&dir, 11, &["head says the log reached event 12"]);
+}
+
 #[test]
 fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
     assert_damage_found(

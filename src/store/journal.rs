@@ -153,6 +153,13 @@ pub trait Journal: Send + Sync + 'static {
     fn gathers_groups(&self) -> bool {
         false
     }
+    /// The last sequence number the journal records as committed apart from the records
+    /// themselves (PostgreSQL's head row, moved in the same transaction as the records), so a
+    /// log whose newest records were deleted is told from a log that ended there. None for
+    /// a journal whose records are its only account of its end (sled).
+    fn committed_end(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// What a closed context holds in place of its journal: every operation says it is closed.
@@ -323,6 +330,9 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn gathers_groups(&self) -> bool {
         self.remote_ms.load(Ordering::SeqCst) > 0 || self.inner.gathers_groups()
     }
+    fn committed_end(&self) -> Result<Option<u64>, StoreError> {
+        self.inner.committed_end()
+    }
     fn cluster_name(&self) -> Option<&str> {
         self.inner.cluster_name()
     }
@@ -374,5 +384,8 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn gathers_groups(&self) -> bool {
         (**self).gathers_groups()
+    }
+    fn committed_end(&self) -> Result<Option<u64>, StoreError> {
+        (**self).committed_end()
     }
 }

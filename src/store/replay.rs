@@ -66,6 +66,15 @@ pub enum ReplayError {
          continues after event {last_found} and records the loss"
     )]
     LostTail { snapshot: u64, last_found: u64 },
+    /// The journal's own record of its end (PostgreSQL's head row, moved in the same
+    /// transaction as the records) is past the last record: committed records were deleted.
+    #[error(
+        "acknowledged events were lost: the journal's head says the log reached event {head}, \
+         but the last event found is {last_found}. Refusing to serve the shorter log, whose \
+         next events would reuse the lost numbers; restore the database (a backup, or a \
+         standby that has them), or `pcx export` what is left and import it into a new journal"
+    )]
+    HeadAhead { head: u64, last_found: u64 },
     /// A snapshot names a record the log no longer holds: the record (or the snapshot) was
     /// altered after the snapshot was taken.
     #[error(
@@ -135,6 +144,9 @@ fn last_event(journal: &dyn Journal, start: &Base) -> Result<u64, ReplayError> {
 }
 
 fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered, ReplayError> {
+    // Read before the records: the head moves with its records in one transaction, so every
+    // record up to it is there to be read after it (a live writer may add more meanwhile).
+    let committed_end = journal.committed_end()?;
     let start = base(journal)?;
     let last = last_event(journal, &start)?;
     let seqs: Vec<u64> = journal
@@ -147,6 +159,12 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
     if let Some(&ahead) = seqs.iter().find(|s| **s > last) {
         return Err(ReplayError::LostTail {
             snapshot: ahead,
+            last_found: last,
+        });
+    }
+    if let Some(head) = committed_end.filter(|h| *h > last) {
+        return Err(ReplayError::HeadAhead {
+            head,
             last_found: last,
         });
     }

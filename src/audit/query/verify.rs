@@ -29,6 +29,8 @@ pub fn verify(
     journal: &dyn Journal,
     progress: Progress,
 ) -> Result<Result<Value, Unsound>, StoreError> {
+    // Before the records (see `committed_end`): a live writer may add records meanwhile.
+    let committed_end = journal.committed_end()?;
     let start = match base(journal) {
         Ok(b) => b,
         Err(ReplayError::Store(e)) => return Err(e),
@@ -156,6 +158,17 @@ pub fn verify(
             seq: *ahead,
             what: format!(
                 "snapshot at {ahead} is ahead of the log's last event {}",
+                head.seq
+            ),
+        }));
+    }
+    if let Some(end) = committed_end.filter(|e| *e > head.seq) {
+        return Ok(Err(Unsound {
+            seq: head.seq + 1,
+            what: format!(
+                "events {}..={end} are missing: the journal's head says the log reached event \
+                 {end}, but it ends at event {}",
+                head.seq + 1,
                 head.seq
             ),
         }));

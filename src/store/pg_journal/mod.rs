@@ -614,6 +614,14 @@ impl Journal for PgJournal {
         true
     }
 
+    fn committed_end(&self) -> Result<Option<u64>, StoreError> {
+        self.read("reading the head", |client, journal| {
+            let row =
+                client.query_opt("SELECT head FROM pcx_heads WHERE journal = $1", &[&journal])?;
+            Ok(row.map(|r| u64_of(r.get(0))))
+        })
+    }
+
     fn cache_view(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.read("reading the dynamo cache view", |client, journal| {
             let rows = client.query(
