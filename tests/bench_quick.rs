@@ -28,6 +28,13 @@ fn bench(workload: &str) -> Vec<Value> {
     runs
 }
 
+fn assert_close(got: f64, want: f64, what: &str) {
+    assert!(
+        (got - want).abs() <= 1e-9 * want.abs(),
+        "{what}: {got}, not {want}"
+    );
+}
+
 fn figure(run: &Value, name: &str) -> f64 {
     run["run"][name]
         .as_f64()
@@ -76,6 +83,59 @@ fn every_workload_runs_and_reports_its_figures_beside_its_reference() {
     }
     let against_sled = figure(w3, "records_per_s") / figure(w3, "floor_sled_records_per_s");
     assert!((figure(w3, "fraction_of_sled_floor") - against_sled).abs() < 1e-9);
+    // The peers: the same clients against Redis (AOF, fsync always) and PostgreSQL
+    // (synchronous commit) that the bench starts and stops itself (the CI installs both), and
+    // pcx's figures over theirs from the same run.
+    let mut peers = vec!["peer_redis", "peer_redis_1k"];
+    if cfg!(feature = "postgres") {
+        peers.push("peer_postgres");
+    } else {
+        let why = w3["run"]["peer_postgres"].as_str().unwrap_or_default();
+        assert!(why.starts_with("not built"), "{w3}");
+    }
+    for peer in &peers {
+        // What ran, or why nothing did.
+        let about = w3["run"][peer.trim_end_matches("_1k")]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            !about.is_empty() && !about.starts_with("not ") && !about.starts_with("failed"),
+            "{peer}: {about}"
+        );
+        for name in ["records_per_s", "p50_ms", "p99_ms", "one_client_p50_ms"] {
+            assert!(
+                figure(w3, &format!("{peer}_{name}")) > 0.0,
+                "{peer}_{name}: {w3}"
+            );
+        }
+    }
+    let pcx = figure(w3, "records_per_s");
+    let mut better: f64 = 0.0;
+    for (ratio, peer) in [
+        ("pcx_over_redis", "peer_redis"),
+        ("pcx_over_postgres", "peer_postgres"),
+    ] {
+        if peers.contains(&peer) {
+            let theirs = figure(w3, &format!("{peer}_records_per_s"));
+            better = better.max(theirs);
+            assert_close(figure(w3, ratio), pcx / theirs, ratio);
+        }
+    }
+    assert_close(
+        figure(w3, "pcx_over_better_peer"),
+        pcx / better,
+        "pcx_over_better_peer",
+    );
+    assert_close(
+        figure(w3, "one_client_p50_over_redis"),
+        figure(w3, "one_client_p50_ms") / figure(w3, "peer_redis_one_client_p50_ms"),
+        "one_client_p50_over_redis",
+    );
+    assert_close(
+        figure(w3, "pcx_over_file_floor"),
+        pcx / figure(w3, "floor_file_records_per_s"),
+        "pcx_over_file_floor",
+    );
 
     let w4 = &bench("w4")[0];
     assert!(figure(w4, "fraction_of_disk") > 0.0);

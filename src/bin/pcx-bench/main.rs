@@ -17,6 +17,8 @@ use pcx::Config;
 
 mod disk;
 mod floor;
+mod harness;
+mod peers;
 mod torch;
 mod w1;
 mod w2;
@@ -27,6 +29,7 @@ mod w5;
 mod w6;
 
 use disk::*;
+use harness::*;
 use torch::*;
 use w1::*;
 use w2::*;

@@ -87,12 +87,8 @@ pub(crate) fn frame(v: &Value) -> Vec<u8> {
     pcx::interface::wire::encode_frame(&pcx::interface::wire::to_msgpack(v))
 }
 
-/// Closed-loop clients: each sends its next record only after the answer to the previous.
-///
-/// The clients are tasks on one thread of their own (like a Python worker pool behind one
-/// event loop) rather than 64 threads: on this 2-core machine 64 client threads spent more
-/// CPU on being scheduled than the server spent serving, which measured the harness. Every
-/// request is encoded before the clock starts; each latency runs from its write to its answer.
+/// pcx's closed-loop clients ([`drive`]): `clients` connections over the socket server, each
+/// recording `per_client` artifacts of `size` bytes one after another.
 pub(crate) fn closed_loop(
     socket: &Path,
     clients: usize,
@@ -111,55 +107,32 @@ pub(crate) fn closed_loop(
                 .collect()
         })
         .collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
-    runtime.block_on(async move {
-        let start = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for (c, frames) in requests.into_iter().enumerate() {
-            let socket = socket.to_path_buf();
-            tasks.spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut s = tokio::net::UnixStream::connect(&socket).await?;
-                let mut lat = Vec::with_capacity(frames.len());
-                let mut body = Vec::new();
-                for f in frames {
-                    let t = Instant::now();
-                    s.write_all(&f).await?;
-                    let mut h = [0u8; 4];
-                    s.read_exact(&mut h).await?;
-                    body.resize(pcx::interface::wire::body_len(h) as usize, 0);
-                    s.read_exact(&mut body).await?;
-                    lat.push(t.elapsed().as_secs_f64() * 1e3);
-                    let a =
-                        pcx::interface::wire::to_json(pcx::interface::wire::decode_answer(&body)?)?;
-                    if a["ok"] != true {
-                        bail!("client {c}: {a}");
-                    }
-                }
-                Ok::<Vec<f64>, anyhow::Error>(lat)
-            });
-        }
-        let mut all = Vec::new();
-        while let Some(done) = tasks.join_next().await {
-            all.extend(done.map_err(|e| anyhow::anyhow!("a client task failed: {e}"))??);
-        }
-        Ok((start.elapsed().as_secs_f64(), all))
-    })
+    let socket = socket.to_path_buf();
+    drive(
+        requests,
+        move |_| {
+            let socket = socket.clone();
+            async move { Ok((tokio::net::UnixStream::connect(&socket).await?, Vec::new())) }
+        },
+        |(mut s, mut body): (tokio::net::UnixStream, Vec<u8>), f: Vec<u8>| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(&f).await?;
+            let mut h = [0u8; 4];
+            s.read_exact(&mut h).await?;
+            body.resize(pcx::interface::wire::body_len(h) as usize, 0);
+            s.read_exact(&mut body).await?;
+            let a = pcx::interface::wire::to_json(pcx::interface::wire::decode_answer(&body)?)?;
+            if a["ok"] != true {
+                bail!("{a}");
+            }
+            Ok((s, body))
+        },
+    )
 }
 
 pub(crate) fn base64_of(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
-}
-
-pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 pub(crate) fn w3(quick: bool) -> Result<Value> {
@@ -198,10 +171,48 @@ pub(crate) fn w3(quick: bool) -> Result<Value> {
         "one_client_p50_over_fsync": alone_p50 / fsync_ms,
         "fraction_of_sled_floor": throughput / sled_floor,
     });
+    let peers = peers::measure(clients, per, alone_n);
     if let (Some(run), Value::Object(floors)) = (run.as_object_mut(), floors) {
         run.extend(floors);
+        run.extend(peers);
+        let ratios = ratios(run, throughput, alone_p50);
+        run.extend(ratios);
     }
     Ok(run)
+}
+
+/// pcx's figures over its peers' and the file floor's, from the same run. A ratio whose peer
+/// has no figure (not installed, or failed: its `peer_…` field says which) is left out.
+fn ratios(
+    run: &serde_json::Map<String, Value>,
+    throughput: f64,
+    alone_p50: f64,
+) -> Vec<(String, Value)> {
+    let figure = |name: &str| run.get(name).and_then(Value::as_f64);
+    let mut out = Vec::new();
+    let redis = figure("peer_redis_records_per_s");
+    let postgres = figure("peer_postgres_records_per_s");
+    for (name, peer) in [("pcx_over_redis", redis), ("pcx_over_postgres", postgres)] {
+        if let Some(peer) = peer {
+            out.push((name.to_string(), json!(throughput / peer)));
+        }
+    }
+    if let Some(better) = [redis, postgres].into_iter().flatten().reduce(f64::max) {
+        out.push((
+            "pcx_over_better_peer".to_string(),
+            json!(throughput / better),
+        ));
+    }
+    if let Some(p50) = figure("peer_redis_one_client_p50_ms") {
+        out.push((
+            "one_client_p50_over_redis".to_string(),
+            json!(alone_p50 / p50),
+        ));
+    }
+    if let Some(file) = figure("floor_file_records_per_s") {
+        out.push(("pcx_over_file_floor".to_string(), json!(throughput / file)));
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------
