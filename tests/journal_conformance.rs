@@ -277,6 +277,52 @@ mod postgres {
         suite(&|| Box::new(Pg(fresh_name("contract"))));
     }
 
+    /// Regression: contents are shared by every journal of the cluster, and two writers that
+    /// stored the same new contents in different orders deadlocked in PostgreSQL, which broke
+    /// the tie by failing one writer's commit (seen in W6: clients answered `storage failed:
+    /// deadlock detected`, and the lease of the writer left waiting ran out). Both commit now.
+    #[test]
+    fn two_writers_storing_the_same_contents_in_opposite_orders_both_commit() {
+        use std::sync::{Arc, Barrier};
+        const ROUNDS: u64 = 15;
+        let run = pcx::core::model::Digest::of(fresh_name("contents").as_bytes()).to_hex();
+        let barrier = Arc::new(Barrier::new(2));
+        let writers: Vec<_> = [false, true]
+            .into_iter()
+            .map(|reversed| {
+                let barrier = barrier.clone();
+                let run = run.clone();
+                std::thread::spawn(move || {
+                    let j = PgJournal::open(settings(&fresh_name("order"), 60_000))
+                        .expect("the journal opens");
+                    for round in 1..=ROUNDS {
+                        // 64 contents new to the cluster, the same for both writers.
+                        let mut blobs: Vec<(Digest, Arc<Vec<u8>>)> = (0..64)
+                            .map(|i| {
+                                let c = format!("{run} round {round} content {i}").into_bytes();
+                                (Digest::of(&c), Arc::new(c))
+                            })
+                            .collect();
+                        if reversed {
+                            blobs.reverse();
+                        }
+                        barrier.wait();
+                        j.commit(&Commit {
+                            blobs,
+                            records: vec![(round, format!("round {round}").into_bytes())],
+                            ..Commit::default()
+                        })
+                        .unwrap_or_else(|e| panic!("round {round} (reversed: {reversed}): {e}"));
+                    }
+                    j.last_seq().expect("the head reads")
+                })
+            })
+            .collect();
+        for w in writers {
+            assert_eq!(w.join().expect("a writer panicked"), Some(ROUNDS));
+        }
+    }
+
     /// Moves a journal's lease into the past, as if its holder had stopped renewing it
     /// (paused, or cut off from the database) for longer than the lease.
     fn expire_lease(name: &str) {

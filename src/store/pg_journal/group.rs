@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use postgres::error::SqlState;
 use postgres::Client;
 
 use crate::core::model::Digest;
@@ -37,6 +38,10 @@ pub(super) const GROUP_SQL: &str = "WITH h AS ( \
                SELECT $2, t.s, t.b FROM unnest($11::bigint[], $12::bytea[]) AS t(s, b) WHERE EXISTS (SELECT 1 FROM h) \
              ) \
              SELECT count(*) FROM h";
+
+/// How many times a group the database rolled back to break a deadlock or a serialization
+/// conflict is tried in all.
+const CONFLICT_TRIES: u64 = 5;
 
 /// How long a commit whose outcome is in doubt waits for its old session to end.
 pub(super) const RESOLVE_PATIENCE: Duration = Duration::from_secs(30);
@@ -197,7 +202,27 @@ impl Group {
             return Err(StoreError::Unavailable);
         };
         let session = *session;
-        match self.write(client, group) {
+        let mut written = self.write(client, group);
+        let mut tries = 1;
+        // A transaction the database rolled back whole to break a deadlock or a serialization
+        // conflict (with another journal's writer over a shared row: the dynamo cache) left
+        // nothing behind and the head where it was: it is tried again, as PostgreSQL advises.
+        while tries < CONFLICT_TRIES
+            && written
+                .as_ref()
+                .err()
+                .and_then(|e| e.code())
+                .is_some_and(|c| {
+                    *c == SqlState::T_R_DEADLOCK_DETECTED
+                        || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                })
+        {
+            tracing::warn!(journal = %self.journal, tries, "a commit lost a conflict with another writer; trying again");
+            std::thread::sleep(Duration::from_millis(5 * tries));
+            tries += 1;
+            written = self.write(client, group);
+        }
+        match written {
             Ok(true) => Ok(Outcome::Landed),
             Ok(false) => Ok(Outcome::Refused(why_fenced(
                 client,

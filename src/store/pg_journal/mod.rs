@@ -456,12 +456,19 @@ impl Journal for PgJournal {
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
         let old = *head;
         let new = c.records.last().map_or(old, |r| r.0);
+        // Contents are shared by every journal of the cluster: inserted in one order (by
+        // digest) everywhere, two writers storing the same contents wait for each other
+        // instead of deadlocking (W6's four writers, storing the same contents in the orders
+        // their clients' requests arrived, had commits fail with 40P01).
+        let mut blobs = c.blobs.clone();
+        blobs.sort_unstable_by(|a, b| a.0 .0.cmp(&b.0 .0));
+        blobs.dedup_by(|a, b| a.0 == b.0);
         let group = Group {
             journal: self.settings.journal.clone(),
             epoch,
             old,
             new,
-            blobs: c.blobs.clone(),
+            blobs,
             records: c.records.clone(),
             cache_puts: c.cache_puts.clone(),
             snapshot: c.snapshot.clone(),
