@@ -461,7 +461,7 @@ impl Journal for PgJournal {
         // instead of deadlocking (W6's four writers, storing the same contents in the orders
         // their clients' requests arrived, had commits fail with 40P01).
         let mut blobs = c.blobs.clone();
-        blobs.sort_unstable_by(|a, b| a.0 .0.cmp(&b.0 .0));
+        blobs.sort_unstable_by_key(|b| b.0 .0);
         blobs.dedup_by(|a, b| a.0 == b.0);
         let group = Group {
             journal: self.settings.journal.clone(),
