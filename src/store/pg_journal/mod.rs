@@ -58,6 +58,10 @@ const PAGE_ROWS: i64 = 1024;
 /// The key of the compaction anchor in `pcx_meta`.
 const ANCHOR_KEY: &str = "anchor";
 
+/// Sets a journal's compaction anchor (journal, key, bytes): by compaction and by an import.
+const SET_ANCHOR: &str = "INSERT INTO pcx_meta (journal, key, bytes) VALUES ($1, $2, $3) \
+                          ON CONFLICT (journal, key) DO UPDATE SET bytes = EXCLUDED.bytes";
+
 /// The PostgreSQL journal; see the module's documentation.
 pub struct PgJournal {
     settings: PgSettings,
@@ -249,11 +253,7 @@ impl PgJournal {
         let counts = Arc::new(Mutex::new((0u64, 0u64)));
         let out = counts.clone();
         self.write_held("compacting", move |tx, journal| {
-            tx.execute(
-                "INSERT INTO pcx_meta (journal, key, bytes) VALUES ($1, $2, $3) \
-                 ON CONFLICT (journal, key) DO UPDATE SET bytes = EXCLUDED.bytes",
-                &[&journal, &ANCHOR_KEY, &anchor],
-            )?;
+            tx.execute(SET_ANCHOR, &[&journal, &ANCHOR_KEY, &anchor])?;
             let events = tx.execute(
                 "DELETE FROM pcx_records WHERE journal = $1 AND seq <= $2",
                 &[&journal, &i64_of(anchor_seq)],
@@ -274,11 +274,7 @@ impl PgJournal {
     pub fn set_anchor(&self, anchor: &[u8]) -> Result<(), StoreError> {
         let anchor = anchor.to_vec();
         self.write_held("setting the anchor", move |tx, journal| {
-            tx.execute(
-                "INSERT INTO pcx_meta (journal, key, bytes) VALUES ($1, $2, $3) \
-                 ON CONFLICT (journal, key) DO UPDATE SET bytes = EXCLUDED.bytes",
-                &[&journal, &ANCHOR_KEY, &anchor],
-            )?;
+            tx.execute(SET_ANCHOR, &[&journal, &ANCHOR_KEY, &anchor])?;
             Ok(())
         })
     }
