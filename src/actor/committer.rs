@@ -452,7 +452,7 @@ mod tests {
         let journal = Arc::new(FaultyJournal::new(
             SledJournal::open(dir.path(), 1 << 20).unwrap(),
         ));
-        journal.act_remote(200);
+        journal.act_remote(300);
         let (tx, answers) = mpsc::channel();
         let (sizes_tx, sizes) = mpsc::channel();
         let sizes_tx = Mutex::new(sizes_tx);
@@ -465,15 +465,18 @@ mod tests {
         )
         .unwrap();
         let intake = c.intake();
-        // A first group of 4 (nothing to gather for yet).
-        let mut seq = 0;
+        // A group of one, then four queued while it commits (300 ms): a group of 4.
+        intake.push(staged(1), waiter(1, &tx));
+        std::thread::sleep(Duration::from_millis(100));
+        let mut seq = 1;
         for _ in 0..4 {
             seq += 1;
             intake.push(staged(seq), waiter(seq, &tx));
         }
-        for _ in 0..4 {
+        for _ in 0..5 {
             assert!(answers.recv_timeout(PATIENCE).unwrap().1.is_ok());
         }
+        assert_eq!(sizes.recv_timeout(PATIENCE).unwrap(), 1);
         assert_eq!(sizes.recv_timeout(PATIENCE).unwrap(), 4);
         // The four come back 2 ms apart, well within the wait (half a commit, at most 20 ms).
         for _ in 0..4 {
@@ -499,7 +502,7 @@ mod tests {
         }
         assert_eq!(sizes.recv_timeout(PATIENCE).unwrap(), 2);
         c.close();
-        assert_eq!(journal.commits(), 3);
+        assert_eq!(journal.commits(), 4);
     }
 
     #[test]
