@@ -83,9 +83,18 @@ pub(crate) async fn demo(config: Config) -> Result<ExitCode> {
     ctx.close()
         .await
         .map_err(|e| anyhow::anyhow!("closing: {e}"))?;
+    // Where it is: the data directory, or the journal in the cluster (the same settings,
+    // in the environment, reach it again).
+    let (place, again) = match config.journal {
+        pcx::config::JournalBackend::Sled => (dir.clone(), format!("pcx --data-dir {dir}")),
+        _ => (
+            format!("the journal {} in PostgreSQL", config.journal_name),
+            "pcx (with the same PCX_JOURNAL* settings)".to_string(),
+        ),
+    };
     writeln!(
         out,
-        "{}\nEverything above is in {dir}: run `pcx --data-dir {dir} debug-info`, or pipe requests into `pcx --data-dir {dir} batch`.",
+        "{}\nEverything above is in {place}: run `{again} debug-info`, or pipe requests into `{again} batch`.",
         step("done")
     )?;
     Ok(ExitCode::SUCCESS)
