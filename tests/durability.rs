@@ -330,6 +330,72 @@ fn many_records_in_flight_share_a_few_group_commits() {
     });
 }
 
+/// The files sled wrote under `blobs/` in `dir`.
+fn sled_files(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir.join("blobs")) {
+        Ok(listing) => listing
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("listing blobs/: {e}"),
+    }
+}
+
+/// W1's shape: groups of about a thousand records with 1 KiB of content each. Every part of
+/// a group that goes into sled must stay inside sled's log, synced with it in the one
+/// `fdatasync` of `db`: sled writes a node too large for its log segment to a file of its
+/// own under `blobs/`, which the journal then syncs on its own, one device round trip each.
+/// With pages and index values of 64–96 KiB, every W1 group wrote two such files.
+#[test]
+fn groups_of_a_compile_session_stay_inside_sleds_log() {
+    if suite_on_postgres() {
+        return eprintln!("skipped on PostgreSQL: about sled's files");
+    }
+    const N: usize = 8_192;
+    let dir = tempfile::tempdir().unwrap();
+    // No snapshot: a snapshot of the whole state is one value, and big ones are files.
+    let config = config(dir.path(), 1_000_000);
+    let keys: Vec<String> = (0..N)
+        .map(|i| format!("__compiled_fn_{i}_{:016x}", i as u64 * 0x9e37_79b9))
+        .collect();
+    let files = block_on(async {
+        let ctx = open(&config);
+        let sends: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                let mut content = k.as_bytes().to_vec();
+                content.resize(1024, b'.');
+                ctx.addr().clone().send(RecordArtifact {
+                    artifact: artifact(k, &content),
+                })
+            })
+            .collect();
+        for (i, answer) in futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            answer
+                .expect("the actor is alive")
+                .unwrap_or_else(|e| panic!("record {i}: {e}"));
+        }
+        // Looked at before closing: closing writes a snapshot of the whole state, one value.
+        let files = sled_files(dir.path());
+        ctx.close().await.expect("close");
+        files
+    });
+    assert!(
+        files.is_empty(),
+        "{N} records of 1 KiB made sled write {} files of their own: {files:?}",
+        files.len()
+    );
+    block_on(async {
+        let ctx = open(&config);
+        assert_eq!(backends(&ctx).await.len(), N);
+        ctx.close().await.expect("close");
+    });
+}
+
 // ---------------------------------------------------------------------------------------
 // One writer per data directory
 // ---------------------------------------------------------------------------------------

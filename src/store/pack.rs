@@ -1,10 +1,10 @@
 //! How the journal packs many records, and many contents, into one sled value each.
 //!
-//! sled costs about the same per key whatever the value's size (a tree descent, a node copy
-//! and a log reservation), so a group commit writes its records as one **page** and its
-//! contents as a few **packs** of about [`PACK_TARGET`] bytes, with one **index** value saying
-//! where each content sits. A W1 group of 1,024 records and 1 MiB of content is then about 20
-//! sled keys instead of 2,048. The layouts are plain length-prefixed frames, pure functions
+//! sled costs about the same per key for small values (a tree descent, a node copy and a log
+//! reservation), so a group commit writes its records as **pages** and its contents as
+//! **packs** of about [`SLED_VALUE_TARGET`] bytes each, with **index** values saying where
+//! each content sits. A W1 group of 1,024 records (its 1 MiB of content goes to a content
+//! file) is then about 40 sled keys instead of 2,048. The layouts are plain length-prefixed frames, pure functions
 //! here, so they can be tested without sled and read back by tests that damage them.
 //!
 //! - page: `(seq: u64 BE, len: u32 BE, record: len bytes)*`
@@ -16,17 +16,32 @@
 
 use crate::core::model::Digest;
 
-/// Contents are gathered into packs of about this size: big enough that sled's per-key cost
-/// is spread over many contents, small enough that reading one content (which reads its
-/// pack) stays cheap. A content larger than this gets a pack of its own.
-pub const PACK_TARGET: usize = 64 * 1024;
+/// The size each sled value this journal writes is cut to (pages, packs, index values).
+///
+/// sled 0.34 keeps values inside its tree's leaf nodes, splits a leaf only past 16 items, and
+/// rewrites a leaf whole every 10 changes (and on each split). A rewrite larger than a
+/// quarter of its 512 KiB log segment (128 KiB) goes to a file of its own under `blobs/`,
+/// which the journal must then sync on its own: with values of 64–96 KiB, W1's groups each
+/// wrote two such files of 0.5–0.8 MiB and synced them one by one, four `fdatasync`s a
+/// group instead of two (`strace`, 2026-12-04). At this size a full leaf (17 values) stays
+/// under 128 KiB, so every leaf is written inside sled's log and made durable by the one
+/// sync of its file. Values written by older versions keep being read as they are.
+pub const SLED_VALUE_TARGET: usize = 6 * 1024;
 
-/// A group with at least this much new content writes it to a content file instead of sled.
-pub const FILE_THRESHOLD: usize = PACK_TARGET;
+/// Contents are gathered into packs of about this size, so that reading one content (which
+/// reads its pack) stays cheap. A content larger than this gets a pack of its own.
+pub const PACK_TARGET: usize = SLED_VALUE_TARGET;
 
-/// A group's records are cut into pages of about this size: below sled's 128 KiB limit for
-/// values kept in its log, above which each becomes a file of its own to sync.
-pub const PAGE_TARGET: usize = 96 * 1024;
+/// A group with at least this much new content writes it to a content file instead of sled:
+/// below it, the content file's own `fdatasync` would cost more than sled writing it along
+/// with the group's events.
+pub const FILE_THRESHOLD: usize = 64 * 1024;
+
+/// A group's records are cut into pages of about this size.
+pub const PAGE_TARGET: usize = SLED_VALUE_TARGET;
+
+/// Index entries in one sled value of `pack_index`.
+pub const INDEX_ENTRIES_PER_VALUE: usize = SLED_VALUE_TARGET / INDEX_ENTRY;
 
 const FRAME_HEAD: usize = 8 + 4;
 /// The bytes of one index entry.

@@ -12,6 +12,7 @@ use crate::core::model::Digest;
 use crate::store::error::StoreError;
 use crate::store::pack::{
     file_locs, index_entries, index_push, pack_contents, Loc, Packed, Place, FILE_THRESHOLD,
+    INDEX_ENTRIES_PER_VALUE, INDEX_ENTRY,
 };
 use crate::store::record::{key_seq, seq_key};
 
@@ -30,6 +31,7 @@ pub(super) struct Staged<'a> {
     /// Small groups: sled packs and where each content is in them. Large groups go to a
     /// content file, and learn where once appended.
     pub(super) packs: Option<Packed>,
+    /// The key of the group's first `pack_index` value.
     pub(super) index_key: u64,
 }
 
@@ -38,7 +40,7 @@ pub(super) struct Staged<'a> {
 pub(super) struct Written {
     pub(super) locs: Vec<(Digest, Loc)>,
     pub(super) pack_keys: Vec<u64>,
-    pub(super) index_key: Option<u64>,
+    pub(super) index_keys: Vec<u64>,
 }
 
 /// Reads the content index of a data directory.
@@ -134,14 +136,17 @@ impl SledJournal {
                 file_locs(staged.fresh.iter().copied(), file, at)
             }
         };
-        let mut index = Vec::with_capacity(locs.len() * 57);
-        for (d, loc) in &locs {
-            index_push(&mut index, d, *loc);
+        // Cut like pages and packs (see `SLED_VALUE_TARGET`), at consecutive keys.
+        for (key, chunk) in (staged.index_key..).zip(locs.chunks(INDEX_ENTRIES_PER_VALUE)) {
+            let mut index = Vec::with_capacity(chunk.len() * INDEX_ENTRY);
+            for (d, loc) in chunk {
+                index_push(&mut index, d, *loc);
+            }
+            written.index_keys.push(key);
+            h.pack_index
+                .insert(seq_key(key), index)
+                .map_err(sled_err("writing the content index"))?;
         }
-        written.index_key = Some(staged.index_key);
-        h.pack_index
-            .insert(seq_key(staged.index_key), index)
-            .map_err(sled_err("writing the content index"))?;
         written.locs = locs;
         Ok(())
     }
@@ -154,15 +159,15 @@ impl SledJournal {
             batch.remove(&seq_key(*n));
         }
         let _ = h.packs.apply_batch(batch);
-        if let Some(k) = written.index_key {
-            let _ = h.pack_index.remove(seq_key(k));
+        for k in &written.index_keys {
+            let _ = h.pack_index.remove(seq_key(*k));
         }
     }
 
     /// Makes written contents findable.
     pub(super) fn publish(&self, written: Written) {
         let mut contents = self.contents_mut();
-        if let Some(k) = written.index_key {
+        if let Some(k) = written.index_keys.last() {
             contents.next_index = contents.next_index.max(k + 1);
         }
         if let Some(n) = written.pack_keys.last() {
