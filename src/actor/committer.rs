@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -137,7 +137,7 @@ impl Committer {
         let (theirs, their_hits) = (shared.clone(), hits.clone());
         let thread = std::thread::Builder::new()
             .name("pcx-committer".into())
-            .spawn(move || commit_loop(&theirs, journal.as_ref(), &their_hits, &answer, &report))?;
+            .spawn(move || commit_loop(&theirs, &journal, &their_hits, &answer, &report))?;
         Ok(Committer {
             shared,
             thread: Some(thread),
@@ -254,7 +254,7 @@ impl Gathering {
 
 fn commit_loop(
     shared: &Shared,
-    journal: &dyn Journal,
+    journal: &Arc<dyn Journal>,
     hit_count: &AtomicU64,
     answer: &dyn Fn(Vec<Waiter>),
     report: &dyn Fn(Committed),
@@ -263,8 +263,9 @@ fn commit_loop(
         on: journal.gathers_groups(),
         ..Gathering::default()
     };
+    let mut ahead = WriteAhead::start(journal.clone());
     loop {
-        let group = {
+        let (group, next_blobs) = {
             let mut q = lock(shared);
             let mut gather_until = None;
             let group = loop {
@@ -301,7 +302,13 @@ fn commit_loop(
             };
             q.busy = true;
             q.inflight_events = group.commit.records.len() as u64;
-            group
+            // A sealed group takes no more requests: its contents can be written ahead.
+            let next_blobs = q
+                .sealed
+                .front()
+                .filter(|g| !g.commit.blobs.is_empty())
+                .map(|g| g.commit.blobs.clone());
+            (group, next_blobs)
         };
         gathering.last_waiters = group.waiters.len();
         let Group {
@@ -317,6 +324,13 @@ fn commit_loop(
             continue;
         }
         let started = Instant::now();
+        if let Some(a) = &mut ahead {
+            // This group's contents, if handed over last time, are written before it commits.
+            a.wait();
+            if let Some(blobs) = next_blobs {
+                a.hand(blobs);
+            }
+        }
         let result = journal.commit(&commit);
         gathering.last_commit = started.elapsed();
         let mut committed = Committed {
@@ -357,6 +371,70 @@ fn commit_loop(
             }
         }
         report(committed);
+    }
+}
+
+/// Contents handed to the write-ahead thread.
+type Blobs = Vec<(Digest, Arc<Vec<u8>>)>;
+
+/// The thread that writes a sealed group's contents ahead of its commit
+/// ([`Journal::prewrite`]) while the committer commits the group before it, so that the
+/// sync of one overlaps the other's: W1's groups each sync a content file and then sled's
+/// log, one after the other.
+struct WriteAhead {
+    to: Option<mpsc::Sender<Blobs>>,
+    done: mpsc::Receiver<()>,
+    busy: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WriteAhead {
+    /// None if the thread cannot be started: groups then write their contents themselves.
+    fn start(journal: Arc<dyn Journal>) -> Option<WriteAhead> {
+        let (to, handed) = mpsc::channel::<Blobs>();
+        let (finished, done) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("pcx-write-ahead".into())
+            .spawn(move || {
+                for blobs in handed {
+                    journal.prewrite(&blobs);
+                    if finished.send(()).is_err() {
+                        return;
+                    }
+                }
+            })
+            .ok()?;
+        Some(WriteAhead {
+            to: Some(to),
+            done,
+            busy: false,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits until the contents handed over last are written (or given up).
+    fn wait(&mut self) {
+        if self.busy {
+            let _ = self.done.recv();
+            self.busy = false;
+        }
+    }
+
+    fn hand(&mut self, blobs: Blobs) {
+        self.wait();
+        if let Some(to) = &self.to {
+            self.busy = to.send(blobs).is_ok();
+        }
+    }
+}
+
+impl Drop for WriteAhead {
+    /// Ends the thread, and with it its hold on the journal (and so on the data directory).
+    fn drop(&mut self) {
+        self.to = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -35,6 +35,9 @@ const STREAMS: usize = 4;
 pub struct ContentFiles {
     dir: PathBuf,
     files: Mutex<Files>,
+    /// Held for a whole append: a group's commit and the next group's contents written
+    /// ahead of it ([`crate::store::journal::Journal::prewrite`]) append from two threads.
+    appending: Mutex<()>,
 }
 
 struct Files {
@@ -134,6 +137,7 @@ impl ContentFiles {
                 readers: HashMap::new(),
                 streams: Vec::with_capacity(STREAMS),
             }),
+            appending: Mutex::new(()),
         })
     }
 
@@ -141,8 +145,9 @@ impl ContentFiles {
     /// of the first part; the others follow it.
     pub fn append(&self, parts: &[&[u8]]) -> Result<(u64, u64), StoreError> {
         let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let _appending = self.appending.lock().unwrap_or_else(|p| p.into_inner());
         // The lock is not held while writing and syncing, so reads go on meanwhile. Appends
-        // come one at a time (the journal's writer lock), and readers never look past `len`.
+        // come one at a time (`appending`), and readers never look past `len`.
         let (writer, file, at, path) = {
             let mut f = self.files.lock().unwrap_or_else(|p| p.into_inner());
             if f.len > 0 && f.len.saturating_add(total) > FILE_LIMIT {

@@ -108,6 +108,13 @@ pub trait Journal: Send + Sync + 'static {
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError>;
     /// Applies a group atomically and makes it durable. On error nothing of it remains.
     fn commit(&self, commit: &Commit) -> Result<(), StoreError>;
+    /// Writes and syncs, ahead of their group, the contents a later [`Journal::commit`] will
+    /// store, while the group before it commits: a journal whose contents go to a file of
+    /// their own (the sled journal, for large groups) overlaps that file's sync with the
+    /// previous group's. Nothing refers to what it writes until the group that stores those
+    /// contents commits, so it may be skipped, and a failure is left to that commit to meet
+    /// and report.
+    fn prewrite(&self, _blobs: &[(Digest, std::sync::Arc<Vec<u8>>)]) {}
     /// Event records with sequence number `>= from`, in order.
     fn records(&self, from: u64) -> Records<'_>;
     /// The sequence number of the last stored event, if any.
@@ -287,6 +294,12 @@ impl<J: Journal> Journal for FaultyJournal<J> {
         self.commits.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
+    fn prewrite(&self, blobs: &[(Digest, std::sync::Arc<Vec<u8>>)]) {
+        if self.sled_failure("writing content").is_ok() && !self.fail_commits.load(Ordering::SeqCst)
+        {
+            self.inner.prewrite(blobs)
+        }
+    }
     fn records(&self, from: u64) -> Records<'_> {
         if let Err(e) = self.sled_failure("reading events") {
             return Box::new(std::iter::once(Err(e)));
@@ -344,6 +357,9 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
         (**self).commit(commit)
+    }
+    fn prewrite(&self, blobs: &[(Digest, std::sync::Arc<Vec<u8>>)]) {
+        (**self).prewrite(blobs)
     }
     fn records(&self, from: u64) -> Records<'_> {
         (**self).records(from)

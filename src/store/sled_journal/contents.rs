@@ -28,6 +28,9 @@ pub(super) struct Contents {
 pub(super) struct Staged<'a> {
     /// Content not stored yet, each once, in order.
     pub(super) fresh: Vec<(&'a Digest, &'a [u8])>,
+    /// Content written ahead of the group ([`crate::store::journal::Journal::prewrite`]):
+    /// only its index entries are left to write.
+    pub(super) ahead: Vec<(Digest, Loc)>,
     /// Small groups: sled packs and where each content is in them. Large groups go to a
     /// content file, and learn where once appended.
     pub(super) packs: Option<Packed>,
@@ -87,25 +90,58 @@ impl SledJournal {
         self.contents.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub(super) fn prewritten_mut(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Loc>> {
+        self.prewritten.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Lays out the contents of `blobs` not stored yet (each once).
     pub(super) fn stage<'a>(
         &self,
         blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>,
     ) -> Staged<'a> {
         let known = self.contents_ref();
+        let prewritten = self.prewritten_mut();
         let mut seen = HashSet::new();
-        let fresh: Vec<(&Digest, &[u8])> = blobs
-            .into_iter()
-            .filter(|(d, _)| !known.locs.contains_key(*d) && seen.insert(**d))
-            .collect();
+        let mut ahead = Vec::new();
+        let mut fresh: Vec<(&Digest, &[u8])> = Vec::new();
+        for (d, c) in blobs {
+            if known.locs.contains_key(d) || !seen.insert(*d) {
+                continue;
+            }
+            match prewritten.get(d) {
+                Some(loc) => ahead.push((*d, *loc)),
+                None => fresh.push((d, c)),
+            }
+        }
         let bytes: usize = fresh.iter().map(|(_, c)| c.len()).sum();
         let packs =
             (bytes < FILE_THRESHOLD).then(|| pack_contents(fresh.iter().copied(), known.next_pack));
         Staged {
             fresh,
+            ahead,
             packs,
             index_key: known.next_index,
         }
+    }
+
+    /// Appends to a content file, and syncs, the contents of a group still to commit that
+    /// would go there ([`crate::store::journal::Journal::prewrite`]); their group then writes
+    /// only their index entries. Contents its group would keep in sled are left to it.
+    pub(super) fn write_ahead<'a>(
+        &self,
+        blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>,
+    ) -> Result<(), StoreError> {
+        let staged = self.stage(blobs);
+        if staged.packs.is_some() || staged.fresh.is_empty() {
+            return Ok(());
+        }
+        let bytes: usize = staged.fresh.iter().map(|(_, c)| c.len()).sum();
+        self.ensure_space(bytes as u64)?;
+        let parts: Vec<&[u8]> = staged.fresh.iter().map(|(_, c)| *c).collect();
+        let (file, at) = self.files.append(&parts)?;
+        self.prewritten_mut()
+            .extend(file_locs(staged.fresh.iter().copied(), file, at));
+        Ok(())
     }
 
     /// Writes staged contents (to sled packs or a content file) and their index entry. sled's
@@ -117,10 +153,10 @@ impl SledJournal {
         staged: &Staged<'_>,
         written: &mut Written,
     ) -> Result<(), StoreError> {
-        if staged.fresh.is_empty() {
+        if staged.fresh.is_empty() && staged.ahead.is_empty() {
             return Ok(());
         }
-        let locs = match &staged.packs {
+        let mut locs = match &staged.packs {
             Some((packs, locs)) => {
                 for (n, pack) in packs {
                     written.pack_keys.push(*n);
@@ -136,6 +172,7 @@ impl SledJournal {
                 file_locs(staged.fresh.iter().copied(), file, at)
             }
         };
+        locs.extend(staged.ahead.iter().copied());
         // Cut like pages and packs (see `SLED_VALUE_TARGET`), at consecutive keys.
         for (key, chunk) in (staged.index_key..).zip(locs.chunks(INDEX_ENTRIES_PER_VALUE)) {
             let mut index = Vec::with_capacity(chunk.len() * INDEX_ENTRY);
@@ -172,6 +209,10 @@ impl SledJournal {
         }
         if let Some(n) = written.pack_keys.last() {
             contents.next_pack = contents.next_pack.max(n + 1);
+        }
+        let mut prewritten = self.prewritten_mut();
+        for (d, _) in &written.locs {
+            prewritten.remove(d);
         }
         contents.locs.extend(written.locs);
     }

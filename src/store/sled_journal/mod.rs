@@ -54,6 +54,10 @@ pub struct SledJournal {
     /// Writers of packs take turns, so two never number a pack alike.
     writer: Mutex<()>,
     files: ContentFiles,
+    /// Contents written and synced to a content file ahead of their group
+    /// ([`Journal::prewrite`]), not yet in the index: the group that stores them writes
+    /// their index entries instead of writing them again.
+    prewritten: Mutex<std::collections::HashMap<Digest, crate::store::pack::Loc>>,
     /// The data directory's lock, held as long as the journal (none for the side directories
     /// a compaction or import writes under the lock it holds itself). Last, so it goes last.
     _lock: Option<crate::store::swap::DirLock>,
@@ -118,6 +122,7 @@ impl SledJournal {
             synced_blob_files: Mutex::new(0),
             contents: std::sync::RwLock::new(contents),
             writer: Mutex::new(()),
+            prewritten: Mutex::new(std::collections::HashMap::new()),
             files,
             _lock: None,
         })
@@ -422,6 +427,13 @@ impl Journal for SledJournal {
         }
     }
 
+    fn prewrite(&self, blobs: &[(Digest, std::sync::Arc<Vec<u8>>)]) {
+        if let Err(e) = self.write_ahead(blobs.iter().map(|(d, b)| (d, b.as_slice()))) {
+            // Its group writes these contents itself, and meets the failure if it stays.
+            tracing::debug!(error = %e, "contents not written ahead of their group");
+        }
+    }
+
     fn records(&self, from: u64) -> Records<'_> {
         let h = match self.h() {
             Ok(h) => h,
@@ -527,6 +539,8 @@ impl Journal for SledJournal {
         let contents =
             load_contents(&reopened, &self.dir).map_err(|what| StoreError::Damaged { what })?;
         *self.contents_mut() = contents;
+        // Written again by their groups rather than trusted across a failure.
+        self.prewritten_mut().clear();
         *slot = Some(std::sync::Arc::new(reopened));
         tracing::info!(dir = %self.dir.display(), "event log reopened");
         Ok(())
