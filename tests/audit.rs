@@ -736,6 +736,36 @@ fn a_postgres_log_whose_newest_records_and_snapshots_were_deleted_is_found_by_it
     assert_verify_finds(&dir, 11, &["head says the log reached event 12"]);
 }
 
+/// With the snapshot that proved them still there, deleted records are a lost tail on either
+/// journal; on PostgreSQL the refusal is told by the head and names what can be done there
+/// (restore, or export and import), not `pcx recover`, which PostgreSQL refuses.
+#[test]
+fn a_postgres_log_missing_its_newest_records_is_refused_with_postgres_remedies() {
+    if !suite_on_postgres() {
+        eprintln!("skipped on sled: there `pcx recover --accept-lost-tail` is the remedy");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage_log_snapshots(&dir, |s| assert!(s.contains_key(&12), "a snapshot at 12"));
+    damage_log_records(&dir, |r| {
+        r.remove(&12).expect("record 12");
+        r.remove(&11).expect("record 11");
+    });
+    let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
+        .expect("opening the short log is refused")
+        .to_string();
+    for words in [
+        "the journal's head says the log reached event 12",
+        "restore the database",
+        "pcx export",
+    ] {
+        assert!(refused.contains(words), "`{words}` not in: {refused}");
+    }
+    assert!(!refused.contains("pcx recover"), "{refused}");
+}
+
 #[test]
 fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
     assert_damage_found(

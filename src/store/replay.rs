@@ -156,15 +156,17 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
         .collect();
     // Every stored snapshot is weighed against the log before any is used (two are kept, and
     // each costs one page read).
-    if let Some(&ahead) = seqs.iter().find(|s| **s > last) {
-        return Err(ReplayError::LostTail {
-            snapshot: ahead,
-            last_found: last,
-        });
-    }
+    // The head first: where a journal keeps one (PostgreSQL), it says how far the log went
+    // whether or not a snapshot survived, and its error names that journal's remedies.
     if let Some(head) = committed_end.filter(|h| *h > last) {
         return Err(ReplayError::HeadAhead {
             head,
+            last_found: last,
+        });
+    }
+    if let Some(&ahead) = seqs.iter().find(|s| **s > last) {
+        return Err(ReplayError::LostTail {
+            snapshot: ahead,
             last_found: last,
         });
     }
