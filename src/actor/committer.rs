@@ -521,6 +521,61 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_secs(10);
 
+    /// A full group of 1,024 records with `contents` 1 KiB contents of its own.
+    fn full_group(first_seq: u64, contents: u8) -> Group {
+        let mut g = Group::default();
+        for seq in first_seq..first_seq + MAX_GROUP_EVENTS as u64 {
+            g.commit.records.push((seq, seq.to_be_bytes().to_vec()));
+        }
+        for i in 0..contents {
+            let salt = (first_seq / MAX_GROUP_EVENTS as u64) as u8;
+            let c: Vec<u8> = (0..1024u32)
+                .map(|n| (n as u8) ^ i.wrapping_mul(7) ^ salt.wrapping_mul(131))
+                .chain([i, salt])
+                .collect();
+            g.bytes += c.len();
+            g.commit.blobs.push((Digest::of(&c), Arc::new(c)));
+        }
+        g
+    }
+
+    /// The contents of a sealed group are written while the group before it commits, and
+    /// not again by their own group: every group's contents are stored once and read back.
+    #[test]
+    fn a_sealed_groups_contents_are_written_while_the_group_before_it_commits() {
+        let rig = committer();
+        // Slow commits, so that the later groups are sealed and queued behind the first.
+        rig.journal.act_remote(200);
+        let intake = rig.c.intake();
+        let groups: Vec<Group> = (0..3)
+            .map(|g| full_group(1 + g * MAX_GROUP_EVENTS as u64, 100))
+            .collect();
+        let digests: Vec<Digest> = groups
+            .iter()
+            .flat_map(|g| g.commit.blobs.iter().map(|b| b.0))
+            .collect();
+        let total: u64 = groups.iter().map(|g| g.bytes as u64).sum();
+        for (tag, g) in groups.into_iter().enumerate() {
+            intake.push(g, waiter(tag as u64, &rig.tx));
+        }
+        for _ in 0..3 {
+            let (tag, answer) = rig.answers.recv_timeout(PATIENCE).unwrap();
+            assert!(answer.is_ok(), "group {tag}: {answer:?}");
+        }
+        assert!(
+            rig.journal.prewrites() >= 1,
+            "no group's contents were written ahead"
+        );
+        let content_bytes: u64 = std::fs::read_dir(rig._dir.path().join("content"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert_eq!(content_bytes, total, "each content written once");
+        for d in &digests {
+            assert!(rig.journal.blob(d).unwrap().is_some(), "{}", d.to_hex());
+        }
+    }
+
     /// A remote journal's committer waits for as many requests as its last group had (the
     /// closed-loop clients it answered coming back), up to half a commit, instead of
     /// committing the first to come back alone and the rest a whole commit later.

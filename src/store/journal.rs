@@ -213,6 +213,8 @@ pub struct FaultyJournal<J> {
     poisoned: AtomicBool,
     commits: AtomicU64,
     resets: AtomicU64,
+    /// Contents handed over to be written ahead of their group.
+    prewrites: AtomicU64,
     /// Acting as a remote journal: each commit takes this many milliseconds, and groups are
     /// gathered (0: the inner journal's own behaviour).
     remote_ms: AtomicU64,
@@ -227,6 +229,7 @@ impl<J: Journal> FaultyJournal<J> {
             poisoned: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            prewrites: AtomicU64::new(0),
             remote_ms: AtomicU64::new(0),
         }
     }
@@ -267,6 +270,10 @@ impl<J: Journal> FaultyJournal<J> {
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::SeqCst)
     }
+    /// How many groups' contents were handed over to be written ahead.
+    pub fn prewrites(&self) -> u64 {
+        self.prewrites.load(Ordering::SeqCst)
+    }
 }
 
 impl<J: Journal> Journal for FaultyJournal<J> {
@@ -297,6 +304,7 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn prewrite(&self, blobs: &[(Digest, std::sync::Arc<Vec<u8>>)]) {
         if self.sled_failure("writing content").is_ok() && !self.fail_commits.load(Ordering::SeqCst)
         {
+            self.prewrites.fetch_add(1, Ordering::SeqCst);
             self.inner.prewrite(blobs)
         }
     }

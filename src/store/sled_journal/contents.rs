@@ -100,12 +100,18 @@ impl SledJournal {
         blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>,
     ) -> Staged<'a> {
         let known = self.contents_ref();
-        let prewritten = self.prewritten_mut();
+        let mut prewritten = self.prewritten_mut();
         let mut seen = HashSet::new();
         let mut ahead = Vec::new();
         let mut fresh: Vec<(&Digest, &[u8])> = Vec::new();
         for (d, c) in blobs {
-            if known.locs.contains_key(d) || !seen.insert(*d) {
+            if known.locs.contains_key(d) {
+                // Stored meanwhile by the group before (a content both groups hold): the copy
+                // written ahead is never referred to.
+                prewritten.remove(d);
+                continue;
+            }
+            if !seen.insert(*d) {
                 continue;
             }
             match prewritten.get(d) {
