@@ -323,7 +323,6 @@ fn commit_loop(
             finish(shared, false);
             continue;
         }
-        let started = Instant::now();
         if let Some(a) = &mut ahead {
             // This group's contents, if handed over last time, are written before it commits.
             a.wait();
@@ -331,6 +330,7 @@ fn commit_loop(
                 a.hand(blobs);
             }
         }
+        let started = Instant::now();
         let result = journal.commit(&commit);
         gathering.last_commit = started.elapsed();
         let mut committed = Committed {

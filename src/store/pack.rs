@@ -4,8 +4,9 @@
 //! reservation), so a group commit writes its records as **pages** and its contents as
 //! **packs** of about [`SLED_VALUE_TARGET`] bytes each, with **index** values saying where
 //! each content sits. A W1 group of 1,024 records (its 1 MiB of content goes to a content
-//! file) is then about 40 sled keys instead of 2,048. The layouts are plain length-prefixed frames, pure functions
-//! here, so they can be tested without sled and read back by tests that damage them.
+//! file) is then about 40 sled keys instead of 2,048. The layouts are plain length-prefixed
+//! frames, pure functions here, so they can be tested without sled and read back by tests
+//! that damage them.
 //!
 //! - page: `(seq: u64 BE, len: u32 BE, record: len bytes)*`
 //! - pack: the contents, back to back (a sled value, or a stretch of a content file)
