@@ -6,7 +6,9 @@ use crate::core::model::Digest;
 use crate::core::state::State;
 use crate::store::error::StoreError;
 use crate::store::journal::Journal;
-use crate::store::record::{decode_event, decode_snapshot, DecodeError, Envelope, GENESIS};
+use crate::store::record::{
+    decode_event, decode_snapshot, snapshot_place, DecodeError, Envelope, GENESIS,
+};
 
 /// The last record folded: where the next append continues.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,7 +157,7 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
         .filter(|s| *s > start.head.seq && !(past_lost_tail && *s > last))
         .collect();
     // Every stored snapshot is weighed against the log before any is used (two are kept, and
-    // each costs one page read).
+    // each costs its hash and one page read; only the one started from is decoded).
     // The head first: where a journal keeps one (PostgreSQL), it says how far the log went
     // whether or not a snapshot survived, and its error names that journal's remedies.
     if let Some(head) = committed_end.filter(|h| *h > last) {
@@ -170,21 +172,23 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
             last_found: last,
         });
     }
+    // Newest first: each is weighed by its place in the log; the first sound one is decoded
+    // and started from (and if it does not decode after all, the next).
     let mut sound = Vec::new();
     for seq in seqs {
         let Some(bytes) = journal.snapshot(seq)? else {
             continue;
         };
-        match decode_snapshot(&bytes) {
-            Ok(snap) if snap.seq == seq => match record_hash(journal, seq)? {
-                Some(found) if found != snap.head => {
+        match snapshot_place(&bytes) {
+            Ok((at, head)) if at == seq => match record_hash(journal, seq)? {
+                Some(found) if found != head => {
                     return Err(ReplayError::SnapshotContradicts {
                         seq,
-                        expected: snap.head,
+                        expected: head,
                         found,
                     })
                 }
-                Some(_) => sound.push(snap),
+                Some(_) => sound.push((seq, sound.is_empty().then_some(bytes))),
                 // The record is missing or damaged: the fold from an older start names it.
                 None => tracing::warn!(
                     snapshot = seq,
@@ -200,8 +204,22 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
             }
         }
     }
-    if let Some(snap) = sound.into_iter().next() {
-        let seq = snap.seq;
+    for (seq, kept) in sound {
+        let bytes = match kept {
+            Some(b) => b,
+            None => match journal.snapshot(seq)? {
+                Some(b) => b,
+                None => continue,
+            },
+        };
+        let snap = match decode_snapshot(&bytes) {
+            Ok(snap) => snap,
+            Err(e) => {
+                tracing::warn!(snapshot = seq, error = %e, "snapshot does not decode; falling back");
+                continue;
+            }
+        };
+        drop(bytes);
         let head = Head {
             seq: snap.seq,
             hash: snap.head,
