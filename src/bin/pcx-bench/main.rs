@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 
 use pcx::Config;
 
+#[cfg(feature = "postgres")]
+mod cpu;
 mod disk;
 mod floor;
 mod harness;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 
+use super::cpu::CpuSample;
 use super::*;
 
 /// The lease of the W6 servers: a takeover is due within it plus a second.
@@ -296,6 +297,7 @@ pub(crate) fn w6(quick: bool) -> Result<Value> {
         std::fs::create_dir_all(&d)?;
         fleet.push(Server::start(&d, &server_env(&url, &format!("w6-{i}")))?);
     }
+    let cpu_before = CpuSample::now();
     let start = Instant::now();
     let loads: Vec<_> = fleet
         .iter()
@@ -313,19 +315,28 @@ pub(crate) fn w6(quick: bool) -> Result<Value> {
     }
     let secs = start.elapsed().as_secs_f64();
     let total = (servers * clients * per) as f64;
+    let pcx_cpu = cpu_before.per_record(&CpuSample::now(), total, secs, "pcx_run");
     let mut fleet = fleet.into_iter();
     let first = fleet.next().context("no server")?;
     drop(fleet);
 
     let (floor_secs, floor_lat) = pg_floor(&url, servers * clients, per, 256)?;
     let group_floor = pg_group_floor(&url, servers, clients, per, 256)?;
+    let cpu_before = CpuSample::now();
+    let floor_start = Instant::now();
     let statement_floor = pg_statement_floor(&url, servers, clients, per, 256)?;
+    let floor_cpu = cpu_before.per_record(
+        &CpuSample::now(),
+        total,
+        floor_start.elapsed().as_secs_f64(),
+        "statement_floor",
+    );
     let takeover_s = takeover(dir.path(), &url, first)?;
     drop(cluster);
 
     let throughput = total / secs;
     let floor = total / floor_secs;
-    Ok(json!({
+    let mut figures = json!({
         "servers": servers,
         "clients_per_server": clients,
         "records_per_s": throughput,
@@ -341,5 +352,16 @@ pub(crate) fn w6(quick: bool) -> Result<Value> {
         "fsync_ms (same run)": fsync_ms,
         "takeover_after_sigkill_s": takeover_s,
         "lease_s": LEASE_MS as f64 / 1e3,
-    }))
+    });
+    // Whose CPU each record cost, in pcx's run and in the statement floor's: on a machine
+    // that runs the cluster, the servers and the clients together, the ratio is a CPU share.
+    // The floor's writers exit inside it, so only its machine total is kept.
+    for (k, v) in pcx_cpu.into_iter().chain(
+        floor_cpu
+            .into_iter()
+            .filter(|(k, _)| k.ends_with("_machine") || k.ends_with("_busy_cores")),
+    ) {
+        figures[k] = json!(v);
+    }
+    Ok(figures)
 }

@@ -1,0 +1,150 @@
+//! Where a workload's CPU went, read from `/proc` around a phase: the machine's busy time
+//! (`/proc/stat`) and each live process's own (`/proc/PID/stat`), summed by party. W6 runs
+//! three PostgreSQL servers, four pcx processes and their clients on one machine; on 2 cores
+//! its figures are CPU shares, and this says whose.
+//!
+//! A process that exits inside the phase takes its time with it (the kernel keeps it only
+//! for the parent): the parties measured here (pcx servers, the bench's own clients, the
+//! cluster's servers and the backends of long-lived connections) live across it, and the
+//! machine's total is exact either way.
+
+use std::collections::HashMap;
+
+/// CPU seconds at one moment: the machine's busy time, and each party's.
+pub(crate) struct CpuSample {
+    busy: f64,
+    parties: HashMap<&'static str, f64>,
+}
+
+/// Who a process is, by its command name: pcx servers, this bench (its client tasks),
+/// PostgreSQL (servers and backends), or nobody we account.
+fn party(comm: &str) -> Option<&'static str> {
+    match comm {
+        "pcx" => Some("pcx"),
+        "pcx-bench" => Some("clients"),
+        c if c.starts_with("postgres") => Some("postgresql"),
+        _ => None,
+    }
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+impl CpuSample {
+    /// Reads the machine's and every process's CPU time now. A process that vanishes while
+    /// it is read is skipped; a `/proc` that cannot be read gives zeros (the figures then
+    /// read as 0, not as a failure of the workload).
+    pub(crate) fn now() -> CpuSample {
+        let hz = ticks_per_second();
+        let busy = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?.to_string();
+                let v: Vec<f64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal: busy is all but idle, iowait.
+                (v.len() >= 8).then(|| (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / hz)
+            })
+            .unwrap_or(0.0);
+        let mut parties = HashMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "PID (comm) state ppid …": comm may hold spaces and parentheses.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let Some(who) = party(&stat[open + 1..close]) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            // After the state: utime and stime are the 12th and 13th fields.
+            let time = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+            if let (Some(user), Some(system)) = (time(11), time(12)) {
+                *parties.entry(who).or_insert(0.0) += (user + system) / hz;
+            }
+        }
+        CpuSample { busy, parties }
+    }
+
+    /// CPU microseconds per unit of work between `self` and `later`, by party and for the
+    /// whole machine (`machine`, which includes the kernel's threads and everyone else), and
+    /// the busy cores over `secs`: keys `{prefix}_cpu_us_per_record_{party}` and
+    /// `{prefix}_busy_cores`.
+    pub(crate) fn per_record(
+        &self,
+        later: &CpuSample,
+        records: f64,
+        secs: f64,
+        prefix: &str,
+    ) -> Vec<(String, f64)> {
+        let per = |seconds: f64| seconds * 1e6 / records.max(1.0);
+        let mut out = vec![(
+            format!("{prefix}_cpu_us_per_record_machine"),
+            per(later.busy - self.busy),
+        )];
+        for who in ["pcx", "clients", "postgresql"] {
+            let before = self.parties.get(who).copied().unwrap_or(0.0);
+            if let Some(after) = later.parties.get(who) {
+                out.push((
+                    format!("{prefix}_cpu_us_per_record_{who}"),
+                    per(after - before),
+                ));
+            }
+        }
+        out.push((
+            format!("{prefix}_busy_cores"),
+            (later.busy - self.busy) / secs.max(1e-9),
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_machines_busy_time_sees_work_done_between_two_samples() {
+        let before = CpuSample::now();
+        // Burn a measurable amount of CPU in this process.
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(200) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let after = CpuSample::now();
+        let figures: HashMap<String, f64> = before
+            .per_record(&after, 1.0, 0.2, "t")
+            .into_iter()
+            .collect();
+        // The test binary is not called pcx-bench: its own time is not a party's, but the
+        // machine's busy time saw at least most of the 200 ms it spun.
+        assert!(
+            figures["t_cpu_us_per_record_machine"] >= 100_000.0,
+            "{figures:?}"
+        );
+        assert!(figures["t_busy_cores"] >= 0.5, "{figures:?}");
+    }
+
+    #[test]
+    fn processes_are_told_apart_by_their_command_names() {
+        assert_eq!(party("pcx"), Some("pcx"));
+        assert_eq!(party("pcx-bench"), Some("clients"));
+        assert_eq!(party("postgres"), Some("postgresql"));
+        assert_eq!(party("postgres: walsender"), Some("postgresql"));
+        assert_eq!(party("bash"), None);
+    }
+}
