@@ -766,6 +766,38 @@ fn a_postgres_log_missing_its_newest_records_is_refused_with_postgres_remedies()
     assert!(!refused.contains("pcx recover"), "{refused}");
 }
 
+/// The head row moved back with the deleted records: only the snapshot still says how far
+/// the log went, and the refusal still names PostgreSQL's remedies, not sled's `pcx recover`
+/// (which PostgreSQL refuses).
+#[test]
+fn a_postgres_log_whose_head_was_moved_back_with_its_records_is_refused_with_postgres_remedies() {
+    if !suite_on_postgres() {
+        eprintln!("skipped on sled: it has no head apart from its records");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage_log_snapshots(&dir, |s| assert!(s.contains_key(&12), "a snapshot at 12"));
+    damage_log_records(&dir, |r| {
+        r.remove(&12).expect("record 12");
+        r.remove(&11).expect("record 11");
+    });
+    pg_damage::set_head(&dir, 10);
+    let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
+        .expect("opening the short log is refused")
+        .to_string();
+    for words in [
+        "snapshot 12 proves the log reached event 12",
+        "the journal's head says 10",
+        "restore the database",
+        "pcx export",
+    ] {
+        assert!(refused.contains(words), "`{words}` not in: {refused}");
+    }
+    assert!(!refused.contains("pcx recover"), "{refused}");
+}
+
 #[test]
 fn verify_finds_a_snapshot_that_no_longer_matches_its_events() {
     assert_damage_found(

@@ -77,6 +77,23 @@ pub enum ReplayError {
          standby that has them), or `pcx export` what is left and import it into a new journal"
     )]
     HeadAhead { head: u64, last_found: u64 },
+    /// A snapshot is past both the last record and the journal's own head, which move with
+    /// their records in one transaction (PostgreSQL): records were deleted and the head moved
+    /// back with them, or an older backup of those tables restored beside newer snapshots. No
+    /// crash does this, and `pcx recover --accept-lost-tail` (sled's remedy) does not apply.
+    #[error(
+        "acknowledged events were lost: snapshot {snapshot} proves the log reached event \
+         {snapshot}, but the journal's head says {head} and the last event found is \
+         {last_found} (records deleted with the head moved back, or a partial restore). \
+         Refusing to serve the shorter log, whose next events would reuse the lost numbers; \
+         restore the database (a backup, or a standby that has them), or `pcx export` what \
+         is left and import it into a new journal"
+    )]
+    SnapshotAheadOfHead {
+        snapshot: u64,
+        head: u64,
+        last_found: u64,
+    },
     /// A snapshot names a record the log no longer holds: the record (or the snapshot) was
     /// altered after the snapshot was taken.
     #[error(
@@ -167,9 +184,16 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
         });
     }
     if let Some(&ahead) = seqs.iter().find(|s| **s > last) {
-        return Err(ReplayError::LostTail {
-            snapshot: ahead,
-            last_found: last,
+        return Err(match committed_end {
+            Some(head) => ReplayError::SnapshotAheadOfHead {
+                snapshot: ahead,
+                head,
+                last_found: last,
+            },
+            None => ReplayError::LostTail {
+                snapshot: ahead,
+                last_found: last,
+            },
         });
     }
     // Newest first: each is weighed by its place in the log; the first sound one is decoded

@@ -73,6 +73,19 @@ pub fn snapshots(dir: &Path, change: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>)) {
     change_rows(dir, "pcx_snapshots", change)
 }
 
+/// Sets the head row of the journal standing for `dir` (`pcx_heads`, its own record of how far
+/// its log went) to `head`, as someone covering deleted records, or a partial restore, would.
+pub fn set_head(dir: &Path, head: u64) {
+    let journal = suite_journal_name(dir);
+    let moved = client(dir)
+        .execute(
+            "UPDATE pcx_heads SET head = $1 WHERE journal = $2",
+            &[&(head as i64), &journal],
+        )
+        .unwrap_or_else(|e| panic!("setting the head of {journal}: {e}"));
+    assert_eq!(moved, 1, "the journal {journal} has a head row");
+}
+
 /// Changes the contents stored for `dir` (`pcx_contents` and their parts), as
 /// `library::damage_contents` changes a sled directory's: `change` gets them by digest, whole,
 /// and may alter or remove them; each is then written back as the journal writes one (its

@@ -84,9 +84,11 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> ExitCode {
     use pcx::store::replay::ReplayError;
     for cause in e.chain() {
         match cause.downcast_ref::<ReplayError>() {
-            Some(ReplayError::LostTail { .. } | ReplayError::HeadAhead { .. }) => {
-                return ExitCode::from(EXIT_LOST_TAIL)
-            }
+            Some(
+                ReplayError::LostTail { .. }
+                | ReplayError::HeadAhead { .. }
+                | ReplayError::SnapshotAheadOfHead { .. },
+            ) => return ExitCode::from(EXIT_LOST_TAIL),
             Some(ReplayError::SnapshotContradicts { .. }) => {
                 return ExitCode::from(EXIT_SNAPSHOT_CONTRADICTS)
             }
