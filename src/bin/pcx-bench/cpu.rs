@@ -1,7 +1,7 @@
 //! Where a workload's CPU went, read from `/proc` around a phase: the machine's busy time
-//! (`/proc/stat`) and each live process's own (`/proc/PID/stat`), summed by party. W6 runs
-//! three PostgreSQL servers, four pcx processes and their clients on one machine; on 2 cores
-//! its figures are CPU shares, and this says whose.
+//! (`/proc/stat`) and each live process's own (`/proc/PID/stat`), summed by party. W3 and W6
+//! run the servers and their clients on one machine (W6 three PostgreSQL servers and four pcx
+//! processes too); on 2 cores their figures are CPU shares, and this says whose.
 //!
 //! A process that exits inside the phase takes its time with it (the kernel keeps it only
 //! for the parent): the parties measured here (pcx servers, the bench's own clients, the
@@ -17,15 +17,19 @@ pub(crate) struct CpuSample {
 }
 
 /// Who a process is, by its command name: pcx servers, this bench (its client tasks),
-/// PostgreSQL (servers and backends), or nobody we account.
+/// PostgreSQL (servers and backends), Redis, or nobody we account.
 fn party(comm: &str) -> Option<&'static str> {
     match comm {
         "pcx" => Some("pcx"),
         "pcx-bench" => Some("clients"),
+        "redis-server" => Some("redis"),
         c if c.starts_with("postgres") => Some("postgresql"),
         _ => None,
     }
 }
+
+/// The parties [`CpuSample::per_record`] reports, when they ran.
+const PARTIES: [&str; 4] = ["pcx", "clients", "postgresql", "redis"];
 
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
@@ -35,6 +39,36 @@ fn ticks_per_second() -> f64 {
     } else {
         100.0
     }
+}
+
+/// Every process's pid, command name and CPU seconds (user and system, all its threads),
+/// each once: `/proc`'s numbered entries only (`self` and `thread-self` link to the reader,
+/// which would count it three times).
+fn processes(hz: f64) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if !name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "PID (comm) state ppid …": comm may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the state: utime and stime are the 12th and 13th fields.
+        let time = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+        if let (Some(user), Some(system)) = (time(11), time(12)) {
+            out.push((stat[open + 1..close].to_string(), (user + system) / hz));
+        }
+    }
+    out
 }
 
 impl CpuSample {
@@ -57,22 +91,9 @@ impl CpuSample {
             })
             .unwrap_or(0.0);
         let mut parties = HashMap::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // "PID (comm) state ppid …": comm may hold spaces and parentheses.
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let Some(who) = party(&stat[open + 1..close]) else {
-                continue;
-            };
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            // After the state: utime and stime are the 12th and 13th fields.
-            let time = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-            if let (Some(user), Some(system)) = (time(11), time(12)) {
-                *parties.entry(who).or_insert(0.0) += (user + system) / hz;
+        for (comm, seconds) in processes(hz) {
+            if let Some(who) = party(&comm) {
+                *parties.entry(who).or_insert(0.0) += seconds;
             }
         }
         CpuSample { busy, parties }
@@ -94,9 +115,10 @@ impl CpuSample {
             format!("{prefix}_cpu_us_per_record_machine"),
             per(later.busy - self.busy),
         )];
-        for who in ["pcx", "clients", "postgresql"] {
+        for who in PARTIES {
             let before = self.parties.get(who).copied().unwrap_or(0.0);
-            if let Some(after) = later.parties.get(who) {
+            // A party with no time after is not running; one that did nothing is left out.
+            if let Some(after) = later.parties.get(who).filter(|a| **a > before) {
                 out.push((
                     format!("{prefix}_cpu_us_per_record_{who}"),
                     per(after - before),
@@ -140,11 +162,50 @@ mod tests {
     }
 
     #[test]
+    fn each_process_is_counted_once() {
+        // This process holds a thread that burns CPU, so it has a time to double count.
+        let before = std::time::Instant::now();
+        while before.elapsed() < std::time::Duration::from_millis(100) {
+            std::hint::black_box(before.elapsed());
+        }
+        let me = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+        let comm = &me[me.find('(').expect("(") + 1..me.rfind(')').expect(")")];
+        let mine: Vec<f64> = processes(ticks_per_second())
+            .into_iter()
+            .filter(|(c, _)| c == comm)
+            .map(|(_, s)| s)
+            .collect();
+        // Other processes may share the name (test binaries run side by side), but this one's
+        // time must not appear once for its pid and again for /proc/self, /proc/thread-self.
+        let own = mine.iter().filter(|s| **s >= 0.09).count();
+        assert!(own >= 1, "this process is read: {mine:?}");
+        let others_like_me = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("stat"))
+                    .is_ok_and(|s| s.contains(&format!("({comm})")))
+            })
+            .count();
+        assert_eq!(
+            mine.len(),
+            others_like_me,
+            "one entry per process: {mine:?}"
+        );
+    }
+
+    #[test]
     fn processes_are_told_apart_by_their_command_names() {
         assert_eq!(party("pcx"), Some("pcx"));
         assert_eq!(party("pcx-bench"), Some("clients"));
         assert_eq!(party("postgres"), Some("postgresql"));
         assert_eq!(party("postgres: walsender"), Some("postgresql"));
+        assert_eq!(party("redis-server"), Some("redis"));
         assert_eq!(party("bash"), None);
     }
 }

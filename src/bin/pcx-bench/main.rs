@@ -15,7 +15,6 @@ use serde_json::{json, Value};
 
 use pcx::Config;
 
-#[cfg(feature = "postgres")]
 mod cpu;
 mod disk;
 mod floor;

@@ -95,7 +95,13 @@ pub(crate) fn closed_loop(
     per_client: usize,
     size: usize,
 ) -> Result<(f64, Vec<f64>)> {
-    let requests: Vec<Vec<Vec<u8>>> = (0..clients)
+    send_records(socket, record_requests(clients, per_client, size))
+}
+
+/// The framed requests of [`closed_loop`]'s clients, built apart so that a caller measuring
+/// the CPU of the run can build them first.
+pub(crate) fn record_requests(clients: usize, per_client: usize, size: usize) -> Vec<Vec<Vec<u8>>> {
+    (0..clients)
         .map(|c| {
             let mut seed = 1 + c as u64;
             (0..per_client)
@@ -106,7 +112,11 @@ pub(crate) fn closed_loop(
                 })
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+/// Runs `requests[c]` as client `c`'s requests over the socket server ([`drive`]).
+pub(crate) fn send_records(socket: &Path, requests: Vec<Vec<Vec<u8>>>) -> Result<(f64, Vec<f64>)> {
     let socket = socket.to_path_buf();
     drive(
         requests,
@@ -141,7 +151,15 @@ pub(crate) fn w3(quick: bool) -> Result<Value> {
     let fsync_ms = d["fsync_ms"].as_f64().unwrap_or(f64::NAN);
     let dir = temp_dir("w3")?;
     let server = Server::start(dir.path(), &[])?;
-    let (secs, lat) = closed_loop(&server.socket, clients, per, 256)?;
+    let requests = record_requests(clients, per, 256);
+    let cpu_before = super::cpu::CpuSample::now();
+    let (secs, lat) = send_records(&server.socket, requests)?;
+    let cpu = cpu_before.per_record(
+        &super::cpu::CpuSample::now(),
+        (clients * per) as f64,
+        secs,
+        "pcx_run",
+    );
     let alone_n = if quick { 50 } else { 500 };
     let (_, alone) = closed_loop(&server.socket, 1, alone_n, 256)?;
     drop(server);
@@ -171,6 +189,9 @@ pub(crate) fn w3(quick: bool) -> Result<Value> {
         "one_client_p50_over_fsync": alone_p50 / fsync_ms,
         "fraction_of_sled_floor": throughput / sled_floor,
     });
+    for (k, v) in cpu {
+        run[k] = json!(v);
+    }
     let peers = peers::measure(clients, per, alone_n);
     if let (Some(run), Value::Object(floors)) = (run.as_object_mut(), floors) {
         run.extend(floors);

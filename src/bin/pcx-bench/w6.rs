@@ -297,13 +297,18 @@ pub(crate) fn w6(quick: bool) -> Result<Value> {
         std::fs::create_dir_all(&d)?;
         fleet.push(Server::start(&d, &server_env(&url, &format!("w6-{i}")))?);
     }
+    let requests: Vec<_> = fleet
+        .iter()
+        .map(|_| record_requests(clients, per, 256))
+        .collect();
     let cpu_before = CpuSample::now();
     let start = Instant::now();
     let loads: Vec<_> = fleet
         .iter()
-        .map(|s| {
+        .zip(requests)
+        .map(|(s, requests)| {
             let socket = s.socket.clone();
-            std::thread::spawn(move || closed_loop(&socket, clients, per, 256))
+            std::thread::spawn(move || send_records(&socket, requests))
         })
         .collect();
     let mut lat = Vec::new();
