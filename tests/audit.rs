@@ -736,11 +736,11 @@ fn a_postgres_log_whose_newest_records_and_snapshots_were_deleted_is_found_by_it
     assert_verify_finds(&dir, 11, &["head says the log reached event 12"]);
 }
 
-/// With the snapshot that proved them still there, deleted records are a lost tail on either
-/// journal; on PostgreSQL the refusal is told by the head and names what can be done there
-/// (restore, or export and import), not `pcx recover`, which PostgreSQL refuses.
-#[test]
-fn a_postgres_log_missing_its_newest_records_is_refused_with_postgres_remedies() {
+/// On PostgreSQL, opening the damage log with records 11 and 12 deleted (the snapshot at 12
+/// kept), and the head row set to `head` if given: the refusal's words, checked to name
+/// PostgreSQL's remedies (restore, or export and import) and `expected`, never `pcx recover`,
+/// which PostgreSQL refuses. Skipped on sled, where `pcx recover --accept-lost-tail` is the remedy.
+fn postgres_refusal_of_a_log_missing_its_newest_records(head: Option<u64>, expected: &[&str]) {
     if !suite_on_postgres() {
         eprintln!("skipped on sled: there `pcx recover --accept-lost-tail` is the remedy");
         return;
@@ -753,49 +753,42 @@ fn a_postgres_log_missing_its_newest_records_is_refused_with_postgres_remedies()
         r.remove(&12).expect("record 12");
         r.remove(&11).expect("record 11");
     });
+    if let Some(head) = head {
+        pg_damage::set_head(&dir, head);
+    }
     let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
         .expect("opening the short log is refused")
         .to_string();
-    for words in [
-        "the journal's head says the log reached event 12",
-        "restore the database",
-        "pcx export",
-    ] {
+    for words in expected
+        .iter()
+        .chain(&["restore the database", "pcx export"])
+    {
         assert!(refused.contains(words), "`{words}` not in: {refused}");
     }
     assert!(!refused.contains("pcx recover"), "{refused}");
 }
 
+/// With the snapshot that proved them still there, deleted records are a lost tail on either
+/// journal; on PostgreSQL the refusal is told by the head and names what can be done there.
+#[test]
+fn a_postgres_log_missing_its_newest_records_is_refused_with_postgres_remedies() {
+    postgres_refusal_of_a_log_missing_its_newest_records(
+        None,
+        &["the journal's head says the log reached event 12"],
+    );
+}
+
 /// The head row moved back with the deleted records: only the snapshot still says how far
-/// the log went, and the refusal still names PostgreSQL's remedies, not sled's `pcx recover`
-/// (which PostgreSQL refuses).
+/// the log went, and the refusal still names PostgreSQL's remedies.
 #[test]
 fn a_postgres_log_whose_head_was_moved_back_with_its_records_is_refused_with_postgres_remedies() {
-    if !suite_on_postgres() {
-        eprintln!("skipped on sled: it has no head apart from its records");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
-    damage_log_snapshots(&dir, |s| assert!(s.contains_key(&12), "a snapshot at 12"));
-    damage_log_records(&dir, |r| {
-        r.remove(&12).expect("record 12");
-        r.remove(&11).expect("record 11");
-    });
-    pg_damage::set_head(&dir, 10);
-    let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
-        .expect("opening the short log is refused")
-        .to_string();
-    for words in [
-        "snapshot 12 proves the log reached event 12",
-        "the journal's head says 10",
-        "restore the database",
-        "pcx export",
-    ] {
-        assert!(refused.contains(words), "`{words}` not in: {refused}");
-    }
-    assert!(!refused.contains("pcx recover"), "{refused}");
+    postgres_refusal_of_a_log_missing_its_newest_records(
+        Some(10),
+        &[
+            "snapshot 12 proves the log reached event 12",
+            "the journal's head says 10",
+        ],
+    );
 }
 
 #[test]
