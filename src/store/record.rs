@@ -217,6 +217,30 @@ pub fn snapshot_place(bytes: &[u8]) -> Result<(u64, Digest), DecodeError> {
     }
 }
 
+/// A snapshot record whose hash held, with its place in the log ([`check_snapshot`]).
+/// Decoding it does not hash its bytes again: opening hashed the snapshot it started from
+/// twice, once to weigh it and once to decode it (19 MB in W2: about 3 ms of its 240).
+pub struct CheckedSnapshot {
+    bytes: Vec<u8>,
+    pub seq: u64,
+    pub head: Digest,
+}
+
+impl CheckedSnapshot {
+    /// The snapshot, decoded from the bytes whose hash was checked.
+    pub fn decode(&self) -> Result<Snapshot, DecodeError> {
+        // check_snapshot took only records longer than their hash.
+        decode_snapshot_body(&self.bytes[..self.bytes.len() - HASH_LEN])
+    }
+}
+
+/// Checks a snapshot record's hash and reads its place ([`snapshot_place`]), keeping the
+/// bytes for [`CheckedSnapshot::decode`].
+pub fn check_snapshot(bytes: Vec<u8>) -> Result<CheckedSnapshot, DecodeError> {
+    let (seq, head) = snapshot_place(&bytes)?;
+    Ok(CheckedSnapshot { bytes, seq, head })
+}
+
 /// `schema`, `seq` and `head`, if they are the first three fields of the snapshot's map.
 fn leading_place(body: &[u8]) -> Option<(u32, u64, Digest)> {
     let mut rd = body;
@@ -382,6 +406,35 @@ mod tests {
         let mut damaged = bytes.clone();
         damaged[5] ^= 1;
         assert_eq!(snapshot_place(&damaged), Err(DecodeError::HashMismatch));
+    }
+
+    #[test]
+    fn a_checked_snapshot_decodes_as_a_whole_decode_does_and_a_damaged_one_is_not_checked() {
+        let mut state = State::default();
+        state.apply(crate::core::event::Event::ArtifactRecorded {
+            key: "k".into(),
+            kind: "eager".into(),
+            digest: Digest::of(b"c"),
+            size: 1,
+        });
+        let head = Digest::of(b"head");
+        let bytes = encode_snapshot_of(7, head, &state, 0).unwrap();
+        let whole = decode_snapshot(&bytes).unwrap();
+        let checked = check_snapshot(bytes.clone()).unwrap();
+        assert_eq!((checked.seq, checked.head), (7, head));
+        let decoded = checked.decode().unwrap();
+        assert_eq!((decoded.seq, decoded.head), (whole.seq, whole.head));
+        assert_eq!(decoded.state.digest(), state.digest());
+        // No byte of it can be changed and still reach decode().
+        for at in [0, bytes.len() / 2, bytes.len() - 1] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 1;
+            assert!(check_snapshot(damaged).is_err(), "byte {at} flipped");
+        }
+        assert_eq!(
+            check_snapshot(vec![0; HASH_LEN]).err(),
+            Some(DecodeError::Truncated { len: HASH_LEN })
+        );
     }
 
     fn envelope() -> Envelope {

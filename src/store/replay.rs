@@ -7,7 +7,7 @@ use crate::core::state::State;
 use crate::store::error::StoreError;
 use crate::store::journal::Journal;
 use crate::store::record::{
-    decode_event, decode_snapshot, snapshot_place, DecodeError, Envelope, GENESIS,
+    check_snapshot, decode_event, decode_snapshot, DecodeError, Envelope, GENESIS,
 };
 
 /// The last record folded: where the next append continues.
@@ -203,16 +203,16 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
         let Some(bytes) = journal.snapshot(seq)? else {
             continue;
         };
-        match snapshot_place(&bytes) {
-            Ok((at, head)) if at == seq => match record_hash(journal, seq)? {
-                Some(found) if found != head => {
+        match check_snapshot(bytes) {
+            Ok(checked) if checked.seq == seq => match record_hash(journal, seq)? {
+                Some(found) if found != checked.head => {
                     return Err(ReplayError::SnapshotContradicts {
                         seq,
-                        expected: head,
+                        expected: checked.head,
                         found,
                     })
                 }
-                Some(_) => sound.push((seq, sound.is_empty().then_some(bytes))),
+                Some(_) => sound.push((seq, sound.is_empty().then_some(checked))),
                 // The record is missing or damaged: the fold from an older start names it.
                 None => tracing::warn!(
                     snapshot = seq,
@@ -229,21 +229,21 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
         }
     }
     for (seq, kept) in sound {
-        let bytes = match kept {
-            Some(b) => b,
+        // The one kept was hashed as it was weighed; one read again is checked again.
+        let decoded = match kept {
+            Some(checked) => checked.decode(),
             None => match journal.snapshot(seq)? {
-                Some(b) => b,
+                Some(bytes) => decode_snapshot(&bytes),
                 None => continue,
             },
         };
-        let snap = match decode_snapshot(&bytes) {
+        let snap = match decoded {
             Ok(snap) => snap,
             Err(e) => {
                 tracing::warn!(snapshot = seq, error = %e, "snapshot does not decode; falling back");
                 continue;
             }
         };
-        drop(bytes);
         let head = Head {
             seq: snap.seq,
             hash: snap.head,
