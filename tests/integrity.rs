@@ -75,7 +75,7 @@ fn snapshots(dir: &Path) -> BTreeMap<u64, Vec<u8>> {
         .snapshot_seqs()
         .unwrap()
         .into_iter()
-        .map(|s| (s, journal.snapshot(s).unwrap().expect("listed")))
+        .map(|s| (s, journal.snapshot(s).unwrap().expect("listed").to_vec()))
         .collect()
 }
 

@@ -1000,7 +1000,7 @@ impl Journal for Faulty {
     fn snapshot_seqs(&self) -> Result<Vec<u64>, StoreError> {
         self.inner.snapshot_seqs()
     }
-    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    fn snapshot(&self, seq: u64) -> Result<Option<pcx::store::journal::Bytes>, StoreError> {
         self.inner.snapshot(seq)
     }
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {

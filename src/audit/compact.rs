@@ -203,7 +203,7 @@ fn write_compacted(
             if let Ok(s) = decode_snapshot(&bytes) {
                 keep.extend(state_refs(&s.state));
                 new.commit(&Commit {
-                    snapshot: Some((seq, bytes)),
+                    snapshot: Some((seq, bytes.to_vec())),
                     ..Commit::default()
                 })?;
             }

@@ -59,7 +59,7 @@ pub fn accept_lost_tail(journal: &SledJournal, origin: &str) -> Result<Value, Ac
     let mut snapshots = Vec::with_capacity(ahead.len());
     for seq in &ahead {
         let bytes = journal.snapshot(*seq)?.unwrap_or_default();
-        snapshots.push((*seq, serde_bytes::ByteBuf::from(bytes)));
+        snapshots.push((*seq, serde_bytes::ByteBuf::from(bytes.to_vec())));
     }
     let lost = LostTail {
         schema: SCHEMA_VERSION,

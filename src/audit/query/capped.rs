@@ -39,7 +39,7 @@ impl Journal for Capped {
             .filter(|s| *s <= self.cap)
             .collect())
     }
-    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    fn snapshot(&self, seq: u64) -> Result<Option<crate::store::journal::Bytes>, StoreError> {
         if seq > self.cap {
             return Ok(None);
         }

@@ -43,7 +43,7 @@ use postgres::Client;
 
 use crate::core::model::Digest;
 use crate::store::error::{OpenError, StoreError};
-use crate::store::journal::{Commit, Journal, Records};
+use crate::store::journal::{Bytes, Commit, Journal, Records};
 
 use db::*;
 use group::*;
@@ -541,14 +541,15 @@ impl Journal for PgJournal {
         })
     }
 
-    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read("reading a snapshot", move |client, journal| {
+    fn snapshot(&self, seq: u64) -> Result<Option<Bytes>, StoreError> {
+        let bytes: Option<Vec<u8>> = self.read("reading a snapshot", move |client, journal| {
             let row = client.query_opt(
                 "SELECT bytes FROM pcx_snapshots WHERE journal = $1 AND seq = $2",
                 &[&journal, &i64_of(seq)],
             )?;
             Ok(row.map(|r| r.get(0)))
-        })
+        })?;
+        Ok(bytes.map(Bytes::new))
     }
 
     fn reset(&self) -> Result<(), StoreError> {

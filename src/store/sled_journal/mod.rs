@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use crate::core::model::Digest;
 use crate::store::content::ContentFiles;
 use crate::store::error::{OpenError, StoreError};
-use crate::store::journal::{Commit, Journal, Records};
+use crate::store::journal::{Bytes, Commit, Journal, Records};
 use crate::store::pack::{page_records, pages, Place};
 use crate::store::record::{key_seq, seq_key};
 
@@ -515,12 +515,13 @@ impl Journal for SledJournal {
         Ok(seqs)
     }
 
-    fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    fn snapshot(&self, seq: u64) -> Result<Option<Bytes>, StoreError> {
         let h = self.h()?;
+        // A large value is sled's own shared buffer: handed on, not copied.
         Ok(h.snapshots
             .get(seq_key(seq))
             .map_err(self.read_err("reading a snapshot"))?
-            .map(|v| v.to_vec()))
+            .map(Bytes::new))
     }
 
     fn reset(&self) -> Result<(), StoreError> {
