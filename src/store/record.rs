@@ -363,11 +363,8 @@ mod tests {
     use super::*;
     use crate::store::journal::Bytes;
 
-    /// A snapshot's place in the log is read from the front of its record, equal to what
-    /// decoding it whole says; a record laid out another way gives the same answer decoded
-    /// whole; a damaged one is refused by its hash.
-    #[test]
-    fn a_snapshots_place_is_read_without_its_state_and_agrees_with_decoding_it() {
+    /// A snapshot record at 7 of a state with one artifact: the state, the head, the bytes.
+    fn snapshot_at_7() -> (State, Digest, Vec<u8>) {
         let mut state = State::default();
         state.apply(crate::core::event::Event::ArtifactRecorded {
             key: "k".into(),
@@ -377,6 +374,15 @@ mod tests {
         });
         let head = Digest::of(b"head");
         let bytes = encode_snapshot_of(7, head, &state, 0).unwrap();
+        (state, head, bytes)
+    }
+
+    /// A snapshot's place in the log is read from the front of its record, equal to what
+    /// decoding it whole says; a record laid out another way gives the same answer decoded
+    /// whole; a damaged one is refused by its hash.
+    #[test]
+    fn a_snapshots_place_is_read_without_its_state_and_agrees_with_decoding_it() {
+        let (state, head, bytes) = snapshot_at_7();
         let whole = decode_snapshot(&bytes).unwrap();
         assert_eq!(snapshot_place(&bytes).unwrap(), (whole.seq, whole.head));
         assert_eq!(snapshot_place(&bytes).unwrap(), (7, head));
@@ -411,15 +417,7 @@ mod tests {
 
     #[test]
     fn a_checked_snapshot_decodes_as_a_whole_decode_does_and_a_damaged_one_is_not_checked() {
-        let mut state = State::default();
-        state.apply(crate::core::event::Event::ArtifactRecorded {
-            key: "k".into(),
-            kind: "eager".into(),
-            digest: Digest::of(b"c"),
-            size: 1,
-        });
-        let head = Digest::of(b"head");
-        let bytes = encode_snapshot_of(7, head, &state, 0).unwrap();
+        let (state, head, bytes) = snapshot_at_7();
         let whole = decode_snapshot(&bytes).unwrap();
         let checked = check_snapshot(Bytes::new(bytes.clone())).unwrap();
         assert_eq!((checked.seq, checked.head), (7, head));
