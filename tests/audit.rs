@@ -703,6 +703,28 @@ fn verify_finds_a_removed_newest_record_by_the_snapshot_ahead_of_it() {
     assert_verify_finds(&dir, 12, &["snapshot at 12", "ahead"]);
 }
 
+/// On PostgreSQL: the damage log with its snapshots changed by `snapshots`, then records 11
+/// and 12 deleted (its directory, and the temporary directory holding it). On sled, None,
+/// after saying why the caller is skipped.
+fn postgres_log_missing_records_11_and_12(
+    snapshots: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>),
+    skipped_on_sled: &str,
+) -> Option<(tempfile::TempDir, PathBuf)> {
+    if !suite_on_postgres() {
+        eprintln!("skipped on sled: {skipped_on_sled}");
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    damage_log_snapshots(&dir, snapshots);
+    damage_log_records(&dir, |r| {
+        r.remove(&12).expect("record 12");
+        r.remove(&11).expect("record 11");
+    });
+    Some((tmp, dir))
+}
+
 /// Regression (data loss): on PostgreSQL the journal's head row moves in the same transaction
 /// as its records, so a log whose newest records were deleted together with every snapshot
 /// that proved them is still known to be short. `verify` passed such a log as sound, and a
@@ -711,18 +733,12 @@ fn verify_finds_a_removed_newest_record_by_the_snapshot_ahead_of_it() {
 #[test]
 fn a_postgres_log_whose_newest_records_and_snapshots_were_deleted_is_found_by_its_head_and_refused()
 {
-    if !suite_on_postgres() {
-        eprintln!("skipped on sled: its log has no head row apart from the records");
+    let Some((_tmp, dir)) = postgres_log_missing_records_11_and_12(
+        |s| s.clear(),
+        "its log has no head row apart from the records",
+    ) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
-    damage_log_snapshots(&dir, |s| s.clear());
-    damage_log_records(&dir, |r| {
-        r.remove(&12).expect("record 12");
-        r.remove(&11).expect("record 11");
-    });
+    };
     assert_verify_finds(&dir, 11, &["11..=12", "head says the log reached event 12"]);
     let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
         .expect("opening the short log is refused");
@@ -741,18 +757,12 @@ fn a_postgres_log_whose_newest_records_and_snapshots_were_deleted_is_found_by_it
 /// PostgreSQL's remedies (restore, or export and import) and `expected`, never `pcx recover`,
 /// which PostgreSQL refuses. Skipped on sled, where `pcx recover --accept-lost-tail` is the remedy.
 fn postgres_refusal_of_a_log_missing_its_newest_records(head: Option<u64>, expected: &[&str]) {
-    if !suite_on_postgres() {
-        eprintln!("skipped on sled: there `pcx recover --accept-lost-tail` is the remedy");
+    let Some((_tmp, dir)) = postgres_log_missing_records_11_and_12(
+        |s| assert!(s.contains_key(&12), "a snapshot at 12"),
+        "there `pcx recover --accept-lost-tail` is the remedy",
+    ) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    write_damage_log(&dir);
-    damage_log_snapshots(&dir, |s| assert!(s.contains_key(&12), "a snapshot at 12"));
-    damage_log_records(&dir, |r| {
-        r.remove(&12).expect("record 12");
-        r.remove(&11).expect("record 11");
-    });
+    };
     if let Some(head) = head {
         pg_damage::set_head(&dir, head);
     }
