@@ -351,6 +351,14 @@ fn commit_loop(
         let started = Instant::now();
         let result = journal.commit(&commit);
         gathering.last_commit = started.elapsed();
+        tracing::debug!(
+            requests = waiters.len(),
+            events = commit.records.len(),
+            contents = commit.blobs.len(),
+            commit_us = gathering.last_commit.as_micros() as u64,
+            ok = result.is_ok(),
+            "group committed"
+        );
         let mut committed = Committed {
             events: commit.records.len() as u64,
             last_seq: commit.records.last().map_or(0, |r| r.0),

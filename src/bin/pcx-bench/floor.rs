@@ -28,6 +28,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::device::DeviceCounts;
+
 /// The largest frame a floor server reads (W3's frames are well under a kilobyte).
 const MAX_FRAME: u64 = 1 << 20;
 
@@ -272,7 +274,14 @@ pub fn measure(
         let sub = dir.join(floor.name());
         std::fs::create_dir(&sub)?;
         let server = FloorServer::start(floor, &sub)?;
+        let device_before = DeviceCounts::now();
         let many = closed_loop(&server.socket, clients, per_client);
+        // The device round trips a record cost, as pcx's run and the peers report theirs.
+        let device = device_before.per_record(
+            &DeviceCounts::now(),
+            (clients * per_client) as f64,
+            &format!("floor_{}", floor.name()),
+        );
         let one = many.and_then(|m| Ok((m, closed_loop(&server.socket, 1, alone)?)));
         let finished = server.finish();
         let ((secs, _), (_, lat)) = match (one, finished) {
@@ -290,6 +299,7 @@ pub fn measure(
             format!("floor_{}_one_client_p50_ms", floor.name()),
             json!(percentile(lat, 0.5)),
         );
+        out.extend(device.into_iter().map(|(k, v)| (k, json!(v))));
     }
     Ok(Value::Object(out))
 }

@@ -15,12 +15,13 @@ use serde_json::{json, Value};
 
 use pcx::Config;
 
-mod cpu;
+mod device;
 mod disk;
 mod floor;
 mod harness;
 mod peers;
 mod torch;
+mod usage;
 mod w1;
 mod w2;
 mod w3;

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
+
+use crate::device::DeviceCounts;
 
 use super::*;
 
@@ -115,7 +117,13 @@ pub(super) fn run(
         }
     }
     setup.batch_execute("CREATE TABLE peer (key text PRIMARY KEY, value bytea NOT NULL)")?;
+    let device_before = DeviceCounts::now();
     let many = clients_of(&url, "m", clients, per)?;
+    let device = device_before.per_record(
+        &DeviceCounts::now(),
+        (clients * per) as f64,
+        "peer_postgres",
+    );
     let (_, one) = clients_of(&url, "a", 1, alone)?;
     // Every INSERT answered is a row.
     let rows: i64 = setup.query_one("SELECT count(*) FROM peer", &[])?.get(0);
@@ -125,6 +133,7 @@ pub(super) fn run(
     drop(setup);
     let mut out = Map::new();
     figures(&mut out, "peer_postgres", clients * per, many, one);
+    out.extend(device.into_iter().map(|(k, v)| (k, json!(v))));
     server.finish()?;
     let about = format!(
         "PostgreSQL {version} as {runs_as} in {runs_in}, port {port}: fsync on, synchronous_commit on; one INSERT of 256 B a request, autocommit"

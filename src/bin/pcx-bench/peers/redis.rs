@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 
 use super::*;
-use crate::cpu::CpuSample;
+use crate::usage::Usage;
 
 /// The loopback ports Redis may listen on: the first free one of 100 from here.
 const REDIS_PORTS: u16 = 56_000;
@@ -76,12 +76,11 @@ pub(super) fn run(
     let mut out = Map::new();
     for (prefix, size) in [("peer_redis", 256), ("peer_redis_1k", 1024)] {
         let requests = set_requests(&format!("m{size}"), clients, per, size);
-        let cpu_before = CpuSample::now();
+        let cpu_before = Usage::now();
         let many = redis_clients(port, requests)?;
         if size == 256 {
             // Whose CPU a SET cost, as pcx's run reports its own.
-            let cpu =
-                cpu_before.per_record(&CpuSample::now(), (clients * per) as f64, many.0, prefix);
+            let cpu = cpu_before.per_record(&Usage::now(), (clients * per) as f64, many.0, prefix);
             out.extend(cpu.into_iter().map(|(k, v)| (k, json!(v))));
         }
         let (_, one) = redis_clients(port, set_requests(&format!("a{size}"), 1, alone, size))?;

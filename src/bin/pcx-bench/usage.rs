@@ -1,7 +1,8 @@
-//! Where a workload's CPU went, read from `/proc` around a phase: the machine's busy time
-//! (`/proc/stat`) and each live process's own (`/proc/PID/stat`), summed by party. W3 and W6
-//! run the servers and their clients on one machine (W6 three PostgreSQL servers and four pcx
-//! processes too); on 2 cores their figures are CPU shares, and this says whose.
+//! What a phase of a workload used: where its CPU went, read from `/proc` (the machine's
+//! busy time from `/proc/stat`, each live process's own from `/proc/PID/stat`, summed by
+//! party), and the device round trips it cost ([`crate::device`]). W3 and W6 run the servers
+//! and their clients on one machine (W6 three PostgreSQL servers and four pcx processes too);
+//! on 2 cores their figures are CPU shares, and this says whose.
 //!
 //! A process that exits inside the phase takes its time with it (the kernel keeps it only
 //! for the parent): the parties measured here (pcx servers, the bench's own clients, the
@@ -10,10 +11,14 @@
 
 use std::collections::HashMap;
 
-/// CPU seconds at one moment: the machine's busy time, and each party's.
-pub(crate) struct CpuSample {
+use crate::device::DeviceCounts;
+
+/// CPU seconds at one moment (the machine's busy time, and each party's), and the disks'
+/// counters.
+pub(crate) struct Usage {
     busy: f64,
     parties: HashMap<&'static str, f64>,
+    device: DeviceCounts,
 }
 
 /// Who a process is, by its command name: pcx servers, this bench (its client tasks),
@@ -28,7 +33,7 @@ fn party(comm: &str) -> Option<&'static str> {
     }
 }
 
-/// The parties [`CpuSample::per_record`] reports, when they ran.
+/// The parties [`Usage::per_record`] reports, when they ran.
 const PARTIES: [&str; 4] = ["pcx", "clients", "postgresql", "redis"];
 
 fn ticks_per_second() -> f64 {
@@ -71,11 +76,11 @@ fn processes(hz: f64) -> Vec<(String, f64)> {
     out
 }
 
-impl CpuSample {
+impl Usage {
     /// Reads the machine's and every process's CPU time now. A process that vanishes while
     /// it is read is skipped; a `/proc` that cannot be read gives zeros (the figures then
     /// read as 0, not as a failure of the workload).
-    pub(crate) fn now() -> CpuSample {
+    pub(crate) fn now() -> Usage {
         let hz = ticks_per_second();
         let busy = std::fs::read_to_string("/proc/stat")
             .ok()
@@ -96,16 +101,21 @@ impl CpuSample {
                 *parties.entry(who).or_insert(0.0) += seconds;
             }
         }
-        CpuSample { busy, parties }
+        Usage {
+            busy,
+            parties,
+            device: DeviceCounts::now(),
+        }
     }
 
     /// CPU microseconds per unit of work between `self` and `later`, by party and for the
     /// whole machine (`machine`, which includes the kernel's threads and everyone else), and
-    /// the busy cores over `secs`: keys `{prefix}_cpu_us_per_record_{party}` and
-    /// `{prefix}_busy_cores`.
+    /// the busy cores over `secs`, and the device round trips per unit: keys
+    /// `{prefix}_cpu_us_per_record_{party}`, `{prefix}_busy_cores` and those of
+    /// [`DeviceCounts::per_record`].
     pub(crate) fn per_record(
         &self,
-        later: &CpuSample,
+        later: &Usage,
         records: f64,
         secs: f64,
         prefix: &str,
@@ -129,6 +139,7 @@ impl CpuSample {
             format!("{prefix}_busy_cores"),
             (later.busy - self.busy) / secs.max(1e-9),
         ));
+        out.extend(self.device.per_record(&later.device, records, prefix));
         out
     }
 }
@@ -139,7 +150,7 @@ mod tests {
 
     #[test]
     fn the_machines_busy_time_sees_work_done_between_two_samples() {
-        let before = CpuSample::now();
+        let before = Usage::now();
         // Burn a measurable amount of CPU in this process.
         let mut x = 0u64;
         let start = std::time::Instant::now();
@@ -147,7 +158,7 @@ mod tests {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         }
         std::hint::black_box(x);
-        let after = CpuSample::now();
+        let after = Usage::now();
         let figures: HashMap<String, f64> = before
             .per_record(&after, 1.0, 0.2, "t")
             .into_iter()
