@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of the hot paths: an event record's encode and decode, the fold
-//! (`State::apply` of 1000 events), the stitch of one entry, and a plugin call round trip.
+//! (`State::apply` of 1000 events), the stitch of one entry, a plugin call round trip, and the
+//! socket server's decoding of a request and encoding of an answer.
 //!
 //! ```text
 //! cargo bench --bench micro                       # full run
@@ -290,12 +291,47 @@ fn plugin_call(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the socket server does with a W3 request before the actor sees it (its frame body
+/// checked and decoded, turned into the protocol's JSON, parsed into a request) and with an
+/// answer after (JSON to MessagePack, framed).
+fn wire(c: &mut Criterion) {
+    use pcx::interface::protocol::parse_value;
+    use pcx::interface::wire::{decode_body, encode_frame, to_json, to_msgpack};
+    let content: Vec<u8> = (0..256u32).map(|i| (i * 37 % 251) as u8).collect();
+    let request = serde_json::json!({
+        "op": "record_artifact",
+        "key": "c17_r523",
+        "kind": "eager",
+        "content_b64": base64_of(&content),
+    });
+    let frame = encode_frame(&to_msgpack(&request));
+    let body = &frame[4..];
+    let answer = serde_json::json!({"ok": true});
+    let mut group = c.benchmark_group("wire");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("record_artifact request, 256 B: body to request", |b| {
+        b.iter(|| {
+            let value = to_json(decode_body(black_box(body)).expect("decodes")).expect("json");
+            parse_value(value).1.expect("a request")
+        })
+    });
+    group.bench_function("answer ok: JSON to frame", |b| {
+        b.iter(|| encode_frame(&to_msgpack(black_box(&answer))))
+    });
+    group.finish();
+}
+
+fn base64_of(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
 criterion_group! {
     name = micro;
     // Shorter than criterion's defaults (3 s warm-up, 5 s measurement); flags override.
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = record_codec, fold, stitch, plugin_call
+    targets = record_codec, fold, stitch, plugin_call, wire
 }
 criterion_main!(micro);
