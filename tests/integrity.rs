@@ -345,6 +345,16 @@ fn damage_inside_sled_files_is_reported_with_its_file() {
         assert!(text.contains(&format!("{db} is missing")), "{text}");
     }
 
+    // A directory whose creation was cut short between sled's `conf` and its data file
+    // (pcx marks it as being created first): it held nothing, and opens empty.
+    let fresh = tmp.path().join("killed-while-created");
+    std::fs::create_dir_all(fresh.join("blobs")).unwrap();
+    std::fs::copy(sound.join("conf"), fresh.join("conf")).unwrap();
+    std::fs::write(fresh.join("pcx-creating"), b"").unwrap();
+    assert_eq!(failures(&fresh), Vec::<String>::new());
+    assert_eq!(cli(&fresh, &["verify"]).answer()["events"], 0);
+    assert!(fresh.join("db").exists() && !fresh.join("pcx-creating").exists());
+
     // sled's data file, damaged here and there (some places hold only what sled let go of):
     // whatever fails names the file.
     let len = std::fs::metadata(sound.join("db")).unwrap().len() as usize;

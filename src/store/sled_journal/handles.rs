@@ -47,11 +47,30 @@ pub(super) struct Handles {
     pub(super) data_file: File,
 }
 
+/// Marks a directory sled is creating, from before sled's first open until its data file is
+/// there for good. sled writes its `conf` before it creates `db`, and a missing `db` beside a
+/// `conf` is a deleted log (refused, [`OpenError::DataFileMissing`]): a process killed between
+/// the two (the crash suite's kill 0–40 ms after start found it) left a directory that held
+/// nothing refused for ever as one whose log was gone. With the mark there it opens, empty.
+pub(super) const CREATING: &str = "pcx-creating";
+
 /// Opens sled on `dir`. sled's IO threads hold the locked data file for a moment after a
 /// close, so an open right after one (the same process restarting its context, or a reset)
 /// retries briefly before calling the directory in use.
 pub(super) fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, OpenError> {
-    if crate::store::damage::data_file_missing(dir) {
+    let creating = dir.join(CREATING);
+    let file_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| OpenError::DataFile { path, source }
+    };
+    if !dir.join("conf").exists() && !dir.join("db").exists() {
+        // sled has written nothing here yet: say so durably before it starts.
+        File::create(&creating)
+            .and_then(|f| f.sync_all())
+            .map_err(file_err(&creating))?;
+        sync_dir(dir).map_err(file_err(dir))?;
+    }
+    if crate::store::damage::data_file_missing(dir) && !creating.exists() {
         return Err(OpenError::DataFileMissing {
             path: dir.join("db"),
         });
@@ -77,6 +96,12 @@ pub(super) fn open_handles(dir: &Path, cache_capacity: u64) -> Result<Handles, O
             Err(source) => return Err(sled_open_error(dir, source)),
         }
     };
+    if creating.exists() {
+        // sled's data file is there: its directory entry made durable before the mark goes.
+        sync_dir(dir).map_err(file_err(dir))?;
+        std::fs::remove_file(&creating).map_err(file_err(&creating))?;
+        sync_dir(dir).map_err(file_err(dir))?;
+    }
     let tree = |name: &str| {
         db.open_tree(name)
             .map_err(|source| sled_open_error(dir, source))
