@@ -280,7 +280,6 @@ fn commit_loop(
         ..Gathering::default()
     };
     let mut ahead = WriteAhead::start(journal.clone());
-    let mut snapshots = SnapshotWriter::start(journal.clone());
     loop {
         let (group, next_blobs) = {
             let mut q = lock(shared);
@@ -331,33 +330,15 @@ fn commit_loop(
         };
         gathering.last_waiters = group.waiters.len();
         let Group {
-            mut commit,
+            commit,
             waiters,
             hits,
             ..
         } = group;
-        // The snapshot is written once the group is durable, beside the groups after it.
-        let snapshot = commit.snapshot.take();
-        if commit.records.is_empty()
-            && commit.blobs.is_empty()
-            && commit.cache_puts.is_empty()
-            && commit.shared_cache.is_empty()
-        {
-            // Only answers waiting for what was committed before them, and perhaps a
-            // snapshot of it (a close's).
+        if commit.records.is_empty() && commit.snapshot.is_none() {
+            // Only answers waiting for what was committed before them.
             answer(waiters);
             finish(shared, false);
-            if let Some((seq, bytes)) = snapshot {
-                snapshots.hand(journal.as_ref(), seq, bytes);
-                report(Committed {
-                    result: Ok(()),
-                    events: 0,
-                    last_seq: 0,
-                    snapshot: Some(seq),
-                    blobs: Vec::new(),
-                    refused: Vec::new(),
-                });
-            }
             continue;
         }
         if let Some(a) = &mut ahead {
@@ -381,7 +362,7 @@ fn commit_loop(
         let mut committed = Committed {
             events: commit.records.len() as u64,
             last_seq: commit.records.last().map_or(0, |r| r.0),
-            snapshot: snapshot.as_ref().map(|s| s.0),
+            snapshot: commit.snapshot.as_ref().map(|s| s.0),
             blobs: commit.blobs.iter().map(|b| b.0).collect(),
             refused: Vec::new(),
             result: result.map_err(|e| {
@@ -400,9 +381,6 @@ fn commit_loop(
                 hit_count.fetch_add(hits, Ordering::SeqCst);
                 answer(waiters);
                 finish(shared, false);
-                if let Some((seq, bytes)) = snapshot {
-                    snapshots.hand(journal.as_ref(), seq, bytes);
-                }
             }
             Err((err, _)) => {
                 let aborted = ContextError::Aborted {
@@ -419,72 +397,6 @@ fn commit_loop(
             }
         }
         report(committed);
-    }
-}
-
-/// The thread that writes each snapshot ([`Journal::write_snapshot`]) once the group holding
-/// its last event is durable and answered, beside the groups after it: sled's insert of W1's
-/// 19 MB snapshot took 30–88 ms, and every group behind it waited (a PostgreSQL journal
-/// writes it in a transaction of its own, in turn with the groups). A snapshot only spares a
-/// later open the replay of the events before it, so one that fails is logged and the log
-/// stays whole; the next one due is written as usual.
-struct SnapshotWriter {
-    to: Option<mpsc::SyncSender<(u64, Vec<u8>)>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl SnapshotWriter {
-    /// Without a thread (it could not be started), snapshots are written on the committer's.
-    fn start(journal: Arc<dyn Journal>) -> SnapshotWriter {
-        // A rendezvous: handing over waits until the last snapshot is written, so at most
-        // one waits in memory besides the state.
-        let (to, handed) = mpsc::sync_channel::<(u64, Vec<u8>)>(0);
-        let thread = std::thread::Builder::new()
-            .name("pcx-snapshot".into())
-            .spawn(move || {
-                for (seq, bytes) in handed {
-                    write_snapshot(journal.as_ref(), seq, bytes);
-                }
-            })
-            .ok();
-        SnapshotWriter {
-            to: thread.as_ref().map(|_| to),
-            thread,
-        }
-    }
-
-    fn hand(&mut self, journal: &dyn Journal, seq: u64, bytes: Vec<u8>) {
-        let unsent = match &self.to {
-            Some(to) => to.send((seq, bytes)).err().map(|e| e.0),
-            None => Some((seq, bytes)),
-        };
-        if let Some((seq, bytes)) = unsent {
-            write_snapshot(journal, seq, bytes);
-        }
-    }
-}
-
-impl Drop for SnapshotWriter {
-    /// Writes the snapshot handed over last (a close's), then ends the thread.
-    fn drop(&mut self) {
-        self.to = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn write_snapshot(journal: &dyn Journal, seq: u64, bytes: Vec<u8>) {
-    let started = Instant::now();
-    match journal.write_snapshot(seq, bytes) {
-        Ok(()) => tracing::debug!(
-            seq,
-            write_us = started.elapsed().as_micros() as u64,
-            "snapshot written"
-        ),
-        Err(e) => {
-            tracing::warn!(seq, error = %e, "snapshot not written: the next open replays the events before it instead")
-        }
     }
 }
 
@@ -634,121 +546,6 @@ mod tests {
     }
 
     const PATIENCE: Duration = Duration::from_secs(10);
-
-    /// `staged(seq)` with a snapshot at `seq`, as the actor stages one that is due.
-    fn staged_with_snapshot(seq: u64) -> Group {
-        let mut g = staged(seq);
-        g.commit.snapshot = Some((seq, format!("snapshot at {seq}").into_bytes()));
-        g
-    }
-
-    /// Waits until `done` holds, at most [`PATIENCE`].
-    fn eventually(what: &str, done: impl Fn() -> bool) {
-        let deadline = Instant::now() + PATIENCE;
-        while !done() {
-            assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// A snapshot is written once its group is durable and answered, and the requests
-    /// behind it do not wait for it: W1's 19 MB snapshot held every group behind it for
-    /// 30–88 ms while sled inserted it.
-    #[test]
-    fn a_group_is_answered_and_the_next_committed_while_its_snapshot_is_still_being_written() {
-        let rig = committer();
-        let gate = Arc::new(Mutex::new(()));
-        let held = gate.lock().unwrap();
-        rig.journal.gate_snapshots(Some(gate.clone()));
-        let intake = rig.c.intake();
-        intake.push(staged_with_snapshot(1), waiter(1, &rig.tx));
-        assert!(rig.answers.recv_timeout(PATIENCE).unwrap().1.is_ok());
-        intake.push(staged(2), waiter(2, &rig.tx));
-        assert_eq!(rig.answers.recv_timeout(PATIENCE).unwrap(), (2, Ok(())));
-        assert_eq!(rig.journal.commits(), 2, "both groups committed");
-        assert_eq!(
-            rig.journal.snapshots_written(),
-            0,
-            "the snapshot still waits"
-        );
-        assert!(rig.journal.snapshot_seqs().unwrap().is_empty());
-        drop(held);
-        eventually("the snapshot written", || {
-            rig.journal.snapshots_written() == 1
-        });
-        assert_eq!(rig.journal.snapshot_seqs().unwrap(), vec![1]);
-        assert_eq!(
-            &rig.journal.snapshot(1).unwrap().unwrap()[..],
-            b"snapshot at 1"
-        );
-    }
-
-    /// A snapshot is of events its group commits: a group that fails takes its snapshot
-    /// with it, so no snapshot is ever ahead of the log.
-    #[test]
-    fn a_failed_groups_snapshot_is_never_written() {
-        let rig = committer();
-        rig.journal.fail_commits(true);
-        let intake = rig.c.intake();
-        intake.push(staged_with_snapshot(1), waiter(1, &rig.tx));
-        let report = rig.reports.recv_timeout(PATIENCE).unwrap();
-        assert!(report.result.is_err());
-        for (w, e) in report.refused {
-            w(Err(e));
-        }
-        assert!(rig.answers.recv_timeout(PATIENCE).unwrap().1.is_err());
-        rig.journal.fail_commits(false);
-        rig.c.resume();
-        // Closing waits for any snapshot handed over: none was.
-        rig.c.close();
-        assert_eq!(rig.journal.snapshots_written(), 0);
-        assert!(rig.journal.snapshot_seqs().unwrap().is_empty());
-    }
-
-    /// A snapshot that cannot be written fails nothing: its group was answered, the next
-    /// groups commit, and the log is whole (the next open replays a little more).
-    #[test]
-    fn a_snapshot_that_fails_is_logged_and_the_groups_go_on() {
-        let rig = committer();
-        let gate = Arc::new(Mutex::new(()));
-        let held = gate.lock().unwrap();
-        rig.journal.gate_snapshots(Some(gate.clone()));
-        let intake = rig.c.intake();
-        intake.push(staged_with_snapshot(1), waiter(1, &rig.tx));
-        assert_eq!(rig.answers.recv_timeout(PATIENCE).unwrap(), (1, Ok(())));
-        // The snapshot's write fails once it is let through.
-        rig.journal.fail_commits(true);
-        drop(held);
-        rig.journal.gate_snapshots(None);
-        eventually("the snapshot failed", || {
-            rig.journal.snapshot_failures() == 1
-        });
-        rig.journal.fail_commits(false);
-        intake.push(staged(2), waiter(2, &rig.tx));
-        assert_eq!(rig.answers.recv_timeout(PATIENCE).unwrap(), (2, Ok(())));
-        rig.c.close();
-        assert_eq!(rig.journal.snapshots_written(), 0);
-        let seqs: Vec<u64> = rig.journal.records(1).map(|r| r.unwrap().0).collect();
-        assert_eq!(seqs, vec![1, 2], "every answered event is in the log");
-    }
-
-    /// Closing the committer writes the snapshot handed over last before it returns: a
-    /// clean close leaves one at the last event, so the next open replays nothing.
-    #[test]
-    fn closing_waits_for_the_last_snapshot() {
-        let rig = committer();
-        let intake = rig.c.intake();
-        intake.push(staged(1), waiter(1, &rig.tx));
-        // A close's barrier: no events, a snapshot of what is there.
-        let mut barrier = Group::default();
-        barrier.commit.snapshot = Some((1, b"snapshot at 1".to_vec()));
-        intake.push(barrier, waiter(2, &rig.tx));
-        assert!(rig.answers.recv_timeout(PATIENCE).unwrap().1.is_ok());
-        assert!(rig.answers.recv_timeout(PATIENCE).unwrap().1.is_ok());
-        rig.c.close();
-        assert_eq!(rig.journal.snapshots_written(), 1);
-        assert_eq!(rig.journal.snapshot_seqs().unwrap(), vec![1]);
-    }
 
     /// A full group of 1,024 records with `contents` 1 KiB contents of its own.
     fn full_group(first_seq: u64, contents: u8) -> Group {

@@ -151,16 +151,6 @@ pub trait Journal: Send + Sync + 'static {
     /// contents commits, so it may be skipped, and a failure is left to that commit to meet
     /// and report.
     fn prewrite(&self, _blobs: &[(Digest, std::sync::Arc<Vec<u8>>)]) {}
-    /// Stores a snapshot of the state at `seq` and makes it durable, apart from any group:
-    /// the committer hands it over once the group holding event `seq` is durable (and
-    /// answered), so a snapshot is never ahead of the log, and the groups behind it do not
-    /// wait for it. Keeps the newest snapshots, as a commit that carries one does.
-    fn write_snapshot(&self, seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
-        self.commit(&Commit {
-            snapshot: Some((seq, bytes)),
-            ..Commit::default()
-        })
-    }
     /// Event records with sequence number `>= from`, in order.
     fn records(&self, from: u64) -> Records<'_>;
     /// The sequence number of the last stored event, if any.
@@ -265,10 +255,6 @@ pub struct FaultyJournal<J> {
     /// Acting as a remote journal: each commit takes this many milliseconds, and groups are
     /// gathered (0: the inner journal's own behaviour).
     remote_ms: AtomicU64,
-    /// While set, a snapshot write waits until the test lets go of this lock.
-    snapshot_gate: std::sync::Mutex<Option<std::sync::Arc<std::sync::Mutex<()>>>>,
-    snapshots_written: AtomicU64,
-    snapshot_failures: AtomicU64,
 }
 
 impl<J: Journal> FaultyJournal<J> {
@@ -282,23 +268,7 @@ impl<J: Journal> FaultyJournal<J> {
             resets: AtomicU64::new(0),
             prewrites: AtomicU64::new(0),
             remote_ms: AtomicU64::new(0),
-            snapshot_gate: std::sync::Mutex::new(None),
-            snapshots_written: AtomicU64::new(0),
-            snapshot_failures: AtomicU64::new(0),
         }
-    }
-    /// Snapshot writes from now on wait until `gate` is free (the test holds it locked to
-    /// keep them waiting); `None` lets them through again.
-    pub fn gate_snapshots(&self, gate: Option<std::sync::Arc<std::sync::Mutex<()>>>) {
-        *self.snapshot_gate.lock().unwrap_or_else(|p| p.into_inner()) = gate;
-    }
-    /// How many snapshots were written apart from a group ([`Journal::write_snapshot`]).
-    pub fn snapshots_written(&self) -> u64 {
-        self.snapshots_written.load(Ordering::SeqCst)
-    }
-    /// How many snapshot writes failed by injection.
-    pub fn snapshot_failures(&self) -> u64 {
-        self.snapshot_failures.load(Ordering::SeqCst)
     }
     /// From now on, behaves as a journal across a network: every commit takes `ms` more
     /// milliseconds, and the journal [gathers groups](Journal::gathers_groups).
@@ -368,33 +338,6 @@ impl<J: Journal> Journal for FaultyJournal<J> {
         self.commits.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn write_snapshot(&self, seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
-        let gate = self
-            .snapshot_gate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(gate) = gate {
-            // Held until the test opens it; let go at once.
-            drop(gate.lock().unwrap_or_else(|p| p.into_inner()));
-        }
-        let injected = self.sled_failure("writing a snapshot").and_then(|()| {
-            if self.fail_commits.load(Ordering::SeqCst) {
-                Err(StoreError::Injected {
-                    op: "writing a snapshot",
-                })
-            } else {
-                Ok(())
-            }
-        });
-        if let Err(e) = injected {
-            self.snapshot_failures.fetch_add(1, Ordering::SeqCst);
-            return Err(e);
-        }
-        self.inner.write_snapshot(seq, bytes)?;
-        self.snapshots_written.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
     fn prewrite(&self, blobs: &[(Digest, std::sync::Arc<Vec<u8>>)]) {
         if self.sled_failure("writing content").is_ok() && !self.fail_commits.load(Ordering::SeqCst)
         {
@@ -462,9 +405,6 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn prewrite(&self, blobs: &[(Digest, std::sync::Arc<Vec<u8>>)]) {
         (**self).prewrite(blobs)
-    }
-    fn write_snapshot(&self, seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
-        (**self).write_snapshot(seq, bytes)
     }
     fn records(&self, from: u64) -> Records<'_> {
         (**self).records(from)

@@ -20,9 +20,6 @@ impl Journal for Capped {
     fn commit(&self, commit: &crate::store::journal::Commit) -> Result<(), StoreError> {
         self.inner.commit(commit)
     }
-    fn write_snapshot(&self, seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
-        self.inner.write_snapshot(seq, bytes)
-    }
     fn records(&self, from: u64) -> crate::store::journal::Records<'_> {
         let cap = self.cap;
         Box::new(

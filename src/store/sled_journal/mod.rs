@@ -53,10 +53,6 @@ pub struct SledJournal {
     contents: std::sync::RwLock<Contents>,
     /// Writers of packs take turns, so two never number a pack alike.
     writer: Mutex<()>,
-    /// Held by a snapshot being written apart from its group ([`Journal::write_snapshot`]),
-    /// which takes `writer` only to make it durable, and by `reset`, which must not swap the
-    /// handles under it: always taken before `writer`.
-    snapshot_writer: Mutex<()>,
     files: ContentFiles,
     /// Contents written and synced to a content file ahead of their group
     /// ([`Journal::prewrite`]), not yet in the index: the group that stores them writes
@@ -126,7 +122,6 @@ impl SledJournal {
             synced_blob_files: Mutex::new(0),
             contents: std::sync::RwLock::new(contents),
             writer: Mutex::new(()),
-            snapshot_writer: Mutex::new(()),
             prewritten: Mutex::new(std::collections::HashMap::new()),
             files,
             _lock: None,
@@ -296,26 +291,6 @@ impl SledJournal {
         Ok(())
     }
 
-    /// Stores a snapshot and drops all but the newest [`SNAPSHOTS_KEPT`] (a snapshot
-    /// written again at the same place replaces that one).
-    fn put_snapshot(&self, h: &Handles, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        h.snapshots
-            .insert(seq_key(seq), bytes)
-            .map_err(sled_err("writing a snapshot"))?;
-        let older: Vec<u64> = self
-            .snapshot_seqs()?
-            .into_iter()
-            .filter(|s| *s != seq)
-            .skip(SNAPSHOTS_KEPT - 1)
-            .collect();
-        for s in older {
-            h.snapshots
-                .remove(seq_key(s))
-                .map_err(sled_err("dropping an old snapshot"))?;
-        }
-        Ok(())
-    }
-
     fn try_commit(
         &self,
         h: &Handles,
@@ -341,7 +316,21 @@ impl SledJournal {
                 .map_err(sled_err("appending events"))?;
         }
         if let Some((seq, bytes)) = &c.snapshot {
-            self.put_snapshot(h, *seq, bytes)?;
+            h.snapshots
+                .insert(seq_key(*seq), bytes.as_slice())
+                .map_err(sled_err("writing a snapshot"))?;
+            // (A snapshot written again at the same place replaces that one.)
+            let older: Vec<u64> = self
+                .snapshot_seqs()?
+                .into_iter()
+                .filter(|s| s != seq)
+                .skip(SNAPSHOTS_KEPT - 1)
+                .collect();
+            for s in older {
+                h.snapshots
+                    .remove(seq_key(s))
+                    .map_err(sled_err("dropping an old snapshot"))?;
+            }
         }
         // The view is checked against the events at open and rewritten if it differs.
         for (key, bytes) in &c.cache_puts {
@@ -436,25 +425,6 @@ impl Journal for SledJournal {
                 Err(e)
             }
         }
-    }
-
-    /// The insert runs beside the groups' commits: sled copies, checksums and writes a large
-    /// value to a file of its own under `blobs/` as it is inserted, which took 30–88 ms for
-    /// W1's 19 MB snapshot and held up every group behind it. Its events are durable before
-    /// it is handed here, so whatever of it a crash keeps is never ahead of the log. It is
-    /// made durable under the writer's lock, so its flush never lands in the middle of a
-    /// group's commit (which takes back a failed group's keys before anything flushes them).
-    fn write_snapshot(&self, seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
-        let _snapshot = self
-            .snapshot_writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let h = self.h()?;
-        self.ensure_space(bytes.len() as u64)?;
-        self.put_snapshot(&h, seq, &bytes)?;
-        drop(bytes);
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        self.make_durable()
     }
 
     fn prewrite(&self, blobs: &[(Digest, std::sync::Arc<Vec<u8>>)]) {
@@ -555,11 +525,7 @@ impl Journal for SledJournal {
     }
 
     fn reset(&self) -> Result<(), StoreError> {
-        // Not in the middle of a commit or a snapshot: each finishes on the old handles first.
-        let _snapshot = self
-            .snapshot_writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        // Not in the middle of a commit: it finishes on the old handles first.
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut slot = self.handles.write().unwrap_or_else(|p| p.into_inner());
         // Drop ours first: sled's lock on the directory goes with its last handle (an
