@@ -52,7 +52,7 @@ pub(super) struct Handles {
 /// `conf` is a deleted log (refused, [`OpenError::DataFileMissing`]): a process killed between
 /// the two (the crash suite's kill 0–40 ms after start found it) left a directory that held
 /// nothing refused for ever as one whose log was gone. With the mark there it opens, empty.
-pub(super) const CREATING: &str = "pcx-creating";
+const CREATING: &str = "pcx-creating";
 
 /// Opens sled on `dir`. sled's IO threads hold the locked data file for a moment after a
 /// close, so an open right after one (the same process restarting its context, or a reset)
