@@ -838,6 +838,38 @@ fn verify_finds_a_snapshot_with_an_altered_byte() {
     );
 }
 
+/// Regression (a forged log passed as sound): on PostgreSQL the head row moves in the same
+/// transaction as the records, so a record past the head was not committed by the journal's
+/// writer: a row inserted by hand (a forged event appended, chained to the last real one), or
+/// the head restored from an older backup than the records. `verify` passed such a log, and a
+/// writer opening it took the rows for its own: its next commit moved the head past them,
+/// and the evidence was gone. (sled keeps no head apart from its records.)
+#[test]
+fn a_postgres_log_with_records_past_its_head_is_found_and_refused() {
+    if !suite_on_postgres() {
+        println!("skipped on sled: its log has no head row apart from the records");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    pg_damage::set_head(&dir, 10);
+    assert_verify_finds(
+        &dir,
+        11,
+        &["events 11..=12", "past the journal's head", "10"],
+    );
+    let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
+        .expect("opening a log with records past its head is refused")
+        .to_string();
+    assert!(
+        refused.contains("events 11..=12") && refused.contains("the journal's head says 10"),
+        "{refused}"
+    );
+    // The refused open wrote nothing: the evidence is still there for the auditor.
+    assert_verify_finds(&dir, 11, &["past the journal's head"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // a story used by several tests
 

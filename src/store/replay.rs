@@ -106,6 +106,17 @@ pub enum ReplayError {
         expected: Digest,
         found: Digest,
     },
+    /// Records lie past the journal's own record of its end (PostgreSQL's head row, moved in
+    /// the same transaction as the records): no writer of the journal committed them.
+    #[error(
+        "events {first}..={last} lie past the journal's end: the journal's head says {head}, \
+         and every writer moves the head with its records, so no writer of this journal \
+         committed them (rows inserted by hand, or the head restored from an older backup \
+         than the records). Refusing to open, which would take them for the journal's own; \
+         `pcx verify` reports the log; restore the database (a backup, or a standby), or \
+         `pcx export` the log and import what you trust into a new journal"
+    )]
+    RecordsPastHead { head: u64, first: u64, last: u64 },
 }
 
 /// Where a log that was compacted begins: the state right after `head`.
@@ -167,7 +178,19 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
     // record up to it is there to be read after it (a live writer may add more meanwhile).
     let committed_end = journal.committed_end()?;
     let start = base(journal)?;
-    let last = last_event(journal, &start)?;
+    let last_record = journal.last_seq()?;
+    let last = last_record.unwrap_or(0).max(start.head.seq);
+    // Read again after the records: every record committed by then is at or below it, so a
+    // record past it was not committed by a writer of the journal.
+    if let (Some(head), Some(last_record)) = (journal.committed_end()?, last_record) {
+        if last_record > head {
+            return Err(ReplayError::RecordsPastHead {
+                head,
+                first: head + 1,
+                last: last_record,
+            });
+        }
+    }
     let seqs: Vec<u64> = journal
         .snapshot_seqs()?
         .into_iter()

@@ -173,6 +173,24 @@ pub fn verify(
             ),
         }));
     }
+    // Read again after the records: a record past the head as it is now was not committed by
+    // a writer of the journal (each moves the head with its records).
+    if let Some(end) = journal
+        .committed_end()?
+        .filter(|e| events > 0 && *e < head.seq)
+    {
+        return Ok(Err(Unsound {
+            seq: end + 1,
+            what: format!(
+                "events {}..={} lie past the journal's head, which says the log reached event \
+                 {end}: every writer moves the head with its records, so no writer of this \
+                 journal committed them (rows inserted by hand, or the head restored from an \
+                 older backup than the records)",
+                end + 1,
+                head.seq
+            ),
+        }));
+    }
     // Losses an operator accepted are not faults of the log, but an auditor must see them.
     let mut lost_tails = Vec::new();
     for (i, bytes) in journal.lost_tails()?.iter().enumerate() {
