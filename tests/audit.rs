@@ -1586,6 +1586,58 @@ fn export_then_import_gives_the_same_log_and_state_plain_and_compacted() {
     assert_eq!(cli_value(&dst, &["verify"])["ok"], json!(true));
 }
 
+/// Regression (a damaged export imported as sound): the closing line says how many events
+/// the export holds and the last one's number, but import checked only its state digest. An
+/// export whose last events were cut out with the closing line kept (a bad copy, a hand edit)
+/// imported as a shorter log, answered ok, whenever the cut events left the state as it was
+/// (a stitch records what was produced and changes no state).
+#[test]
+fn an_import_of_an_export_missing_its_last_events_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    batch_ok(
+        &src,
+        &[
+            record("b1", "aaa"),
+            record("b2", "bbb"),
+            record_entry("e1", entry_with_codes(&[&["b1", "b2"]])),
+            op("create_cache_entries"),
+        ],
+    );
+    let file = tmp.path().join("full.jsonl");
+    export(&src, &file, "inline");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines
+        .iter()
+        .rfind(|v| v["seq"].is_u64())
+        .expect("a record line")
+        .clone();
+    assert_eq!(last["event"], json!("Stitched"), "{last}");
+    let end = lines.last().unwrap();
+    assert_eq!(end["events"], last["seq"], "{end}");
+    let cut_file = tmp.path().join("cut.jsonl");
+    let cut: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).unwrap()["seq"] != last["seq"])
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&cut_file, cut).unwrap();
+    let dst = tmp.path().join("dst");
+    let why = import_refused(&dst, &cut_file);
+    let n = last["seq"].as_u64().unwrap();
+    assert!(
+        why.contains(&format!("{} events", n - 1))
+            && why.contains(&format!("closing line says {n}")),
+        "{why}"
+    );
+    // Nothing of it stayed: the whole export goes in afterwards.
+    assert_eq!(import(&dst, &file)["events"], json!(n));
+}
+
 #[test]
 fn imports_are_refused_for_digest_exports_non_empty_directories_and_truncated_exports() {
     let (tmp, src) = story("src");
