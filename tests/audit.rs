@@ -21,7 +21,7 @@ use std::thread;
 use pcx::actor::Answer;
 use pcx::audit::query::{state_at, AuditError};
 use pcx::core::model::Digest;
-use pcx::store::record::{decode_snapshot, encode_snapshot_of};
+use pcx::store::record::{decode_event, decode_snapshot, encode_snapshot_of};
 use pcx::Context;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -868,6 +868,50 @@ fn a_postgres_log_with_records_past_its_head_is_found_and_refused() {
     );
     // The refused open wrote nothing: the evidence is still there for the auditor.
     assert_verify_finds(&dir, 11, &["past the journal's head"]);
+}
+
+/// Sets the log's compaction anchor: in the sled database's `meta` tree, or in `pcx_meta`.
+fn damage_log_anchor(dir: &Path, bytes: &[u8]) {
+    if suite_on_postgres() {
+        pg_damage::set_anchor(dir, bytes)
+    } else {
+        damage(dir, "meta", TIMEOUT, |t| {
+            t.insert(b"anchor", bytes).unwrap();
+        })
+    }
+}
+
+/// Regression (a forged log passed as sound): a compaction anchor stands for the events it
+/// replaced, which compaction removes (on sled it writes a new directory without them, on
+/// PostgreSQL it deletes them in the anchor's transaction). A forged anchor put in beside
+/// those events (a state they do not give, pointing at the real hash of event 5), with the
+/// snapshots that would contradict it deleted, passed `verify` (`anchored_at` 5) and was
+/// served by an open, while the events that refute it were still in the log.
+#[test]
+fn a_forged_anchor_over_events_still_in_the_log_is_found_and_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let mut hash5 = None;
+    damage_log_records(&dir, |r| {
+        hash5 = Some(decode_event(&r[&5]).expect("record 5 decodes").1);
+    });
+    let mut forged = None;
+    damage_log_snapshots(&dir, |s| {
+        let nine = decode_snapshot(&s[&9]).expect("the snapshot at 9 decodes");
+        forged = Some(encode_snapshot_of(5, hash5.unwrap(), &nine.state, 0).unwrap());
+        s.clear();
+    });
+    damage_log_anchor(&dir, &forged.unwrap());
+    assert_verify_finds(&dir, 1, &["event 1", "compaction anchor at event 5"]);
+    let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
+        .expect("opening a log with a forged anchor is refused")
+        .to_string();
+    assert!(
+        refused.contains("compaction anchor at event 5"),
+        "{refused}"
+    );
+    assert_verify_finds(&dir, 1, &["compaction anchor at event 5"]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -117,6 +117,16 @@ pub enum ReplayError {
          `pcx export` the log and import what you trust into a new journal"
     )]
     RecordsPastHead { head: u64, first: u64, last: u64 },
+    /// Events are still in the log at or before the compaction anchor, which stands for the
+    /// events it replaced: compaction removes them, so the anchor (or they) were put there
+    /// by other means.
+    #[error(
+        "event {first} is in the log at or before its compaction anchor at event {anchor}, \
+         which stands for the events it replaced: compaction removes those events, so the \
+         anchor or the events were put there by other means (a forged anchor, or a partial \
+         restore). Refusing to serve the anchor's state; `pcx verify` reports the log"
+    )]
+    EventsBeforeAnchor { first: u64, anchor: u64 },
 }
 
 /// Where a log that was compacted begins: the state right after `head`.
@@ -126,7 +136,10 @@ pub struct Base {
     pub head: Head,
 }
 
-/// The start of the log: the compaction anchor, or the empty state before event 1.
+/// The start of the log: the compaction anchor, or the empty state before event 1. A log
+/// that still holds an event at or before its anchor is refused
+/// ([`ReplayError::EventsBeforeAnchor`]): the anchor's state could not be told from a forgery
+/// those events refute.
 pub fn base(journal: &dyn Journal) -> Result<Base, ReplayError> {
     match journal.anchor()? {
         None => Ok(Base {
@@ -135,6 +148,15 @@ pub fn base(journal: &dyn Journal) -> Result<Base, ReplayError> {
         }),
         Some(bytes) => {
             let snap = decode_snapshot(&bytes).map_err(|source| ReplayError::Anchor { source })?;
+            if let Some(first) = journal.records(1).next() {
+                let (first, _) = first?;
+                if first <= snap.seq {
+                    return Err(ReplayError::EventsBeforeAnchor {
+                        first,
+                        anchor: snap.seq,
+                    });
+                }
+            }
             Ok(Base {
                 state: snap.state,
                 head: Head {

@@ -35,10 +35,14 @@ pub fn verify(
         Ok(b) => b,
         Err(ReplayError::Store(e)) => return Err(e),
         Err(e) => {
+            let seq = match &e {
+                ReplayError::EventsBeforeAnchor { first, .. } => *first,
+                _ => 0,
+            };
             return Ok(Err(Unsound {
-                seq: 0,
+                seq,
                 what: e.to_string(),
-            }))
+            }));
         }
     };
     let anchored = start.head.seq;
