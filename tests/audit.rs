@@ -21,7 +21,9 @@ use std::thread;
 use pcx::actor::Answer;
 use pcx::audit::query::{state_at, AuditError};
 use pcx::core::model::Digest;
-use pcx::store::record::{decode_event, decode_snapshot, encode_snapshot_of};
+use pcx::store::record::{
+    decode_event, decode_snapshot, encode_event, encode_snapshot_of, Envelope,
+};
 use pcx::Context;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -30,7 +32,7 @@ mod common;
 use common::library::*;
 use common::protocol::{
     append, b64, batch, cli, cli_error, cli_lines, cli_value, entry_with_codes, op, record_entry,
-    set, take,
+    set, take, unb64,
 };
 use common::*;
 
@@ -1628,6 +1630,103 @@ fn export_then_import_gives_the_same_log_and_state_plain_and_compacted() {
     let answers = batch_ok(&dst, &[record("new", "n")]);
     assert_eq!(answers[0]["seq"], json!(13));
     assert_eq!(cli_value(&dst, &["verify"])["ok"], json!(true));
+}
+
+/// The export `text` with its records rewritten by `change`, which gets each record's sequence
+/// number, envelope and the hash of the record before it as the forged export has it, and
+/// gives the record's new bytes (None: the record is kept as it was).
+fn forge_export(
+    text: &str,
+    mut change: impl FnMut(u64, Envelope, Digest) -> Option<Vec<u8>>,
+) -> String {
+    let mut prev = None;
+    let mut out = String::new();
+    for l in text.lines() {
+        let mut v: Value = serde_json::from_str(l).unwrap();
+        if let Some(seq) = v["seq"].as_u64() {
+            let bytes = unb64(&v["record_b64"]);
+            let (env, _) = decode_event(&bytes).unwrap();
+            let before = prev.unwrap_or(env.prev);
+            let new = change(seq, env, before).unwrap_or(bytes);
+            v["record_b64"] = json!(b64(&new));
+            // A record's hash is that of its bytes before the trailing hash.
+            prev = Some(Digest::of(&new[..new.len() - 32]));
+        }
+        out.push_str(&format!("{v}\n"));
+    }
+    out
+}
+
+/// What docs/auditing.md says the hash chain proves, on an import (and on `verify`): an export
+/// edited in part is refused naming the event, but one rewritten from an altered event on with
+/// every later hash recomputed imports and verifies (the chain is unkeyed), and is told only
+/// by the hash of its last event pinned at the source (`verify`'s `last_hash`, `log`'s `hash`).
+#[test]
+fn an_import_of_a_partly_forged_export_is_refused_and_a_wholly_forged_one_is_told_by_its_pinned_hash(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_damage_log(&src);
+    let source = cli_value(&src, &["verify"]);
+    let pinned = source["last_hash"].clone();
+    assert!(pinned.is_string(), "{source}");
+    let log_line = |dir: &Path, seq: &str| {
+        cli_lines(dir, &["log", "--from", seq, "--to", seq])
+            .pop()
+            .expect("one line")
+    };
+    assert_eq!(log_line(&src, "12")["hash"], pinned);
+    let file = tmp.path().join("export.jsonl");
+    export(&src, &file, "inline");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let forger = |mut env: Envelope| {
+        env.origin = "forger@pcx".into();
+        env
+    };
+    let write = |name: &str, text: String| {
+        let f = tmp.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        f
+    };
+
+    // A byte of event 5 changed: its own hash fails.
+    let flipped = forge_export(&text, |seq, env, _| {
+        (seq == 5).then(|| {
+            let mut b = encode_event(&env).unwrap().0;
+            flip_middle_byte(&mut b);
+            b
+        })
+    });
+    let why = import_refused(&tmp.path().join("a"), &write("flipped.jsonl", flipped));
+    assert!(why.contains("event 5"), "{why}");
+
+    // Event 5 rewritten with its own hash recomputed: event 6 no longer follows it.
+    let rehashed = forge_export(&text, |seq, env, _| {
+        (seq == 5).then(|| encode_event(&forger(env)).unwrap().0)
+    });
+    let why = import_refused(&tmp.path().join("b"), &write("rehashed.jsonl", rehashed));
+    assert!(why.contains("event 6 does not follow"), "{why}");
+
+    // Every hash from event 5 on recomputed: it imports and verifies, as documented (the
+    // origin changes no state, so even the closing line's state digest holds) ...
+    let whole = forge_export(&text, |seq, env, prev| {
+        (seq >= 5).then(|| {
+            let mut env = if seq == 5 { forger(env) } else { env };
+            env.prev = prev;
+            encode_event(&env).unwrap().0
+        })
+    });
+    let dst = tmp.path().join("c");
+    import(&dst, &write("whole.jsonl", whole));
+    let forged = cli_value(&dst, &["verify"]);
+    assert_eq!(forged["ok"], json!(true), "{forged}");
+    assert_eq!(forged["last_seq"], source["last_seq"]);
+    assert_eq!(forged["state_digest"], source["state_digest"]);
+    assert_eq!(log_line(&dst, "5")["origin"], json!("forger@pcx"));
+    // ... and only the pinned hash tells: it differs from event 5 on, not before.
+    assert_ne!(forged["last_hash"], pinned, "{forged}");
+    assert_ne!(log_line(&dst, "5")["hash"], log_line(&src, "5")["hash"]);
+    assert_eq!(log_line(&dst, "4")["hash"], log_line(&src, "4")["hash"]);
 }
 
 /// Regression (a damaged export imported as sound): the closing line says how many events

@@ -212,6 +212,9 @@ pub fn verify(
         "ok": true,
         "first_seq": if events == 0 { Value::Null } else { json!(anchored + 1) },
         "last_seq": head.seq,
+        // The chain's tip: kept where the store's writers cannot change it, it pins every
+        // event up to `last_seq` (docs/auditing.md, what the hash chain proves).
+        "last_hash": if head.seq == 0 { Value::Null } else { json!(head.hash.to_hex()) },
         "events": events,
         "anchored_at": if anchored == 0 { Value::Null } else { json!(anchored) },
         "snapshots_checked": snapshots_checked,
