@@ -872,6 +872,38 @@ fn a_postgres_log_with_records_past_its_head_is_found_and_refused() {
     assert_verify_finds(&dir, 11, &["past the journal's head"]);
 }
 
+/// Regression: the head row of a journal in PostgreSQL deleted (an operator clearing what
+/// looked like a stuck lease), its records all there. Every audit command said the journal
+/// did not exist (`no_data_directory`), and a writer opening it made a head row at 0, below
+/// the records it then replayed. Now the journal is found by its records, and a writer's new
+/// head row starts at its last record: the log opens and goes on, `verify` passes.
+#[test]
+fn a_postgres_journal_whose_head_row_was_deleted_is_found_and_goes_on_from_its_records() {
+    if !suite_on_postgres() {
+        println!("skipped on sled: its log has no head row apart from the records");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let digest = write_damage_log(&dir);
+    pg_damage::delete_head(&dir);
+    let v = cli_value(&dir, &["verify"]);
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert_eq!(v["last_seq"], json!(12), "{v}");
+    assert_eq!(v["state_digest"], json!(digest), "{v}");
+    block_on(async {
+        let ctx = open(&config(&dir, 4));
+        assert_eq!(
+            must_write(ctx.record_artifact(artifact("i", b"india")).await, "13"),
+            13
+        );
+        ctx.close().await.expect("close");
+    });
+    let v = cli_value(&dir, &["verify"]);
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert_eq!(v["last_seq"], json!(13), "{v}");
+}
+
 /// Sets the log's compaction anchor: in the sled database's `meta` tree, or in `pcx_meta`.
 fn damage_log_anchor(dir: &Path, bytes: &[u8]) {
     if suite_on_postgres() {

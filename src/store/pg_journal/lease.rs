@@ -22,12 +22,15 @@ pub(super) struct Lease {
 /// What a lease request found: granted `(epoch, head)`, or held by `(holder, ms left)`.
 pub(super) type Grant = Result<(i64, i64), (String, i64)>;
 
-/// Takes the lease if nobody live holds it.
+/// Takes the lease if nobody live holds it. A journal without a head row gets one at its last
+/// record (none for a new journal; records already there if its row was deleted, which every
+/// writer's head moves with, so that they are not taken for records past the head).
 pub(super) fn acquire(client: &mut Client, s: &PgSettings) -> Result<Grant, postgres::Error> {
     let lease_ms = s.lease.as_millis() as f64;
     let granted = client.query_opt(
         "INSERT INTO pcx_heads AS h (journal, head, epoch, holder, address, lease_until) \
-         VALUES ($1, 0, 1, $2, $3, clock_timestamp() + $4::float8 * interval '1 millisecond') \
+         VALUES ($1, (SELECT coalesce(max(seq), 0) FROM pcx_records WHERE journal = $1), 1, $2, $3, \
+                 clock_timestamp() + $4::float8 * interval '1 millisecond') \
          ON CONFLICT (journal) DO UPDATE \
            SET epoch = h.epoch + 1, holder = EXCLUDED.holder, address = EXCLUDED.address, \
                lease_until = EXCLUDED.lease_until \
