@@ -509,6 +509,48 @@ mod postgres {
         );
     }
 
+    /// Regression (two writers of one epoch): a journal's head row deleted under its live
+    /// holder A (an operator clearing what looked like a stuck lease) is made again by the next
+    /// writer B, at the last record. Epochs started at 1 again, so B got A's epoch and A's next
+    /// group passed the head's compare-and-set: A went on writing while B, named as the holder,
+    /// was fenced. A new head row over records already there now takes an epoch no earlier
+    /// holder had.
+    #[test]
+    fn a_holder_whose_head_row_was_deleted_is_fenced_by_the_next_holder() {
+        let name = fresh_name("row-deleted");
+        let a = PgJournal::open(settings(&name, 60_000)).expect("A opens");
+        a.commit(&commit(&[(1, b"A 1"), (2, b"A 2")])).unwrap();
+        let (url, n) = (url(), name.clone());
+        std::thread::spawn(move || {
+            let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
+            c.execute("DELETE FROM pcx_heads WHERE journal = $1", &[&n])
+                .expect("delete the head row");
+        })
+        .join()
+        .expect("the admin thread");
+        let b = PgJournal::open(settings(&name, 60_000)).expect("B opens");
+        assert_ne!(b.epoch(), a.epoch(), "B's epoch is not A's");
+        assert_eq!(
+            b.committed_end().unwrap(),
+            Some(2),
+            "B's head row starts at the last record"
+        );
+        match a.commit(&commit(&[(3, b"A 3")])) {
+            Err(StoreError::Fenced { .. }) => {}
+            other => panic!("A, whose head row was deleted, must be fenced, got {other:?}"),
+        }
+        b.commit(&commit(&[(3, b"B 3")]))
+            .expect("B, the holder, writes");
+        assert_eq!(
+            all(&b, 1),
+            vec![
+                (1, b"A 1".to_vec()),
+                (2, b"A 2".to_vec()),
+                (3, b"B 3".to_vec())
+            ]
+        );
+    }
+
     #[test]
     fn a_writer_whose_lease_ran_out_cannot_write_even_before_anyone_takes_over() {
         let name = fresh_name("expired");

@@ -84,7 +84,7 @@ impl PgJournal {
     pub fn open(settings: PgSettings) -> Result<PgJournal, OpenError> {
         let db = Self::start(&settings)?;
         let deadline = Instant::now() + settings.wait;
-        let (epoch, head) = loop {
+        let Granted { epoch, head, made } = loop {
             let s = settings.clone();
             let grant = db
                 .run(move |db| acquire(db.client()?, &s).map_err(db_err("taking the lease")))
@@ -105,7 +105,7 @@ impl PgJournal {
                 }
             }
         };
-        if epoch == 1 && head > 0 {
+        if made && head > 0 {
             // A head row made now over records already there: it had been deleted.
             tracing::warn!(journal = %settings.journal, head,
                 "the journal had records but no head row (deleted?): its head is taken from its last record");
