@@ -21,7 +21,9 @@ use std::thread;
 use pcx::actor::Answer;
 use pcx::audit::query::{state_at, AuditError};
 use pcx::core::model::Digest;
-use pcx::store::record::{decode_snapshot, encode_snapshot_of};
+use pcx::store::record::{
+    decode_event, decode_snapshot, encode_event, encode_snapshot_of, Envelope,
+};
 use pcx::Context;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -30,7 +32,7 @@ mod common;
 use common::library::*;
 use common::protocol::{
     append, b64, batch, cli, cli_error, cli_lines, cli_value, entry_with_codes, op, record_entry,
-    set, take,
+    set, take, unb64,
 };
 use common::*;
 
@@ -838,6 +840,114 @@ fn verify_finds_a_snapshot_with_an_altered_byte() {
     );
 }
 
+/// Regression (a forged log passed as sound): on PostgreSQL the head row moves in the same
+/// transaction as the records, so a record past the head was not committed by the journal's
+/// writer: a row inserted by hand (a forged event appended, chained to the last real one), or
+/// the head restored from an older backup than the records. `verify` passed such a log, and a
+/// writer opening it took the rows for its own: its next commit moved the head past them,
+/// and the evidence was gone. (sled keeps no head apart from its records.)
+#[test]
+fn a_postgres_log_with_records_past_its_head_is_found_and_refused() {
+    if !suite_on_postgres() {
+        println!("skipped on sled: its log has no head row apart from the records");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    pg_damage::set_head(&dir, 10);
+    assert_verify_finds(
+        &dir,
+        11,
+        &["events 11..=12", "past the journal's head", "10"],
+    );
+    let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
+        .expect("opening a log with records past its head is refused")
+        .to_string();
+    assert!(
+        refused.contains("events 11..=12") && refused.contains("the journal's head says 10"),
+        "{refused}"
+    );
+    // The refused open wrote nothing: the evidence is still there for the auditor.
+    assert_verify_finds(&dir, 11, &["past the journal's head"]);
+}
+
+/// Regression: the head row of a journal in PostgreSQL deleted (an operator clearing what
+/// looked like a stuck lease), its records all there. Every audit command said the journal
+/// did not exist (`no_data_directory`), and a writer opening it made a head row at 0, below
+/// the records it then replayed. Now the journal is found by its records, and a writer's new
+/// head row starts at its last record: the log opens and goes on, `verify` passes.
+#[test]
+fn a_postgres_journal_whose_head_row_was_deleted_is_found_and_goes_on_from_its_records() {
+    if !suite_on_postgres() {
+        println!("skipped on sled: its log has no head row apart from the records");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let digest = write_damage_log(&dir);
+    pg_damage::delete_head(&dir);
+    let v = cli_value(&dir, &["verify"]);
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert_eq!(v["last_seq"], json!(12), "{v}");
+    assert_eq!(v["state_digest"], json!(digest), "{v}");
+    block_on(async {
+        let ctx = open(&config(&dir, 4));
+        assert_eq!(
+            must_write(ctx.record_artifact(artifact("i", b"india")).await, "13"),
+            13
+        );
+        ctx.close().await.expect("close");
+    });
+    let v = cli_value(&dir, &["verify"]);
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert_eq!(v["last_seq"], json!(13), "{v}");
+}
+
+/// Sets the log's compaction anchor: in the sled database's `meta` tree, or in `pcx_meta`.
+fn damage_log_anchor(dir: &Path, bytes: &[u8]) {
+    if suite_on_postgres() {
+        pg_damage::set_anchor(dir, bytes)
+    } else {
+        damage(dir, "meta", TIMEOUT, |t| {
+            t.insert(b"anchor", bytes).unwrap();
+        })
+    }
+}
+
+/// Regression (a forged log passed as sound): a compaction anchor stands for the events it
+/// replaced, which compaction removes (on sled it writes a new directory without them, on
+/// PostgreSQL it deletes them in the anchor's transaction). A forged anchor put in beside
+/// those events (a state they do not give, pointing at the real hash of event 5), with the
+/// snapshots that would contradict it deleted, passed `verify` (`anchored_at` 5) and was
+/// served by an open, while the events that refute it were still in the log.
+#[test]
+fn a_forged_anchor_over_events_still_in_the_log_is_found_and_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let mut hash5 = None;
+    damage_log_records(&dir, |r| {
+        hash5 = Some(decode_event(&r[&5]).expect("record 5 decodes").1);
+    });
+    let mut forged = None;
+    damage_log_snapshots(&dir, |s| {
+        let nine = decode_snapshot(&s[&9]).expect("the snapshot at 9 decodes");
+        forged = Some(encode_snapshot_of(5, hash5.unwrap(), &nine.state, 0).unwrap());
+        s.clear();
+    });
+    damage_log_anchor(&dir, &forged.unwrap());
+    assert_verify_finds(&dir, 1, &["event 1", "compaction anchor at event 5"]);
+    let refused = block_on(async { Context::open(&config(&dir, 4)).err() })
+        .expect("opening a log with a forged anchor is refused")
+        .to_string();
+    assert!(
+        refused.contains("compaction anchor at event 5"),
+        "{refused}"
+    );
+    assert_verify_finds(&dir, 1, &["compaction anchor at event 5"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // a story used by several tests
 
@@ -1552,6 +1662,155 @@ fn export_then_import_gives_the_same_log_and_state_plain_and_compacted() {
     let answers = batch_ok(&dst, &[record("new", "n")]);
     assert_eq!(answers[0]["seq"], json!(13));
     assert_eq!(cli_value(&dst, &["verify"])["ok"], json!(true));
+}
+
+/// The export `text` with its records rewritten by `change`, which gets each record's sequence
+/// number, envelope and the hash of the record before it as the forged export has it, and
+/// gives the record's new bytes (None: the record is kept as it was).
+fn forge_export(
+    text: &str,
+    mut change: impl FnMut(u64, Envelope, Digest) -> Option<Vec<u8>>,
+) -> String {
+    let mut prev = None;
+    let mut out = String::new();
+    for l in text.lines() {
+        let mut v: Value = serde_json::from_str(l).unwrap();
+        if let Some(seq) = v["seq"].as_u64() {
+            let bytes = unb64(&v["record_b64"]);
+            let (env, _) = decode_event(&bytes).unwrap();
+            let before = prev.unwrap_or(env.prev);
+            let new = change(seq, env, before).unwrap_or(bytes);
+            v["record_b64"] = json!(b64(&new));
+            // A record's hash is that of its bytes before the trailing hash.
+            prev = Some(Digest::of(&new[..new.len() - 32]));
+        }
+        out.push_str(&format!("{v}\n"));
+    }
+    out
+}
+
+/// What docs/auditing.md says the hash chain proves, on an import (and on `verify`): an export
+/// edited in part is refused naming the event, but one rewritten from an altered event on with
+/// every later hash recomputed imports and verifies (the chain is unkeyed), and is told only
+/// by the hash of its last event pinned at the source (`verify`'s `last_hash`, `log`'s `hash`).
+#[test]
+fn an_import_of_a_partly_forged_export_is_refused_and_a_wholly_forged_one_is_told_by_its_pinned_hash(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_damage_log(&src);
+    let source = cli_value(&src, &["verify"]);
+    let pinned = source["last_hash"].clone();
+    assert!(pinned.is_string(), "{source}");
+    let log_line = |dir: &Path, seq: &str| {
+        cli_lines(dir, &["log", "--from", seq, "--to", seq])
+            .pop()
+            .expect("one line")
+    };
+    assert_eq!(log_line(&src, "12")["hash"], pinned);
+    let file = tmp.path().join("export.jsonl");
+    export(&src, &file, "inline");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let forger = |mut env: Envelope| {
+        env.origin = "forger@pcx".into();
+        env
+    };
+    let write = |name: &str, text: String| {
+        let f = tmp.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        f
+    };
+
+    // A byte of event 5 changed: its own hash fails.
+    let flipped = forge_export(&text, |seq, env, _| {
+        (seq == 5).then(|| {
+            let mut b = encode_event(&env).unwrap().0;
+            flip_middle_byte(&mut b);
+            b
+        })
+    });
+    let why = import_refused(&tmp.path().join("a"), &write("flipped.jsonl", flipped));
+    assert!(why.contains("event 5"), "{why}");
+
+    // Event 5 rewritten with its own hash recomputed: event 6 no longer follows it.
+    let rehashed = forge_export(&text, |seq, env, _| {
+        (seq == 5).then(|| encode_event(&forger(env)).unwrap().0)
+    });
+    let why = import_refused(&tmp.path().join("b"), &write("rehashed.jsonl", rehashed));
+    assert!(why.contains("event 6 does not follow"), "{why}");
+
+    // Every hash from event 5 on recomputed: it imports and verifies, as documented (the
+    // origin changes no state, so even the closing line's state digest holds) ...
+    let whole = forge_export(&text, |seq, env, prev| {
+        (seq >= 5).then(|| {
+            let mut env = if seq == 5 { forger(env) } else { env };
+            env.prev = prev;
+            encode_event(&env).unwrap().0
+        })
+    });
+    let dst = tmp.path().join("c");
+    import(&dst, &write("whole.jsonl", whole));
+    let forged = cli_value(&dst, &["verify"]);
+    assert_eq!(forged["ok"], json!(true), "{forged}");
+    assert_eq!(forged["last_seq"], source["last_seq"]);
+    assert_eq!(forged["state_digest"], source["state_digest"]);
+    assert_eq!(log_line(&dst, "5")["origin"], json!("forger@pcx"));
+    // ... and only the pinned hash tells: it differs from event 5 on, not before.
+    assert_ne!(forged["last_hash"], pinned, "{forged}");
+    assert_ne!(log_line(&dst, "5")["hash"], log_line(&src, "5")["hash"]);
+    assert_eq!(log_line(&dst, "4")["hash"], log_line(&src, "4")["hash"]);
+}
+
+/// Regression (a damaged export imported as sound): the closing line says how many events
+/// the export holds and the last one's number, but import checked only its state digest. An
+/// export whose last events were cut out with the closing line kept (a bad copy, a hand edit)
+/// imported as a shorter log, answered ok, whenever the cut events left the state as it was
+/// (a stitch records what was produced and changes no state).
+#[test]
+fn an_import_of_an_export_missing_its_last_events_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    batch_ok(
+        &src,
+        &[
+            record("b1", "aaa"),
+            record("b2", "bbb"),
+            record_entry("e1", entry_with_codes(&[&["b1", "b2"]])),
+            op("create_cache_entries"),
+        ],
+    );
+    let file = tmp.path().join("full.jsonl");
+    export(&src, &file, "inline");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines
+        .iter()
+        .rfind(|v| v["seq"].is_u64())
+        .expect("a record line")
+        .clone();
+    assert_eq!(last["event"], json!("Stitched"), "{last}");
+    let end = lines.last().unwrap();
+    assert_eq!(end["events"], last["seq"], "{end}");
+    let cut_file = tmp.path().join("cut.jsonl");
+    let cut: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).unwrap()["seq"] != last["seq"])
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&cut_file, cut).unwrap();
+    let dst = tmp.path().join("dst");
+    let why = import_refused(&dst, &cut_file);
+    let n = last["seq"].as_u64().unwrap();
+    assert!(
+        why.contains(&format!("{} events", n - 1))
+            && why.contains(&format!("closing line says {n}")),
+        "{why}"
+    );
+    // Nothing of it stayed: the whole export goes in afterwards.
+    assert_eq!(import(&dst, &file)["events"], json!(n));
 }
 
 #[test]

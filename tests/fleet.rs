@@ -10,7 +10,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,9 @@ struct Proxy {
     port: u16,
     mode: Arc<AtomicU8>,
     marker: Arc<std::sync::Mutex<Vec<u8>>>,
+    /// While set, a new connection waits before it is forwarded (a reconnect that takes a
+    /// while to get through).
+    hold: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -56,9 +59,14 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy address").port();
         let mode = Arc::new(AtomicU8::new(PASS));
         let marker: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
-        let (m, k) = (mode.clone(), marker.clone());
+        let hold = Arc::new(AtomicBool::new(false));
+        let (m, k, h) = (mode.clone(), marker.clone(), hold.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
+                let held = Instant::now();
+                while h.load(Ordering::SeqCst) && held.elapsed() < Duration::from_secs(30) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 let Ok(server) = TcpStream::connect((upstream.0.as_str(), upstream.1)) else {
                     continue;
                 };
@@ -75,7 +83,12 @@ impl Proxy {
                 std::thread::spawn(move || pump_down(s2, c2, &cut2));
             }
         });
-        Proxy { port, mode, marker }
+        Proxy {
+            port,
+            mode,
+            marker,
+            hold,
+        }
     }
 
     /// The next client message that carries `marker` (a group's record bytes: they travel
@@ -220,6 +233,61 @@ fn a_commit_whose_answer_was_lost_is_found_to_have_landed_and_is_answered_ok() {
             (3, b"after".to_vec())
         ]
     );
+}
+
+/// Regression (a stored write reported as not stored): a commit whose answer was lost is
+/// resolved from the database, but it took the group for landed only if the head was still
+/// at the group's end. When the journal was taken over meanwhile (this writer's lease ran
+/// out while it reconnected) and the new holder wrote on, the head was past it, and the group,
+/// stored and replayed by the new holder, was reported "did not land: nothing of it was
+/// stored": a client retrying without a request id applied it twice.
+#[test]
+fn a_commit_whose_answer_was_lost_while_the_journal_was_taken_over_is_found_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let name = fresh_name("lost-answer-takeover");
+    let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
+    j.commit(&group(1, b"before")).unwrap();
+    proxy.arm(LOSE_ANSWER, b"answer lost");
+    // The reconnect that resolves the commit waits at the proxy until the takeover is done.
+    proxy.hold.store(true, Ordering::SeqCst);
+    let committing = std::thread::spawn(move || {
+        let outcome = j.commit(&group(2, b"answer lost"));
+        (j, outcome)
+    });
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records(&direct).len() < 2 {
+        assert!(Instant::now() < deadline, "the group never landed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The writer's lease runs out (as when its renewals could not get through), and another
+    // takes the journal over and writes on.
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
+    sql.execute(
+        "UPDATE pcx_heads SET lease_until = clock_timestamp() WHERE journal = $1",
+        &[&name],
+    )
+    .expect("the lease runs out");
+    let taker = PgJournal::open(settings(url(), &name)).expect("the journal is taken over");
+    taker
+        .commit(&group(3, b"taken over"))
+        .expect("the new holder writes on");
+    proxy.hold.store(false, Ordering::SeqCst);
+    let (j, outcome) = committing.join().expect("the commit's thread");
+    outcome.expect("a group that landed is answered ok, whatever came after it");
+    assert_eq!(
+        records(&direct),
+        vec![
+            (1, b"before".to_vec()),
+            (2, b"answer lost".to_vec()),
+            (3, b"taken over".to_vec())
+        ]
+    );
+    // The old writer is fenced from here on.
+    match j.commit(&group(3, b"late")) {
+        Err(StoreError::Fenced { .. }) => {}
+        other => panic!("the old writer must be fenced, got {other:?}"),
+    }
 }
 
 #[test]

@@ -376,6 +376,181 @@ mod postgres {
         );
     }
 
+    /// A stale holder (its lease taken over) writes nothing by any path, each checked by the
+    /// database itself (every stale holder here tries one write only, so none is refused by
+    /// what it already knew): a group of records, a group of a snapshot, of the cache view or
+    /// of the shared dynamo cache only, the cache view rewritten, an anchor, a compaction, a
+    /// wipe, an import's takeover; and its release does not end the new holder's lease.
+    #[test]
+    fn a_writer_whose_lease_was_taken_over_writes_nothing_by_any_path() {
+        use pcx::store::journal::SharedCacheOp;
+        type Write = Box<dyn Fn(&PgJournal) -> Result<(), StoreError>>;
+        let name = fresh_name("stale");
+        let namespace = fresh_name("stale-ns");
+        let put = |who: &str| SharedCacheOp::Put {
+            namespace: namespace.clone(),
+            key: "k".into(),
+            entry: format!("{who} entry").into_bytes(),
+            saved_by: format!("{who}/ctx"),
+        };
+        let b = PgJournal::open(settings(&name, 60_000)).expect("B opens");
+        b.commit(&Commit {
+            records: vec![(1, b"from B".to_vec())],
+            snapshot: Some((1, b"B's snapshot".to_vec())),
+            cache_puts: vec![("k".into(), b"B's view".to_vec())],
+            shared_cache: vec![put("B")],
+            ..Commit::default()
+        })
+        .unwrap();
+        drop(b);
+        let (ns, stale_put) = (namespace.clone(), put("A"));
+        let writes: Vec<(&str, Write)> = vec![
+            (
+                "a group of records",
+                Box::new(|a| a.commit(&commit(&[(2, b"A")]))),
+            ),
+            (
+                "a snapshot",
+                Box::new(|a| {
+                    a.commit(&Commit {
+                        snapshot: Some((1, b"A's snapshot".to_vec())),
+                        ..Commit::default()
+                    })
+                }),
+            ),
+            (
+                "the cache view in a group",
+                Box::new(|a| {
+                    a.commit(&Commit {
+                        cache_puts: vec![("k".into(), b"A's view".to_vec())],
+                        ..Commit::default()
+                    })
+                }),
+            ),
+            (
+                "the shared dynamo cache",
+                Box::new(move |a| {
+                    a.commit(&Commit {
+                        shared_cache: vec![
+                            stale_put.clone(),
+                            SharedCacheOp::Clear {
+                                namespace: ns.clone(),
+                            },
+                        ],
+                        ..Commit::default()
+                    })
+                }),
+            ),
+            (
+                "the cache view rewritten",
+                Box::new(|a| a.rewrite_cache_view(&[("k".into(), b"A's view".to_vec())])),
+            ),
+            ("an anchor", Box::new(|a| a.set_anchor(b"A's anchor"))),
+            (
+                "a compaction",
+                Box::new(|a| a.compact_before(1, b"A's anchor").map(|_| ())),
+            ),
+            ("a wipe", Box::new(|a| a.wipe(false))),
+            ("a removal", Box::new(|a| a.wipe(true))),
+            (
+                "an import's takeover",
+                Box::new(|a| a.adopt_log_of("nowhere").map(|_| ())),
+            ),
+        ];
+        let lease_of = |name: &str| -> String {
+            let (url, name) = (url(), name.to_string());
+            std::thread::spawn(move || {
+                let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
+                c.query_one(
+                    "SELECT lease_until::text FROM pcx_heads WHERE journal = $1",
+                    &[&name],
+                )
+                .expect("the lease reads")
+                .get(0)
+            })
+            .join()
+            .expect("the admin thread")
+        };
+        for (what, write) in &writes {
+            let a = PgJournal::open(settings(&name, 60_000)).expect("A opens");
+            expire_lease(&name);
+            let c = PgJournal::open(settings(&name, 60_000)).expect("C takes over");
+            match write(&a) {
+                Err(StoreError::Fenced { why, .. }) => {
+                    assert!(why.contains("took it over"), "{what}: {why}")
+                }
+                other => panic!("{what} by a stale holder must be fenced, got {other:?}"),
+            }
+            let lease = lease_of(&name);
+            drop(a);
+            assert_eq!(
+                lease_of(&name),
+                lease,
+                "A's release ended C's lease ({what})"
+            );
+            drop(c);
+        }
+        let reader = PgJournal::open_reader(settings(&name, 60_000)).expect("a reader");
+        assert_eq!(all(&reader, 1), vec![(1, b"from B".to_vec())]);
+        assert_eq!(reader.committed_end().unwrap(), Some(1));
+        assert_eq!(reader.snapshot_seqs().unwrap(), vec![1]);
+        assert_eq!(
+            reader.snapshot(1).unwrap().map(|s| s.to_vec()),
+            Some(b"B's snapshot".to_vec())
+        );
+        assert_eq!(
+            reader.cache_view().unwrap(),
+            vec![("k".to_string(), b"B's view".to_vec())]
+        );
+        assert_eq!(reader.anchor().unwrap(), None);
+        assert_eq!(
+            reader.shared_cache_entry(&namespace, "k").unwrap(),
+            Some((b"B entry".to_vec(), "B/ctx".to_string()))
+        );
+    }
+
+    /// Regression (two writers of one epoch): a journal's head row deleted under its live
+    /// holder A (an operator clearing what looked like a stuck lease) is made again by the next
+    /// writer B, at the last record. Epochs started at 1 again, so B got A's epoch and A's next
+    /// group passed the head's compare-and-set: A went on writing while B, named as the holder,
+    /// was fenced. A new head row over records already there now takes an epoch no earlier
+    /// holder had.
+    #[test]
+    fn a_holder_whose_head_row_was_deleted_is_fenced_by_the_next_holder() {
+        let name = fresh_name("row-deleted");
+        let a = PgJournal::open(settings(&name, 60_000)).expect("A opens");
+        a.commit(&commit(&[(1, b"A 1"), (2, b"A 2")])).unwrap();
+        let (url, n) = (url(), name.clone());
+        std::thread::spawn(move || {
+            let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
+            c.execute("DELETE FROM pcx_heads WHERE journal = $1", &[&n])
+                .expect("delete the head row");
+        })
+        .join()
+        .expect("the admin thread");
+        let b = PgJournal::open(settings(&name, 60_000)).expect("B opens");
+        assert_ne!(b.epoch(), a.epoch(), "B's epoch is not A's");
+        assert_eq!(
+            b.committed_end().unwrap(),
+            Some(2),
+            "B's head row starts at the last record"
+        );
+        match a.commit(&commit(&[(3, b"A 3")])) {
+            Err(StoreError::Fenced { .. }) => {}
+            other => panic!("A, whose head row was deleted, must be fenced, got {other:?}"),
+        }
+        b.commit(&commit(&[(3, b"B 3")]))
+            .expect("B, the holder, writes");
+        assert_eq!(
+            all(&b, 1),
+            vec![
+                (1, b"A 1".to_vec()),
+                (2, b"A 2".to_vec()),
+                (3, b"B 3".to_vec())
+            ]
+        );
+    }
+
     #[test]
     fn a_writer_whose_lease_ran_out_cannot_write_even_before_anyone_takes_over() {
         let name = fresh_name("expired");

@@ -429,6 +429,20 @@ fn import_into(
             ));
         }
     }
+    // The closing line counts the records: records cut out before it (a bad copy, a hand
+    // edit) that left the state as it was would otherwise pass the digest below.
+    let events = head.seq - anchored;
+    if trailer["events"].as_u64() != Some(events) || trailer["last_seq"].as_u64() != Some(head.seq)
+    {
+        return Err(bad(
+            line,
+            format!(
+                "the export holds {events} events (the last is event {}), but its closing line \
+                 says {} events, the last event {}: records are missing (a cut or damaged copy?)",
+                head.seq, trailer["events"], trailer["last_seq"]
+            ),
+        ));
+    }
     if trailer["state_digest"].as_str() != Some(&state.digest().to_hex()) {
         return Err(bad(
             line,

@@ -106,6 +106,27 @@ pub enum ReplayError {
         expected: Digest,
         found: Digest,
     },
+    /// Records lie past the journal's own record of its end (PostgreSQL's head row, moved in
+    /// the same transaction as the records): no writer of the journal committed them.
+    #[error(
+        "events {first}..={last} lie past the journal's end: the journal's head says {head}, \
+         and every writer moves the head with its records, so no writer of this journal \
+         committed them (rows inserted by hand, or the head restored from an older backup \
+         than the records). Refusing to open, which would take them for the journal's own; \
+         `pcx verify` reports the log; restore the database (a backup, or a standby), or \
+         `pcx export` the log and import what you trust into a new journal"
+    )]
+    RecordsPastHead { head: u64, first: u64, last: u64 },
+    /// Events are still in the log at or before the compaction anchor, which stands for the
+    /// events it replaced: compaction removes them, so the anchor (or they) were put there
+    /// by other means.
+    #[error(
+        "event {first} is in the log at or before its compaction anchor at event {anchor}, \
+         which stands for the events it replaced: compaction removes those events, so the \
+         anchor or the events were put there by other means (a forged anchor, or a partial \
+         restore). Refusing to serve the anchor's state; `pcx verify` reports the log"
+    )]
+    EventsBeforeAnchor { first: u64, anchor: u64 },
 }
 
 /// Where a log that was compacted begins: the state right after `head`.
@@ -115,7 +136,10 @@ pub struct Base {
     pub head: Head,
 }
 
-/// The start of the log: the compaction anchor, or the empty state before event 1.
+/// The start of the log: the compaction anchor, or the empty state before event 1. A log
+/// that still holds an event at or before its anchor is refused
+/// ([`ReplayError::EventsBeforeAnchor`]): the anchor's state could not be told from a forgery
+/// those events refute.
 pub fn base(journal: &dyn Journal) -> Result<Base, ReplayError> {
     match journal.anchor()? {
         None => Ok(Base {
@@ -124,6 +148,15 @@ pub fn base(journal: &dyn Journal) -> Result<Base, ReplayError> {
         }),
         Some(bytes) => {
             let snap = decode_snapshot(&bytes).map_err(|source| ReplayError::Anchor { source })?;
+            if let Some(first) = journal.records(1).next() {
+                let (first, _) = first?;
+                if first <= snap.seq {
+                    return Err(ReplayError::EventsBeforeAnchor {
+                        first,
+                        anchor: snap.seq,
+                    });
+                }
+            }
             Ok(Base {
                 state: snap.state,
                 head: Head {
@@ -167,7 +200,19 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
     // record up to it is there to be read after it (a live writer may add more meanwhile).
     let committed_end = journal.committed_end()?;
     let start = base(journal)?;
-    let last = last_event(journal, &start)?;
+    let last_record = journal.last_seq()?;
+    let last = last_record.unwrap_or(0).max(start.head.seq);
+    // Read again after the records: every record committed by then is at or below it, so a
+    // record past it was not committed by a writer of the journal.
+    if let (Some(head), Some(last_record)) = (journal.committed_end()?, last_record) {
+        if last_record > head {
+            return Err(ReplayError::RecordsPastHead {
+                head,
+                first: head + 1,
+                last: last_record,
+            });
+        }
+    }
     let seqs: Vec<u64> = journal
         .snapshot_seqs()?
         .into_iter()

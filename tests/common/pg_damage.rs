@@ -230,3 +230,26 @@ pub fn journals(dir: &Path) -> Vec<String> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// Sets the compaction anchor of the journal standing for `dir` (`pcx_meta`, key `anchor`) to
+/// `bytes`, as someone forging one would.
+pub fn set_anchor(dir: &Path, bytes: &[u8]) {
+    let journal = suite_journal_name(dir);
+    client(dir)
+        .execute(
+            "INSERT INTO pcx_meta (journal, key, bytes) VALUES ($1, 'anchor', $2) \
+             ON CONFLICT (journal, key) DO UPDATE SET bytes = EXCLUDED.bytes",
+            &[&journal, &bytes],
+        )
+        .unwrap_or_else(|e| panic!("setting the anchor of {journal}: {e}"));
+}
+
+/// Deletes the head row of the journal standing for `dir` (`pcx_heads`), as an operator
+/// clearing what looks like a stuck lease would.
+pub fn delete_head(dir: &Path) {
+    let journal = suite_journal_name(dir);
+    let gone = client(dir)
+        .execute("DELETE FROM pcx_heads WHERE journal = $1", &[&journal])
+        .unwrap_or_else(|e| panic!("deleting the head of {journal}: {e}"));
+    assert_eq!(gone, 1, "the journal {journal} had a head row");
+}

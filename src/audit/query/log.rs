@@ -218,7 +218,7 @@ pub fn log(
     if limit == 0 || matches!((filter.from, filter.to), (Some(f), Some(t)) if f > t) {
         return Ok(0);
     }
-    walk(journal, start, |e, _, before| {
+    walk(journal, start, |e, hash, before| {
         if filter.to.is_some_and(|to| e.seq > to) {
             return Ok(false);
         }
@@ -235,7 +235,11 @@ pub fn log(
                 }
             });
         if wanted {
-            out(log_line(e));
+            let mut line = log_line(e);
+            // The record's place in the chain: what an auditor compares with a hash kept
+            // elsewhere (docs/auditing.md, what the hash chain proves).
+            line["hash"] = json!(hash.to_hex());
+            out(line);
             shown += 1;
         }
         Ok(shown < limit)

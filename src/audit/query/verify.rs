@@ -35,10 +35,14 @@ pub fn verify(
         Ok(b) => b,
         Err(ReplayError::Store(e)) => return Err(e),
         Err(e) => {
+            let seq = match &e {
+                ReplayError::EventsBeforeAnchor { first, .. } => *first,
+                _ => 0,
+            };
             return Ok(Err(Unsound {
-                seq: 0,
+                seq,
                 what: e.to_string(),
-            }))
+            }));
         }
     };
     let anchored = start.head.seq;
@@ -173,6 +177,24 @@ pub fn verify(
             ),
         }));
     }
+    // Read again after the records: a record past the head as it is now was not committed by
+    // a writer of the journal (each moves the head with its records).
+    if let Some(end) = journal
+        .committed_end()?
+        .filter(|e| events > 0 && *e < head.seq)
+    {
+        return Ok(Err(Unsound {
+            seq: end + 1,
+            what: format!(
+                "events {}..={} lie past the journal's head, which says the log reached event \
+                 {end}: every writer moves the head with its records, so no writer of this \
+                 journal committed them (rows inserted by hand, or the head restored from an \
+                 older backup than the records)",
+                end + 1,
+                head.seq
+            ),
+        }));
+    }
     // Losses an operator accepted are not faults of the log, but an auditor must see them.
     let mut lost_tails = Vec::new();
     for (i, bytes) in journal.lost_tails()?.iter().enumerate() {
@@ -190,6 +212,9 @@ pub fn verify(
         "ok": true,
         "first_seq": if events == 0 { Value::Null } else { json!(anchored + 1) },
         "last_seq": head.seq,
+        // The chain's tip: kept where the store's writers cannot change it, it pins every
+        // event up to `last_seq` (docs/auditing.md, what the hash chain proves).
+        "last_hash": if head.seq == 0 { Value::Null } else { json!(head.hash.to_hex()) },
         "events": events,
         "anchored_at": if anchored == 0 { Value::Null } else { json!(anchored) },
         "snapshots_checked": snapshots_checked,

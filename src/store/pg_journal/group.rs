@@ -290,8 +290,11 @@ impl Group {
                     .is_some_and(|r| r.get::<_, Vec<u8>>(0) == *bytes),
                 None => false,
             }
-        } else if head == self.new {
+        } else if head >= self.new {
             // The record's bytes carry the hash chain: equal bytes are this group's record.
+            // The head may be past it: the journal was taken over meanwhile and its new holder
+            // wrote on after this group (a group is one transaction: its last record there
+            // means all of it is).
             let stored: Option<Vec<u8>> = client
                 .query_opt(
                     "SELECT bytes FROM pcx_records WHERE journal = $1 AND seq = $2",

@@ -19,24 +19,44 @@ pub(super) struct Lease {
     pub(super) stop: Arc<AtomicBool>,
 }
 
-/// What a lease request found: granted `(epoch, head)`, or held by `(holder, ms left)`.
-pub(super) type Grant = Result<(i64, i64), (String, i64)>;
+/// What a lease request granted: the epoch, the head, and whether the journal's head row was
+/// made by this request.
+pub(super) struct Granted {
+    pub(super) epoch: i64,
+    pub(super) head: i64,
+    pub(super) made: bool,
+}
 
-/// Takes the lease if nobody live holds it.
+/// What a lease request found: granted, or held by `(holder, ms left)`.
+pub(super) type Grant = Result<Granted, (String, i64)>;
+
+/// Takes the lease if nobody live holds it: a takeover is the next epoch. A journal without a
+/// head row gets one at its last record (none for a new journal; records already there if its
+/// row was deleted, which every writer's head moves with, so that they are not taken for
+/// records past the head), and an epoch no earlier head row of the journal had: the database
+/// clock's milliseconds, past every epoch granted before (each a millisecond or more later
+/// than the one before it), so that a holder whose row was deleted under it is fenced by the
+/// next holder instead of sharing its epoch.
 pub(super) fn acquire(client: &mut Client, s: &PgSettings) -> Result<Grant, postgres::Error> {
     let lease_ms = s.lease.as_millis() as f64;
     let granted = client.query_opt(
         "INSERT INTO pcx_heads AS h (journal, head, epoch, holder, address, lease_until) \
-         VALUES ($1, 0, 1, $2, $3, clock_timestamp() + $4::float8 * interval '1 millisecond') \
+         VALUES ($1, (SELECT coalesce(max(seq), 0) FROM pcx_records WHERE journal = $1), \
+                 (extract(epoch FROM clock_timestamp()) * 1000)::bigint, $2, $3, \
+                 clock_timestamp() + $4::float8 * interval '1 millisecond') \
          ON CONFLICT (journal) DO UPDATE \
            SET epoch = h.epoch + 1, holder = EXCLUDED.holder, address = EXCLUDED.address, \
                lease_until = EXCLUDED.lease_until \
            WHERE h.lease_until < clock_timestamp() \
-         RETURNING epoch, head",
+         RETURNING epoch, head, xmax::text = '0'",
         &[&s.journal, &s.holder, &s.address, &lease_ms],
     )?;
     if let Some(row) = granted {
-        return Ok(Ok((row.get(0), row.get(1))));
+        return Ok(Ok(Granted {
+            epoch: row.get(0),
+            head: row.get(1),
+            made: row.get(2),
+        }));
     }
     let row = client.query_one(
         "SELECT holder, greatest(0, extract(epoch FROM lease_until - clock_timestamp()) * 1000)::bigint \

@@ -84,7 +84,7 @@ impl PgJournal {
     pub fn open(settings: PgSettings) -> Result<PgJournal, OpenError> {
         let db = Self::start(&settings)?;
         let deadline = Instant::now() + settings.wait;
-        let (epoch, head) = loop {
+        let Granted { epoch, head, made } = loop {
             let s = settings.clone();
             let grant = db
                 .run(move |db| acquire(db.client()?, &s).map_err(db_err("taking the lease")))
@@ -105,6 +105,11 @@ impl PgJournal {
                 }
             }
         };
+        if made && head > 0 {
+            // A head row made now over records already there: it had been deleted.
+            tracing::warn!(journal = %settings.journal, head,
+                "the journal had records but no head row (deleted?): its head is taken from its last record");
+        }
         tracing::info!(journal = %settings.journal, epoch, head, "took the journal's lease");
         let lease = Lease::start(&settings, epoch).map_err(open_err(&settings))?;
         Ok(PgJournal {
@@ -144,13 +149,20 @@ impl PgJournal {
     }
 
     /// Whether the journal exists: a writer opened it once (taking its lease made its row in
-    /// `pcx_heads`). The reading commands ask first, so that a mistyped `journal_name` is
-    /// said to be missing rather than read as an empty, sound log.
+    /// `pcx_heads`), or it holds records or an anchor (its head row deleted, say to clear
+    /// what looked like a stuck lease: the log is still there to be read). The reading
+    /// commands ask first, so that a mistyped `journal_name` is said to be missing rather
+    /// than read as an empty, sound log.
     pub fn exists(&self) -> Result<bool, StoreError> {
         self.read("looking the journal up", |client, journal| {
             Ok(client
-                .query_opt("SELECT 1 FROM pcx_heads WHERE journal = $1", &[&journal])?
-                .is_some())
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pcx_heads WHERE journal = $1) \
+                     OR EXISTS (SELECT 1 FROM pcx_records WHERE journal = $1) \
+                     OR EXISTS (SELECT 1 FROM pcx_meta WHERE journal = $1)",
+                    &[&journal],
+                )?
+                .get(0))
         })
     }
 
