@@ -587,6 +587,30 @@ fn tokens_shorter_than_16_bytes_are_refused() {
 // ---------------------------------------------------------------------------------------------
 // configuration
 
+/// Product bug (found following docs/operations.md): `pcx --config missing.toml …` said
+/// "cannot read config file missing.toml: No such file or directory (os error 2): No such
+/// file or directory (os error 2)", the cause twice, where every other failure says it once.
+#[test]
+fn a_config_file_that_cannot_be_read_is_named_with_its_cause_said_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.toml");
+    let cmd = pcx(
+        &tmp.path().join("data"),
+        &["--config", path_str(&missing), "verify"],
+    );
+    let (status, stderr) = exits(cmd, "a missing config file");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(path_str(&missing)),
+        "names the file: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the cause once: {stderr}"
+    );
+}
+
 /// Product bug: three values panicked (exit 101) or started a server that dropped every
 /// connection, instead of being refused with a message (src/config.rs, `validate`).
 #[test]
