@@ -560,6 +560,30 @@ fn the_client_takes_its_token_from_a_file_off_the_command_line() {
     assert!(out.stderr.contains("unauthorized"), "{}", out.stderr);
 }
 
+/// Found following the README's operator tour in a new shell: without PCX_TCP_TOKEN,
+/// `pcx client --tcp` sent an empty token and said "the server refused the token", as if
+/// the token were wrong. It now says that none is given, and how to give one.
+#[test]
+fn the_client_without_a_token_says_how_to_give_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let _server = Server::start(
+        tmp.path(),
+        &[("PCX_TCP_TOKEN", TOKEN)],
+        &["--tcp", &address],
+    );
+    let mut cmd = pcx_cmd(&["client", "--tcp", &address]);
+    cmd.env_remove("PCX_TCP_TOKEN");
+    let out = run(cmd, format!("{}\n", json!({"op": "stats"})).as_bytes());
+    assert!(!out.status.success(), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("--token-file") && out.stderr.contains("PCX_TCP_TOKEN"),
+        "says how to give the token: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("refused"), "{}", out.stderr);
+}
+
 /// Product bug: any non-empty token was accepted, "x" included (src/config.rs).
 #[test]
 fn tokens_shorter_than_16_bytes_are_refused() {
