@@ -24,7 +24,8 @@
 #
 # Environment: PCX_PG_DIR, the cluster's directory (default <repo>/target/pg-cluster; node N
 # in PCX_PG_DIR/N, logging to PCX_PG_DIR/N.log); PCX_PG_BASE_PORT (default 55432: nodes on it
-# and the two ports after it); PCX_PG_BIN (default /usr/lib/postgresql/15/bin).
+# and the two ports after it; read when the cluster is created, which keeps its ports, so later
+# calls need only PCX_PG_DIR); PCX_PG_BIN (default /usr/lib/postgresql/15/bin).
 # Auth: trust, TCP on 127.0.0.1 only (Unix sockets in the cluster's directory, mode 0700);
 # superuser `postgres`, database `postgres` (no other role or database is created).
 # PostgreSQL refuses to run as root: as root, every server command runs as the `postgres` OS
@@ -114,6 +115,18 @@ if ((as_root)) && id postgres >/dev/null 2>&1; then
     if ! as_pg test -x "$p"; then
         wanted="$dir"
         dir="/tmp/pcx-pg-$(id -u)-$(printf '%s' "$wanted" | cksum | cut -d' ' -f1)"
+    fi
+fi
+
+# A cluster keeps the ports it was created on (in its nodes' node.conf), and every later call
+# uses them, so `url`, `status` and the rest need no PCX_PG_BASE_PORT again (without this, a
+# cluster started on other ports got a `url` naming the default ones, where nothing listens).
+if [ -r "$dir/n0/node.conf" ]; then
+    created="$(sed -n 's/^port = \([0-9][0-9]*\)$/\1/p' "$dir/n0/node.conf" | head -n 1)"
+    if [ -n "$created" ] && [ "$created" != "$base" ]; then
+        [ -z "${PCX_PG_BASE_PORT:-}" ] \
+            || note "the cluster in $dir was created on ports $created..$((created + 2)) and keeps them (PCX_PG_BASE_PORT=$base is ignored; \`destroy\` it to move it)"
+        base="$created"
     fi
 fi
 

@@ -536,6 +536,20 @@ fn json_logs_carry_the_structured_stitch_events() {
 // ---------------------------------------------------------------------------------------------
 // single-shot CLI commands
 
+/// An edit that says neither how (`--set-b64` or `--append-b64`) is a bad command line: exit
+/// 2 with the usage, as docs/protocol.md says of bad flags (it exited 1).
+#[test]
+fn an_edit_without_set_or_append_exits_2_with_the_usage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let how = cli(tmp.path(), &["edit", "b2"]);
+    assert_eq!(how.status.code(), Some(2), "{}", how.stderr);
+    assert!(
+        how.stderr.contains("--set-b64") && how.stderr.contains("--append-b64"),
+        "{}",
+        how.stderr
+    );
+}
+
 #[test]
 fn single_shot_commands_work_across_processes() {
     let tmp = tempfile::tempdir().unwrap();

@@ -617,6 +617,31 @@ fn a_second_writer_on_an_open_data_directory_is_refused() {
     assert_eq!(recovered.head.seq, 2);
 }
 
+/// Found following the README's torch tour: `pcx log` on the directory the embedded server
+/// holds answered only "in use", with nothing to say that the server answers the same
+/// queries. The refusal now says how to ask it (`pcx client`), for the audit commands and the
+/// others alike.
+#[test]
+fn a_command_refused_because_a_server_holds_the_directory_says_to_ask_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 10_000);
+    block_on(async {
+        let ctx = open(&config);
+        record(&ctx, "a", b"one").await;
+        let log = cli(dir.path(), &["log"]);
+        assert_eq!(log.status.code(), Some(1), "{}", log.stdout);
+        let batch = cli(dir.path(), &["get", "a"]);
+        assert_eq!(batch.status.code(), Some(1), "{}", batch.stderr);
+        for said in [&log.stdout, &batch.stderr] {
+            assert!(
+                said.contains("in use") && said.contains("client"),
+                "names the way through the server: {said}"
+            );
+        }
+        ctx.close().await.expect("close");
+    });
+}
+
 // ---------------------------------------------------------------------------------------
 // Damaged records
 // ---------------------------------------------------------------------------------------

@@ -321,7 +321,7 @@ fn a_commit_that_never_reached_the_database_is_found_not_to_have_landed() {
 
 struct Batch {
     child: Child,
-    stdin: ChildStdin,
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
@@ -339,7 +339,7 @@ impl Batch {
             .stderr(Stdio::piped())
             .spawn()
             .expect("pcx batch starts");
-        let stdin = child.stdin.take().expect("stdin");
+        let stdin = Some(child.stdin.take().expect("stdin"));
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let stderr = child.stderr.take().map(common::drain);
         Batch {
@@ -352,8 +352,9 @@ impl Batch {
 
     /// Sends one request and reads its answer (bounded by the reader thread's timeout).
     fn ask(&mut self, request: Value) -> Value {
-        writeln!(self.stdin, "{request}").expect("write a request");
-        self.stdin.flush().expect("flush");
+        let stdin = self.stdin.as_mut().expect("pcx batch's stdin is open");
+        writeln!(stdin, "{request}").expect("write a request");
+        stdin.flush().expect("flush");
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("read an answer");
         if line.is_empty() {
@@ -367,6 +368,21 @@ impl Batch {
             panic!("pcx batch ended without answering {request}: {stderr}");
         }
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not an answer ({e}): {line:?}"))
+    }
+
+    /// Ends the input, as a user's pipe does, and waits for the clean close (which writes a
+    /// snapshot at the last event).
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "pcx batch exited with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("pcx batch did not exit within 30 s of the end of its input");
     }
 
     fn signal(&self, sig: i32) {
@@ -461,6 +477,115 @@ fn an_entry_one_pcx_saves_is_loaded_by_another_on_the_cluster_in_its_namespace_o
     let v: Value =
         serde_json::from_slice(&verify.output().expect("pcx verify").stdout).expect("JSON");
     assert_eq!(v["ok"], true, "{v}");
+}
+
+/// Runs `pcx ARGS` on journal `name` (data directory `dir`): its exit code and stdout.
+fn pcx_on_journal(dir: &std::path::Path, name: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = common::pcx(dir, args)
+        .env("PCX_JOURNAL", "postgres")
+        .env("PCX_JOURNAL_URL", url())
+        .env("PCX_JOURNAL_NAME", name)
+        .output()
+        .expect("pcx runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Journal A saves entry `f` (from backends b1, b2) into namespace `job1` with `system_info`;
+/// journal B is started. Both are answered before this returns.
+fn saved_by_a_then_b(
+    name_a: &str,
+    name_b: &str,
+    dir_a: &std::path::Path,
+    dir_b: &std::path::Path,
+    system_info: Value,
+) -> (Batch, Batch) {
+    use common::protocol::{entry_with_codes, record_entry};
+    let mut a = Batch::start(dir_a, name_a, 10_000, 0);
+    let b = Batch::start(dir_b, name_b, 10_000, 0);
+    let mut entry = entry_with_codes(&[&["b1", "b2"]]);
+    if !system_info.is_null() {
+        entry["system_info"] = system_info;
+    }
+    for request in [
+        record("b1", "kernel one"),
+        record("b2", "kernel two"),
+        record_entry("f", entry),
+        json!({"op": "save_to_dynamo_cache", "namespace": "job1"}),
+    ] {
+        let answer = a.ask(request);
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    (a, b)
+}
+
+/// After B's clean close: `pcx verify` passes, and B's journal opens again (a load's change
+/// that never reached the log left a snapshot past its end: exit 3 on every open).
+fn journal_verifies_and_opens_again(dir: &std::path::Path, name: &str) -> String {
+    let (code, verify) = pcx_on_journal(dir, name, &["verify"]);
+    assert_eq!(code, Some(0), "pcx verify on {name}: {verify}");
+    let (code, info) = pcx_on_journal(dir, name, &["debug-info"]);
+    assert_eq!(code, Some(0), "{name} opens again: {info}");
+    let (code, log) = pcx_on_journal(dir, name, &["log"]);
+    assert_eq!(code, Some(0), "pcx log on {name}: {log}");
+    log
+}
+
+/// Product bug (found following docs/fleet.md): a load that found the cluster's entry deleted
+/// applied a `CacheEntryDeleted` to the state and answered the miss, but the event never
+/// reached the log; the clean close then wrote a snapshot one past the log's end and the
+/// journal was refused at every later open as having lost acknowledged events (exit 3).
+#[test]
+fn after_the_cluster_deletes_an_adopted_entry_the_loading_journal_logs_the_deletion_and_still_opens(
+) {
+    let (name_a, name_b) = (fresh_name("gone-a"), fresh_name("gone-b"));
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (mut a, mut b) =
+        saved_by_a_then_b(&name_a, &name_b, dir_a.path(), dir_b.path(), json!(null));
+    let load = json!({"op": "load_cache_entry", "key": "f", "namespace": "job1"});
+    let loaded = b.ask(load.clone());
+    assert_eq!(loaded["ok"], true, "{loaded}");
+    let deleted = a.ask(json!({"op": "delete_cache_entry", "key": "f", "namespace": "job1"}));
+    assert_eq!(deleted["deleted"], true, "{deleted}");
+    let gone = b.ask(load);
+    assert_eq!(gone["error"]["kind"], "package_not_found", "{gone}");
+    b.finish();
+    a.finish();
+    let log = journal_verifies_and_opens_again(dir_b.path(), &name_b);
+    assert!(
+        log.contains("CacheEntryDeleted"),
+        "B's log records the deletion it took up: {log}"
+    );
+}
+
+/// The same bug by another path: an entry adopted from the cluster by a load that is then
+/// refused (`system_mismatch`) was applied but never logged.
+#[test]
+fn an_entry_adopted_by_a_refused_load_is_in_the_loading_journals_log_and_it_still_opens() {
+    let (name_a, name_b) = (fresh_name("refused-a"), fresh_name("refused-b"));
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let saved_on = json!({"python_version": "3.11", "torch_version": "2.10.0"});
+    let (a, mut b) = saved_by_a_then_b(&name_a, &name_b, dir_a.path(), dir_b.path(), saved_on);
+    let refused = b.ask(json!({
+        "op": "load_cache_entry", "key": "f", "namespace": "job1",
+        "system_info": {"python_version": "3.11", "torch_version": "2.99.0"},
+    }));
+    assert_eq!(refused["error"]["kind"], "system_mismatch", "{refused}");
+    b.finish();
+    a.finish();
+    let log = journal_verifies_and_opens_again(dir_b.path(), &name_b);
+    assert!(
+        log.contains("CacheEntryPut"),
+        "B's log records the entry it adopted: {log}"
+    );
 }
 
 fn record(key: &str, content: &str) -> Value {

@@ -248,3 +248,47 @@ fn killing_a_standby_costs_clients_nothing() {
         ctx.close().await.expect("closes");
     });
 }
+
+/// Product bug (found following docs/fleet.md on ports of one's own): a cluster started with
+/// `PCX_PG_BASE_PORT` was described by a later `url` or `status` without it on the default
+/// ports (55432…), where nothing of it listens. The cluster keeps the ports it was created
+/// on (its nodes' `node.conf`), and every later call uses them. No server is needed: `url`
+/// reads only the cluster's directory.
+#[test]
+fn the_cluster_script_names_a_clusters_own_ports_without_pcx_pg_base_port() {
+    let dir = tempfile::tempdir().expect("a directory");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("open the directory to the postgres user");
+    let cluster = dir.path().join("cluster");
+    std::fs::create_dir_all(cluster.join("n0")).expect("a node directory");
+    std::fs::write(
+        cluster.join("n0/node.conf"),
+        "port = 41234\ncluster_name = 'n0'\n",
+    )
+    .expect("the node's settings");
+    let url = |base: Option<&str>| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg-cluster.sh"))
+            .arg("url")
+            .env("PCX_PG_DIR", &cluster)
+            .env_remove("PCX_PG_BASE_PORT");
+        if let Some(b) = base {
+            cmd.env("PCX_PG_BASE_PORT", b);
+        }
+        let out = cmd.output().expect("the cluster script runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for base in [None, Some("55432")] {
+        let said = url(base);
+        assert!(
+            said.contains("port=41234,41235,41236"),
+            "PCX_PG_BASE_PORT={base:?}: {said}"
+        );
+    }
+}

@@ -560,6 +560,30 @@ fn the_client_takes_its_token_from_a_file_off_the_command_line() {
     assert!(out.stderr.contains("unauthorized"), "{}", out.stderr);
 }
 
+/// Found following the README's operator tour in a new shell: without PCX_TCP_TOKEN,
+/// `pcx client --tcp` sent an empty token and said "the server refused the token", as if
+/// the token were wrong. It now says that none is given, and how to give one.
+#[test]
+fn the_client_without_a_token_says_how_to_give_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let _server = Server::start(
+        tmp.path(),
+        &[("PCX_TCP_TOKEN", TOKEN)],
+        &["--tcp", &address],
+    );
+    let mut cmd = pcx_cmd(&["client", "--tcp", &address]);
+    cmd.env_remove("PCX_TCP_TOKEN");
+    let out = run(cmd, format!("{}\n", json!({"op": "stats"})).as_bytes());
+    assert!(!out.status.success(), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("--token-file") && out.stderr.contains("PCX_TCP_TOKEN"),
+        "says how to give the token: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("refused"), "{}", out.stderr);
+}
+
 /// Product bug: any non-empty token was accepted, "x" included (src/config.rs).
 #[test]
 fn tokens_shorter_than_16_bytes_are_refused() {
@@ -586,6 +610,30 @@ fn tokens_shorter_than_16_bytes_are_refused() {
 
 // ---------------------------------------------------------------------------------------------
 // configuration
+
+/// Product bug (found following docs/operations.md): `pcx --config missing.toml …` said
+/// "cannot read config file missing.toml: No such file or directory (os error 2): No such
+/// file or directory (os error 2)", the cause twice, where every other failure says it once.
+#[test]
+fn a_config_file_that_cannot_be_read_is_named_with_its_cause_said_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.toml");
+    let cmd = pcx(
+        &tmp.path().join("data"),
+        &["--config", path_str(&missing), "verify"],
+    );
+    let (status, stderr) = exits(cmd, "a missing config file");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(path_str(&missing)),
+        "names the file: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the cause once: {stderr}"
+    );
+}
 
 /// Product bug: three values panicked (exit 101) or started a server that dropped every
 /// connection, instead of being refused with a message (src/config.rs, `validate`).

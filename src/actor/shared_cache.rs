@@ -34,6 +34,7 @@ impl ContextActor {
                     namespace,
                     key: key.to_string(),
                 }])?;
+                self.commit_adoption();
             }
             return Ok(());
         };
@@ -60,6 +61,19 @@ impl ContextActor {
             entry,
             saved_by,
         }])?;
+        self.commit_adoption();
         Ok(())
+    }
+
+    /// Sends what the adoption staged to the committer now, as a change of its own. It is
+    /// applied to the state and numbered already, while the load that caused it may still
+    /// fail (a miss after a deletion, a refused system, a backend that does not
+    /// deserialize), and a failed request's answer commits nothing it staged: the adopted
+    /// event was then in the state and the head but never in the log, so the next group
+    /// left a gap and a clean close wrote a snapshot past the log's end, which every later
+    /// open refused as a lost tail (exit 3). A failed commit of it rebuilds the state from
+    /// the log, as any failed commit does, and refuses the load queued behind it.
+    fn commit_adoption(&mut self) {
+        self.when_durable(Box::new(|_| {}));
     }
 }

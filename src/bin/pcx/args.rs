@@ -47,6 +47,7 @@ pub(crate) enum Command {
         json: Option<String>,
     },
     /// Edit an artifact's content: replace it or append to it.
+    #[command(group(clap::ArgGroup::new("edit").required(true).args(["set_b64", "append_b64"])))]
     Edit {
         key: String,
         /// Replace the content with these base64 bytes.

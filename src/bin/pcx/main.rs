@@ -47,7 +47,8 @@ fn main() -> ExitCode {
     let config = match configure(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("pcx: {e:#}");
+            // Each cause once: a config error's message already carries its source's words.
+            eprintln!("pcx: {}", error_text(&e));
             return ExitCode::from(2);
         }
     };

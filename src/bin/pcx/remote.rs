@@ -133,9 +133,16 @@ pub(crate) fn client(
     let (limit, in_flight) = (config.max_request_bytes, config.max_in_flight);
     match tcp {
         Some(addr) => {
+            let token = client_token(config, token_file, token)?;
+            // The server takes no empty token: sending one only reads as a refusal.
+            if token.is_empty() {
+                anyhow::bail!(
+                    "`pcx client --tcp {addr}` needs the server's token, and none is given: \
+                     --token-file FILE, or the variable PCX_TCP_TOKEN (tcp_token in the config)"
+                );
+            }
             let mut stream = std::net::TcpStream::connect(&addr)
                 .with_context(|| format!("connecting to {addr}"))?;
-            let token = client_token(config, token_file, token)?;
             let hello = pcx::interface::client::exchange(
                 &mut stream,
                 &json!({"op": "auth", "token": token}),

@@ -30,8 +30,39 @@ pub(crate) fn error_text(e: &anyhow::Error) -> String {
     if let Some(hint) = e.chain().find_map(damage_hint) {
         text.push_str(".\n");
         text.push_str(hint);
+    } else if let Some(dir) = e.chain().find_map(held_directory) {
+        text.push_str(".\n");
+        text.push_str(&in_use_hint(&dir));
     }
     text
+}
+
+/// The data directory another process holds, for the errors that say so.
+fn held_directory(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use pcx::context::ContextOpenError;
+    use pcx::store::error::OpenError;
+    use pcx::store::swap::SwapError;
+    // `ContextOpenError::Open` is transparent: the chain skips the open error itself.
+    if let Some(ContextOpenError::Open(e)) = cause.downcast_ref::<ContextOpenError>() {
+        return held_directory(e);
+    }
+    if let Some(OpenError::Locked { path }) = cause.downcast_ref::<OpenError>() {
+        return Some(path.display().to_string());
+    }
+    match cause.downcast_ref::<SwapError>() {
+        Some(SwapError::Locked { dir }) => Some(dir.display().to_string()),
+        _ => None,
+    }
+}
+
+/// What to do about a data directory a server holds: the usual holder is a `pcx serve` (the
+/// one `pcx.torch.install()` starts, say), which answers the same requests, audits included.
+fn in_use_hint(dir: &str) -> String {
+    format!(
+        "If a `pcx serve` holds it, send the requests to the server instead, the audit queries \
+         too: `echo '{{\"op\":\"log\"}}' | pcx --data-dir {dir} client` (likewise \
+         `history`, `state`, `diff`, `verify`); or stop the server (SIGTERM) first."
+    )
 }
 
 /// What to do about a damaged data directory, for the errors that say it is.
