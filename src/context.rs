@@ -266,12 +266,7 @@ pub fn open_journal(config: &Config) -> Result<Arc<dyn Journal>, OpenError> {
             pg_settings(config),
         )?)),
         #[cfg(not(feature = "postgres"))]
-        JournalBackend::Postgres => Err(OpenError::Database {
-            url: String::new(),
-            what:
-                "this pcx was built without PostgreSQL support: build it with `--features postgres`"
-                    .into(),
-        }),
+        JournalBackend::Postgres => Err(OpenError::NoPostgresSupport),
     }
 }
 

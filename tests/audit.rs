@@ -2167,6 +2167,18 @@ fn compaction_keeps_the_state_shrinks_the_directory_and_every_command_still_work
     // Compacting the same range again: nothing to do, said clearly.
     let message = cli_error(&dir, &["compact", "--before", &s_before], "compact_failed");
     assert!(message.contains("nothing to compact"), "{message}");
+    // Compacting past the log's end: said with the log's last event, not an event nobody asked for.
+    let past = last + 5;
+    let message = cli_error(
+        &dir,
+        &["compact", "--before", &past.to_string()],
+        "compact_failed",
+    );
+    assert!(
+        message.contains(&format!("cannot compact before {past}"))
+            && message.contains(&format!("last event is {s_last}")),
+        "{message}"
+    );
 
     // Content: live artifacts, and the saved entry's (older) content, still load.
     assert_eq!(

@@ -47,6 +47,8 @@ pub enum CompactError {
     },
     #[error("nothing to compact before {before}: the log already begins after event {first_kept}")]
     Nothing { before: u64, first_kept: u64 },
+    #[error("cannot compact before {before}: the log's last event is {last}, so the events kept can begin at {} at the latest", last + 1)]
+    BeyondEnd { before: u64, last: u64 },
     #[error("data directory {0} does not exist: nothing has been recorded there")]
     Missing(PathBuf),
 }
@@ -114,6 +116,23 @@ pub fn compact(
     Ok(report)
 }
 
+/// The event the anchor of `compact --before BEFORE` stands at (`BEFORE - 1`), or why there is
+/// none: the log already begins after it, or it is past the log's last event.
+fn anchor_for(journal: &dyn Journal, start: &Base, before: u64) -> Result<u64, CompactError> {
+    let anchor_seq = before.saturating_sub(1);
+    if anchor_seq <= start.head.seq {
+        return Err(CompactError::Nothing {
+            before,
+            first_kept: start.head.seq,
+        });
+    }
+    let last = journal.last_seq()?.unwrap_or(start.head.seq);
+    if anchor_seq > last {
+        return Err(CompactError::BeyondEnd { before, last });
+    }
+    Ok(anchor_seq)
+}
+
 /// Writes the compacted log into `new_dir` (under the lock the caller holds), and closes it.
 fn write_compacted(
     dir: &Path,
@@ -128,13 +147,7 @@ fn write_compacted(
     };
     let old = SledJournal::open_held(dir, cache_capacity)?;
     let start = base(&old).map_err(AuditError::from)?;
-    let anchor_seq = before.saturating_sub(1);
-    if anchor_seq <= start.head.seq {
-        return Err(CompactError::Nothing {
-            before,
-            first_kept: start.head.seq,
-        });
-    }
+    let anchor_seq = anchor_for(&old, &start, before)?;
     let (anchor_state, anchor_head) = state_at(&old, anchor_seq, progress)?;
 
     if new_dir.exists() {
@@ -253,13 +266,7 @@ pub fn compact_postgres(
     progress: Progress,
 ) -> Result<Value, CompactError> {
     let start = base(journal).map_err(AuditError::from)?;
-    let anchor_seq = before.saturating_sub(1);
-    if anchor_seq <= start.head.seq {
-        return Err(CompactError::Nothing {
-            before,
-            first_kept: start.head.seq,
-        });
-    }
+    let anchor_seq = anchor_for(journal, &start, before)?;
     let (anchor_state, anchor_head) = state_at(journal, anchor_seq, progress)?;
     let anchor =
         encode_snapshot_of(anchor_seq, anchor_head.hash, &anchor_state, 0).map_err(|e| {

@@ -156,6 +156,9 @@ pub enum OpenError {
     },
     #[error("cannot open the journal in the database {url}: {what}")]
     Database { url: String, what: String },
+    /// `journal = "postgres"` asked of a build without the `postgres` feature.
+    #[error("the journal is configured in PostgreSQL (`journal` = \"postgres\"), but this pcx was built without PostgreSQL support: build it with `--features postgres`")]
+    NoPostgresSupport,
     #[error("journal {journal} is served by {holder}, whose lease has {remaining_ms} ms to run: one writer per journal (wait for it with journal_wait_ms)")]
     LeaseHeld {
         journal: String,
