@@ -551,6 +551,25 @@ fn an_edit_without_set_or_append_exits_2_with_the_usage() {
 }
 
 #[test]
+fn an_entry_or_system_info_that_is_not_valid_json_gets_the_answer_batch_gives() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (args, kind) in [
+        (vec!["record-entry", "k", "--json", "{bad"], "bad_json"),
+        (
+            vec!["record-entry", "k", "--json", r#"{"x":1}"#],
+            "missing_field",
+        ),
+        (vec!["load", "k", "--system-info", "{x"], "bad_json"),
+        (vec!["load", "k", "--system-info", "5"], "invalid_request"),
+    ] {
+        cli_error(tmp.path(), &args, kind);
+    }
+    // Nothing was recorded by any of them.
+    let info = cli_ok(tmp.path(), &["debug-info"]);
+    assert_eq!(info["debug_info"], json!({}), "{info}");
+}
+
+#[test]
 fn single_shot_commands_work_across_processes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

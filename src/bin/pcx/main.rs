@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use clap::Parser;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::args::Cli;
 use crate::args::Command;
@@ -31,7 +31,7 @@ use crate::remote::{client, serve};
 use crate::report::error_text;
 use crate::report::exit_code;
 use pcx::config::Config;
-use pcx::interface::protocol::{self, Request, WireEdit, WireEntry};
+use pcx::interface::protocol::{self, refused, Request, RequestError, WireEdit};
 use pcx::trace::{self};
 use pcx::Context;
 
@@ -103,7 +103,14 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
         | Command::Import { .. }
         | Command::Compact { .. }
         | Command::Recover { .. }) => return audit_command(c, &config),
-        other => request_of(other)?,
+        other => match request_of(other)? {
+            Ok(request) => request,
+            // A request the batch protocol would refuse gets batch's answer, before any open.
+            Err(answer) => {
+                println!("{answer}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
     };
     let ctx =
         Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
@@ -120,19 +127,22 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
     })
 }
 
-fn request_of(command: Command) -> Result<Request> {
-    Ok(match command {
+/// The one request a single-request command makes, or the answer `batch` gives a request it
+/// refuses (entry or system info JSON that is not valid), or an error outside the protocol
+/// (a file or stdin that cannot be read).
+fn request_of(command: Command) -> Result<Result<Request, Value>> {
+    Ok(Ok(match command {
         Command::RecordArtifact { key, kind, content } => {
             let bytes = match (content.file, content.content_b64, content.text) {
                 (Some(f), _, _) => {
                     std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?
                 }
                 (_, Some(b), _) => {
-                    return Ok(Request::RecordArtifact {
+                    return Ok(Ok(Request::RecordArtifact {
                         key,
                         kind,
                         content_b64: b,
-                    })
+                    }))
                 }
                 (_, _, Some(t)) => t.into_bytes(),
                 _ => read_stdin()?,
@@ -150,9 +160,10 @@ fn request_of(command: Command) -> Result<Request> {
                 }
                 Some(j) => j.to_string(),
             };
-            let entry: WireEntry =
-                serde_json::from_str(&text).context("the entry JSON is not a valid entry")?;
-            Request::RecordDynamoCacheEntry { key, entry }
+            return Ok(as_batch_would(
+                |entry| json!({"op": "record_dynamo_cache_entry", "key": key, "entry": entry}),
+                &text,
+            ));
         }
         Command::Edit {
             key,
@@ -176,18 +187,36 @@ fn request_of(command: Command) -> Result<Request> {
         Command::DebugInfo => Request::DumpDebugInfo,
         Command::Stitch => Request::CreateCacheEntries { trace: false },
         Command::Save => Request::SaveToDynamoCache { trace: false },
-        Command::Load { key, system_info } => {
-            let system_info = system_info
-                .map(|s| {
-                    serde_json::from_str(&s).context("--system-info is not valid system info JSON")
-                })
-                .transpose()?;
-            Request::LoadCacheEntry { key, system_info }
+        Command::Load {
+            key,
+            system_info: Some(info),
+        } => {
+            return Ok(as_batch_would(
+                |info| json!({"op": "load_cache_entry", "key": key, "system_info": info}),
+                &info,
+            ));
         }
+        Command::Load {
+            key,
+            system_info: None,
+        } => Request::LoadCacheEntry {
+            key,
+            system_info: None,
+        },
         _ => {
             anyhow::bail!("not a single request")
         }
-    })
+    }))
+}
+
+/// The request a command line's JSON text (an entry, system info) makes, placed in a batch
+/// request by `request`, or the answer batch gives when it refuses it.
+fn as_batch_would(request: impl FnOnce(Value) -> Value, text: &str) -> Result<Request, Value> {
+    let value = serde_json::from_str::<Value>(text)
+        .map_err(|e| refused(&RequestError::BadJson(e.to_string())))?;
+    protocol::parse_value(request(value))
+        .1
+        .map_err(|e| refused(&e))
 }
 
 fn read_stdin() -> Result<Vec<u8>> {
