@@ -85,16 +85,17 @@ pub(crate) async fn demo(config: Config) -> Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("closing: {e}"))?;
     // Where it is: the data directory, or the journal in the cluster (the same settings,
     // in the environment, reach it again).
-    let (place, again) = match config.journal {
-        pcx::config::JournalBackend::Sled => (dir.clone(), format!("pcx --data-dir {dir}")),
+    let (place, again, settings) = match config.journal {
+        pcx::config::JournalBackend::Sled => (dir.clone(), format!("pcx --data-dir {dir}"), ""),
         _ => (
             format!("the journal {} in PostgreSQL", config.journal_name),
-            "pcx (with the same PCX_JOURNAL* settings)".to_string(),
+            "pcx".to_string(),
+            " (with the same PCX_JOURNAL* settings)",
         ),
     };
     writeln!(
         out,
-        "{}\nEverything above is in {place}: run `{again} debug-info`, or pipe requests into `{again} batch`.",
+        "{}\nEverything above is in {place}: run `{again} debug-info`, or pipe requests into `{again} batch`{settings}.",
         step("done")
     )?;
     Ok(ExitCode::SUCCESS)
