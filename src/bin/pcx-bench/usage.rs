@@ -174,9 +174,17 @@ mod tests {
 
     #[test]
     fn each_process_is_counted_once() {
-        // This process holds a thread that burns CPU, so it has a time to double count.
+        // This process burns CPU until it has at least 0.15 s of it (a busy machine may give it
+        // less than its wall time), so it has a time to double count.
+        let own_seconds = || {
+            let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+            let fields: Vec<&str> = stat[stat.rfind(')').expect(")") + 2..].split(' ').collect();
+            let ticks: f64 = fields[11].parse::<f64>().expect("utime")
+                + fields[12].parse::<f64>().expect("stime");
+            ticks / ticks_per_second()
+        };
         let before = std::time::Instant::now();
-        while before.elapsed() < std::time::Duration::from_millis(100) {
+        while own_seconds() < 0.15 && before.elapsed() < std::time::Duration::from_secs(30) {
             std::hint::black_box(before.elapsed());
         }
         let me = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
