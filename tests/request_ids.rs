@@ -121,15 +121,27 @@ fn a_request_id_reused_for_another_request_is_refused_not_answered_already_appli
             with_id(record("a", "first"), "r1"),
         ],
     );
-    assert_eq!(again[0]["error"]["kind"], "request_id_reused", "{}", again[0]);
-    assert_eq!(again[1]["error"]["kind"], "request_id_reused", "{}", again[1]);
+    assert_eq!(
+        again[0]["error"]["kind"], "request_id_reused",
+        "{}",
+        again[0]
+    );
+    assert_eq!(
+        again[1]["error"]["kind"], "request_id_reused",
+        "{}",
+        again[1]
+    );
     assert_eq!(again[2]["already_applied"], true, "{}", again[2]);
     let snapshotted = common::protocol::batch_raw(
         dir.path(),
         &format!("{}\n", with_id(record("other", "x"), "r2")),
         &[("PCX_SNAPSHOT_EVERY", "1")],
     );
-    assert!(snapshotted.stdout.contains("\"ok\":true"), "{}", snapshotted.stdout);
+    assert!(
+        snapshotted.stdout.contains("\"ok\":true"),
+        "{}",
+        snapshotted.stdout
+    );
     let third = batch(
         dir.path(),
         &[
@@ -137,7 +149,11 @@ fn a_request_id_reused_for_another_request_is_refused_not_answered_already_appli
             with_id(record("a", "first"), "r1"),
         ],
     );
-    assert_eq!(third[0]["error"]["kind"], "request_id_reused", "{}", third[0]);
+    assert_eq!(
+        third[0]["error"]["kind"], "request_id_reused",
+        "{}",
+        third[0]
+    );
     assert_eq!(third[1]["already_applied"], true, "{}", third[1]);
     let state = common::protocol::cli_value(dir.path(), &["state", "--key", "a"]);
     assert_eq!(
