@@ -73,8 +73,11 @@ def test_what_one_process_wrote_the_next_reads(tmp_path: Path) -> None:
 def test_a_retry_with_the_same_request_id_is_applied_once(client: pcx.Client) -> None:
     first = client.request("record_artifact", key="k", content_b64=b"v1", request_id="job-1:k")
     assert first["ok"] and "already_applied" not in first
-    retry = client.request("record_artifact", key="k", content_b64=b"v2", request_id="job-1:k")
+    retry = client.request("record_artifact", key="k", content_b64=b"v1", request_id="job-1:k")
     assert retry == {"ok": True, "already_applied": True, "request_id": "job-1:k"}
+    # Another request under the same id is refused, not answered "already applied".
+    with pytest.raises(pcx.RequestIdReused, match="job-1:k"):
+        client.request("record_artifact", key="k", content_b64=b"v2", request_id="job-1:k")
     assert client.serialize_artifact_by_key("k")["content_b64"] == b"v1"
 
 
@@ -91,15 +94,15 @@ def _fake_server(tmp_path: Path, answer: Callable[[socket.socket, int], None]) -
     def serve() -> None:
         conn, _ = listener.accept()
         with conn, listener:
-            for n in itertools.count():
-                header = conn.recv(4, socket.MSG_WAITALL)
-                if len(header) < 4:
-                    return
-                conn.recv(struct.unpack(">I", header)[0], socket.MSG_WAITALL)
-                try:
+            try:
+                for n in itertools.count():
+                    header = conn.recv(4, socket.MSG_WAITALL)
+                    if len(header) < 4:
+                        return
+                    conn.recv(struct.unpack(">I", header)[0], socket.MSG_WAITALL)
                     answer(conn, n)
-                except OSError:
-                    return
+            except OSError:  # the client gave the connection up
+                return
 
     threading.Thread(target=serve, daemon=True).start()
     return path
