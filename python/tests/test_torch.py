@@ -130,6 +130,27 @@ def test_torch_keeps_working_when_the_pcx_server_dies(
     assert a["stderr"].count("torch falls back to its own") == 1, a["stderr"][-3000:]
 
 
+def test_torch_keeps_working_when_pcx_refuses_what_torch_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a compiled artifact or entry over the server's ``max_content_bytes`` (a
+    large model's, say) made ``torch.compile`` raise ``pcx.TooLarge`` into the user's step;
+    torch itself has no such limit. Now pcx.torch warns and falls back to torch's own context
+    and cache, and the step completes with stock torch's numbers."""
+    from conftest import Served
+
+    monkeypatch.setenv("PCX_MAX_CONTENT_BYTES", "2000")
+    small = Served(tmp_path / "small-limit")
+    try:
+        stock = run(small, tmp_path, "stock", "--train", mode="stock")
+        a = run(small, tmp_path, "a", "--train", "--save")
+    finally:
+        small.stop()
+    assert (a["out"], a["grad"]) == (stock["out"], stock["grad"]), a
+    assert "torch falls back to its own" in a["stderr"], a["stderr"][-3000:]
+    assert "max_content_bytes" in a["stderr"], a["stderr"][-3000:]
+
+
 def test_namespaces_keep_two_caches_apart_on_one_data_directory(
     served: Any, tmp_path: Path
 ) -> None:
