@@ -7,7 +7,8 @@ module-level ``DynamoCache`` object gets instance attributes that shadow its ``l
 torch's source is changed, and :meth:`Hooks.remove` puts every original back.
 
 When pcx cannot be reached (the server died, was never there, or answers nonsense: a
-:class:`pcx.TransportError`), the hooks warn once and **fall back**: torch's own precompile
+:class:`pcx.TransportError`), or refuses to record what torch recorded (an artifact over its
+``max_content_bytes``, say), the hooks warn once and **fall back**: torch's own precompile
 context and dynamo cache are put back, holding everything this process recorded so far, and
 the call that failed is made again on them. torch goes on as if pcx had never been installed,
 for the rest of the process; a training run is never stopped by pcx.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 from ..client import Client
 from ..errors import PackageNotFound, PcxError, TransportError
@@ -36,6 +37,9 @@ _CONTEXT_METHODS = (
     "create_cache_entries",
 )
 _CACHE_METHODS = ("load", "read", "write", "clear")
+# What torch records: torch itself never refuses it, so pcx refusing it for any reason (an
+# artifact over the server's max_content_bytes, a kind its plugin refuses…) falls back too.
+_RECORDING = ("record_artifact", "record_dynamo_cache_entry")
 _CONTEXT_DICTS = ("_backend_artifacts_by_key", "_dynamo_cache_entries")
 
 
@@ -143,10 +147,14 @@ class Hooks:
         """``hook``, which on a :class:`TransportError` falls back and makes the same call on
         torch's own method (back in place by then)."""
 
+        gives_up: Tuple[Type[PcxError], ...] = (
+            (PcxError,) if context and name in _RECORDING else (TransportError,)
+        )
+
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 return hook(*args, **kwargs)
-            except TransportError as e:
+            except gives_up as e:
                 self.fall_back(e)
             if context:
                 from torch._dynamo.precompile_context import PrecompileContext
@@ -159,14 +167,15 @@ class Hooks:
 
         return call
 
-    def fall_back(self, error: TransportError) -> None:
-        """pcx is unreachable: puts torch's own precompile context (holding what this
-        process recorded so far) and dynamo cache back, and warns once."""
+    def fall_back(self, error: PcxError) -> None:
+        """pcx is unreachable (or refused what torch recorded): puts torch's own precompile
+        context (holding what this process recorded so far) and dynamo cache back, and warns
+        once."""
         if self.fell_back is not None:
             return
         self.fell_back = str(error)
         logger.warning(
-            "pcx.torch: pcx cannot be reached (%s); torch falls back to its own precompile "
+            "pcx.torch: pcx cannot be reached or refused what torch recorded (%s); torch falls back to its own precompile "
             "context and dynamo cache for the rest of this process, keeping the %d artifacts "
             "and %d entries recorded so far",
             error,
