@@ -192,6 +192,8 @@ fn scope_events() -> Vec<Event> {
                 namespace: "default".into(),
                 event: Box::new(Event::ArtifactTaken { key: "b1".into() }),
             }),
+            // Events written before request digests were kept have none, and still decode.
+            fingerprint: None,
         },
     ]
 }

@@ -303,6 +303,65 @@ fn a_plugin_written_in_c_serves_its_kind_end_to_end() {
     assert_contains(&message, &["c-upper", "nope", "append"]);
 }
 
+/// Regression: a library overwritten in place while pcx had it loaded (`cp new.so
+/// plugins/lib.so`, or a build writing into the plugin directory) changed the code pcx was
+/// running: the next call executed whatever bytes were there now, and the process died
+/// (SIGILL or SIGSEGV), dropping every client. Now pcx runs a private copy of the bytes it
+/// loaded, so the file on disk can change under it: the running process serves on with the
+/// plugin it started with, and the next start loads the new file.
+#[test]
+fn a_plugin_library_overwritten_in_place_while_loaded_does_not_crash_pcx() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let s = Setup::new();
+    let installed = s.c("c_upper");
+    let mut child = s
+        .pcx_plugins(&["batch"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pcx batch starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut ask = |request: Value| -> Value {
+        writeln!(stdin, "{request}").expect("write a request");
+        stdin.flush().expect("flush");
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read an answer");
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("no answer to {request} (pcx died?): {e}: {line:?}"))
+    };
+    assert_ok(&ask(record_kind("c1", "c_upper", b"hello")));
+    assert_ok(&ask(record_forward("fwd", &["c1"])));
+    assert_ok(&ask(save()));
+    let before = ask(load("fwd"));
+    assert_ok(&before);
+
+    // Overwritten in place (same inode), as `cp` onto an existing file does: every byte of
+    // the library's code changes under the running process.
+    let size = std::fs::metadata(&installed).expect("the library").len() as usize;
+    let garbage: Vec<u8> = (0..size).map(|i| (i * 7 + 0x0f) as u8).collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&installed)
+        .and_then(|mut f| f.write_all(&garbage))
+        .expect("overwrite the library in place");
+
+    let after = ask(load("fwd"));
+    assert_ok(&after);
+    assert_eq!(
+        unb64(&after["deserialized"]["c1"]["content_b64"]),
+        b"HELLO",
+        "{after}"
+    );
+    assert_ok(&ask(plugin_edit("c1", "append", b"!")));
+    drop(stdin);
+    let status = child.wait().expect("wait for pcx batch");
+    assert!(status.success(), "pcx batch ended {status}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. hostile plugins: each refused with its path and reason, the others still load
 

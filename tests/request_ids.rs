@@ -58,7 +58,7 @@ fn a_retry_after_a_restart_is_still_already_applied() {
     let first = batch(dir.path(), &[with_id(record("k", "v1"), "job-7:rec-k")]);
     assert_eq!(first[0]["ok"], true);
     // A new process replays the log (and, on the second retry, a snapshot).
-    let again = batch(dir.path(), &[with_id(record("k", "v2"), "job-7:rec-k")]);
+    let again = batch(dir.path(), &[with_id(record("k", "v1"), "job-7:rec-k")]);
     assert_eq!(again[0]["already_applied"], true, "{}", again[0]);
     let snapshotted = common::protocol::batch_raw(
         dir.path(),
@@ -70,7 +70,7 @@ fn a_retry_after_a_restart_is_still_already_applied() {
         "{}",
         snapshotted.stdout
     );
-    let third = batch(dir.path(), &[with_id(record("k", "v3"), "job-7:rec-k")]);
+    let third = batch(dir.path(), &[with_id(record("k", "v1"), "job-7:rec-k")]);
     assert_eq!(third[0]["already_applied"], true, "{}", third[0]);
     let state = common::protocol::cli_value(dir.path(), &["state", "--key", "k"]);
     assert_eq!(
@@ -79,6 +79,89 @@ fn a_retry_after_a_restart_is_still_already_applied() {
         "the first write stands: {state}"
     );
     assert_eq!(events(dir.path()).len(), 2);
+}
+
+/// Regression: a request id reused for another request (other content, another key, another
+/// op or context) was answered `already_applied`, so the client took a change that was never
+/// made for done. Now it is refused `request_id_reused`, naming the id, and nothing is applied;
+/// the same request retried is still `already_applied`, across a restart and a snapshot too.
+#[test]
+fn a_request_id_reused_for_another_request_is_refused_not_answered_already_applied() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let answers = batch(
+        dir.path(),
+        &[
+            with_id(record("a", "first"), "r1"),
+            // The same id with other content, in the same group.
+            with_id(record("a", "second"), "r1"),
+            // ... for another key, and for another op.
+            with_id(record("b", "first"), "r1"),
+            with_id(take("a"), "r1"),
+            // The request itself, retried: already applied.
+            with_id(record("a", "first"), "r1"),
+        ],
+    );
+    assert_eq!(answers[0]["ok"], true, "{}", answers[0]);
+    for answer in &answers[1..4] {
+        assert_eq!(answer["ok"], false, "{answer}");
+        assert_eq!(answer["error"]["kind"], "request_id_reused", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("r1"), "names the id: {message}");
+    }
+    assert_eq!(answers[4]["already_applied"], true, "{}", answers[4]);
+    // In another context, the same request is another request.
+    let mut elsewhere = with_id(record("a", "first"), "r1");
+    elsewhere["context"] = json!("job-2");
+    // After a restart, and after a snapshot.
+    let again = batch(
+        dir.path(),
+        &[
+            with_id(record("a", "third"), "r1"),
+            elsewhere,
+            with_id(record("a", "first"), "r1"),
+        ],
+    );
+    assert_eq!(
+        again[0]["error"]["kind"], "request_id_reused",
+        "{}",
+        again[0]
+    );
+    assert_eq!(
+        again[1]["error"]["kind"], "request_id_reused",
+        "{}",
+        again[1]
+    );
+    assert_eq!(again[2]["already_applied"], true, "{}", again[2]);
+    let snapshotted = common::protocol::batch_raw(
+        dir.path(),
+        &format!("{}\n", with_id(record("other", "x"), "r2")),
+        &[("PCX_SNAPSHOT_EVERY", "1")],
+    );
+    assert!(
+        snapshotted.stdout.contains("\"ok\":true"),
+        "{}",
+        snapshotted.stdout
+    );
+    let third = batch(
+        dir.path(),
+        &[
+            with_id(record("a", "fourth"), "r1"),
+            with_id(record("a", "first"), "r1"),
+        ],
+    );
+    assert_eq!(
+        third[0]["error"]["kind"], "request_id_reused",
+        "{}",
+        third[0]
+    );
+    assert_eq!(third[1]["already_applied"], true, "{}", third[1]);
+    let state = common::protocol::cli_value(dir.path(), &["state", "--key", "a"]);
+    assert_eq!(
+        state["artifact"]["content_b64"],
+        common::protocol::b64("first"),
+        "only the first write was applied: {state}"
+    );
+    assert_eq!(events(dir.path()).len(), 2, "nothing else was applied");
 }
 
 #[test]

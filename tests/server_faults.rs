@@ -67,6 +67,24 @@ fn with_descriptor_limit(cmd: &mut Command, n: u64) {
     }
 }
 
+/// Limits `cmd`'s process to `bytes` of address space (soft and hard), as `ulimit -v` does, or a
+/// host with `vm.overcommit_memory = 2` behaves once its commit limit is near.
+fn with_address_space_limit(cmd: &mut Command, bytes: u64) {
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A running `pcx serve`, killed when dropped; its stderr goes to `TMP/serve.log`.
 struct Server {
     process: Guard,
@@ -364,6 +382,50 @@ fn descriptor_exhaustion_does_not_spin_the_server() {
         json!({"ok": true})
     );
     assert_ok(&c.ask(&record("after-the-flood", b"x")));
+}
+
+/// Regression: the server allocated a frame's whole body as soon as it read the frame's
+/// 4-byte length, before any of the body came. Two dozen connections that each sent a length of
+/// `max_frame_bytes` (384 MiB) and a few bytes made it reserve 9 GiB it never received; under
+/// an address-space limit (`ulimit -v`, or strict overcommit) the allocation failed and the
+/// whole server aborted ("memory allocation of 402653184 bytes failed", SIGABRT), dropping
+/// every client. Now a body's buffer grows with the bytes that actually arrive.
+#[test]
+fn frames_that_claim_much_and_send_little_do_not_abort_a_memory_limited_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = serve_cmd(tmp.path(), &[], &[]);
+    with_address_space_limit(&mut cmd, 3 << 30);
+    let server = Server::spawn(cmd, tmp.path());
+    let mut c = server.connect();
+    assert_ok(&c.ask(&record("before", b"x")));
+
+    let claimed = 402_653_184u32; // the default max_frame_bytes: accepted, not too_large
+    let mut stalled: Vec<Conn> = Vec::new();
+    for _ in 0..24 {
+        let mut conn = server.connect();
+        let mut frame = claimed.to_be_bytes().to_vec();
+        frame.extend_from_slice(&[0x85, 0xa2, b'o', b'p']); // the start of a map
+        conn.stream().write_all(&frame).expect("send half a frame");
+        stalled.push(conn);
+    }
+    thread::sleep(Duration::from_millis(500));
+
+    let mut process = server.process;
+    let status = process.0.try_wait().expect("try_wait");
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    assert!(
+        status.is_none(),
+        "the server died ({status:?}) of half frames that claimed {claimed} bytes each:\n{log}"
+    );
+    let answer = c.ask(&record("after", b"y"));
+    assert_ok(&answer);
+    // A large frame that does arrive whole is still served.
+    let big = vec![b'z'; 8 << 20];
+    assert_ok(&c.ask(&record("big", &big)));
+    let back = c.ask(&serialize("big"));
+    assert_eq!(content_of(&back).as_deref(), Some(&big[..]));
+    drop(stalled);
+    drop(process);
 }
 
 /// Product bug: there was no cap on connections: every one was accepted (until descriptors

@@ -3,8 +3,15 @@ the error class of their kind, and what was written durable for the next process
 
 from __future__ import annotations
 
+import itertools
+import socket
+import struct
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
+import msgpack
 import pytest
 
 import pcx
@@ -66,6 +73,93 @@ def test_what_one_process_wrote_the_next_reads(tmp_path: Path) -> None:
 def test_a_retry_with_the_same_request_id_is_applied_once(client: pcx.Client) -> None:
     first = client.request("record_artifact", key="k", content_b64=b"v1", request_id="job-1:k")
     assert first["ok"] and "already_applied" not in first
-    retry = client.request("record_artifact", key="k", content_b64=b"v2", request_id="job-1:k")
+    retry = client.request("record_artifact", key="k", content_b64=b"v1", request_id="job-1:k")
     assert retry == {"ok": True, "already_applied": True, "request_id": "job-1:k"}
+    # Another request under the same id is refused, not answered "already applied".
+    with pytest.raises(pcx.RequestIdReused, match="job-1:k"):
+        client.request("record_artifact", key="k", content_b64=b"v2", request_id="job-1:k")
     assert client.serialize_artifact_by_key("k")["content_b64"] == b"v1"
+
+
+# -- a server that misbehaves ------------------------------------------------------------------
+
+def _fake_server(tmp_path: Path, answer: Callable[[socket.socket, int], None]) -> str:
+    """A Unix socket whose one connection reads request frames and calls
+    ``answer(connection, n)`` for the n-th (from 0). Gives its path."""
+    path = str(tmp_path / "fake.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            try:
+                for n in itertools.count():
+                    header = conn.recv(4, socket.MSG_WAITALL)
+                    if len(header) < 4:
+                        return
+                    conn.recv(struct.unpack(">I", header)[0], socket.MSG_WAITALL)
+                    answer(conn, n)
+            except OSError:  # the client gave the connection up
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return path
+
+
+def _frame(value: object) -> bytes:
+    body = msgpack.packb(value, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        struct.pack(">I", 3) + b"\xc1\xc1\xc1",  # the reserved byte: not MessagePack
+        struct.pack(">I", 2) + b"\x01\x02",  # two values in one frame
+        struct.pack(">I", 1) + b"\x07",  # one value, not a map
+        struct.pack(">I", 0xFFFFFFFF) + b"\x80",  # claims 4 GiB, then closes
+        struct.pack(">I", 50) + b"\x81\xa2ok",  # closes mid-answer
+    ],
+)
+def test_a_server_answering_garbage_raises_transport_error_and_the_connection_is_not_reused(
+    tmp_path: Path, garbage: bytes
+) -> None:
+    """Regression: an answer that was not one MessagePack map raised msgpack's own exceptions
+    (``ExtraData``, ``FormatError``…), not ``pcx.TransportError``; a 4 GiB length allocated
+    4 GiB before reading a byte; and the connection was used again afterwards, out of step
+    with its answers."""
+
+    def answer(conn: socket.socket, n: int) -> None:
+        conn.sendall(garbage)
+        conn.close()
+
+    client = pcx.Client.connect(_fake_server(tmp_path, answer), timeout=10)
+    with pytest.raises(pcx.TransportError):
+        client.record_artifact("k", b"v")
+    with pytest.raises(pcx.TransportError, match="broken"):
+        client.record_artifact("k2", b"v")
+    client.close()
+
+
+def test_an_answer_that_comes_after_the_timeout_is_not_taken_for_the_next_requests(
+    tmp_path: Path,
+) -> None:
+    """Regression: after a request timed out, its late answer stayed in the socket and the
+    client's next request read it as its own (a `serialize_artifact_by_key` answered with
+    another request's `seq`). Now a client whose connection failed mid-answer refuses further
+    requests on it, saying so, and the caller reconnects."""
+
+    def answer(conn: socket.socket, n: int) -> None:
+        if n == 0:
+            time.sleep(1.0)  # past the client's timeout
+        conn.sendall(_frame({"ok": True, "seq": n + 1}))
+
+    client = pcx.Client.connect(_fake_server(tmp_path, answer), timeout=0.3)
+    with pytest.raises(pcx.TransportError):
+        client.record_artifact("first", b"v")
+    time.sleep(1.0)  # the late answer is in the socket now
+    with pytest.raises(pcx.TransportError, match="broken"):
+        client.serialize_artifact_by_key("second")
+    client.close()

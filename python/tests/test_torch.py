@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import pytest
 
@@ -31,14 +31,17 @@ def run(
     mode: str = "pcx",
     namespace: str = "shared",
     torch_kinds: bool = False,
+    extra_env: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
     """Runs one process of the program (its own inductor directory; the dynamo cache
-    namespace given, so that processes of one test share it); gives its JSON line."""
+    namespace given, so that processes of one test share it); gives its JSON line, with its
+    stderr under ``"stderr"``."""
     env = dict(
         os.environ,
         TORCHINDUCTOR_CACHE_DIR=str(tmp / f"inductor-{name}"),
         PCX_TORCH_NAMESPACE=namespace,
         PCX_TORCH_KINDS="1" if torch_kinds else "0",
+        **(extra_env or {}),
     )
     done = subprocess.run(
         [sys.executable, str(PROGRAM), mode, str(served.socket), *flags],
@@ -49,6 +52,7 @@ def run(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["stderr"] = done.stderr
     return result
 
 
@@ -99,6 +103,52 @@ def test_a_process_killed_after_its_save_still_serves_the_next(
     b = run(served, tmp_path, "b")
     assert b["frames_compiled"] == 0 and b["hits"] == 1, b
     assert b["out"] == first["out"]
+
+
+@pytest.mark.parametrize("when", ["--server-dies", "--server-dies-mid-compile"])
+def test_torch_keeps_working_when_the_pcx_server_dies(
+    served: Any, tmp_path: Path, when: str
+) -> None:
+    """Regression: with the pcx server gone (killed before the compile, or between two of its
+    artifacts), ``torch.compile`` raised pcx's ``TransportError`` into the user's training
+    step, and ``save_cache_artifacts`` did too. Now pcx.torch warns once and hands torch its
+    own precompile context and cache back, with everything recorded so far: the step
+    completes with stock torch's numbers, and the save works."""
+    stock = run(served, tmp_path, "stock", "--train", mode="stock")
+    a = run(
+        served,
+        tmp_path,
+        "a",
+        "--train",
+        "--save",
+        when,
+        extra_env={"PCX_TEST_SERVER_PID": str(served.proc.pid)},
+    )
+    assert (a["out"], a["grad"]) == (stock["out"], stock["grad"]), a
+    assert a["frames_compiled"] >= 1, a
+    assert "torch falls back to its own" in a["stderr"], a["stderr"][-3000:]
+    assert a["stderr"].count("torch falls back to its own") == 1, a["stderr"][-3000:]
+
+
+def test_torch_keeps_working_when_pcx_refuses_what_torch_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a compiled artifact or entry over the server's ``max_content_bytes`` (a
+    large model's, say) made ``torch.compile`` raise ``pcx.TooLarge`` into the user's step;
+    torch itself has no such limit. Now pcx.torch warns and falls back to torch's own context
+    and cache, and the step completes with stock torch's numbers."""
+    from conftest import Served
+
+    monkeypatch.setenv("PCX_MAX_CONTENT_BYTES", "2000")
+    small = Served(tmp_path / "small-limit")
+    try:
+        stock = run(small, tmp_path, "stock", "--train", mode="stock")
+        a = run(small, tmp_path, "a", "--train", "--save")
+    finally:
+        small.stop()
+    assert (a["out"], a["grad"]) == (stock["out"], stock["grad"]), a
+    assert "torch falls back to its own" in a["stderr"], a["stderr"][-3000:]
+    assert "max_content_bytes" in a["stderr"], a["stderr"][-3000:]
 
 
 def test_namespaces_keep_two_caches_apart_on_one_data_directory(

@@ -279,6 +279,7 @@ impl ContextActor {
                 event = Event::Requested {
                     request_id: request_id.clone(),
                     event: Box::new(event),
+                    fingerprint: self.scope.request_fingerprint,
                 };
             }
             if let Some(journal) = self.journal.cluster_name() {

@@ -15,6 +15,16 @@ pub enum ContextError {
     /// the protocol as `{"ok":true,"already_applied":true}`.
     #[error("request {request_id} was already applied; nothing was done again")]
     AlreadyApplied { request_id: String },
+    /// A request carrying a client request id that an earlier, different request (another op,
+    /// key, content, context or namespace) was applied under. Nothing was applied: the id
+    /// stands for the first request, and answering "already applied" would tell the client a
+    /// change was made that never was.
+    #[error(
+        "request id {request_id} was already used by another request (its op, fields, context \
+         or namespace differ); nothing was applied: give each change its own request id, and \
+         retry a change with exactly the request first sent"
+    )]
+    RequestIdReused { request_id: String },
     /// An edit that named the content it expected (`expected_digest`) found another: someone
     /// changed the artifact since the editor read it. Nothing was applied.
     #[error(
@@ -101,6 +111,7 @@ impl ContextError {
             ContextError::Panicked { .. } => "internal",
             ContextError::Closed => "closed",
             ContextError::AlreadyApplied { .. } => "already_applied",
+            ContextError::RequestIdReused { .. } => "request_id_reused",
             ContextError::Audit { kind, .. } => kind,
         }
     }

@@ -33,23 +33,27 @@ impl ContextActor {
 }
 
 /// What a request's answer is when its client request id was applied before: a
-/// [`super::reply::Durable`] says so once the first is durable; the answers that are not durable writes
+/// [`super::reply::Durable`] says so once the first is durable (or, when the first was
+/// another request, refuses it at once: `reused`); the answers that are not durable writes
 /// (loads, reads) have no such answer, and their request is decided again.
 pub(super) trait AlreadyApplied: Sized {
-    fn already_applied(actor: &mut ContextActor, request_id: &str) -> Option<Self>;
+    fn already_applied(actor: &mut ContextActor, request_id: &str, reused: bool) -> Option<Self>;
 }
 
 impl<T: Send + 'static> AlreadyApplied for super::reply::Durable<T> {
-    fn already_applied(actor: &mut ContextActor, request_id: &str) -> Option<Self> {
-        let refusal = crate::actor::error::ContextError::AlreadyApplied {
-            request_id: request_id.to_string(),
+    fn already_applied(actor: &mut ContextActor, request_id: &str, reused: bool) -> Option<Self> {
+        let request_id = request_id.to_string();
+        let refusal = if reused {
+            crate::actor::error::ContextError::RequestIdReused { request_id }
+        } else {
+            crate::actor::error::ContextError::AlreadyApplied { request_id }
         };
         Some(actor.finish(Err(refusal), super::context_actor::same))
     }
 }
 
 impl<T> AlreadyApplied for actix::prelude::ResponseFuture<T> {
-    fn already_applied(_: &mut ContextActor, _: &str) -> Option<Self> {
+    fn already_applied(_: &mut ContextActor, _: &str, _: bool) -> Option<Self> {
         None
     }
 }
@@ -65,9 +69,18 @@ macro_rules! scoped {
             fn handle(&mut self, msg: InScope<$m>, ctx: &mut Self::Context) -> Self::Result {
                 if let Some(id) = msg.scope.request_id.as_deref() {
                     if self.state.applied(id) {
-                        tracing::info!(request_id = %id, "a request already applied came again");
+                        // Another request under the same id: both digests known and different.
+                        let reused = matches!(
+                            (self.state.applied_fingerprint(id), &msg.scope.request_fingerprint),
+                            (Some(first), Some(now)) if first != now
+                        );
+                        if reused {
+                            tracing::warn!(request_id = %id, "a request id came again with another request; refused");
+                        } else {
+                            tracing::info!(request_id = %id, "a request already applied came again");
+                        }
                         if let Some(answer) =
-                            <Self::Result as AlreadyApplied>::already_applied(self, id)
+                            <Self::Result as AlreadyApplied>::already_applied(self, id, reused)
                         {
                             return answer;
                         }

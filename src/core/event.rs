@@ -93,6 +93,10 @@ pub enum Event {
     Requested {
         request_id: String,
         event: Box<Event>,
+        /// The digest of the request ([`crate::core::scope::Scope::request_fingerprint`]);
+        /// absent in events written before it was kept, and for library requests.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fingerprint: Option<crate::core::model::Digest>,
     },
 }
 

@@ -20,6 +20,11 @@ pub struct Scope {
     /// with the request's scope to the events it stages: [`crate::core::event::Event::Requested`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// A digest of the request that carried `request_id` (its op, fields, context and
+    /// namespace): a retry must be the same request, and another request under the same id is
+    /// refused instead of being answered "already applied".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_fingerprint: Option<crate::core::model::Digest>,
 }
 
 impl Default for Scope {
@@ -28,6 +33,7 @@ impl Default for Scope {
             context: DEFAULT.into(),
             namespace: DEFAULT.into(),
             request_id: None,
+            request_fingerprint: None,
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct State {
     /// [`REMEMBERED_REQUESTS`], oldest dropped first), for answering a retry "already applied".
     #[serde(default, skip_serializing_if = "indexmap::IndexSet::is_empty")]
     pub requests: indexmap::IndexSet<String>,
+    /// The digest of the request each remembered id came with, where it was kept: a request
+    /// under a remembered id with another digest is another request, refused.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub request_fingerprints: IndexMap<String, Digest>,
 }
 
 /// How many client request ids the state remembers: a retry comes within seconds or minutes
@@ -186,6 +190,11 @@ impl State {
         self.requests.contains(request_id)
     }
 
+    /// The digest of the request applied under this client request id, where it was kept.
+    pub fn applied_fingerprint(&self, request_id: &str) -> Option<&Digest> {
+        self.request_fingerprints.get(request_id)
+    }
+
     fn apply_in(&mut self, context: &str, namespace: &str, event: Event) {
         match event {
             Event::ArtifactRecorded {
@@ -248,11 +257,22 @@ impl State {
                 namespace,
                 event,
             } => self.apply_in(&context, &namespace, *event),
-            Event::Requested { request_id, event } => {
+            Event::Requested {
+                request_id,
+                event,
+                fingerprint,
+            } => {
                 self.requests.shift_remove(&request_id);
+                self.request_fingerprints.shift_remove(&request_id);
+                if let Some(fingerprint) = fingerprint {
+                    self.request_fingerprints
+                        .insert(request_id.clone(), fingerprint);
+                }
                 self.requests.insert(request_id);
                 if self.requests.len() > REMEMBERED_REQUESTS {
-                    self.requests.shift_remove_index(0);
+                    if let Some(oldest) = self.requests.shift_remove_index(0) {
+                        self.request_fingerprints.shift_remove(&oldest);
+                    }
                 }
                 self.apply_in(context, namespace, *event);
             }

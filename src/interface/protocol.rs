@@ -151,7 +151,13 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
         return (id, Err(RequestError::WideNumber { field, number }));
     }
     let scope = match take_scope(&mut map) {
-        Ok(scope) => scope,
+        Ok(Some(mut scope)) => {
+            if scope.request_id.is_some() {
+                scope.request_fingerprint = Some(fingerprint(&map, &scope));
+            }
+            Some(scope)
+        }
+        Ok(None) => None,
         Err(e) => return (id, Err(e)),
     };
     let request = match map.get("op") {
@@ -179,6 +185,52 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
         (r, _) => r,
     };
     (id, request)
+}
+
+/// The digest of a request that carries a request id: its op and fields as sent (`id` and
+/// `request_id` aside; object keys sorted, so key order does not count) and its context and
+/// namespace. A retry sends the same request, so gets the same digest from either transport
+/// (the socket's binary fields arrive here as base64 text, as batch's do).
+fn fingerprint(map: &Map<String, Value>, scope: &Scope) -> Digest {
+    fn text(h: &mut blake3::Hasher, tag: u8, s: &str) {
+        h.update(&[tag]);
+        h.update(&(s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    }
+    fn object(h: &mut blake3::Hasher, map: &Map<String, Value>) {
+        h.update(b"{");
+        h.update(&(map.len() as u64).to_le_bytes());
+        let mut fields: Vec<_> = map.iter().collect();
+        fields.sort_by(|a, b| a.0.cmp(b.0));
+        for (k, v) in fields {
+            text(h, b'k', k);
+            value(h, v);
+        }
+    }
+    fn value(h: &mut blake3::Hasher, v: &Value) {
+        match v {
+            Value::Null => {
+                h.update(b"n");
+            }
+            Value::Bool(b) => {
+                h.update(if *b { b"T" } else { b"F" });
+            }
+            Value::Number(n) => text(h, b'#', &n.to_string()),
+            Value::String(s) => text(h, b's', s),
+            Value::Array(items) => {
+                h.update(b"[");
+                h.update(&(items.len() as u64).to_le_bytes());
+                items.iter().for_each(|item| value(h, item));
+            }
+            Value::Object(map) => object(h, map),
+        }
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(b"pcx request fingerprint 1\0");
+    text(&mut h, b'c', &scope.context);
+    text(&mut h, b'n', &scope.namespace);
+    object(&mut h, map);
+    Digest(*h.finalize().as_bytes())
 }
 
 /// The longest client request id: room for a UUID, a host name and a counter.

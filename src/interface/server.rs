@@ -366,8 +366,14 @@ fn refuse_on(mut socket: impl std::io::Read + std::io::Write, frame: &[u8]) {
 enum Frame {
     Body(Vec<u8>),
     TooLarge(u64),
+    /// A frame within the limit whose body the process could not get the memory for.
+    Unaffordable(u64),
     End,
 }
+
+/// The most a frame's body buffer first holds: it grows (doubling) as bytes arrive, never to
+/// the length a header only claims.
+const FIRST_BODY_BUFFER: usize = 64 << 10;
 
 async fn read_frame(r: &mut (impl AsyncRead + Unpin), limit: u64) -> std::io::Result<Frame> {
     let mut header = [0u8; HEADER_LEN];
@@ -380,13 +386,28 @@ async fn read_frame(r: &mut (impl AsyncRead + Unpin), limit: u64) -> std::io::Re
     if len > limit {
         return Ok(Frame::TooLarge(len));
     }
-    let mut body = vec![0u8; len as usize];
-    match r.read_exact(&mut body).await {
-        Ok(_) => Ok(Frame::Body(body)),
-        // A client that vanished mid-frame: nothing was accepted from it.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(Frame::End),
-        Err(e) => Err(e),
+    // The buffer grows with the bytes that arrive: a header alone (a client that stalls, or
+    // thousands of them) costs nothing, and a failed allocation is this frame's refusal, not
+    // an abort of the server.
+    let Ok(len) = usize::try_from(len) else {
+        return Ok(Frame::Unaffordable(len));
+    };
+    let mut body: Vec<u8> = Vec::new();
+    while body.len() < len {
+        if body.len() == body.capacity() {
+            let grow = body.capacity().max(FIRST_BODY_BUFFER).min(len - body.len());
+            if body.try_reserve_exact(grow).is_err() {
+                return Ok(Frame::Unaffordable(len as u64));
+            }
+        }
+        let room = (body.capacity() - body.len()) as u64;
+        // A client that vanished mid-frame (0 bytes: end of stream): nothing was accepted
+        // from it.
+        if (&mut *r).take(room).read_buf(&mut body).await? == 0 {
+            return Ok(Frame::End);
+        }
     }
+    Ok(Frame::Body(body))
 }
 
 fn ready(value: Value) -> AnswerFuture {
@@ -512,6 +533,18 @@ async fn serve_connection(
                     // The rest of this frame cannot be skipped safely: answer, then close.
                     budget.queued.set(budget.queued.get() + 1);
                     let _ = tx.send(ready(refused(&e))).await;
+                    break;
+                }
+                Ok(Frame::Unaffordable(len)) => {
+                    counters.refused_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        len,
+                        "no memory for a frame's body; refusing it and closing its connection"
+                    );
+                    budget.queued.set(budget.queued.get() + 1);
+                    let _ = tx
+                        .send(ready(refused(&RequestError::FrameUnaffordable { len })))
+                        .await;
                     break;
                 }
                 Ok(Frame::End) | Err(_) => break,

@@ -140,6 +140,11 @@ pub enum RequestError {
     TooLarge { len: u64, limit: u64 },
     #[error("frame is {len} bytes, over the limit of {limit} bytes (max_frame_bytes); closing the connection")]
     FrameTooLarge { len: u64, limit: u64 },
+    #[error(
+        "frame is {len} bytes, and the server could not get the memory to hold it (its \
+         process is at its memory limit); closing the connection: send it again later"
+    )]
+    FrameUnaffordable { len: u64 },
 }
 
 impl RequestError {
@@ -150,7 +155,9 @@ impl RequestError {
             RequestError::MissingField(_) => "missing_field",
             RequestError::Invalid(_) | RequestError::WideNumber { .. } => "invalid_request",
             RequestError::BadBase64 { .. } => "bad_base64",
-            RequestError::TooLarge { .. } | RequestError::FrameTooLarge { .. } => "too_large",
+            RequestError::TooLarge { .. }
+            | RequestError::FrameTooLarge { .. }
+            | RequestError::FrameUnaffordable { .. } => "too_large",
         }
     }
 }

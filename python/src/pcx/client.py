@@ -19,14 +19,15 @@ client also works with a server that predates them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
-from .errors import error_from_answer
+from .errors import TransportError, error_from_answer
 from .transport import Answer, BatchTransport, SocketTransport, Transport
 
 __all__ = ["Client"]
@@ -74,6 +75,8 @@ class Client:
     ) -> None:
         self._transport = transport
         self._lock = threading.Lock()
+        #: Why the connection was given up (``None`` while it is in step with its answers).
+        self._broken: Optional[str] = None
         self.context = context
         self.namespace = namespace
         #: Seconds spent in :meth:`request` (sending and waiting for answers), for
@@ -208,12 +211,34 @@ class Client:
         req.update({k: v for k, v in fields.items() if v is not None})
         with self._lock:
             started = time.perf_counter()
-            self._transport.send(req)
-            answer = self._transport.receive()
+            with self._in_step():
+                self._transport.send(req)
+                answer = self._transport.receive()
             self.busy_s += time.perf_counter() - started
         if not answer.get("ok"):
             raise error_from_answer(answer)
         return answer
+
+    @contextlib.contextmanager
+    def _in_step(self) -> Iterator[None]:
+        """Sending and receiving: refused on a connection given up before; a failure in the
+        middle (a timeout, a closed connection, a garbage answer, an interrupt) gives this one
+        up, since an answer may still be on its way and would be read as the next request's."""
+        if self._broken is not None:
+            raise TransportError(
+                f"the connection to {self._transport.description} was broken by an earlier "
+                f"failure ({self._broken}); make a new client (a change sent with a "
+                f"request_id can be retried safely)"
+            )
+        try:
+            yield
+        except BaseException as e:
+            self._broken = f"{type(e).__name__}: {e}"
+            try:
+                self._transport.close()
+            except Exception:  # already broken; closing is a courtesy
+                pass
+            raise
 
     def pipeline(self, requests: Iterable[Mapping[str, Any]], window: int = 64) -> List[Answer]:
         """Sends many request maps with up to ``window`` in flight and gives every answer, in
@@ -224,14 +249,15 @@ class Client:
         with self._lock:
             started = time.perf_counter()
             in_flight = 0
-            for r in requests:
-                self._transport.send(r)
-                in_flight += 1
-                if in_flight >= window:
+            with self._in_step():
+                for r in requests:
+                    self._transport.send(r)
+                    in_flight += 1
+                    if in_flight >= window:
+                        answers.append(self._transport.receive())
+                        in_flight -= 1
+                for _ in range(in_flight):
                     answers.append(self._transport.receive())
-                    in_flight -= 1
-            for _ in range(in_flight):
-                answers.append(self._transport.receive())
             self.busy_s += time.perf_counter() - started
         return answers
 

@@ -37,6 +37,7 @@ __all__ = [
     "Internal",
     "Closed",
     "Conflict",
+    "RequestIdReused",
     "Compacted",
     "BeyondEnd",
     "CorruptLog",
@@ -212,6 +213,12 @@ class Conflict(PcxError):
     KIND = "conflict"
 
 
+class RequestIdReused(PcxError):
+    """A ``request_id`` an earlier, different request was applied under; nothing was applied."""
+
+    KIND = "request_id_reused"
+
+
 class Compacted(PcxError):
     """An audit query about events compacted away."""
 
@@ -249,7 +256,7 @@ _BY_KIND: Dict[str, Type[PcxError]] = {
         BadJson, UnknownOp, MissingField, InvalidRequest, BadBase64, TooLarge, InvalidKind,
         InvalidEntry, KeyNotFound, PackageNotFound, SystemMismatch, NoPlugin, PluginFailed,
         NoSuchEdit, ContentUnavailable, SaveFailed, Storage, NoSpace, Aborted, Internal, Closed,
-        Conflict, Compacted, BeyondEnd, CorruptLog, BadFrame, Unauthorized,
+        Conflict, RequestIdReused, Compacted, BeyondEnd, CorruptLog, BadFrame, Unauthorized,
     )
 }
 

@@ -32,6 +32,9 @@ Request = Mapping[str, Any]
 Answer = Dict[str, Any]
 
 _HEADER = struct.Struct(">I")
+#: The most an answer's buffer first holds: it grows as bytes arrive, never to a length a
+#: header only claims (a garbage header of 4 GiB allocates nothing up front).
+_FIRST_READ = 1 << 20
 
 
 class Transport:
@@ -92,23 +95,30 @@ class SocketTransport(Transport):
 
     def receive(self) -> Answer:
         (length,) = _HEADER.unpack(self._read_exactly(_HEADER.size))
-        answer = msgpack.unpackb(self._read_exactly(length), raw=False, strict_map_key=False)
+        body = self._read_exactly(length)
+        try:
+            answer = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception as e:  # msgpack's ExtraData, FormatError, StackError, ValueError…
+            raise TransportError(
+                f"{self.description} answered a frame of {length} bytes that is not one "
+                f"MessagePack value ({type(e).__name__}: {e})"
+            ) from e
         if not isinstance(answer, dict):
             raise TransportError(f"{self.description} answered a frame that is not a map")
         return answer
 
     def _read_exactly(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
+        buf = bytearray()
+        while len(buf) < n:
             try:
-                k = self._sock.recv_into(view[got:], n - got)
+                chunk = self._sock.recv(min(n - len(buf), max(len(buf), _FIRST_READ)))
             except OSError as e:
                 raise TransportError(f"reading from {self.description}: {e}") from e
-            if k == 0:
-                raise TransportError(f"{self.description} closed the connection")
-            got += k
+            if not chunk:
+                raise TransportError(
+                    f"{self.description} closed the connection after {len(buf)} of {n} bytes"
+                )
+            buf += chunk
         return bytes(buf)
 
     def close(self) -> None:
@@ -187,7 +197,12 @@ class BatchTransport(Transport):
             raise TransportError(
                 f"{self.description} exited ({self._proc.returncode}) before answering{self._why()}"
             )
-        answer = json.loads(line)
+        try:
+            answer = json.loads(line)
+        except ValueError as e:
+            raise TransportError(
+                f"{self.description} answered a line that is not JSON ({e}){self._why()}"
+            ) from e
         if not isinstance(answer, dict):
             raise TransportError(f"{self.description} answered a line that is not an object")
         return _from_json(answer)

@@ -8,15 +8,20 @@ MODE ``pcx`` installs pcx.torch on the server at SOCKET; ``stock`` leaves torch 
 DynamoCache on files). ``--save`` calls torch.compiler.save_cache_artifacts() after the first
 call; ``--train`` also runs a training step (forward and backward) and reports the gradient;
 ``--fake-torch-version`` makes this process claim another torch version (a system mismatch);
-``--sleep`` waits after printing (to be killed).
+``--sleep`` waits after printing (to be killed); ``--server-dies`` SIGKILLs the pcx server
+(pid ``$PCX_TEST_SERVER_PID``) right after installing, ``--server-dies-mid-compile`` right after
+torch's first artifact was recorded in it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("TORCH_CACHING_PRECOMPILE", "1")
 
@@ -45,6 +50,22 @@ def pcx_seconds() -> float:
     return 0.0 if client is None else client.busy_s
 
 
+def kill_server(sock: str) -> None:
+    """SIGKILLs the pcx server and waits until its socket refuses connections."""
+    os.kill(int(os.environ["PCX_TEST_SERVER_PID"]), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(sock)
+        except OSError:
+            return
+        finally:
+            probe.close()
+        time.sleep(0.02)
+    raise RuntimeError("the pcx server did not die")
+
+
 def main() -> None:
     mode, sock = sys.argv[1], sys.argv[2]
     flags = set(sys.argv[3:])
@@ -54,7 +75,19 @@ def main() -> None:
         import pcx
         import pcx.torch
 
-        pcx.torch.install(pcx.Client.connect(sock))
+        client = pcx.torch.install(pcx.Client.connect(sock))
+        if "--server-dies" in flags:
+            kill_server(sock)
+        if "--server-dies-mid-compile" in flags:
+            record = client.record_artifact
+
+            def record_then_die(*args: Any, **kwargs: Any) -> Any:
+                answer = record(*args, **kwargs)
+                client.record_artifact = record  # type: ignore[method-assign]
+                kill_server(sock)
+                return answer
+
+            client.record_artifact = record_then_die  # type: ignore[method-assign]
     torch.manual_seed(0)
     model = MLP()
     x = torch.randn(8, 16)

@@ -133,7 +133,9 @@ fn event_fields(event: &Event, m: &mut Map<String, Value>) {
             m.insert("namespace".into(), json!(namespace));
             event_fields(event, m);
         }
-        Event::Requested { request_id, event } => {
+        Event::Requested {
+            request_id, event, ..
+        } => {
             m.insert("request_id".into(), json!(request_id));
             event_fields(event, m);
         }

@@ -3,7 +3,9 @@
 //!
 //! A library is loaded with `RTLD_NOW | RTLD_LOCAL` by canonical path and never unloaded
 //! while the process runs (its code may be running on another thread, and values it made may
-//! be alive). Every check happens before any kind is registered: magic, struct size, ABI
+//! be alive). On Linux what is loaded is a private, sealed copy of the file's bytes (a
+//! `memfd`), so a library overwritten in place while pcx runs does not change the code pcx is
+//! running (the new file is loaded at the next start). Every check happens before any kind is registered: magic, struct size, ABI
 //! version, target triple, non-null pointers, sane lengths, kind names. A plugin's failure at
 //! run time (error status, panic, nonsense output, output over the limit) becomes a
 //! [`PluginError`] naming the plugin, its version and the kind; the host goes on.
@@ -95,13 +97,25 @@ pub fn load_with_min_minor(path: &Path, min_minor: u16) -> Result<LoadedPlugin, 
     // SAFETY: loading a library runs its initialisers with this process's rights. The caller
     // only passes files from the configured plugin directory (or the file `plugins check`
     // was asked about, in a child process), by canonical path: the operator chose to trust it.
-    let library =
-        unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|e| {
-            PluginError::Open {
-                path: path.into(),
-                message: e.to_string(),
-            }
-        })?;
+    // The private copy holds the same bytes.
+    let open = |from: &Path| unsafe { libloading::os::unix::Library::open(Some(from), flags) };
+    let copy = private_copy(path, meta.len());
+    let library = match copy.map(|(at, file)| (open(&at), file)) {
+        Some((Ok(library), file)) => {
+            // Kept open for the life of the process, as the library is never unloaded: the
+            // dynamic loader knows a library by the name it was opened by, and a closed
+            // descriptor's number, reused for the next plugin's copy, would make it hand
+            // back this library instead of loading that one.
+            std::mem::forget(file);
+            Ok(library)
+        }
+        // No copy (no memfd here), or one the system will not map executable: the file.
+        _ => open(path),
+    }
+    .map_err(|e| PluginError::Open {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
     // Never unloaded: values and code of the plugin may outlive any handle we could drop.
     let library: &'static libloading::os::unix::Library = Box::leak(Box::new(library));
     // SAFETY: the symbol is declared by the ABI as `EntryFn`; a library exporting a symbol of
@@ -114,6 +128,52 @@ pub fn load_with_min_minor(path: &Path, min_minor: u16) -> Result<LoadedPlugin, 
     // SAFETY: `ptr` came from the plugin's entry and, if non-null, points to its static
     // descriptor; `validate` checks size and alignment before reading fields.
     unsafe { validate(path, ptr, min_minor) }
+}
+
+/// A private copy of the library at `path` (at most `len` bytes), sealed against writes, and
+/// the path to load it by (`/proc/self/fd/N`, valid while the file lives): what the process
+/// maps then cannot change if the file on disk is overwritten in place. `None` where memfds
+/// are not available, or the file cannot be read (loading it by path then says why).
+#[cfg(target_os = "linux")]
+fn private_copy(path: &Path, len: u64) -> Option<(PathBuf, std::fs::File)> {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(len)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    let name = c"pcx-plugin";
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new
+    // descriptor or -1. MFD_EXEC (Linux 6.3) is asked for where `vm.memfd_noexec` would
+    // otherwise forbid mapping it executable; older kernels refuse the flag (EINVAL).
+    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), flags | libc::MFD_EXEC) };
+    if fd < 0 {
+        // SAFETY: as above.
+        fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    }
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just created here and is owned by nothing else.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(&bytes).ok()?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor this function owns, with integer arguments; a refusal
+    // leaves the copy unsealed, still private to this process.
+    let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    Some((
+        PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
+        file,
+    ))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn private_copy(_: &Path, _: u64) -> Option<(PathBuf, std::fs::File)> {
+    None
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> PluginError {

@@ -110,8 +110,9 @@ def uninstall() -> None:
 
 
 def installed() -> Optional[Client]:
-    """The client in use, or ``None`` when not installed."""
-    return None if _hooks is None else _hooks.client
+    """The client in use, or ``None`` when not installed (or fallen back to torch's own
+    context and cache because pcx could not be reached)."""
+    return None if _hooks is None or _hooks.fell_back is not None else _hooks.client
 
 
 def pytest_configure(config: Any) -> None:

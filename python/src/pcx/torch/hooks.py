@@ -5,6 +5,13 @@ AOTAutograd, Dynamo's ``DynamoStore`` and ``torch.compiler.save_cache_artifacts`
 module-level ``DynamoCache`` object gets instance attributes that shadow its ``load``,
 ``read``, ``write`` and ``clear`` (every caller reaches it as that one object). Nothing of
 torch's source is changed, and :meth:`Hooks.remove` puts every original back.
+
+When pcx cannot be reached (the server died, was never there, or answers nonsense: a
+:class:`pcx.TransportError`), or refuses to record what torch recorded (an artifact over its
+``max_content_bytes``, say), the hooks warn once and **fall back**: torch's own precompile
+context and dynamo cache are put back, holding everything this process recorded so far, and
+the call that failed is made again on them. torch goes on as if pcx had never been installed,
+for the rest of the process; a training run is never stopped by pcx.
 """
 
 from __future__ import annotations
@@ -12,10 +19,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 from ..client import Client
-from ..errors import PackageNotFound, PcxError
+from ..errors import PackageNotFound, PcxError, TransportError
 from . import convert
 
 logger = logging.getLogger("pcx.torch")
@@ -30,6 +37,9 @@ _CONTEXT_METHODS = (
     "create_cache_entries",
 )
 _CACHE_METHODS = ("load", "read", "write", "clear")
+# What torch records: torch itself never refuses it, so pcx refusing it for any reason (an
+# artifact over the server's max_content_bytes, a kind its plugin refuses…) falls back too.
+_RECORDING = ("record_artifact", "record_dynamo_cache_entry")
 _CONTEXT_DICTS = ("_backend_artifacts_by_key", "_dynamo_cache_entries")
 
 
@@ -38,28 +48,40 @@ class _ArtifactMirror(dict):  # type: ignore[type-arg]
     copy of what it recorded (torch and its tests read the class dict directly), whose
     removals are forwarded to pcx (``take_artifact``) so the next stitch sees them too."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, lost: Callable[[TransportError], None]) -> None:
         super().__init__()
         self._client = client
+        self._lost = lost
+
+    def _take(self, keys: List[Any]) -> None:
+        """Forwards removals already made here; with pcx gone, falls back (this dict, as it
+        is now, becomes torch's own)."""
+        try:
+            for key in keys:
+                self._client.take_artifact(str(key))
+        except TransportError as e:
+            self._lost(e)
 
     def __delitem__(self, key: Any) -> None:
         super().__delitem__(key)
-        self._client.take_artifact(str(key))
+        self._take([key])
 
     def pop(self, key: Any, *default: Any) -> Any:
-        if key in self:
-            self._client.take_artifact(str(key))
-        return super().pop(key, *default)
+        present = key in self
+        value = super().pop(key, *default)
+        if present:
+            self._take([key])
+        return value
 
     def popitem(self) -> Any:
         key, value = super().popitem()
-        self._client.take_artifact(str(key))
+        self._take([key])
         return key, value
 
     def clear(self) -> None:
-        for key in list(self):
-            self._client.take_artifact(str(key))
+        keys = list(self)
         super().clear()
+        self._take(keys)
 
 
 class Hooks:
@@ -76,9 +98,11 @@ class Hooks:
         self.shared_cache = shared_cache
         self._saved_context: Dict[str, Any] = {}
         self._saved_dicts: Dict[str, Any] = {}
-        self._artifacts: _ArtifactMirror = _ArtifactMirror(client)
+        self._artifacts: _ArtifactMirror = _ArtifactMirror(client, self.fall_back)
         self._entries: Dict[str, Any] = {}
         self._cache: Any = None
+        #: Why pcx was given up for this process (``None`` while it serves torch).
+        self.fell_back: Optional[str] = None
 
     # -- installing -------------------------------------------------------------------------
 
@@ -88,7 +112,8 @@ class Hooks:
 
         for name in _CONTEXT_METHODS:
             self._saved_context[name] = PrecompileContext.__dict__[name]
-            setattr(PrecompileContext, name, classmethod(getattr(self, "_ctx_" + name)))
+            hook = self._guarded(name, getattr(self, "_ctx_" + name), context=True)
+            setattr(PrecompileContext, name, classmethod(hook))
         # torch (and its own tests) read and delete from these class dicts directly; keep
         # them as this process's mirror of its pcx context instead of leaving them empty.
         for name in _CONTEXT_DICTS:
@@ -97,7 +122,8 @@ class Hooks:
         PrecompileContext._dynamo_cache_entries = self._entries
         self._cache = package.DynamoCache
         for name in _CACHE_METHODS:
-            setattr(self._cache, name, getattr(self, "_cache_" + name))
+            hook = self._guarded(name, getattr(self, "_cache_" + name), context=False)
+            setattr(self._cache, name, hook)
 
     def remove(self) -> None:
         from torch._dynamo.precompile_context import PrecompileContext
@@ -112,6 +138,60 @@ class Hooks:
             for name in _CACHE_METHODS:
                 self._cache.__dict__.pop(name, None)
             self._cache = None
+
+    # -- falling back ---------------------------------------------------------------------------
+
+    def _guarded(
+        self, name: str, hook: Callable[..., Any], *, context: bool
+    ) -> Callable[..., Any]:
+        """``hook``, which on a :class:`TransportError` falls back and makes the same call on
+        torch's own method (back in place by then)."""
+
+        gives_up: Tuple[Type[PcxError], ...] = (
+            (PcxError,) if context and name in _RECORDING else (TransportError,)
+        )
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return hook(*args, **kwargs)
+            except gives_up as e:
+                self.fall_back(e)
+            if context:
+                from torch._dynamo.precompile_context import PrecompileContext
+
+                # args[0] is the class the hook was called through.
+                return getattr(PrecompileContext, name)(*args[1:], **kwargs)
+            from torch._dynamo import package
+
+            return getattr(package.DynamoCache, name)(*args, **kwargs)
+
+        return call
+
+    def fall_back(self, error: PcxError) -> None:
+        """pcx is unreachable (or refused what torch recorded): puts torch's own precompile
+        context (holding what this process recorded so far) and dynamo cache back, and warns
+        once."""
+        if self.fell_back is not None:
+            return
+        self.fell_back = str(error)
+        logger.warning(
+            "pcx.torch: pcx cannot be reached or refused what torch recorded (%s); torch falls back to its own precompile "
+            "context and dynamo cache for the rest of this process, keeping the %d artifacts "
+            "and %d entries recorded so far",
+            error,
+            len(self._artifacts),
+            len(self._entries),
+        )
+        artifacts, entries = dict(self._artifacts), dict(self._entries)
+        self.remove()
+        from torch._dynamo.precompile_context import PrecompileContext
+
+        PrecompileContext._backend_artifacts_by_key.update(artifacts)
+        PrecompileContext._dynamo_cache_entries.update(entries)
+        try:
+            self.client.close()
+        except Exception:  # already broken; closing is a courtesy
+            pass
 
     # -- PrecompileContext --------------------------------------------------------------------
 
@@ -191,6 +271,8 @@ class Hooks:
             logger.info("No package found for %s", key)
             counters["dynamo_cache"]["dynamo_cache_miss"] += 1
             return None
+        except TransportError:
+            raise  # pcx is gone: fall back to torch's own cache (see _guarded)
         except Exception:
             counters["dynamo_cache"]["dynamo_cache_error"] += 1
             logger.warning("Failed to load package %s from pcx", key, exc_info=True)
