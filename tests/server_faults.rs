@@ -734,3 +734,41 @@ fn out_of_range_configuration_values_exit_2_with_a_message() {
         }
     }
 }
+
+/// A server that dies mid-stream: `pcx client` fails, saying how many requests were answered
+/// and that the rest may or may not have been applied (it said only "failed to fill whole
+/// buffer").
+#[test]
+fn a_server_gone_mid_stream_fails_the_client_saying_how_far_the_answers_came() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // A fake server: answers two requests, then closes the connection.
+    let fake = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        for _ in 0..2 {
+            let mut header = [0u8; HEADER_LEN];
+            conn.read_exact(&mut header).unwrap();
+            let mut body = vec![0u8; body_len(header) as usize];
+            conn.read_exact(&mut body).unwrap();
+            conn.write_all(&encode_frame(&to_msgpack(&json!({"ok": true}))))
+                .unwrap();
+        }
+    });
+    let input: String = (0..5)
+        .map(|i| format!("{}\n", json!({"op": "stats", "id": i})))
+        .collect();
+    let out = run(
+        pcx_cmd(&["client", "--socket", path_str(&path)]),
+        input.as_bytes(),
+    );
+    fake.join().unwrap();
+    assert!(!out.status.success(), "{}", out.stdout);
+    assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("after 2 answers") && out.stderr.contains("may or may not"),
+        "{}",
+        out.stderr
+    );
+}

@@ -56,9 +56,13 @@ where
     let (slots_tx, slots_rx) = mpsc::sync_channel::<Slot>(max_in_flight.max(1));
     let sender = std::thread::Builder::new()
         .name("pcx-client-sender".into())
-        .spawn(move || -> io::Result<()> {
+        // Its error says which side failed: `true`, the server's connection.
+        .spawn(move || -> Result<(), (bool, io::Error)> {
             let mut input = input;
-            while let Some(line) = read_bounded_line(&mut input, max_request_bytes)? {
+            let to_server = |e| (true, e);
+            while let Some(line) =
+                read_bounded_line(&mut input, max_request_bytes).map_err(|e| (false, e))?
+            {
                 let slot = match line {
                     Line::TooLong(len) => Slot::Local(refused(&RequestError::TooLarge {
                         len,
@@ -68,7 +72,9 @@ where
                     Line::Text(text) => match serde_json::from_slice::<Value>(&text) {
                         Err(e) => Slot::Local(refused(&RequestError::BadJson(e.to_string()))),
                         Ok(v) => {
-                            writer.write_all(&encode_frame(&to_msgpack(&v)))?;
+                            writer
+                                .write_all(&encode_frame(&to_msgpack(&v)))
+                                .map_err(to_server)?;
                             Slot::Remote
                         }
                     },
@@ -77,14 +83,14 @@ where
                     break;
                 }
             }
-            writer.flush()?;
-            writer.shutdown_write()
+            writer.flush().map_err(to_server)?;
+            writer.shutdown_write().map_err(to_server)
         })?;
     let mut answered = 0;
     for slot in slots_rx {
         let value = match slot {
             Slot::Local(v) => v,
-            Slot::Remote => read_answer(&mut reader)?,
+            Slot::Remote => read_answer(&mut reader).map_err(|e| gone(e, answered))?,
         };
         serde_json::to_writer(&mut *output, &value)?;
         output.write_all(b"\n")?;
@@ -92,10 +98,27 @@ where
         answered += 1;
     }
     match sender.join() {
-        Ok(r) => r?,
+        Ok(Err((true, e))) => return Err(gone(e, answered)),
+        Ok(Err((false, e))) => return Err(e),
+        Ok(Ok(())) => {}
         Err(_) => return Err(io::Error::other("the client's sender thread panicked")),
     }
     Ok(answered)
+}
+
+/// The server gone mid-stream (killed, or its connection cut), while reading an answer or
+/// sending a request: says how far the answers came, since the requests after them may or may
+/// not have been applied.
+fn gone(e: io::Error, answered: u64) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!(
+            "the connection to the server failed after {answered} answers (at request {}: {e}). \
+             The requests after those may or may not have been applied: send them again with \
+             their request_id to be told which",
+            answered + 1
+        ),
+    )
 }
 
 /// A stream that can be split into a reading and a writing handle.
