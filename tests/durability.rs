@@ -1027,6 +1027,76 @@ fn a_damaged_content_file_gives_an_error_naming_the_content_never_wrong_bytes() 
     });
 }
 
+/// Contents are stored once by digest, so a record of a content already stored used to be
+/// answered without writing anything: when the stored copy had been damaged, the new record
+/// was acknowledged and every read of it failed, though the caller had sent the bytes. The
+/// stored copy is now compared with what is recorded, and written again when it differs or
+/// cannot be read, in a content file and in a sled pack alike.
+#[test]
+fn a_content_recorded_again_over_a_damaged_copy_is_written_again_and_reads_back() {
+    let big = big_content(200_000, 7);
+    let small = b"a small content kept in a sled pack".to_vec();
+    let flip_in_file = |dir: &Path| {
+        let file = content_files(dir).remove(0);
+        let mut bytes = std::fs::read(&file).unwrap();
+        flip_middle_byte(&mut bytes);
+        std::fs::write(&file, &bytes).unwrap();
+    };
+    let alter_in_pack = |dir: &Path| {
+        damage_contents(dir, SLED_PATIENCE, |c| {
+            let stored = c
+                .get_mut(&Digest::of(&small))
+                .expect("the content is in a pack");
+            stored[0] ^= 0xff;
+        })
+    };
+    type Damage<'a> = &'a dyn Fn(&Path);
+    let cases: [(&str, &Vec<u8>, Damage); 2] = [
+        ("in a content file", &big, &flip_in_file),
+        ("in a sled pack", &small, &alter_in_pack),
+    ];
+    for (place, stored, damage) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), 10_000);
+        block_on(async {
+            let ctx = open(&config);
+            record(&ctx, "first", stored).await;
+            ctx.close().await.expect("close");
+        });
+        damage(dir.path());
+        block_on(async {
+            let ctx = open(&config);
+            let err = ctx
+                .serialize_artifact_by_key("first")
+                .await
+                .expect_err("damaged bytes are never served");
+            assert_eq!(err.kind(), "content_unavailable", "{place}: {err}");
+            record(&ctx, "again", stored).await;
+            for key in ["first", "again"] {
+                assert_eq!(
+                    content(&ctx, key).await.as_ref(),
+                    Some(stored),
+                    "{place}: {key}"
+                );
+            }
+            ctx.close().await.expect("close");
+        });
+        block_on(async {
+            let ctx = open(&config);
+            for key in ["first", "again"] {
+                assert_eq!(
+                    content(&ctx, key).await.as_ref(),
+                    Some(stored),
+                    "{place}: {key} after reopening"
+                );
+            }
+            ctx.close().await.expect("close");
+        });
+        let verify = cli(dir.path(), &["verify"]).answer();
+        assert_eq!(verify["ok"], json!(true), "{place}: {verify}");
+    }
+}
+
 /// A data directory written before pages and packs (one record per key in tree `events`,
 /// one content per digest in tree `blobs`) opens with its whole history, and new records
 /// follow it.

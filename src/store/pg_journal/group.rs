@@ -21,6 +21,12 @@ pub(super) const SNAPSHOTS_KEPT: i64 = 2;
 /// A group of events and their contents in one statement (see
 /// `Group::write_in_one_statement`): data-modifying CTEs that insert only when the head's
 /// compare-and-set (epoch, head, unexpired lease) moved it; answers 1 if it did, else 0.
+///
+/// A content the cluster already holds is compared with the stored one, in the database: a
+/// part that is missing or differs, and a length or part count that differs, is written
+/// again from the group's bytes (`m`, and `p`'s upsert). Taking the digest's word for it
+/// answered the record and left every read of it failing, though the bytes had been sent.
+/// An intact content costs one index probe a part and takes no lock.
 pub(super) const GROUP_SQL: &str = "WITH h AS ( \
                UPDATE pcx_heads SET head = $1 \
                WHERE journal = $2 AND epoch = $3 AND head = $4 AND lease_until > clock_timestamp() \
@@ -29,10 +35,16 @@ pub(super) const GROUP_SQL: &str = "WITH h AS ( \
                INSERT INTO pcx_contents (digest, len, parts) \
                SELECT * FROM unnest($5::bytea[], $6::bigint[], $7::integer[]) WHERE EXISTS (SELECT 1 FROM h) \
                ON CONFLICT (digest) DO NOTHING RETURNING digest \
+             ), m AS ( \
+               UPDATE pcx_contents pc SET len = x.l, parts = x.n \
+               FROM unnest($5::bytea[], $6::bigint[], $7::integer[]) AS x(d, l, n) \
+               WHERE EXISTS (SELECT 1 FROM h) AND pc.digest = x.d AND (pc.len, pc.parts) IS DISTINCT FROM (x.l, x.n) \
              ), p AS ( \
                INSERT INTO pcx_content_parts (digest, part, bytes) \
                SELECT t.d, t.n, t.b FROM unnest($8::bytea[], $9::integer[], $10::bytea[]) AS t(d, n, b) \
-               WHERE t.d IN (SELECT digest FROM c) \
+               WHERE EXISTS (SELECT 1 FROM h) AND (t.d IN (SELECT digest FROM c) OR NOT EXISTS ( \
+                 SELECT 1 FROM pcx_content_parts s WHERE s.digest = t.d AND s.part = t.n AND s.bytes = t.b)) \
+               ON CONFLICT (digest, part) DO UPDATE SET bytes = EXCLUDED.bytes \
              ), r AS ( \
                INSERT INTO pcx_records (journal, seq, bytes) \
                SELECT $2, t.s, t.b FROM unnest($11::bigint[], $12::bytea[]) AS t(s, b) WHERE EXISTS (SELECT 1 FROM h) \
@@ -324,8 +336,10 @@ impl Group {
     }
 }
 
-/// Stores contents once for the cluster, in parts: two statements for the whole group (the
-/// contents new to the cluster, then all their parts), not two round trips a content.
+/// Stores contents once for the cluster, in parts: three statements for the whole group
+/// (the contents new to the cluster, the length and part count of those stored otherwise,
+/// then every part not stored as it is here), not three round trips a content. As in
+/// [`GROUP_SQL`], a content stored damaged is written again from the group's bytes.
 pub(super) fn put_contents(
     tx: &mut postgres::Transaction<'_>,
     blobs: &[(Digest, Arc<Vec<u8>>)],
@@ -339,24 +353,27 @@ pub(super) fn put_contents(
         .iter()
         .map(|b| b.1.len().div_ceil(PART_BYTES).max(1) as i32)
         .collect();
-    let new: std::collections::HashSet<Vec<u8>> = tx
-        .query(
-            "INSERT INTO pcx_contents (digest, len, parts) \
-             SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::integer[]) \
-             ON CONFLICT (digest) DO NOTHING RETURNING digest",
-            &[&digests, &lens, &parts],
-        )?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    let (d, p, b) = parts_of(blobs, |digest| new.contains(digest));
-    if !d.is_empty() {
-        tx.execute(
-            "INSERT INTO pcx_content_parts (digest, part, bytes) \
-             SELECT * FROM unnest($1::bytea[], $2::integer[], $3::bytea[])",
-            &[&d, &p, &b],
-        )?;
-    }
+    tx.execute(
+        "INSERT INTO pcx_contents (digest, len, parts) \
+         SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::integer[]) \
+         ON CONFLICT (digest) DO NOTHING",
+        &[&digests, &lens, &parts],
+    )?;
+    tx.execute(
+        "UPDATE pcx_contents pc SET len = x.l, parts = x.n \
+         FROM unnest($1::bytea[], $2::bigint[], $3::integer[]) AS x(d, l, n) \
+         WHERE pc.digest = x.d AND (pc.len, pc.parts) IS DISTINCT FROM (x.l, x.n)",
+        &[&digests, &lens, &parts],
+    )?;
+    let (d, p, b) = parts_of(blobs, |_| true);
+    tx.execute(
+        "INSERT INTO pcx_content_parts (digest, part, bytes) \
+         SELECT * FROM unnest($1::bytea[], $2::integer[], $3::bytea[]) AS t(d, n, b) \
+         WHERE NOT EXISTS (SELECT 1 FROM pcx_content_parts s \
+                           WHERE s.digest = t.d AND s.part = t.n AND s.bytes = t.b) \
+         ON CONFLICT (digest, part) DO UPDATE SET bytes = EXCLUDED.bytes",
+        &[&d, &p, &b],
+    )?;
     Ok(())
 }
 

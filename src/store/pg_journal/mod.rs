@@ -435,9 +435,11 @@ impl Journal for PgJournal {
             };
             let (len, parts): (i64, i32) = (meta.get(0), meta.get(1));
             let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            // Parts past the count (left by a content written again shorter) are not its.
             let rows = client.query(
-                "SELECT bytes FROM pcx_content_parts WHERE digest = $1 ORDER BY part",
-                &[&d.0.as_slice()],
+                "SELECT bytes FROM pcx_content_parts \
+                 WHERE digest = $1 AND part >= 0 AND part < $2 ORDER BY part",
+                &[&d.0.as_slice(), &parts],
             )?;
             for row in &rows {
                 out.extend_from_slice(row.get::<_, &[u8]>(0));

@@ -94,9 +94,79 @@ impl SledJournal {
         self.prewritten.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Lays out the contents of `blobs` not stored yet (each once).
+    /// The content `digest` stored at `loc`, or why it cannot be had: a content file's bytes
+    /// are checked against their checksum, a pack's against their digest, so damaged bytes
+    /// are never served.
+    pub(super) fn read_at(
+        &self,
+        h: &Handles,
+        digest: &Digest,
+        loc: Loc,
+    ) -> Result<Vec<u8>, StoreError> {
+        if loc.place == Place::File {
+            let damaged = |why: String| StoreError::Damaged {
+                what: format!("content {} in a content file: {why}", digest.to_hex()),
+            };
+            let bytes = self
+                .files
+                .read(loc.pack, loc.offset, loc.len)
+                .map_err(damaged)?;
+            if crc32fast::hash(&bytes) != loc.crc {
+                return Err(damaged(format!(
+                    "bytes {}..{} of file {} fail their checksum",
+                    loc.offset,
+                    loc.offset + loc.len,
+                    loc.pack
+                )));
+            }
+            return Ok(bytes);
+        }
+        let pack = h
+            .packs
+            .get(seq_key(loc.pack))
+            .map_err(self.read_err("reading a blob"))?;
+        match pack.as_deref().map(|p| (p.len(), loc.slice(p))) {
+            // sled's checksums catch a pack damaged on the disk, not one altered through
+            // sled; content files have their own checksum for that, packs their digest.
+            Some((_, Some(content))) if Digest::of(content) == *digest => Ok(content.to_vec()),
+            Some((_, Some(_))) => Err(StoreError::Damaged {
+                what: format!(
+                    "content {} at bytes {}..{} of pack {} does not hash to its digest",
+                    digest.to_hex(),
+                    loc.offset,
+                    loc.offset.saturating_add(loc.len),
+                    loc.pack
+                ),
+            }),
+            Some((len, None)) => Err(StoreError::Damaged {
+                what: format!(
+                    "content {} is indexed at bytes {}..{} of pack {}, which has {len} bytes",
+                    digest.to_hex(),
+                    loc.offset,
+                    loc.offset.saturating_add(loc.len),
+                    loc.pack
+                ),
+            }),
+            None => Err(StoreError::Damaged {
+                what: format!(
+                    "content {} is indexed in pack {}, which is missing",
+                    digest.to_hex(),
+                    loc.pack
+                ),
+            }),
+        }
+    }
+
+    /// Lays out the contents of `blobs` not stored intact yet (each once).
+    ///
+    /// A content already stored is compared with the stored copy, which is read back: one
+    /// whose copy was damaged (a flipped byte in a content file, a pack cut or altered in
+    /// sled) is written again, and its new index entry, at a later key, is the one found from
+    /// then on. Taking the digest's word for it would answer the new record and leave every
+    /// read of it failing (`content_unavailable`) although the caller had sent the bytes.
     pub(super) fn stage<'a>(
         &self,
+        h: &Handles,
         blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>,
     ) -> Staged<'a> {
         let known = self.contents_ref();
@@ -105,14 +175,27 @@ impl SledJournal {
         let mut ahead = Vec::new();
         let mut fresh: Vec<(&Digest, &[u8])> = Vec::new();
         for (d, c) in blobs {
-            if known.locs.contains_key(d) {
-                // Stored meanwhile by the group before (a content both groups hold): the copy
-                // written ahead is never referred to.
-                prewritten.remove(d);
-                continue;
-            }
             if !seen.insert(*d) {
                 continue;
+            }
+            if let Some(loc) = known.locs.get(d) {
+                match self.read_at(h, d, *loc) {
+                    Ok(stored) if stored == c => {
+                        // Stored meanwhile by the group before (a content both groups hold):
+                        // the copy written ahead is never referred to.
+                        prewritten.remove(d);
+                        continue;
+                    }
+                    Ok(_) => tracing::warn!(
+                        digest = %d.to_hex(),
+                        "the stored copy of a content recorded again differs from it: writing it again"
+                    ),
+                    Err(e) => tracing::warn!(
+                        digest = %d.to_hex(),
+                        error = %e,
+                        "the stored copy of a content recorded again cannot be read: writing it again"
+                    ),
+                }
             }
             match prewritten.get(d) {
                 Some(loc) => ahead.push((*d, *loc)),
@@ -137,7 +220,8 @@ impl SledJournal {
         &self,
         blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>,
     ) -> Result<(), StoreError> {
-        let staged = self.stage(blobs);
+        let h = self.h()?;
+        let staged = self.stage(&h, blobs);
         if staged.packs.is_some() || staged.fresh.is_empty() {
             return Ok(());
         }

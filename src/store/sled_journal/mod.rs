@@ -18,7 +18,7 @@ use crate::core::model::Digest;
 use crate::store::content::ContentFiles;
 use crate::store::error::{OpenError, StoreError};
 use crate::store::journal::{Bytes, Commit, Journal, Records};
-use crate::store::pack::{page_records, pages, Place};
+use crate::store::pack::{page_records, pages};
 use crate::store::record::{key_seq, seq_key};
 
 use contents::{load_contents, Contents, Staged, Written};
@@ -347,59 +347,27 @@ impl Journal for SledJournal {
         let h = self.h()?;
         let loc = self.contents_ref().locs.get(digest).copied();
         let Some(loc) = loc else {
-            return Ok(h
+            let found = h
                 .legacy_blobs
                 .get(digest.0)
-                .map_err(self.read_err("reading a blob"))?
-                .map(|v| v.to_vec()));
-        };
-        if loc.place == Place::File {
-            let damaged = |why: String| StoreError::Damaged {
-                what: format!("content {} in a content file: {why}", digest.to_hex()),
+                .map_err(self.read_err("reading a blob"))?;
+            return match found {
+                Some(c) if Digest::of(&c) != *digest => Err(StoreError::Damaged {
+                    what: format!(
+                        "content {} in sled tree `blobs` does not hash to its digest",
+                        digest.to_hex()
+                    ),
+                }),
+                found => Ok(found.map(|c| c.to_vec())),
             };
-            let bytes = self
-                .files
-                .read(loc.pack, loc.offset, loc.len)
-                .map_err(damaged)?;
-            if crc32fast::hash(&bytes) != loc.crc {
-                return Err(damaged(format!(
-                    "bytes {}..{} of file {} fail their checksum",
-                    loc.offset,
-                    loc.offset + loc.len,
-                    loc.pack
-                )));
-            }
-            return Ok(Some(bytes));
-        }
-        let pack = h
-            .packs
-            .get(seq_key(loc.pack))
-            .map_err(self.read_err("reading a blob"))?;
-        match pack.as_deref().map(|p| (p.len(), loc.slice(p))) {
-            Some((_, Some(content))) => Ok(Some(content.to_vec())),
-            Some((len, None)) => Err(StoreError::Damaged {
-                what: format!(
-                    "content {} is indexed at bytes {}..{} of pack {}, which has {len} bytes",
-                    digest.to_hex(),
-                    loc.offset,
-                    loc.offset.saturating_add(loc.len),
-                    loc.pack
-                ),
-            }),
-            None => Err(StoreError::Damaged {
-                what: format!(
-                    "content {} is indexed in pack {}, which is missing",
-                    digest.to_hex(),
-                    loc.pack
-                ),
-            }),
-        }
+        };
+        self.read_at(&h, digest, loc).map(Some)
     }
 
     fn commit(&self, c: &Commit) -> Result<(), StoreError> {
         let h = self.h()?;
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let staged = self.stage(c.blobs.iter().map(|(d, b)| (d, b.as_slice())));
+        let staged = self.stage(&h, c.blobs.iter().map(|(d, b)| (d, b.as_slice())));
         let mut written = Written::default();
         match self.try_commit(&h, c, &staged, &mut written) {
             Ok(()) => {
