@@ -36,6 +36,8 @@ pub struct Config {
     pub max_unread_answer_bytes_per_connection: u64,
     pub max_connections: usize,
     pub tcp_auth_timeout_ms: u64,
+    pub max_frame_bytes_total: u64,
+    pub frame_stall_timeout_ms: u64,
     pub origin: String,
     pub plugin_dir: PathBuf,
     pub max_plugin_output_bytes: u64,
@@ -141,6 +143,17 @@ impl Config {
                 message: "`journal` = \"postgres\" needs `journal_url` (a libpq connection string or URL)".into(),
             });
         }
+        // A frame the budget could never hold would wait for ever.
+        if self.max_frame_bytes_total != 0 && self.max_frame_bytes_total < self.max_frame_bytes {
+            return Err(ConfigError::Invalid {
+                origin: "(merged)".into(),
+                message: format!(
+                    "`max_frame_bytes_total` = {} is less than `max_frame_bytes` = {}: the largest frame \
+                     could never be read (0 derives it from the memory the process may use)",
+                    self.max_frame_bytes_total, self.max_frame_bytes
+                ),
+            });
+        }
         // A short token can be guessed over loopback by anyone on the machine.
         if !self.tcp_token.is_empty() && self.tcp_token.len() < MIN_TOKEN_BYTES {
             return Err(ConfigError::Invalid {
@@ -191,6 +204,17 @@ impl Config {
             // 0: derived from the process's descriptor limit.
             ("max_connections", n(self.max_connections), 0..=MAX_QUEUE),
             ("tcp_auth_timeout_ms", self.tcp_auth_timeout_ms, 1..=600_000),
+            // 0: derived from the memory the process may use.
+            (
+                "max_frame_bytes_total",
+                self.max_frame_bytes_total,
+                0..=TOML_MAX,
+            ),
+            (
+                "frame_stall_timeout_ms",
+                self.frame_stall_timeout_ms,
+                1..=3_600_000,
+            ),
             // A plugin call over an hour is a hang, not work.
             (
                 "plugin_call_timeout_ms",

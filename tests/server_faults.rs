@@ -421,6 +421,134 @@ fn frames_that_claim_much_and_send_little_do_not_abort_a_memory_limited_server()
     drop(process);
 }
 
+/// The frame of a `record_artifact` of `content` under `key`, as sent.
+fn frame_of(request: &Value) -> Vec<u8> {
+    encode_frame(&to_msgpack(request))
+}
+
+const MIB: usize = 1 << 20;
+
+/// Product bug: each connection bounded its own frame (`max_frame_bytes`, 384 MiB), nothing
+/// bounded them together: clients sending large artifacts at once held `max_connections` ×
+/// that between them, and were refused `too_large` (or the server killed for want of memory)
+/// once the process ran out. Now large frames share `max_frame_bytes_total`: a frame that
+/// does not fit waits for its share before its body is read, and every one is served.
+#[test]
+fn large_frames_from_many_clients_share_max_frame_bytes_total_and_are_all_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let budget = 4 * MIB;
+    let env = [
+        ("PCX_MAX_FRAME_BYTES", "4194304"),
+        ("PCX_MAX_FRAME_BYTES_TOTAL", "4194304"),
+    ];
+    let server = Server::start(tmp.path(), &env, &[]);
+    // One client holds most of the budget: half of a 3 MiB frame sent, the rest held back.
+    let held_content = vec![b'h'; 3 * MIB + 1000];
+    let held = frame_of(&record("held", &held_content));
+    assert!(
+        held.len() > 3 * MIB && held.len() < budget,
+        "held frame: {} bytes",
+        held.len()
+    );
+    let mut holder = server.connect();
+    holder.stream().write_all(&held[..held.len() / 2]).unwrap();
+    // Then five clients send frames of 2 MiB at once: none fits beside the held one.
+    let contents: Vec<Vec<u8>> = (0..5u8).map(|i| vec![b'a' + i; 2 * MIB]).collect();
+    let senders: Vec<_> = contents
+        .iter()
+        .enumerate()
+        .map(|(i, content)| {
+            let frame = frame_of(&record(&format!("k{i}"), content));
+            let mut conn = server.connect();
+            thread::spawn(move || {
+                conn.stream().write_all(&frame).expect("send a whole frame");
+                conn.recv().expect("an answer")
+            })
+        })
+        .collect();
+    let mut watcher = server.connect();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while stats(&mut watcher)["frames_waited"].as_u64().unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no frame waited for its share: {}",
+            stats(&mut watcher)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    holder.stream().write_all(&held[held.len() / 2..]).unwrap();
+    assert_ok(&holder.recv().expect("the held frame's answer"));
+    for sender in senders {
+        assert_ok(&sender.join().expect("a sender"));
+    }
+    for (i, content) in contents.iter().enumerate() {
+        let back = watcher.ask(&serialize(&format!("k{i}")));
+        assert_eq!(content_of(&back).as_deref(), Some(&content[..]), "k{i}");
+    }
+    let s = stats(&mut watcher);
+    let peak = s["frame_bytes_held_peak"].as_u64().unwrap();
+    assert!(
+        peak >= held.len() as u64 - 4 && peak <= budget as u64,
+        "frames held at once: {peak} bytes, budget {budget}: {s}"
+    );
+    assert_eq!(s["refused_frames"], json!(0), "{s}");
+
+    // A budget that could never hold the largest frame is refused at start.
+    let cmd = {
+        let mut c = serve_cmd(tmp.path(), &[], &[]);
+        c.env("PCX_MAX_FRAME_BYTES", "4194304")
+            .env("PCX_MAX_FRAME_BYTES_TOTAL", "1048576");
+        c
+    };
+    let (status, stderr) = exits(cmd, "max_frame_bytes_total under max_frame_bytes");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("max_frame_bytes_total") && stderr.contains("could never be read"),
+        "{stderr}"
+    );
+}
+
+/// A client that takes its share of `max_frame_bytes_total` and stops sending would keep the
+/// others waiting for ever: after `frame_stall_timeout_ms` without a byte its frame is
+/// refused `frame_stalled`, its connection closed, and the frame waiting behind it is served.
+#[test]
+fn a_large_frame_that_stalls_is_refused_and_the_frame_waiting_behind_it_is_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [
+        ("PCX_MAX_FRAME_BYTES", "4194304"),
+        ("PCX_MAX_FRAME_BYTES_TOTAL", "4194304"),
+        ("PCX_FRAME_STALL_TIMEOUT_MS", "300"),
+    ];
+    let server = Server::start(tmp.path(), &env, &[]);
+    let mut staller = server.connect();
+    // A frame claiming 4 MiB, of which 100 KiB come: past its first 64 KiB, so it holds its
+    // share. (One that sends only its header holds nothing: see the test above.)
+    let mut claim = (4 * MIB as u32).to_be_bytes().to_vec();
+    claim.extend_from_slice(&[0x83, 0xa2, b'o', b'p']);
+    claim.resize(4 + 100 * 1024, 0);
+    staller.stream().write_all(&claim).unwrap();
+    let content = vec![b'w'; MIB];
+    let frame = frame_of(&record("waiting", &content));
+    let mut waiting = server.connect();
+    let sender = thread::spawn(move || {
+        waiting
+            .stream()
+            .write_all(&frame)
+            .expect("send a whole frame");
+        waiting.recv().expect("an answer")
+    });
+    let refused = staller.recv().expect("the stalled frame is answered");
+    let message = assert_failed(&refused, "frame_stalled");
+    assert!(
+        message.contains("frame_stall_timeout_ms") && message.contains("102400 bytes came"),
+        "{message}"
+    );
+    assert!(staller.closed_within(IO_TIMEOUT));
+    assert_ok(&sender.join().expect("the waiting sender"));
+    let back = server.connect().ask(&serialize("waiting"));
+    assert_eq!(content_of(&back).as_deref(), Some(&content[..]));
+}
+
 /// Product bug: there was no cap on connections: every one was accepted (until descriptors
 /// ran out), none was told the server was full (src/server.rs, `run`).
 #[test]

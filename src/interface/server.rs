@@ -9,6 +9,10 @@
 //! it also stops reading while `max_unread_answer_bytes_per_connection` bytes of answers wait
 //! to be written, so large answers a client does not read are bounded by size, not by count.
 //! A frame over the limit is refused and that connection closed; everyone else is served.
+//! Large frames (over 64 KiB) share one budget of memory across all connections,
+//! `max_frame_bytes_total`: a frame waits for its share before its body is read, so many
+//! clients sending large artifacts at once are served in turn instead of holding
+//! `max_connections` × `max_frame_bytes` between them (or being refused for want of memory).
 //!
 //! Descriptors are a resource like memory: at most `max_connections` connections are open (one
 //! more gets a `too_many_connections` error and is closed at once), a TCP connection that does
@@ -66,6 +70,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a TCP connection may take to authenticate.
     pub tcp_auth_timeout: Duration,
+    /// Bytes of large frames all connections may hold at once (see [`FrameBudget`]); 0 derives
+    /// it from the memory the process may use.
+    pub max_frame_bytes_total: u64,
+    /// How long a large frame holding its share of that budget may go without a byte.
+    pub frame_stall_timeout: Duration,
 }
 
 /// Why the server could not start.
@@ -95,6 +104,110 @@ pub struct Counters {
     pub refused_frames: AtomicU64,
     /// Connections closed at once because `max_connections` were open.
     pub refused_connections: AtomicU64,
+    /// Large frames that had to wait for their share of `max_frame_bytes_total`.
+    pub frames_waited: AtomicU64,
+    /// The most bytes of large frames held at once.
+    pub frame_bytes_held_peak: AtomicU64,
+}
+
+/// What every connection task shares.
+struct Shared {
+    counters: Arc<Counters>,
+    frames: FrameBudget,
+}
+
+/// The memory every connection's large frames share: a frame over [`FIRST_BODY_BUFFER`]
+/// takes its length from it once that much of its body has come, before reading more, and
+/// gives it back once the request is decoded. A frame that cannot have it yet waits (its connection is not read: the client is
+/// held by TCP's own backpressure); one that has it and stops arriving for
+/// `frame_stall_timeout` is dropped, so a stalled client cannot keep the others waiting.
+/// Small frames, and the first [`FIRST_BODY_BUFFER`] of large ones, are not counted: they are
+/// bounded per connection, like the read buffers.
+pub struct FrameBudget {
+    /// Permits of one KiB each, handed out first come, first served.
+    kib: tokio::sync::Semaphore,
+    held: AtomicU64,
+}
+
+impl FrameBudget {
+    pub fn new(bytes: u64) -> FrameBudget {
+        let kib = usize::try_from(bytes.div_ceil(1024))
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        FrameBudget {
+            kib: tokio::sync::Semaphore::new(kib),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `len` bytes, waiting for them if need be; `None` if the budget can never hold
+    /// them (the configuration checks it can hold `max_frame_bytes`).
+    async fn take(&self, len: u64, counters: &Counters) -> Option<FrameShare<'_>> {
+        let kib = u32::try_from(len.div_ceil(1024)).ok()?;
+        let permit = match self.kib.try_acquire_many(kib) {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                counters.frames_waited.fetch_add(1, Ordering::Relaxed);
+                self.kib.acquire_many(kib).await.ok()?
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return None,
+        };
+        let held = self.held.fetch_add(len, Ordering::Relaxed) + len;
+        counters
+            .frame_bytes_held_peak
+            .fetch_max(held, Ordering::Relaxed);
+        Some(FrameShare {
+            _permit: permit,
+            len,
+            held: &self.held,
+        })
+    }
+}
+
+/// A large frame's share of the [`FrameBudget`], given back when dropped.
+struct FrameShare<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    len: u64,
+    held: &'a AtomicU64,
+}
+
+impl Drop for FrameShare<'_> {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+/// The budget `max_frame_bytes_total` = 0 stands for: a quarter of the memory the process may
+/// use (the machine's, or its address-space limit if lower), and never less than one frame.
+pub fn frame_budget_bytes(configured: u64, max_frame_bytes: u64) -> u64 {
+    if configured > 0 {
+        return configured;
+    }
+    // SAFETY: sysconf and getrlimit only read system values into what they are given.
+    let physical = unsafe {
+        let pages = libc::sysconf(libc::_SC_PHYS_PAGES);
+        let page = libc::sysconf(libc::_SC_PAGESIZE);
+        u64::try_from(pages)
+            .unwrap_or(0)
+            .saturating_mul(u64::try_from(page).unwrap_or(0))
+    };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: as above.
+    let address_space = if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0
+        && limit.rlim_cur != libc::RLIM_INFINITY
+    {
+        limit.rlim_cur
+    } else {
+        u64::MAX
+    };
+    let memory = match physical {
+        0 => address_space,
+        p => p.min(address_space),
+    };
+    (memory / 4).max(max_frame_bytes)
 }
 
 /// Binds the Unix socket: a stale socket file (no server answering) is replaced, a live one
@@ -168,7 +281,13 @@ pub async fn run(
     };
     let unix = bind_unix(&config.socket_path)?;
     let max_connections = connection_limit(config.max_connections);
-    tracing::info!(socket = %config.socket_path.display(), tcp = ?config.tcp.as_ref().map(|t| t.0), max_connections, "pcx serving");
+    let max_frame_bytes_total =
+        frame_budget_bytes(config.max_frame_bytes_total, config.max_frame_bytes);
+    let shared = Arc::new(Shared {
+        counters: counters.clone(),
+        frames: FrameBudget::new(max_frame_bytes_total),
+    });
+    tracing::info!(socket = %config.socket_path.display(), tcp = ?config.tcp.as_ref().map(|t| t.0), max_connections, max_frame_bytes_total, "pcx serving");
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut backoff: Option<Duration> = None;
@@ -214,10 +333,10 @@ pub async fn run(
             Connection::Tcp(_) => tcp.as_ref().map(|t| t.1.clone()),
             Connection::Unix(_) => None,
         };
-        let (ctx, config, counters, stop) = (
+        let (ctx, config, shared, stop) = (
             ctx.clone(),
             config.clone(),
-            counters.clone(),
+            shared.clone(),
             stop_rx.clone(),
         );
         counters.open.fetch_add(1, Ordering::Relaxed);
@@ -226,17 +345,17 @@ pub async fn run(
             let result = match conn {
                 Connection::Unix(s) => {
                     let (r, w) = s.into_split();
-                    serve_connection(&ctx, r, w, &config, token, &counters, stop).await
+                    serve_connection(&ctx, r, w, &config, token, &shared, stop).await
                 }
                 Connection::Tcp(s) => {
                     let (r, w) = s.into_split();
-                    serve_connection(&ctx, r, w, &config, token, &counters, stop).await
+                    serve_connection(&ctx, r, w, &config, token, &shared, stop).await
                 }
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            counters.open.fetch_sub(1, Ordering::Relaxed);
+            shared.counters.open.fetch_sub(1, Ordering::Relaxed);
         }));
         tasks.retain(|t| !t.is_finished());
     }
@@ -363,11 +482,14 @@ fn refuse_on(mut socket: impl std::io::Read + std::io::Write, frame: &[u8]) {
 }
 
 /// What the reader side found in one frame.
-enum Frame {
-    Body(Vec<u8>),
+enum Frame<'b> {
+    /// A frame's body, and its share of the frame budget if it is a large one.
+    Body(Vec<u8>, Option<FrameShare<'b>>),
     TooLarge(u64),
     /// A frame within the limit whose body the process could not get the memory for.
     Unaffordable(u64),
+    /// A large frame whose bytes stopped coming: its length and what came of it.
+    Stalled(u64, u64),
     End,
 }
 
@@ -375,7 +497,13 @@ enum Frame {
 /// the length a header only claims.
 const FIRST_BODY_BUFFER: usize = 64 << 10;
 
-async fn read_frame(r: &mut (impl AsyncRead + Unpin), limit: u64) -> std::io::Result<Frame> {
+/// Reads one frame; a large one takes its share of `budget` first (`None`: the frame is
+/// small by its limit, as the TCP authentication frame is).
+async fn read_frame<'b>(
+    r: &mut (impl AsyncRead + Unpin),
+    limit: u64,
+    budget: Option<(&'b FrameBudget, &Counters, Duration)>,
+) -> std::io::Result<Frame<'b>> {
     let mut header = [0u8; HEADER_LEN];
     match r.read_exact(&mut header).await {
         Ok(_) => {}
@@ -393,21 +521,44 @@ async fn read_frame(r: &mut (impl AsyncRead + Unpin), limit: u64) -> std::io::Re
         return Ok(Frame::Unaffordable(len));
     };
     let mut body: Vec<u8> = Vec::new();
+    let mut share = None;
+    let mut stall = None;
     while body.len() < len {
         if body.len() == body.capacity() {
+            // A large frame takes its share once its first buffer is full, not at its header:
+            // a header alone (a client that stalls, or thousands of them) holds nothing, as
+            // it costs nothing.
+            if let (Some((budget, counters, timeout)), None) = (budget, &share) {
+                if body.len() >= FIRST_BODY_BUFFER {
+                    match budget.take(len as u64, counters).await {
+                        Some(taken) => share = Some(taken),
+                        None => return Ok(Frame::Unaffordable(len as u64)),
+                    }
+                    stall = Some(timeout);
+                }
+            }
             let grow = body.capacity().max(FIRST_BODY_BUFFER).min(len - body.len());
             if body.try_reserve_exact(grow).is_err() {
                 return Ok(Frame::Unaffordable(len as u64));
             }
         }
         let room = (body.capacity() - body.len()) as u64;
+        let mut piece = (&mut *r).take(room);
+        let read = piece.read_buf(&mut body);
+        let n = match stall {
+            None => read.await?,
+            Some(stall) => match tokio::time::timeout(stall, read).await {
+                Ok(n) => n?,
+                Err(_) => return Ok(Frame::Stalled(len as u64, body.len() as u64)),
+            },
+        };
         // A client that vanished mid-frame (0 bytes: end of stream): nothing was accepted
         // from it.
-        if (&mut *r).take(room).read_buf(&mut body).await? == 0 {
+        if n == 0 {
             return Ok(Frame::End);
         }
     }
-    Ok(Frame::Body(body))
+    Ok(Frame::Body(body, share))
 }
 
 fn ready(value: Value) -> AnswerFuture {
@@ -439,6 +590,9 @@ fn answer_for(ctx: &Context, body: &[u8], counters: &Arc<Counters>) -> AnswerFut
                         json!(counters.refused_frames.load(Ordering::Relaxed));
                     stats["refused_connections"] =
                         json!(counters.refused_connections.load(Ordering::Relaxed));
+                    stats["frames_waited"] = json!(counters.frames_waited.load(Ordering::Relaxed));
+                    stats["frame_bytes_held_peak"] =
+                        json!(counters.frame_bytes_held_peak.load(Ordering::Relaxed));
                 }
                 with_id(id, answer)
             })
@@ -456,9 +610,10 @@ async fn serve_connection(
     mut writer: impl AsyncWrite + Unpin,
     config: &ServerConfig,
     token: Option<String>,
-    counters: &Arc<Counters>,
+    shared: &Shared,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let (counters, frames) = (&shared.counters, &shared.frames);
     // A frame's header and body come in one read, and a client that pipelines has its
     // next frames read with them.
     let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
@@ -466,13 +621,13 @@ async fn serve_connection(
         // TCP: the first frame must be {"op":"auth","token":…}.
         let first = tokio::select! {
             _ = stop.wait_for(|s| *s) => return Ok(()),
-            f = tokio::time::timeout(config.tcp_auth_timeout, read_frame(&mut reader, config.max_frame_bytes.min(1 << 16))) => f,
+            f = tokio::time::timeout(config.tcp_auth_timeout, read_frame(&mut reader, config.max_frame_bytes.min(1 << 16), None)) => f,
         };
         let timed_out = first.is_err();
         let ok = match first {
             Err(_) | Ok(Err(_)) => false,
             Ok(Ok(frame)) => match frame {
-                Frame::Body(b) => decode_body(&b)
+                Frame::Body(b, _) => decode_body(&b)
                     .ok()
                     .and_then(|v| to_json(v).ok())
                     .is_some_and(|v| {
@@ -520,10 +675,32 @@ async fn serve_connection(
             let frame = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break,
-                f = read_frame(&mut reader, config.max_frame_bytes) => f,
+                f = read_frame(&mut reader, config.max_frame_bytes, Some((frames, counters, config.frame_stall_timeout))) => f,
             };
             let answer = match frame {
-                Ok(Frame::Body(body)) => answer_for(ctx, &body, counters),
+                // The share is given back once the request is decoded (the answer's future
+                // holds the request, not the frame).
+                Ok(Frame::Body(body, _share)) => answer_for(ctx, &body, counters),
+                Ok(Frame::Stalled(len, received)) => {
+                    counters.refused_frames.fetch_add(1, Ordering::Relaxed);
+                    let ms =
+                        u64::try_from(config.frame_stall_timeout.as_millis()).unwrap_or(u64::MAX);
+                    tracing::warn!(
+                        len,
+                        received,
+                        ms,
+                        "a large frame stalled; closing its connection"
+                    );
+                    budget.queued.set(budget.queued.get() + 1);
+                    let _ = tx
+                        .send(ready(refused(&RequestError::FrameStalled {
+                            len,
+                            received,
+                            ms,
+                        })))
+                        .await;
+                    break;
+                }
                 Ok(Frame::TooLarge(len)) => {
                     counters.refused_frames.fetch_add(1, Ordering::Relaxed);
                     let e = RequestError::FrameTooLarge {

@@ -145,6 +145,12 @@ pub enum RequestError {
          process is at its memory limit); closing the connection: send it again later"
     )]
     FrameUnaffordable { len: u64 },
+    #[error(
+        "frame of {len} bytes stalled: {received} bytes came, then none for {ms} ms \
+         (frame_stall_timeout_ms), while it held its share of the server's frame memory; \
+         closing the connection: send it again"
+    )]
+    FrameStalled { len: u64, received: u64, ms: u64 },
 }
 
 impl RequestError {
@@ -158,6 +164,7 @@ impl RequestError {
             RequestError::TooLarge { .. }
             | RequestError::FrameTooLarge { .. }
             | RequestError::FrameUnaffordable { .. } => "too_large",
+            RequestError::FrameStalled { .. } => "frame_stalled",
         }
     }
 }

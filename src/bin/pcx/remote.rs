@@ -40,6 +40,8 @@ pub(crate) async fn serve(
         max_unread_answer_bytes_per_connection: config.max_unread_answer_bytes_per_connection,
         max_connections: config.max_connections,
         tcp_auth_timeout: std::time::Duration::from_millis(config.tcp_auth_timeout_ms),
+        max_frame_bytes_total: config.max_frame_bytes_total,
+        frame_stall_timeout: std::time::Duration::from_millis(config.frame_stall_timeout_ms),
     };
     // Signal handlers first, so a signal during start-up is a clean shutdown, not a death.
     use tokio::signal::unix::{signal, SignalKind};
