@@ -1051,9 +1051,24 @@ fn a_content_recorded_again_over_a_damaged_copy_is_written_again_and_reads_back(
         })
     };
     type Damage<'a> = &'a dyn Fn(&Path);
-    let cases: [(&str, &Vec<u8>, Damage); 2] = [
+    // The pack's bytes altered through sled, its index (and the checksum in it) left as is.
+    let flip_in_pack = |dir: &Path| {
+        let db = open_sled_directly(dir, SLED_PATIENCE);
+        let packs = db.open_tree("packs").unwrap();
+        let (key, pack) = packs.last().unwrap().expect("a pack");
+        let mut pack = pack.to_vec();
+        flip_middle_byte(&mut pack);
+        packs.insert(key, pack).unwrap();
+        db.flush().unwrap();
+    };
+    let cases: [(&str, &Vec<u8>, Damage); 3] = [
         ("in a content file", &big, &flip_in_file),
-        ("in a sled pack", &small, &alter_in_pack),
+        (
+            "in a sled pack, its index rewritten",
+            &small,
+            &alter_in_pack,
+        ),
+        ("in a sled pack, its checksum kept", &small, &flip_in_pack),
     ];
     for (place, stored, damage) in cases {
         let dir = tempfile::tempdir().unwrap();

@@ -333,12 +333,8 @@ pub async fn run(
             Connection::Tcp(_) => tcp.as_ref().map(|t| t.1.clone()),
             Connection::Unix(_) => None,
         };
-        let (ctx, config, shared, stop) = (
-            ctx.clone(),
-            config.clone(),
-            shared.clone(),
-            stop_rx.clone(),
-        );
+        let (ctx, config, shared, stop) =
+            (ctx.clone(), config.clone(), shared.clone(), stop_rx.clone());
         counters.open.fetch_add(1, Ordering::Relaxed);
         counters.total.fetch_add(1, Ordering::Relaxed);
         tasks.push(actix_rt::spawn(async move {

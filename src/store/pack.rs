@@ -12,8 +12,9 @@
 //! - pack: the contents, back to back (a sled value, or a stretch of a content file)
 //! - index: `(digest: 32 bytes, place: u8, pack: u64 BE, offset: u64 BE, len: u64 BE,
 //!   crc: u32 BE)*`, where place 0 is a sled pack and 1 a content file ([`crate::store::content`]);
-//!   the CRC-32 of a content in a file is checked on every read (sled checks its own values),
-//!   so a damaged file is an error, never wrong bytes served as a compiled artifact
+//!   the CRC-32 of a content is checked on every read (a pack's too: sled's own checksums
+//!   catch damage on the disk, not a value altered through sled), so damage is an error,
+//!   never wrong bytes served as a compiled artifact
 
 use crate::core::model::Digest;
 
@@ -64,7 +65,8 @@ pub struct Loc {
     pub pack: u64,
     pub offset: u64,
     pub len: u64,
-    /// CRC-32 of the content (content files only; 0 in sled).
+    /// CRC-32 of the content. 0 for contents packed in sled before packs carried one: those
+    /// are checked against their digest instead, as is any content whose CRC-32 is 0.
     pub crc: u32,
 }
 
@@ -184,7 +186,7 @@ pub fn pack_contents<'a>(
                 pack: number,
                 offset: current.len() as u64,
                 len: content.len() as u64,
-                crc: 0,
+                crc: crc32fast::hash(content),
             },
         ));
         current.extend_from_slice(content);

@@ -26,7 +26,8 @@ pub(super) const SNAPSHOTS_KEPT: i64 = 2;
 /// part that is missing or differs, and a length or part count that differs, is written
 /// again from the group's bytes (`m`, and `p`'s upsert). Taking the digest's word for it
 /// answered the record and left every read of it failing, though the bytes had been sent.
-/// An intact content costs one index probe a part and takes no lock.
+/// A content new to the cluster costs nothing more; one it holds intact, an index probe a part
+/// and one for its length, and no lock.
 pub(super) const GROUP_SQL: &str = "WITH h AS ( \
                UPDATE pcx_heads SET head = $1 \
                WHERE journal = $2 AND epoch = $3 AND head = $4 AND lease_until > clock_timestamp() \
@@ -38,7 +39,8 @@ pub(super) const GROUP_SQL: &str = "WITH h AS ( \
              ), m AS ( \
                UPDATE pcx_contents pc SET len = x.l, parts = x.n \
                FROM unnest($5::bytea[], $6::bigint[], $7::integer[]) AS x(d, l, n) \
-               WHERE EXISTS (SELECT 1 FROM h) AND pc.digest = x.d AND (pc.len, pc.parts) IS DISTINCT FROM (x.l, x.n) \
+               WHERE EXISTS (SELECT 1 FROM h) AND x.d NOT IN (SELECT digest FROM c) \
+                 AND pc.digest = x.d AND (pc.len, pc.parts) IS DISTINCT FROM (x.l, x.n) \
              ), p AS ( \
                INSERT INTO pcx_content_parts (digest, part, bytes) \
                SELECT t.d, t.n, t.b FROM unnest($8::bytea[], $9::integer[], $10::bytea[]) AS t(d, n, b) \
