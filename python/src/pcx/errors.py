@@ -249,6 +249,13 @@ class Unauthorized(PcxError):
     KIND = "unauthorized"
 
 
+class FrameStalled(PcxError):
+    """A large frame stopped arriving while it held its share of the server's frame memory
+    (``frame_stall_timeout_ms``); the connection was closed."""
+
+    KIND = "frame_stalled"
+
+
 
 _BY_KIND: Dict[str, Type[PcxError]] = {
     cls.KIND: cls
@@ -257,6 +264,7 @@ _BY_KIND: Dict[str, Type[PcxError]] = {
         InvalidEntry, KeyNotFound, PackageNotFound, SystemMismatch, NoPlugin, PluginFailed,
         NoSuchEdit, ContentUnavailable, SaveFailed, Storage, NoSpace, Aborted, Internal, Closed,
         Conflict, RequestIdReused, Compacted, BeyondEnd, CorruptLog, BadFrame, Unauthorized,
+        FrameStalled,
     )
 }
 
