@@ -328,9 +328,19 @@ struct Batch {
 
 impl Batch {
     fn start(dir: &std::path::Path, name: &str, lease_ms: u64, wait_ms: u64) -> Batch {
+        Batch::start_on(&url(), dir, name, lease_ms, wait_ms)
+    }
+
+    fn start_on(
+        url: &str,
+        dir: &std::path::Path,
+        name: &str,
+        lease_ms: u64,
+        wait_ms: u64,
+    ) -> Batch {
         let mut child = common::pcx(dir, &["batch"])
             .env("PCX_JOURNAL", "postgres")
-            .env("PCX_JOURNAL_URL", url())
+            .env("PCX_JOURNAL_URL", url)
             .env("PCX_JOURNAL_NAME", name)
             .env("PCX_JOURNAL_LEASE_MS", lease_ms.to_string())
             .env("PCX_JOURNAL_WAIT_MS", wait_ms.to_string())
@@ -481,9 +491,19 @@ fn an_entry_one_pcx_saves_is_loaded_by_another_on_the_cluster_in_its_namespace_o
 
 /// Runs `pcx ARGS` on journal `name` (data directory `dir`): its exit code and stdout.
 fn pcx_on_journal(dir: &std::path::Path, name: &str, args: &[&str]) -> (Option<i32>, String) {
+    pcx_on_journal_at(&url(), dir, name, args)
+}
+
+/// [`pcx_on_journal`] on the database `url`.
+fn pcx_on_journal_at(
+    url: &str,
+    dir: &std::path::Path,
+    name: &str,
+    args: &[&str],
+) -> (Option<i32>, String) {
     let out = common::pcx(dir, args)
         .env("PCX_JOURNAL", "postgres")
-        .env("PCX_JOURNAL_URL", url())
+        .env("PCX_JOURNAL_URL", url)
         .env("PCX_JOURNAL_NAME", name)
         .output()
         .expect("pcx runs");
@@ -586,6 +606,275 @@ fn an_entry_adopted_by_a_refused_load_is_in_the_loading_journals_log_and_it_stil
         log.contains("CacheEntryPut"),
         "B's log records the entry it adopted: {log}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// the shared dynamo cache's rows bound to their saver's record
+
+/// Journal A (on `url`) saves entries `f` (backends b1, b2) and `g` (backend b3) into
+/// `namespace`; journal B is started. Both are answered before this returns.
+fn a_saves_f_and_g(
+    url: &str,
+    (name_a, name_b): (&str, &str),
+    (dir_a, dir_b): (&std::path::Path, &std::path::Path),
+    namespace: &str,
+) -> (Batch, Batch) {
+    use common::protocol::{entry_with_codes, record_entry};
+    let mut a = Batch::start_on(url, dir_a, name_a, 10_000, 0);
+    let b = Batch::start_on(url, dir_b, name_b, 10_000, 0);
+    for request in [
+        record("b1", "kernel one"),
+        record("b2", "kernel two"),
+        record("b3", "kernel three"),
+        record_entry("f", entry_with_codes(&[&["b1", "b2"]])),
+        record_entry("g", entry_with_codes(&[&["b3"]])),
+        json!({"op": "save_to_dynamo_cache", "namespace": namespace}),
+    ] {
+        let answer = a.ask(request);
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    (a, b)
+}
+
+fn load(b: &mut Batch, key: &str, namespace: &str) -> Value {
+    b.ask(json!({"op": "load_cache_entry", "key": key, "namespace": namespace}))
+}
+
+/// A refused load of a row: the typed error, and nothing of it in the loader's log.
+fn assert_refused_not_adopted(answer: &Value, db: &str, dir_b: &std::path::Path, name_b: &str) {
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert_eq!(
+        answer["error"]["kind"], "shared_entry_unsound",
+        "a row its saver's record does not vouch for is refused: {answer}"
+    );
+    let (code, log) = pcx_on_journal_at(db, dir_b, name_b, &["log"]);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        !log.contains("CacheEntryPut") && !log.contains("EntryLoaded"),
+        "nothing of the refused row is recorded in the loader's log: {log}"
+    );
+}
+
+/// Regression (a forged row taken up as sound): a row of `pcx_dynamo_cache` whose `saved_by`
+/// was changed in the database (to another context of its saver, or to another journal) was
+/// taken up by the next load in every other journal, recorded there as saved by whoever the
+/// row named, and answered with that `saved_by`.
+#[test]
+fn a_dynamo_cache_row_whose_saver_was_altered_is_refused_not_adopted() {
+    let (name_a, name_b) = (fresh_name("saver-a"), fresh_name("saver-b"));
+    let namespace = fresh_name("saver-ns");
+    let schema = fresh_schema("saver");
+    let db = url_in_schema(&schema);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, mut b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    // f now claims another context of A, g another journal (which has records of its own).
+    let (name_c, dir_c) = (fresh_name("saver-c"), tempfile::tempdir().expect("a dir"));
+    let mut c = Batch::start_on(&db, dir_c.path(), &name_c, 10_000, 0);
+    for key in ["c1", "c2", "c3", "c4", "c5", "c6", "c7"] {
+        let answer = c.ask(record(key, "unrelated"));
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    c.finish();
+    for (key, saver) in [
+        ("f", format!("{name_a}/forged")),
+        ("g", format!("{name_c}/default")),
+    ] {
+        let changed = sql
+            .execute(
+                "UPDATE pcx_dynamo_cache SET saved_by = $3 WHERE namespace = $1 AND key = $2",
+                &[&namespace, &key, &saver],
+            )
+            .expect("alter the row");
+        assert_eq!(changed, 1);
+    }
+    let f = load(&mut b, "f", &namespace);
+    let g = load(&mut b, "g", &namespace);
+    b.finish();
+    a.finish();
+    assert_refused_not_adopted(&f, &db, dir_b.path(), &name_b);
+    assert_refused_not_adopted(&g, &db, dir_b.path(), &name_b);
+    let message = f["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("{name_a}/forged")) && message.contains("f"),
+        "the error says which row and whom it names: {f}"
+    );
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+}
+
+/// Regression (an altered entry taken up as sound): a row whose entry was re-framed in the
+/// database (decoded, changed, encoded again with its hash recomputed, so it decodes) was
+/// taken up by the next load in every other journal and answered as the saver's.
+#[test]
+fn a_reframed_dynamo_cache_row_is_refused_not_adopted() {
+    use pcx::store::record::{decode_saved_entry, encode_saved_entry};
+    let (name_a, name_b) = (fresh_name("reframed-a"), fresh_name("reframed-b"));
+    let namespace = fresh_name("reframed-ns");
+    let schema = fresh_schema("reframed");
+    let db = url_in_schema(&schema);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, mut b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let bytes: Vec<u8> = sql
+        .query_one(
+            "SELECT entry FROM pcx_dynamo_cache WHERE namespace = $1 AND key = 'f'",
+            &[&namespace],
+        )
+        .expect("the saved row")
+        .get(0);
+    let mut entry = decode_saved_entry(&bytes).expect("a sound entry");
+    assert!(entry.backends.pop().is_some(), "f has two backends");
+    let reframed = encode_saved_entry(&entry).expect("encodes");
+    assert!(decode_saved_entry(&reframed).is_ok(), "the forgery decodes");
+    sql.execute(
+        "UPDATE pcx_dynamo_cache SET entry = $2 WHERE namespace = $1 AND key = 'f'",
+        &[&namespace, &reframed],
+    )
+    .expect("re-frame the row");
+    let f = load(&mut b, "f", &namespace);
+    // The untouched row still loads, saved by A.
+    let g = load(&mut b, "g", &namespace);
+    assert_eq!(g["ok"], true, "a genuine row keeps working: {g}");
+    assert_eq!(g["saved_by"], format!("{name_a}/default"), "{g}");
+    b.finish();
+    a.finish();
+    assert_eq!(f["error"]["kind"], "shared_entry_unsound", "{f}");
+    let (_, log) = pcx_on_journal_at(&db, dir_b.path(), &name_b, &["log"]);
+    assert_eq!(
+        log.matches("CacheEntryPut").count(),
+        1,
+        "only g was adopted: {log}"
+    );
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+}
+
+/// A schema name of its own for a test: a cluster of its own (its schema version, its shared
+/// cache), as another test's does not concern it.
+fn fresh_schema(what: &str) -> String {
+    fresh_name(what).replace('-', "_").to_lowercase()
+}
+
+/// `PCX_TEST_PG_URL` with the schema `schema` (made here) first on the search path.
+fn url_in_schema(schema: &str) -> String {
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
+    sql.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .expect("the schema is made");
+    let base = url();
+    if base.starts_with("postgres://") || base.starts_with("postgresql://") {
+        let glue = if base.contains('?') { '&' } else { '?' };
+        format!("{base}{glue}options=-csearch_path%3D{schema}")
+    } else {
+        format!("{base} options=-csearch_path={schema}")
+    }
+}
+
+/// A version 1 database (rows with no binding) is upgraded by the first pcx that opens it,
+/// in one transaction, however many open it at once: a row its saver's log vouches for is
+/// bound to the record that saved it and keeps loading; a row it does not (altered while
+/// version 1 trusted rows as they were, or naming a journal with no such record) stays
+/// unbound and is refused, never taken up as sound.
+#[test]
+fn a_version_1_database_is_upgraded_binding_the_rows_their_savers_log_vouches_for_and_refusing_the_rest(
+) {
+    let schema = fresh_schema("v1");
+    let db = url_in_schema(&schema);
+    let (name_a, name_b) = (fresh_name("v1-a"), fresh_name("v1-b"));
+    let namespace = fresh_name("v1-ns");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    b.finish();
+    a.finish();
+    // Back to version 1 as it was: no binding columns; g altered as version 1 allowed, and a
+    // row naming a journal that saved nothing.
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    sql.batch_execute(&format!(
+        "ALTER TABLE pcx_dynamo_cache DROP COLUMN saver_seq, DROP COLUMN saver_hash; \
+         UPDATE pcx_schema SET version = 1; \
+         UPDATE pcx_dynamo_cache SET saved_by = '{name_a}/forged' WHERE key = 'g'; \
+         INSERT INTO pcx_dynamo_cache (namespace, key, entry, saved_by) \
+           SELECT namespace, 'h', entry, 'nobody/default' FROM pcx_dynamo_cache WHERE key = 'f'"
+    ))
+    .expect("a version 1 database");
+    // Four pcx open it at once: one upgrades it, the others find version 2.
+    let openers: Vec<_> = (0..4)
+        .map(|i| {
+            let settings = settings(db.clone(), &format!("{name_b}-reader-{i}"));
+            std::thread::spawn(move || PgJournal::open_reader(settings).map(|_| ()))
+        })
+        .collect();
+    for opener in openers {
+        opener
+            .join()
+            .expect("an opener's thread")
+            .expect("every opener opens the upgraded database");
+    }
+    let version: i32 = sql
+        .query_one("SELECT max(version) FROM pcx_schema", &[])
+        .expect("the version")
+        .get(0);
+    let versions: i64 = sql
+        .query_one("SELECT count(*) FROM pcx_schema", &[])
+        .expect("the versions")
+        .get(0);
+    assert_eq!((version, versions), (2, 1), "upgraded once, to version 2");
+    let bound: Vec<(String, bool)> = sql
+        .query(
+            "SELECT key, saver_seq IS NOT NULL AND saver_hash IS NOT NULL FROM pcx_dynamo_cache \
+             WHERE namespace = $1 ORDER BY key",
+            &[&namespace],
+        )
+        .expect("the rows")
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        bound,
+        vec![
+            ("f".to_string(), true),
+            ("g".to_string(), false),
+            ("h".to_string(), false)
+        ]
+    );
+    let mut b = Batch::start_on(&db, dir_b.path(), &name_b, 10_000, 0);
+    let f = load(&mut b, "f", &namespace);
+    assert_eq!(
+        f["ok"], true,
+        "a row its saver's log vouches for loads: {f}"
+    );
+    assert_eq!(f["saved_by"], format!("{name_a}/default"), "{f}");
+    for key in ["g", "h"] {
+        let refused = load(&mut b, key, &namespace);
+        assert_eq!(
+            refused["error"]["kind"], "shared_entry_unsound",
+            "an unbound row is refused: {refused}"
+        );
+    }
+    b.finish();
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
 }
 
 fn record(key: &str, content: &str) -> Value {

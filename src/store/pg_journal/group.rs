@@ -128,10 +128,14 @@ impl Group {
                     key,
                     entry,
                     saved_by,
+                    saver_seq,
+                    saver_hash,
                 } => tx.execute(
-                    "INSERT INTO pcx_dynamo_cache (namespace, key, entry, saved_by) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (namespace, key) DO UPDATE SET entry = EXCLUDED.entry, saved_by = EXCLUDED.saved_by",
-                    &[namespace, key, entry, saved_by],
+                    "INSERT INTO pcx_dynamo_cache (namespace, key, entry, saved_by, saver_seq, saver_hash) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (namespace, key) DO UPDATE SET entry = EXCLUDED.entry, saved_by = EXCLUDED.saved_by, \
+                     saver_seq = EXCLUDED.saver_seq, saver_hash = EXCLUDED.saver_hash",
+                    &[namespace, key, entry, saved_by, &i64_of(*saver_seq), &saver_hash.0.as_slice()],
                 )?,
                 SharedCacheOp::Delete { namespace, key } => tx.execute(
                     "DELETE FROM pcx_dynamo_cache WHERE namespace = $1 AND key = $2",

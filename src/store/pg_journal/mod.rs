@@ -31,6 +31,7 @@
 //! every other (see `crate::actor::shared_cache`).
 
 mod bare;
+mod binding;
 mod db;
 mod group;
 mod lease;
@@ -43,7 +44,7 @@ use postgres::Client;
 
 use crate::core::model::Digest;
 use crate::store::error::{OpenError, StoreError};
-use crate::store::journal::{Bytes, Commit, Journal, Records};
+use crate::store::journal::{Bytes, Commit, Journal, Records, SharedEntry};
 
 use db::*;
 use group::*;
@@ -611,15 +612,51 @@ impl Journal for PgJournal {
         &self,
         namespace: &str,
         key: &str,
-    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
-        let (namespace, key) = (namespace.to_string(), key.to_string());
-        self.read("reading the cluster's dynamo cache", move |client, _| {
-            let row = client.query_opt(
-                "SELECT entry, saved_by FROM pcx_dynamo_cache WHERE namespace = $1 AND key = $2",
-                &[&namespace, &key],
-            )?;
-            Ok(row.map(|r| (r.get(0), r.get(1))))
-        })
+    ) -> Result<Option<SharedEntry>, StoreError> {
+        let (ns, k) = (namespace.to_string(), key.to_string());
+        let found = self.read("reading the cluster's dynamo cache", move |client, me| {
+            let Some(row) = client.query_opt(
+                "SELECT entry, saved_by, saver_seq, saver_hash FROM pcx_dynamo_cache \
+                 WHERE namespace = $1 AND key = $2",
+                &[&ns, &k],
+            )?
+            else {
+                return Ok(None);
+            };
+            let (entry, saved_by): (Vec<u8>, String) = (row.get(0), row.get(1));
+            let (seq, hash): (Option<i64>, Option<Vec<u8>>) = (row.get(2), row.get(3));
+            let binding = seq.zip(hash.and_then(|h| <[u8; 32]>::try_from(h).ok()));
+            let binding = binding.map(|(s, h)| (u64_of(s), Digest(h)));
+            // This journal's own rows are never taken up here (it holds its own copies).
+            let proof = match (binding, binding::saver_journal(&saved_by)) {
+                (Some((seq, _)), Some(journal)) if journal != me => {
+                    Some(binding::proof_of(client, journal, seq)?)
+                }
+                _ => None,
+            };
+            Ok(Some((entry, saved_by, binding, proof)))
+        })?;
+        let Some((entry, saved_by, binding, proof)) = found else {
+            return Ok(None);
+        };
+        let row = binding::Row {
+            namespace,
+            key,
+            entry: &entry,
+            saved_by: &saved_by,
+            binding,
+        };
+        let unsound = match (&proof, binding) {
+            (Some(proof), _) => binding::check(&row, proof).err(),
+            // Unbound: refused whoever it names (a row naming this journal is not taken up).
+            (None, None) => binding::check(&row, &binding::Proof::Missing).err(),
+            (None, Some(_)) => None,
+        };
+        Ok(Some(SharedEntry {
+            entry,
+            saved_by,
+            unsound,
+        }))
     }
 
     fn cluster_name(&self) -> Option<&str> {
