@@ -317,6 +317,102 @@ fn a_commit_that_never_reached_the_database_is_found_not_to_have_landed() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// writes outside a group (a compaction, an import's takeover, the cache view) whose connection
+// breaks as they commit: resolved from the database, as a group's commit is
+
+/// The message that commits a write outside a group (its transaction's `COMMIT`).
+const COMMIT: &[u8] = b"COMMIT";
+
+/// A journal through `proxy` holding events 1..=3.
+fn three_events(proxy: &Proxy, what: &str) -> (String, PgJournal) {
+    let name = fresh_name(what);
+    let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
+    for seq in 1..=3u64 {
+        j.commit(&group(seq, format!("event {seq}").as_bytes()))
+            .expect("a group");
+    }
+    (name, j)
+}
+
+/// Regression (a landed write reported failed): a compaction whose COMMIT the database
+/// carried out but whose answer was lost was reported failed, though the anchor was set and
+/// the events before it gone.
+#[test]
+fn a_compaction_whose_answer_was_lost_is_found_to_have_landed_and_is_answered_ok() {
+    let proxy = Proxy::start(upstream());
+    let (name, j) = three_events(&proxy, "compact-lost-answer");
+    proxy.arm(LOSE_ANSWER, COMMIT);
+    let removed = j
+        .compact_before(2, b"the anchor")
+        .expect("a compaction that landed is answered ok");
+    assert_eq!(removed, (2, 0), "its counts are the transaction's");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(direct.anchor().unwrap(), Some(b"the anchor".to_vec()));
+    assert_eq!(records(&direct), vec![(3, b"event 3".to_vec())]);
+    j.commit(&group(4, b"after"))
+        .expect("the journal goes on through a new connection");
+}
+
+#[test]
+fn a_compaction_whose_commit_never_reached_the_database_is_found_not_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let (name, j) = three_events(&proxy, "compact-lost-commit");
+    proxy.arm(LOSE_COMMIT, COMMIT);
+    match j.compact_before(2, b"the anchor") {
+        Err(StoreError::Database { what, .. }) => assert!(
+            what.contains("did not land"),
+            "the error says nothing was stored: {what}"
+        ),
+        other => panic!("a compaction that did not land must fail, got {other:?}"),
+    }
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(direct.anchor().unwrap(), None);
+    assert_eq!(records(&direct).len(), 3, "nothing was removed");
+    j.compact_before(2, b"the anchor")
+        .expect("the compaction is made again");
+}
+
+/// Regression (a landed import reported failed): the takeover of an import's side journal
+/// whose answer was lost was reported failed, though the journal held the imported log and
+/// the side journal was gone (an import then said it failed and tried to remove it).
+#[test]
+fn an_imports_takeover_whose_answer_was_lost_is_found_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let name = fresh_name("adopt-lost-answer");
+    let side = format!("{name}.importing");
+    let s = PgJournal::open(settings(url(), &side)).expect("the side journal");
+    s.commit(&group(1, b"imported 1")).unwrap();
+    s.commit(&group(2, b"imported 2")).unwrap();
+    drop(s);
+    let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
+    proxy.arm(LOSE_ANSWER, COMMIT);
+    let head = j
+        .adopt_log_of(&side)
+        .expect("a takeover that landed is answered ok");
+    assert_eq!(head, Ok(2), "the journal holds the imported log");
+    j.commit(&group(3, b"after the import"))
+        .expect("the journal goes on at the imported head");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(records(&direct).len(), 3);
+    let gone = PgJournal::open_reader(settings(url(), &side)).expect("a reader");
+    assert!(!gone.exists().unwrap(), "the side journal is gone");
+}
+
+#[test]
+fn a_cache_view_rewrite_whose_answer_was_lost_is_found_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let (name, j) = three_events(&proxy, "view-lost-answer");
+    proxy.arm(LOSE_ANSWER, COMMIT);
+    j.rewrite_cache_view(&[("k".to_string(), b"the view".to_vec())])
+        .expect("a rewrite that landed is answered ok");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(
+        direct.cache_view().unwrap(),
+        vec![("k".to_string(), b"the view".to_vec())]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // a lease holder paused past its lease
 
 struct Batch {

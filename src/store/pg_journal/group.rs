@@ -247,33 +247,7 @@ impl Group {
     /// The connection broke while the group committed: learn from the database whether it
     /// landed (`true`: it did, and is replicated as the database requires).
     pub(super) fn resolve(&self, db: &mut Db, old: Session) -> Result<bool, StoreError> {
-        let (mut client, session) =
-            connect(&db.url).map_err(db_err("reconnecting after a broken commit"))?;
-        if session.server_started == old.server_started {
-            // The same server: wait until the old session has ended, so that its transaction
-            // is decided; end it if it lingers.
-            let deadline = Instant::now() + RESOLVE_PATIENCE;
-            loop {
-                let alive = client
-                    .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&old.pid])
-                    .map_err(db_err("waiting for the broken commit's session to end"))?
-                    .is_some();
-                if !alive {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return Err(StoreError::Database {
-                        op: "resolving a broken commit",
-                        what: format!(
-                            "its session (pid {}) did not end in {RESOLVE_PATIENCE:?}",
-                            old.pid
-                        ),
-                    });
-                }
-                let _ = client.execute("SELECT pg_terminate_backend($1)", &[&old.pid]);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        let (mut client, session) = reconnect_once_decided(&db.url, old)?;
         let head = client
             .query_opt(
                 "SELECT head FROM pcx_heads WHERE journal = $1",
@@ -326,6 +300,41 @@ impl Group {
         db.set_conn(Some((client, session)));
         Ok(landed)
     }
+}
+
+/// Connects again after a commit's connection broke, and waits until the broken commit's
+/// transaction is decided: on the same server, until its old session has ended (ending it if
+/// it lingers); on another server (a promoted standby) there is nothing to wait for.
+pub(super) fn reconnect_once_decided(
+    url: &str,
+    old: Session,
+) -> Result<(Client, Session), StoreError> {
+    let (mut client, session) =
+        connect(url).map_err(db_err("reconnecting after a broken commit"))?;
+    if session.server_started == old.server_started {
+        let deadline = Instant::now() + RESOLVE_PATIENCE;
+        loop {
+            let alive = client
+                .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&old.pid])
+                .map_err(db_err("waiting for the broken commit's session to end"))?
+                .is_some();
+            if !alive {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(StoreError::Database {
+                    op: "resolving a broken commit",
+                    what: format!(
+                        "its session (pid {}) did not end in {RESOLVE_PATIENCE:?}",
+                        old.pid
+                    ),
+                });
+            }
+            let _ = client.execute("SELECT pg_terminate_backend($1)", &[&old.pid]);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok((client, session))
 }
 
 /// Stores contents once for the cluster, in parts: two statements for the whole group (the

@@ -222,8 +222,13 @@ impl PgJournal {
         }
     }
 
-    /// A write outside a group (the cache view, the anchor, a wipe), in one transaction that
-    /// first checks this writer still holds the lease.
+    /// A write outside a group (the cache view, the anchor, a compaction, a wipe, an import's
+    /// takeover), in one transaction that first checks this writer still holds the lease.
+    ///
+    /// Its outcome is resolved as a group's is when the connection breaks: the transaction
+    /// also stores a token of its own in `pcx_writes` (the journal's row, replaced), so once
+    /// the old session is gone the token says whether it committed. Before, such a write was
+    /// reported failed though it may have committed (a compaction done, answered as not).
     fn write_held(
         &self,
         op: &'static str,
@@ -234,23 +239,58 @@ impl PgJournal {
         let epoch = self.fenced()?;
         let journal = self.settings.journal.clone();
         let old = *self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let token = write_token();
         let refused = self.db.run(move |db| {
-            let client = db.client()?;
-            let mut tx = client.transaction().map_err(db_err(op))?;
-            let held = tx
-                .execute(
+            db.client()?;
+            let Some((client, session)) = db.conn.as_mut() else {
+                return Err(StoreError::Unavailable);
+            };
+            let session = *session;
+            let attempt = (|| -> Result<Option<String>, postgres::Error> {
+                let mut tx = client.transaction()?;
+                let held = tx.execute(
                     "UPDATE pcx_heads SET head = head \
                      WHERE journal = $1 AND epoch = $2 AND lease_until > clock_timestamp()",
                     &[&journal, &epoch],
-                )
-                .map_err(db_err(op))?;
-            if held != 1 {
-                drop(tx);
-                return Ok(Some(why_fenced(client, &journal, epoch, old)));
+                )?;
+                if held != 1 {
+                    drop(tx);
+                    return Ok(Some(why_fenced(client, &journal, epoch, old)));
+                }
+                f(&mut tx, &journal)?;
+                tx.execute(
+                    "INSERT INTO pcx_writes (journal, token) VALUES ($1, $2) \
+                     ON CONFLICT (journal) DO UPDATE SET token = EXCLUDED.token",
+                    &[&journal, &token.as_slice()],
+                )?;
+                tx.commit()?;
+                Ok(None)
+            })();
+            match attempt {
+                Ok(refused) => Ok(refused),
+                Err(e) => {
+                    let broken = e.is_closed()
+                        || e.as_db_error().is_none()
+                        || db.conn.as_ref().is_none_or(|(c, _)| c.is_closed());
+                    if !broken {
+                        return Err(db_err(op)(e));
+                    }
+                    let what = describe(&e);
+                    db.set_conn(None);
+                    if resolve_write(db, session, &journal, &token)? {
+                        tracing::warn!(%journal, op, %what,
+                            "a write's connection broke; the database says it landed");
+                        Ok(None)
+                    } else {
+                        Err(StoreError::Database {
+                            op,
+                            what: format!(
+                                "{what} (the write did not land: nothing of it was stored)"
+                            ),
+                        })
+                    }
+                }
             }
-            f(&mut tx, &journal).map_err(db_err(op))?;
-            tx.commit().map_err(db_err(op))?;
-            Ok(None)
         })?;
         match refused {
             Some(why) => Err(self.lose(why)),
@@ -363,6 +403,7 @@ impl PgJournal {
                 return Ok(());
             };
             let head: i64 = head.get(0);
+            tx.execute("DELETE FROM pcx_writes WHERE journal = $1", &[&side])?;
             for table in ["pcx_snapshots", "pcx_cache_view", "pcx_meta"] {
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE journal = $1"),
@@ -415,6 +456,46 @@ impl PgJournal {
         self.db
             .run(move |db| f(db.client()?, &journal).map_err(db_err(op)))
     }
+}
+
+/// A token no other write has: this process, the time and a counter, hashed.
+fn write_token() -> [u8; 32] {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNT.fetch_add(1, Ordering::SeqCst);
+    Digest::of(format!("{} {nanos} {n}", std::process::id()).as_bytes()).0
+}
+
+/// A write outside a group whose connection broke: once its session is gone, whether it
+/// landed is whether the journal's row in `pcx_writes` holds its token. A landed write is
+/// answered only after one more synchronous commit (touching that row) has passed, so that
+/// the answer never rests on WAL only the primary has, as for a group.
+fn resolve_write(
+    db: &mut Db,
+    old: Session,
+    journal: &str,
+    token: &[u8; 32],
+) -> Result<bool, StoreError> {
+    let (mut client, session) = reconnect_once_decided(&db.url, old)?;
+    let landed = client
+        .query_opt(
+            "SELECT token FROM pcx_writes WHERE journal = $1",
+            &[&journal],
+        )
+        .map_err(db_err("reading a write's token after its connection broke"))?
+        .is_some_and(|r| r.get::<_, &[u8]>(0) == token.as_slice());
+    if landed {
+        client
+            .execute(
+                "UPDATE pcx_writes SET token = token WHERE journal = $1",
+                &[&journal],
+            )
+            .map_err(db_err("replicating a write whose answer was lost"))?;
+    }
+    db.set_conn(Some((client, session)));
+    Ok(landed)
 }
 
 impl Drop for PgJournal {
