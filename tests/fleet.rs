@@ -866,6 +866,65 @@ fn fresh_schema(what: &str) -> String {
     fresh_name(what).replace('-', "_").to_lowercase()
 }
 
+/// A genuine row whose saver's record was compacted away keeps loading: it is checked against
+/// the saver's anchor (the entry and the context that saved it, in the state there), while a
+/// row altered after the compaction is still refused.
+#[test]
+fn a_genuine_dynamo_cache_row_still_loads_after_its_saver_compacted_its_log() {
+    let (name_a, name_b) = (fresh_name("compacted-a"), fresh_name("compacted-b"));
+    let namespace = fresh_name("compacted-ns");
+    let schema = fresh_schema("compacted");
+    let db = url_in_schema(&schema);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (mut a, b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    let answer = a.ask(record("later", "after the save"));
+    assert_eq!(answer["ok"], true, "{answer}");
+    a.finish();
+    b.finish();
+    // The compaction's anchor is `later`, past the save: the save's record is gone.
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let saved_at: i64 = sql
+        .query_one(
+            "SELECT saver_seq FROM pcx_dynamo_cache WHERE namespace = $1 AND key = 'f'",
+            &[&namespace],
+        )
+        .expect("f's binding")
+        .get(0);
+    let before = (saved_at + 2).to_string();
+    let (code, compacted) = pcx_on_journal_at(
+        &db,
+        dir_a.path(),
+        &name_a,
+        &["compact", "--before", &before],
+    );
+    assert_eq!(code, Some(0), "{compacted}");
+    assert!(
+        compacted.contains(&format!("\"anchored_at\":{}", saved_at + 1)),
+        "{compacted}"
+    );
+    sql.execute(
+        "UPDATE pcx_dynamo_cache SET saved_by = $2 WHERE namespace = $1 AND key = 'g'",
+        &[&namespace, &format!("{name_a}/forged")],
+    )
+    .expect("alter g");
+    let mut b = Batch::start_on(&db, dir_b.path(), &name_b, 10_000, 0);
+    let f = load(&mut b, "f", &namespace);
+    assert_eq!(f["ok"], true, "a genuine row keeps loading: {f}");
+    assert_eq!(f["saved_by"], format!("{name_a}/default"), "{f}");
+    let g = load(&mut b, "g", &namespace);
+    assert_eq!(g["error"]["kind"], "shared_entry_unsound", "{g}");
+    b.finish();
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+}
+
 /// `PCX_TEST_PG_URL` with the schema `schema` (made here) first on the search path.
 fn url_in_schema(schema: &str) -> String {
     let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
