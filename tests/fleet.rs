@@ -866,6 +866,72 @@ fn fresh_schema(what: &str) -> String {
     fresh_name(what).replace('-', "_").to_lowercase()
 }
 
+/// A row pointed at a record slipped into its saver's records past the saver's head (a record
+/// of its own, hash and all, saving an altered entry) is refused: that record is no part of
+/// the saver's log (no replay reads it, `verify` reports it), so it vouches for nothing.
+#[test]
+fn a_dynamo_cache_row_bound_to_a_forged_record_past_its_savers_head_is_refused() {
+    use pcx::core::event::Event;
+    use pcx::store::record::{decode_event, encode_event, encode_saved_entry};
+    let (name_a, name_b) = (fresh_name("past-a"), fresh_name("past-b"));
+    let namespace = fresh_name("past-ns");
+    let schema = fresh_schema("past");
+    let db = url_in_schema(&schema);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, mut b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let row = sql
+        .query_one(
+            "SELECT c.saver_seq, r.bytes, h.head FROM pcx_dynamo_cache c \
+             JOIN pcx_records r ON r.journal = $2 AND r.seq = c.saver_seq \
+             JOIN pcx_heads h ON h.journal = $2 \
+             WHERE c.namespace = $1 AND c.key = 'f'",
+            &[&namespace, &name_a],
+        )
+        .expect("f's row and its record");
+    let (bytes, head): (Vec<u8>, i64) = (row.get(1), row.get(2));
+    let (mut envelope, _) = decode_event(&bytes).expect("the save's record");
+    fn altered(event: &mut Event) -> Option<Vec<u8>> {
+        match event {
+            Event::Scoped { event, .. } | Event::Requested { event, .. } => altered(event),
+            Event::SavedToDynamoCache { entries } => {
+                let (_, entry) = entries.iter_mut().find(|(key, _)| key.as_str() == "f")?;
+                entry.backends.pop()?;
+                encode_saved_entry(entry).ok()
+            }
+            _ => None,
+        }
+    }
+    let forged_entry = altered(&mut envelope.event).expect("the save holds f");
+    let past = head + 100;
+    envelope.seq = u64::try_from(past).expect("a sequence number");
+    let (forged, hash) = encode_event(&envelope).expect("encodes");
+    sql.execute(
+        "INSERT INTO pcx_records (journal, seq, bytes) VALUES ($1, $2, $3)",
+        &[&name_a, &past, &forged],
+    )
+    .expect("slip a record in past the head");
+    sql.execute(
+        "UPDATE pcx_dynamo_cache SET entry = $2, saver_seq = $3, saver_hash = $4 \
+         WHERE namespace = $1 AND key = 'f'",
+        &[&namespace, &forged_entry, &past, &hash.0.as_slice()],
+    )
+    .expect("point the row at it");
+    let f = load(&mut b, "f", &namespace);
+    b.finish();
+    a.finish();
+    assert_refused_not_adopted(&f, &db, dir_b.path(), &name_b);
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+}
+
 /// A genuine row whose saver's record was compacted away keeps loading: it is checked against
 /// the saver's anchor (the entry and the context that saved it, in the state there), while a
 /// row altered after the compaction is still refused.

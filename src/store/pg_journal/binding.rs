@@ -26,6 +26,10 @@ use super::db::{i64_of, u64_of};
 pub(super) enum Proof {
     /// The saver's record at the row's `saver_seq`.
     Record(Vec<u8>),
+    /// A record there, but past the saver journal's head: not part of its log (a row bound
+    /// to a record slipped in past the end, where no replay or `verify` of it looks, proves
+    /// nothing).
+    PastHead(u64),
     /// No record there, but the saver's compaction anchor (its log was compacted past it).
     Anchor(Vec<u8>),
     /// Neither.
@@ -124,6 +128,10 @@ pub(super) fn check(row: &Row<'_>, proof: &Proof) -> Result<(), String> {
                 ))
             }
         }
+        Proof::PastHead(head) => Err(format!(
+            "its saver's record {journal}#{seq} is past that journal's head (#{head}): not part \
+             of its log"
+        )),
         Proof::Missing => Err(format!(
             "its saver's record {journal}#{seq} is not in the database"
         )),
@@ -137,10 +145,15 @@ pub(super) fn proof_of(
     seq: u64,
 ) -> Result<Proof, postgres::Error> {
     if let Some(r) = client.query_opt(
-        "SELECT bytes FROM pcx_records WHERE journal = $1 AND seq = $2",
+        "SELECT r.bytes, h.head FROM pcx_records r LEFT JOIN pcx_heads h ON h.journal = r.journal \
+         WHERE r.journal = $1 AND r.seq = $2",
         &[&journal, &i64_of(seq)],
     )? {
-        return Ok(Proof::Record(r.get(0)));
+        // A journal whose head row was deleted (its log is still read) has no head to weigh.
+        return Ok(match r.get::<_, Option<i64>>(1).map(u64_of) {
+            Some(head) if head < seq => Proof::PastHead(head),
+            _ => Proof::Record(r.get(0)),
+        });
     }
     Ok(client
         .query_opt(
