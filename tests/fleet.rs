@@ -353,6 +353,44 @@ fn a_compaction_whose_answer_was_lost_is_found_to_have_landed_and_is_answered_ok
         .expect("the journal goes on through a new connection");
 }
 
+/// The same, when the journal was taken over while the compaction's outcome was in doubt and
+/// the new holder wrote outside a group too (its own token then came after this one's): the
+/// compaction, stored, must still be answered as landed.
+#[test]
+fn a_compaction_whose_answer_was_lost_while_the_journal_was_taken_over_is_found_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let (name, j) = three_events(&proxy, "compact-lost-answer-takeover");
+    proxy.arm(LOSE_ANSWER, COMMIT);
+    // The reconnect that resolves the compaction waits at the proxy until the takeover is done.
+    proxy.hold.store(true, Ordering::SeqCst);
+    let compacting = std::thread::spawn(move || {
+        let outcome = j.compact_before(2, b"the anchor");
+        (j, outcome)
+    });
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while direct.anchor().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the compaction never landed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
+    sql.execute(
+        "UPDATE pcx_heads SET lease_until = clock_timestamp() WHERE journal = $1",
+        &[&name],
+    )
+    .expect("the lease runs out");
+    let taker = PgJournal::open(settings(url(), &name)).expect("the journal is taken over");
+    taker
+        .rewrite_cache_view(&[("k".to_string(), b"the taker's view".to_vec())])
+        .expect("the new holder writes outside a group");
+    proxy.hold.store(false, Ordering::SeqCst);
+    let (_j, outcome) = compacting.join().expect("the compaction's thread");
+    assert_eq!(
+        outcome.expect("a compaction that landed is answered ok, whatever came after it"),
+        (2, 0)
+    );
+}
+
 #[test]
 fn a_compaction_whose_commit_never_reached_the_database_is_found_not_to_have_landed() {
     let proxy = Proxy::start(upstream());

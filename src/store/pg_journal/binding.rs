@@ -20,7 +20,16 @@ use crate::core::scope::DEFAULT;
 use crate::store::journal::SharedCacheOp;
 use crate::store::record::{decode_event, decode_snapshot, encode_saved_entry};
 
-use super::db::{i64_of, u64_of};
+/// A sequence number as the database holds it (as `db::i64_of`: this module is below `db`,
+/// whose schema upgrade calls it, so it does not import from there).
+fn i64_of(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// A sequence number from the database (as `db::u64_of`).
+fn u64_of(seq: i64) -> u64 {
+    u64::try_from(seq).unwrap_or(0)
+}
 
 /// What the database holds to check a row against.
 pub(super) enum Proof {

@@ -51,7 +51,10 @@ CREATE TABLE IF NOT EXISTS pcx_dynamo_cache (
     saver_seq bigint, saver_hash bytea,
     PRIMARY KEY (namespace, key)
 );
-CREATE TABLE IF NOT EXISTS pcx_writes (journal text PRIMARY KEY, token bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS pcx_writes (
+    journal text NOT NULL, token bytea NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (journal, token)
+);
 CREATE TABLE IF NOT EXISTS pcx_meta (
     journal text NOT NULL, key text NOT NULL, bytes bytea NOT NULL,
     PRIMARY KEY (journal, key)

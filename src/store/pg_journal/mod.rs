@@ -226,8 +226,10 @@ impl PgJournal {
     /// takeover), in one transaction that first checks this writer still holds the lease.
     ///
     /// Its outcome is resolved as a group's is when the connection breaks: the transaction
-    /// also stores a token of its own in `pcx_writes` (the journal's row, replaced), so once
-    /// the old session is gone the token says whether it committed. Before, such a write was
+    /// also stores a token of its own in `pcx_writes`, so once the old session is gone the
+    /// token's row says whether it committed. Tokens are kept a day (a resolution takes
+    /// seconds), not only the last: a writer that took the journal over meanwhile may have
+    /// written outside a group too, and that must not make a landed write look lost. Before, such a write was
     /// reported failed though it may have committed (a compaction done, answered as not).
     fn write_held(
         &self,
@@ -259,8 +261,12 @@ impl PgJournal {
                 }
                 f(&mut tx, &journal)?;
                 tx.execute(
-                    "INSERT INTO pcx_writes (journal, token) VALUES ($1, $2) \
-                     ON CONFLICT (journal) DO UPDATE SET token = EXCLUDED.token",
+                    "DELETE FROM pcx_writes \
+                     WHERE journal = $1 AND at < clock_timestamp() - interval '1 day'",
+                    &[&journal],
+                )?;
+                tx.execute(
+                    "INSERT INTO pcx_writes (journal, token) VALUES ($1, $2)",
                     &[&journal, &token.as_slice()],
                 )?;
                 tx.commit()?;
@@ -469,7 +475,7 @@ fn write_token() -> [u8; 32] {
 }
 
 /// A write outside a group whose connection broke: once its session is gone, whether it
-/// landed is whether the journal's row in `pcx_writes` holds its token. A landed write is
+/// landed is whether `pcx_writes` holds its token. A landed write is
 /// answered only after one more synchronous commit (touching that row) has passed, so that
 /// the answer never rests on WAL only the primary has, as for a group.
 fn resolve_write(
@@ -481,16 +487,16 @@ fn resolve_write(
     let (mut client, session) = reconnect_once_decided(&db.url, old)?;
     let landed = client
         .query_opt(
-            "SELECT token FROM pcx_writes WHERE journal = $1",
-            &[&journal],
+            "SELECT 1 FROM pcx_writes WHERE journal = $1 AND token = $2",
+            &[&journal, &token.as_slice()],
         )
         .map_err(db_err("reading a write's token after its connection broke"))?
-        .is_some_and(|r| r.get::<_, &[u8]>(0) == token.as_slice());
+        .is_some();
     if landed {
         client
             .execute(
-                "UPDATE pcx_writes SET token = token WHERE journal = $1",
-                &[&journal],
+                "UPDATE pcx_writes SET at = at WHERE journal = $1 AND token = $2",
+                &[&journal, &token.as_slice()],
             )
             .map_err(db_err("replicating a write whose answer was lost"))?;
     }
