@@ -317,6 +317,140 @@ fn a_commit_that_never_reached_the_database_is_found_not_to_have_landed() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// writes outside a group (a compaction, an import's takeover, the cache view) whose connection
+// breaks as they commit: resolved from the database, as a group's commit is
+
+/// The message that commits a write outside a group (its transaction's `COMMIT`).
+const COMMIT: &[u8] = b"COMMIT";
+
+/// A journal through `proxy` holding events 1..=3.
+fn three_events(proxy: &Proxy, what: &str) -> (String, PgJournal) {
+    let name = fresh_name(what);
+    let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
+    for seq in 1..=3u64 {
+        j.commit(&group(seq, format!("event {seq}").as_bytes()))
+            .expect("a group");
+    }
+    (name, j)
+}
+
+/// Regression (a landed write reported failed): a compaction whose COMMIT the database
+/// carried out but whose answer was lost was reported failed, though the anchor was set and
+/// the events before it gone.
+#[test]
+fn a_compaction_whose_answer_was_lost_is_found_to_have_landed_and_is_answered_ok() {
+    let proxy = Proxy::start(upstream());
+    let (name, j) = three_events(&proxy, "compact-lost-answer");
+    proxy.arm(LOSE_ANSWER, COMMIT);
+    let removed = j
+        .compact_before(2, b"the anchor")
+        .expect("a compaction that landed is answered ok");
+    assert_eq!(removed, (2, 0), "its counts are the transaction's");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(direct.anchor().unwrap(), Some(b"the anchor".to_vec()));
+    assert_eq!(records(&direct), vec![(3, b"event 3".to_vec())]);
+    j.commit(&group(4, b"after"))
+        .expect("the journal goes on through a new connection");
+}
+
+/// The same, when the journal was taken over while the compaction's outcome was in doubt and
+/// the new holder wrote outside a group too (its own token then came after this one's): the
+/// compaction, stored, must still be answered as landed.
+#[test]
+fn a_compaction_whose_answer_was_lost_while_the_journal_was_taken_over_is_found_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let (name, j) = three_events(&proxy, "compact-lost-answer-takeover");
+    proxy.arm(LOSE_ANSWER, COMMIT);
+    // The reconnect that resolves the compaction waits at the proxy until the takeover is done.
+    proxy.hold.store(true, Ordering::SeqCst);
+    let compacting = std::thread::spawn(move || {
+        let outcome = j.compact_before(2, b"the anchor");
+        (j, outcome)
+    });
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while direct.anchor().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the compaction never landed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
+    sql.execute(
+        "UPDATE pcx_heads SET lease_until = clock_timestamp() WHERE journal = $1",
+        &[&name],
+    )
+    .expect("the lease runs out");
+    let taker = PgJournal::open(settings(url(), &name)).expect("the journal is taken over");
+    taker
+        .rewrite_cache_view(&[("k".to_string(), b"the taker's view".to_vec())])
+        .expect("the new holder writes outside a group");
+    proxy.hold.store(false, Ordering::SeqCst);
+    let (_j, outcome) = compacting.join().expect("the compaction's thread");
+    assert_eq!(
+        outcome.expect("a compaction that landed is answered ok, whatever came after it"),
+        (2, 0)
+    );
+}
+
+#[test]
+fn a_compaction_whose_commit_never_reached_the_database_is_found_not_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let (name, j) = three_events(&proxy, "compact-lost-commit");
+    proxy.arm(LOSE_COMMIT, COMMIT);
+    match j.compact_before(2, b"the anchor") {
+        Err(StoreError::Database { what, .. }) => assert!(
+            what.contains("did not land"),
+            "the error says nothing was stored: {what}"
+        ),
+        other => panic!("a compaction that did not land must fail, got {other:?}"),
+    }
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(direct.anchor().unwrap(), None);
+    assert_eq!(records(&direct).len(), 3, "nothing was removed");
+    j.compact_before(2, b"the anchor")
+        .expect("the compaction is made again");
+}
+
+/// Regression (a landed import reported failed): the takeover of an import's side journal
+/// whose answer was lost was reported failed, though the journal held the imported log and
+/// the side journal was gone (an import then said it failed and tried to remove it).
+#[test]
+fn an_imports_takeover_whose_answer_was_lost_is_found_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let name = fresh_name("adopt-lost-answer");
+    let side = format!("{name}.importing");
+    let s = PgJournal::open(settings(url(), &side)).expect("the side journal");
+    s.commit(&group(1, b"imported 1")).unwrap();
+    s.commit(&group(2, b"imported 2")).unwrap();
+    drop(s);
+    let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
+    proxy.arm(LOSE_ANSWER, COMMIT);
+    let head = j
+        .adopt_log_of(&side)
+        .expect("a takeover that landed is answered ok");
+    assert_eq!(head, Ok(2), "the journal holds the imported log");
+    j.commit(&group(3, b"after the import"))
+        .expect("the journal goes on at the imported head");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(records(&direct).len(), 3);
+    let gone = PgJournal::open_reader(settings(url(), &side)).expect("a reader");
+    assert!(!gone.exists().unwrap(), "the side journal is gone");
+}
+
+#[test]
+fn a_cache_view_rewrite_whose_answer_was_lost_is_found_to_have_landed() {
+    let proxy = Proxy::start(upstream());
+    let (name, j) = three_events(&proxy, "view-lost-answer");
+    proxy.arm(LOSE_ANSWER, COMMIT);
+    j.rewrite_cache_view(&[("k".to_string(), b"the view".to_vec())])
+        .expect("a rewrite that landed is answered ok");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(
+        direct.cache_view().unwrap(),
+        vec![("k".to_string(), b"the view".to_vec())]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // a lease holder paused past its lease
 
 struct Batch {
@@ -328,9 +462,19 @@ struct Batch {
 
 impl Batch {
     fn start(dir: &std::path::Path, name: &str, lease_ms: u64, wait_ms: u64) -> Batch {
+        Batch::start_on(&url(), dir, name, lease_ms, wait_ms)
+    }
+
+    fn start_on(
+        url: &str,
+        dir: &std::path::Path,
+        name: &str,
+        lease_ms: u64,
+        wait_ms: u64,
+    ) -> Batch {
         let mut child = common::pcx(dir, &["batch"])
             .env("PCX_JOURNAL", "postgres")
-            .env("PCX_JOURNAL_URL", url())
+            .env("PCX_JOURNAL_URL", url)
             .env("PCX_JOURNAL_NAME", name)
             .env("PCX_JOURNAL_LEASE_MS", lease_ms.to_string())
             .env("PCX_JOURNAL_WAIT_MS", wait_ms.to_string())
@@ -481,9 +625,19 @@ fn an_entry_one_pcx_saves_is_loaded_by_another_on_the_cluster_in_its_namespace_o
 
 /// Runs `pcx ARGS` on journal `name` (data directory `dir`): its exit code and stdout.
 fn pcx_on_journal(dir: &std::path::Path, name: &str, args: &[&str]) -> (Option<i32>, String) {
+    pcx_on_journal_at(&url(), dir, name, args)
+}
+
+/// [`pcx_on_journal`] on the database `url`.
+fn pcx_on_journal_at(
+    url: &str,
+    dir: &std::path::Path,
+    name: &str,
+    args: &[&str],
+) -> (Option<i32>, String) {
     let out = common::pcx(dir, args)
         .env("PCX_JOURNAL", "postgres")
-        .env("PCX_JOURNAL_URL", url())
+        .env("PCX_JOURNAL_URL", url)
         .env("PCX_JOURNAL_NAME", name)
         .output()
         .expect("pcx runs");
@@ -586,6 +740,400 @@ fn an_entry_adopted_by_a_refused_load_is_in_the_loading_journals_log_and_it_stil
         log.contains("CacheEntryPut"),
         "B's log records the entry it adopted: {log}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// the shared dynamo cache's rows bound to their saver's record
+
+/// Journal A (on `url`) saves entries `f` (backends b1, b2) and `g` (backend b3) into
+/// `namespace`; journal B is started. Both are answered before this returns.
+fn a_saves_f_and_g(
+    url: &str,
+    (name_a, name_b): (&str, &str),
+    (dir_a, dir_b): (&std::path::Path, &std::path::Path),
+    namespace: &str,
+) -> (Batch, Batch) {
+    use common::protocol::{entry_with_codes, record_entry};
+    let mut a = Batch::start_on(url, dir_a, name_a, 10_000, 0);
+    let b = Batch::start_on(url, dir_b, name_b, 10_000, 0);
+    for request in [
+        record("b1", "kernel one"),
+        record("b2", "kernel two"),
+        record("b3", "kernel three"),
+        record_entry("f", entry_with_codes(&[&["b1", "b2"]])),
+        record_entry("g", entry_with_codes(&[&["b3"]])),
+        json!({"op": "save_to_dynamo_cache", "namespace": namespace}),
+    ] {
+        let answer = a.ask(request);
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    (a, b)
+}
+
+fn load(b: &mut Batch, key: &str, namespace: &str) -> Value {
+    b.ask(json!({"op": "load_cache_entry", "key": key, "namespace": namespace}))
+}
+
+/// A refused load of a row: the typed error, and nothing of it in the loader's log.
+fn assert_refused_not_adopted(answer: &Value, db: &str, dir_b: &std::path::Path, name_b: &str) {
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert_eq!(
+        answer["error"]["kind"], "shared_entry_unsound",
+        "a row its saver's record does not vouch for is refused: {answer}"
+    );
+    let (code, log) = pcx_on_journal_at(db, dir_b, name_b, &["log"]);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        !log.contains("CacheEntryPut") && !log.contains("EntryLoaded"),
+        "nothing of the refused row is recorded in the loader's log: {log}"
+    );
+}
+
+/// Regression (a forged row taken up as sound): a row of `pcx_dynamo_cache` whose `saved_by`
+/// was changed in the database (to another context of its saver, or to another journal) was
+/// taken up by the next load in every other journal, recorded there as saved by whoever the
+/// row named, and answered with that `saved_by`.
+#[test]
+fn a_dynamo_cache_row_whose_saver_was_altered_is_refused_not_adopted() {
+    let (name_a, name_b) = (fresh_name("saver-a"), fresh_name("saver-b"));
+    let namespace = fresh_name("saver-ns");
+    let schema = fresh_schema("saver");
+    let db = url_in_schema(&schema);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, mut b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    // f now claims another context of A, g another journal (which has records of its own).
+    let (name_c, dir_c) = (fresh_name("saver-c"), tempfile::tempdir().expect("a dir"));
+    let mut c = Batch::start_on(&db, dir_c.path(), &name_c, 10_000, 0);
+    for key in ["c1", "c2", "c3", "c4", "c5", "c6", "c7"] {
+        let answer = c.ask(record(key, "unrelated"));
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    c.finish();
+    for (key, saver) in [
+        ("f", format!("{name_a}/forged")),
+        ("g", format!("{name_c}/default")),
+    ] {
+        let changed = sql
+            .execute(
+                "UPDATE pcx_dynamo_cache SET saved_by = $3 WHERE namespace = $1 AND key = $2",
+                &[&namespace, &key, &saver],
+            )
+            .expect("alter the row");
+        assert_eq!(changed, 1);
+    }
+    let f = load(&mut b, "f", &namespace);
+    let g = load(&mut b, "g", &namespace);
+    b.finish();
+    a.finish();
+    assert_refused_not_adopted(&f, &db, dir_b.path(), &name_b);
+    assert_refused_not_adopted(&g, &db, dir_b.path(), &name_b);
+    let message = f["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("{name_a}/forged")) && message.contains("f"),
+        "the error says which row and whom it names: {f}"
+    );
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+}
+
+/// Regression (an altered entry taken up as sound): a row whose entry was re-framed in the
+/// database (decoded, changed, encoded again with its hash recomputed, so it decodes) was
+/// taken up by the next load in every other journal and answered as the saver's.
+#[test]
+fn a_reframed_dynamo_cache_row_is_refused_not_adopted() {
+    use pcx::store::record::{decode_saved_entry, encode_saved_entry};
+    let (name_a, name_b) = (fresh_name("reframed-a"), fresh_name("reframed-b"));
+    let namespace = fresh_name("reframed-ns");
+    let schema = fresh_schema("reframed");
+    let db = url_in_schema(&schema);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, mut b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let bytes: Vec<u8> = sql
+        .query_one(
+            "SELECT entry FROM pcx_dynamo_cache WHERE namespace = $1 AND key = 'f'",
+            &[&namespace],
+        )
+        .expect("the saved row")
+        .get(0);
+    let mut entry = decode_saved_entry(&bytes).expect("a sound entry");
+    assert!(entry.backends.pop().is_some(), "f has two backends");
+    let reframed = encode_saved_entry(&entry).expect("encodes");
+    assert!(decode_saved_entry(&reframed).is_ok(), "the forgery decodes");
+    sql.execute(
+        "UPDATE pcx_dynamo_cache SET entry = $2 WHERE namespace = $1 AND key = 'f'",
+        &[&namespace, &reframed],
+    )
+    .expect("re-frame the row");
+    let f = load(&mut b, "f", &namespace);
+    // The untouched row still loads, saved by A.
+    let g = load(&mut b, "g", &namespace);
+    assert_eq!(g["ok"], true, "a genuine row keeps working: {g}");
+    assert_eq!(g["saved_by"], format!("{name_a}/default"), "{g}");
+    b.finish();
+    a.finish();
+    assert_eq!(f["error"]["kind"], "shared_entry_unsound", "{f}");
+    let (_, log) = pcx_on_journal_at(&db, dir_b.path(), &name_b, &["log"]);
+    assert_eq!(
+        log.matches("CacheEntryPut").count(),
+        1,
+        "only g was adopted: {log}"
+    );
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+}
+
+/// A schema name of its own for a test: a cluster of its own (its schema version, its shared
+/// cache), as another test's does not concern it.
+fn fresh_schema(what: &str) -> String {
+    fresh_name(what).replace('-', "_").to_lowercase()
+}
+
+/// A row pointed at a record slipped into its saver's records past the saver's head (a record
+/// of its own, hash and all, saving an altered entry) is refused: that record is no part of
+/// the saver's log (no replay reads it, `verify` reports it), so it vouches for nothing.
+#[test]
+fn a_dynamo_cache_row_bound_to_a_forged_record_past_its_savers_head_is_refused() {
+    use pcx::core::event::Event;
+    use pcx::store::record::{decode_event, encode_event, encode_saved_entry};
+    let (name_a, name_b) = (fresh_name("past-a"), fresh_name("past-b"));
+    let namespace = fresh_name("past-ns");
+    let schema = fresh_schema("past");
+    let db = url_in_schema(&schema);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, mut b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let row = sql
+        .query_one(
+            "SELECT c.saver_seq, r.bytes, h.head FROM pcx_dynamo_cache c \
+             JOIN pcx_records r ON r.journal = $2 AND r.seq = c.saver_seq \
+             JOIN pcx_heads h ON h.journal = $2 \
+             WHERE c.namespace = $1 AND c.key = 'f'",
+            &[&namespace, &name_a],
+        )
+        .expect("f's row and its record");
+    let (bytes, head): (Vec<u8>, i64) = (row.get(1), row.get(2));
+    let (mut envelope, _) = decode_event(&bytes).expect("the save's record");
+    fn altered(event: &mut Event) -> Option<Vec<u8>> {
+        match event {
+            Event::Scoped { event, .. } | Event::Requested { event, .. } => altered(event),
+            Event::SavedToDynamoCache { entries } => {
+                let (_, entry) = entries.iter_mut().find(|(key, _)| key.as_str() == "f")?;
+                entry.backends.pop()?;
+                encode_saved_entry(entry).ok()
+            }
+            _ => None,
+        }
+    }
+    let forged_entry = altered(&mut envelope.event).expect("the save holds f");
+    let past = head + 100;
+    envelope.seq = u64::try_from(past).expect("a sequence number");
+    let (forged, hash) = encode_event(&envelope).expect("encodes");
+    sql.execute(
+        "INSERT INTO pcx_records (journal, seq, bytes) VALUES ($1, $2, $3)",
+        &[&name_a, &past, &forged],
+    )
+    .expect("slip a record in past the head");
+    sql.execute(
+        "UPDATE pcx_dynamo_cache SET entry = $2, saver_seq = $3, saver_hash = $4 \
+         WHERE namespace = $1 AND key = 'f'",
+        &[&namespace, &forged_entry, &past, &hash.0.as_slice()],
+    )
+    .expect("point the row at it");
+    let f = load(&mut b, "f", &namespace);
+    b.finish();
+    a.finish();
+    assert_refused_not_adopted(&f, &db, dir_b.path(), &name_b);
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+}
+
+/// A genuine row whose saver's record was compacted away keeps loading: it is checked against
+/// the saver's anchor (the entry and the context that saved it, in the state there), while a
+/// row altered after the compaction is still refused.
+#[test]
+fn a_genuine_dynamo_cache_row_still_loads_after_its_saver_compacted_its_log() {
+    let (name_a, name_b) = (fresh_name("compacted-a"), fresh_name("compacted-b"));
+    let namespace = fresh_name("compacted-ns");
+    let schema = fresh_schema("compacted");
+    let db = url_in_schema(&schema);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (mut a, b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    let answer = a.ask(record("later", "after the save"));
+    assert_eq!(answer["ok"], true, "{answer}");
+    a.finish();
+    b.finish();
+    // The compaction's anchor is `later`, past the save: the save's record is gone.
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let saved_at: i64 = sql
+        .query_one(
+            "SELECT saver_seq FROM pcx_dynamo_cache WHERE namespace = $1 AND key = 'f'",
+            &[&namespace],
+        )
+        .expect("f's binding")
+        .get(0);
+    let before = (saved_at + 2).to_string();
+    let (code, compacted) = pcx_on_journal_at(
+        &db,
+        dir_a.path(),
+        &name_a,
+        &["compact", "--before", &before],
+    );
+    assert_eq!(code, Some(0), "{compacted}");
+    assert!(
+        compacted.contains(&format!("\"anchored_at\":{}", saved_at + 1)),
+        "{compacted}"
+    );
+    sql.execute(
+        "UPDATE pcx_dynamo_cache SET saved_by = $2 WHERE namespace = $1 AND key = 'g'",
+        &[&namespace, &format!("{name_a}/forged")],
+    )
+    .expect("alter g");
+    let mut b = Batch::start_on(&db, dir_b.path(), &name_b, 10_000, 0);
+    let f = load(&mut b, "f", &namespace);
+    assert_eq!(f["ok"], true, "a genuine row keeps loading: {f}");
+    assert_eq!(f["saved_by"], format!("{name_a}/default"), "{f}");
+    let g = load(&mut b, "g", &namespace);
+    assert_eq!(g["error"]["kind"], "shared_entry_unsound", "{g}");
+    b.finish();
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+}
+
+/// `PCX_TEST_PG_URL` with the schema `schema` (made here) first on the search path.
+fn url_in_schema(schema: &str) -> String {
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
+    sql.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .expect("the schema is made");
+    let base = url();
+    if base.starts_with("postgres://") || base.starts_with("postgresql://") {
+        let glue = if base.contains('?') { '&' } else { '?' };
+        format!("{base}{glue}options=-csearch_path%3D{schema}")
+    } else {
+        format!("{base} options=-csearch_path={schema}")
+    }
+}
+
+/// A version 1 database (rows with no binding) is upgraded by the first pcx that opens it,
+/// in one transaction, however many open it at once: a row its saver's log vouches for is
+/// bound to the record that saved it and keeps loading; a row it does not (altered while
+/// version 1 trusted rows as they were, or naming a journal with no such record) stays
+/// unbound and is refused, never taken up as sound.
+#[test]
+fn a_version_1_database_is_upgraded_binding_the_rows_their_savers_log_vouches_for_and_refusing_the_rest(
+) {
+    let schema = fresh_schema("v1");
+    let db = url_in_schema(&schema);
+    let (name_a, name_b) = (fresh_name("v1-a"), fresh_name("v1-b"));
+    let namespace = fresh_name("v1-ns");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, b) = a_saves_f_and_g(
+        &db,
+        (&name_a, &name_b),
+        (dir_a.path(), dir_b.path()),
+        &namespace,
+    );
+    b.finish();
+    a.finish();
+    // Back to version 1 as it was: no binding columns; g altered as version 1 allowed, and a
+    // row naming a journal that saved nothing.
+    let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    sql.batch_execute(&format!(
+        "ALTER TABLE pcx_dynamo_cache DROP COLUMN saver_seq, DROP COLUMN saver_hash; \
+         UPDATE pcx_schema SET version = 1; \
+         UPDATE pcx_dynamo_cache SET saved_by = '{name_a}/forged' WHERE key = 'g'; \
+         INSERT INTO pcx_dynamo_cache (namespace, key, entry, saved_by) \
+           SELECT namespace, 'h', entry, 'nobody/default' FROM pcx_dynamo_cache WHERE key = 'f'"
+    ))
+    .expect("a version 1 database");
+    // Four pcx open it at once: one upgrades it, the others find version 2.
+    let openers: Vec<_> = (0..4)
+        .map(|i| {
+            let settings = settings(db.clone(), &format!("{name_b}-reader-{i}"));
+            std::thread::spawn(move || PgJournal::open_reader(settings).map(|_| ()))
+        })
+        .collect();
+    for opener in openers {
+        opener
+            .join()
+            .expect("an opener's thread")
+            .expect("every opener opens the upgraded database");
+    }
+    let version: i32 = sql
+        .query_one("SELECT max(version) FROM pcx_schema", &[])
+        .expect("the version")
+        .get(0);
+    let versions: i64 = sql
+        .query_one("SELECT count(*) FROM pcx_schema", &[])
+        .expect("the versions")
+        .get(0);
+    assert_eq!((version, versions), (2, 1), "upgraded once, to version 2");
+    let bound: Vec<(String, bool)> = sql
+        .query(
+            "SELECT key, saver_seq IS NOT NULL AND saver_hash IS NOT NULL FROM pcx_dynamo_cache \
+             WHERE namespace = $1 ORDER BY key",
+            &[&namespace],
+        )
+        .expect("the rows")
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        bound,
+        vec![
+            ("f".to_string(), true),
+            ("g".to_string(), false),
+            ("h".to_string(), false)
+        ]
+    );
+    let mut b = Batch::start_on(&db, dir_b.path(), &name_b, 10_000, 0);
+    let f = load(&mut b, "f", &namespace);
+    assert_eq!(
+        f["ok"], true,
+        "a row its saver's log vouches for loads: {f}"
+    );
+    assert_eq!(f["saved_by"], format!("{name_a}/default"), "{f}");
+    for key in ["g", "h"] {
+        let refused = load(&mut b, key, &namespace);
+        assert_eq!(
+            refused["error"]["kind"], "shared_entry_unsound",
+            "an unbound row is refused: {refused}"
+        );
+    }
+    b.finish();
+    let _ = sql.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
 }
 
 fn record(key: &str, content: &str) -> Value {

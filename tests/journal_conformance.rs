@@ -392,6 +392,8 @@ mod postgres {
             key: "k".into(),
             entry: format!("{who} entry").into_bytes(),
             saved_by: format!("{who}/ctx"),
+            saver_seq: 1,
+            saver_hash: pcx::core::model::Digest([0; 32]),
         };
         let b = PgJournal::open(settings(&name, 60_000)).expect("B opens");
         b.commit(&Commit {
@@ -504,7 +506,10 @@ mod postgres {
         );
         assert_eq!(reader.anchor().unwrap(), None);
         assert_eq!(
-            reader.shared_cache_entry(&namespace, "k").unwrap(),
+            reader
+                .shared_cache_entry(&namespace, "k")
+                .unwrap()
+                .map(|e| (e.entry, e.saved_by)),
             Some((b"B entry".to_vec(), "B/ctx".to_string()))
         );
     }

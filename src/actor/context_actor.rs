@@ -282,14 +282,6 @@ impl ContextActor {
                     fingerprint: self.scope.request_fingerprint,
                 };
             }
-            if let Some(journal) = self.journal.cluster_name() {
-                shared.extend(crate::store::journal::SharedCacheOp::of_event(
-                    &event,
-                    journal,
-                    &self.scope.context,
-                    &self.scope.namespace,
-                )?);
-            }
             let envelope = Envelope {
                 schema: SCHEMA_VERSION,
                 seq: head.seq + 1,
@@ -299,6 +291,17 @@ impl ContextActor {
                 event,
             };
             let (bytes, hash) = encode_event(&envelope)?;
+            // Told to the cluster bound to this record (its place and hash), which the
+            // loaders in other journals check the row against.
+            if let Some(journal) = self.journal.cluster_name() {
+                shared.extend(crate::store::journal::SharedCacheOp::of_event(
+                    &envelope.event,
+                    journal,
+                    &self.scope.context,
+                    &self.scope.namespace,
+                    (envelope.seq, hash),
+                )?);
+            }
             self.snapshot_hint = self.snapshot_hint.saturating_add(bytes.len());
             // sled's view of the default namespace (other namespaces live in the log and
             // snapshots only; the view is checked against the log at every open).

@@ -71,6 +71,20 @@ pub enum ContextError {
     SaveFailed { key: String, message: String },
     #[error("storage failed: {message}")]
     Storage { message: String, no_space: bool },
+    /// The cluster's shared dynamo cache holds a row for the key that its saver's record does
+    /// not vouch for (altered or forged in the database, or bound to no record): it was not
+    /// taken up and nothing was recorded.
+    #[error(
+        "the cluster's dynamo cache entry {key} (namespace {namespace}, saved by {saved_by}) \
+         was refused: {why}; nothing was loaded or recorded (`pcx verify` on the saving \
+         journal checks its log; a save of the key there writes a sound row)"
+    )]
+    SharedEntryUnsound {
+        key: String,
+        namespace: String,
+        saved_by: String,
+        why: String,
+    },
     #[error("not applied: an earlier change in the same commit group failed ({message})")]
     Aborted { message: String },
     #[error("internal error: a request handler panicked: {message}; nothing was changed")]
@@ -107,6 +121,7 @@ impl ContextError {
             ContextError::SaveFailed { .. } => "save_failed",
             ContextError::Storage { no_space: true, .. } => "no_space",
             ContextError::Storage { .. } => "storage",
+            ContextError::SharedEntryUnsound { .. } => "shared_entry_unsound",
             ContextError::Aborted { .. } => "aborted",
             ContextError::Panicked { .. } => "internal",
             ContextError::Closed => "closed",

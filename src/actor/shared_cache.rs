@@ -23,7 +23,7 @@ impl ContextActor {
             return Ok(());
         };
         let namespace = self.scope.namespace.clone();
-        let Some((bytes, saved_by)) = self.journal.shared_cache_entry(&namespace, key)? else {
+        let Some(shared) = self.journal.shared_cache_entry(&namespace, key)? else {
             // Gone from the cluster (deleted or cleared by a journal): a copy adopted from it
             // goes too. A copy this journal saved itself stays (it may not be durable yet).
             let adopted = self.state.cache(&namespace).contains_key(key)
@@ -38,6 +38,7 @@ impl ContextActor {
             }
             return Ok(());
         };
+        let (bytes, saved_by) = (shared.entry, shared.saved_by);
         if saved_by.split('/').next() == Some(me.as_str()) {
             return Ok(());
         }
@@ -49,6 +50,19 @@ impl ContextActor {
             .transpose()?;
         if own.as_deref() == Some(bytes.as_slice()) {
             return Ok(());
+        }
+        // A row its saver's record does not vouch for (altered or forged in the database, or
+        // bound to no record) is refused before anything is staged: taken up, it would be
+        // recorded here as saved by the journal it names and answered with that saver.
+        if let Some(why) = shared.unsound {
+            tracing::error!(key = %key, namespace = %namespace, saved_by = %saved_by, %why,
+                "refused the cluster's dynamo cache entry: its saver's record does not vouch for it");
+            return Err(ContextError::SharedEntryUnsound {
+                key: key.to_string(),
+                namespace,
+                saved_by,
+                why,
+            });
         }
         let entry = decode_saved_entry(&bytes).map_err(|e| ContextError::Storage {
             message: format!("the cluster's dynamo cache entry {key} (namespace {namespace}, saved by {saved_by}) does not decode: {e}"),

@@ -30,12 +30,17 @@ pub struct Commit {
 /// One change to a cluster's shared dynamo cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SharedCacheOp {
-    /// An entry saved (its encoded bytes) by a context of this journal.
+    /// An entry saved (its encoded bytes) by a context of this journal, bound to the record
+    /// of the event that saved it (its sequence number and hash in this journal's log), so
+    /// that a loader in another journal can check the cluster's row against that record
+    /// before it takes the entry up (a row altered in the database is then refused).
     Put {
         namespace: String,
         key: String,
         entry: Vec<u8>,
         saved_by: String,
+        saver_seq: u64,
+        saver_hash: Digest,
     },
     Delete {
         namespace: String,
@@ -48,22 +53,25 @@ pub enum SharedCacheOp {
 
 impl SharedCacheOp {
     /// What `event`, staged in `context` and `namespace`, changes in the shared cache; `journal`
-    /// is this journal's name in the cluster.
+    /// is this journal's name in the cluster, `seq` and `hash` place the event's record in its
+    /// log. A loader checks a row by deriving it again from the saver's record: the same
+    /// function on both sides, so what is checked is exactly what was written.
     pub fn of_event(
         event: &Event,
         journal: &str,
         context: &str,
         namespace: &str,
+        (seq, hash): (u64, Digest),
     ) -> Result<Vec<SharedCacheOp>, EncodeError> {
         Ok(match event {
             Event::Requested { event, .. } => {
-                return SharedCacheOp::of_event(event, journal, context, namespace)
+                return SharedCacheOp::of_event(event, journal, context, namespace, (seq, hash))
             }
             Event::Scoped {
                 context,
                 namespace,
                 event,
-            } => return SharedCacheOp::of_event(event, journal, context, namespace),
+            } => return SharedCacheOp::of_event(event, journal, context, namespace, (seq, hash)),
             Event::SavedToDynamoCache { entries } => entries
                 .iter()
                 .map(|(key, entry)| {
@@ -72,6 +80,8 @@ impl SharedCacheOp {
                         key: key.clone(),
                         entry: encode_saved_entry(entry)?,
                         saved_by: format!("{journal}/{context}"),
+                        saver_seq: seq,
+                        saver_hash: hash,
                     })
                 })
                 .collect::<Result<_, EncodeError>>()?,
@@ -86,6 +96,8 @@ impl SharedCacheOp {
                 key: key.clone(),
                 entry: encode_saved_entry(entry)?,
                 saved_by: format!("{journal}/{saved_by}"),
+                saver_seq: seq,
+                saver_hash: hash,
             }],
             Event::CacheEntryDeleted { namespace, key } => vec![SharedCacheOp::Delete {
                 namespace: namespace.clone(),
@@ -97,6 +109,18 @@ impl SharedCacheOp {
             _ => Vec::new(),
         })
     }
+}
+
+/// A row of a cluster's shared dynamo cache, as a loader finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedEntry {
+    /// The entry's encoded bytes.
+    pub entry: Vec<u8>,
+    /// Who saved it, as `journal/context`.
+    pub saved_by: String,
+    /// Why the row is not what its saver's record saved (altered, forged, or bound to no
+    /// record), so that it must not be taken up; `None` when the record vouches for it.
+    pub unsound: Option<String>,
 }
 
 /// Stored records in order: `(sequence number, record bytes)`.
@@ -181,7 +205,7 @@ pub trait Journal: Send + Sync + 'static {
         &self,
         _namespace: &str,
         _key: &str,
-    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+    ) -> Result<Option<SharedEntry>, StoreError> {
         Ok(None)
     }
     /// This journal's name in a cluster (None for a journal of its own).
@@ -382,7 +406,7 @@ impl<J: Journal> Journal for FaultyJournal<J> {
         &self,
         namespace: &str,
         key: &str,
-    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+    ) -> Result<Option<SharedEntry>, StoreError> {
         self.inner.shared_cache_entry(namespace, key)
     }
     fn gathers_groups(&self) -> bool {
@@ -437,7 +461,7 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
         &self,
         namespace: &str,
         key: &str,
-    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+    ) -> Result<Option<SharedEntry>, StoreError> {
         (**self).shared_cache_entry(namespace, key)
     }
     fn cluster_name(&self) -> Option<&str> {

@@ -30,6 +30,7 @@ __all__ = [
     "PluginFailed",
     "NoSuchEdit",
     "ContentUnavailable",
+    "SharedEntryUnsound",
     "SaveFailed",
     "Storage",
     "NoSpace",
@@ -171,6 +172,13 @@ class ContentUnavailable(PcxError):
     KIND = "content_unavailable"
 
 
+class SharedEntryUnsound(PcxError):
+    """The cluster's shared dynamo cache row for the key is not what its saver's record saved
+    (altered or forged in the database, or bound to no record); nothing was loaded."""
+
+    KIND = "shared_entry_unsound"
+
+
 class SaveFailed(PcxError):
     """Saving to the dynamo cache failed."""
 
@@ -262,7 +270,7 @@ _BY_KIND: Dict[str, Type[PcxError]] = {
     for cls in (
         BadJson, UnknownOp, MissingField, InvalidRequest, BadBase64, TooLarge, InvalidKind,
         InvalidEntry, KeyNotFound, PackageNotFound, SystemMismatch, NoPlugin, PluginFailed,
-        NoSuchEdit, ContentUnavailable, SaveFailed, Storage, NoSpace, Aborted, Internal, Closed,
+        NoSuchEdit, ContentUnavailable, SharedEntryUnsound, SaveFailed, Storage, NoSpace, Aborted, Internal, Closed,
         Conflict, RequestIdReused, Compacted, BeyondEnd, CorruptLog, BadFrame, Unauthorized,
         FrameStalled,
     )

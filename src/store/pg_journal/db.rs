@@ -9,8 +9,10 @@ use postgres::{Client, NoTls};
 
 use crate::store::error::StoreError;
 
-/// The version of the schema this build creates and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The version of the schema this build creates and reads. Version 2 binds each row of the
+/// shared dynamo cache to its saver's record (`saver_seq`, `saver_hash`; see
+/// `binding`); a version 1 database is upgraded by the first pcx that opens it.
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Contents are stored in parts of this size (the last one shorter).
 pub const PART_BYTES: usize = 1 << 20;
@@ -46,7 +48,12 @@ CREATE TABLE IF NOT EXISTS pcx_cache_view (
 );
 CREATE TABLE IF NOT EXISTS pcx_dynamo_cache (
     namespace text NOT NULL, key text NOT NULL, entry bytea NOT NULL, saved_by text NOT NULL,
+    saver_seq bigint, saver_hash bytea,
     PRIMARY KEY (namespace, key)
+);
+CREATE TABLE IF NOT EXISTS pcx_writes (
+    journal text NOT NULL, token bytea NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (journal, token)
 );
 CREATE TABLE IF NOT EXISTS pcx_meta (
     journal text NOT NULL, key text NOT NULL, bytes bytea NOT NULL,
@@ -229,14 +236,39 @@ pub(super) fn ensure_schema(client: &mut Client) -> Result<Option<i32>, postgres
     let version: Option<i32> = tx
         .query_one("SELECT max(version) FROM pcx_schema", &[])?
         .get(0);
-    if version.is_none() {
-        tx.execute(
-            "INSERT INTO pcx_schema (version) VALUES ($1)",
-            &[&SCHEMA_VERSION],
-        )?;
+    match version {
+        None => {
+            tx.execute(
+                "INSERT INTO pcx_schema (version) VALUES ($1)",
+                &[&SCHEMA_VERSION],
+            )?;
+        }
+        Some(1) => upgrade_from_1(&mut tx)?,
+        Some(_) => {}
     }
     tx.commit()?;
     Ok(version)
+}
+
+/// Version 1 to 2, in the schema's transaction under its advisory lock (so whichever pcx
+/// opens the database first upgrades it, whole or not at all, and the others find version
+/// 2): the shared dynamo cache's rows gain their binding to the saver's record, made from the
+/// saver's log for every row that log vouches for. A row it does not vouch for (its saver's
+/// log holds no record that saved exactly it) stays unbound, and loaders refuse it.
+fn upgrade_from_1(tx: &mut postgres::Transaction<'_>) -> Result<(), postgres::Error> {
+    tx.batch_execute(
+        "ALTER TABLE pcx_dynamo_cache ADD COLUMN IF NOT EXISTS saver_seq bigint, \
+         ADD COLUMN IF NOT EXISTS saver_hash bytea",
+    )?;
+    let (bound, unbound) = super::binding::bind_version_1_rows(tx)?;
+    tx.execute("UPDATE pcx_schema SET version = $1", &[&SCHEMA_VERSION])?;
+    if unbound > 0 {
+        tracing::warn!(bound, unbound,
+            "upgraded the pcx schema to version 2: shared dynamo cache rows no saver's log vouches for are refused by every load");
+    } else {
+        tracing::info!(bound, "upgraded the pcx schema to version 2");
+    }
+    Ok(())
 }
 
 pub(super) fn i64_of(seq: u64) -> i64 {

@@ -148,10 +148,14 @@ impl Group {
                     key,
                     entry,
                     saved_by,
+                    saver_seq,
+                    saver_hash,
                 } => tx.execute(
-                    "INSERT INTO pcx_dynamo_cache (namespace, key, entry, saved_by) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (namespace, key) DO UPDATE SET entry = EXCLUDED.entry, saved_by = EXCLUDED.saved_by",
-                    &[namespace, key, entry, saved_by],
+                    "INSERT INTO pcx_dynamo_cache (namespace, key, entry, saved_by, saver_seq, saver_hash) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (namespace, key) DO UPDATE SET entry = EXCLUDED.entry, saved_by = EXCLUDED.saved_by, \
+                     saver_seq = EXCLUDED.saver_seq, saver_hash = EXCLUDED.saver_hash",
+                    &[namespace, key, entry, saved_by, &i64_of(*saver_seq), &saver_hash.0.as_slice()],
                 )?,
                 SharedCacheOp::Delete { namespace, key } => tx.execute(
                     "DELETE FROM pcx_dynamo_cache WHERE namespace = $1 AND key = $2",
@@ -263,33 +267,7 @@ impl Group {
     /// The connection broke while the group committed: learn from the database whether it
     /// landed (`true`: it did, and is replicated as the database requires).
     pub(super) fn resolve(&self, db: &mut Db, old: Session) -> Result<bool, StoreError> {
-        let (mut client, session) =
-            connect(&db.url).map_err(db_err("reconnecting after a broken commit"))?;
-        if session.server_started == old.server_started {
-            // The same server: wait until the old session has ended, so that its transaction
-            // is decided; end it if it lingers.
-            let deadline = Instant::now() + RESOLVE_PATIENCE;
-            loop {
-                let alive = client
-                    .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&old.pid])
-                    .map_err(db_err("waiting for the broken commit's session to end"))?
-                    .is_some();
-                if !alive {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return Err(StoreError::Database {
-                        op: "resolving a broken commit",
-                        what: format!(
-                            "its session (pid {}) did not end in {RESOLVE_PATIENCE:?}",
-                            old.pid
-                        ),
-                    });
-                }
-                let _ = client.execute("SELECT pg_terminate_backend($1)", &[&old.pid]);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        let (mut client, session) = reconnect_once_decided(&db.url, old)?;
         let head = client
             .query_opt(
                 "SELECT head FROM pcx_heads WHERE journal = $1",
@@ -342,6 +320,41 @@ impl Group {
         db.set_conn(Some((client, session)));
         Ok(landed)
     }
+}
+
+/// Connects again after a commit's connection broke, and waits until the broken commit's
+/// transaction is decided: on the same server, until its old session has ended (ending it if
+/// it lingers); on another server (a promoted standby) there is nothing to wait for.
+pub(super) fn reconnect_once_decided(
+    url: &str,
+    old: Session,
+) -> Result<(Client, Session), StoreError> {
+    let (mut client, session) =
+        connect(url).map_err(db_err("reconnecting after a broken commit"))?;
+    if session.server_started == old.server_started {
+        let deadline = Instant::now() + RESOLVE_PATIENCE;
+        loop {
+            let alive = client
+                .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&old.pid])
+                .map_err(db_err("waiting for the broken commit's session to end"))?
+                .is_some();
+            if !alive {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(StoreError::Database {
+                    op: "resolving a broken commit",
+                    what: format!(
+                        "its session (pid {}) did not end in {RESOLVE_PATIENCE:?}",
+                        old.pid
+                    ),
+                });
+            }
+            let _ = client.execute("SELECT pg_terminate_backend($1)", &[&old.pid]);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok((client, session))
 }
 
 /// Stores contents once for the cluster, in parts: three statements for the whole group

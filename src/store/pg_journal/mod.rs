@@ -31,6 +31,7 @@
 //! every other (see `crate::actor::shared_cache`).
 
 mod bare;
+mod binding;
 mod db;
 mod group;
 mod lease;
@@ -43,7 +44,7 @@ use postgres::Client;
 
 use crate::core::model::Digest;
 use crate::store::error::{OpenError, StoreError};
-use crate::store::journal::{Bytes, Commit, Journal, Records};
+use crate::store::journal::{Bytes, Commit, Journal, Records, SharedEntry};
 
 use db::*;
 use group::*;
@@ -221,8 +222,15 @@ impl PgJournal {
         }
     }
 
-    /// A write outside a group (the cache view, the anchor, a wipe), in one transaction that
-    /// first checks this writer still holds the lease.
+    /// A write outside a group (the cache view, the anchor, a compaction, a wipe, an import's
+    /// takeover), in one transaction that first checks this writer still holds the lease.
+    ///
+    /// Its outcome is resolved as a group's is when the connection breaks: the transaction
+    /// also stores a token of its own in `pcx_writes`, so once the old session is gone the
+    /// token's row says whether it committed. Tokens are kept a day (a resolution takes
+    /// seconds), not only the last: a writer that took the journal over meanwhile may have
+    /// written outside a group too, and that must not make a landed write look lost. Before, such a write was
+    /// reported failed though it may have committed (a compaction done, answered as not).
     fn write_held(
         &self,
         op: &'static str,
@@ -233,23 +241,62 @@ impl PgJournal {
         let epoch = self.fenced()?;
         let journal = self.settings.journal.clone();
         let old = *self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let token = write_token();
         let refused = self.db.run(move |db| {
-            let client = db.client()?;
-            let mut tx = client.transaction().map_err(db_err(op))?;
-            let held = tx
-                .execute(
+            db.client()?;
+            let Some((client, session)) = db.conn.as_mut() else {
+                return Err(StoreError::Unavailable);
+            };
+            let session = *session;
+            let attempt = (|| -> Result<Option<String>, postgres::Error> {
+                let mut tx = client.transaction()?;
+                let held = tx.execute(
                     "UPDATE pcx_heads SET head = head \
                      WHERE journal = $1 AND epoch = $2 AND lease_until > clock_timestamp()",
                     &[&journal, &epoch],
-                )
-                .map_err(db_err(op))?;
-            if held != 1 {
-                drop(tx);
-                return Ok(Some(why_fenced(client, &journal, epoch, old)));
+                )?;
+                if held != 1 {
+                    drop(tx);
+                    return Ok(Some(why_fenced(client, &journal, epoch, old)));
+                }
+                f(&mut tx, &journal)?;
+                tx.execute(
+                    "DELETE FROM pcx_writes \
+                     WHERE journal = $1 AND at < clock_timestamp() - interval '1 day'",
+                    &[&journal],
+                )?;
+                tx.execute(
+                    "INSERT INTO pcx_writes (journal, token) VALUES ($1, $2)",
+                    &[&journal, &token.as_slice()],
+                )?;
+                tx.commit()?;
+                Ok(None)
+            })();
+            match attempt {
+                Ok(refused) => Ok(refused),
+                Err(e) => {
+                    let broken = e.is_closed()
+                        || e.as_db_error().is_none()
+                        || db.conn.as_ref().is_none_or(|(c, _)| c.is_closed());
+                    if !broken {
+                        return Err(db_err(op)(e));
+                    }
+                    let what = describe(&e);
+                    db.set_conn(None);
+                    if resolve_write(db, session, &journal, &token)? {
+                        tracing::warn!(%journal, op, %what,
+                            "a write's connection broke; the database says it landed");
+                        Ok(None)
+                    } else {
+                        Err(StoreError::Database {
+                            op,
+                            what: format!(
+                                "{what} (the write did not land: nothing of it was stored)"
+                            ),
+                        })
+                    }
+                }
             }
-            f(&mut tx, &journal).map_err(db_err(op))?;
-            tx.commit().map_err(db_err(op))?;
-            Ok(None)
         })?;
         match refused {
             Some(why) => Err(self.lose(why)),
@@ -362,6 +409,7 @@ impl PgJournal {
                 return Ok(());
             };
             let head: i64 = head.get(0);
+            tx.execute("DELETE FROM pcx_writes WHERE journal = $1", &[&side])?;
             for table in ["pcx_snapshots", "pcx_cache_view", "pcx_meta"] {
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE journal = $1"),
@@ -414,6 +462,46 @@ impl PgJournal {
         self.db
             .run(move |db| f(db.client()?, &journal).map_err(db_err(op)))
     }
+}
+
+/// A token no other write has: this process, the time and a counter, hashed.
+fn write_token() -> [u8; 32] {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNT.fetch_add(1, Ordering::SeqCst);
+    Digest::of(format!("{} {nanos} {n}", std::process::id()).as_bytes()).0
+}
+
+/// A write outside a group whose connection broke: once its session is gone, whether it
+/// landed is whether `pcx_writes` holds its token. A landed write is
+/// answered only after one more synchronous commit (touching that row) has passed, so that
+/// the answer never rests on WAL only the primary has, as for a group.
+fn resolve_write(
+    db: &mut Db,
+    old: Session,
+    journal: &str,
+    token: &[u8; 32],
+) -> Result<bool, StoreError> {
+    let (mut client, session) = reconnect_once_decided(&db.url, old)?;
+    let landed = client
+        .query_opt(
+            "SELECT 1 FROM pcx_writes WHERE journal = $1 AND token = $2",
+            &[&journal, &token.as_slice()],
+        )
+        .map_err(db_err("reading a write's token after its connection broke"))?
+        .is_some();
+    if landed {
+        client
+            .execute(
+                "UPDATE pcx_writes SET at = at WHERE journal = $1 AND token = $2",
+                &[&journal, &token.as_slice()],
+            )
+            .map_err(db_err("replicating a write whose answer was lost"))?;
+    }
+    db.set_conn(Some((client, session)));
+    Ok(landed)
 }
 
 impl Drop for PgJournal {
@@ -613,15 +701,51 @@ impl Journal for PgJournal {
         &self,
         namespace: &str,
         key: &str,
-    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
-        let (namespace, key) = (namespace.to_string(), key.to_string());
-        self.read("reading the cluster's dynamo cache", move |client, _| {
-            let row = client.query_opt(
-                "SELECT entry, saved_by FROM pcx_dynamo_cache WHERE namespace = $1 AND key = $2",
-                &[&namespace, &key],
-            )?;
-            Ok(row.map(|r| (r.get(0), r.get(1))))
-        })
+    ) -> Result<Option<SharedEntry>, StoreError> {
+        let (ns, k) = (namespace.to_string(), key.to_string());
+        let found = self.read("reading the cluster's dynamo cache", move |client, me| {
+            let Some(row) = client.query_opt(
+                "SELECT entry, saved_by, saver_seq, saver_hash FROM pcx_dynamo_cache \
+                 WHERE namespace = $1 AND key = $2",
+                &[&ns, &k],
+            )?
+            else {
+                return Ok(None);
+            };
+            let (entry, saved_by): (Vec<u8>, String) = (row.get(0), row.get(1));
+            let (seq, hash): (Option<i64>, Option<Vec<u8>>) = (row.get(2), row.get(3));
+            let binding = seq.zip(hash.and_then(|h| <[u8; 32]>::try_from(h).ok()));
+            let binding = binding.map(|(s, h)| (u64_of(s), Digest(h)));
+            // This journal's own rows are never taken up here (it holds its own copies).
+            let proof = match (binding, binding::saver_journal(&saved_by)) {
+                (Some((seq, _)), Some(journal)) if journal != me => {
+                    Some(binding::proof_of(client, journal, seq)?)
+                }
+                _ => None,
+            };
+            Ok(Some((entry, saved_by, binding, proof)))
+        })?;
+        let Some((entry, saved_by, binding, proof)) = found else {
+            return Ok(None);
+        };
+        let row = binding::Row {
+            namespace,
+            key,
+            entry: &entry,
+            saved_by: &saved_by,
+            binding,
+        };
+        let unsound = match (&proof, binding) {
+            (Some(proof), _) => binding::check(&row, proof).err(),
+            // Unbound: refused whoever it names (a row naming this journal is not taken up).
+            (None, None) => binding::check(&row, &binding::Proof::Missing).err(),
+            (None, Some(_)) => None,
+        };
+        Ok(Some(SharedEntry {
+            entry,
+            saved_by,
+            unsound,
+        }))
     }
 
     fn cluster_name(&self) -> Option<&str> {
