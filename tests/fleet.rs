@@ -290,6 +290,87 @@ fn a_commit_whose_answer_was_lost_while_the_journal_was_taken_over_is_found_to_h
     }
 }
 
+/// The primary's WAL senders, stopped (SIGSTOP) until this is dropped: commits on the primary
+/// still happen and are seen there, but no standby receives them, so a commit that waits for
+/// its synchronous standbys waits. The rest of the cluster's writers wait meanwhile too.
+struct ReplicationPaused(Vec<i32>);
+
+impl ReplicationPaused {
+    fn now(sql: &mut postgres::Client) -> ReplicationPaused {
+        let pids: Vec<i32> = sql
+            .query("SELECT pid FROM pg_stat_replication", &[])
+            .expect("the WAL senders")
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(!pids.is_empty(), "the test cluster has no standbys");
+        for pid in &pids {
+            // SAFETY: kill only sends a signal.
+            assert_eq!(
+                unsafe { libc::kill(*pid, libc::SIGSTOP) },
+                0,
+                "SIGSTOP {pid}"
+            );
+        }
+        ReplicationPaused(pids)
+    }
+}
+
+impl Drop for ReplicationPaused {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(*pid, libc::SIGCONT) };
+        }
+    }
+}
+
+/// Product bug: once a lost answer was resolved as landed, the group was to be answered only
+/// after one more synchronous commit, so that its WAL was on the standbys as well as on the
+/// primary. That commit touched the head row under the writer's epoch, which after a takeover
+/// matched no row: it wrote no WAL, waited for no standby, and the group was answered while
+/// the primary alone might have it (a failover then would lose an answered write).
+#[test]
+fn a_commit_whose_answer_was_lost_during_a_takeover_is_answered_only_once_the_standbys_have_it() {
+    let proxy = Proxy::start(upstream());
+    let name = fresh_name("lost-answer-replicated");
+    let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
+    j.commit(&group(1, b"before")).unwrap();
+    proxy.arm(LOSE_ANSWER, b"answer lost");
+    proxy.hold.store(true, Ordering::SeqCst);
+    let committing = std::thread::spawn(move || {
+        let outcome = j.commit(&group(2, b"answer lost"));
+        (j, outcome)
+    });
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records(&direct).len() < 2 {
+        assert!(Instant::now() < deadline, "the group never landed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
+    sql.execute(
+        "UPDATE pcx_heads SET lease_until = clock_timestamp() WHERE journal = $1",
+        &[&name],
+    )
+    .expect("the lease runs out");
+    let taker = PgJournal::open(settings(url(), &name)).expect("the journal is taken over");
+    taker
+        .commit(&group(3, b"taken over"))
+        .expect("the new holder writes on");
+    let paused = ReplicationPaused::now(&mut sql);
+    proxy.hold.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(3));
+    let answered_early = committing.is_finished();
+    drop(paused);
+    let (_j, outcome) = committing.join().expect("the commit's thread");
+    assert!(
+        !answered_early,
+        "the group was answered while no standby could have received it"
+    );
+    outcome.expect("a group that landed is answered ok once the standbys have it");
+}
+
 #[test]
 fn a_commit_that_never_reached_the_database_is_found_not_to_have_landed() {
     let proxy = Proxy::start(upstream());

@@ -308,14 +308,8 @@ impl Group {
             "a commit's connection broke: its outcome was read from the database");
         if landed {
             // The group's WAL may so far be on the primary only (a commit cut off while it
-            // waited for its standbys): a later synchronous commit makes it as replicated as
-            // any answered write before it is answered.
-            client
-                .execute(
-                    "UPDATE pcx_heads SET lease_until = lease_until WHERE journal = $1 AND epoch = $2",
-                    &[&self.journal, &self.epoch],
-                )
-                .map_err(db_err("replicating a commit whose answer was lost"))?;
+            // waited for its standbys).
+            super::wait_for_standbys(&mut client, &self.journal)?;
         }
         db.set_conn(Some((client, session)));
         Ok(landed)

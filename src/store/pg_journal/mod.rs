@@ -21,8 +21,8 @@
 //! group commits, the outcome is learned from the database: once the old session is gone
 //! (its transaction then either committed or did not), the head and the stored newest record
 //! (byte for byte) say whether the group landed, and a landed group is answered only after a
-//! later synchronous commit (the lease renewal) has passed through replication, so that an
-//! acknowledgement never rests on WAL only the primary has.
+//! later commit that writes WAL has passed through replication ([`wait_for_standbys`]), so
+//! that an acknowledgement never rests on WAL only the primary has.
 //!
 //! Contents are content-addressed and stored once for the whole database (every journal of
 //! the cluster shares them), in parts of [`PART_BYTES`], so no single value is huge. The
@@ -464,6 +464,22 @@ impl PgJournal {
     }
 }
 
+/// Waits until everything the primary committed so far is as replicated as an answered write
+/// must be: a commit that writes WAL (a fresh token in `pcx_writes`) waits for the synchronous
+/// standbys, and WAL is replicated in order. A statement that changes no row writes no WAL and
+/// waits for nothing: the head row touched by the writer's epoch, the first way this was done,
+/// matched no row once the journal had been taken over, and a group whose answer was lost was
+/// answered while only the primary had it.
+pub(super) fn wait_for_standbys(client: &mut Client, journal: &str) -> Result<(), StoreError> {
+    client
+        .execute(
+            "INSERT INTO pcx_writes (journal, token) VALUES ($1, $2)",
+            &[&journal, &write_token().as_slice()],
+        )
+        .map(|_| ())
+        .map_err(db_err("waiting for the standbys after a lost answer"))
+}
+
 /// A token no other write has: this process, the time and a counter, hashed.
 fn write_token() -> [u8; 32] {
     static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -475,9 +491,9 @@ fn write_token() -> [u8; 32] {
 }
 
 /// A write outside a group whose connection broke: once its session is gone, whether it
-/// landed is whether `pcx_writes` holds its token. A landed write is
-/// answered only after one more synchronous commit (touching that row) has passed, so that
-/// the answer never rests on WAL only the primary has, as for a group.
+/// landed is whether `pcx_writes` holds its token. A landed write is answered only after
+/// [`wait_for_standbys`], so that the answer never rests on WAL only the primary has, as for a
+/// group.
 fn resolve_write(
     db: &mut Db,
     old: Session,
@@ -493,12 +509,7 @@ fn resolve_write(
         .map_err(db_err("reading a write's token after its connection broke"))?
         .is_some();
     if landed {
-        client
-            .execute(
-                "UPDATE pcx_writes SET at = at WHERE journal = $1 AND token = $2",
-                &[&journal, &token.as_slice()],
-            )
-            .map_err(db_err("replicating a write whose answer was lost"))?;
+        wait_for_standbys(&mut client, journal)?;
     }
     db.set_conn(Some((client, session)));
     Ok(landed)
