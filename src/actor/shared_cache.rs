@@ -39,7 +39,8 @@ impl ContextActor {
             return Ok(());
         };
         let (bytes, saved_by) = (shared.entry, shared.saved_by);
-        if saved_by.split('/').next() == Some(me.as_str()) {
+        // `journal/context`: a context's name has no `/`, a journal's might.
+        if saved_by.rsplit_once('/').map(|(journal, _)| journal) == Some(me.as_str()) {
             return Ok(());
         }
         let own = self
