@@ -1027,6 +1027,17 @@ fn a_damaged_content_file_gives_an_error_naming_the_content_never_wrong_bytes() 
     });
 }
 
+/// Keys `first` and `again` both read back as `want`.
+async fn both_read_back(ctx: &Context, want: &[u8], label: &str) {
+    for key in ["first", "again"] {
+        assert_eq!(
+            content(ctx, key).await.as_deref(),
+            Some(want),
+            "{label}: {key}"
+        );
+    }
+}
+
 /// Contents are stored once by digest, so a record of a content already stored used to be
 /// answered without writing anything: when the stored copy had been damaged, the new record
 /// was acknowledged and every read of it failed, though the caller had sent the bytes. The
@@ -1087,24 +1098,12 @@ fn a_content_recorded_again_over_a_damaged_copy_is_written_again_and_reads_back(
                 .expect_err("damaged bytes are never served");
             assert_eq!(err.kind(), "content_unavailable", "{place}: {err}");
             record(&ctx, "again", stored).await;
-            for key in ["first", "again"] {
-                assert_eq!(
-                    content(&ctx, key).await.as_ref(),
-                    Some(stored),
-                    "{place}: {key}"
-                );
-            }
+            both_read_back(&ctx, stored, place).await;
             ctx.close().await.expect("close");
         });
         block_on(async {
             let ctx = open(&config);
-            for key in ["first", "again"] {
-                assert_eq!(
-                    content(&ctx, key).await.as_ref(),
-                    Some(stored),
-                    "{place}: {key} after reopening"
-                );
-            }
+            both_read_back(&ctx, stored, &format!("{place}, after reopening")).await;
             ctx.close().await.expect("close");
         });
         let verify = cli(dir.path(), &["verify"]).answer();

@@ -235,20 +235,19 @@ fn a_commit_whose_answer_was_lost_is_found_to_have_landed_and_is_answered_ok() {
     );
 }
 
-/// Regression (a stored write reported as not stored): a commit whose answer was lost is
-/// resolved from the database, but it took the group for landed only if the head was still
-/// at the group's end. When the journal was taken over meanwhile (this writer's lease ran
-/// out while it reconnected) and the new holder wrote on, the head was past it, and the group,
-/// stored and replayed by the new holder, was reported "did not land: nothing of it was
-/// stored": a client retrying without a request id applied it twice.
-#[test]
-fn a_commit_whose_answer_was_lost_while_the_journal_was_taken_over_is_found_to_have_landed() {
+/// The thread committing a group: the journal, and the commit's outcome.
+type Committing = std::thread::JoinHandle<(PgJournal, Result<(), StoreError>)>;
+
+/// A writer's group 2 whose commit answer is lost, and, while its reconnect waits at the
+/// proxy (`proxy.hold`, still set), its lease runs out (as when its renewals could not get
+/// through) and another holder takes the journal over and writes group 3. Gives the proxy, the
+/// thread committing (its journal and the commit's outcome), a reader and an SQL client.
+fn lose_an_answer_then_take_over(what: &str) -> (Proxy, Committing, PgJournal, postgres::Client) {
     let proxy = Proxy::start(upstream());
-    let name = fresh_name("lost-answer-takeover");
+    let name = fresh_name(what);
     let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
     j.commit(&group(1, b"before")).unwrap();
     proxy.arm(LOSE_ANSWER, b"answer lost");
-    // The reconnect that resolves the commit waits at the proxy until the takeover is done.
     proxy.hold.store(true, Ordering::SeqCst);
     let committing = std::thread::spawn(move || {
         let outcome = j.commit(&group(2, b"answer lost"));
@@ -260,8 +259,6 @@ fn a_commit_whose_answer_was_lost_while_the_journal_was_taken_over_is_found_to_h
         assert!(Instant::now() < deadline, "the group never landed");
         std::thread::sleep(Duration::from_millis(10));
     }
-    // The writer's lease runs out (as when its renewals could not get through), and another
-    // takes the journal over and writes on.
     let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
     sql.execute(
         "UPDATE pcx_heads SET lease_until = clock_timestamp() WHERE journal = $1",
@@ -272,6 +269,18 @@ fn a_commit_whose_answer_was_lost_while_the_journal_was_taken_over_is_found_to_h
     taker
         .commit(&group(3, b"taken over"))
         .expect("the new holder writes on");
+    (proxy, committing, direct, sql)
+}
+
+/// Regression (a stored write reported as not stored): a commit whose answer was lost is
+/// resolved from the database, but it took the group for landed only if the head was still
+/// at the group's end. When the journal was taken over meanwhile (this writer's lease ran
+/// out while it reconnected) and the new holder wrote on, the head was past it, and the group,
+/// stored and replayed by the new holder, was reported "did not land: nothing of it was
+/// stored": a client retrying without a request id applied it twice.
+#[test]
+fn a_commit_whose_answer_was_lost_while_the_journal_was_taken_over_is_found_to_have_landed() {
+    let (proxy, committing, direct, _sql) = lose_an_answer_then_take_over("lost-answer-takeover");
     proxy.hold.store(false, Ordering::SeqCst);
     let (j, outcome) = committing.join().expect("the commit's thread");
     outcome.expect("a group that landed is answered ok, whatever came after it");
@@ -332,32 +341,8 @@ impl Drop for ReplicationPaused {
 /// the primary alone might have it (a failover then would lose an answered write).
 #[test]
 fn a_commit_whose_answer_was_lost_during_a_takeover_is_answered_only_once_the_standbys_have_it() {
-    let proxy = Proxy::start(upstream());
-    let name = fresh_name("lost-answer-replicated");
-    let j = PgJournal::open(settings(proxy.url(), &name)).expect("opens through the proxy");
-    j.commit(&group(1, b"before")).unwrap();
-    proxy.arm(LOSE_ANSWER, b"answer lost");
-    proxy.hold.store(true, Ordering::SeqCst);
-    let committing = std::thread::spawn(move || {
-        let outcome = j.commit(&group(2, b"answer lost"));
-        (j, outcome)
-    });
-    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while records(&direct).len() < 2 {
-        assert!(Instant::now() < deadline, "the group never landed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
-    sql.execute(
-        "UPDATE pcx_heads SET lease_until = clock_timestamp() WHERE journal = $1",
-        &[&name],
-    )
-    .expect("the lease runs out");
-    let taker = PgJournal::open(settings(url(), &name)).expect("the journal is taken over");
-    taker
-        .commit(&group(3, b"taken over"))
-        .expect("the new holder writes on");
+    let (proxy, committing, _direct, mut sql) =
+        lose_an_answer_then_take_over("lost-answer-replicated");
     let paused = ReplicationPaused::now(&mut sql);
     proxy.hold.store(false, Ordering::SeqCst);
     std::thread::sleep(Duration::from_secs(3));
@@ -826,17 +811,36 @@ fn an_entry_adopted_by_a_refused_load_is_in_the_loading_journals_log_and_it_stil
 // ---------------------------------------------------------------------------------------------
 // the shared dynamo cache's rows bound to their saver's record
 
-/// Journal A (on `url`) saves entries `f` (backends b1, b2) and `g` (backend b3) into
-/// `namespace`; journal B is started. Both are answered before this returns.
-fn a_saves_f_and_g(
-    url: &str,
-    (name_a, name_b): (&str, &str),
-    (dir_a, dir_b): (&std::path::Path, &std::path::Path),
-    namespace: &str,
-) -> (Batch, Batch) {
+/// Two journals, A and B, in a schema of their own (a cluster of their own, as far as the
+/// shared cache and the schema version go), A having recorded and saved entries f (backends
+/// b1, b2) and g (b3) in its namespace.
+struct SavedFG {
+    name_a: String,
+    name_b: String,
+    namespace: String,
+    schema: String,
+    db: String,
+    dir_a: tempfile::TempDir,
+    dir_b: tempfile::TempDir,
+    a: Batch,
+    b: Batch,
+}
+
+fn a_saves_f_and_g(what: &str) -> SavedFG {
     use common::protocol::{entry_with_codes, record_entry};
-    let mut a = Batch::start_on(url, dir_a, name_a, 10_000, 0);
-    let b = Batch::start_on(url, dir_b, name_b, 10_000, 0);
+    let (name_a, name_b) = (
+        fresh_name(&format!("{what}-a")),
+        fresh_name(&format!("{what}-b")),
+    );
+    let namespace = fresh_name(&format!("{what}-ns"));
+    let schema = fresh_schema(what);
+    let db = url_in_schema(&schema);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let mut a = Batch::start_on(&db, dir_a.path(), &name_a, 10_000, 0);
+    let b = Batch::start_on(&db, dir_b.path(), &name_b, 10_000, 0);
     for request in [
         record("b1", "kernel one"),
         record("b2", "kernel two"),
@@ -848,7 +852,17 @@ fn a_saves_f_and_g(
         let answer = a.ask(request);
         assert_eq!(answer["ok"], true, "{answer}");
     }
-    (a, b)
+    SavedFG {
+        name_a,
+        name_b,
+        namespace,
+        schema,
+        db,
+        dir_a,
+        dir_b,
+        a,
+        b,
+    }
 }
 
 fn load(b: &mut Batch, key: &str, namespace: &str) -> Value {
@@ -876,20 +890,17 @@ fn assert_refused_not_adopted(answer: &Value, db: &str, dir_b: &std::path::Path,
 /// row named, and answered with that `saved_by`.
 #[test]
 fn a_dynamo_cache_row_whose_saver_was_altered_is_refused_not_adopted() {
-    let (name_a, name_b) = (fresh_name("saver-a"), fresh_name("saver-b"));
-    let namespace = fresh_name("saver-ns");
-    let schema = fresh_schema("saver");
-    let db = url_in_schema(&schema);
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("a dir"),
-        tempfile::tempdir().expect("a dir"),
-    );
-    let (a, mut b) = a_saves_f_and_g(
-        &db,
-        (&name_a, &name_b),
-        (dir_a.path(), dir_b.path()),
-        &namespace,
-    );
+    let SavedFG {
+        name_a,
+        name_b,
+        namespace,
+        schema,
+        db,
+        dir_a: _dir_a,
+        dir_b,
+        a,
+        mut b,
+    } = a_saves_f_and_g("saver");
     let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
     // f now claims another context of A, g another journal (which has records of its own).
     let (name_c, dir_c) = (fresh_name("saver-c"), tempfile::tempdir().expect("a dir"));
@@ -931,20 +942,17 @@ fn a_dynamo_cache_row_whose_saver_was_altered_is_refused_not_adopted() {
 #[test]
 fn a_reframed_dynamo_cache_row_is_refused_not_adopted() {
     use pcx::store::record::{decode_saved_entry, encode_saved_entry};
-    let (name_a, name_b) = (fresh_name("reframed-a"), fresh_name("reframed-b"));
-    let namespace = fresh_name("reframed-ns");
-    let schema = fresh_schema("reframed");
-    let db = url_in_schema(&schema);
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("a dir"),
-        tempfile::tempdir().expect("a dir"),
-    );
-    let (a, mut b) = a_saves_f_and_g(
-        &db,
-        (&name_a, &name_b),
-        (dir_a.path(), dir_b.path()),
-        &namespace,
-    );
+    let SavedFG {
+        name_a,
+        name_b,
+        namespace,
+        schema,
+        db,
+        dir_a: _dir_a,
+        dir_b,
+        a,
+        mut b,
+    } = a_saves_f_and_g("reframed");
     let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
     let bytes: Vec<u8> = sql
         .query_one(
@@ -992,20 +1000,17 @@ fn fresh_schema(what: &str) -> String {
 fn a_dynamo_cache_row_bound_to_a_forged_record_past_its_savers_head_is_refused() {
     use pcx::core::event::Event;
     use pcx::store::record::{decode_event, encode_event, encode_saved_entry};
-    let (name_a, name_b) = (fresh_name("past-a"), fresh_name("past-b"));
-    let namespace = fresh_name("past-ns");
-    let schema = fresh_schema("past");
-    let db = url_in_schema(&schema);
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("a dir"),
-        tempfile::tempdir().expect("a dir"),
-    );
-    let (a, mut b) = a_saves_f_and_g(
-        &db,
-        (&name_a, &name_b),
-        (dir_a.path(), dir_b.path()),
-        &namespace,
-    );
+    let SavedFG {
+        name_a,
+        name_b,
+        namespace,
+        schema,
+        db,
+        dir_a: _dir_a,
+        dir_b,
+        a,
+        mut b,
+    } = a_saves_f_and_g("past");
     let mut sql = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
     let row = sql
         .query_one(
@@ -1056,20 +1061,17 @@ fn a_dynamo_cache_row_bound_to_a_forged_record_past_its_savers_head_is_refused()
 /// row altered after the compaction is still refused.
 #[test]
 fn a_genuine_dynamo_cache_row_still_loads_after_its_saver_compacted_its_log() {
-    let (name_a, name_b) = (fresh_name("compacted-a"), fresh_name("compacted-b"));
-    let namespace = fresh_name("compacted-ns");
-    let schema = fresh_schema("compacted");
-    let db = url_in_schema(&schema);
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("a dir"),
-        tempfile::tempdir().expect("a dir"),
-    );
-    let (mut a, b) = a_saves_f_and_g(
-        &db,
-        (&name_a, &name_b),
-        (dir_a.path(), dir_b.path()),
-        &namespace,
-    );
+    let SavedFG {
+        name_a,
+        name_b,
+        namespace,
+        schema,
+        db,
+        dir_a,
+        dir_b,
+        mut a,
+        b,
+    } = a_saves_f_and_g("compacted");
     let answer = a.ask(record("later", "after the save"));
     assert_eq!(answer["ok"], true, "{answer}");
     a.finish();
@@ -1132,20 +1134,17 @@ fn url_in_schema(schema: &str) -> String {
 #[test]
 fn a_version_1_database_is_upgraded_binding_the_rows_their_savers_log_vouches_for_and_refusing_the_rest(
 ) {
-    let schema = fresh_schema("v1");
-    let db = url_in_schema(&schema);
-    let (name_a, name_b) = (fresh_name("v1-a"), fresh_name("v1-b"));
-    let namespace = fresh_name("v1-ns");
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("a dir"),
-        tempfile::tempdir().expect("a dir"),
-    );
-    let (a, b) = a_saves_f_and_g(
-        &db,
-        (&name_a, &name_b),
-        (dir_a.path(), dir_b.path()),
-        &namespace,
-    );
+    let SavedFG {
+        name_a,
+        name_b,
+        namespace,
+        schema,
+        db,
+        dir_a: _dir_a,
+        dir_b,
+        a,
+        b,
+    } = a_saves_f_and_g("v1");
     b.finish();
     a.finish();
     // Back to version 1 as it was: no binding columns; g altered as version 1 allowed, and a
