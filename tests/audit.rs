@@ -707,6 +707,89 @@ fn a_content_recorded_again_over_a_damaged_copy_is_written_again_and_verifies() 
     assert_eq!(v["ok"], json!(true), "{v}");
 }
 
+/// Product bug: `pcx export --output DIR/db` truncated sled's data file before reading a byte
+/// of it, and the whole log was gone ("sled's data file is damaged at byte 765" from then on);
+/// `pcx salvage --output` there would finish off the directory it salvages. A path inside the
+/// data directory (a link into it too), or its lock file beside it, is refused before anything
+/// is opened, and nothing is left there.
+#[test]
+fn an_export_or_salvage_written_into_the_data_directory_is_refused_and_the_log_is_untouched() {
+    if sled_only("the data directory is not the log on PostgreSQL") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let before = cli_value(&dir, &["verify"]);
+    let entries = |d: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let files_before = entries(&dir);
+    let link = tmp.path().join("link-to-db");
+    std::os::unix::fs::symlink(dir.join("db"), &link).unwrap();
+    for (command, output) in [
+        ("export", dir.join("db")),
+        ("export", dir.join("new.jsonl")),
+        ("export", link.clone()),
+        ("export", tmp.path().join("data.lock")),
+        ("salvage", dir.join("db")),
+    ] {
+        let run = cli(&dir, &[command, "--output", output.to_str().unwrap()]);
+        let what = format!("{command} --output {}", output.display());
+        assert!(!run.status.success(), "{what} succeeded");
+        assert!(
+            run.stderr.contains("inside the data directory"),
+            "{what}: {}",
+            run.stderr
+        );
+    }
+    assert_eq!(
+        entries(&dir),
+        files_before,
+        "nothing was added to the data directory"
+    );
+    assert_eq!(cli_value(&dir, &["verify"]), before, "the log is as it was");
+}
+
+/// An export is written beside its `--output` file and renamed onto it once complete: one
+/// that fails halfway (here on a damaged content) leaves the file it would have replaced
+/// as it was, and no partial file.
+#[test]
+fn a_failed_export_leaves_the_file_it_would_have_replaced_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let file = tmp.path().join("history.jsonl");
+    export(&dir, &file, "inline");
+    let good = std::fs::read(&file).unwrap();
+    let echo = Digest::of(b"echo");
+    damage_log_contents(&dir, |c| {
+        c.insert(echo, b"ECHO".to_vec());
+    });
+    let run = cli(&dir, &["export", "--output", file.to_str().unwrap()]);
+    assert!(
+        !run.status.success(),
+        "an export missing a content failed: {}",
+        run.stdout
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        good,
+        "the earlier export is intact"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "partial files left: {left:?}");
+}
+
 #[test]
 fn verify_finds_two_reordered_records() {
     assert_damage_found(

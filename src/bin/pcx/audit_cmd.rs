@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
 use crate::args::Command;
+use crate::output::Output;
 use crate::report::{answer_error, error_text};
 use pcx::config::Config;
 use pcx::trace::LogFormat;
@@ -150,16 +151,22 @@ fn read_command(
         Command::Verify => Query::Verify,
         Command::Export { content, output } => {
             let bar = progress_bar(config, total, "exporting");
-            let mut sink: Box<dyn Write> = match &output {
-                Some(path) => Box::new(io::BufWriter::new(
-                    std::fs::File::create(path)
-                        .with_context(|| format!("creating {}", path.display()))?,
-                )),
-                None => Box::new(io::BufWriter::new(out)),
+            let mut progress = |s| bar.set_position(s);
+            let result = match &output {
+                Some(path) => {
+                    let (output, mut file) = Output::create(&config.data_dir, path)?;
+                    match pcx::audit::export::export(journal, content, &mut file, &mut progress) {
+                        Ok(r) => output.finish(file).map(|()| Ok(r))?,
+                        Err(e) => Err(e),
+                    }
+                }
+                None => pcx::audit::export::export(
+                    journal,
+                    content,
+                    &mut io::BufWriter::new(out),
+                    &mut progress,
+                ),
             };
-            let result = pcx::audit::export::export(journal, content, &mut sink, &mut |s| {
-                bar.set_position(s)
-            });
             bar.finish_and_clear();
             return Ok(match result {
                 Ok(_) => ExitCode::SUCCESS,
@@ -282,13 +289,12 @@ pub(crate) fn salvage(config: &Config, output: &std::path::Path, scan: bool) -> 
             &format!("data directory {} does not exist", dir.display()),
         ));
     }
-    let file =
-        std::fs::File::create(output).with_context(|| format!("creating {}", output.display()))?;
-    let mut sink = io::BufWriter::new(file);
+    let (written, mut sink) = Output::create(dir, output)?;
     let mut report = match pcx::audit::salvage::salvage(dir, scan, &mut sink) {
         Ok(r) => r,
         Err(e) => return Ok(answer_error("salvage_failed", &e.to_string())),
     };
+    written.finish(sink)?;
     report["output"] = json!(output);
     let complete = report["ok"] == true;
     if !complete {

@@ -8,6 +8,7 @@
 mod args;
 mod audit_cmd;
 mod local;
+mod output;
 mod plugins_cmd;
 mod remote;
 mod report;
