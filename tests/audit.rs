@@ -790,6 +790,40 @@ fn a_failed_export_leaves_the_file_it_would_have_replaced_as_it_was() {
     assert!(left.is_empty(), "partial files left: {left:?}");
 }
 
+/// Product bug: a compaction replaces the data directory whole, and deleted whatever else was
+/// in it: a data directory that also held a user's files (`data_dir` pointed at a project or
+/// home directory, a server's log written beside its `db`) lost them without a word. The
+/// compaction is now refused naming them, before any work, and deletes nothing; once they are
+/// moved out it goes through.
+#[test]
+fn a_compaction_of_a_data_directory_holding_other_files_is_refused_and_deletes_nothing() {
+    if sled_only("the data directory is not the log on PostgreSQL") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, "not pcx's").unwrap();
+    let run = cli(&dir, &["compact", "--before", "5"]);
+    assert!(!run.status.success(), "compaction went on: {}", run.stdout);
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        said.contains("notes.txt") && said.contains("did not write"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "not pcx's");
+    let v = cli_value(&dir, &["verify"]);
+    assert_eq!(
+        (v["ok"].clone(), v["events"].clone()),
+        (json!(true), json!(12)),
+        "{v}"
+    );
+    std::fs::remove_file(&notes).unwrap();
+    let done = cli_value(&dir, &["compact", "--before", "5"]);
+    assert_eq!(done["ok"], json!(true), "{done}");
+}
+
 #[test]
 fn verify_finds_two_reordered_records() {
     assert_damage_found(

@@ -90,6 +90,15 @@ pub fn compact(
     if !dir.exists() {
         return Err(CompactError::Missing(dir.to_path_buf()));
     }
+    // The swap replaces `dir` whole (and checks this again): said before any work is done.
+    let foreign = crate::store::swap::foreign_entries(dir);
+    if !foreign.is_empty() {
+        return Err(crate::store::swap::SwapError::Foreign {
+            dir: dir.to_path_buf(),
+            entries: crate::store::swap::some_of(&foreign),
+        }
+        .into());
+    }
     pause_point("compact:locked");
     let bytes_before = dir_bytes(dir);
     let new_dir = sibling(dir, COMPACTING);

@@ -95,6 +95,43 @@ pub enum SwapError {
          that is not the log out of the way"
     )]
     Unsettled { dir: PathBuf, old: PathBuf },
+    #[error(
+        "data directory {dir} holds files pcx did not write ({entries}): a compaction or \
+         import replaces the whole directory and would delete them, so nothing was changed; \
+         move them out of it and run it again"
+    )]
+    Foreign { dir: PathBuf, entries: String },
+}
+
+/// The names in `dir` that no pcx store has (sled's `db`, `conf`, `blobs` and `snap.*`, pcx's
+/// `content`, its socket and its markers), a few of them, for a message; empty when there are
+/// none or `dir` cannot be listed. A compaction or import replaces the whole directory, and
+/// pcx creates its store only where it would not mix with such files.
+pub fn foreign_entries(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut foreign: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            !matches!(
+                n.as_str(),
+                "db" | "conf" | "blobs" | "content" | "pcx.sock" | "pcx-creating" | COMPLETE
+            ) && !n.starts_with("snap.")
+        })
+        .collect();
+    foreign.sort();
+    foreign
+}
+
+/// `names`, the first few of them, for a message.
+pub fn some_of(names: &[String]) -> String {
+    let mut shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > 5 {
+        shown.push_str(&format!(" and {} more", names.len() - 5));
+    }
+    shown
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SwapError {
@@ -310,6 +347,15 @@ pub fn wait_for_sled(dir: &Path, patience: Duration) -> Result<(), SwapError> {
 /// is the new directory; on an error, `dir` is the old one, or the next open finishes the
 /// swap (see [`repair`]).
 pub fn swap_in(dir: &Path, new: &Path, _held: &DirLock) -> Result<(), SwapError> {
+    // The old directory is deleted once the new one is in: only if it holds nothing but the
+    // log (a compaction of a directory holding a user's notes deleted them).
+    let foreign = foreign_entries(dir);
+    if !foreign.is_empty() {
+        return Err(SwapError::Foreign {
+            dir: dir.to_path_buf(),
+            entries: some_of(&foreign),
+        });
+    }
     let patience = LOCK_PATIENCE;
     wait_for_sled(new, patience)?;
     if dir.exists() {
