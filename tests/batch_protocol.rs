@@ -658,3 +658,46 @@ fn single_shot_commands_work_across_processes() {
         "{message}"
     );
 }
+
+/// Product bug: `pcx demo` clears the context it runs on, and ran on any data directory: run
+/// (as the README's first command) on a directory holding someone's work, it cleared their
+/// artifacts and saved its entry among theirs. It now runs on a directory of its own, as often
+/// as wanted, and refuses one holding anything it did not make, changing nothing.
+#[test]
+fn the_demo_runs_again_on_its_own_directory_and_refuses_one_holding_someone_elses_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = tmp.path().join("demo");
+    for round in ["first", "second"] {
+        let run = cli(&demo, &["demo"]);
+        run.assert_success();
+        assert!(
+            run.stdout.contains("== done"),
+            "{round} run: {}",
+            run.stdout
+        );
+    }
+    let work = tmp.path().join("work");
+    let answers = batch(&work, &[record("mine", "my kernel")]);
+    assert_eq!(answers[0]["ok"], json!(true), "{}", answers[0]);
+    let run = cli(&work, &["demo"]);
+    assert_eq!(run.status.code(), Some(1), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("demo_refused") && run.stdout.contains("mine"),
+        "{}",
+        run.stdout
+    );
+    let state = batch(&work, &[json!({"op": "state"})]);
+    let keys: Vec<&str> = state[0]["state"]["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["key"].as_str())
+        .collect();
+    assert_eq!(keys, vec!["mine"], "the work is as it was: {}", state[0]);
+    assert_eq!(
+        state[0]["state"]["seq"],
+        json!(1),
+        "nothing was logged: {}",
+        state[0]
+    );
+}

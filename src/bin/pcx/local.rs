@@ -9,6 +9,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+use crate::report::answer_error;
 use pcx::config::Config;
 use pcx::interface::protocol::{self};
 use pcx::Context;
@@ -62,8 +63,23 @@ pub(crate) async fn demo(config: Config) -> Result<ExitCode> {
         json!({"op":"save_to_dynamo_cache"}),
         json!({"op":"clear"}),
     ];
-    writeln!(out, "{}", step("1. record two artifacts, edit one, record an entry that also names a missing demo_b3, stitch, save, clear"))?;
     let ctx = Context::open(&config).with_context(|| format!("opening {dir}"))?;
+    let others = not_the_demos(&ctx).await;
+    if !others.is_empty() {
+        ctx.close()
+            .await
+            .map_err(|e| anyhow::anyhow!("closing: {e}"))?;
+        return Ok(answer_error(
+            "demo_refused",
+            &format!(
+                "{dir} holds artifacts or saved entries that are not the demo's ({}): the demo \
+                 clears the context it runs on, so it was not run; give it a directory of its \
+                 own (`pcx --data-dir /tmp/pcx-demo demo`)",
+                pcx::store::swap::some_of(&others)
+            ),
+        ));
+    }
+    writeln!(out, "{}", step("1. record two artifacts, edit one, record an entry that also names a missing demo_b3, stitch, save, clear"))?;
     for req in first {
         show(&mut out, &ctx, req).await?;
     }
@@ -99,6 +115,39 @@ pub(crate) async fn demo(config: Config) -> Result<ExitCode> {
         step("done")
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The keys of `ctx`'s artifacts and saved entries that the demo did not make (its keys start
+/// with `demo_`): the demo clears the context it runs on, and must not clear someone's work.
+async fn not_the_demos(ctx: &Context) -> Vec<String> {
+    let state = protocol::submit(
+        ctx,
+        protocol::Request::State {
+            at: None,
+            at_time: None,
+            key: None,
+        },
+    )
+    .await;
+    let keys = |field: &str| -> Vec<String> {
+        state["state"][field]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i["key"].as_str().or_else(|| i.as_str()))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut others: Vec<String> = keys("artifacts")
+        .into_iter()
+        .chain(keys("dynamo_cache"))
+        .filter(|k| !k.starts_with("demo_"))
+        .collect();
+    others.sort();
+    others
 }
 
 pub(crate) async fn show(out: &mut impl Write, ctx: &Context, request: Value) -> Result<()> {
