@@ -175,6 +175,12 @@ pub(super) fn db_err(op: &'static str) -> impl FnOnce(postgres::Error) -> StoreE
 }
 
 /// PostgreSQL's error in words: its own message for a server error, else the client's.
+/// Whether `e` broke the connection (closed, or no answer from the database at all) rather
+/// than being the database's refusal: a write it cut off may have committed, and is resolved.
+pub(super) fn connection_broke(client: &Client, e: &postgres::Error) -> bool {
+    client.is_closed() || e.is_closed() || e.as_db_error().is_none()
+}
+
 pub(super) fn describe(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),

@@ -254,7 +254,7 @@ impl Group {
                 self.epoch,
                 self.old,
             ))),
-            Err(e) if client.is_closed() || e.is_closed() || e.as_db_error().is_none() => {
+            Err(e) if connection_broke(client, &e) => {
                 let what = describe(&e);
                 db.set_conn(None);
                 let landed = self.resolve(db, session)?;

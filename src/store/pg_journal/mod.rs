@@ -229,8 +229,9 @@ impl PgJournal {
     /// also stores a token of its own in `pcx_writes`, so once the old session is gone the
     /// token's row says whether it committed. Tokens are kept a day (a resolution takes
     /// seconds), not only the last: a writer that took the journal over meanwhile may have
-    /// written outside a group too, and that must not make a landed write look lost. Before, such a write was
-    /// reported failed though it may have committed (a compaction done, answered as not).
+    /// written outside a group too, and that must not make a landed write look lost. Before,
+    /// such a write was reported failed though it may have committed (a compaction done,
+    /// answered as not).
     fn write_held(
         &self,
         op: &'static str,
@@ -275,9 +276,10 @@ impl PgJournal {
             match attempt {
                 Ok(refused) => Ok(refused),
                 Err(e) => {
-                    let broken = e.is_closed()
-                        || e.as_db_error().is_none()
-                        || db.conn.as_ref().is_none_or(|(c, _)| c.is_closed());
+                    let broken = db
+                        .conn
+                        .as_ref()
+                        .is_none_or(|(c, _)| connection_broke(c, &e));
                     if !broken {
                         return Err(db_err(op)(e));
                     }
