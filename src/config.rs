@@ -137,6 +137,16 @@ impl Config {
                 });
             }
         }
+        // An empty path is no directory: sled was opened on "" and failed, after pcx had put
+        // its creation mark in the current directory.
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                origin: "(merged)".into(),
+                message:
+                    "`data_dir` is empty: it must name a directory (\".\" for the current one)"
+                        .into(),
+            });
+        }
         if self.journal == JournalBackend::Postgres && self.journal_url.is_empty() {
             return Err(ConfigError::Invalid {
                 origin: "(merged)".into(),
@@ -285,6 +295,13 @@ mod tests {
         let c = Config::load(None, env).unwrap();
         assert_eq!(c.snapshot_every, 5);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn an_empty_data_dir_is_refused_naming_the_key() {
+        let env = vec![("PCX_DATA_DIR".to_string(), String::new())];
+        let err = Config::load(None, env).unwrap_err().to_string();
+        assert!(err.contains("`data_dir` is empty"), "{err}");
     }
 
     #[test]

@@ -31,8 +31,8 @@ use tempfile::TempDir;
 mod common;
 use common::library::*;
 use common::protocol::{
-    append, b64, batch, cli, cli_error, cli_lines, cli_value, entry_with_codes, op, record_entry,
-    set, take, unb64,
+    append, b64, batch, cli, cli_error, cli_lines, cli_ok, cli_value, entry_with_codes, op,
+    record_entry, set, take, unb64,
 };
 use common::*;
 
@@ -822,6 +822,69 @@ fn a_compaction_of_a_data_directory_holding_other_files_is_refused_and_deletes_n
     std::fs::remove_file(&notes).unwrap();
     let done = cli_value(&dir, &["compact", "--before", "5"]);
     assert_eq!(done["ok"], json!(true), "{done}");
+}
+
+/// A data directory reached through a symbolic link (`pcx-data -> /disk/pcx`, to put the log
+/// on a larger disk) is compacted and imported where it lives. Before, the swap renamed the new
+/// copy onto the link: the link was gone, the log moved to the link's disk, and the whole old
+/// log stayed behind at the link's target for whoever opened it there.
+#[test]
+fn a_compaction_or_import_through_a_symlinked_data_directory_swaps_the_directory_and_keeps_the_link(
+) {
+    if sled_only("the data directory is not the log on PostgreSQL") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let real = disk.join("pcx");
+    write_damage_log(&real);
+    let link = tmp.path().join("data");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    cli_ok(&link, &["compact", "--before", "5"]);
+    assert!(
+        std::fs::symlink_metadata(&link).unwrap().is_symlink(),
+        "the link was replaced by a directory"
+    );
+    for dir in [&real, &link] {
+        let v = cli_value(dir, &["verify"]);
+        assert_eq!(
+            (
+                v["ok"].clone(),
+                v["anchored_at"].clone(),
+                v["events"].clone()
+            ),
+            (json!(true), json!(4), json!(8)),
+            "{}: {v}",
+            dir.display()
+        );
+    }
+    let names = |d: &Path| {
+        let mut n: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&disk), ["pcx"], "left beside the log");
+    assert_eq!(names(tmp.path()), ["data", "disk"], "left beside the link");
+
+    // An import through a link (relative, this time) to an empty directory fills that one.
+    let export = tmp.path().join("export.jsonl");
+    cli(&link, &["export", "--output", export.to_str().unwrap()]).assert_success();
+    let empty = disk.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let link2 = tmp.path().join("data2");
+    std::os::unix::fs::symlink("disk/empty", &link2).unwrap();
+    cli_ok(&link2, &["import", "--input", export.to_str().unwrap()]);
+    assert!(std::fs::symlink_metadata(&link2).unwrap().is_symlink());
+    let v = cli_value(&empty, &["verify"]);
+    assert_eq!(
+        (v["ok"].clone(), v["events"].clone()),
+        (json!(true), json!(8)),
+        "{v}"
+    );
 }
 
 #[test]

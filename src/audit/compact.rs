@@ -84,6 +84,7 @@ pub fn compact(
     cache_capacity: u64,
     progress: Progress,
 ) -> Result<Value, CompactError> {
+    let dir = &crate::store::swap::resolve(dir);
     // Held to the end: no other command opens the directory until the swap is over.
     let lock = DirLock::acquire(dir, crate::store::swap::LOCK_PATIENCE, false)?;
     crate::store::swap::repair(dir, &lock)?;

@@ -194,7 +194,10 @@ pub fn import(
     input: &mut dyn BufRead,
     progress: Progress,
 ) -> Result<Imported, ExportError> {
-    use crate::store::swap::{repair, sibling, swap_in, DirLock, IMPORTING, LOCK_PATIENCE};
+    use crate::store::swap::{
+        repair, resolve, sibling, swap_in, DirLock, IMPORTING, LOCK_PATIENCE,
+    };
+    let dir = &resolve(dir);
     let lock = DirLock::acquire(dir, LOCK_PATIENCE, true).map_err(OpenError::from)?;
     repair(dir, &lock).map_err(OpenError::from)?;
     // The swap replaces `dir` whole: never a directory of someone else's files.

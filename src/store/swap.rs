@@ -139,6 +139,30 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SwapE
     move |source| SwapError::Io { op, path, source }
 }
 
+/// The directory a data directory's path names, with a symbolic link in its last component
+/// followed (to at most 40 links; a dangling one is followed as far as it goes). A swap
+/// renames the directory and the lock lives beside it, so both must be those of the
+/// directory itself: through `DATA -> /disk/pcx`, a compaction renamed its new copy onto the
+/// link, left the whole old log at `/disk/pcx`, and the two paths locked different files.
+/// Unchanged (as given) when the last component is not a link.
+pub fn resolve(dir: &Path) -> PathBuf {
+    // "data/" and "data/." name what "data" names; only then is the last component the link.
+    let mut path: PathBuf = dir.components().collect();
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&path) else {
+            break;
+        };
+        path = match path.parent() {
+            Some(parent) if target.is_relative() => parent.join(target).components().collect(),
+            _ => target,
+        };
+    }
+    if path.as_os_str().is_empty() {
+        return dir.to_path_buf();
+    }
+    path
+}
+
 /// `DIR` + `suffix`, beside `DIR`. Works on the absolute path, so `.` and `..` have a name.
 pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());

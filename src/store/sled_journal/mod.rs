@@ -81,6 +81,7 @@ impl SledJournal {
         cache_capacity: u64,
         create: bool,
     ) -> Result<SledJournal, OpenError> {
+        let dir = &crate::store::swap::resolve(dir);
         let lock =
             crate::store::swap::DirLock::acquire(dir, crate::store::swap::LOCK_PATIENCE, create)?;
         crate::store::swap::repair(dir, &lock)?;
