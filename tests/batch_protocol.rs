@@ -2,6 +2,7 @@
 //! CLI commands, each run as a separate process on a temporary data directory.
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::thread;
@@ -699,5 +700,68 @@ fn the_demo_runs_again_on_its_own_directory_and_refuses_one_holding_someone_else
         json!(1),
         "nothing was logged: {}",
         state[0]
+    );
+}
+
+/// Content (or an entry's JSON, or an import) from a source that never ends, `--file /dev/zero`
+/// or a pipe from a stream, is refused once it passes its limit, and nothing is recorded.
+/// Before, pcx read it until the machine's memory was gone (24 GB here, then the kernel's OOM
+/// killer; an import aborted on a failed allocation). Each run has 1 GiB of address space, so
+/// the old behaviour fails here instead of taking the machine.
+#[test]
+fn a_content_that_never_ends_is_refused_at_its_limit_and_nothing_is_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let fresh = tmp.path().join("fresh");
+    cli_ok(&dir, &["record-artifact", "kept", "--text", "kept"]);
+    let content = ("too_large", "max_content_bytes");
+    let line = ("too_large", "max_request_bytes");
+    let cases: [(&Path, &[&str], bool, (&str, &str)); 4] = [
+        (
+            &dir,
+            &["record-artifact", "k", "--file", "/dev/zero"],
+            false,
+            content,
+        ),
+        (&dir, &["record-artifact", "k"], true, content),
+        (&dir, &["record-entry", "k"], true, line),
+        (
+            &fresh,
+            &["import"],
+            true,
+            ("import_failed", "max_request_bytes"),
+        ),
+    ];
+    for (dir, args, from_stdin, (kind, limit)) in cases {
+        let mut cmd = pcx(dir, args);
+        cmd.env("PCX_MAX_CONTENT_BYTES", "65536")
+            .env("PCX_MAX_REQUEST_BYTES", "65536")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if from_stdin {
+            cmd.stdin(std::fs::File::open("/dev/zero").unwrap());
+        }
+        with_address_space_limit(&mut cmd, 1 << 30);
+        let mut child = Guard(cmd.spawn().unwrap());
+        let status = child.wait_for(TIMEOUT);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.0.stdout.take().unwrap(), &mut out).unwrap();
+        assert!(status.is_some(), "{args:?} still reading after {TIMEOUT:?}");
+        let answer: Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: no answer ({e}), {status:?}: {out:?}"));
+        assert_eq!(answer["error"]["kind"], json!(kind), "{args:?}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(limit) && message.contains("65536"),
+            "{message}"
+        );
+    }
+    let log = cli_lines(&dir, &["log"]);
+    assert_eq!(log.len(), 1, "{log:?}");
+    let imported = cli(&fresh, &["log"]);
+    assert!(
+        imported.stdout.trim().is_empty() || !imported.status.success(),
+        "the import left a log: {}",
+        imported.stdout
     );
 }

@@ -50,34 +50,6 @@ fn serve_cmd(tmp: &Path, env: &[(&str, &str)], args: &[&str]) -> Command {
     cmd
 }
 
-/// Limits `cmd`'s process to `n` open file descriptors (soft and hard).
-fn with_descriptor_limit(cmd: &mut Command, n: u64) {
-    with_limit(cmd, libc::RLIMIT_NOFILE, n);
-}
-
-/// Limits `cmd`'s process to `bytes` of address space (soft and hard), as `ulimit -v` does, or a
-/// host with `vm.overcommit_memory = 2` behaves once its commit limit is near.
-fn with_address_space_limit(cmd: &mut Command, bytes: u64) {
-    with_limit(cmd, libc::RLIMIT_AS, bytes);
-}
-
-/// Sets one resource limit (soft and hard) of `cmd`'s process before it runs.
-fn with_limit(cmd: &mut Command, resource: libc::__rlimit_resource_t, value: u64) {
-    // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let limit = libc::rlimit {
-                rlim_cur: value as libc::rlim_t,
-                rlim_max: value as libc::rlim_t,
-            };
-            if libc::setrlimit(resource, &limit) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// A running `pcx serve`, killed when dropped; its stderr goes to `TMP/serve.log`.
 struct Server {
     process: Guard,

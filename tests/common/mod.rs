@@ -16,6 +16,7 @@ pub mod protocol;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -230,6 +231,34 @@ pub fn pcx(dir: &Path, args: &[&str]) -> Command {
     cmd.envs(library::suite_env(dir));
     cmd.arg("--data-dir").arg(dir).args(args);
     cmd
+}
+
+/// Limits `cmd`'s process to `n` open file descriptors (soft and hard).
+pub fn with_descriptor_limit(cmd: &mut Command, n: u64) {
+    with_limit(cmd, libc::RLIMIT_NOFILE, n);
+}
+
+/// Limits `cmd`'s process to `bytes` of address space (soft and hard), as `ulimit -v` does, or a
+/// host with `vm.overcommit_memory = 2` behaves once its commit limit is near.
+pub fn with_address_space_limit(cmd: &mut Command, bytes: u64) {
+    with_limit(cmd, libc::RLIMIT_AS, bytes);
+}
+
+/// Sets one resource limit (soft and hard) of `cmd`'s process before it runs.
+pub fn with_limit(cmd: &mut Command, resource: libc::__rlimit_resource_t, value: u64) {
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: value as libc::rlim_t,
+                rlim_max: value as libc::rlim_t,
+            };
+            if libc::setrlimit(resource, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

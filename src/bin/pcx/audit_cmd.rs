@@ -92,12 +92,18 @@ fn import_command(
         -> Result<pcx::audit::export::Imported, pcx::audit::export::ExportError>,
 ) -> Result<ExitCode> {
     let bar = progress_bar(config, 0, "importing");
-    let mut reader: Box<dyn io::BufRead> = match input {
-        Some(path) => Box::new(io::BufReader::new(
+    let source: Box<dyn io::Read> = match input {
+        Some(path) => Box::new(
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-        )),
+        ),
         None => Box::new(io::stdin().lock()),
     };
+    let mut reader = io::BufReader::new(LineBounded {
+        inner: source,
+        limit: config.max_request_bytes,
+        run: 0,
+        lines: 0,
+    });
     let result = import(&mut reader, &mut |s| bar.set_position(s));
     bar.finish_and_clear();
     Ok(match result {
@@ -110,6 +116,49 @@ fn import_command(
         }
         Err(e) => answer_error("import_failed", &e.to_string()),
     })
+}
+
+/// An import's input, failing a read once a line runs past `limit` bytes (`max_request_bytes`,
+/// which bounds a line of `pcx batch` too: an export's longest line is a content of
+/// `max_content_bytes` in base64). An import reads a line whole before it looks at it, so
+/// `pcx import < /dev/zero`, or a file that is not an export, was read until memory ran out
+/// and pcx aborted.
+struct LineBounded<R> {
+    inner: R,
+    limit: u64,
+    /// Bytes since the last newline.
+    run: u64,
+    /// Newlines so far.
+    lines: u64,
+}
+
+impl<R: io::Read> io::Read for LineBounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let read = &buf[..n];
+        match read.iter().rposition(|&b| b == b'\n') {
+            Some(last) => {
+                self.lines += read.iter().filter(|&&b| b == b'\n').count() as u64;
+                self.run = (n - 1 - last) as u64;
+            }
+            None => self.run += n as u64,
+        }
+        // A line that ended within this read was at most `limit` long only if its start was:
+        // checking the run after the last newline, and the whole read when there is none,
+        // catches every line over the limit by the time it is `limit + buf.len()` long.
+        if self.run > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "line {} is over {} bytes (max_request_bytes) and no export's line is: \
+                     this is not an export",
+                    self.lines + 1,
+                    self.limit
+                ),
+            ));
+        }
+        Ok(n)
+    }
 }
 
 /// Why `pcx recover --accept-lost-tail` has nothing to do on a journal in PostgreSQL.

@@ -104,7 +104,7 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
         | Command::Import { .. }
         | Command::Compact { .. }
         | Command::Recover { .. }) => return audit_command(c, &config),
-        other => match request_of(other)? {
+        other => match request_of(other, &config)? {
             Ok(request) => request,
             // A request the batch protocol would refuse gets batch's answer, before any open.
             Err(answer) => {
@@ -131,12 +131,18 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
 /// The one request a single-request command makes, or the answer `batch` gives a request it
 /// refuses (entry or system info JSON that is not valid), or an error outside the protocol
 /// (a file or stdin that cannot be read).
-fn request_of(command: Command) -> Result<Result<Request, Value>> {
+fn request_of(command: Command, config: &Config) -> Result<Result<Request, Value>> {
     Ok(Ok(match command {
         Command::RecordArtifact { key, kind, content } => {
-            let bytes = match (content.file, content.content_b64, content.text) {
+            let limit = config.max_content_bytes;
+            let read = match (content.file, content.content_b64, content.text) {
                 (Some(f), _, _) => {
-                    std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?
+                    let file = std::fs::File::open(&f)
+                        .with_context(|| format!("reading {}", f.display()))?;
+                    let what = format!("the content of {key} ({})", f.display());
+                    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                    read_bounded(file, size, limit, "max_content_bytes", &what)
+                        .with_context(|| format!("reading {}", f.display()))?
                 }
                 (_, Some(b), _) => {
                     return Ok(Ok(Request::RecordArtifact {
@@ -145,8 +151,12 @@ fn request_of(command: Command) -> Result<Result<Request, Value>> {
                         content_b64: b,
                     }))
                 }
-                (_, _, Some(t)) => t.into_bytes(),
-                _ => read_stdin()?,
+                (_, _, Some(t)) => Ok(t.into_bytes()),
+                _ => read_stdin(limit, "max_content_bytes", &format!("the content of {key}"))?,
+            };
+            let bytes = match read {
+                Ok(bytes) => bytes,
+                Err(answer) => return Ok(Err(answer)),
             };
             Request::RecordArtifact {
                 key,
@@ -157,7 +167,13 @@ fn request_of(command: Command) -> Result<Result<Request, Value>> {
         Command::RecordEntry { key, json } => {
             let text = match json.as_deref() {
                 None | Some("-") => {
-                    String::from_utf8(read_stdin()?).context("the entry JSON is not UTF-8")?
+                    let what = format!("the entry JSON of {key}");
+                    match read_stdin(config.max_request_bytes, "max_request_bytes", &what)? {
+                        Ok(bytes) => {
+                            String::from_utf8(bytes).context("the entry JSON is not UTF-8")?
+                        }
+                        Err(answer) => return Ok(Err(answer)),
+                    }
                 }
                 Some(j) => j.to_string(),
             };
@@ -220,8 +236,29 @@ fn as_batch_would(request: impl FnOnce(Value) -> Value, text: &str) -> Result<Re
         .map_err(|e| refused(&e))
 }
 
-fn read_stdin() -> Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    io::Read::read_to_end(&mut io::stdin(), &mut buf).context("reading stdin")?;
-    Ok(buf)
+fn read_stdin(limit: u64, key: &str, what: &str) -> Result<Result<Vec<u8>, Value>> {
+    read_bounded(io::stdin(), 0, limit, key, what).context("reading stdin")
+}
+
+/// Reads `source` to its end, or gives the `too_large` answer once it holds more than `limit`
+/// bytes (the config key `key`), reading no further. `--file /dev/zero`, or a stdin piped from
+/// a stream that never ends, was read until the machine's memory was gone. `size`, when known,
+/// is the size to expect: a file is then read into one buffer of its size.
+fn read_bounded(
+    source: impl io::Read,
+    size: u64,
+    limit: u64,
+    key: &str,
+    what: &str,
+) -> io::Result<Result<Vec<u8>, Value>> {
+    let expect = size.min(limit.saturating_add(1));
+    let mut buf = Vec::with_capacity(usize::try_from(expect).unwrap_or(0));
+    io::Read::read_to_end(&mut source.take(limit.saturating_add(1)), &mut buf)?;
+    if buf.len() as u64 > limit {
+        let message = format!(
+            "{what} is over the limit of {limit} bytes ({key}): read no further, nothing recorded"
+        );
+        return Ok(Err(pcx::interface::answer::failed("too_large", &message)));
+    }
+    Ok(Ok(buf))
 }
