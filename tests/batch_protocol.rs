@@ -716,7 +716,9 @@ fn a_content_that_never_ends_is_refused_at_its_limit_and_nothing_is_recorded() {
     cli_ok(&dir, &["record-artifact", "kept", "--text", "kept"]);
     let content = ("too_large", "max_content_bytes");
     let line = ("too_large", "max_request_bytes");
-    let cases: [(&Path, &[&str], bool, (&str, &str)); 4] = [
+    // Where, the command, whether its input is stdin, and the answer's kind and limit.
+    type Case<'a> = (&'a Path, &'a [&'a str], bool, (&'a str, &'a str));
+    let cases: [Case; 4] = [
         (
             &dir,
             &["record-artifact", "k", "--file", "/dev/zero"],
