@@ -147,6 +147,19 @@ impl Config {
                         .into(),
             });
         }
+        // An import into journal `x` writes `x.importing` first and wipes whatever it holds
+        // (a killed import's leftovers): a journal of that name was someone's log, wiped.
+        let side = crate::audit::export::IMPORTING_JOURNAL;
+        if self.journal_name.is_empty() || self.journal_name.ends_with(side) {
+            return Err(ConfigError::Invalid {
+                origin: "(merged)".into(),
+                message: format!(
+                    "`journal_name` = {:?}: a journal needs a name, and none may end with `{side}`, \
+                     which an import into the journal before it uses for its work",
+                    self.journal_name
+                ),
+            });
+        }
         if self.journal == JournalBackend::Postgres && self.journal_url.is_empty() {
             return Err(ConfigError::Invalid {
                 origin: "(merged)".into(),
@@ -302,6 +315,20 @@ mod tests {
         let env = vec![("PCX_DATA_DIR".to_string(), String::new())];
         let err = Config::load(None, env).unwrap_err().to_string();
         assert!(err.contains("`data_dir` is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_journal_named_as_an_imports_side_journal_is_refused_so_no_import_wipes_it() {
+        for name in ["team.importing", ""] {
+            let env = vec![("PCX_JOURNAL_NAME".to_string(), name.to_string())];
+            let err = Config::load(None, env).unwrap_err().to_string();
+            assert!(
+                err.contains("`journal_name`") && err.contains(".importing"),
+                "{err}"
+            );
+        }
+        let env = vec![("PCX_JOURNAL_NAME".to_string(), "team.imports".to_string())];
+        assert!(Config::load(None, env).is_ok());
     }
 
     #[test]
