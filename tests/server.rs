@@ -669,6 +669,75 @@ fn the_socket_is_private_a_stale_one_is_replaced_and_a_live_one_refused() {
 
 /// Product bug: `bind_unix` (src/server.rs) removes whatever is at the socket path when
 /// nothing answers on it, so `--socket` pointing at a regular file deletes that file.
+/// Every event a server writes names, in its origin, the client that asked for it as the
+/// kernel reports it (a Unix socket's user and process), not only the server's own origin:
+/// before, a log written through one server said the server's user for every change, so it
+/// could not say who changed what. A retry from another process is still the same request.
+#[test]
+fn each_event_written_through_the_server_names_the_client_process_that_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let socket = tmp.path().join("s.sock");
+    let server = Server::start_with(&dir, &socket, &[("PCX_ORIGIN", "server@test")], &[]);
+    let mut conn = server.connect();
+    let mut mine = record("from-test", b"1");
+    mine["request_id"] = json!("r-1");
+    assert_ok(&conn.ask(&mine));
+
+    let mut client = pcx(&dir, &["client", "--socket", path_str(&socket)]);
+    client
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = Guard(client.spawn().unwrap());
+    let client_pid = child.0.id();
+    let lines = format!("{}\n{}\n", record("from-client", b"2"), mine);
+    child
+        .0
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let status = child.wait_for(TIMEOUT).expect("pcx client exits");
+    let mut out = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "{out}");
+    let answers: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_ok(&answers[0]);
+    assert_eq!(answers[1]["already_applied"], json!(true), "{}", answers[1]);
+    server.stop();
+
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let origins: Vec<(String, String)> = cli_lines(&dir, &["log"])
+        .iter()
+        .map(|e| {
+            (
+                e["keys"][0].as_str().unwrap().to_string(),
+                e["origin"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let via = |pid: u32| format!("server@test via unix socket: uid {uid}, pid {pid}");
+    assert_eq!(
+        origins,
+        [
+            ("from-test".to_string(), via(std::process::id())),
+            ("from-client".to_string(), via(client_pid)),
+        ]
+    );
+}
+
 #[test]
 fn a_regular_file_at_the_socket_path_is_not_deleted() {
     let tmp = tempfile::tempdir().unwrap();

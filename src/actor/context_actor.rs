@@ -269,6 +269,10 @@ impl ContextActor {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
+        let origin = match &self.scope.peer {
+            Some(peer) => format!("{} via {peer}", self.settings.origin),
+            None => self.settings.origin.clone(),
+        };
         let mut head = self.head;
         let mut records = Vec::with_capacity(events.len());
         let mut cache_puts = Vec::new();
@@ -286,7 +290,7 @@ impl ContextActor {
                 schema: SCHEMA_VERSION,
                 seq: head.seq + 1,
                 time_ms,
-                origin: self.settings.origin.clone(),
+                origin: origin.clone(),
                 prev: head.hash,
                 event,
             };

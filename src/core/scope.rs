@@ -25,6 +25,12 @@ pub struct Scope {
     /// refused instead of being answered "already applied".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_fingerprint: Option<crate::core::model::Digest>,
+    /// Who sent the request, as the server's socket says (`unix socket: uid 1000, pid 4242`,
+    /// `tcp 127.0.0.1:53422`), not as the client claims: recorded in the origin of the events
+    /// it writes, so that a log written through one server still says who changed what. Not
+    /// part of the request's fingerprint: a retry from another connection is the same request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 impl Default for Scope {
@@ -34,6 +40,7 @@ impl Default for Scope {
             namespace: DEFAULT.into(),
             request_id: None,
             request_fingerprint: None,
+            peer: None,
         }
     }
 }

@@ -313,10 +313,18 @@ fn wide_number_in(map: &Map<String, Value>) -> Option<(String, String)> {
 /// Hands `request` to the context now (so requests queue in order and commit together) and
 /// returns the future of its answer.
 pub fn submit(ctx: &Context, request: Request) -> AnswerFuture {
-    match request {
-        Request::Scoped { scope, request } => submit_in(ctx, scope, *request),
-        request => submit_in(ctx, Scope::default(), request),
-    }
+    submit_from(ctx, request, None)
+}
+
+/// [`submit`] for a request that came from `peer` (who the server's socket says sent it; see
+/// [`Scope::peer`]), named in the origin of the events it writes.
+pub fn submit_from(ctx: &Context, request: Request, peer: Option<&str>) -> AnswerFuture {
+    let (mut scope, request) = match request {
+        Request::Scoped { scope, request } => (scope, *request),
+        request => (Scope::default(), request),
+    };
+    scope.peer = peer.map(str::to_string);
+    submit_in(ctx, scope, request)
 }
 
 /// [`submit`], deciding the context's requests in `scope`.

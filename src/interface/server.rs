@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::context::Context;
 use crate::interface::protocol::{
-    parse_value, refused, submit, with_id, AnswerFuture, Request, RequestError,
+    parse_value, refused, submit, submit_from, with_id, AnswerFuture, Request, RequestError,
 };
 use crate::interface::wire::{
     body_len, decode_body, encode_frame, to_json, to_msgpack, HEADER_LEN,
@@ -338,14 +338,18 @@ pub async fn run(
         counters.open.fetch_add(1, Ordering::Relaxed);
         counters.total.fetch_add(1, Ordering::Relaxed);
         tasks.push(actix_rt::spawn(async move {
+            let client = Client {
+                peer: conn.peer(),
+                token,
+            };
             let result = match conn {
                 Connection::Unix(s) => {
                     let (r, w) = s.into_split();
-                    serve_connection(&ctx, r, w, &config, token, &shared, stop).await
+                    serve_connection(&ctx, r, w, &config, client, &shared, stop).await
                 }
                 Connection::Tcp(s) => {
                     let (r, w) = s.into_split();
-                    serve_connection(&ctx, r, w, &config, token, &shared, stop).await
+                    serve_connection(&ctx, r, w, &config, client, &shared, stop).await
                 }
             };
             if let Err(e) = result {
@@ -377,6 +381,36 @@ pub async fn run(
 enum Connection {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+}
+
+/// One connection's client: who it is, and the token it must send first (TCP).
+struct Client {
+    peer: String,
+    token: Option<String>,
+}
+
+impl Connection {
+    /// Who is at the other end, as the kernel says: the user and process of a Unix socket's
+    /// client (SO_PEERCRED, which the client cannot choose), a TCP client's address. Named
+    /// in the origin of every event the connection's requests write ([`Scope::peer`]), so a
+    /// log written through one server says which client changed what.
+    ///
+    /// [`Scope::peer`]: crate::core::scope::Scope::peer
+    fn peer(&self) -> String {
+        match self {
+            Connection::Unix(s) => match s.peer_cred() {
+                Ok(c) => match c.pid() {
+                    Some(pid) => format!("unix socket: uid {}, pid {pid}", c.uid()),
+                    None => format!("unix socket: uid {}", c.uid()),
+                },
+                Err(_) => "unix socket".to_string(),
+            },
+            Connection::Tcp(s) => match s.peer_addr() {
+                Ok(a) => format!("tcp {a}"),
+                Err(_) => "tcp".to_string(),
+            },
+        }
+    }
 }
 
 /// `max_connections`, or (0) the descriptor limit less what the server needs besides its
@@ -562,7 +596,7 @@ fn ready(value: Value) -> AnswerFuture {
 }
 
 /// Turns one frame body into the future of its answer.
-fn answer_for(ctx: &Context, body: &[u8], counters: &Arc<Counters>) -> AnswerFuture {
+fn answer_for(ctx: &Context, body: &[u8], counters: &Arc<Counters>, peer: &str) -> AnswerFuture {
     let value = match decode_body(body).and_then(to_json) {
         Ok(v) => v,
         Err(e) => {
@@ -594,7 +628,7 @@ fn answer_for(ctx: &Context, body: &[u8], counters: &Arc<Counters>) -> AnswerFut
             })
         }
         Ok(r) => {
-            let fut = submit(ctx, r);
+            let fut = submit_from(ctx, r, Some(peer));
             Box::pin(async move { with_id(id, fut.await) })
         }
     }
@@ -605,10 +639,12 @@ async fn serve_connection(
     reader: impl AsyncRead + Unpin,
     mut writer: impl AsyncWrite + Unpin,
     config: &ServerConfig,
-    token: Option<String>,
+    client: Client,
     shared: &Shared,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let Client { peer, token } = client;
+    let peer = peer.as_str();
     let (counters, frames) = (&shared.counters, &shared.frames);
     // A frame's header and body come in one read, and a client that pipelines has its
     // next frames read with them.
@@ -676,7 +712,7 @@ async fn serve_connection(
             let answer = match frame {
                 // The share is given back once the request is decoded (the answer's future
                 // holds the request, not the frame).
-                Ok(Frame::Body(body, _share)) => answer_for(ctx, &body, counters),
+                Ok(Frame::Body(body, _share)) => answer_for(ctx, &body, counters, peer),
                 Ok(Frame::Stalled(len, received)) => {
                     counters.refused_frames.fetch_add(1, Ordering::Relaxed);
                     let ms =
