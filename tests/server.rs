@@ -435,7 +435,9 @@ fn wait_connections_open(conn: &mut Conn, n: u64, limit: Duration, why: &str) {
 // `pcx client` answers exactly as `pcx batch`
 
 /// Replaces every `"time"` text in a log or history answer, the one thing two runs differ in,
-/// and the hashes (`hash`, `last_hash`), which cover the times.
+/// and the hashes (`hash`, `last_hash`), which cover the times; and takes from each `origin`
+/// the client a server names after it (`… via unix socket: uid U, pid P`), which a batch does
+/// not have.
 fn untimed(line: &str) -> Value {
     fn walk(v: &mut Value) {
         match v {
@@ -443,6 +445,13 @@ fn untimed(line: &str) -> Value {
                 for (k, v) in map.iter_mut() {
                     if k == "time" && v.is_string() {
                         *v = json!("<time>");
+                    } else if let (true, Some(origin)) = (k == "origin", v.as_str()) {
+                        if let Some((own, peer)) = origin.split_once(" via unix socket: ") {
+                            let (uid, pid) = peer.split_once(", pid ").expect("uid and pid");
+                            let numbers = [uid.trim_start_matches("uid "), pid];
+                            assert!(numbers.iter().all(|n| n.parse::<u32>().is_ok()), "{origin}");
+                            *v = json!(own);
+                        }
                     } else if (k == "hash" || k == "last_hash") && v.is_string() {
                         // A record's hash covers its time.
                         *v = json!("<hash>");

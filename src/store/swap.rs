@@ -139,26 +139,30 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SwapE
     move |source| SwapError::Io { op, path, source }
 }
 
-/// The directory a data directory's path names, with a symbolic link in its last component
-/// followed (to at most 40 links; a dangling one is followed as far as it goes). A swap
-/// renames the directory and the lock lives beside it, so both must be those of the
-/// directory itself: through `DATA -> /disk/pcx`, a compaction renamed its new copy onto the
-/// link, left the whole old log at `/disk/pcx`, and the two paths locked different files.
-/// Unchanged (as given) when the last component is not a link.
+/// The directory a data directory's path names, absolute, with a symbolic link in its last
+/// component followed (to at most 40 links; a dangling one is followed as far as it goes).
+///
+/// Absolute because the files pcx opens later (content files, sled's files for large values)
+/// are opened by path: a process embedding pcx that changed its working directory after
+/// opening a relative `pcx-data` had its reads fail as damage and its next files go to
+/// another directory. The link followed because a swap renames the directory and the lock
+/// lives beside it, so both must be those of the directory itself: through
+/// `DATA -> /disk/pcx`, a compaction renamed its new copy onto the link, left the whole old
+/// log at `/disk/pcx`, and the two paths locked different files.
 pub fn resolve(dir: &Path) -> PathBuf {
+    let Ok(absolute) = std::path::absolute(dir) else {
+        return dir.to_path_buf();
+    };
     // "data/" and "data/." name what "data" names; only then is the last component the link.
-    let mut path: PathBuf = dir.components().collect();
+    let mut path: PathBuf = absolute.components().collect();
     for _ in 0..40 {
         let Ok(target) = std::fs::read_link(&path) else {
             break;
         };
         path = match path.parent() {
-            Some(parent) if target.is_relative() => parent.join(target).components().collect(),
-            _ => target,
+            Some(parent) => parent.join(target).components().collect(),
+            None => target,
         };
-    }
-    if path.as_os_str().is_empty() {
-        return dir.to_path_buf();
     }
     path
 }
