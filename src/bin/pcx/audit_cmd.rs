@@ -143,9 +143,8 @@ impl<R: io::Read> io::Read for LineBounded<R> {
             }
             None => self.run += n as u64,
         }
-        // A line that ended within this read was at most `limit` long only if its start was:
-        // checking the run after the last newline, and the whole read when there is none,
-        // catches every line over the limit by the time it is `limit + buf.len()` long.
+        // Checked at the end of each read: a line over the limit is caught by the time it is
+        // at most one read longer, which bounds the memory (not the exact length).
         if self.run > self.limit {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
