@@ -1513,6 +1513,75 @@ fn a_client_that_never_reads_does_not_hold_up_shutdown() {
 // ---------------------------------------------------------------------------------------------
 // TCP
 
+/// A live server's log is backed up without stopping it: `export` has the server write the log,
+/// as `pcx export` does, to a file that imports as the same log. Only a client of the server's
+/// own user on its Unix socket may ask (the file is written with the server's rights), never a
+/// TCP client; a relative path, or one inside the data directory, is refused and nothing is
+/// written.
+#[test]
+fn a_live_servers_log_is_exported_by_the_server_to_a_file_that_imports_as_the_same_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let port = free_port();
+    let server = Server::start_with(
+        &dir,
+        &tmp.path().join("s.sock"),
+        &[("PCX_TCP_TOKEN", "s3cret-s3cret-s3cret")],
+        &["--tcp", &format!("127.0.0.1:{port}")],
+    );
+    let mut conn = server.connect();
+    for i in 0..20 {
+        assert_ok(&conn.ask(&record(&format!("k{i}"), format!("content {i}").as_bytes())));
+    }
+    let backup = tmp.path().join("backup.jsonl");
+    let answer = conn.ask(&json!({"op": "export", "output": path_str(&backup)}));
+    assert_ok(&answer);
+    assert_eq!(
+        (
+            answer["exported"]["events"].clone(),
+            answer["exported"]["last_seq"].clone()
+        ),
+        (json!(20), json!(20)),
+        "{answer}"
+    );
+    // The server goes on; the backup holds the log as of the request.
+    assert_ok(&conn.ask(&record("after", b"later")));
+    let verified = conn.ask(&json!({"op": "verify"}));
+
+    let refused = |conn: &mut Conn, output: &str, kind: &str| {
+        let answer = conn.ask(&json!({"op": "export", "output": output}));
+        assert_failed(&answer, kind);
+        answer["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let message = refused(&mut conn, "relative.jsonl", "invalid_request");
+    assert!(message.contains("absolute"), "{message}");
+    let db = dir.join("db");
+    let message = refused(&mut conn, path_str(&db), "export_failed");
+    assert!(message.contains("inside the data directory"), "{message}");
+    let mut tcp = Conn::tcp(port);
+    assert_ok(&tcp.ask(&json!({"op": "auth", "token": "s3cret-s3cret-s3cret"})));
+    let over_tcp = tmp.path().join("over-tcp.jsonl");
+    let message = refused(&mut tcp, path_str(&over_tcp), "unauthorized");
+    assert!(message.contains("Unix socket"), "{message}");
+    assert!(!over_tcp.exists() && !tmp.path().join("relative.jsonl").exists());
+    server.stop();
+    assert_verify_passes(&dir);
+
+    let restored = tmp.path().join("restored");
+    let imported = cli_ok(&restored, &["import", "--input", path_str(&backup)]);
+    assert_eq!(imported["last_seq"], json!(20), "{imported}");
+    let restored_verify = cli_value(&restored, &["verify"]);
+    assert_eq!(restored_verify["events"], json!(20));
+    // The same log: its 20th event's hash is the live log's.
+    let hash_at =
+        |d: &Path| cli_lines(d, &["log", "--from", "20", "--to", "20"])[0]["hash"].clone();
+    assert_eq!(hash_at(&restored), hash_at(&dir));
+    assert_eq!(verified["verify"]["events"], json!(21), "{verified}");
+}
+
 #[test]
 fn tcp_needs_the_token_and_a_loopback_address() {
     let tmp = tempfile::tempdir().unwrap();

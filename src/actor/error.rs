@@ -159,6 +159,19 @@ impl From<crate::audit::query::AuditError> for ContextError {
     }
 }
 
+impl From<crate::audit::export::ExportError> for ContextError {
+    /// An export a server was asked to write: said as `pcx export` says it.
+    fn from(e: crate::audit::export::ExportError) -> Self {
+        match e {
+            crate::audit::export::ExportError::Audit(e) => e.into(),
+            e => ContextError::Audit {
+                kind: "export_failed",
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
 impl From<crate::plugins::loader::PluginError> for ContextError {
     /// A kind no plugin serves is the caller's to fix (`no_plugin`); the rest are the plugin's.
     fn from(e: crate::plugins::loader::PluginError) -> Self {

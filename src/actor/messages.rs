@@ -153,6 +153,10 @@ message!(/// `load_cache_entry`, with the caller's system info to check against,
 message!(/// An audit question about the log (log, history, state, diff, verify), answered once
     /// every change accepted before it is durable, on a thread of its own.
     Audit { query: crate::audit::query::Query } -> serde_json::Map<String, serde_json::Value>);
+message!(/// `export`: the log, as of this point in the stream, written to the file `output` (a
+    /// backup of a live context), once every change accepted before it is durable, on a thread
+    /// of its own. Answers `{"exported": {output, events, last_seq, bytes}}`.
+    ExportTo { output: std::path::PathBuf, mode: crate::audit::export::ContentMode } -> serde_json::Map<String, serde_json::Value>);
 message!(/// What the context has done since it started.
     GetStats {} -> Stats);
 message!(/// The current load counters.

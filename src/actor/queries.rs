@@ -6,7 +6,7 @@ use tokio::sync::oneshot;
 
 use super::context_actor::{same, ContextActor};
 use super::messages::{
-    Ack, Answer, Audit, GetLoadCounters, GetStats, LoadCounters, StateDigest, Stats,
+    Ack, Answer, Audit, ExportTo, GetLoadCounters, GetStats, LoadCounters, StateDigest, Stats,
 };
 use super::reply::Durable;
 use crate::actor::committer::Committer;
@@ -17,6 +17,42 @@ impl Handler<Audit> for ContextActor {
     type Result = ResponseFuture<Answer<serde_json::Map<String, serde_json::Value>>>;
 
     fn handle(&mut self, msg: Audit, _: &mut Self::Context) -> Self::Result {
+        self.on_audit_thread(move |view| Ok(msg.query.run(view, &mut |_| {})?))
+    }
+}
+
+impl Handler<ExportTo> for ContextActor {
+    type Result = ResponseFuture<Answer<serde_json::Map<String, serde_json::Value>>>;
+
+    fn handle(&mut self, msg: ExportTo, _: &mut Self::Context) -> Self::Result {
+        self.on_audit_thread(move |view| {
+            let data_dir = crate::store::journal::Journal::data_dir(view);
+            let exported = crate::audit::export::export_to(
+                view,
+                msg.mode,
+                data_dir,
+                &msg.output,
+                &mut |_| {},
+            )?;
+            let mut out = serde_json::Map::new();
+            out.insert("exported".into(), exported);
+            Ok(out)
+        })
+    }
+}
+
+impl ContextActor {
+    /// Runs `job` on the log as of this point in the stream, once every change accepted
+    /// before it is durable, on a thread of its own: a long verify or export must not stall
+    /// the writer, so the journal is read there while the actor goes on serving.
+    fn on_audit_thread(
+        &mut self,
+        job: impl FnOnce(
+                &crate::audit::query::Capped,
+            ) -> Result<serde_json::Map<String, serde_json::Value>, ContextError>
+            + Send
+            + 'static,
+    ) -> ResponseFuture<Answer<serde_json::Map<String, serde_json::Value>>> {
         self.settle_loads();
         let (tx, rx) = oneshot::channel();
         if self.closed {
@@ -24,15 +60,13 @@ impl Handler<Audit> for ContextActor {
         } else {
             let journal = self.journal.clone();
             // Answer as of this point in the stream: later writes may be durable by the time
-            // the query runs.
+            // the job runs.
             let cap = self.head.seq;
             self.when_durable(Box::new(move |ready| match ready {
                 Err(e) => {
                     let _ = tx.send(Err(e));
                 }
                 Ok(()) => {
-                    // A long verify must not stall the writer: the journal is read on its own
-                    // thread while the actor goes on serving.
                     let spawned =
                         std::thread::Builder::new()
                             .name("pcx-audit".into())
@@ -41,15 +75,11 @@ impl Handler<Audit> for ContextActor {
                                     inner: journal,
                                     cap,
                                 };
-                                let answer = msg.query.run(&view, &mut |_| {});
+                                let answer = job(&view);
                                 // Let go of the journal before answering: a close that
                                 // follows the answer then releases the data directory.
                                 drop(view);
-                                let _ = tx.send(
-                                    answer
-                                        .map(|value| Ack { seq: None, value })
-                                        .map_err(ContextError::from),
-                                );
+                                let _ = tx.send(answer.map(|value| Ack { seq: None, value }));
                             });
                     if let Err(e) = spawned {
                         tracing::error!(error = %e, "cannot start an audit thread");

@@ -39,9 +39,11 @@ use crate::store::sled_journal::SledJournal;
 pub const EXPORT_VERSION: u64 = 1;
 
 /// How content travels in an export.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ContentMode {
     /// Each blob once, as base64, before the first record that refers to it.
+    #[default]
     Inline,
     /// Only digests (in the records): an audit trail without content; cannot be imported.
     Digest,
@@ -75,11 +77,36 @@ pub enum ExportError {
          replaces the directory whole (import into a new or empty directory)"
     )]
     Foreign { dir: String },
+    #[error(transparent)]
+    Output(#[from] crate::audit::output::OutputError),
 }
 
 fn write_line(out: &mut dyn Write, v: &Value) -> Result<(), ExportError> {
     serde_json::to_writer(&mut *out, v).map_err(|e| ExportError::Write(e.into()))?;
     out.write_all(b"\n").map_err(ExportError::Write)
+}
+
+/// Writes the whole log, as [`export`] does, to the file `output`: beside it first, renamed onto
+/// it once complete and synced, and never inside `data_dir` (the journal's data directory)
+/// ([`crate::audit::output`]). The protocol's `export` op, a backup of a live context that its
+/// server writes. Gives `{"output", "events", "last_seq", "bytes"}`.
+pub fn export_to(
+    journal: &dyn Journal,
+    mode: ContentMode,
+    data_dir: Option<&std::path::Path>,
+    output: &std::path::Path,
+    progress: Progress,
+) -> Result<Value, ExportError> {
+    let (written, mut file) = crate::audit::output::Output::create(data_dir, output)?;
+    let events = export(journal, mode, &mut file, progress)?;
+    written.finish(file)?;
+    let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    Ok(json!({
+        "output": output.display().to_string(),
+        "events": events,
+        "last_seq": journal.last_seq()?,
+        "bytes": bytes,
+    }))
 }
 
 /// Writes the whole log to `out`. Returns how many events were written.

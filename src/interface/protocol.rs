@@ -9,8 +9,9 @@ use serde_json::{json, Map, Value};
 
 use crate::actor::error::ContextError;
 use crate::actor::{
-    Audit, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, GetArtifact, GetStats,
-    InScope, LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache, TakeArtifact,
+    Audit, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, ExportTo, GetArtifact,
+    GetStats, InScope, LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache,
+    TakeArtifact,
 };
 use crate::audit::query::{LogFilter, Query};
 use crate::context::Context;
@@ -94,6 +95,15 @@ pub enum Request {
     },
     /// Audit: walk and check the whole log.
     Verify,
+    /// The whole log, as `pcx export` writes it, into the file `output` (an absolute path),
+    /// written by whoever holds the context: a backup of a live server's log. Over a socket,
+    /// only a client of the server's own user on its Unix socket may ask (the file is written
+    /// with the server's rights).
+    Export {
+        output: String,
+        #[serde(default)]
+        content: crate::audit::export::ContentMode,
+    },
     /// What the context has done since it started.
     Stats,
     /// Every context with something in it.
@@ -412,6 +422,23 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
             },
             Value::Object
         ),
+        Request::Export { output, content } => {
+            let output = std::path::PathBuf::from(output);
+            if !output.is_absolute() {
+                return ready(refused(&RequestError::Invalid(format!(
+                    "`output` {} is not an absolute path: the file is written by the process \
+                     that holds the context, whose working directory is not the client's",
+                    output.display()
+                ))));
+            }
+            send!(
+                ExportTo {
+                    output,
+                    mode: content
+                },
+                Value::Object
+            )
+        }
         Request::RecordArtifact {
             key,
             kind,

@@ -341,6 +341,7 @@ pub async fn run(
             let client = Client {
                 peer: conn.peer(),
                 token,
+                own_user: conn.own_user(),
             };
             let result = match conn {
                 Connection::Unix(s) => {
@@ -378,18 +379,43 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether `request` has the server write a file of the client's choosing (`export`).
+fn writes_a_file(request: &Request) -> bool {
+    match request {
+        Request::Export { .. } => true,
+        Request::Scoped { request, .. } => writes_a_file(request),
+        _ => false,
+    }
+}
+
 enum Connection {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
 }
 
-/// One connection's client: who it is, and the token it must send first (TCP).
+/// One connection's client: who it is, the token it must send first (TCP), and whether it
+/// runs as the server's own user (or root) on its Unix socket.
 struct Client {
     peer: String,
     token: Option<String>,
+    own_user: bool,
 }
 
 impl Connection {
+    /// Whether the client runs as the server's user (or as root) on its Unix socket, as the
+    /// kernel says: only such a client may have the server write a file (`export`), which
+    /// it could write itself. Never a TCP client, whoever holds the token.
+    fn own_user(&self) -> bool {
+        match self {
+            Connection::Unix(s) => s.peer_cred().is_ok_and(|c| {
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                let server = unsafe { libc::geteuid() };
+                c.uid() == server || c.uid() == 0
+            }),
+            Connection::Tcp(_) => false,
+        }
+    }
+
     /// Who is at the other end, as the kernel says: the user and process of a Unix socket's
     /// client (SO_PEERCRED, which the client cannot choose), a TCP client's address. Named
     /// in the origin of every event the connection's requests write ([`Scope::peer`]), so a
@@ -596,7 +622,13 @@ fn ready(value: Value) -> AnswerFuture {
 }
 
 /// Turns one frame body into the future of its answer.
-fn answer_for(ctx: &Context, body: &[u8], counters: &Arc<Counters>, peer: &str) -> AnswerFuture {
+fn answer_for(
+    ctx: &Context,
+    body: &[u8],
+    counters: &Arc<Counters>,
+    peer: &str,
+    own_user: bool,
+) -> AnswerFuture {
     let value = match decode_body(body).and_then(to_json) {
         Ok(v) => v,
         Err(e) => {
@@ -608,6 +640,14 @@ fn answer_for(ctx: &Context, body: &[u8], counters: &Arc<Counters>, peer: &str) 
     let (id, request) = parse_value(value);
     match request {
         Err(e) => ready(with_id(id, refused(&e))),
+        Ok(r) if writes_a_file(&r) && !own_user => ready(with_id(
+            id,
+            json!({ "ok": false, "error": { "kind": "unauthorized", "message": format!(
+                "`export` writes a file with the server's rights, so only a client of the \
+                 server's own user on its Unix socket may ask for it (this one: {peer}); \
+                 run `pcx export` where the data directory is, or ask over the Unix socket"
+            ) } }),
+        )),
         Ok(Request::Stats) => {
             let fut = submit(ctx, Request::Stats);
             let counters = counters.clone();
@@ -643,7 +683,11 @@ async fn serve_connection(
     shared: &Shared,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let Client { peer, token } = client;
+    let Client {
+        peer,
+        token,
+        own_user,
+    } = client;
     let peer = peer.as_str();
     let (counters, frames) = (&shared.counters, &shared.frames);
     // A frame's header and body come in one read, and a client that pipelines has its
@@ -712,7 +756,7 @@ async fn serve_connection(
             let answer = match frame {
                 // The share is given back once the request is decoded (the answer's future
                 // holds the request, not the frame).
-                Ok(Frame::Body(body, _share)) => answer_for(ctx, &body, counters, peer),
+                Ok(Frame::Body(body, _share)) => answer_for(ctx, &body, counters, peer, own_user),
                 Ok(Frame::Stalled(len, received)) => {
                     counters.refused_frames.fetch_add(1, Ordering::Relaxed);
                     let ms =

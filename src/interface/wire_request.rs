@@ -38,6 +38,7 @@ pub const OPS: &[&str] = &[
     "delete_cache_entry",
     "list_cache_entries",
     "clear_dynamo_cache",
+    "export",
 ];
 
 pub(crate) fn eager() -> String {

@@ -212,6 +212,11 @@ pub trait Journal: Send + Sync + 'static {
     fn cluster_name(&self) -> Option<&str> {
         None
     }
+    /// The data directory the journal lives in (None for a journal in a database): where an
+    /// export the journal's server writes must not go.
+    fn data_dir(&self) -> Option<&std::path::Path> {
+        None
+    }
     /// Whether a commit is worth waiting a little for a fuller group: true for a journal whose
     /// commit is a network round trip of milliseconds (PostgreSQL with synchronous standbys),
     /// where closed-loop clients that send their next request as their answer arrives

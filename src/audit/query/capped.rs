@@ -60,4 +60,7 @@ impl Journal for Capped {
     fn lost_tails(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         self.inner.lost_tails()
     }
+    fn data_dir(&self) -> Option<&std::path::Path> {
+        self.inner.data_dir()
+    }
 }

@@ -8,8 +8,8 @@ use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
 use crate::args::Command;
-use crate::output::Output;
 use crate::report::{answer_error, error_text};
+use pcx::audit::output::Output;
 use pcx::config::Config;
 use pcx::trace::LogFormat;
 
@@ -202,7 +202,7 @@ fn read_command(
             let mut progress = |s| bar.set_position(s);
             let result = match &output {
                 Some(path) => {
-                    let (output, mut file) = Output::create(&config.data_dir, path)?;
+                    let (output, mut file) = Output::create(Some(&config.data_dir), path)?;
                     match pcx::audit::export::export(journal, content, &mut file, &mut progress) {
                         Ok(r) => output.finish(file).map(|()| Ok(r))?,
                         Err(e) => Err(e),
@@ -337,7 +337,7 @@ pub(crate) fn salvage(config: &Config, output: &std::path::Path, scan: bool) -> 
             &format!("data directory {} does not exist", dir.display()),
         ));
     }
-    let (written, mut sink) = Output::create(dir, output)?;
+    let (written, mut sink) = Output::create(Some(dir), output)?;
     let mut report = match pcx::audit::salvage::salvage(dir, scan, &mut sink) {
         Ok(r) => r,
         Err(e) => return Ok(answer_error("salvage_failed", &e.to_string())),

@@ -8,7 +8,6 @@
 mod args;
 mod audit_cmd;
 mod local;
-mod output;
 mod plugins_cmd;
 mod remote;
 mod report;

@@ -61,7 +61,9 @@ fn in_use_hint(dir: &str) -> String {
     format!(
         "If a `pcx serve` holds it, send the requests to the server instead, the audit queries \
          too: `echo '{{\"op\":\"log\"}}' | pcx --data-dir {dir} client` (likewise \
-         `history`, `state`, `diff`, `verify`); or stop the server (SIGTERM) first."
+         `history`, `state`, `diff`, `verify`; an export is \
+         `{{\"op\":\"export\",\"output\":\"/absolute/path\"}}`, which the server writes); or \
+         stop the server (SIGTERM) first."
     )
 }
 

@@ -344,6 +344,9 @@ impl SledJournal {
 }
 
 impl Journal for SledJournal {
+    fn data_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         let h = self.h()?;
         let loc = self.contents_ref().locs.get(digest).copied();

@@ -1,4 +1,6 @@
-//! Where `pcx export` and `pcx salvage` write their `--output FILE`.
+//! Where an export or a salvage writes its output file: `pcx export --output FILE`,
+//! `pcx salvage --output FILE`, and the protocol's `export` op, which a server runs for a
+//! client (a backup of a live context).
 //!
 //! Two things a careless path must not do. **Land in the data directory**: `pcx export --output
 //! DIR/db` truncated sled's data file before reading a byte of it, and the whole log was gone
@@ -6,19 +8,41 @@
 //! the data directory, or one of the files beside it that swaps use (`DIR.lock`, whose
 //! replacement would let two processes lock the directory at once, and `DIR.compacting`,
 //! `DIR.pre-compaction`, `DIR.importing`, which hold the log during a swap), is refused before
-//! anything is opened; a symbolic link is followed first. **Lose what was there on a failed run**: the
-//! output is written to a temporary file beside it and renamed onto it only once complete and
-//! synced, so an export that fails halfway leaves the previous file as it was.
+//! anything is opened; a symbolic link is followed first. **Lose what was there on a failed
+//! run**: the output is written to a temporary file beside it and renamed onto it only once
+//! complete and synced, so an export that fails halfway leaves the previous file as it was.
 
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _, Result};
+/// Why an output file was refused or could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error(
+        "output {output} is inside the data directory {dir} (or is a file its swaps use): \
+         writing there would destroy the log it reads; write it elsewhere"
+    )]
+    Inside { output: PathBuf, dir: PathBuf },
+    #[error("output {0} names no file")]
+    NoFile(PathBuf),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OutputError {
+    let path = path.to_path_buf();
+    move |source| OutputError::Io { op, path, source }
+}
 
 /// An output file being written (to the writer [`Output::create`] gives with it);
 /// [`Output::finish`] puts it in place, and dropping it unfinished removes the partial file.
-pub(crate) struct Output {
+pub struct Output {
     path: PathBuf,
     partial: PathBuf,
     done: bool,
@@ -27,17 +51,21 @@ pub(crate) struct Output {
 impl Output {
     /// Refuses `path` inside `data_dir` (or its side directories), then creates the temporary
     /// file it is written to, and gives the writer for it.
-    pub(crate) fn create(data_dir: &Path, path: &Path) -> Result<(Output, BufWriter<File>)> {
-        refuse_inside(data_dir, path)?;
+    pub fn create(
+        data_dir: Option<&Path>,
+        path: &Path,
+    ) -> Result<(Output, BufWriter<File>), OutputError> {
+        if let Some(dir) = data_dir {
+            refuse_inside(dir, path)?;
+        }
         let name = path
             .file_name()
-            .with_context(|| format!("--output {} names no file", path.display()))?;
+            .ok_or_else(|| OutputError::NoFile(path.to_path_buf()))?;
         let mut partial_name = std::ffi::OsString::from(".");
         partial_name.push(name);
         partial_name.push(format!(".pcx-partial-{}", std::process::id()));
         let partial = path.with_file_name(partial_name);
-        let file = File::create(&partial)
-            .with_context(|| format!("creating {} (for {})", partial.display(), path.display()))?;
+        let file = File::create(&partial).map_err(io("creating", &partial))?;
         let output = Output {
             path: path.to_path_buf(),
             partial,
@@ -47,20 +75,13 @@ impl Output {
     }
 
     /// Syncs what `file` holds and renames it onto the output's path.
-    pub(crate) fn finish(mut self, file: BufWriter<File>) -> Result<()> {
+    pub fn finish(mut self, file: BufWriter<File>) -> Result<(), OutputError> {
         let file = file
             .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("writing {}", self.partial.display()))?;
-        file.sync_all()
-            .with_context(|| format!("syncing {}", self.partial.display()))?;
-        std::fs::rename(&self.partial, &self.path).with_context(|| {
-            format!(
-                "renaming {} onto {}",
-                self.partial.display(),
-                self.path.display()
-            )
-        })?;
+            .map_err(|e| io("writing", &self.partial)(e.into_error()))?;
+        file.sync_all().map_err(io("syncing", &self.partial))?;
+        std::fs::rename(&self.partial, &self.path)
+            .map_err(io("renaming into place", &self.path))?;
         self.done = true;
         if let Some(parent) = non_empty_parent(&self.path) {
             if let Ok(dir) = File::open(parent) {
@@ -86,8 +107,8 @@ fn non_empty_parent(path: &Path) -> Option<&Path> {
 /// Fails if `path` (its link followed, if it is one) is inside `data_dir`, is one of the
 /// files beside it that swaps use (its lock file, the old or new copy during a compaction or an
 /// import), or is inside one of those.
-fn refuse_inside(data_dir: &Path, path: &Path) -> Result<()> {
-    use pcx::store::swap::{sibling, COMPACTING, IMPORTING, LOCK, OLD};
+fn refuse_inside(data_dir: &Path, path: &Path) -> Result<(), OutputError> {
+    use crate::store::swap::{sibling, COMPACTING, IMPORTING, LOCK, OLD};
     let Ok(dir) = std::fs::canonicalize(data_dir) else {
         return Ok(());
     };
@@ -104,12 +125,10 @@ fn refuse_inside(data_dir: &Path, path: &Path) -> Result<()> {
     };
     let beside = [OLD, COMPACTING, IMPORTING, LOCK].map(|suffix| sibling(&dir, suffix));
     if target.starts_with(&dir) || beside.iter().any(|b| target.starts_with(b)) {
-        bail!(
-            "--output {} is inside the data directory {} (or is a file its swaps use): \
-             writing there would destroy the log it reads; write it elsewhere",
-            path.display(),
-            dir.display()
-        );
+        return Err(OutputError::Inside {
+            output: path.to_path_buf(),
+            dir,
+        });
     }
     Ok(())
 }
