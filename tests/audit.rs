@@ -756,6 +756,71 @@ fn an_export_or_salvage_written_into_the_data_directory_is_refused_and_the_log_i
     assert_eq!(cli_value(&dir, &["verify"]), before, "the log is as it was");
 }
 
+/// An export written to a pipe (or a device: `--output /dev/null`) goes into it, and one written
+/// through a link replaces the file the link names, the link kept. Before, the output was
+/// renamed onto the path whatever it was: as root, `--output /dev/null` replaced the machine's
+/// /dev/null with a regular file, and `--output /dev/stdout` with stdout sent to a file
+/// replaced the link in /dev.
+#[test]
+fn an_export_to_a_pipe_or_through_a_link_writes_into_it_and_replaces_neither() {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    if sled_only("one layout of export is enough") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let fifo = tmp.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // A writer held here, so the reader's open returns at once and its read ends only once
+    // this one and pcx have both let go (and does, whatever pcx did to the path).
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let mut reader = std::fs::File::open(&fifo).unwrap();
+    let read = thread::spawn(move || {
+        let mut text = String::new();
+        reader.read_to_string(&mut text).map(|_| text)
+    });
+    let run = cli(&dir, &["export", "--output", fifo.to_str().unwrap()]);
+    drop(held);
+    let text = read.join().unwrap().unwrap();
+    run.assert_success();
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo(),
+        "the pipe was replaced"
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap();
+    assert_eq!(
+        (last["end"].clone(), last["events"].clone()),
+        (json!(true), json!(12)),
+        "{text:.200}"
+    );
+
+    let target = tmp.path().join("target.jsonl");
+    std::fs::write(&target, "before").unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink("target.jsonl", &link).unwrap();
+    cli(&dir, &["export", "--output", link.to_str().unwrap()]).assert_success();
+    assert!(
+        std::fs::symlink_metadata(&link).unwrap().is_symlink(),
+        "the link was replaced"
+    );
+    let written = std::fs::read_to_string(&target).unwrap();
+    assert_eq!(written.lines().last(), text.lines().last());
+}
+
 /// An export is written beside its `--output` file and renamed onto it once complete: one
 /// that fails halfway (here on a damaged content) leaves the file it would have replaced
 /// as it was, and no partial file.

@@ -10,7 +10,8 @@
 //! `DIR.pre-compaction`, `DIR.importing`, which hold the log during a swap), is refused before
 //! anything is opened; a symbolic link is followed first. **Lose what was there on a failed
 //! run**: the output is written to a temporary file beside it and renamed onto it only once
-//! complete and synced, so an export that fails halfway leaves the previous file as it was.
+//! complete and synced, so an export that fails halfway leaves the previous file as it was
+//! (a device or a pipe, which a rename would replace, is written into).
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -26,6 +27,8 @@ pub enum OutputError {
     Inside { output: PathBuf, dir: PathBuf },
     #[error("output {0} names no file")]
     NoFile(PathBuf),
+    #[error("output {0} is a directory")]
+    Directory(PathBuf),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -44,7 +47,9 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OutputErr
 /// [`Output::finish`] puts it in place, and dropping it unfinished removes the partial file.
 pub struct Output {
     path: PathBuf,
-    partial: PathBuf,
+    /// The temporary file beside `path`; None when `path` is written straight into (a device or
+    /// a pipe).
+    partial: Option<PathBuf>,
     done: bool,
 }
 
@@ -58,6 +63,29 @@ impl Output {
         if let Some(dir) = data_dir {
             refuse_inside(dir, path)?;
         }
+        // A device, a pipe or a socket (`/dev/null`, `/dev/stdout`, a FIFO, links to them) is
+        // written into: renamed onto, it would be replaced by a regular file (as root,
+        // `--output /dev/null` replaced the machine's /dev/null).
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => return Err(OutputError::Directory(path.to_path_buf())),
+            Ok(m) if !m.is_file() => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io("opening", path))?;
+                let output = Output {
+                    path: path.to_path_buf(),
+                    partial: None,
+                    done: false,
+                };
+                return Ok((output, BufWriter::new(file)));
+            }
+            _ => {}
+        }
+        // A link is followed to the file it names: the rename replaces that file, not the link
+        // (`--output /dev/stdout`, with stdout sent to a file, replaced the link in /dev).
+        let resolved = crate::store::swap::resolve(path);
+        let path = resolved.as_path();
         let name = path
             .file_name()
             .ok_or_else(|| OutputError::NoFile(path.to_path_buf()))?;
@@ -68,7 +96,7 @@ impl Output {
         let file = File::create(&partial).map_err(io("creating", &partial))?;
         let output = Output {
             path: path.to_path_buf(),
-            partial,
+            partial: Some(partial),
             done: false,
         };
         Ok((output, BufWriter::new(file)))
@@ -76,12 +104,17 @@ impl Output {
 
     /// Syncs what `file` holds and renames it onto the output's path.
     pub fn finish(mut self, file: BufWriter<File>) -> Result<(), OutputError> {
+        let Some(partial) = self.partial.clone() else {
+            file.into_inner()
+                .map_err(|e| io("writing", &self.path)(e.into_error()))?;
+            self.done = true;
+            return Ok(());
+        };
         let file = file
             .into_inner()
-            .map_err(|e| io("writing", &self.partial)(e.into_error()))?;
-        file.sync_all().map_err(io("syncing", &self.partial))?;
-        std::fs::rename(&self.partial, &self.path)
-            .map_err(io("renaming into place", &self.path))?;
+            .map_err(|e| io("writing", &partial)(e.into_error()))?;
+        file.sync_all().map_err(io("syncing", &partial))?;
+        std::fs::rename(&partial, &self.path).map_err(io("renaming into place", &self.path))?;
         self.done = true;
         if let Some(parent) = non_empty_parent(&self.path) {
             if let Ok(dir) = File::open(parent) {
@@ -94,8 +127,8 @@ impl Output {
 
 impl Drop for Output {
     fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.partial);
+        if let (false, Some(partial)) = (self.done, &self.partial) {
+            let _ = std::fs::remove_file(partial);
         }
     }
 }
