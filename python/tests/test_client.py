@@ -81,6 +81,47 @@ def test_a_retry_with_the_same_request_id_is_applied_once(client: pcx.Client) ->
     assert client.serialize_artifact_by_key("k")["content_b64"] == b"v1"
 
 
+def test_a_client_inherited_by_a_forked_child_is_refused_there_and_the_parents_answers_stay_its_own(
+    client: pcx.Client,
+) -> None:
+    """Regression: a forked child (``multiprocessing``'s default on Linux, a DataLoader
+    worker, a process ``PCX_TORCH=1`` had already connected) used its parent's connection:
+    the two processes' frames interleaved on one socket (or one ``pcx batch``'s pipes), each
+    read answers meant for the other (``serialize_artifact_by_key("a")`` answered with ``b``'s
+    artifact), and the child's writes went into the parent's context. Now a client refuses,
+    with a :class:`pcx.TransportError`, to be used in any process but the one that made it,
+    sending nothing, and the parent's connection goes on in step."""
+    import os
+
+    client.record_artifact("a", b"parent's")
+    client.record_artifact("b", b"other")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what happened through the pipe, then leave at once
+        try:
+            try:
+                for _ in range(200):
+                    client.serialize_artifact_by_key("b")
+                client.record_artifact("from-child", b"x")
+                outcome = b"used"
+            except pcx.TransportError as e:
+                outcome = b"refused" if b"fork" in str(e).encode() else b"other error"
+            except BaseException:
+                outcome = b"other error"
+            os.write(write, outcome)
+        finally:
+            os._exit(0)
+    os.close(write)
+    wrong = sum(client.serialize_artifact_by_key("a")["key"] != "a" for _ in range(200))
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as r:
+        outcome = r.read()
+    assert outcome == b"refused", outcome
+    assert wrong == 0
+    assert client.serialize_artifact_by_key("from-child") is None
+    assert client.serialize_artifact_by_key("a")["content_b64"] == b"parent's"
+
+
 # -- a server that misbehaves ------------------------------------------------------------------
 
 def _fake_server(tmp_path: Path, answer: Callable[[socket.socket, int], None]) -> str:

@@ -75,6 +75,9 @@ class Client:
     ) -> None:
         self._transport = transport
         self._lock = threading.Lock()
+        #: The process the connection belongs to: a forked child inherits the object, and
+        #: with it the parent's socket (or pipes), which it must not use (see :meth:`_owned`).
+        self._pid = os.getpid()
         #: Why the connection was given up (``None`` while it is in step with its answers).
         self._broken: Optional[str] = None
         self.context = context
@@ -209,6 +212,7 @@ class Client:
         if self.namespace is not None and op in _NAMESPACE_OPS:
             req["namespace"] = self.namespace
         req.update({k: v for k, v in fields.items() if v is not None})
+        self._owned()
         with self._lock:
             started = time.perf_counter()
             with self._in_step():
@@ -218,6 +222,18 @@ class Client:
         if not answer.get("ok"):
             raise error_from_answer(answer)
         return answer
+
+    def _owned(self) -> None:
+        """Refuses use in a forked child: the connection is its parent's, and two processes on
+        one connection interleave their frames and read each other's answers (and the child's
+        changes would land in the parent's context). Checked before the lock, which a thread
+        of the parent may have held at the fork; nothing is sent, and the parent goes on."""
+        if os.getpid() != self._pid:
+            raise TransportError(
+                f"this client's connection to {self._transport.description} belongs to process "
+                f"{self._pid}, and this is its forked child {os.getpid()}: a child must not use "
+                f"its parent's connection (make a new client in the child)"
+            )
 
     @contextlib.contextmanager
     def _in_step(self) -> Iterator[None]:
@@ -246,6 +262,7 @@ class Client:
         a time: the server commits requests that arrive together in one group. Keep
         ``window`` at or below the server's ``max_in_flight_per_connection``."""
         answers: List[Answer] = []
+        self._owned()
         with self._lock:
             started = time.perf_counter()
             in_flight = 0
