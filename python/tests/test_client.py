@@ -81,6 +81,23 @@ def test_a_retry_with_the_same_request_id_is_applied_once(client: pcx.Client) ->
     assert client.serialize_artifact_by_key("k")["content_b64"] == b"v1"
 
 
+def test_bytes_outside_a_b64_field_are_refused_by_either_transport_not_stored_as_base64(
+    client: pcx.Client,
+) -> None:
+    """Regression: the batch transport turned bytes anywhere in a request into base64 text,
+    so ``record_artifact(b"k", ...)`` was answered ok and stored the artifact under the key
+    ``aw==`` (and a lookup of ``"k"`` found nothing), where the socket transport's server
+    refuses it (``invalid_request``). Now both refuse it and nothing is stored; the client
+    goes on."""
+    with pytest.raises(pcx.InvalidRequest, match="key"):
+        client.record_artifact(b"k", b"v")  # type: ignore[arg-type]
+    with pytest.raises(pcx.InvalidRequest, match="backend_ids"):
+        client.record_dynamo_cache_entry("e", entry([b"b1"]))
+    assert client.dump_debug_info() == {}
+    client.record_artifact("k", b"v")
+    assert client.serialize_artifact_by_key("k")["content_b64"] == b"v"
+
+
 def test_a_client_inherited_by_a_forked_child_is_refused_there_and_the_parents_answers_stay_its_own(
     client: pcx.Client,
 ) -> None:

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
-from .errors import TransportError, error_from_answer
+from .errors import InvalidRequest, TransportError, error_from_answer
 from .transport import Answer, BatchTransport, SocketTransport, Transport
 
 __all__ = ["Client"]
@@ -215,7 +215,7 @@ class Client:
         self._owned()
         with self._lock:
             started = time.perf_counter()
-            with self._in_step():
+            with self._in_step(alone=True):
                 self._transport.send(req)
                 answer = self._transport.receive()
             self.busy_s += time.perf_counter() - started
@@ -236,10 +236,12 @@ class Client:
             )
 
     @contextlib.contextmanager
-    def _in_step(self) -> Iterator[None]:
+    def _in_step(self, alone: bool = False) -> Iterator[None]:
         """Sending and receiving: refused on a connection given up before; a failure in the
         middle (a timeout, a closed connection, a garbage answer, an interrupt) gives this one
-        up, since an answer may still be on its way and would be read as the next request's."""
+        up, since an answer may still be on its way and would be read as the next request's.
+        With ``alone`` (one request, nothing else in flight), a request the transport refused
+        before writing it (:class:`pcx.InvalidRequest`) leaves the connection in step."""
         if self._broken is not None:
             raise TransportError(
                 f"the connection to {self._transport.description} was broken by an earlier "
@@ -248,13 +250,20 @@ class Client:
             )
         try:
             yield
-        except BaseException as e:
-            self._broken = f"{type(e).__name__}: {e}"
-            try:
-                self._transport.close()
-            except Exception:  # already broken; closing is a courtesy
-                pass
+        except InvalidRequest:
+            if not alone:
+                self._give_up("a request refused before it was sent, with others in flight")
             raise
+        except BaseException as e:
+            self._give_up(f"{type(e).__name__}: {e}")
+            raise
+
+    def _give_up(self, why: str) -> None:
+        self._broken = why
+        try:
+            self._transport.close()
+        except Exception:  # already broken; closing is a courtesy
+            pass
 
     def pipeline(self, requests: Iterable[Mapping[str, Any]], window: int = 64) -> List[Answer]:
         """Sends many request maps with up to ``window`` in flight and gives every answer, in
