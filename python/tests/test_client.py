@@ -98,6 +98,26 @@ def test_bytes_outside_a_b64_field_are_refused_by_either_transport_not_stored_as
     assert client.serialize_artifact_by_key("k")["content_b64"] == b"v"
 
 
+def test_text_given_as_content_is_refused_not_decoded_as_base64(client: pcx.Client) -> None:
+    """Regression: ``record_artifact("k", "abcd")`` (text where bytes belong) sent the text as
+    the ``content_b64`` field, which pcx reads as base64, so it was answered ok and stored the
+    three bytes ``b"i\\xb7\\x1d"``; an ``append="QUJD"`` appended ``b"ABC"``. Now content that
+    is not bytes is refused with a ``TypeError`` before anything is sent."""
+    with pytest.raises(TypeError, match="bytes"):
+        client.record_artifact("k", "abcd")  # type: ignore[arg-type]
+    client.record_artifact("t", b"x")
+    with pytest.raises(TypeError, match="bytes"):
+        client.edit_artifact("t", append="QUJD")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bytes"):
+        client.edit_artifact("t", set="QUJD")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bytes"):
+        client.edit_artifact("t", plugin=("op", "QUJD"))  # type: ignore[arg-type]
+    assert client.serialize_artifact_by_key("k") is None
+    assert client.serialize_artifact_by_key("t")["content_b64"] == b"x"
+    client.edit_artifact("t", append=bytearray(b"!"))
+    assert client.serialize_artifact_by_key("t")["content_b64"] == b"x!"
+
+
 def test_a_client_inherited_by_a_forked_child_is_refused_there_and_the_parents_answers_stay_its_own(
     client: pcx.Client,
 ) -> None:

@@ -62,6 +62,14 @@ _NAMESPACE_OPS = frozenset(
 )
 
 
+def _bytes(what: str, value: Any) -> Any:
+    """``value`` if it is bytes: text sent in a ``*_b64`` field is read by pcx as base64, so
+    ``"abcd"`` would be stored as the three bytes it decodes to."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
+    return value
+
+
 class Client:
     """A connection to pcx. Thread-safe: requests from several threads are sent one at a time
     (each waits for its answer), as torch's compile threads may record concurrently."""
@@ -290,7 +298,9 @@ class Client:
     # -- the context (PyTorch's PrecompileContext) ------------------------------------------
 
     def record_artifact(self, key: str, content: bytes, kind: str = "eager") -> Answer:
-        return self.request("record_artifact", key=key, kind=kind, content_b64=content)
+        return self.request(
+            "record_artifact", key=key, kind=kind, content_b64=_bytes("content", content)
+        )
 
     def record_dynamo_cache_entry(self, key: str, entry: Mapping[str, Any]) -> Answer:
         return self.request("record_dynamo_cache_entry", key=key, entry=dict(entry))
@@ -313,12 +323,12 @@ class Client:
             raise ValueError("give exactly one of set=, append= and plugin=")
         edit: Dict[str, Any]
         if set is not None:
-            edit = {"set_b64": set}
+            edit = {"set_b64": _bytes("set", set)}
         elif append is not None:
-            edit = {"append_b64": append}
+            edit = {"append_b64": _bytes("append", append)}
         else:
             assert plugin is not None
-            edit = {"plugin": {"op": plugin[0], "args_b64": plugin[1]}}
+            edit = {"plugin": {"op": plugin[0], "args_b64": _bytes("plugin args", plugin[1])}}
         return self.request(
             "edit_artifact", key=key, edit=edit, expected_digest=expected_digest
         )
