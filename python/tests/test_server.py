@@ -71,3 +71,20 @@ def test_a_missing_binary_is_a_clear_error(
     monkeypatch.setenv("PCX_BIN", str(default_dir / "no-such-pcx"))
     with pytest.raises(pcx.ServerStartError, match="PCX_BIN=.*no-such-pcx"):
         pcx.Client.default()
+
+
+def test_the_default_server_listens_where_the_client_looks_whatever_pcx_socket_path_says(
+    default_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the server `Client.default()` starts inherits the environment, and
+    `PCX_SOCKET_PATH` (set for `pcx client`, say) made it listen there instead of at
+    `DATA_DIR/pcx.sock`, where the client waited for it: every start failed after 30 s with the
+    server left running, holding the data directory (so every later start failed "in use"),
+    and `pcx.torch` ran without pcx. Now the server is told the socket the client looks at."""
+    monkeypatch.setenv("PCX_SOCKET_PATH", str(tmp_path / "elsewhere.sock"))
+    monkeypatch.setattr(server, "START_TIMEOUT_S", 10.0)
+    with pcx.Client.default() as c:
+        c.record_artifact("k", b"v")
+    with pcx.Client.default() as c:
+        assert c.serialize_artifact_by_key("k")["content_b64"] == b"v"
+    assert not (tmp_path / "elsewhere.sock").exists()

@@ -95,7 +95,9 @@ def _start(data_dir: Path, socket_path: Path, binary: str) -> None:
     log_path = data_dir.parent / (data_dir.name + ".serve.log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [binary, "--data-dir", str(data_dir), "serve"],
+            # The socket named too: the server inherits this environment, where a
+            # PCX_SOCKET_PATH would otherwise put it somewhere the client does not look.
+            [binary, "--data-dir", str(data_dir), "serve", "--socket", str(socket_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
