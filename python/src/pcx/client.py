@@ -201,6 +201,10 @@ class Client:
         return cls.connect(address, timeout=timeout, context=context, namespace=namespace)
 
     def close(self) -> None:
+        # In a forked child the connection is the parent's: closing a `pcx batch` child's
+        # pipes would flush the parent's buffered requests a second time.
+        if os.getpid() != self._pid:
+            return
         self._transport.close()
 
     def __enter__(self) -> "Client":
