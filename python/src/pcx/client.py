@@ -20,6 +20,7 @@ client also works with a server that predates them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -86,8 +87,9 @@ class Client:
         #: The process the connection belongs to: a forked child inherits the object, and
         #: with it the parent's socket (or pipes), which it must not use (see :meth:`_owned`).
         self._pid = os.getpid()
-        #: Why the connection was given up (``None`` while it is in step with its answers).
-        self._broken: Optional[str] = None
+        #: Why the connection was given up (``None`` while it is in step with its answers);
+        #: shared with the views :meth:`scoped` makes of this connection.
+        self._link: Dict[str, Optional[str]] = {"broken": None}
         self.context = context
         self.namespace = namespace
         #: Seconds spent in :meth:`request` (sending and waiting for answers), for
@@ -200,6 +202,16 @@ class Client:
             )
         return cls.connect(address, timeout=timeout, context=context, namespace=namespace)
 
+    def scoped(self, *, context: Optional[str], namespace: Optional[str]) -> "Client":
+        """A client on this same connection (requests still go one at a time, and a failure
+        gives up both) whose requests go to ``context`` and ``namespace``; this client keeps
+        its own (how :func:`pcx.torch.install` uses a client it is given)."""
+        view = copy.copy(self)
+        view.context = context
+        view.namespace = namespace
+        view.busy_s = 0.0
+        return view
+
     def close(self) -> None:
         # In a forked child the connection is the parent's: closing a `pcx batch` child's
         # pipes would flush the parent's buffered requests a second time.
@@ -254,10 +266,10 @@ class Client:
         up, since an answer may still be on its way and would be read as the next request's.
         With ``alone`` (one request, nothing else in flight), a request the transport refused
         before writing it (:class:`pcx.InvalidRequest`) leaves the connection in step."""
-        if self._broken is not None:
+        if self._link["broken"] is not None:
             raise TransportError(
                 f"the connection to {self._transport.description} was broken by an earlier "
-                f"failure ({self._broken}); make a new client (a change sent with a "
+                f"failure ({self._link['broken']}); make a new client (a change sent with a "
                 f"request_id can be retried safely)"
             )
         try:
@@ -271,7 +283,7 @@ class Client:
             raise
 
     def _give_up(self, why: str) -> None:
-        self._broken = why
+        self._link["broken"] = why
         try:
             self._transport.close()
         except Exception:  # already broken; closing is a courtesy
