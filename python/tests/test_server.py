@@ -88,3 +88,52 @@ def test_the_default_server_listens_where_the_client_looks_whatever_pcx_socket_p
     with pcx.Client.default() as c:
         assert c.serialize_artifact_by_key("k")["content_b64"] == b"v"
     assert not (tmp_path / "elsewhere.sock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a server as another user")
+@pytest.mark.parametrize("directory_by", ["the other user", "this user, writable by all"])
+def test_a_server_of_another_user_at_the_data_directory_is_refused_not_used(
+    monkeypatch: pytest.MonkeyPatch, directory_by: str
+) -> None:
+    """Regression: `Client.default()` (and so `pcx.torch`) used whatever answered at
+    `DATA_DIR/pcx.sock`. With `PCX_DATA_DIR` in a shared place (`/tmp/pcx`, a shared
+    `XDG_DATA_HOME`), another user who made that directory first and listened there received
+    every artifact torch recorded and answered its loads, with pickles torch then unpickles.
+    Now a socket served by another user (or a data directory owned by one) is refused with
+    `pcx.ServerStartError`, naming it."""
+    import shutil
+    import socket
+    import tempfile
+
+    nobody = 65534
+    shared = Path(tempfile.mkdtemp(prefix="pcx-shared-"))  # in /tmp, which anyone can reach
+    os.chmod(shared, 0o777)
+    data = shared / "pcx"
+    if directory_by != "the other user":
+        data.mkdir()
+        os.chmod(data, 0o777)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other user: makes the directory first and listens in it
+        try:
+            os.setgid(nobody)
+            os.setuid(nobody)
+            data.mkdir(exist_ok=True)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(str(data / "pcx.sock"))
+            s.listen(16)
+            os.write(write, b"ready")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 5) == b"ready"
+        monkeypatch.setenv("PCX_DATA_DIR", str(data))
+        with pytest.raises(pcx.ServerStartError, match=str(nobody)):
+            pcx.Client.default()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
+        shutil.rmtree(shared, ignore_errors=True)
