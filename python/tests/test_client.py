@@ -118,6 +118,33 @@ def test_text_given_as_content_is_refused_not_decoded_as_base64(client: pcx.Clie
     assert client.serialize_artifact_by_key("t")["content_b64"] == b"x!"
 
 
+def test_a_pipeline_goes_to_the_clients_context_and_namespace_as_its_requests_do(
+    client: pcx.Client,
+) -> None:
+    """Regression: a client made with ``context=``/``namespace=`` sent them with every
+    request, but ``pipeline`` sent its maps as given, so a pipelined write went into the
+    default context (and a pipelined save into the default namespace), answered ok, while
+    the same client's reads looked in its own. Now a pipeline's requests carry them too
+    (a map that names its own keeps it)."""
+    client.context, client.namespace = "job-1", "ns-1"
+    answers = client.pipeline(
+        [
+            {"op": "record_artifact", "key": "k", "content_b64": b"v"},
+            {"op": "record_dynamo_cache_entry", "key": "e", "entry": entry(["k"])},
+            {"op": "save_to_dynamo_cache"},
+            {"op": "record_artifact", "key": "elsewhere", "content_b64": b"w", "context": "c2"},
+        ]
+    )
+    assert all(a["ok"] for a in answers), answers
+    assert client.serialize_artifact_by_key("k")["content_b64"] == b"v"
+    assert client.get_cache_entry("e") is not None
+    client.context, client.namespace = None, None
+    assert client.serialize_artifact_by_key("k") is None
+    assert client.get_cache_entry("e") is None
+    client.context = "c2"
+    assert client.serialize_artifact_by_key("elsewhere")["content_b64"] == b"w"
+
+
 def test_a_client_inherited_by_a_forked_child_is_refused_there_and_the_parents_answers_stay_its_own(
     client: pcx.Client,
 ) -> None:

@@ -230,12 +230,7 @@ class Client:
     def request(self, op: str, **fields: Any) -> Answer:
         """Sends ``{"op": op, **fields}`` (fields that are ``None`` left out) and returns the
         answer, or raises the :class:`pcx.PcxError` subclass of its kind."""
-        req: Dict[str, Any] = {"op": op}
-        if self.context is not None and op in _CONTEXT_OPS:
-            req["context"] = self.context
-        if self.namespace is not None and op in _NAMESPACE_OPS:
-            req["namespace"] = self.namespace
-        req.update({k: v for k, v in fields.items() if v is not None})
+        req = self._scope({"op": op, **{k: v for k, v in fields.items() if v is not None}})
         self._owned()
         with self._lock:
             started = time.perf_counter()
@@ -246,6 +241,18 @@ class Client:
         if not answer.get("ok"):
             raise error_from_answer(answer)
         return answer
+
+    def _scope(self, request: Mapping[str, Any]) -> Dict[str, Any]:
+        """``request`` with this client's context and namespace, for the ops that take them
+        (one the request names itself is kept)."""
+        req: Dict[str, Any] = {"op": request.get("op")}
+        op = req["op"]
+        if self.context is not None and op in _CONTEXT_OPS:
+            req["context"] = self.context
+        if self.namespace is not None and op in _NAMESPACE_OPS:
+            req["namespace"] = self.namespace
+        req.update(request)
+        return req
 
     def _owned(self) -> None:
         """Refuses use in a forked child: the connection is its parent's, and two processes on
@@ -290,7 +297,8 @@ class Client:
             pass
 
     def pipeline(self, requests: Iterable[Mapping[str, Any]], window: int = 64) -> List[Answer]:
-        """Sends many request maps with up to ``window`` in flight and gives every answer, in
+        """Sends many request maps (with this client's context and namespace, as
+        :meth:`request` does) with up to ``window`` in flight and gives every answer, in
         order, failures included (nothing is raised for them). Far faster than one request at
         a time: the server commits requests that arrive together in one group. Keep
         ``window`` at or below the server's ``max_in_flight_per_connection``."""
@@ -301,7 +309,7 @@ class Client:
             in_flight = 0
             with self._in_step():
                 for r in requests:
-                    self._transport.send(r)
+                    self._transport.send(self._scope(r))
                     in_flight += 1
                     if in_flight >= window:
                         answers.append(self._transport.receive())
