@@ -217,6 +217,8 @@ class Client:
         # pipes would flush the parent's buffered requests a second time.
         if os.getpid() != self._pid:
             return
+        # Its views (see scoped) then refuse requests, saying why, on every transport.
+        self._link["broken"] = self._link["broken"] or "the client was closed"
         self._transport.close()
 
     def __enter__(self) -> "Client":
