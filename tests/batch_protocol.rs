@@ -169,6 +169,52 @@ fn a_missing_field_is_refused() {
     refused_and_next_served(r#"{"key":"k"}"#, "missing_field", &[]);
 }
 
+/// Regression: fields a request does not have were ignored, so a misspelt optional field
+/// changed what a request did without a word: an edit whose `expected_digest` was misspelt
+/// was applied unconditionally (over someone else's change), a `context` misspelt wrote into
+/// the default context, a `request_id` misspelt made the retry a second application. Now a
+/// field the op does not take is refused `invalid_request`, naming it and the op's fields,
+/// and nothing is applied.
+#[test]
+fn a_request_with_a_field_its_op_does_not_take_is_refused_not_applied_without_it() {
+    for (bad, field) in [
+        (
+            r#"{"op":"edit_artifact","key":"k","edit":{"set_b64":"eA=="},"expected_digset":"00"}"#,
+            "expected_digset",
+        ),
+        (
+            r#"{"op":"record_artifact","key":"k","content_b64":"eA==","contxt":"mine"}"#,
+            "contxt",
+        ),
+        (
+            r#"{"op":"record_artifact","key":"k","content_b64":"eA==","reqest_id":"r1"}"#,
+            "reqest_id",
+        ),
+        (r#"{"op":"clear","only":"k2"}"#, "only"),
+    ] {
+        let message = refused_and_next_served(bad, "invalid_request", &[]);
+        assert!(
+            message.contains(field),
+            "the message names {field}: {message}"
+        );
+    }
+    // The fields every request may carry are still taken.
+    let dir = tempfile::tempdir().unwrap();
+    let answers = batch_raw(
+        dir.path(),
+        concat!(
+            r#"{"op":"record_artifact","key":"k","kind":"eager","content_b64":"eA==","id":1,"request_id":"r","context":"c","namespace":"n"}"#,
+            "\n",
+            r#"{"op":"log","from":1,"to":1,"since":null,"until":null,"key":"k","event":"ArtifactRecorded","limit":1}"#,
+            "\n"
+        ),
+        &[],
+    )
+    .answers();
+    assert_ok(&answers[0]);
+    assert_ok(&answers[1]);
+}
+
 #[test]
 fn bad_base64_in_content_is_refused() {
     let message = refused_and_next_served(

@@ -660,8 +660,8 @@ fn a_frame_of_tiny_values_does_not_blow_up_in_memory() {
 }
 
 /// The same for a request line of `pcx batch` (bounded by `max_request_bytes`, 384 MiB by
-/// default): an accepted request (`clear`, whose unknown field is ignored) made of two-byte
-/// numbers must not hold a hundred times its size while being parsed.
+/// default): a request (`clear`, with a field it does not take, parsed whole before it is
+/// refused) made of two-byte numbers must not hold a hundred times its size while being parsed.
 #[test]
 fn a_request_line_of_tiny_values_does_not_blow_up_in_memory() {
     const N: usize = 1 << 18;

@@ -1510,6 +1510,41 @@ fn a_client_that_never_reads_does_not_hold_up_shutdown() {
     drop(stuck);
 }
 
+/// Regression: a server shutting down removed whatever was at its socket path once its
+/// connections had drained, by path. While it waited (up to its grace period) for a client to
+/// take its last answers, its socket no longer answered, so a new server (on another data
+/// directory) took the path over as a stale socket; the old one then deleted the new one's
+/// socket on its way out, and the new server, still running, could be reached by no one.
+#[test]
+fn a_server_shutting_down_leaves_the_socket_a_new_server_bound_at_its_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (old, good) = server_holding_big(tmp.path(), "4", &vec![7u8; 256 << 10]);
+    drop(good);
+    let socket = old.socket.clone();
+    // Holds the old server's shutdown for its grace period: answers it does not read.
+    let stuck = asking_for_big_unread(&old, 8);
+    old.process.signal("TERM");
+    let deadline = Instant::now() + TIMEOUT;
+    while UnixStream::connect(&socket).is_ok() {
+        assert!(Instant::now() < deadline, "the old server kept accepting");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let new = Server::start(&tmp.path().join("other"), &socket);
+    let mut old = old;
+    let status = old.process.wait_for(STOP_TIMEOUT);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", old.stderr());
+    drop(stuck);
+    let mut conn = Conn::try_unix(&socket).unwrap_or_else(|e| {
+        panic!(
+            "the new server's socket {} is gone ({e}): the old one removed it",
+            socket.display()
+        )
+    });
+    assert_ok(&conn.ask(&record("k", b"v")));
+    drop(conn);
+    new.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // TCP
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -46,6 +47,17 @@ def torch_pickle_plugin() -> Path:
     return built
 
 
+def _accepts(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
 class Served:
     """A `pcx serve` on a fresh data directory, stopped by pid at the end."""
 
@@ -59,7 +71,8 @@ class Served:
             stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        # Until it accepts: the socket file exists from bind(), a moment before listen().
+        while not _accepts(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"pcx serve did not start: {self.proc.stderr.read()!r}")
             time.sleep(0.02)

@@ -81,6 +81,111 @@ def test_a_retry_with_the_same_request_id_is_applied_once(client: pcx.Client) ->
     assert client.serialize_artifact_by_key("k")["content_b64"] == b"v1"
 
 
+def test_bytes_outside_a_b64_field_are_refused_by_either_transport_not_stored_as_base64(
+    client: pcx.Client,
+) -> None:
+    """Regression: the batch transport turned bytes anywhere in a request into base64 text,
+    so ``record_artifact(b"k", ...)`` was answered ok and stored the artifact under the key
+    ``aw==`` (and a lookup of ``"k"`` found nothing), where the socket transport's server
+    refuses it (``invalid_request``). Now both refuse it and nothing is stored; the client
+    goes on."""
+    with pytest.raises(pcx.InvalidRequest, match="key"):
+        client.record_artifact(b"k", b"v")  # type: ignore[arg-type]
+    with pytest.raises(pcx.InvalidRequest, match="backend_ids"):
+        client.record_dynamo_cache_entry("e", entry([b"b1"]))
+    assert client.dump_debug_info() == {}
+    client.record_artifact("k", b"v")
+    assert client.serialize_artifact_by_key("k")["content_b64"] == b"v"
+
+
+def test_text_given_as_content_is_refused_not_decoded_as_base64(client: pcx.Client) -> None:
+    """Regression: ``record_artifact("k", "abcd")`` (text where bytes belong) sent the text as
+    the ``content_b64`` field, which pcx reads as base64, so it was answered ok and stored the
+    three bytes ``b"i\\xb7\\x1d"``; an ``append="QUJD"`` appended ``b"ABC"``. Now content that
+    is not bytes is refused with a ``TypeError`` before anything is sent."""
+    with pytest.raises(TypeError, match="bytes"):
+        client.record_artifact("k", "abcd")  # type: ignore[arg-type]
+    client.record_artifact("t", b"x")
+    with pytest.raises(TypeError, match="bytes"):
+        client.edit_artifact("t", append="QUJD")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bytes"):
+        client.edit_artifact("t", set="QUJD")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bytes"):
+        client.edit_artifact("t", plugin=("op", "QUJD"))  # type: ignore[arg-type]
+    assert client.serialize_artifact_by_key("k") is None
+    assert client.serialize_artifact_by_key("t")["content_b64"] == b"x"
+    client.edit_artifact("t", append=bytearray(b"!"))
+    assert client.serialize_artifact_by_key("t")["content_b64"] == b"x!"
+
+
+def test_a_pipeline_goes_to_the_clients_context_and_namespace_as_its_requests_do(
+    client: pcx.Client,
+) -> None:
+    """Regression: a client made with ``context=``/``namespace=`` sent them with every
+    request, but ``pipeline`` sent its maps as given, so a pipelined write went into the
+    default context (and a pipelined save into the default namespace), answered ok, while
+    the same client's reads looked in its own. Now a pipeline's requests carry them too
+    (a map that names its own keeps it)."""
+    client.context, client.namespace = "job-1", "ns-1"
+    answers = client.pipeline(
+        [
+            {"op": "record_artifact", "key": "k", "content_b64": b"v"},
+            {"op": "record_dynamo_cache_entry", "key": "e", "entry": entry(["k"])},
+            {"op": "save_to_dynamo_cache"},
+            {"op": "record_artifact", "key": "elsewhere", "content_b64": b"w", "context": "c2"},
+        ]
+    )
+    assert all(a["ok"] for a in answers), answers
+    assert client.serialize_artifact_by_key("k")["content_b64"] == b"v"
+    assert client.get_cache_entry("e") is not None
+    client.context, client.namespace = None, None
+    assert client.serialize_artifact_by_key("k") is None
+    assert client.get_cache_entry("e") is None
+    client.context = "c2"
+    assert client.serialize_artifact_by_key("elsewhere")["content_b64"] == b"w"
+
+
+def test_a_client_inherited_by_a_forked_child_is_refused_there_and_the_parents_answers_stay_its_own(
+    client: pcx.Client,
+) -> None:
+    """Regression: a forked child (``multiprocessing``'s default on Linux, a DataLoader
+    worker, a process ``PCX_TORCH=1`` had already connected) used its parent's connection:
+    the two processes' frames interleaved on one socket (or one ``pcx batch``'s pipes), each
+    read answers meant for the other (``serialize_artifact_by_key("a")`` answered with ``b``'s
+    artifact), and the child's writes went into the parent's context. Now a client refuses,
+    with a :class:`pcx.TransportError`, to be used in any process but the one that made it,
+    sending nothing, and the parent's connection goes on in step."""
+    import os
+
+    client.record_artifact("a", b"parent's")
+    client.record_artifact("b", b"other")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what happened through the pipe, then leave at once
+        try:
+            try:
+                for _ in range(200):
+                    client.serialize_artifact_by_key("b")
+                client.record_artifact("from-child", b"x")
+                outcome = b"used"
+            except pcx.TransportError as e:
+                outcome = b"refused" if b"fork" in str(e).encode() else b"other error"
+            except BaseException:
+                outcome = b"other error"
+            os.write(write, outcome)
+        finally:
+            os._exit(0)
+    os.close(write)
+    wrong = sum(client.serialize_artifact_by_key("a")["key"] != "a" for _ in range(200))
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as r:
+        outcome = r.read()
+    assert outcome == b"refused", outcome
+    assert wrong == 0
+    assert client.serialize_artifact_by_key("from-child") is None
+    assert client.serialize_artifact_by_key("a")["content_b64"] == b"parent's"
+
+
 # -- a server that misbehaves ------------------------------------------------------------------
 
 def _fake_server(tmp_path: Path, answer: Callable[[socket.socket, int], None]) -> str:

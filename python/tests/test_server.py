@@ -71,3 +71,69 @@ def test_a_missing_binary_is_a_clear_error(
     monkeypatch.setenv("PCX_BIN", str(default_dir / "no-such-pcx"))
     with pytest.raises(pcx.ServerStartError, match="PCX_BIN=.*no-such-pcx"):
         pcx.Client.default()
+
+
+def test_the_default_server_listens_where_the_client_looks_whatever_pcx_socket_path_says(
+    default_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the server `Client.default()` starts inherits the environment, and
+    `PCX_SOCKET_PATH` (set for `pcx client`, say) made it listen there instead of at
+    `DATA_DIR/pcx.sock`, where the client waited for it: every start failed after 30 s with the
+    server left running, holding the data directory (so every later start failed "in use"),
+    and `pcx.torch` ran without pcx. Now the server is told the socket the client looks at."""
+    monkeypatch.setenv("PCX_SOCKET_PATH", str(tmp_path / "elsewhere.sock"))
+    monkeypatch.setattr(server, "START_TIMEOUT_S", 10.0)
+    with pcx.Client.default() as c:
+        c.record_artifact("k", b"v")
+    with pcx.Client.default() as c:
+        assert c.serialize_artifact_by_key("k")["content_b64"] == b"v"
+    assert not (tmp_path / "elsewhere.sock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a server as another user")
+@pytest.mark.parametrize("directory_by", ["the other user", "this user, writable by all"])
+def test_a_server_of_another_user_at_the_data_directory_is_refused_not_used(
+    monkeypatch: pytest.MonkeyPatch, directory_by: str
+) -> None:
+    """Regression: `Client.default()` (and so `pcx.torch`) used whatever answered at
+    `DATA_DIR/pcx.sock`. With `PCX_DATA_DIR` in a shared place (`/tmp/pcx`, a shared
+    `XDG_DATA_HOME`), another user who made that directory first and listened there received
+    every artifact torch recorded and answered its loads, with pickles torch then unpickles.
+    Now a socket served by another user (or a data directory owned by one) is refused with
+    `pcx.ServerStartError`, naming it."""
+    import shutil
+    import socket
+    import tempfile
+
+    nobody = 65534
+    shared = Path(tempfile.mkdtemp(prefix="pcx-shared-"))  # in /tmp, which anyone can reach
+    os.chmod(shared, 0o777)
+    data = shared / "pcx"
+    if directory_by != "the other user":
+        data.mkdir()
+        os.chmod(data, 0o777)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other user: makes the directory first and listens in it
+        try:
+            os.setgid(nobody)
+            os.setuid(nobody)
+            data.mkdir(exist_ok=True)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(str(data / "pcx.sock"))
+            s.listen(16)
+            os.write(write, b"ready")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 5) == b"ready"
+        monkeypatch.setenv("PCX_DATA_DIR", str(data))
+        with pytest.raises(pcx.ServerStartError, match=str(nobody)):
+            pcx.Client.default()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
+        shutil.rmtree(shared, ignore_errors=True)

@@ -107,3 +107,33 @@ def test_clearing_the_dynamo_cache_makes_the_next_compile_a_miss(on_pcx: pcx.Cli
     reload_as_torch_tests_do()
     assert DynamoCache.load(fn) is None
     assert counters["dynamo_cache"]["dynamo_cache_miss"] >= 1
+
+
+def test_install_leaves_the_context_and_namespace_of_the_client_it_is_given_as_they_were(
+    served: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: ``install(client)`` set the given client's ``context`` and ``namespace``
+    to torch's (this process's context, the torch cache directory's namespace), so the
+    caller's own requests through it afterwards went, without a word, into torch's context
+    and namespace instead of the default ones it had been using: a record the next process
+    looked for in the default context was not there. Now torch gets a view of the connection
+    in its own context and namespace, and the client given keeps its own."""
+    import pcx.torch
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    mine = pcx.Client.connect(str(served.socket))
+    try:
+        torch_side = pcx.torch.install(mine)
+        assert str(torch_side.context).startswith("torch@")
+        assert (mine.context, mine.namespace) == (None, None)
+        mine.record_artifact("mine", b"x")
+        mine.put_cache_entry(
+            "saved-by-me",
+            {"dynamo": {"device_type": "cpu", "codes": [{"backend_ids": []}]}, "backends": {}},
+        )
+    finally:
+        pcx.torch.uninstall()
+    with pcx.Client.connect(str(served.socket)) as other:
+        assert other.serialize_artifact_by_key("mine")["content_b64"] == b"x"
+        assert other.get_cache_entry("saved-by-me") is not None
+    mine.close()

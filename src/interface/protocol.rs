@@ -23,7 +23,8 @@ pub use crate::interface::answer::{
 use crate::interface::cache_protocol::{self, CacheOp};
 use crate::interface::wire_request::eager;
 pub use crate::interface::wire_request::{
-    decode_b64, RequestError, WireBackend, WireCacheEntry, WireCode, WireEdit, WireEntry, OPS,
+    decode_b64, fields_of, RequestError, WireBackend, WireCacheEntry, WireCode, WireEdit,
+    WireEntry, OPS,
 };
 
 /// One request.
@@ -175,14 +176,25 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
         Some(Value::String(op)) if !OPS.contains(&op.as_str()) => {
             Err(RequestError::UnknownOp(op.clone()))
         }
-        Some(Value::String(_)) => serde_json::from_value(Value::Object(map)).map_err(|e| {
-            let message = e.to_string();
-            if message.starts_with("missing field") {
-                RequestError::MissingField(message)
-            } else {
-                RequestError::Invalid(message)
+        Some(Value::String(op)) => match unknown_field(op, &map) {
+            Some(field) => {
+                let takes = fields_of(op).unwrap_or_default();
+                Err(RequestError::Invalid(format!(
+                    "field `{field}` is not one `{op}` takes (it takes {}{}id, request_id, \
+                     context and namespace); nothing was applied",
+                    takes.join(", "),
+                    if takes.is_empty() { "" } else { ", " }
+                )))
             }
-        }),
+            None => serde_json::from_value(Value::Object(map)).map_err(|e| {
+                let message = e.to_string();
+                if message.starts_with("missing field") {
+                    RequestError::MissingField(message)
+                } else {
+                    RequestError::Invalid(message)
+                }
+            }),
+        },
         Some(other) => Err(RequestError::Invalid(format!(
             "`op` must be a string, not {other}"
         ))),
@@ -195,6 +207,15 @@ pub fn parse_value(value: Value) -> (Option<Value>, Result<Request, RequestError
         (r, _) => r,
     };
     (id, request)
+}
+
+/// The first field of `map` (`op`, and the fields every request may carry, already taken
+/// out) that `op` does not take.
+fn unknown_field(op: &str, map: &Map<String, Value>) -> Option<String> {
+    let takes = fields_of(op)?;
+    map.keys()
+        .find(|k| k.as_str() != "op" && !takes.contains(&k.as_str()))
+        .cloned()
 }
 
 /// The digest of a request that carries a request id: its op and fields as sent (`id` and
@@ -590,6 +611,13 @@ mod tests {
         match parse(line.as_bytes()).1 {
             Ok(_) => "ok",
             Err(e) => e.kind(),
+        }
+    }
+
+    #[test]
+    fn every_op_says_which_fields_it_takes() {
+        for op in OPS {
+            assert!(fields_of(op).is_some(), "fields_of({op}) is missing");
         }
     }
 

@@ -280,6 +280,9 @@ pub async fn run(
         }
     };
     let unix = bind_unix(&config.socket_path)?;
+    // What is at the socket path now is this server's socket; at shutdown only that is removed
+    // (a server started meanwhile may have put its own there).
+    let bound = socket_identity(&config.socket_path);
     let max_connections = connection_limit(config.max_connections);
     let max_frame_bytes_total =
         frame_budget_bytes(config.max_frame_bytes_total, config.max_frame_bytes);
@@ -375,7 +378,9 @@ pub async fn run(
             "some connections did not take their answers within the grace period; closing them"
         );
     }
-    let _ = std::fs::remove_file(&config.socket_path);
+    if bound.is_some() && socket_identity(&config.socket_path) == bound {
+        let _ = std::fs::remove_file(&config.socket_path);
+    }
     Ok(())
 }
 
@@ -386,6 +391,14 @@ fn writes_a_file(request: &Request) -> bool {
         Request::Scoped { request, .. } => writes_a_file(request),
         _ => false,
     }
+}
+
+/// The device and inode of the file at `path` (not following a link), if any.
+fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 enum Connection {

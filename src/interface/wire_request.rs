@@ -41,6 +41,32 @@ pub const OPS: &[&str] = &[
     "export",
 ];
 
+/// The fields `op` takes besides `op` itself (and `id`, `request_id`, `context` and
+/// `namespace`, which every request may carry); `None` for an op not in [`OPS`]. A field not
+/// among them is refused: ignored, a misspelt `expected_digest`, `context` or `request_id`
+/// would change what the request does without a word.
+pub fn fields_of(op: &str) -> Option<&'static [&'static str]> {
+    Some(match op {
+        "record_artifact" => &["key", "kind", "content_b64"],
+        "record_dynamo_cache_entry" | "put_cache_entry" => &["key", "entry"],
+        "edit_artifact" => &["key", "edit", "expected_digest"],
+        "serialize_artifact_by_key"
+        | "take_artifact"
+        | "history"
+        | "get_cache_entry"
+        | "delete_cache_entry" => &["key"],
+        "clear" | "dump_debug_info" | "verify" | "stats" | "list_contexts" | "drop_context"
+        | "list_cache_entries" | "clear_dynamo_cache" => &[],
+        "create_cache_entries" | "save_to_dynamo_cache" => &["trace"],
+        "load_cache_entry" => &["key", "system_info"],
+        "log" => &["from", "to", "since", "until", "key", "event", "limit"],
+        "state" => &["at", "at_time", "key"],
+        "diff" => &["from", "to"],
+        "export" => &["output", "content"],
+        _ => return None,
+    })
+}
+
 pub(crate) fn eager() -> String {
     EAGER_KIND.to_string()
 }

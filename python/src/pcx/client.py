@@ -20,6 +20,7 @@ client also works with a server that predates them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
-from .errors import TransportError, error_from_answer
+from .errors import InvalidRequest, TransportError, error_from_answer
 from .transport import Answer, BatchTransport, SocketTransport, Transport
 
 __all__ = ["Client"]
@@ -62,6 +63,14 @@ _NAMESPACE_OPS = frozenset(
 )
 
 
+def _bytes(what: str, value: Any) -> Any:
+    """``value`` if it is bytes: text sent in a ``*_b64`` field is read by pcx as base64, so
+    ``"abcd"`` would be stored as the three bytes it decodes to."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
+    return value
+
+
 class Client:
     """A connection to pcx. Thread-safe: requests from several threads are sent one at a time
     (each waits for its answer), as torch's compile threads may record concurrently."""
@@ -75,8 +84,12 @@ class Client:
     ) -> None:
         self._transport = transport
         self._lock = threading.Lock()
-        #: Why the connection was given up (``None`` while it is in step with its answers).
-        self._broken: Optional[str] = None
+        #: The process the connection belongs to: a forked child inherits the object, and
+        #: with it the parent's socket (or pipes), which it must not use (see :meth:`_owned`).
+        self._pid = os.getpid()
+        #: Why the connection was given up (``None`` while it is in step with its answers);
+        #: shared with the views :meth:`scoped` makes of this connection.
+        self._link: Dict[str, Optional[str]] = {"broken": None}
         self.context = context
         self.namespace = namespace
         #: Seconds spent in :meth:`request` (sending and waiting for answers), for
@@ -189,7 +202,23 @@ class Client:
             )
         return cls.connect(address, timeout=timeout, context=context, namespace=namespace)
 
+    def scoped(self, *, context: Optional[str], namespace: Optional[str]) -> "Client":
+        """A client on this same connection (requests still go one at a time, and a failure
+        gives up both) whose requests go to ``context`` and ``namespace``; this client keeps
+        its own (how :func:`pcx.torch.install` uses a client it is given)."""
+        view = copy.copy(self)
+        view.context = context
+        view.namespace = namespace
+        view.busy_s = 0.0
+        return view
+
     def close(self) -> None:
+        # In a forked child the connection is the parent's: closing a `pcx batch` child's
+        # pipes would flush the parent's buffered requests a second time.
+        if os.getpid() != self._pid:
+            return
+        # Its views (see scoped) then refuse requests, saying why, on every transport.
+        self._link["broken"] = self._link["broken"] or "the client was closed"
         self._transport.close()
 
     def __enter__(self) -> "Client":
@@ -203,15 +232,11 @@ class Client:
     def request(self, op: str, **fields: Any) -> Answer:
         """Sends ``{"op": op, **fields}`` (fields that are ``None`` left out) and returns the
         answer, or raises the :class:`pcx.PcxError` subclass of its kind."""
-        req: Dict[str, Any] = {"op": op}
-        if self.context is not None and op in _CONTEXT_OPS:
-            req["context"] = self.context
-        if self.namespace is not None and op in _NAMESPACE_OPS:
-            req["namespace"] = self.namespace
-        req.update({k: v for k, v in fields.items() if v is not None})
+        req = self._scope({"op": op, **{k: v for k, v in fields.items() if v is not None}})
+        self._owned()
         with self._lock:
             started = time.perf_counter()
-            with self._in_step():
+            with self._in_step(alone=True):
                 self._transport.send(req)
                 answer = self._transport.receive()
             self.busy_s += time.perf_counter() - started
@@ -219,39 +244,74 @@ class Client:
             raise error_from_answer(answer)
         return answer
 
+    def _scope(self, request: Mapping[str, Any]) -> Dict[str, Any]:
+        """``request`` with this client's context and namespace, for the ops that take them
+        (one the request names itself is kept)."""
+        req: Dict[str, Any] = {"op": request.get("op")}
+        op = req["op"]
+        if self.context is not None and op in _CONTEXT_OPS:
+            req["context"] = self.context
+        if self.namespace is not None and op in _NAMESPACE_OPS:
+            req["namespace"] = self.namespace
+        req.update(request)
+        return req
+
+    def _owned(self) -> None:
+        """Refuses use in a forked child: the connection is its parent's, and two processes on
+        one connection interleave their frames and read each other's answers (and the child's
+        changes would land in the parent's context). Checked before the lock, which a thread
+        of the parent may have held at the fork; nothing is sent, and the parent goes on."""
+        if os.getpid() != self._pid:
+            raise TransportError(
+                f"this client's connection to {self._transport.description} belongs to process "
+                f"{self._pid}, and this is its forked child {os.getpid()}: a child must not use "
+                f"its parent's connection (make a new client in the child)"
+            )
+
     @contextlib.contextmanager
-    def _in_step(self) -> Iterator[None]:
+    def _in_step(self, alone: bool = False) -> Iterator[None]:
         """Sending and receiving: refused on a connection given up before; a failure in the
         middle (a timeout, a closed connection, a garbage answer, an interrupt) gives this one
-        up, since an answer may still be on its way and would be read as the next request's."""
-        if self._broken is not None:
+        up, since an answer may still be on its way and would be read as the next request's.
+        With ``alone`` (one request, nothing else in flight), a request the transport refused
+        before writing it (:class:`pcx.InvalidRequest`) leaves the connection in step."""
+        if self._link["broken"] is not None:
             raise TransportError(
                 f"the connection to {self._transport.description} was broken by an earlier "
-                f"failure ({self._broken}); make a new client (a change sent with a "
+                f"failure ({self._link['broken']}); make a new client (a change sent with a "
                 f"request_id can be retried safely)"
             )
         try:
             yield
+        except InvalidRequest:
+            if not alone:
+                self._give_up("a request refused before it was sent, with others in flight")
+            raise
         except BaseException as e:
-            self._broken = f"{type(e).__name__}: {e}"
-            try:
-                self._transport.close()
-            except Exception:  # already broken; closing is a courtesy
-                pass
+            self._give_up(f"{type(e).__name__}: {e}")
             raise
 
+    def _give_up(self, why: str) -> None:
+        self._link["broken"] = why
+        try:
+            self._transport.close()
+        except Exception:  # already broken; closing is a courtesy
+            pass
+
     def pipeline(self, requests: Iterable[Mapping[str, Any]], window: int = 64) -> List[Answer]:
-        """Sends many request maps with up to ``window`` in flight and gives every answer, in
+        """Sends many request maps (with this client's context and namespace, as
+        :meth:`request` does) with up to ``window`` in flight and gives every answer, in
         order, failures included (nothing is raised for them). Far faster than one request at
         a time: the server commits requests that arrive together in one group. Keep
         ``window`` at or below the server's ``max_in_flight_per_connection``."""
         answers: List[Answer] = []
+        self._owned()
         with self._lock:
             started = time.perf_counter()
             in_flight = 0
             with self._in_step():
                 for r in requests:
-                    self._transport.send(r)
+                    self._transport.send(self._scope(r))
                     in_flight += 1
                     if in_flight >= window:
                         answers.append(self._transport.receive())
@@ -264,7 +324,9 @@ class Client:
     # -- the context (PyTorch's PrecompileContext) ------------------------------------------
 
     def record_artifact(self, key: str, content: bytes, kind: str = "eager") -> Answer:
-        return self.request("record_artifact", key=key, kind=kind, content_b64=content)
+        return self.request(
+            "record_artifact", key=key, kind=kind, content_b64=_bytes("content", content)
+        )
 
     def record_dynamo_cache_entry(self, key: str, entry: Mapping[str, Any]) -> Answer:
         return self.request("record_dynamo_cache_entry", key=key, entry=dict(entry))
@@ -287,12 +349,12 @@ class Client:
             raise ValueError("give exactly one of set=, append= and plugin=")
         edit: Dict[str, Any]
         if set is not None:
-            edit = {"set_b64": set}
+            edit = {"set_b64": _bytes("set", set)}
         elif append is not None:
-            edit = {"append_b64": append}
+            edit = {"append_b64": _bytes("append", append)}
         else:
             assert plugin is not None
-            edit = {"plugin": {"op": plugin[0], "args_b64": plugin[1]}}
+            edit = {"plugin": {"op": plugin[0], "args_b64": _bytes("plugin args", plugin[1])}}
         return self.request(
             "edit_artifact", key=key, edit=edit, expected_digest=expected_digest
         )

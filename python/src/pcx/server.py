@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -61,17 +62,50 @@ def find_binary() -> str:
     return found
 
 
+def _trusted(uid: int) -> bool:
+    """Whether a server or directory of user ``uid`` may hold this user's artifacts (which
+    are pickles torch unpickles): this user's own, or root's."""
+    return uid in (os.getuid(), 0)
+
+
 def _answers(socket_path: Path) -> bool:
-    """Whether a server answers on ``socket_path``."""
+    """Whether a server answers on ``socket_path``; one run by another user is refused
+    (:class:`ServerStartError`), never used."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(2.0)
     try:
         sock.connect(str(socket_path))
-        return True
+        if hasattr(socket, "SO_PEERCRED"):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            uid = struct.unpack("3i", creds)[1]
+        else:
+            uid = os.stat(socket_path).st_uid
     except OSError:
         return False
     finally:
         sock.close()
+    if not _trusted(uid):
+        raise ServerStartError(
+            f"the server answering on {socket_path} runs as user {uid}, not as this user "
+            f"({os.getuid()}): pcx will not send it your artifacts nor load what it answers; "
+            f"point PCX_DATA_DIR at a directory of your own"
+        )
+    return True
+
+
+def _check_owner(data_dir: Path) -> None:
+    """Refuses a data directory (or its parent, where the lock and log go) that another user
+    owns: they could replace the server's files, or serve their own at its socket."""
+    for path in (data_dir, data_dir.parent):
+        try:
+            uid = os.stat(path).st_uid
+        except OSError:
+            continue
+        if not _trusted(uid):
+            raise ServerStartError(
+                f"{path} belongs to user {uid}, not to this user ({os.getuid()}): pcx will "
+                f"not keep your artifacts there; point PCX_DATA_DIR at a directory of your own"
+            )
 
 
 def ensure_server(data_dir: Optional[Path] = None, binary: Optional[str] = None) -> str:
@@ -79,6 +113,7 @@ def ensure_server(data_dir: Optional[Path] = None, binary: Optional[str] = None)
     starting ``pcx serve`` there if nothing answers yet."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     socket_path = data_dir / "pcx.sock"
+    _check_owner(data_dir)
     if _answers(socket_path):
         return str(socket_path)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +130,9 @@ def _start(data_dir: Path, socket_path: Path, binary: str) -> None:
     log_path = data_dir.parent / (data_dir.name + ".serve.log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [binary, "--data-dir", str(data_dir), "serve"],
+            # The socket named too: the server inherits this environment, where a
+            # PCX_SOCKET_PATH would otherwise put it somewhere the client does not look.
+            [binary, "--data-dir", str(data_dir), "serve", "--socket", str(socket_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -22,7 +22,7 @@ from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
 
 import msgpack
 
-from .errors import TransportError
+from .errors import InvalidRequest, TransportError
 
 __all__ = ["Transport", "SocketTransport", "BatchTransport", "Request", "Answer"]
 
@@ -177,6 +177,7 @@ class BatchTransport(Transport):
         threading.Thread(target=drain, name="pcx-batch-stderr", daemon=True).start()
 
     def send(self, request: Request) -> None:
+        # Raises InvalidRequest, as the socket's server would answer, before writing anything.
         line = json.dumps(_to_json(request), separators=(",", ":")).encode() + b"\n"
         try:
             self._stdin.write(line)
@@ -230,8 +231,16 @@ class BatchTransport(Transport):
 
 
 def _to_json(value: Any, key: str = "") -> Any:
-    """Bytes become base64 text (pcx wants base64 exactly in ``*_b64`` fields)."""
+    """Bytes become base64 text in ``*_b64`` fields, where pcx wants bytes; anywhere else they
+    are refused, as the socket's server refuses them: as base64 text, a key sent as bytes
+    (``b"k"``) would be stored under the key ``aw==``."""
     if isinstance(value, (bytes, bytearray, memoryview)):
+        if not key.endswith("_b64"):
+            raise InvalidRequest(
+                "invalid_request",
+                f"field `{key or '(the whole request)'}` holds bytes, but only fields named "
+                f"`*_b64` carry bytes; send it as text",
+            )
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, Mapping):
         return {str(k): _to_json(v, str(k)) for k, v in value.items()}

@@ -66,7 +66,9 @@ def install(
     torch_kinds: Optional[bool] = None,
 ) -> Client:
     """Makes torch's precompile context and dynamo cache use pcx through ``client`` (the
-    embedded default when ``None``). Idempotent: a second call returns the client in use.
+    embedded default when ``None``), and returns the client torch uses: a view of the same
+    connection in this process's own context and torch's namespace (the client given keeps
+    its own). Idempotent: a second call returns the client in use.
 
     ``namespace``: the dynamo cache namespace, used when the server has namespaces; default
     ``$PCX_TORCH_NAMESPACE``, else one per torch cache directory (as torch's own cache is one
@@ -86,12 +88,14 @@ def install(
         client = Client.default()
     named = _supports(client, "list_contexts")
     if named:
-        client.context = client.context or _process_context()
-        client.namespace = (
-            namespace
+        # A view of the connection: the client given keeps its own context and namespace
+        # for the caller's own requests.
+        client = client.scoped(
+            context=client.context or _process_context(),
+            namespace=namespace
             or client.namespace
             or os.environ.get("PCX_TORCH_NAMESPACE")
-            or default_namespace()
+            or default_namespace(),
         )
     if torch_kinds is None:
         torch_kinds = os.environ.get("PCX_TORCH_KINDS") == "1"
