@@ -4,8 +4,10 @@ the error class of their kind, and what was written durable for the next process
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -79,6 +81,28 @@ def test_a_retry_with_the_same_request_id_is_applied_once(client: pcx.Client) ->
     with pytest.raises(pcx.RequestIdReused, match="job-1:k"):
         client.request("record_artifact", key="k", content_b64=b"v2", request_id="job-1:k")
     assert client.serialize_artifact_by_key("k")["content_b64"] == b"v1"
+
+
+def test_a_live_log_is_exported_to_a_file_that_imports_as_the_same_log(
+    client: pcx.Client, tmp_path: Path
+) -> None:
+    for i in range(5):
+        client.record_artifact(f"k{i}", f"content {i}".encode())
+    backup = tmp_path / "backup.jsonl"
+    exported = client.export(str(backup))
+    assert (exported["events"], exported["last_seq"]) == (5, 5)
+    with pytest.raises(pcx.InvalidRequest, match="absolute"):
+        client.export("relative.jsonl")
+    imported = subprocess.run(
+        [os.environ["PCX_BIN"], "--data-dir", str(tmp_path / "restored"), "import"]
+        + ["--input", str(backup)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert '"last_seq":5' in imported.stdout
+    with pcx.Client.batch(str(tmp_path / "restored")) as restored:
+        assert restored.serialize_artifact_by_key("k4")["content_b64"] == b"content 4"
 
 
 def test_bytes_outside_a_b64_field_are_refused_by_either_transport_not_stored_as_base64(

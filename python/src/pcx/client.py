@@ -463,6 +463,16 @@ class Client:
         report: Dict[str, Any] = self.request("verify")["verify"]
         return report
 
+    def export(self, output: str, content: str = "inline") -> Dict[str, Any]:
+        """Has the server write the whole log, as ``pcx export`` does, to ``output`` (an
+        absolute path, written with the server's rights): a backup of a live server, which
+        ``pcx import`` restores. Over a socket only the server's own user may ask.
+        Gives ``{"output", "events", "last_seq", "bytes"}``."""
+        exported: Dict[str, Any] = self.request("export", output=output, content=content)[
+            "exported"
+        ]
+        return exported
+
     def stats(self) -> Dict[str, Any]:
         """Counters since the server started (events, flushes, stitches, cache hits…)."""
         stats: Dict[str, Any] = self.request("stats")["stats"]
