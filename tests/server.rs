@@ -245,7 +245,7 @@ struct Conn(Stream);
 
 /// A request's frame (`*_b64` text becomes MessagePack binary, as a client sends it).
 fn frame(request: &Value) -> Vec<u8> {
-    encode_frame(&to_msgpack(request))
+    encode_frame(&to_msgpack(request)).unwrap()
 }
 
 /// A frame around raw body bytes.
@@ -1061,7 +1061,7 @@ fn bad_frames_get_their_errors_while_everyone_else_is_served() {
     }
     // A map with a key that is not text cannot be a request either.
     let int_key = rmpv::Value::Map(vec![(rmpv::Value::from(1), rmpv::Value::from(2))]);
-    c.send_raw(&encode_frame(&int_key)).unwrap();
+    c.send_raw(&encode_frame(&int_key).unwrap()).unwrap();
     assert_failed(&c.recv().unwrap(), "bad_frame");
     assert_eq!(
         content_of(&c.ask(&serialize("k"))).as_deref(),
@@ -1222,7 +1222,7 @@ fn a_binary_key_is_refused_not_stored_as_base64() {
         ),
     ];
     for (request, field) in wrong {
-        c.send_raw(&encode_frame(&request)).unwrap();
+        c.send_raw(&encode_frame(&request).unwrap()).unwrap();
         let answer = c.recv().expect("an answer");
         let message = assert_failed(&answer, "invalid_request");
         assert!(
@@ -1305,7 +1305,7 @@ fn integer_ids_beyond_64_bits_are_echoed_exactly_or_refused() {
         rmpv::Value::from(0),
     ] {
         let request = mp_map(vec![("op", rmpv::Value::from("stats")), ("id", id.clone())]);
-        c.send_raw(&encode_frame(&request)).unwrap();
+        c.send_raw(&encode_frame(&request).unwrap()).unwrap();
         let rmpv::Value::Map(fields) = c.recv_msgpack().unwrap() else {
             panic!("an answer is a map")
         };

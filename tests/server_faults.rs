@@ -157,7 +157,8 @@ impl Conn {
     }
 
     fn send(&mut self, request: &Value) -> io::Result<()> {
-        self.stream().write_all(&encode_frame(&to_msgpack(request)))
+        self.stream()
+            .write_all(&encode_frame(&to_msgpack(request)).unwrap())
     }
 
     fn recv(&mut self) -> io::Result<Value> {
@@ -394,7 +395,7 @@ fn frames_that_claim_much_and_send_little_do_not_abort_a_memory_limited_server()
 
 /// The frame of a `record_artifact` of `content` under `key`, as sent.
 fn frame_of(request: &Value) -> Vec<u8> {
-    encode_frame(&to_msgpack(request))
+    encode_frame(&to_msgpack(request)).unwrap()
 }
 
 const MIB: usize = 1 << 20;
@@ -844,7 +845,7 @@ fn a_server_gone_mid_stream_fails_the_client_saying_how_far_the_answers_came() {
             conn.read_exact(&mut header).unwrap();
             let mut body = vec![0u8; body_len(header) as usize];
             conn.read_exact(&mut body).unwrap();
-            conn.write_all(&encode_frame(&to_msgpack(&json!({"ok": true}))))
+            conn.write_all(&encode_frame(&to_msgpack(&json!({"ok": true}))).unwrap())
                 .unwrap();
         }
     });

@@ -35,7 +35,9 @@ fn read_answer(r: &mut impl Read) -> io::Result<Value> {
 
 /// Sends one frame and reads its answer (for set-up exchanges like TCP auth).
 pub fn exchange(stream: &mut (impl Read + Write), request: &Value) -> io::Result<Value> {
-    stream.write_all(&encode_frame(&to_msgpack(request)))?;
+    let frame = encode_frame(&to_msgpack(request))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    stream.write_all(&frame)?;
     read_answer(stream)
 }
 
@@ -71,12 +73,17 @@ where
                     Line::Text(text) if text.iter().all(u8::is_ascii_whitespace) => continue,
                     Line::Text(text) => match serde_json::from_slice::<Value>(&text) {
                         Err(e) => Slot::Local(refused(&RequestError::BadJson(e.to_string()))),
-                        Ok(v) => {
-                            writer
-                                .write_all(&encode_frame(&to_msgpack(&v)))
-                                .map_err(to_server)?;
-                            Slot::Remote
-                        }
+                        Ok(v) => match encode_frame(&to_msgpack(&v)) {
+                            Ok(frame) => {
+                                writer.write_all(&frame).map_err(to_server)?;
+                                Slot::Remote
+                            }
+                            // Longer than a frame can say: refused here, never sent cut.
+                            Err(e) => Slot::Local(crate::interface::answer::failed(
+                                e.kind(),
+                                &format!("the request is not sent: {e}"),
+                            )),
+                        },
                     },
                 };
                 if slots_tx.send(slot).is_err() {

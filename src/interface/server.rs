@@ -384,6 +384,26 @@ pub async fn run(
     Ok(())
 }
 
+/// The frame of `answer`, or, for an answer longer than a frame can carry, the frame of an
+/// error saying so (with the request's `id`): the client gets an answer either way, and the
+/// stream stays in step.
+fn answer_frame(answer: Value) -> Vec<u8> {
+    match encode_frame(&to_msgpack(&answer)) {
+        Ok(frame) => frame,
+        Err(e) => {
+            let refusal = json!({ "ok": false, "error": { "kind": e.kind(), "message": format!(
+                "the answer is too long: {e}; ask for less (`log` with `limit` or a range, \
+                 `state` with `key`)"
+            ) } });
+            let refusal = match answer.get("id") {
+                Some(id) => with_id(Some(id.clone()), refusal),
+                None => refusal,
+            };
+            encode_frame(&to_msgpack(&refusal)).unwrap_or_default()
+        }
+    }
+}
+
 /// Whether `request` has the server write a file of the client's choosing (`export`).
 fn writes_a_file(request: &Request) -> bool {
     match request {
@@ -522,7 +542,8 @@ fn refuse(conn: Connection, max_connections: usize) {
     let answer = json!({ "ok": false, "error": { "kind": "too_many_connections", "message": format!(
         "the server has max_connections ({max_connections}) connections open; try again later"
     ) } });
-    let frame = encode_frame(&to_msgpack(&answer));
+    // A short answer always fits in a frame.
+    let frame = encode_frame(&to_msgpack(&answer)).unwrap_or_default();
     // Plain non-blocking calls on the socket itself: tokio's `try_*` would not even try before
     // its driver has seen the new socket ready.
     match conn {
@@ -738,9 +759,9 @@ async fn serve_connection(
         } else {
             json!({ "ok": false, "error": { "kind": "unauthorized", "message": "the first frame on TCP must be {\"op\":\"auth\",\"token\":…} with the server's token" } })
         };
-        writer
-            .write_all(&encode_frame(&to_msgpack(&answer)))
-            .await?;
+        // A short answer always fits in a frame.
+        let frame = encode_frame(&to_msgpack(&answer)).unwrap_or_default();
+        writer.write_all(&frame).await?;
         if !ok {
             return Ok(());
         }
@@ -826,7 +847,7 @@ async fn serve_connection(
     };
     let write = async move {
         while let Some(answer) = rx.recv().await {
-            let frame = encode_frame(&to_msgpack(&answer.await));
+            let frame = answer_frame(answer.await);
             budget.writing(frame.len());
             let written = tokio::select! {
                 w = writer.write_all(&frame) => w,

@@ -29,6 +29,8 @@ pub enum WireError {
         "field `{field}` holds binary, but only fields named `*_b64` carry bytes; send it as text"
     )]
     Binary { field: String },
+    #[error("{0} bytes are more than one frame can carry (its 4-byte length goes to 4 GiB)")]
+    TooLong(usize),
 }
 
 impl WireError {
@@ -37,6 +39,7 @@ impl WireError {
     pub fn kind(&self) -> &'static str {
         match self {
             WireError::Binary { .. } => "invalid_request",
+            WireError::TooLong(_) => "too_large",
             _ => "bad_frame",
         }
     }
@@ -59,15 +62,26 @@ pub fn body_len(header: [u8; HEADER_LEN]) -> u64 {
     u64::from(u32::from_be_bytes(header))
 }
 
-/// A frame: the length prefix and the MessagePack body of `value`.
-pub fn encode_frame(value: &Mp) -> Vec<u8> {
+/// A frame: the length prefix and the MessagePack body of `value`; refused when the body is
+/// longer than the prefix can say ([`frame_header`]).
+pub fn encode_frame(value: &Mp) -> Result<Vec<u8>, WireError> {
     let mut body = Vec::new();
     // Writing into a Vec cannot fail.
     let _ = rmpv::encode::write_value(&mut body, value);
+    let header = frame_header(body.len())?;
     let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&header);
     frame.extend_from_slice(&body);
-    frame
+    Ok(frame)
+}
+
+/// The length prefix of a body of `len` bytes. Longer than 4 GiB it is refused: written as
+/// `len as u32` it wrapped, and the reader took the bytes past the announced length (a
+/// long `log` answer, or the content of a request `pcx client` sent) for the frames after it.
+pub fn frame_header(len: usize) -> Result<[u8; HEADER_LEN], WireError> {
+    u32::try_from(len)
+        .map(u32::to_be_bytes)
+        .map_err(|_| WireError::TooLong(len))
 }
 
 /// Decodes one answer frame's body from a server (trusted: no bound on its size, so a `log`
@@ -225,13 +239,21 @@ mod tests {
 
     #[test]
     fn a_frame_round_trips_and_its_header_is_big_endian() {
-        let frame = encode_frame(&to_msgpack(&json!({"op": "clear"})));
+        let frame = encode_frame(&to_msgpack(&json!({"op": "clear"}))).unwrap();
         let len = body_len([frame[0], frame[1], frame[2], frame[3]]);
         assert_eq!(len as usize, frame.len() - HEADER_LEN);
         assert_eq!(
             to_json(decode_body(&frame[HEADER_LEN..]).unwrap()).unwrap(),
             json!({"op": "clear"})
         );
+    }
+
+    #[test]
+    fn a_body_longer_than_a_frame_can_announce_is_refused_not_wrapped() {
+        assert_eq!(frame_header(u32::MAX as usize), Ok([0xff; 4]));
+        let over = u32::MAX as usize + 1;
+        assert_eq!(frame_header(over), Err(WireError::TooLong(over)));
+        assert_eq!(WireError::TooLong(over).kind(), "too_large");
     }
 
     #[test]

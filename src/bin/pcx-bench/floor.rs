@@ -195,7 +195,7 @@ impl FloorServer {
         };
         let answer = std::sync::Arc::new(pcx::interface::wire::encode_frame(
             &pcx::interface::wire::to_msgpack(&json!({ "ok": true })),
-        ));
+        )?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = std::thread::Builder::new()
             .name("floor-server".into())
