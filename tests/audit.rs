@@ -952,6 +952,30 @@ fn a_compaction_or_import_through_a_symlinked_data_directory_swaps_the_directory
     );
 }
 
+/// A data directory pcx creates is readable by its user alone, as the server's socket is, and
+/// a compaction keeps the mode the operator gave it. Before, it was made 0755: every user of
+/// the machine could read the artifacts and model sources the 0600 socket kept from them.
+#[test]
+fn a_data_directory_pcx_creates_is_its_users_alone_and_a_compaction_keeps_the_mode_it_was_given() {
+    use std::os::unix::fs::PermissionsExt;
+    if sled_only("the data directory is not the log on PostgreSQL") {
+        return;
+    }
+    let mode = |d: &Path| std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    assert_eq!(mode(&dir), 0o700, "{:o}", mode(&dir));
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+    cli_ok(&dir, &["compact", "--before", "5"]);
+    assert_eq!(mode(&dir), 0o750, "the compaction changed the mode");
+    let export = tmp.path().join("export.jsonl");
+    cli(&dir, &["export", "--output", export.to_str().unwrap()]).assert_success();
+    let imported = tmp.path().join("imported");
+    cli_ok(&imported, &["import", "--input", export.to_str().unwrap()]);
+    assert_eq!(mode(&imported), 0o700, "{:o}", mode(&imported));
+}
+
 #[test]
 fn verify_finds_two_reordered_records() {
     assert_damage_found(

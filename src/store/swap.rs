@@ -404,6 +404,11 @@ pub fn swap_in(dir: &Path, new: &Path, _held: &DirLock) -> Result<(), SwapError>
     let old = sibling(dir, OLD);
     let had_old = dir.exists();
     if had_old {
+        // The new copy takes the mode the directory was given (a chmod the operator made).
+        let mode = std::fs::metadata(dir)
+            .map_err(io_err("reading", dir))?
+            .permissions();
+        std::fs::set_permissions(new, mode).map_err(io_err("setting the mode of", new))?;
         std::fs::rename(dir, &old).map_err(io_err("moving aside", dir))?;
         sync_parent(dir)?;
         pause_point("swap:moved-aside");

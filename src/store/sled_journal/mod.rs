@@ -98,10 +98,19 @@ impl SledJournal {
     /// Opens (creating if missing) a directory whose lock the caller holds: a compaction or
     /// import's own opens of the data directory and of the side directory it writes.
     pub(crate) fn open_held(dir: &Path, cache_capacity: u64) -> Result<SledJournal, OpenError> {
-        std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        // Readable by its user only, as the server's socket is: compiled artifacts and the
+        // model sources in entries are there in the clear (a directory made 0755 let every
+        // user of the machine read what the 0600 socket kept from them). An existing
+        // directory keeps the mode it has.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| OpenError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         let handles = open_handles(dir, cache_capacity)?;
         let contents = load_contents(&handles, dir).map_err(|what| OpenError::Damaged {
             path: dir.to_path_buf(),
