@@ -1276,6 +1276,37 @@ fn a_holder_paused_past_its_lease_is_fenced_when_it_runs_again_and_its_late_writ
     assert_eq!(answer["events"], 2, "{answer}");
 }
 
+#[test]
+fn a_holder_paused_past_its_lease_does_not_answer_reads_from_its_stale_state_when_it_runs_again() {
+    let name = fresh_name("stale-read");
+    let dir_a = tempfile::tempdir().expect("a dir");
+    let dir_b = tempfile::tempdir().expect("a dir");
+    let mut a = Batch::start(dir_a.path(), &name, 1_500, 0);
+    let first = a.ask(record("k", "old, written by A"));
+    assert_eq!(first["ok"], true, "{first}");
+    a.signal(libc::SIGSTOP);
+    // B takes over once A's lease has run out and replaces k.
+    let mut b = Batch::start(dir_b.path(), &name, 1_500, 30_000);
+    let taken = b.ask(json!({"op": "take_artifact", "key": "k"}));
+    assert_eq!(taken["ok"], true, "{taken}");
+    let again = b.ask(record("k", "new, written by B"));
+    assert_eq!(again["ok"], true, "{again}");
+    a.signal(libc::SIGCONT);
+    // At once, before A's lease thread has run: A's state is stale, and A must not serve it.
+    for _ in 0..3 {
+        let read = a.ask(json!({"op": "serialize_artifact_by_key", "key": "k"}));
+        assert_eq!(
+            read["ok"], false,
+            "a holder whose lease ran out answered a read from its stale state: {read}"
+        );
+        let message = read["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("fenced"), "the error says why: {read}");
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let fresh = b.ask(json!({"op": "serialize_artifact_by_key", "key": "k"}));
+    assert_eq!(fresh["ok"], true, "{fresh}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // clients follow the holder
 

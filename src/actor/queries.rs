@@ -21,6 +21,9 @@ impl Handler<Audit> for ContextActor {
         let (tx, rx) = oneshot::channel();
         if self.closed {
             let _ = tx.send(Err(ContextError::Closed));
+        } else if let Err(e) = self.journal.check_held() {
+            // A fleet's holder whose lease may have run out: its head may be stale.
+            let _ = tx.send(Err(ContextError::from(e)));
         } else {
             let journal = self.journal.clone();
             // Answer as of this point in the stream: later writes may be durable by the time

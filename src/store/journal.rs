@@ -228,6 +228,13 @@ pub trait Journal: Send + Sync + 'static {
     fn committed_end(&self) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
+    /// Whether this process may still answer from what it holds in memory: always for a
+    /// journal of its own. A journal a fleet shares says no once its writer's lease is lost
+    /// or may have run out (a paused or cut-off holder), since another process may have
+    /// written the journal meanwhile and the state here may be stale.
+    fn check_held(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// What a closed context holds in place of its journal: every operation says it is closed.
@@ -418,6 +425,9 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn cluster_name(&self) -> Option<&str> {
         self.inner.cluster_name()
     }
+    fn check_held(&self) -> Result<(), StoreError> {
+        self.inner.check_held()
+    }
 }
 
 impl<J: Journal> Journal for std::sync::Arc<J> {
@@ -472,5 +482,8 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn committed_end(&self) -> Result<Option<u64>, StoreError> {
         (**self).committed_end()
+    }
+    fn check_held(&self) -> Result<(), StoreError> {
+        (**self).check_held()
     }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use postgres::Client;
 
@@ -16,6 +17,11 @@ pub(super) struct Lease {
     pub(super) epoch: i64,
     /// Set by the renewer (or a refused commit) once the lease is known lost.
     pub(super) lost: Arc<Mutex<Option<String>>>,
+    /// Until when (this machine's monotonic clock) the lease surely runs: the moment the
+    /// request that granted or last renewed it was sent, plus the lease. The database judges
+    /// the lease by its own clock from a later moment, so no other writer can be granted the
+    /// journal before this; past it, the state this process holds may be stale.
+    pub(super) valid_until: Arc<Mutex<Instant>>,
     pub(super) stop: Arc<AtomicBool>,
 }
 
@@ -92,10 +98,13 @@ pub(super) fn why_fenced(client: &mut Client, journal: &str, epoch: i64, old: u6
 
 impl Lease {
     /// Starts renewing the lease every third of its period, on a connection of its own.
-    pub(super) fn start(s: &PgSettings, epoch: i64) -> Result<Lease, StoreError> {
+    /// `asked` is when the request that granted the lease was sent.
+    pub(super) fn start(s: &PgSettings, epoch: i64, asked: Instant) -> Result<Lease, StoreError> {
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let valid_until = Arc::new(Mutex::new(asked + s.lease));
         let stop = Arc::new(AtomicBool::new(false));
         let (lost2, stop2, s2) = (lost.clone(), stop.clone(), s.clone());
+        let valid2 = valid_until.clone();
         let every = s.lease / 3;
         std::thread::Builder::new()
             .name("pcx-lease".into())
@@ -117,12 +126,15 @@ impl Lease {
                         }
                     }
                     let Some(c) = client.as_mut() else { continue };
+                    let asked = Instant::now();
                     match c.execute(
                         "UPDATE pcx_heads SET lease_until = clock_timestamp() + $3::float8 * interval '1 millisecond' \
                          WHERE journal = $1 AND epoch = $2 AND lease_until > clock_timestamp()",
                         &[&s2.journal, &epoch, &lease_ms],
                     ) {
-                        Ok(1) => {}
+                        Ok(1) => {
+                            *valid2.lock().unwrap_or_else(|p| p.into_inner()) = asked + s2.lease;
+                        }
                         Ok(_) => {
                             let why = format!("its lease (epoch {epoch}) ran out or was taken over before it was renewed");
                             tracing::error!(journal = %s2.journal, epoch, "lost the journal's lease");
@@ -137,6 +149,11 @@ impl Lease {
                 op: "starting the lease thread",
                 what: e.to_string(),
             })?;
-        Ok(Lease { epoch, lost, stop })
+        Ok(Lease {
+            epoch,
+            lost,
+            valid_until,
+            stop,
+        })
     }
 }

@@ -85,13 +85,14 @@ impl PgJournal {
     pub fn open(settings: PgSettings) -> Result<PgJournal, OpenError> {
         let db = Self::start(&settings)?;
         let deadline = Instant::now() + settings.wait;
-        let Granted { epoch, head, made } = loop {
+        let (Granted { epoch, head, made }, asked) = loop {
             let s = settings.clone();
+            let asked = Instant::now();
             let grant = db
                 .run(move |db| acquire(db.client()?, &s).map_err(db_err("taking the lease")))
                 .map_err(open_err(&settings))?;
             match grant {
-                Ok(granted) => break granted,
+                Ok(granted) => break (granted, asked),
                 Err((holder, remaining_ms)) => {
                     let now = Instant::now();
                     if now >= deadline {
@@ -112,7 +113,7 @@ impl PgJournal {
                 "the journal had records but no head row (deleted?): its head is taken from its last record");
         }
         tracing::info!(journal = %settings.journal, epoch, head, "took the journal's lease");
-        let lease = Lease::start(&settings, epoch).map_err(open_err(&settings))?;
+        let lease = Lease::start(&settings, epoch, asked).map_err(open_err(&settings))?;
         Ok(PgJournal {
             settings,
             db,
@@ -763,6 +764,35 @@ impl Journal for PgJournal {
 
     fn cluster_name(&self) -> Option<&str> {
         Some(&self.settings.journal)
+    }
+
+    /// A writer answers from its state only while its lease surely runs: once the lease is
+    /// lost, or was not renewed in time (the process paused, or cut off from the database),
+    /// another pcx may have taken the journal over and written it, and answering a read from
+    /// what this one holds would serve a stale state. Before, such a holder, resumed after a
+    /// takeover, went on answering reads (an artifact the new holder had replaced, a dynamo
+    /// entry it had deleted) for as long as it ran. A reader (no lease) reads the database.
+    fn check_held(&self) -> Result<(), StoreError> {
+        let Some(lease) = &self.lease else {
+            return Ok(());
+        };
+        self.fenced()?;
+        let valid_until = *lease.valid_until.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if now < valid_until {
+            return Ok(());
+        }
+        Err(StoreError::Fenced {
+            journal: self.settings.journal.clone(),
+            why: format!(
+                "its lease (epoch {}) has not been renewed for {} ms, longer than journal_lease_ms ({} ms): \
+                 another pcx may hold the journal, so this one answers nothing from what it holds \
+                 until the lease is renewed",
+                lease.epoch,
+                (now - valid_until + self.settings.lease).as_millis(),
+                self.settings.lease.as_millis()
+            ),
+        })
     }
 
     fn gathers_groups(&self) -> bool {
