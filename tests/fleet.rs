@@ -1401,6 +1401,63 @@ fn pcx_client_finds_the_journals_holder_in_the_database_and_follows_a_takeover()
     );
 }
 
+/// `pcx client` following the journal's holder, with its whole output.
+fn client_following_output(name: &str, request: &Value) -> std::process::Output {
+    let elsewhere = tempfile::tempdir().expect("a dir");
+    let mut child = common::pcx(elsewhere.path(), &["client"])
+        .env("PCX_JOURNAL", "postgres")
+        .env("PCX_JOURNAL_URL", url())
+        .env("PCX_JOURNAL_NAME", name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pcx client starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{request}").expect("write");
+    drop(stdin);
+    child.wait_with_output().expect("pcx client ends")
+}
+
+#[test]
+fn pcx_client_does_not_write_into_another_journals_server_found_at_its_holders_old_address() {
+    let (alpha, beta) = (fresh_name("alpha"), fresh_name("beta"));
+    let (dir_a, elsewhere) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, socket_a) = Serve::start(dir_a.path(), &alpha, 0);
+    Serve::wait_listening(&socket_a);
+    let first = client_following(&alpha, &record("k1", "into alpha"));
+    assert_eq!(first["ok"], true, "{first}");
+    // alpha's holder dies; a server of another journal now listens at the same address (the
+    // same path on this machine, as on every machine of a fleet with the same layout).
+    drop(a);
+    let (_b, socket_b) = Serve::start(dir_a.path(), &beta, 0);
+    assert_eq!(socket_a, socket_b);
+    Serve::wait_listening(&socket_b);
+    let out = client_following_output(&alpha, &record("k2", "meant for alpha"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "pcx client for {alpha} wrote through {beta}'s server: {} {stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(&beta) && stderr.contains(&alpha),
+        "the refusal names both journals: {stderr}"
+    );
+    // Nothing meant for alpha went into beta.
+    let state = common::pcx(elsewhere.path(), &["log"])
+        .env("PCX_JOURNAL", "postgres")
+        .env("PCX_JOURNAL_URL", url())
+        .env("PCX_JOURNAL_NAME", &beta)
+        .output()
+        .expect("pcx log runs");
+    let log = String::from_utf8_lossy(&state.stdout);
+    assert!(!log.contains("k2"), "beta's log holds alpha's write: {log}");
+}
+
 #[test]
 fn compaction_of_a_journal_in_postgres_is_one_transaction_that_verify_accepts() {
     let name = fresh_name("compact");

@@ -78,7 +78,9 @@ impl Handler<GetStats> for ContextActor {
             plugin_failures: failures,
             queue_depth: self.committer.as_ref().map_or(0, Committer::queued_events),
             head_seq: self.head.seq,
-            ..self.stats
+            journal: self.journal.cluster_name().map(str::to_string),
+            epoch: self.journal.lease_epoch(),
+            ..self.stats.clone()
         };
         // Answered at once: stats describe the moment, not a durable change.
         Box::pin(std::future::ready(Ok(Ack {

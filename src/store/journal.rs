@@ -235,6 +235,10 @@ pub trait Journal: Send + Sync + 'static {
     fn check_held(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// The epoch of this writer's lease on a journal a fleet shares (None otherwise).
+    fn lease_epoch(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// What a closed context holds in place of its journal: every operation says it is closed.
@@ -428,6 +432,9 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn check_held(&self) -> Result<(), StoreError> {
         self.inner.check_held()
     }
+    fn lease_epoch(&self) -> Option<i64> {
+        self.inner.lease_epoch()
+    }
 }
 
 impl<J: Journal> Journal for std::sync::Arc<J> {
@@ -485,5 +492,8 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn check_held(&self) -> Result<(), StoreError> {
         (**self).check_held()
+    }
+    fn lease_epoch(&self) -> Option<i64> {
+        (**self).lease_epoch()
     }
 }

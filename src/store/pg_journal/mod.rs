@@ -766,6 +766,10 @@ impl Journal for PgJournal {
         Some(&self.settings.journal)
     }
 
+    fn lease_epoch(&self) -> Option<i64> {
+        self.epoch()
+    }
+
     /// A writer answers from its state only while its lease surely runs: once the lease is
     /// lost, or was not renewed in time (the process paused, or cut off from the database),
     /// another pcx may have taken the journal over and written it, and answering a read from
