@@ -356,6 +356,48 @@ fn a_commit_whose_answer_was_lost_during_a_takeover_is_answered_only_once_the_st
     outcome.expect("a group that landed is answered ok once the standbys have it");
 }
 
+/// Product bug: PostgreSQL ends a commit's wait for its synchronous standbys when an operator
+/// cancels the statement (`pg_cancel_backend`, on commits that seemed stuck while standbys
+/// were away), with only a WARNING ("the transaction has already committed locally, but might
+/// not have been replicated to the standby") and a success: the group was answered while the
+/// primary alone had it, and a failover then lost an answered write.
+#[test]
+fn a_commit_whose_wait_for_the_standbys_was_cancelled_is_answered_only_once_they_have_it() {
+    let name = fresh_name("cancelled-sync-wait");
+    let j = PgJournal::open(settings(url(), &name)).expect("opens");
+    j.commit(&group(1, b"before")).expect("a group commits");
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
+    let paused = ReplicationPaused::now(&mut sql);
+    let committing = std::thread::spawn(move || {
+        let outcome = j.commit(&group(2, b"while no standby could have it"));
+        (j, outcome)
+    });
+    // The careless operator: every commit waiting for a standby is cancelled, again and again.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        sql.execute(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+             WHERE wait_event = 'SyncRep' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .expect("cancel the waiting commits");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answered_early = committing.is_finished();
+    drop(paused);
+    let (j, outcome) = committing.join().expect("the commit's thread");
+    assert!(
+        !answered_early,
+        "the group was answered while no standby could have received it: {:?}",
+        outcome
+    );
+    outcome.expect("the group is answered ok once the standbys have it");
+    j.commit(&group(3, b"after"))
+        .expect("the journal goes on at the right head");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(records(&direct).len(), 3);
+}
+
 #[test]
 fn a_commit_that_never_reached_the_database_is_found_not_to_have_landed() {
     let proxy = Proxy::start(upstream());

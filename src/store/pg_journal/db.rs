@@ -2,6 +2,7 @@
 //! its own Tokio runtime, which cannot run inside the actor's), connecting, the schema, and
 //! the settings and errors every part shares.
 
+use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -219,8 +220,37 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+thread_local! {
+    /// Set when the database sent a WARNING on a connection this thread drives (the `postgres`
+    /// client runs its connection, and so its notice callback, on the thread that waits for
+    /// the statement). PostgreSQL answers a commit whose wait for its synchronous standbys was
+    /// cancelled (`pg_cancel_backend`, an operator clearing commits that seemed stuck) with a
+    /// WARNING ("canceling wait for synchronous replication …: the transaction has already
+    /// committed locally, but might not have been replicated to the standby") and a success.
+    static WARNED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the database warned on this thread's connections since the last call (see
+/// [`WARNED`]): a commit that passed with a warning may rest on the primary's WAL alone.
+pub(super) fn take_warning() -> bool {
+    WARNED.with(|w| w.replace(false))
+}
+
 pub(super) fn connect(url: &str) -> Result<(Client, Session), postgres::Error> {
-    let mut client = Client::connect(url, NoTls)?;
+    let mut config: postgres::Config = url.parse()?;
+    config.notice_callback(|notice| {
+        if notice.parsed_severity() == Some(postgres::error::Severity::Warning) {
+            tracing::warn!(
+                message = notice.message(),
+                detail = notice.detail().unwrap_or(""),
+                "the database warned: the commit is answered once the standbys have it"
+            );
+            WARNED.with(|w| w.set(true));
+        } else {
+            tracing::info!(message = notice.message(), "a notice from the database");
+        }
+    });
+    let mut client = config.connect(NoTls)?;
     let row = client.query_one(
         "SELECT pg_backend_pid(), \
          (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint",

@@ -226,6 +226,7 @@ impl Group {
             return Err(StoreError::Unavailable);
         };
         let session = *session;
+        take_warning();
         let mut written = self.write(client, group);
         let mut tries = 1;
         // A transaction the database rolled back whole to break a deadlock or a serialization
@@ -247,7 +248,10 @@ impl Group {
             written = self.write(client, group);
         }
         match written {
-            Ok(true) => Ok(Outcome::Landed),
+            Ok(true) => {
+                super::settle_replication(client, &self.journal)?;
+                Ok(Outcome::Landed)
+            }
             Ok(false) => Ok(Outcome::Refused(why_fenced(
                 client,
                 &self.journal,

@@ -250,6 +250,7 @@ impl PgJournal {
                 return Err(StoreError::Unavailable);
             };
             let session = *session;
+            take_warning();
             let attempt = (|| -> Result<Option<String>, postgres::Error> {
                 let mut tx = client.transaction()?;
                 let held = tx.execute(
@@ -275,6 +276,10 @@ impl PgJournal {
                 Ok(None)
             })();
             match attempt {
+                Ok(None) => {
+                    settle_replication(client, &journal)?;
+                    Ok(None)
+                }
                 Ok(refused) => Ok(refused),
                 Err(e) => {
                     let broken = db
@@ -473,14 +478,35 @@ impl PgJournal {
 /// waits for nothing: the head row touched by the writer's epoch, the first way this was done,
 /// matched no row once the journal had been taken over, and a group whose answer was lost was
 /// answered while only the primary had it.
+///
+/// A commit whose wait for the standbys was cancelled passes with a warning (see
+/// [`take_warning`]): this is tried again until one passes without, so that it waits for the
+/// standbys however often an operator cancels it.
 pub(super) fn wait_for_standbys(client: &mut Client, journal: &str) -> Result<(), StoreError> {
-    client
-        .execute(
-            "INSERT INTO pcx_writes (journal, token) VALUES ($1, $2)",
-            &[&journal, &write_token().as_slice()],
-        )
-        .map(|_| ())
-        .map_err(db_err("waiting for the standbys after a lost answer"))
+    loop {
+        take_warning();
+        client
+            .execute(
+                "INSERT INTO pcx_writes (journal, token) VALUES ($1, $2)",
+                &[&journal, &write_token().as_slice()],
+            )
+            .map_err(db_err("waiting for the standbys"))?;
+        if !take_warning() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// After a commit that passed: if the database warned meanwhile (a cancelled wait for the
+/// synchronous standbys passes with a warning, committed on the primary alone), waits for
+/// the standbys before the commit is answered. Before, such a group was answered, and a
+/// failover then lost an answered write.
+pub(super) fn settle_replication(client: &mut Client, journal: &str) -> Result<(), StoreError> {
+    if take_warning() {
+        wait_for_standbys(client, journal)?;
+    }
+    Ok(())
 }
 
 /// A token no other write has: this process, the time and a counter, hashed.
