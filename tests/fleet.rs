@@ -51,6 +51,8 @@ struct Proxy {
     /// While set, a new connection waits before it is forwarded (a reconnect that takes a
     /// while to get through).
     hold: Arc<AtomicBool>,
+    /// While set, a new connection is closed at once (the server is down for a moment).
+    refuse: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -60,9 +62,14 @@ impl Proxy {
         let mode = Arc::new(AtomicU8::new(PASS));
         let marker: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
         let hold = Arc::new(AtomicBool::new(false));
-        let (m, k, h) = (mode.clone(), marker.clone(), hold.clone());
+        let refuse = Arc::new(AtomicBool::new(false));
+        let (m, k, h, r) = (mode.clone(), marker.clone(), hold.clone(), refuse.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
+                if r.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let held = Instant::now();
                 while h.load(Ordering::SeqCst) && held.elapsed() < Duration::from_secs(30) {
                     std::thread::sleep(Duration::from_millis(10));
@@ -88,6 +95,7 @@ impl Proxy {
             mode,
             marker,
             hold,
+            refuse,
         }
     }
 
@@ -392,6 +400,91 @@ fn a_commit_whose_wait_for_the_standbys_was_cancelled_is_answered_only_once_they
         outcome
     );
     outcome.expect("the group is answered ok once the standbys have it");
+    j.commit(&group(3, b"after"))
+        .expect("the journal goes on at the right head");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(records(&direct).len(), 3);
+}
+
+/// The first standby's replay (its startup process) stopped until this is dropped: it still
+/// receives and flushes WAL (so commits waiting for it pass), but shows none of it.
+struct ReplayPaused(i32);
+
+impl ReplayPaused {
+    fn on(standby: &str) -> ReplayPaused {
+        let mut sql = postgres::Client::connect(standby, postgres::NoTls).expect("the standby");
+        let pid: i32 = sql
+            .query_one(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'startup'",
+                &[],
+            )
+            .expect("the standby's startup process")
+            .get(0);
+        // SAFETY: kill only sends a signal.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "SIGSTOP {pid}"
+        );
+        ReplayPaused(pid)
+    }
+}
+
+impl Drop for ReplayPaused {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// Product bug: a URL of several hosts without `target_session_attrs=read-write` reconnects,
+/// after a commit's answer was lost, to whichever host answers first. A standby reached so was
+/// asked whether the group landed; having flushed but not yet applied its WAL, it showed the
+/// head as before the group, and a group stored on the primary was answered "did not land:
+/// nothing of it was stored" (a client retrying without a request id applied it twice).
+#[test]
+fn a_lost_answer_is_not_resolved_from_a_standby_that_has_not_applied_the_group() {
+    let proxy = Proxy::start(upstream());
+    let base = url();
+    let field = |name: &str, i: usize| {
+        base.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.split(',').nth(i).map(str::to_string))
+            .expect("the test cluster's URL names its hosts and ports")
+    };
+    let (standby_host, standby_port) = (field("host=", 1), field("port=", 1));
+    let rest: Vec<&str> = base
+        .split_whitespace()
+        .filter(|w| {
+            !w.starts_with("host=")
+                && !w.starts_with("port=")
+                && !w.starts_with("target_session_attrs=")
+        })
+        .collect();
+    // The careless operator's URL: the primary (through the proxy), then a standby, and no
+    // target_session_attrs.
+    let careless = format!(
+        "host=127.0.0.1,{standby_host} port={},{standby_port} {}",
+        proxy.port,
+        rest.join(" ")
+    );
+    let standby = format!("host={standby_host} port={standby_port} {}", rest.join(" "));
+    let name = fresh_name("resolved-on-a-standby");
+    let j = PgJournal::open(settings(careless, &name)).expect("opens through the proxy");
+    j.commit(&group(1, b"before")).expect("a group commits");
+    let replay = ReplayPaused::on(&standby);
+    proxy.arm(LOSE_ANSWER, b"answer lost");
+    proxy.refuse.store(true, Ordering::SeqCst);
+    let committing = std::thread::spawn(move || {
+        let outcome = j.commit(&group(2, b"answer lost"));
+        (j, outcome)
+    });
+    // The primary is back a little later.
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.refuse.store(false, Ordering::SeqCst);
+    let (j, outcome) = committing.join().expect("the commit's thread");
+    drop(replay);
+    outcome.expect("a group stored on the primary is answered ok");
     j.commit(&group(3, b"after"))
         .expect("the journal goes on at the right head");
     let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
