@@ -43,6 +43,16 @@ const LOSE_COMMIT: u8 = 1;
 /// The next group's commit is forwarded, its answer is not; both sockets close once the
 /// database has had time to commit (the group commits, the client never hears so).
 const LOSE_ANSWER: u8 = 2;
+/// The message carrying the marker is forwarded, and then nothing more in either direction on
+/// any of the proxy's connections until its `frozen` is cleared: the writer's process paused
+/// (SIGSTOP) between two statements of a transaction, its renewals stopped with it.
+const FREEZE: u8 = 3;
+
+fn wait_while_frozen(frozen: &AtomicBool) {
+    while frozen.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 struct Proxy {
     port: u16,
@@ -53,6 +63,8 @@ struct Proxy {
     hold: Arc<AtomicBool>,
     /// While set, a new connection is closed at once (the server is down for a moment).
     refuse: Arc<AtomicBool>,
+    /// Set by a [`FREEZE`]: every connection holds its bytes while it is set.
+    frozen: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -63,7 +75,9 @@ impl Proxy {
         let marker: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
         let hold = Arc::new(AtomicBool::new(false));
         let refuse = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let (m, k, h, r) = (mode.clone(), marker.clone(), hold.clone(), refuse.clone());
+        let f = frozen.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if r.load(Ordering::SeqCst) {
@@ -77,7 +91,7 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect((upstream.0.as_str(), upstream.1)) else {
                     continue;
                 };
-                let (m, k) = (m.clone(), k.clone());
+                let (m, k, f1, f2) = (m.clone(), k.clone(), f.clone(), f.clone());
                 let (c2, s2) = (
                     client.try_clone().expect("clone"),
                     server.try_clone().expect("clone"),
@@ -85,9 +99,9 @@ impl Proxy {
                 let cut = Arc::new(AtomicU8::new(0));
                 let cut2 = cut.clone();
                 // client -> server, watching for a group's commit
-                std::thread::spawn(move || pump_up(client, server, &m, &k, &cut));
+                std::thread::spawn(move || pump_up(client, server, &m, &k, &cut, &f1));
                 // server -> client, silenced once a commit's answer is to be lost
-                std::thread::spawn(move || pump_down(s2, c2, &cut2));
+                std::thread::spawn(move || pump_down(s2, c2, &cut2, &f2));
             }
         });
         Proxy {
@@ -96,6 +110,7 @@ impl Proxy {
             marker,
             hold,
             refuse,
+            frozen,
         }
     }
 
@@ -127,6 +142,7 @@ fn pump_up(
     mode: &AtomicU8,
     marker: &std::sync::Mutex<Vec<u8>>,
     cut: &AtomicU8,
+    frozen: &AtomicBool,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -144,7 +160,14 @@ fn pump_up(
         } else {
             PASS
         };
+        wait_while_frozen(frozen);
         match armed {
+            FREEZE => {
+                if to.write_all(chunk).is_err() {
+                    break;
+                }
+                frozen.store(true, Ordering::SeqCst);
+            }
             LOSE_COMMIT => break,
             LOSE_ANSWER => {
                 cut.store(1, Ordering::SeqCst);
@@ -164,13 +187,14 @@ fn pump_up(
     let _ = to.shutdown(Shutdown::Both);
 }
 
-fn pump_down(mut from: TcpStream, mut to: TcpStream, cut: &AtomicU8) {
+fn pump_down(mut from: TcpStream, mut to: TcpStream, cut: &AtomicU8, frozen: &AtomicBool) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        wait_while_frozen(frozen);
         if cut.load(Ordering::SeqCst) == 1 {
             continue;
         }
@@ -489,6 +513,67 @@ fn a_lost_answer_is_not_resolved_from_a_standby_that_has_not_applied_the_group()
         .expect("the journal goes on at the right head");
     let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
     assert_eq!(records(&direct).len(), 3);
+}
+
+/// Product bug: a holder paused (SIGSTOP, a frozen VM) between two statements of a
+/// transaction (a group with a snapshot or a shared cache change, a compaction) left its
+/// session idle in that transaction, holding the lock on the journal's head row: the standby's
+/// request for the lease waited on that lock, so no one took the journal over however long the
+/// lease had run out, until the paused process ran again or died.
+#[test]
+fn a_holder_paused_inside_a_transaction_does_not_keep_the_standby_from_taking_over() {
+    let proxy = Proxy::start(upstream());
+    let name = fresh_name("paused-in-a-transaction");
+    let lease = Duration::from_millis(1_500);
+    let a = PgJournal::open(PgSettings {
+        lease,
+        ..settings(proxy.url(), &name)
+    })
+    .expect("opens through the proxy");
+    a.commit(&group(1, b"before")).expect("a group commits");
+    proxy.arm(FREEZE, b"paused in its transaction");
+    let _paused = std::thread::spawn(move || {
+        // Its answer never comes while frozen; the thread is left behind if the test fails.
+        let outcome = a.commit(&Commit {
+            snapshot: Some((2, b"a snapshot".to_vec())),
+            ..group(2, b"paused in its transaction")
+        });
+        (a, outcome)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.frozen.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the group never reached the proxy"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name2 = name.clone();
+    std::thread::spawn(move || {
+        let b = PgJournal::open(PgSettings {
+            lease,
+            wait: Duration::from_secs(60),
+            ..settings(url(), &name2)
+        });
+        let _ = tx.send(b.map(|b| b.epoch()));
+    });
+    let took = rx.recv_timeout(lease * 2 + Duration::from_secs(5));
+    proxy.frozen.store(false, Ordering::SeqCst);
+    let epoch = took.unwrap_or_else(|_| {
+        panic!(
+            "the standby did not take the journal over within {:?} of the holder's pause",
+            started.elapsed()
+        )
+    });
+    assert!(epoch.expect("the standby opens").is_some());
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(
+        records(&direct),
+        vec![(1, b"before".to_vec())],
+        "the paused group's transaction was rolled back whole"
+    );
 }
 
 #[test]

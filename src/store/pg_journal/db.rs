@@ -96,6 +96,10 @@ pub(super) struct Db {
     /// The group statement, prepared once on the current connection (a statement prepared at
     /// every group cost a round trip of its own).
     pub(super) group: Option<postgres::Statement>,
+    /// SQL run on every new connection before it is used (a writer's session settings).
+    pub(super) setup: Option<String>,
+    /// Whether `setup` ran on the current connection.
+    pub(super) set_up: bool,
 }
 
 impl Db {
@@ -103,6 +107,7 @@ impl Db {
     pub(super) fn set_conn(&mut self, conn: Option<(Client, Session)>) {
         self.conn = conn;
         self.group = None;
+        self.set_up = false;
     }
 
     /// The connection, made again if it was lost.
@@ -111,7 +116,16 @@ impl Db {
             self.set_conn(Some(connect(&self.url).map_err(db_err("connecting"))?));
         }
         match self.conn.as_mut() {
-            Some((c, _)) => Ok(c),
+            Some((c, _)) => {
+                if !self.set_up {
+                    if let Some(setup) = &self.setup {
+                        c.batch_execute(setup)
+                            .map_err(db_err("setting up the session"))?;
+                    }
+                    self.set_up = true;
+                }
+                Ok(c)
+            }
             None => Err(StoreError::Unavailable),
         }
     }
@@ -136,6 +150,8 @@ impl DbThread {
                     url,
                     conn: None,
                     group: None,
+                    setup: None,
+                    set_up: false,
                 };
                 for job in rx {
                     job(&mut db);

@@ -84,6 +84,22 @@ impl PgJournal {
     /// the lease (waiting up to `settings.wait` for a live holder's to end).
     pub fn open(settings: PgSettings) -> Result<PgJournal, OpenError> {
         let db = Self::start(&settings)?;
+        // A writer paused (SIGSTOP, a frozen VM) between two statements of a transaction
+        // holds the lock on its head row: the next writer's request for the lease waits on
+        // that lock, and before this no one took the journal over until the paused process
+        // ran again or died. The database now ends such a transaction once it has been idle
+        // for the lease (the paused writer's lease has run out by then; its write did not
+        // land, and it learns so when it runs again).
+        let setup = format!(
+            "SET idle_in_transaction_session_timeout = {}",
+            settings.lease.as_millis().max(1)
+        );
+        db.run(move |db| {
+            db.setup = Some(setup);
+            db.set_up = false;
+            db.client().map(drop)
+        })
+        .map_err(open_err(&settings))?;
         let deadline = Instant::now() + settings.wait;
         let (Granted { epoch, head, made }, asked) = loop {
             let s = settings.clone();
