@@ -42,7 +42,10 @@ pub(super) type Grant = Result<Granted, (String, i64)>;
 /// records past the head), and an epoch no earlier head row of the journal had: the database
 /// clock's milliseconds, past every epoch granted before (each a millisecond or more later
 /// than the one before it), so that a holder whose row was deleted under it is fenced by the
-/// next holder instead of sharing its epoch.
+/// next holder instead of sharing its epoch. A takeover's epoch is past those milliseconds
+/// too, not only the epoch before it: a head row restored from a backup older than the live
+/// holder's takeover holds the epoch before that holder's, and "that plus one" gave the next
+/// holder the live holder's own epoch, so both wrote the journal.
 pub(super) fn acquire(client: &mut Client, s: &PgSettings) -> Result<Grant, postgres::Error> {
     let lease_ms = s.lease.as_millis() as f64;
     let granted = client.query_opt(
@@ -51,7 +54,8 @@ pub(super) fn acquire(client: &mut Client, s: &PgSettings) -> Result<Grant, post
                  (extract(epoch FROM clock_timestamp()) * 1000)::bigint, $2, $3, \
                  clock_timestamp() + $4::float8 * interval '1 millisecond') \
          ON CONFLICT (journal) DO UPDATE \
-           SET epoch = h.epoch + 1, holder = EXCLUDED.holder, address = EXCLUDED.address, \
+           SET epoch = greatest(h.epoch + 1, EXCLUDED.epoch), holder = EXCLUDED.holder, \
+               address = EXCLUDED.address, \
                lease_until = EXCLUDED.lease_until \
            WHERE h.lease_until < clock_timestamp() \
          RETURNING epoch, head, xmax::text = '0'",
