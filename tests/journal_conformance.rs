@@ -613,6 +613,51 @@ mod postgres {
         assert_ne!(b.epoch(), a.epoch(), "B's epoch is not A's");
     }
 
+    /// Regression (a journal no one could take over): a holder refused a write because the
+    /// journal's head was not where it left it (the database restored under it from a backup
+    /// taken during its own tenure, with the lease still running) knew it was fenced, but its
+    /// lease thread went on renewing the lease (its epoch still matched): while that process
+    /// ran, no standby could take the journal over. The renewals now stop once the lease is
+    /// known lost.
+    #[test]
+    fn a_holder_fenced_by_a_restored_head_stops_renewing_so_a_standby_takes_over() {
+        let name = fresh_name("restored-own-tenure");
+        let lease = 1_500;
+        let a = PgJournal::open(settings(&name, lease)).expect("A opens");
+        a.commit(&commit(&[(1, b"A 1")])).unwrap();
+        a.commit(&commit(&[(2, b"A 2")])).unwrap();
+        // Restored from a backup taken after A's first group: same epoch, live lease.
+        let (db, n) = (url(), name.clone());
+        std::thread::spawn(move || {
+            let mut c = ::postgres::Client::connect(&db, ::postgres::NoTls).expect("connect");
+            c.execute("UPDATE pcx_heads SET head = 1 WHERE journal = $1", &[&n])
+                .expect("restore the head row");
+            c.execute(
+                "DELETE FROM pcx_records WHERE journal = $1 AND seq > 1",
+                &[&n],
+            )
+            .expect("restore the records");
+        })
+        .join()
+        .expect("the admin thread");
+        match a.commit(&commit(&[(3, b"A 3")])) {
+            Err(StoreError::Fenced { .. }) => {}
+            other => panic!("A's head is not where it left it: fenced, got {other:?}"),
+        }
+        let started = std::time::Instant::now();
+        let b = PgJournal::open(PgSettings {
+            wait: Duration::from_millis(lease * 4),
+            ..settings(&name, lease)
+        });
+        assert!(
+            b.is_ok(),
+            "no standby took over from a fenced holder in {:?}: {:?}",
+            started.elapsed(),
+            b.err()
+        );
+        drop(a);
+    }
+
     #[test]
     fn a_writer_whose_lease_ran_out_cannot_write_even_before_anyone_takes_over() {
         let name = fresh_name("expired");

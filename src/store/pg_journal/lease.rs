@@ -120,6 +120,14 @@ impl Lease {
                     if stop2.load(Ordering::SeqCst) {
                         break;
                     }
+                    // A writer that knows it is fenced (a commit refused: another epoch, or
+                    // the head not where it left it, as after a restore under it) renews no
+                    // more: before, its epoch still matching, it went on renewing and no
+                    // standby could take the journal over while it ran.
+                    if lost2.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                        tracing::warn!(journal = %s2.journal, epoch, "the lease is lost: no more renewals, so that another writer can take the journal over");
+                        break;
+                    }
                     if client.as_ref().is_none_or(|c| c.is_closed()) {
                         match connect(&s2.url) {
                             Ok((c, _)) => client = Some(c),
