@@ -1717,3 +1717,78 @@ fn compaction_of_a_journal_in_postgres_is_one_transaction_that_verify_accepts() 
     let k1 = run(&["state", "--key", "k1"]);
     assert!(!k1["artifact"].is_null(), "{k1}");
 }
+
+/// Product bug: `pcx verify` read each page of records (and each snapshot and content) as the
+/// database was at that moment, so a compaction committed while it walked the log (deleting
+/// the events before its anchor) made a sound journal fail verify with "event log has a gap:
+/// expected event 4097, found 15000", which an operator would take for damage.
+#[test]
+fn verify_while_a_compaction_commits_reads_one_snapshot_and_finds_the_journal_sound() {
+    let name = fresh_name("verify-during-compaction");
+    let dir = tempfile::tempdir().expect("a dir");
+    let events = 6_000;
+    let lines: String = (0..events)
+        .map(|i| {
+            format!(
+                "{}\n",
+                record(&format!("k{}", i % 50), &format!("content {i}"))
+            )
+        })
+        .collect();
+    let on_journal = |args: &[&str]| {
+        let mut command = common::pcx(dir.path(), args);
+        command
+            .env("PCX_JOURNAL", "postgres")
+            .env("PCX_JOURNAL_URL", url())
+            .env("PCX_JOURNAL_NAME", &name)
+            .env("PCX_JOURNAL_WAIT_MS", "10000");
+        command
+    };
+    let mut batch = on_journal(&["batch"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("pcx batch starts");
+    batch
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write the requests");
+    assert!(batch.wait().expect("pcx batch ends").success());
+    let verify = on_journal(&["verify"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pcx verify starts");
+    // Once verify has walked part of the log, it stops (SIGSTOP) while a compaction commits.
+    std::thread::sleep(Duration::from_millis(1_500));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(verify.id() as i32, libc::SIGSTOP) };
+    let compacted = on_journal(&["compact", "--before", &(events - 100).to_string()])
+        .output()
+        .expect("pcx compact runs");
+    // SAFETY: as above.
+    unsafe { libc::kill(verify.id() as i32, libc::SIGCONT) };
+    let compacted: Value = serde_json::from_slice(&compacted.stdout).expect("compact answers");
+    assert_eq!(compacted["ok"], true, "{compacted}");
+    let out = verify.wait_with_output().expect("pcx verify ends");
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("verify answers JSON");
+    assert_eq!(
+        answer["ok"], true,
+        "a sound journal failed verify while a compaction committed: {answer}"
+    );
+    assert_eq!(
+        answer["events"], events,
+        "the log as it was when verify began: {answer}"
+    );
+    let after: Value = serde_json::from_slice(
+        &on_journal(&["verify"])
+            .output()
+            .expect("pcx verify runs")
+            .stdout,
+    )
+    .expect("verify answers JSON");
+    assert_eq!(after["ok"], true, "{after}");
+    assert_eq!(after["anchored_at"], events - 101, "{after}");
+}

@@ -100,6 +100,9 @@ pub(super) struct Db {
     pub(super) setup: Option<String>,
     /// Whether `setup` ran on the current connection.
     pub(super) set_up: bool,
+    /// Whether the reads on this connection are of one snapshot of the database (a reader
+    /// that asked for it): a connection made again would read another, so none is.
+    pub(super) pinned: bool,
 }
 
 impl Db {
@@ -113,6 +116,14 @@ impl Db {
     /// The connection, made again if it was lost.
     pub(super) fn client(&mut self) -> Result<&mut Client, StoreError> {
         if self.conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            if self.pinned {
+                return Err(StoreError::Database {
+                    op: "reading one snapshot of the journal",
+                    what: "the connection to the database broke, and another would read the \
+                           journal as it is now, not as it was: run the command again"
+                        .into(),
+                });
+            }
             self.set_conn(Some(connect(&self.url).map_err(db_err("connecting"))?));
         }
         match self.conn.as_mut() {
@@ -152,6 +163,7 @@ impl DbThread {
                     group: None,
                     setup: None,
                     set_up: false,
+                    pinned: false,
                 };
                 for job in rx {
                     job(&mut db);
