@@ -43,6 +43,16 @@ const LOSE_COMMIT: u8 = 1;
 /// The next group's commit is forwarded, its answer is not; both sockets close once the
 /// database has had time to commit (the group commits, the client never hears so).
 const LOSE_ANSWER: u8 = 2;
+/// The message carrying the marker is forwarded, and then nothing more in either direction on
+/// any of the proxy's connections until its `frozen` is cleared: the writer's process paused
+/// (SIGSTOP) between two statements of a transaction, its renewals stopped with it.
+const FREEZE: u8 = 3;
+
+fn wait_while_frozen(frozen: &AtomicBool) {
+    while frozen.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 struct Proxy {
     port: u16,
@@ -51,6 +61,10 @@ struct Proxy {
     /// While set, a new connection waits before it is forwarded (a reconnect that takes a
     /// while to get through).
     hold: Arc<AtomicBool>,
+    /// While set, a new connection is closed at once (the server is down for a moment).
+    refuse: Arc<AtomicBool>,
+    /// Set by a [`FREEZE`]: every connection holds its bytes while it is set.
+    frozen: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -60,9 +74,16 @@ impl Proxy {
         let mode = Arc::new(AtomicU8::new(PASS));
         let marker: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
         let hold = Arc::new(AtomicBool::new(false));
-        let (m, k, h) = (mode.clone(), marker.clone(), hold.clone());
+        let refuse = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (m, k, h, r) = (mode.clone(), marker.clone(), hold.clone(), refuse.clone());
+        let f = frozen.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
+                if r.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let held = Instant::now();
                 while h.load(Ordering::SeqCst) && held.elapsed() < Duration::from_secs(30) {
                     std::thread::sleep(Duration::from_millis(10));
@@ -70,7 +91,7 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect((upstream.0.as_str(), upstream.1)) else {
                     continue;
                 };
-                let (m, k) = (m.clone(), k.clone());
+                let (m, k, f1, f2) = (m.clone(), k.clone(), f.clone(), f.clone());
                 let (c2, s2) = (
                     client.try_clone().expect("clone"),
                     server.try_clone().expect("clone"),
@@ -78,9 +99,9 @@ impl Proxy {
                 let cut = Arc::new(AtomicU8::new(0));
                 let cut2 = cut.clone();
                 // client -> server, watching for a group's commit
-                std::thread::spawn(move || pump_up(client, server, &m, &k, &cut));
+                std::thread::spawn(move || pump_up(client, server, &m, &k, &cut, &f1));
                 // server -> client, silenced once a commit's answer is to be lost
-                std::thread::spawn(move || pump_down(s2, c2, &cut2));
+                std::thread::spawn(move || pump_down(s2, c2, &cut2, &f2));
             }
         });
         Proxy {
@@ -88,6 +109,8 @@ impl Proxy {
             mode,
             marker,
             hold,
+            refuse,
+            frozen,
         }
     }
 
@@ -119,6 +142,7 @@ fn pump_up(
     mode: &AtomicU8,
     marker: &std::sync::Mutex<Vec<u8>>,
     cut: &AtomicU8,
+    frozen: &AtomicBool,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -136,7 +160,14 @@ fn pump_up(
         } else {
             PASS
         };
+        wait_while_frozen(frozen);
         match armed {
+            FREEZE => {
+                if to.write_all(chunk).is_err() {
+                    break;
+                }
+                frozen.store(true, Ordering::SeqCst);
+            }
             LOSE_COMMIT => break,
             LOSE_ANSWER => {
                 cut.store(1, Ordering::SeqCst);
@@ -156,13 +187,14 @@ fn pump_up(
     let _ = to.shutdown(Shutdown::Both);
 }
 
-fn pump_down(mut from: TcpStream, mut to: TcpStream, cut: &AtomicU8) {
+fn pump_down(mut from: TcpStream, mut to: TcpStream, cut: &AtomicU8, frozen: &AtomicBool) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        wait_while_frozen(frozen);
         if cut.load(Ordering::SeqCst) == 1 {
             continue;
         }
@@ -354,6 +386,194 @@ fn a_commit_whose_answer_was_lost_during_a_takeover_is_answered_only_once_the_st
         "the group was answered while no standby could have received it"
     );
     outcome.expect("a group that landed is answered ok once the standbys have it");
+}
+
+/// Product bug: PostgreSQL ends a commit's wait for its synchronous standbys when an operator
+/// cancels the statement (`pg_cancel_backend`, on commits that seemed stuck while standbys
+/// were away), with only a WARNING ("the transaction has already committed locally, but might
+/// not have been replicated to the standby") and a success: the group was answered while the
+/// primary alone had it, and a failover then lost an answered write.
+#[test]
+fn a_commit_whose_wait_for_the_standbys_was_cancelled_is_answered_only_once_they_have_it() {
+    let name = fresh_name("cancelled-sync-wait");
+    let j = PgJournal::open(settings(url(), &name)).expect("opens");
+    j.commit(&group(1, b"before")).expect("a group commits");
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).expect("connect");
+    let paused = ReplicationPaused::now(&mut sql);
+    let committing = std::thread::spawn(move || {
+        let outcome = j.commit(&group(2, b"while no standby could have it"));
+        (j, outcome)
+    });
+    // The careless operator: every commit waiting for a standby is cancelled, again and again.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        sql.execute(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+             WHERE wait_event = 'SyncRep' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .expect("cancel the waiting commits");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answered_early = committing.is_finished();
+    drop(paused);
+    let (j, outcome) = committing.join().expect("the commit's thread");
+    assert!(
+        !answered_early,
+        "the group was answered while no standby could have received it: {:?}",
+        outcome
+    );
+    outcome.expect("the group is answered ok once the standbys have it");
+    j.commit(&group(3, b"after"))
+        .expect("the journal goes on at the right head");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(records(&direct).len(), 3);
+}
+
+/// The first standby's replay (its startup process) stopped until this is dropped: it still
+/// receives and flushes WAL (so commits waiting for it pass), but shows none of it.
+struct ReplayPaused(i32);
+
+impl ReplayPaused {
+    fn on(standby: &str) -> ReplayPaused {
+        let mut sql = postgres::Client::connect(standby, postgres::NoTls).expect("the standby");
+        let pid: i32 = sql
+            .query_one(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'startup'",
+                &[],
+            )
+            .expect("the standby's startup process")
+            .get(0);
+        // SAFETY: kill only sends a signal.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "SIGSTOP {pid}"
+        );
+        ReplayPaused(pid)
+    }
+}
+
+impl Drop for ReplayPaused {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// Product bug: a URL of several hosts without `target_session_attrs=read-write` reconnects,
+/// after a commit's answer was lost, to whichever host answers first. A standby reached so was
+/// asked whether the group landed; having flushed but not yet applied its WAL, it showed the
+/// head as before the group, and a group stored on the primary was answered "did not land:
+/// nothing of it was stored" (a client retrying without a request id applied it twice).
+#[test]
+fn a_lost_answer_is_not_resolved_from_a_standby_that_has_not_applied_the_group() {
+    let proxy = Proxy::start(upstream());
+    let base = url();
+    let field = |name: &str, i: usize| {
+        base.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.split(',').nth(i).map(str::to_string))
+            .expect("the test cluster's URL names its hosts and ports")
+    };
+    let (standby_host, standby_port) = (field("host=", 1), field("port=", 1));
+    let rest: Vec<&str> = base
+        .split_whitespace()
+        .filter(|w| {
+            !w.starts_with("host=")
+                && !w.starts_with("port=")
+                && !w.starts_with("target_session_attrs=")
+        })
+        .collect();
+    // The careless operator's URL: the primary (through the proxy), then a standby, and no
+    // target_session_attrs.
+    let careless = format!(
+        "host=127.0.0.1,{standby_host} port={},{standby_port} {}",
+        proxy.port,
+        rest.join(" ")
+    );
+    let standby = format!("host={standby_host} port={standby_port} {}", rest.join(" "));
+    let name = fresh_name("resolved-on-a-standby");
+    let j = PgJournal::open(settings(careless, &name)).expect("opens through the proxy");
+    j.commit(&group(1, b"before")).expect("a group commits");
+    let replay = ReplayPaused::on(&standby);
+    proxy.arm(LOSE_ANSWER, b"answer lost");
+    proxy.refuse.store(true, Ordering::SeqCst);
+    let committing = std::thread::spawn(move || {
+        let outcome = j.commit(&group(2, b"answer lost"));
+        (j, outcome)
+    });
+    // The primary is back a little later.
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.refuse.store(false, Ordering::SeqCst);
+    let (j, outcome) = committing.join().expect("the commit's thread");
+    drop(replay);
+    outcome.expect("a group stored on the primary is answered ok");
+    j.commit(&group(3, b"after"))
+        .expect("the journal goes on at the right head");
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(records(&direct).len(), 3);
+}
+
+/// Product bug: a holder paused (SIGSTOP, a frozen VM) between two statements of a
+/// transaction (a group with a snapshot or a shared cache change, a compaction) left its
+/// session idle in that transaction, holding the lock on the journal's head row: the standby's
+/// request for the lease waited on that lock, so no one took the journal over however long the
+/// lease had run out, until the paused process ran again or died.
+#[test]
+fn a_holder_paused_inside_a_transaction_does_not_keep_the_standby_from_taking_over() {
+    let proxy = Proxy::start(upstream());
+    let name = fresh_name("paused-in-a-transaction");
+    let lease = Duration::from_millis(1_500);
+    let a = PgJournal::open(PgSettings {
+        lease,
+        ..settings(proxy.url(), &name)
+    })
+    .expect("opens through the proxy");
+    a.commit(&group(1, b"before")).expect("a group commits");
+    proxy.arm(FREEZE, b"paused in its transaction");
+    let _paused = std::thread::spawn(move || {
+        // Its answer never comes while frozen; the thread is left behind if the test fails.
+        let outcome = a.commit(&Commit {
+            snapshot: Some((2, b"a snapshot".to_vec())),
+            ..group(2, b"paused in its transaction")
+        });
+        (a, outcome)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.frozen.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the group never reached the proxy"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name2 = name.clone();
+    std::thread::spawn(move || {
+        let b = PgJournal::open(PgSettings {
+            lease,
+            wait: Duration::from_secs(60),
+            ..settings(url(), &name2)
+        });
+        let _ = tx.send(b.map(|b| b.epoch()));
+    });
+    let took = rx.recv_timeout(lease * 2 + Duration::from_secs(5));
+    proxy.frozen.store(false, Ordering::SeqCst);
+    let epoch = took.unwrap_or_else(|_| {
+        panic!(
+            "the standby did not take the journal over within {:?} of the holder's pause",
+            started.elapsed()
+        )
+    });
+    assert!(epoch.expect("the standby opens").is_some());
+    let direct = PgJournal::open_reader(settings(url(), &name)).expect("a reader");
+    assert_eq!(
+        records(&direct),
+        vec![(1, b"before".to_vec())],
+        "the paused group's transaction was rolled back whole"
+    );
 }
 
 #[test]
@@ -1276,6 +1496,37 @@ fn a_holder_paused_past_its_lease_is_fenced_when_it_runs_again_and_its_late_writ
     assert_eq!(answer["events"], 2, "{answer}");
 }
 
+#[test]
+fn a_holder_paused_past_its_lease_does_not_answer_reads_from_its_stale_state_when_it_runs_again() {
+    let name = fresh_name("stale-read");
+    let dir_a = tempfile::tempdir().expect("a dir");
+    let dir_b = tempfile::tempdir().expect("a dir");
+    let mut a = Batch::start(dir_a.path(), &name, 1_500, 0);
+    let first = a.ask(record("k", "old, written by A"));
+    assert_eq!(first["ok"], true, "{first}");
+    a.signal(libc::SIGSTOP);
+    // B takes over once A's lease has run out and replaces k.
+    let mut b = Batch::start(dir_b.path(), &name, 1_500, 30_000);
+    let taken = b.ask(json!({"op": "take_artifact", "key": "k"}));
+    assert_eq!(taken["ok"], true, "{taken}");
+    let again = b.ask(record("k", "new, written by B"));
+    assert_eq!(again["ok"], true, "{again}");
+    a.signal(libc::SIGCONT);
+    // At once, before A's lease thread has run: A's state is stale, and A must not serve it.
+    for _ in 0..3 {
+        let read = a.ask(json!({"op": "serialize_artifact_by_key", "key": "k"}));
+        assert_eq!(
+            read["ok"], false,
+            "a holder whose lease ran out answered a read from its stale state: {read}"
+        );
+        let message = read["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("fenced"), "the error says why: {read}");
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let fresh = b.ask(json!({"op": "serialize_artifact_by_key", "key": "k"}));
+    assert_eq!(fresh["ok"], true, "{fresh}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // clients follow the holder
 
@@ -1370,6 +1621,63 @@ fn pcx_client_finds_the_journals_holder_in_the_database_and_follows_a_takeover()
     );
 }
 
+/// `pcx client` following the journal's holder, with its whole output.
+fn client_following_output(name: &str, request: &Value) -> std::process::Output {
+    let elsewhere = tempfile::tempdir().expect("a dir");
+    let mut child = common::pcx(elsewhere.path(), &["client"])
+        .env("PCX_JOURNAL", "postgres")
+        .env("PCX_JOURNAL_URL", url())
+        .env("PCX_JOURNAL_NAME", name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pcx client starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{request}").expect("write");
+    drop(stdin);
+    child.wait_with_output().expect("pcx client ends")
+}
+
+#[test]
+fn pcx_client_does_not_write_into_another_journals_server_found_at_its_holders_old_address() {
+    let (alpha, beta) = (fresh_name("alpha"), fresh_name("beta"));
+    let (dir_a, elsewhere) = (
+        tempfile::tempdir().expect("a dir"),
+        tempfile::tempdir().expect("a dir"),
+    );
+    let (a, socket_a) = Serve::start(dir_a.path(), &alpha, 0);
+    Serve::wait_listening(&socket_a);
+    let first = client_following(&alpha, &record("k1", "into alpha"));
+    assert_eq!(first["ok"], true, "{first}");
+    // alpha's holder dies; a server of another journal now listens at the same address (the
+    // same path on this machine, as on every machine of a fleet with the same layout).
+    drop(a);
+    let (_b, socket_b) = Serve::start(dir_a.path(), &beta, 0);
+    assert_eq!(socket_a, socket_b);
+    Serve::wait_listening(&socket_b);
+    let out = client_following_output(&alpha, &record("k2", "meant for alpha"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "pcx client for {alpha} wrote through {beta}'s server: {} {stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(&beta) && stderr.contains(&alpha),
+        "the refusal names both journals: {stderr}"
+    );
+    // Nothing meant for alpha went into beta.
+    let state = common::pcx(elsewhere.path(), &["log"])
+        .env("PCX_JOURNAL", "postgres")
+        .env("PCX_JOURNAL_URL", url())
+        .env("PCX_JOURNAL_NAME", &beta)
+        .output()
+        .expect("pcx log runs");
+    let log = String::from_utf8_lossy(&state.stdout);
+    assert!(!log.contains("k2"), "beta's log holds alpha's write: {log}");
+}
+
 #[test]
 fn compaction_of_a_journal_in_postgres_is_one_transaction_that_verify_accepts() {
     let name = fresh_name("compact");
@@ -1408,4 +1716,79 @@ fn compaction_of_a_journal_in_postgres_is_one_transaction_that_verify_accepts() 
     // The state before the anchor is the anchor's: k1 still reads.
     let k1 = run(&["state", "--key", "k1"]);
     assert!(!k1["artifact"].is_null(), "{k1}");
+}
+
+/// Product bug: `pcx verify` read each page of records (and each snapshot and content) as the
+/// database was at that moment, so a compaction committed while it walked the log (deleting
+/// the events before its anchor) made a sound journal fail verify with "event log has a gap:
+/// expected event 4097, found 15000", which an operator would take for damage.
+#[test]
+fn verify_while_a_compaction_commits_reads_one_snapshot_and_finds_the_journal_sound() {
+    let name = fresh_name("verify-during-compaction");
+    let dir = tempfile::tempdir().expect("a dir");
+    let events = 6_000;
+    let lines: String = (0..events)
+        .map(|i| {
+            format!(
+                "{}\n",
+                record(&format!("k{}", i % 50), &format!("content {i}"))
+            )
+        })
+        .collect();
+    let on_journal = |args: &[&str]| {
+        let mut command = common::pcx(dir.path(), args);
+        command
+            .env("PCX_JOURNAL", "postgres")
+            .env("PCX_JOURNAL_URL", url())
+            .env("PCX_JOURNAL_NAME", &name)
+            .env("PCX_JOURNAL_WAIT_MS", "10000");
+        command
+    };
+    let mut batch = on_journal(&["batch"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("pcx batch starts");
+    batch
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write the requests");
+    assert!(batch.wait().expect("pcx batch ends").success());
+    let verify = on_journal(&["verify"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pcx verify starts");
+    // Once verify has walked part of the log, it stops (SIGSTOP) while a compaction commits.
+    std::thread::sleep(Duration::from_millis(1_500));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(verify.id() as i32, libc::SIGSTOP) };
+    let compacted = on_journal(&["compact", "--before", &(events - 100).to_string()])
+        .output()
+        .expect("pcx compact runs");
+    // SAFETY: as above.
+    unsafe { libc::kill(verify.id() as i32, libc::SIGCONT) };
+    let compacted: Value = serde_json::from_slice(&compacted.stdout).expect("compact answers");
+    assert_eq!(compacted["ok"], true, "{compacted}");
+    let out = verify.wait_with_output().expect("pcx verify ends");
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("verify answers JSON");
+    assert_eq!(
+        answer["ok"], true,
+        "a sound journal failed verify while a compaction committed: {answer}"
+    );
+    assert_eq!(
+        answer["events"], events,
+        "the log as it was when verify began: {answer}"
+    );
+    let after: Value = serde_json::from_slice(
+        &on_journal(&["verify"])
+            .output()
+            .expect("pcx verify runs")
+            .stdout,
+    )
+    .expect("verify answers JSON");
+    assert_eq!(after["ok"], true, "{after}");
+    assert_eq!(after["anchored_at"], events - 101, "{after}");
 }

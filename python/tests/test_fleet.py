@@ -91,3 +91,41 @@ def test_follow_reaches_the_holder_and_then_the_one_that_took_over(
         if a.poll() is None:
             a.kill()
             a.wait()
+
+
+def test_follow_does_not_reach_another_journals_server_found_at_the_holders_old_address(
+    journal: str, tmp_path: Path
+) -> None:
+    a, socket_a = serve(tmp_path / "a", journal)
+    try:
+        wait_listening(socket_a)
+        with pcx.Client.follow() as client:
+            client.request("record_artifact", key="k", content_b64=b"v1")
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=30)
+        # Another journal's server now listens where the dead holder did.
+        other = f"py-other-{uuid.uuid4().hex}"
+        b, socket_b = serve(tmp_path / "a", other)
+        try:
+            assert socket_b == socket_a
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    pcx.Client.connect(str(socket_b), timeout=5).close()
+                    break
+                except OSError:  # the dead holder's socket file is there until replaced
+                    assert time.monotonic() < deadline, "the other server did not listen"
+                    time.sleep(0.05)
+            with pytest.raises(pcx.TransportError) as refused:
+                with pcx.Client.follow() as client:
+                    client.request("record_artifact", key="k2", content_b64=b"meant for a")
+            assert journal in str(refused.value) and other in str(refused.value)
+            with pcx.Client.connect(str(socket_b)) as client:
+                assert client.serialize_artifact_by_key("k2") is None
+        finally:
+            b.send_signal(signal.SIGTERM)
+            b.wait(timeout=30)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()

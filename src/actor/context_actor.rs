@@ -222,6 +222,9 @@ impl ContextActor {
             Err(ContextError::Closed)
         } else if let Err(e) = self.heal() {
             Err(e)
+        } else if let Err(e) = self.journal.check_held() {
+            // A fleet's holder whose lease may have run out: its state may be stale.
+            Err(ContextError::from(e))
         } else {
             catch_unwind(AssertUnwindSafe(|| decide(self))).unwrap_or_else(|panic| {
                 let message = crate::actor::error::panic_message(&panic);

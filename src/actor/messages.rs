@@ -54,7 +54,7 @@ pub struct LoadCounters {
 }
 
 /// What the context has done since it started, for `stats`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
     pub events_appended: u64,
     /// Group commits made durable (one flush + sync each).
@@ -71,6 +71,13 @@ pub struct Stats {
     pub queue_depth: u64,
     /// The last event's sequence number.
     pub head_seq: u64,
+    /// The journal this process holds in a fleet's database (PostgreSQL), and the epoch of its
+    /// lease: `pcx client`, following a journal's holder, checks that the server at the
+    /// address it found is that holder and not another journal's server (none otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
 }
 
 /// An edit's function: old content → new content, or a message saying why not.

@@ -57,6 +57,9 @@ impl ContextActor {
         let (tx, rx) = oneshot::channel();
         if self.closed {
             let _ = tx.send(Err(ContextError::Closed));
+        } else if let Err(e) = self.journal.check_held() {
+            // A fleet's holder whose lease may have run out: its head may be stale.
+            let _ = tx.send(Err(ContextError::from(e)));
         } else {
             let journal = self.journal.clone();
             // Answer as of this point in the stream: later writes may be durable by the time
@@ -105,7 +108,9 @@ impl Handler<GetStats> for ContextActor {
             plugin_failures: failures,
             queue_depth: self.committer.as_ref().map_or(0, Committer::queued_events),
             head_seq: self.head.seq,
-            ..self.stats
+            journal: self.journal.cluster_name().map(str::to_string),
+            epoch: self.journal.lease_epoch(),
+            ..self.stats.clone()
         };
         // Answered at once: stats describe the moment, not a durable change.
         Box::pin(std::future::ready(Ok(Ack {

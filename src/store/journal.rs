@@ -233,6 +233,17 @@ pub trait Journal: Send + Sync + 'static {
     fn committed_end(&self) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
+    /// Whether this process may still answer from what it holds in memory: always for a
+    /// journal of its own. A journal a fleet shares says no once its writer's lease is lost
+    /// or may have run out (a paused or cut-off holder), since another process may have
+    /// written the journal meanwhile and the state here may be stale.
+    fn check_held(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The epoch of this writer's lease on a journal a fleet shares (None otherwise).
+    fn lease_epoch(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// What a closed context holds in place of its journal: every operation says it is closed.
@@ -423,6 +434,12 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn cluster_name(&self) -> Option<&str> {
         self.inner.cluster_name()
     }
+    fn check_held(&self) -> Result<(), StoreError> {
+        self.inner.check_held()
+    }
+    fn lease_epoch(&self) -> Option<i64> {
+        self.inner.lease_epoch()
+    }
 }
 
 impl<J: Journal> Journal for std::sync::Arc<J> {
@@ -477,5 +494,11 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn committed_end(&self) -> Result<Option<u64>, StoreError> {
         (**self).committed_end()
+    }
+    fn check_held(&self) -> Result<(), StoreError> {
+        (**self).check_held()
+    }
+    fn lease_epoch(&self) -> Option<i64> {
+        (**self).lease_epoch()
     }
 }

@@ -189,10 +189,11 @@ class Client:
         )
         if done.returncode != 0:
             raise TransportError(f"pcx holder failed: {done.stderr.strip()}")
-        address: str = json.loads(done.stdout)["address"]
+        found = json.loads(done.stdout)
+        address: str = found["address"]
         if "/" not in address and ":" in address:
             host, port = address.rsplit(":", 1)
-            return cls.tcp(
+            client = cls.tcp(
                 host,
                 int(port),
                 token if token is not None else os.environ.get("PCX_TCP_TOKEN", ""),
@@ -200,7 +201,29 @@ class Client:
                 context=context,
                 namespace=namespace,
             )
-        return cls.connect(address, timeout=timeout, context=context, namespace=namespace)
+        else:
+            client = cls.connect(address, timeout=timeout, context=context, namespace=namespace)
+        # The address is a socket path or a loopback port: on another machine, or after the
+        # holder died and another server took its path or port, it is some other journal's
+        # server. Nothing is sent before the server says it holds this journal at this epoch.
+        try:
+            stats = client.stats()
+        except BaseException:
+            client.close()
+            raise
+        if stats.get("journal") != found["journal"] or stats.get("epoch") != found["epoch"]:
+            client.close()
+            serves = (
+                f"journal {stats['journal']} at epoch {stats.get('epoch')}"
+                if stats.get("journal") is not None
+                else "no journal in the database (a data directory of its own)"
+            )
+            raise TransportError(
+                f"the server at {address} serves {serves}, not journal {found['journal']} as "
+                f"its holder {found['holder']} at epoch {found['epoch']}: that holder is gone "
+                "or the address is another machine's or another server's; nothing was sent"
+            )
+        return client
 
     def scoped(self, *, context: Optional[str], namespace: Optional[str]) -> "Client":
         """A client on this same connection (requests still go one at a time, and a failure

@@ -310,6 +310,11 @@ fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
             bar.finish_and_clear();
             return Ok(compaction_answer(report));
         }
+        // One snapshot for the whole command: a compaction (or a writer) committing
+        // meanwhile must not make the journal read as damaged.
+        if let Err(e) = reader.read_one_snapshot() {
+            return Ok(answer_error("open_failed", &error_text(&e.into())));
+        }
         read_command(command, &reader, config)
     }
     #[cfg(not(feature = "postgres"))]

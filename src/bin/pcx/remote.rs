@@ -126,8 +126,13 @@ pub(crate) fn client(
     token_file: Option<PathBuf>,
     token: Option<String>,
 ) -> Result<ExitCode> {
+    let mut following = None;
     let (socket, tcp) = match (socket, tcp) {
-        (None, None) if config.journal == pcx::config::JournalBackend::Postgres => holder(config)?,
+        (None, None) if config.journal == pcx::config::JournalBackend::Postgres => {
+            let (socket, tcp, found) = holder(config)?;
+            following = Some(found);
+            (socket, tcp)
+        }
         given => given,
     };
     let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
@@ -152,13 +157,19 @@ pub(crate) fn client(
             if hello["ok"] != true {
                 anyhow::bail!("the server refused the token: {hello}");
             }
+            if let Some(found) = &following {
+                check_holder(&mut stream, config, found)?;
+            }
             pcx::interface::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
         }
         None => {
             let path = socket.unwrap_or_else(|| config.socket());
-            let stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+            let mut stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
                 format!("connecting to {} (is `pcx serve` running?)", path.display())
             })?;
+            if let Some(found) = &following {
+                check_holder(&mut stream, config, found)?;
+            }
             pcx::interface::client::run(stream, stdin, &mut stdout, limit, in_flight)?;
         }
     }
@@ -188,16 +199,51 @@ fn lookup_holder(config: &Config) -> Result<(String, String, i64)> {
     }
 }
 
-/// Where `pcx client` connects for a journal in PostgreSQL: its holder's address.
-fn holder(config: &Config) -> Result<(Option<PathBuf>, Option<String>)> {
+/// Where `pcx client` connects for a journal in PostgreSQL: its holder's address, and the
+/// holder as the database names it (`(holder, address, epoch)`), to be checked once connected.
+#[allow(clippy::type_complexity)]
+fn holder(config: &Config) -> Result<(Option<PathBuf>, Option<String>, (String, String, i64))> {
     let (holder, address, epoch) = lookup_holder(config)?;
     tracing::info!(%holder, %address, epoch, "following the journal's holder");
     let is_tcp = !address.contains('/') && address.contains(':');
+    let found = (holder, address.clone(), epoch);
     Ok(if is_tcp {
-        (None, Some(address))
+        (None, Some(address), found)
     } else {
-        (Some(PathBuf::from(address)), None)
+        (Some(PathBuf::from(address)), None, found)
     })
+}
+
+/// Before a followed holder is sent any request: the server reached at the address the
+/// database gave must say it holds this journal at the epoch the database names. An address
+/// is a loopback TCP port or a socket path, which on another machine (or after the holder
+/// died and something else took its port or path) is some other server: before, `pcx client`
+/// sent its requests to whatever listened there, and a change meant for one journal was
+/// written into another journal's log and answered ok.
+fn check_holder(
+    stream: &mut (impl std::io::Read + std::io::Write),
+    config: &Config,
+    (holder, address, epoch): &(String, String, i64),
+) -> Result<()> {
+    let answer = pcx::interface::client::exchange(stream, &json!({"op": "stats"}))
+        .with_context(|| format!("asking the server at {address} which journal it holds"))?;
+    let stats = &answer["stats"];
+    let (journal, served_epoch) = (stats["journal"].as_str(), stats["epoch"].as_i64());
+    if journal == Some(config.journal_name.as_str()) && served_epoch == Some(*epoch) {
+        return Ok(());
+    }
+    let serves = match (journal, served_epoch) {
+        (Some(j), Some(e)) => format!("journal {j} at epoch {e}"),
+        (Some(j), None) => format!("journal {j}"),
+        _ => "no journal in the database (a data directory of its own)".to_string(),
+    };
+    anyhow::bail!(
+        "the server at {address} serves {serves}, not journal {} as its holder {holder} at \
+         epoch {epoch}: that holder is gone or the address is another machine's or another \
+         server's (a socket path or loopback port means this machine); nothing was sent. \
+         Run pcx client on the holder's machine, or wait for a standby to take the journal over",
+        config.journal_name
+    )
 }
 
 /// `pcx holder`: the configured journal's holder as one JSON line.

@@ -2,6 +2,7 @@
 //! its own Tokio runtime, which cannot run inside the actor's), connecting, the schema, and
 //! the settings and errors every part shares.
 
+use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -95,6 +96,13 @@ pub(super) struct Db {
     /// The group statement, prepared once on the current connection (a statement prepared at
     /// every group cost a round trip of its own).
     pub(super) group: Option<postgres::Statement>,
+    /// SQL run on every new connection before it is used (a writer's session settings).
+    pub(super) setup: Option<String>,
+    /// Whether `setup` ran on the current connection.
+    pub(super) set_up: bool,
+    /// Whether the reads on this connection are of one snapshot of the database (a reader
+    /// that asked for it): a connection made again would read another, so none is.
+    pub(super) pinned: bool,
 }
 
 impl Db {
@@ -102,15 +110,33 @@ impl Db {
     pub(super) fn set_conn(&mut self, conn: Option<(Client, Session)>) {
         self.conn = conn;
         self.group = None;
+        self.set_up = false;
     }
 
     /// The connection, made again if it was lost.
     pub(super) fn client(&mut self) -> Result<&mut Client, StoreError> {
         if self.conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            if self.pinned {
+                return Err(StoreError::Database {
+                    op: "reading one snapshot of the journal",
+                    what: "the connection to the database broke, and another would read the \
+                           journal as it is now, not as it was: run the command again"
+                        .into(),
+                });
+            }
             self.set_conn(Some(connect(&self.url).map_err(db_err("connecting"))?));
         }
         match self.conn.as_mut() {
-            Some((c, _)) => Ok(c),
+            Some((c, _)) => {
+                if !self.set_up {
+                    if let Some(setup) = &self.setup {
+                        c.batch_execute(setup)
+                            .map_err(db_err("setting up the session"))?;
+                    }
+                    self.set_up = true;
+                }
+                Ok(c)
+            }
             None => Err(StoreError::Unavailable),
         }
     }
@@ -135,6 +161,9 @@ impl DbThread {
                     url,
                     conn: None,
                     group: None,
+                    setup: None,
+                    set_up: false,
+                    pinned: false,
                 };
                 for job in rx {
                     job(&mut db);
@@ -219,8 +248,37 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+thread_local! {
+    /// Set when the database sent a WARNING on a connection this thread drives (the `postgres`
+    /// client runs its connection, and so its notice callback, on the thread that waits for
+    /// the statement). PostgreSQL answers a commit whose wait for its synchronous standbys was
+    /// cancelled (`pg_cancel_backend`, an operator clearing commits that seemed stuck) with a
+    /// WARNING ("canceling wait for synchronous replication …: the transaction has already
+    /// committed locally, but might not have been replicated to the standby") and a success.
+    static WARNED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the database warned on this thread's connections since the last call (see
+/// [`WARNED`]): a commit that passed with a warning may rest on the primary's WAL alone.
+pub(super) fn take_warning() -> bool {
+    WARNED.with(|w| w.replace(false))
+}
+
 pub(super) fn connect(url: &str) -> Result<(Client, Session), postgres::Error> {
-    let mut client = Client::connect(url, NoTls)?;
+    let mut config: postgres::Config = url.parse()?;
+    config.notice_callback(|notice| {
+        if notice.parsed_severity() == Some(postgres::error::Severity::Warning) {
+            tracing::warn!(
+                message = notice.message(),
+                detail = notice.detail().unwrap_or(""),
+                "the database warned: the commit is answered once the standbys have it"
+            );
+            WARNED.with(|w| w.set(true));
+        } else {
+            tracing::info!(message = notice.message(), "a notice from the database");
+        }
+    });
+    let mut client = config.connect(NoTls)?;
     let row = client.query_one(
         "SELECT pg_backend_pid(), \
          (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint",

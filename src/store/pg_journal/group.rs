@@ -226,6 +226,7 @@ impl Group {
             return Err(StoreError::Unavailable);
         };
         let session = *session;
+        take_warning();
         let mut written = self.write(client, group);
         let mut tries = 1;
         // A transaction the database rolled back whole to break a deadlock or a serialization
@@ -247,7 +248,10 @@ impl Group {
             written = self.write(client, group);
         }
         match written {
-            Ok(true) => Ok(Outcome::Landed),
+            Ok(true) => {
+                super::settle_replication(client, &self.journal)?;
+                Ok(Outcome::Landed)
+            }
             Ok(false) => Ok(Outcome::Refused(why_fenced(
                 client,
                 &self.journal,
@@ -319,12 +323,45 @@ impl Group {
 /// Connects again after a commit's connection broke, and waits until the broken commit's
 /// transaction is decided: on the same server, until its old session has ended (ending it if
 /// it lingers); on another server (a promoted standby) there is nothing to wait for.
+///
+/// Only a server that takes writes (not in recovery) can say whether the commit landed: a
+/// standby may not have applied WAL it has acknowledged, so it would show the head as before
+/// a group that landed. A URL of several hosts without `target_session_attrs=read-write`
+/// reconnects to whichever answers first; before, a standby reached so was asked, and a group
+/// stored on the primary was answered "did not land: nothing of it was stored" (a client
+/// retrying without a request id applied it twice). Now a standby reached is let go and the
+/// connection tried again, within [`RESOLVE_PATIENCE`].
 pub(super) fn reconnect_once_decided(
     url: &str,
     old: Session,
 ) -> Result<(Client, Session), StoreError> {
-    let (mut client, session) =
-        connect(url).map_err(db_err("reconnecting after a broken commit"))?;
+    let deadline = Instant::now() + RESOLVE_PATIENCE;
+    let (mut client, session) = loop {
+        let (mut client, session) =
+            connect(url).map_err(db_err("reconnecting after a broken commit"))?;
+        let standby: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .map_err(db_err("reconnecting after a broken commit"))?
+            .get(0);
+        if !standby {
+            break (client, session);
+        }
+        if Instant::now() >= deadline {
+            return Err(StoreError::Database {
+                op: "resolving a broken commit",
+                what: format!(
+                    "only a standby (in recovery) answered for {RESOLVE_PATIENCE:?}, and a standby \
+                     cannot tell whether the commit landed: list the hosts with \
+                     target_session_attrs=read-write"
+                ),
+            });
+        }
+        tracing::warn!(
+            "reconnected to a standby after a broken commit; trying again for the primary"
+        );
+        drop(client);
+        std::thread::sleep(Duration::from_millis(100));
+    };
     if session.server_started == old.server_started {
         let deadline = Instant::now() + RESOLVE_PATIENCE;
         loop {

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use postgres::Client;
 
@@ -16,6 +17,11 @@ pub(super) struct Lease {
     pub(super) epoch: i64,
     /// Set by the renewer (or a refused commit) once the lease is known lost.
     pub(super) lost: Arc<Mutex<Option<String>>>,
+    /// Until when (this machine's monotonic clock) the lease surely runs: the moment the
+    /// request that granted or last renewed it was sent, plus the lease. The database judges
+    /// the lease by its own clock from a later moment, so no other writer can be granted the
+    /// journal before this; past it, the state this process holds may be stale.
+    pub(super) valid_until: Arc<Mutex<Instant>>,
     pub(super) stop: Arc<AtomicBool>,
 }
 
@@ -36,7 +42,10 @@ pub(super) type Grant = Result<Granted, (String, i64)>;
 /// records past the head), and an epoch no earlier head row of the journal had: the database
 /// clock's milliseconds, past every epoch granted before (each a millisecond or more later
 /// than the one before it), so that a holder whose row was deleted under it is fenced by the
-/// next holder instead of sharing its epoch.
+/// next holder instead of sharing its epoch. A takeover's epoch is past those milliseconds
+/// too, not only the epoch before it: a head row restored from a backup older than the live
+/// holder's takeover holds the epoch before that holder's, and "that plus one" gave the next
+/// holder the live holder's own epoch, so both wrote the journal.
 pub(super) fn acquire(client: &mut Client, s: &PgSettings) -> Result<Grant, postgres::Error> {
     let lease_ms = s.lease.as_millis() as f64;
     let granted = client.query_opt(
@@ -45,7 +54,8 @@ pub(super) fn acquire(client: &mut Client, s: &PgSettings) -> Result<Grant, post
                  (extract(epoch FROM clock_timestamp()) * 1000)::bigint, $2, $3, \
                  clock_timestamp() + $4::float8 * interval '1 millisecond') \
          ON CONFLICT (journal) DO UPDATE \
-           SET epoch = h.epoch + 1, holder = EXCLUDED.holder, address = EXCLUDED.address, \
+           SET epoch = greatest(h.epoch + 1, EXCLUDED.epoch), holder = EXCLUDED.holder, \
+               address = EXCLUDED.address, \
                lease_until = EXCLUDED.lease_until \
            WHERE h.lease_until < clock_timestamp() \
          RETURNING epoch, head, xmax::text = '0'",
@@ -92,10 +102,13 @@ pub(super) fn why_fenced(client: &mut Client, journal: &str, epoch: i64, old: u6
 
 impl Lease {
     /// Starts renewing the lease every third of its period, on a connection of its own.
-    pub(super) fn start(s: &PgSettings, epoch: i64) -> Result<Lease, StoreError> {
+    /// `asked` is when the request that granted the lease was sent.
+    pub(super) fn start(s: &PgSettings, epoch: i64, asked: Instant) -> Result<Lease, StoreError> {
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let valid_until = Arc::new(Mutex::new(asked + s.lease));
         let stop = Arc::new(AtomicBool::new(false));
         let (lost2, stop2, s2) = (lost.clone(), stop.clone(), s.clone());
+        let valid2 = valid_until.clone();
         let every = s.lease / 3;
         std::thread::Builder::new()
             .name("pcx-lease".into())
@@ -105,6 +118,14 @@ impl Lease {
                 while !stop2.load(Ordering::SeqCst) {
                     std::thread::sleep(every);
                     if stop2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    // A writer that knows it is fenced (a commit refused: another epoch, or
+                    // the head not where it left it, as after a restore under it) renews no
+                    // more: before, its epoch still matching, it went on renewing and no
+                    // standby could take the journal over while it ran.
+                    if lost2.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                        tracing::warn!(journal = %s2.journal, epoch, "the lease is lost: no more renewals, so that another writer can take the journal over");
                         break;
                     }
                     if client.as_ref().is_none_or(|c| c.is_closed()) {
@@ -117,12 +138,19 @@ impl Lease {
                         }
                     }
                     let Some(c) = client.as_mut() else { continue };
+                    let asked = Instant::now();
+                    take_warning();
                     match c.execute(
                         "UPDATE pcx_heads SET lease_until = clock_timestamp() + $3::float8 * interval '1 millisecond' \
                          WHERE journal = $1 AND epoch = $2 AND lease_until > clock_timestamp()",
                         &[&s2.journal, &epoch, &lease_ms],
                     ) {
-                        Ok(1) => {}
+                        // A renewal that passed with a warning (its wait for the standbys
+                        // cancelled) may be lost by a failover: not counted.
+                        Ok(1) if take_warning() => {}
+                        Ok(1) => {
+                            *valid2.lock().unwrap_or_else(|p| p.into_inner()) = asked + s2.lease;
+                        }
                         Ok(_) => {
                             let why = format!("its lease (epoch {epoch}) ran out or was taken over before it was renewed");
                             tracing::error!(journal = %s2.journal, epoch, "lost the journal's lease");
@@ -137,6 +165,11 @@ impl Lease {
                 op: "starting the lease thread",
                 what: e.to_string(),
             })?;
-        Ok(Lease { epoch, lost, stop })
+        Ok(Lease {
+            epoch,
+            lost,
+            valid_until,
+            stop,
+        })
     }
 }

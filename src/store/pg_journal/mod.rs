@@ -84,14 +84,31 @@ impl PgJournal {
     /// the lease (waiting up to `settings.wait` for a live holder's to end).
     pub fn open(settings: PgSettings) -> Result<PgJournal, OpenError> {
         let db = Self::start(&settings)?;
+        // A writer paused (SIGSTOP, a frozen VM) between two statements of a transaction
+        // holds the lock on its head row: the next writer's request for the lease waits on
+        // that lock, and before this no one took the journal over until the paused process
+        // ran again or died. The database now ends such a transaction once it has been idle
+        // for the lease (the paused writer's lease has run out by then; its write did not
+        // land, and it learns so when it runs again).
+        let setup = format!(
+            "SET idle_in_transaction_session_timeout = {}",
+            settings.lease.as_millis().max(1)
+        );
+        db.run(move |db| {
+            db.setup = Some(setup);
+            db.set_up = false;
+            db.client().map(drop)
+        })
+        .map_err(open_err(&settings))?;
         let deadline = Instant::now() + settings.wait;
-        let Granted { epoch, head, made } = loop {
+        let (Granted { epoch, head, made }, asked) = loop {
             let s = settings.clone();
+            let asked = Instant::now();
             let grant = db
                 .run(move |db| acquire(db.client()?, &s).map_err(db_err("taking the lease")))
                 .map_err(open_err(&settings))?;
             match grant {
-                Ok(granted) => break granted,
+                Ok(granted) => break (granted, asked),
                 Err((holder, remaining_ms)) => {
                     let now = Instant::now();
                     if now >= deadline {
@@ -112,7 +129,7 @@ impl PgJournal {
                 "the journal had records but no head row (deleted?): its head is taken from its last record");
         }
         tracing::info!(journal = %settings.journal, epoch, head, "took the journal's lease");
-        let lease = Lease::start(&settings, epoch).map_err(open_err(&settings))?;
+        let lease = Lease::start(&settings, epoch, asked).map_err(open_err(&settings))?;
         Ok(PgJournal {
             settings,
             db,
@@ -129,6 +146,27 @@ impl PgJournal {
             db,
             head: Mutex::new(0),
             lease: None,
+        })
+    }
+
+    /// Makes every later read of this reader one of the same snapshot of the database (a
+    /// read-only repeatable-read transaction, kept open while it reads), for a command that
+    /// reads the whole journal (`verify`, `export`, `log` …). Before, each page of records,
+    /// each snapshot and content was read as the database was at that moment, so a
+    /// compaction committed while `verify` walked the log (it deleted the events before its
+    /// anchor) made a sound journal fail `event log has a gap: expected event 4097, found
+    /// 15000`, and an export fail the same way. A broken connection then fails the command
+    /// rather than reading on from another moment.
+    pub fn read_one_snapshot(&self) -> Result<(), StoreError> {
+        if self.lease.is_some() {
+            return Ok(());
+        }
+        self.db.run(|db| {
+            db.client()?
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+                .map_err(db_err("starting a read of one snapshot"))?;
+            db.pinned = true;
+            Ok(())
         })
     }
 
@@ -249,6 +287,7 @@ impl PgJournal {
                 return Err(StoreError::Unavailable);
             };
             let session = *session;
+            take_warning();
             let attempt = (|| -> Result<Option<String>, postgres::Error> {
                 let mut tx = client.transaction()?;
                 let held = tx.execute(
@@ -274,6 +313,10 @@ impl PgJournal {
                 Ok(None)
             })();
             match attempt {
+                Ok(None) => {
+                    settle_replication(client, &journal)?;
+                    Ok(None)
+                }
                 Ok(refused) => Ok(refused),
                 Err(e) => {
                     let broken = db
@@ -472,14 +515,35 @@ impl PgJournal {
 /// waits for nothing: the head row touched by the writer's epoch, the first way this was done,
 /// matched no row once the journal had been taken over, and a group whose answer was lost was
 /// answered while only the primary had it.
+///
+/// A commit whose wait for the standbys was cancelled passes with a warning (see
+/// [`take_warning`]): this is tried again until one passes without, so that it waits for the
+/// standbys however often an operator cancels it.
 pub(super) fn wait_for_standbys(client: &mut Client, journal: &str) -> Result<(), StoreError> {
-    client
-        .execute(
-            "INSERT INTO pcx_writes (journal, token) VALUES ($1, $2)",
-            &[&journal, &write_token().as_slice()],
-        )
-        .map(|_| ())
-        .map_err(db_err("waiting for the standbys after a lost answer"))
+    loop {
+        take_warning();
+        client
+            .execute(
+                "INSERT INTO pcx_writes (journal, token) VALUES ($1, $2)",
+                &[&journal, &write_token().as_slice()],
+            )
+            .map_err(db_err("waiting for the standbys"))?;
+        if !take_warning() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// After a commit that passed: if the database warned meanwhile (a cancelled wait for the
+/// synchronous standbys passes with a warning, committed on the primary alone), waits for
+/// the standbys before the commit is answered. Before, such a group was answered, and a
+/// failover then lost an answered write.
+pub(super) fn settle_replication(client: &mut Client, journal: &str) -> Result<(), StoreError> {
+    if take_warning() {
+        wait_for_standbys(client, journal)?;
+    }
+    Ok(())
 }
 
 /// A token no other write has: this process, the time and a counter, hashed.
@@ -763,6 +827,39 @@ impl Journal for PgJournal {
 
     fn cluster_name(&self) -> Option<&str> {
         Some(&self.settings.journal)
+    }
+
+    fn lease_epoch(&self) -> Option<i64> {
+        self.epoch()
+    }
+
+    /// A writer answers from its state only while its lease surely runs: once the lease is
+    /// lost, or was not renewed in time (the process paused, or cut off from the database),
+    /// another pcx may have taken the journal over and written it, and answering a read from
+    /// what this one holds would serve a stale state. Before, such a holder, resumed after a
+    /// takeover, went on answering reads (an artifact the new holder had replaced, a dynamo
+    /// entry it had deleted) for as long as it ran. A reader (no lease) reads the database.
+    fn check_held(&self) -> Result<(), StoreError> {
+        let Some(lease) = &self.lease else {
+            return Ok(());
+        };
+        self.fenced()?;
+        let valid_until = *lease.valid_until.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if now < valid_until {
+            return Ok(());
+        }
+        Err(StoreError::Fenced {
+            journal: self.settings.journal.clone(),
+            why: format!(
+                "its lease (epoch {}) has not been renewed for {} ms, longer than journal_lease_ms ({} ms): \
+                 another pcx may hold the journal, so this one answers nothing from what it holds \
+                 until the lease is renewed",
+                lease.epoch,
+                (now - valid_until + self.settings.lease).as_millis(),
+                self.settings.lease.as_millis()
+            ),
+        })
     }
 
     fn gathers_groups(&self) -> bool {
