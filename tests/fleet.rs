@@ -1572,20 +1572,7 @@ impl Drop for Serve {
 
 /// `pcx client` with no address: it asks the database where the journal's holder serves.
 fn client_following(name: &str, request: &Value) -> Value {
-    let elsewhere = tempfile::tempdir().expect("a dir");
-    let mut child = common::pcx(elsewhere.path(), &["client"])
-        .env("PCX_JOURNAL", "postgres")
-        .env("PCX_JOURNAL_URL", url())
-        .env("PCX_JOURNAL_NAME", name)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("pcx client starts");
-    let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{request}").expect("write");
-    drop(stdin);
-    let out = child.wait_with_output().expect("pcx client ends");
+    let out = client_following_output(name, request);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "pcx client answered no JSON ({e}): {}",
