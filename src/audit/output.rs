@@ -89,11 +89,21 @@ impl Output {
         let name = path
             .file_name()
             .ok_or_else(|| OutputError::NoFile(path.to_path_buf()))?;
+        // One temporary file per output being written, even two of one process to one path
+        // (a server asked for two backups to the same file at once): with the process id
+        // alone they shared it, wrote into each other's, and one was renamed into place
+        // holding both, answered ok. `create_new` refuses a leftover of the same name.
+        static OUTPUTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = OUTPUTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut partial_name = std::ffi::OsString::from(".");
         partial_name.push(name);
-        partial_name.push(format!(".pcx-partial-{}", std::process::id()));
+        partial_name.push(format!(".pcx-partial-{}-{n}", std::process::id()));
         let partial = path.with_file_name(partial_name);
-        let file = File::create(&partial).map_err(io("creating", &partial))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .map_err(io("creating", &partial))?;
         let output = Output {
             path: path.to_path_buf(),
             partial: Some(partial),
@@ -164,4 +174,30 @@ fn refuse_inside(data_dir: &Path, path: &Path) -> Result<(), OutputError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn two_outputs_to_one_path_at_once_are_written_apart_and_the_last_finished_is_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("backup.jsonl");
+        let (first, mut a) = Output::create(None, &path).unwrap();
+        let (second, mut b) = Output::create(None, &path).unwrap();
+        a.write_all(b"first backup, line 1\nfirst backup, line 2\n")
+            .unwrap();
+        b.write_all(b"second backup\n").unwrap();
+        first.finish(a).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "first backup, line 1\nfirst backup, line 2\n"
+        );
+        second.finish(b).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "second backup\n");
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "a temporary file was left behind");
+    }
 }
