@@ -215,6 +215,101 @@ fn a_request_with_a_field_its_op_does_not_take_is_refused_not_applied_without_it
     assert_ok(&answers[1]);
 }
 
+/// Regression: fields inside a request's values were still ignored when misspelt. A code
+/// recorded with `"bypass": true` for `bypassed` was stored as a valid code, so a stitch
+/// made a cache entry PyTorch had marked unusable; an `"extra"` for `extra_b64`, a
+/// `"payload"` for `payload_b64` or a `system_info` field with a typo were dropped, so the
+/// entry stored was not the one sent, answered ok. Now every nested object of a request
+/// (entries, their codes, sources and system info, stitched entries' backends, plugin
+/// edits, a load's system info) refuses a field it does not have, `invalid_request` naming
+/// it and the fields its object has, and nothing is applied.
+#[test]
+fn a_misspelt_field_inside_an_entry_or_edit_is_refused_not_dropped() {
+    let code = r#"{"backend_ids":["b"],"payload_b64":"eA=="}"#;
+    let entry =
+        |code: &str, rest: &str| format!(r#"{{"device_type":"cpu","codes":[{code}]{rest}}}"#);
+    let record_entry = |entry: String| {
+        format!(r#"{{"op":"record_dynamo_cache_entry","key":"e","entry":{entry}}}"#)
+    };
+    for (bad, expected, field) in [
+        (
+            record_entry(entry(
+                r#"{"backend_ids":["b"],"payload_b64":"eA==","bypass":true}"#,
+                "",
+            )),
+            "`bypassed`",
+            "bypass",
+        ),
+        (
+            record_entry(entry(r#"{"backend_ids":["b"],"payload":"eA=="}"#, "")),
+            "`payload_b64`",
+            "payload",
+        ),
+        (
+            record_entry(entry(code, r#","extra":"eA==""#)),
+            "`extra_b64`",
+            "extra",
+        ),
+        (
+            record_entry(entry(code, r#","system_info":{"torch_versoin":"2.10"}"#)),
+            "`torch_version`",
+            "torch_versoin",
+        ),
+        (
+            record_entry(entry(
+                code,
+                r#","source_info":{"inlined_sources":[{"module":"m","firstlineno":1,"lastlineno":2,"checksum":"c","chksum":"d"}]}"#,
+            )),
+            "`checksum`",
+            "chksum",
+        ),
+        (
+            format!(
+                r#"{{"op":"put_cache_entry","key":"e","entry":{{"dynamo":{},"backends":{{"b":{{"content_b64":"eA==","knd":"eager"}}}}}}}}"#,
+                entry(code, "")
+            ),
+            "`kind`",
+            "knd",
+        ),
+        (
+            r#"{"op":"edit_artifact","key":"k","edit":{"plugin":{"op":"o","args":"eA=="}}}"#
+                .to_string(),
+            "`args_b64`",
+            "args",
+        ),
+        (
+            r#"{"op":"load_cache_entry","key":"e","system_info":{"python_verison":"3.11"}}"#
+                .to_string(),
+            "`python_version`",
+            "python_verison",
+        ),
+    ] {
+        let message = refused_and_next_served(&bad, "invalid_request", &[]);
+        assert!(
+            message.contains(&format!("unknown field `{field}`")) && message.contains(expected),
+            "the message names {field} and the fields its object has: {message}"
+        );
+    }
+    // Spelt right, the same requests are taken.
+    let dir = tempfile::tempdir().unwrap();
+    let answers = batch_raw(
+        dir.path(),
+        &format!(
+            "{}\n{}\n",
+            record_entry(entry(
+                r#"{"backend_ids":["b"],"payload_b64":"eA==","bypassed":true}"#,
+                r#","extra_b64":"eA==","system_info":{"torch_version":"2.10"}"#
+            )),
+            r#"{"op":"load_cache_entry","key":"e","system_info":{"python_version":"3.11"}}"#
+        ),
+        &[],
+    )
+    .answers();
+    assert_ok(&answers[0]);
+    // The load reached the context (nothing saved under `e`: a miss, PyTorch's error).
+    assert_failed(&answers[1], "package_not_found");
+}
+
 #[test]
 fn bad_base64_in_content_is_refused() {
     let message = refused_and_next_served(
@@ -603,8 +698,12 @@ fn an_entry_or_system_info_that_is_not_valid_json_gets_the_answer_batch_gives() 
     for (args, kind) in [
         (vec!["record-entry", "k", "--json", "{bad"], "bad_json"),
         (
-            vec!["record-entry", "k", "--json", r#"{"x":1}"#],
+            vec!["record-entry", "k", "--json", r#"{"codes":[]}"#],
             "missing_field",
+        ),
+        (
+            vec!["record-entry", "k", "--json", r#"{"x":1}"#],
+            "invalid_request",
         ),
         (vec!["load", "k", "--system-info", "{x"], "bad_json"),
         (vec!["load", "k", "--system-info", "5"], "invalid_request"),

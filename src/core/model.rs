@@ -109,7 +109,12 @@ pub struct ArtifactRef {
 }
 
 /// Versions of the software that produced an entry; a mismatch on load is an error.
+///
+/// Unknown fields are refused (here and in [`SourceInfo`] and [`InlinedSource`]): clients
+/// send these as they are, so a misspelt field would be dropped without a word. Records are
+/// written by these same types, so no stored one carries a field they lack.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SystemInfo {
     #[serde(default)]
     pub python_version: String,
@@ -183,6 +188,7 @@ impl SystemInfo {
 
 /// One inlined source file of an entry, with its checksum.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InlinedSource {
     pub module: String,
     pub firstlineno: i64,
@@ -192,6 +198,7 @@ pub struct InlinedSource {
 
 /// The sources inlined into an entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SourceInfo {
     #[serde(default)]
     pub inlined_sources: Vec<InlinedSource>,

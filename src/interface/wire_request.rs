@@ -72,8 +72,12 @@ pub(crate) fn eager() -> String {
 }
 
 /// An edit on the wire: replace the content, or append to it.
+///
+/// This type and the other `Wire*` types refuse fields they do not have, as [`fields_of`]
+/// does for a request's own: a misspelt `bypassed` or `extra_b64` would otherwise be
+/// dropped, and the entry stored would not be the one sent.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum WireEdit {
     SetB64(String),
     AppendB64(String),
@@ -87,6 +91,7 @@ pub enum WireEdit {
 
 /// A dynamo cache entry on the wire (bytes as base64).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct WireEntry {
     #[serde(default)]
     pub fn_name: Option<String>,
@@ -105,6 +110,7 @@ pub struct WireEntry {
 
 /// A stitched entry on the wire (`put_cache_entry`): the dynamo entry and its backends.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct WireCacheEntry {
     pub dynamo: WireEntry,
     #[serde(default)]
@@ -113,6 +119,7 @@ pub struct WireCacheEntry {
 
 /// One backend of a stitched entry on the wire.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct WireBackend {
     #[serde(default = "eager")]
     pub kind: String,
@@ -121,6 +128,7 @@ pub struct WireBackend {
 
 /// One code of an entry on the wire.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct WireCode {
     pub backend_ids: Vec<String>,
     #[serde(default)]
