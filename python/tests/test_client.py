@@ -72,6 +72,28 @@ def test_what_one_process_wrote_the_next_reads(tmp_path: Path) -> None:
         assert [e["event"] for e in events][:2] == ["ArtifactRecorded", "DynamoEntryRecorded"]
 
 
+def test_verify_of_a_damaged_log_raises_corrupt_log_not_a_report_to_overlook(
+    tmp_path: Path,
+) -> None:
+    """Regression: ``Client.verify()`` handed back ``{"ok": False, …}`` for a damaged log, so
+    a caller that did not look inside the report passed the log as sound."""
+    data = tmp_path / "data"
+    big = bytes(range(256)) * 1024
+    with pcx.Client.batch(str(data)) as c:
+        c.record_artifact("big", big)
+        c.record_artifact("small", b"small")
+        assert c.verify()["ok"] is True
+    packs = sorted((data / "content").glob("*.pack"))
+    assert packs, "a 256 KiB content goes to a content file"
+    damaged = bytearray(packs[0].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    packs[0].write_bytes(bytes(damaged))
+    with pcx.Client.batch(str(data)) as c:
+        with pytest.raises(pcx.CorruptLog, match="event 1") as raised:
+            c.verify()
+        assert raised.value.answer["verify"]["ok"] is False
+
+
 def test_a_retry_with_the_same_request_id_is_applied_once(client: pcx.Client) -> None:
     first = client.request("record_artifact", key="k", content_b64=b"v1", request_id="job-1:k")
     assert first["ok"] and "already_applied" not in first

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
-from .errors import InvalidRequest, TransportError, error_from_answer
+from .errors import CorruptLog, InvalidRequest, TransportError, error_from_answer
 from .transport import Answer, BatchTransport, SocketTransport, Transport
 
 __all__ = ["Client"]
@@ -482,8 +482,18 @@ class Client:
         return diff
 
     def verify(self) -> Dict[str, Any]:
-        """Checks the whole log (records, sequence, hash chain, blobs, snapshots)."""
-        report: Dict[str, Any] = self.request("verify")["verify"]
+        """Checks the whole log (records, sequence, hash chain, blobs, snapshots) and gives
+        its summary. A log that is not sound raises :class:`CorruptLog` naming the first bad
+        event (``answer["verify"]`` holds the report): a report handed back instead would
+        pass a damaged log as sound to every caller that did not look inside it."""
+        answer = self.request("verify")
+        report: Dict[str, Any] = answer["verify"]
+        if report.get("ok") is not True:
+            raise CorruptLog(
+                "corrupt_log",
+                f"event {report.get('seq')}: {report.get('error')}",
+                answer,
+            )
         return report
 
     def export(self, output: str, content: str = "inline") -> Dict[str, Any]:

@@ -240,7 +240,7 @@ class BeyondEnd(PcxError):
 
 
 class CorruptLog(PcxError):
-    """An audit query met a damaged record."""
+    """An audit query met a damaged record, or ``verify`` found the log unsound."""
 
     KIND = "corrupt_log"
 
