@@ -239,3 +239,68 @@ fn a_change_made_under_a_request_id_is_seen_by_history_and_diff() {
         .collect();
     assert_eq!(keys, vec!["e1".to_string()]);
 }
+
+/// Regression: a take whose answer was lost (a broken connection, a holder that lost its
+/// lease) and was retried under its request id was answered only `already_applied`: the
+/// artifact was gone from the context and reached no one. Now the retry carries the artifact
+/// the first take took, read back from the log (in the request's own context, across a
+/// restart, and with the key recorded again since); once a compaction has dropped that take,
+/// plain `already_applied`.
+#[test]
+fn a_retried_take_hands_over_the_artifact_the_first_take_took() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let mut in_c = with_id(take("a"), "take-c");
+    in_c["context"] = json!("c");
+    let mut record_in_c = record("a", "in c");
+    record_in_c["context"] = json!("c");
+    let answers = batch(
+        dir.path(),
+        &[
+            record("a", "first"),
+            record_in_c,
+            with_id(take("a"), "take-1"),
+            // The retry in the same group as the first, before it is durable.
+            with_id(take("a"), "take-1"),
+            in_c.clone(),
+            // The key recorded again after the take: the retry still gets what was taken.
+            record("a", "second"),
+            with_id(take("a"), "take-1"),
+        ],
+    );
+    let first = &answers[2];
+    assert_eq!(
+        first["artifact"]["content_b64"],
+        common::protocol::b64("first"),
+        "{first}"
+    );
+    for retry in [&answers[3], &answers[6]] {
+        assert_eq!(retry["already_applied"], true, "{retry}");
+        assert_eq!(retry["artifact"], first["artifact"], "{retry}");
+    }
+    assert_eq!(
+        answers[4]["artifact"]["content_b64"],
+        common::protocol::b64("in c"),
+        "{}",
+        answers[4]
+    );
+    // A new process replays the log; each retry gets its own take's artifact.
+    let again = batch(dir.path(), &[with_id(take("a"), "take-1"), in_c]);
+    assert_eq!(again[0]["already_applied"], true, "{}", again[0]);
+    assert_eq!(again[0]["artifact"], first["artifact"], "{}", again[0]);
+    assert_eq!(again[1]["already_applied"], true, "{}", again[1]);
+    assert_eq!(again[1]["artifact"], answers[4]["artifact"], "{}", again[1]);
+    // Taken once: "second" is still there.
+    let state = common::protocol::cli_value(dir.path(), &["state", "--key", "a"]);
+    assert_eq!(
+        state["artifact"]["content_b64"],
+        common::protocol::b64("second"),
+        "{state}"
+    );
+    // Compacted away: the id is still remembered, the take no longer in the log.
+    common::protocol::cli_value(dir.path(), &["compact", "--before", "5"]);
+    let compacted = batch(dir.path(), &[with_id(take("a"), "take-1")]);
+    assert_eq!(
+        compacted[0],
+        json!({"ok": true, "already_applied": true, "request_id": "take-1"})
+    );
+}

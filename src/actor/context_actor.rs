@@ -260,6 +260,7 @@ impl ContextActor {
             intake: self.committer.as_ref().map(Committer::intake),
             replier: self.replier.clone(),
             map_commit_error: Box::new(map_commit_error),
+            recover: None,
         }
     }
 

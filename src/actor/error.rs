@@ -12,9 +12,14 @@ pub enum ContextError {
     KeyNotFound { key: String },
     /// A request whose client request id was applied before: nothing was done now. Answered
     /// once everything staged before it is durable (so the first one is too), and rendered by
-    /// the protocol as `{"ok":true,"already_applied":true}`.
+    /// the protocol as `{"ok":true,"already_applied":true}`. A retried take also carries
+    /// what the first one took, read back from the log (`None` once compacted away), so the
+    /// artifact reaches the caller even though its first answer was lost.
     #[error("request {request_id} was already applied; nothing was done again")]
-    AlreadyApplied { request_id: String },
+    AlreadyApplied {
+        request_id: String,
+        taken: Option<Box<crate::core::model::Artifact>>,
+    },
     /// A request carrying a client request id that an earlier, different request (another op,
     /// key, content, context or namespace) was applied under. Nothing was applied: the id
     /// stands for the first request, and answering "already applied" would tell the client a

@@ -5,8 +5,9 @@
 
 use actix::prelude::*;
 
-use super::context_actor::ContextActor;
+use super::context_actor::{same, ContextActor};
 use super::messages::InScope;
+use crate::actor::error::ContextError;
 use crate::core::event::Event;
 
 impl ContextActor {
@@ -46,9 +47,83 @@ impl<T: Send + 'static> AlreadyApplied for super::reply::Durable<T> {
         let refusal = if reused {
             crate::actor::error::ContextError::RequestIdReused { request_id }
         } else {
-            crate::actor::error::ContextError::AlreadyApplied { request_id }
+            crate::actor::error::ContextError::AlreadyApplied {
+                request_id,
+                taken: None,
+            }
         };
         Some(actor.finish(Err(refusal), super::context_actor::same))
+    }
+}
+
+impl ContextActor {
+    /// Whether the request carrying `scope` was applied before under its request id, and if
+    /// so whether this one is another request under the same id (`Some(true)`: refused) or
+    /// the same one again (`Some(false)`: answered "already applied").
+    fn retried(&self, scope: &crate::core::scope::Scope) -> Option<(String, bool)> {
+        let id = scope.request_id.as_deref()?;
+        if !self.state.applied(id) {
+            return None;
+        }
+        // Another request under the same id: both digests known and different.
+        let reused = matches!(
+            (self.state.applied_fingerprint(id), &scope.request_fingerprint),
+            (Some(first), Some(now)) if first != now
+        );
+        if reused {
+            tracing::warn!(request_id = %id, "a request id came again with another request; refused");
+        } else {
+            tracing::info!(request_id = %id, "a request already applied came again");
+        }
+        Some((id.to_string(), reused))
+    }
+}
+
+/// A take retried under its request id is answered with what the first took, read back from
+/// the log once everything before it is durable ([`crate::audit::query::taken_by`]): its
+/// first answer was the only place the artifact went.
+impl Handler<InScope<super::messages::TakeArtifact>> for ContextActor {
+    type Result = <ContextActor as Handler<super::messages::TakeArtifact>>::Result;
+
+    fn handle(
+        &mut self,
+        msg: InScope<super::messages::TakeArtifact>,
+        ctx: &mut Self::Context,
+    ) -> Self::Result {
+        if let Some((id, reused)) = self.retried(&msg.scope) {
+            let mut answer = <Self::Result as AlreadyApplied>::already_applied(self, &id, reused)
+                .unwrap_or_else(|| self.finish(Err(ContextError::Closed), same));
+            if !reused {
+                let journal = crate::audit::query::Capped {
+                    inner: self.journal.clone(),
+                    cap: self.head.seq,
+                };
+                answer.recover = Some(Box::new(move |refusal| {
+                    match crate::audit::query::taken_by(&journal, &id) {
+                        Ok(taken) => ContextError::AlreadyApplied {
+                            request_id: id,
+                            taken: taken.map(Box::new),
+                        },
+                        Err(e) => {
+                            tracing::error!(request_id = %id, error = %e, "cannot read back what a retried take took");
+                            match e {
+                                // Damaged content or log: say so, not a bare "applied".
+                                crate::audit::query::AuditError::Store(_)
+                                | crate::audit::query::AuditError::Replay(_) => {
+                                    ContextError::from(e)
+                                }
+                                _ => refusal,
+                            }
+                        }
+                    }
+                }));
+            }
+            return answer;
+        }
+        let outer = std::mem::replace(&mut self.scope, msg.scope);
+        let result = <Self as Handler<super::messages::TakeArtifact>>::handle(self, msg.msg, ctx);
+        self.scope = outer;
+        result
     }
 }
 
@@ -67,23 +142,11 @@ macro_rules! scoped {
             type Result = <ContextActor as Handler<$m>>::Result;
 
             fn handle(&mut self, msg: InScope<$m>, ctx: &mut Self::Context) -> Self::Result {
-                if let Some(id) = msg.scope.request_id.as_deref() {
-                    if self.state.applied(id) {
-                        // Another request under the same id: both digests known and different.
-                        let reused = matches!(
-                            (self.state.applied_fingerprint(id), &msg.scope.request_fingerprint),
-                            (Some(first), Some(now)) if first != now
-                        );
-                        if reused {
-                            tracing::warn!(request_id = %id, "a request id came again with another request; refused");
-                        } else {
-                            tracing::info!(request_id = %id, "a request already applied came again");
-                        }
-                        if let Some(answer) =
-                            <Self::Result as AlreadyApplied>::already_applied(self, id, reused)
-                        {
-                            return answer;
-                        }
+                if let Some((id, reused)) = self.retried(&msg.scope) {
+                    if let Some(answer) =
+                        <Self::Result as AlreadyApplied>::already_applied(self, &id, reused)
+                    {
+                        return answer;
                     }
                 }
                 let outer = std::mem::replace(&mut self.scope, msg.scope);
@@ -100,7 +163,6 @@ scoped!(
     super::messages::RecordEntry,
     super::messages::EditArtifact,
     super::messages::GetArtifact,
-    super::messages::TakeArtifact,
     super::messages::Clear,
     super::messages::DumpDebugInfo,
     super::messages::CreateCacheEntries,

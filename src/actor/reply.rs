@@ -23,7 +23,15 @@ pub struct Durable<T> {
     /// Where the reply goes to be sent, by the actor's replier task.
     pub(super) replier: Option<Replier>,
     pub(super) map_commit_error: Box<dyn FnOnce(ContextError) -> ContextError + Send>,
+    /// For a retry of an applied request whose first answer can be read back from the log (a
+    /// take's artifact): turns "already applied" into that answer, on a thread of its own
+    /// once everything before the retry is durable (a walk of the log must not hold up the
+    /// committer, on whose thread durability is announced).
+    pub(super) recover: Option<Recover>,
 }
+
+/// See [`Durable::recover`].
+pub(super) type Recover = Box<dyn FnOnce(ContextError) -> ContextError + Send>;
 
 /// A reply ready to be sent, and the queue of the one task on the actor's thread that sends
 /// them: replies reach actix's reply channels from that task, after the answers of a whole
@@ -41,17 +49,17 @@ impl<T: Send + 'static> Durable<T> {
             intake,
             replier: _,
             map_commit_error,
+            recover,
         } = self;
         match (outcome, intake) {
             // A retry of an applied request waits for what was staged before it, the first
             // one included: "already applied" is never said of a change not yet durable.
-            (Err(ContextError::AlreadyApplied { request_id }), Some(intake)) => intake.push(
+            (Err(refusal @ ContextError::AlreadyApplied { .. }), Some(intake)) => intake.push(
                 staged,
-                Box::new(move |r| {
-                    reply(match r {
-                        Ok(()) => Err(ContextError::AlreadyApplied { request_id }),
-                        Err(e) => Err(map_commit_error(e)),
-                    })
+                Box::new(move |r| match (r, recover) {
+                    (Err(e), _) => reply(Err(map_commit_error(e))),
+                    (Ok(()), None) => reply(Err(refusal)),
+                    (Ok(()), Some(recover)) => recover_apart(refusal, recover, reply),
                 }),
             ),
             (Err(e), _) => reply(Err(e)),
@@ -70,6 +78,32 @@ impl<T: Send + 'static> Durable<T> {
             let _ = tx.send(a);
         });
         async move { rx.await.unwrap_or(Err(ContextError::Closed)) }
+    }
+}
+
+/// Runs `recover` on a thread of its own and answers with what it gives; if no thread can be
+/// started, answers plain "already applied" rather than not at all.
+fn recover_apart<T: Send + 'static>(
+    refusal: ContextError,
+    recover: Recover,
+    reply: impl FnOnce(Answer<T>) + Send + 'static,
+) {
+    let job = std::sync::Arc::new(std::sync::Mutex::new(Some((refusal, recover, reply))));
+    let on_thread = job.clone();
+    let spawned = std::thread::Builder::new()
+        .name("pcx-audit".into())
+        .spawn(move || {
+            let taken = on_thread.lock().ok().and_then(|mut j| j.take());
+            if let Some((refusal, recover, reply)) = taken {
+                reply(Err(recover(refusal)));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a thread to read a retried request's first answer");
+        let taken = job.lock().ok().and_then(|mut j| j.take());
+        if let Some((refusal, _, reply)) = taken {
+            reply(Err(refusal));
+        }
     }
 }
 

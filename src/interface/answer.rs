@@ -36,8 +36,13 @@ pub fn render<T>(answer: Answer<T>, value: impl FnOnce(T) -> Value) -> Value {
             Value::Object(out)
         }
         // A retry of a request applied before: a success, saying so.
-        Err(crate::actor::error::ContextError::AlreadyApplied { request_id }) => {
-            json!({ "ok": true, "already_applied": true, "request_id": request_id })
+        Err(crate::actor::error::ContextError::AlreadyApplied { request_id, taken }) => {
+            let mut out = json!({ "ok": true, "already_applied": true, "request_id": request_id });
+            if let Some(a) = taken {
+                // A retried take: the artifact the first one took, as the first answer had it.
+                out["artifact"] = artifact_json(&a);
+            }
+            out
         }
         Err(e) => failed(e.kind(), &e.to_string()),
     }

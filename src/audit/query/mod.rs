@@ -7,17 +7,20 @@
 //! content, not content), and content is read only when asked for.
 //!
 //! The questions are in files by kind: [`log`] (events, history), [`state`] (state at a
-//! point, diff), [`verify`], and [`capped`] (a journal as of one point). This file holds what
+//! point, diff), [`verify`], [`taken`] (what a retried take took the first time) and
+//! [`capped`] (a journal as of one point). This file holds what
 //! they share (the error, times, the checked walk) and [`Query`], the question as asked.
 
 mod capped;
 mod log;
 mod state;
+mod taken;
 mod verify;
 
 pub use capped::Capped;
 pub use log::{event_keys, history, log, log_line, LogFilter};
 pub use state::{artifact_at_json, diff, seq_at_time, state_at, state_json};
+pub use taken::taken_by;
 pub use verify::{lost_tail_json, verify, Unsound};
 
 use std::time::{Duration, UNIX_EPOCH};
