@@ -2728,3 +2728,103 @@ fn verify_finds_a_large_content_missing_a_part() {
     });
     assert_verify_finds(&dir, 2, &[&digest.to_hex(), "damaged", "1 of 3 parts"]);
 }
+
+/// Regression: `state`, `history` and `diff` asked with a `context` (over the socket or
+/// batch) answered for the default context without a word, and the CLI had no way to ask of
+/// another. torch's changes all live in named contexts (`torch@HOST:PID:MS`), so an auditor
+/// saw an empty or another context's history as if it were the one asked about. Now they
+/// answer for the request's context and namespace (`--context`, `--namespace` in the CLI),
+/// and say which; `log` and `verify` still read every context.
+#[test]
+fn audit_questions_asked_of_a_named_context_answer_for_it_not_the_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let in_c = |mut request: Value| {
+        request["context"] = json!("c");
+        request["namespace"] = json!("n");
+        request
+    };
+    let answers = batch(
+        dir,
+        &[
+            common::protocol::record("a", "default's"),
+            in_c(common::protocol::record("a", "c's")),
+            in_c(record_entry("e", entry_with_codes(&[&["a"]]))),
+            in_c(common::protocol::save()),
+            in_c(take("a")),
+            in_c(common::protocol::record("a", "c's again")),
+            in_c(op("drop_context")),
+        ],
+    );
+    assert!(answers.iter().all(|a| a["ok"] == true), "{answers:#?}");
+    let ask = |request: Value| -> Value {
+        let answer = batch(dir, &[request]).remove(0);
+        assert_eq!(answer["ok"], true, "{answer}");
+        answer
+    };
+    // The artifact as context c held it after event 2, by the protocol and by the CLI.
+    let at = ask(in_c(json!({"op":"state","at":2,"key":"a"})));
+    assert_eq!(at["state"]["artifact"]["content_b64"], b64("c's"), "{at}");
+    let cli_at = cli_value(dir, &["state", "--at", "2", "--key", "a", "--context", "c"]);
+    assert_eq!(cli_at["artifact"]["content_b64"], b64("c's"), "{cli_at}");
+    // The default context's is its own.
+    let default_at = cli_value(dir, &["state", "--at", "2", "--key", "a"]);
+    assert_eq!(default_at["artifact"]["content_b64"], b64("default's"));
+    // After the save (a stitch, 4, then the save, 5): c's entry and backend, n's entry.
+    let saved = ask(in_c(json!({"op":"state","at":5})))["state"].clone();
+    assert_eq!(saved["context"], "c", "{saved}");
+    assert_eq!(saved["artifacts"][0]["key"], "a", "{saved}");
+    assert_eq!(saved["dynamo_cache"], json!(["e"]), "{saved}");
+    assert_eq!(saved["debug_info"]["backends"], json!(["a"]), "{saved}");
+    let default_state = cli_value(dir, &["state", "--at", "5"]);
+    assert_eq!(default_state["dynamo_cache"], json!([]), "{default_state}");
+    // c's history of `a`: recorded, stitched into e, saved in it, taken, recorded again,
+    // dropped with the context.
+    let history = ask(in_c(json!({"op":"history","key":"a"})));
+    let seqs: Vec<u64> = history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [2, 4, 5, 6, 7, 8], "{history}");
+    let cli_history = cli_lines(dir, &["history", "a", "--context", "c"]);
+    assert_eq!(cli_history.len(), 6, "{cli_history:#?}");
+    let default_history = cli_lines(dir, &["history", "a"]);
+    assert_eq!(default_history.len(), 1, "{default_history:#?}");
+    assert_eq!(default_history[0]["seq"], 1);
+    // What changed in c and n between 1 and 5: `a` and `e` added, `e` saved.
+    let diff = ask(in_c(json!({"op":"diff","from":1,"to":5})))["diff"].clone();
+    assert_eq!(diff["artifacts"]["added"][0]["key"], "a", "{diff}");
+    assert_eq!(diff["entries"]["added"], json!(["e"]), "{diff}");
+    assert_eq!(diff["dynamo_cache"]["added"], json!(["e"]), "{diff}");
+    let cli_diff = cli_value(
+        dir,
+        &[
+            "diff",
+            "--from",
+            "1",
+            "--to",
+            "5",
+            "--context",
+            "c",
+            "--namespace",
+            "n",
+        ],
+    );
+    assert_eq!(
+        cli_diff["dynamo_cache"]["added"],
+        json!(["e"]),
+        "{cli_diff}"
+    );
+    let default_diff = cli_value(dir, &["diff", "--from", "1", "--to", "5"]);
+    assert_eq!(
+        default_diff["artifacts"]["added"],
+        json!([]),
+        "{default_diff}"
+    );
+    // Dropping c cleared what it held: `a`, recorded again.
+    let dropped = ask(in_c(json!({"op":"diff","from":7,"to":8})))["diff"].clone();
+    assert_eq!(dropped["artifacts"]["cleared"], json!(["a"]), "{dropped}");
+    assert_eq!(dropped["clears"], json!([8]), "{dropped}");
+}

@@ -494,6 +494,7 @@ fn verify_and_state(dir: &Path, context: &str) -> (Value, Value) {
         at: None,
         at_time: None,
         key: None,
+        within: Default::default(),
     })["state"]
         .clone();
     assert_eq!(v["ok"], json!(true), "{context}: verify: {v}");

@@ -126,6 +126,24 @@ impl Event {
         }
     }
 
+    /// [`Event::change`], with the context and namespace it was made in ([`Event::Scoped`]
+    /// unwrapped too; the default ones for an event stored unscoped). The cache's own events
+    /// ([`Event::CacheEntryPut`]…) name their namespace themselves and come back as they are.
+    pub fn scoped_change(&self) -> (&str, &str, &Event) {
+        match self.change() {
+            Event::Scoped {
+                context,
+                namespace,
+                event,
+            } => (context, namespace, event.change()),
+            other => (
+                crate::core::scope::DEFAULT,
+                crate::core::scope::DEFAULT,
+                other,
+            ),
+        }
+    }
+
     /// The event's name as shown to people and in JSON.
     pub fn name(&self) -> &'static str {
         match self {

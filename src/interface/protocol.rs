@@ -358,6 +358,14 @@ pub fn submit_from(ctx: &Context, request: Request, peer: Option<&str>) -> Answe
     submit_in(ctx, scope, request)
 }
 
+/// The context and namespace a question about content is asked of: the request's.
+fn within(scope: &Scope) -> crate::audit::query::Within {
+    crate::audit::query::Within {
+        context: scope.context.clone(),
+        namespace: scope.namespace.clone(),
+    }
+}
+
 /// [`submit`], deciding the context's requests in `scope`.
 fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
     let addr = ctx.addr().clone();
@@ -409,21 +417,33 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
         ),
         Request::History { key } => send!(
             Audit {
-                query: Query::History { key }
+                query: Query::History {
+                    key,
+                    within: within(&scope)
+                }
             },
             Value::Object
         ),
         Request::State { at, at_time, key } => {
             send!(
                 Audit {
-                    query: Query::State { at, at_time, key }
+                    query: Query::State {
+                        at,
+                        at_time,
+                        key,
+                        within: within(&scope)
+                    }
                 },
                 Value::Object
             )
         }
         Request::Diff { from, to } => send!(
             Audit {
-                query: Query::Diff { from, to }
+                query: Query::Diff {
+                    from,
+                    to,
+                    within: within(&scope)
+                }
             },
             Value::Object
         ),

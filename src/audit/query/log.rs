@@ -10,7 +10,7 @@ use crate::store::journal::Journal;
 use crate::store::record::Envelope;
 use crate::store::replay::base;
 
-use super::{content_json, format_time, parse_time, walk, AuditError, Progress};
+use super::{content_json, format_time, parse_time, walk, AuditError, Progress, Within};
 
 /// The keys an event names (artifact and entry keys). `Cleared` names none: it touches the
 /// keys present when it happened.
@@ -229,9 +229,11 @@ pub fn log(
             && until.is_none_or(|u| e.time_ms <= u)
             && filter.event.as_deref().is_none_or(|n| n == e.event.name())
             && filter.key.as_deref().is_none_or(|k| {
-                // A clear touches a key only if the key was there to be cleared.
-                if matches!(e.event, Event::Cleared) {
-                    before.artifacts.contains_key(k) || before.entries.contains_key(k)
+                // A clear touches a key only if the key was there to be cleared, in the
+                // context it cleared.
+                if let (context, _, Event::Cleared) = e.event.scoped_change() {
+                    let there = before.context(context);
+                    there.artifacts.contains_key(k) || there.entries.contains_key(k)
                 } else {
                     event_keys(&e.event).iter().any(|x| x == k)
                 }
@@ -249,20 +251,32 @@ pub fn log(
     Ok(shown)
 }
 
-/// Every event that touched `key` (as an artifact or an entry), oldest first, with each
-/// content version's size and digest, and for artifacts which stitches and saves included or
-/// bypassed it.
+/// Every event that touched `key` (as an artifact or an entry) in the context `within`
+/// names, oldest first, with each content version's size and digest, and for artifacts
+/// which stitches and saves included or bypassed it.
 pub fn history(
     journal: &dyn Journal,
     key: &str,
+    within: &Within,
     progress: Progress,
 ) -> Result<Vec<Value>, AuditError> {
     let mut lines = Vec::new();
-    walk(journal, base(journal)?, |e, _, before| {
+    walk(journal, base(journal)?, |e, _, state| {
         progress(e.seq);
+        let (context, _, change) = e.event.scoped_change();
+        let mine = match change {
+            // Stored unscoped, naming the context it drops.
+            Event::ContextDropped { context } => *context == within.context,
+            _ => context == within.context,
+        };
+        if !mine {
+            return Ok(true);
+        }
+        // The context as it was before this event.
+        let before = state.context(&within.context);
         let mut line = Map::new();
         let mut touched = false;
-        match e.event.change() {
+        match change {
             Event::ArtifactRecorded {
                 key: k,
                 kind,
@@ -289,7 +303,8 @@ pub fn history(
                 );
             }
             Event::ArtifactTaken { key: k } if k == key => touched = true,
-            Event::Cleared => {
+            // Dropping a context empties it, as a clear does.
+            Event::Cleared | Event::ContextDropped { .. } => {
                 touched = before.artifacts.contains_key(key) || before.entries.contains_key(key)
             }
             Event::DynamoEntryRecorded { key: k, entry } if k == key => {

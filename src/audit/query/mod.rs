@@ -28,6 +28,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde_json::{json, Map, Value};
 
 use crate::core::model::{ArtifactRef, Digest};
+use crate::core::scope::DEFAULT;
 use crate::core::state::State;
 use crate::store::error::StoreError;
 use crate::store::journal::Journal;
@@ -112,21 +113,54 @@ pub(super) fn content_json(r: &ArtifactRef) -> Value {
     json!({ "kind": r.kind, "digest": r.digest.to_hex(), "size": r.size })
 }
 
+/// Which context, and which namespace of the dynamo cache, a question about content (`state`,
+/// `history`, `diff`) is asked of: the request's `context` and `namespace`, the default ones
+/// when not given. Questions about the log itself (`log`, `verify`) read every context.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct Within {
+    /// The context asked about (torch's are named `torch@HOST:PID:MS`; see `pcx log`).
+    #[arg(long, default_value = DEFAULT)]
+    pub context: String,
+    /// The namespace of the dynamo cache asked about.
+    #[arg(long, default_value = DEFAULT)]
+    pub namespace: String,
+}
+
+impl Default for Within {
+    fn default() -> Within {
+        Within {
+            context: DEFAULT.to_string(),
+            namespace: DEFAULT.to_string(),
+        }
+    }
+}
+
+impl Within {
+    /// Whether this is the default context and namespace (answers then look as they always
+    /// did; others say which context and namespace they describe).
+    pub fn is_default(&self) -> bool {
+        self.context == DEFAULT && self.namespace == DEFAULT
+    }
+}
+
 /// An audit question, as the batch protocol and the CLI ask it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Query {
     Log(LogFilter),
     History {
         key: String,
+        within: Within,
     },
     State {
         at: Option<u64>,
         at_time: Option<String>,
         key: Option<String>,
+        within: Within,
     },
     Diff {
         from: u64,
         to: u64,
+        within: Within,
     },
     Verify,
 }
@@ -145,14 +179,22 @@ impl Query {
                 log(journal, filter, &mut |line| events.push(line))?;
                 out.insert("events".into(), Value::Array(events));
             }
-            Query::History { key } => {
+            Query::History { key, within } => {
                 out.insert("key".into(), json!(key));
+                if !within.is_default() {
+                    out.insert("context".into(), json!(within.context));
+                }
                 out.insert(
                     "history".into(),
-                    Value::Array(history(journal, key, progress)?),
+                    Value::Array(history(journal, key, within, progress)?),
                 );
             }
-            Query::State { at, at_time, key } => {
+            Query::State {
+                at,
+                at_time,
+                key,
+                within,
+            } => {
                 let at = match (at, at_time) {
                     (Some(s), _) => *s,
                     (None, Some(t)) => seq_at_time(journal, parse_time(t)?)?,
@@ -160,13 +202,13 @@ impl Query {
                 };
                 let (state, head) = state_at(journal, at, progress)?;
                 let value = match key {
-                    Some(k) => artifact_at_json(journal, &state, head.seq, k)?,
-                    None => state_json(&state, head.seq),
+                    Some(k) => artifact_at_json(journal, &state, head.seq, k, within)?,
+                    None => state_json(&state, head.seq, within),
                 };
                 out.insert("state".into(), value);
             }
-            Query::Diff { from, to } => {
-                out.insert("diff".into(), diff(journal, *from, *to, progress)?);
+            Query::Diff { from, to, within } => {
+                out.insert("diff".into(), diff(journal, *from, *to, within, progress)?);
             }
             Query::Verify => {
                 let report = match verify(journal, progress)? {

@@ -14,7 +14,7 @@ use crate::store::journal::Journal;
 use crate::store::record::decode_snapshot;
 use crate::store::replay::{base, Base, Head};
 
-use super::{content_json, walk, AuditError, Progress};
+use super::{content_json, walk, AuditError, Progress, Within};
 
 /// The state right after event `at` (0: before the first event), rebuilt from the newest
 /// snapshot at or before it, or from the start of the log.
@@ -82,19 +82,26 @@ pub fn seq_at_time(journal: &dyn Journal, time_ms: u64) -> Result<u64, AuditErro
 }
 
 /// `state --at`'s answer: `{"seq","state_digest","debug_info","artifacts":[{key,kind,digest,size}],"dynamo_cache":[…]}`.
-pub fn state_json(state: &State, seq: u64) -> Value {
-    let artifacts: Vec<Value> = state
+pub fn state_json(state: &State, seq: u64, within: &Within) -> Value {
+    let context = state.context(&within.context);
+    let artifacts: Vec<Value> = context
         .artifacts
         .iter()
         .map(|(k, r)| json!({ "key": k, "kind": r.kind, "digest": r.digest.to_hex(), "size": r.size }))
         .collect();
-    json!({
+    let mut out = json!({
         "seq": seq,
+        // Of the whole state, every context and namespace: what a replay must reproduce.
         "state_digest": state.digest().to_hex(),
-        "debug_info": state.debug_info(),
+        "debug_info": context.debug_info(),
         "artifacts": artifacts,
-        "dynamo_cache": state.dynamo_cache.keys().collect::<Vec<_>>(),
-    })
+        "dynamo_cache": state.cache(&within.namespace).keys().collect::<Vec<_>>(),
+    });
+    if !within.is_default() {
+        out["context"] = json!(within.context);
+        out["namespace"] = json!(within.namespace);
+    }
+    out
 }
 
 /// `state --at S --key K`'s answer: one artifact's content as it was then, or null.
@@ -103,8 +110,9 @@ pub fn artifact_at_json(
     state: &State,
     seq: u64,
     key: &str,
+    within: &Within,
 ) -> Result<Value, AuditError> {
-    let artifact = match state.artifacts.get(key) {
+    let artifact = match state.context(&within.context).artifacts.get(key) {
         None => Value::Null,
         Some(r) => {
             let content = journal.blob(&r.digest)?;
@@ -122,6 +130,7 @@ pub fn diff(
     journal: &dyn Journal,
     from: u64,
     to: u64,
+    within: &Within,
     progress: Progress,
 ) -> Result<Value, AuditError> {
     if from > to {
@@ -141,13 +150,21 @@ pub fn diff(
                 return Ok(false);
             }
             progress(e.seq);
-            match e.event.change() {
-                Event::ArtifactTaken { key } => {
+            let (context, _, change) = e.event.scoped_change();
+            match change {
+                Event::ArtifactTaken { key } if context == within.context => {
                     removed_by.insert(key.clone(), "taken");
                 }
-                Event::Cleared => {
+                Event::Cleared if context == within.context => {
                     clears.push(e.seq);
-                    for k in before.artifacts.keys() {
+                    for k in before.context(context).artifacts.keys() {
+                        removed_by.insert(k.clone(), "cleared");
+                    }
+                }
+                // Dropping a context empties it, as a clear does.
+                Event::ContextDropped { context } if *context == within.context => {
+                    clears.push(e.seq);
+                    for k in before.context(context).artifacts.keys() {
                         removed_by.insert(k.clone(), "cleared");
                     }
                 }
@@ -162,10 +179,12 @@ pub fn diff(
             last: end.seq,
         });
     }
+    let (a_context, b_context) = (a.context(&within.context), b.context(&within.context));
+    let (a_cache, b_cache) = (a.cache(&within.namespace), b.cache(&within.namespace));
     let mut added = Vec::new();
     let mut changed = Vec::new();
-    for (k, r) in &b.artifacts {
-        match a.artifacts.get(k) {
+    for (k, r) in b_context.artifacts {
+        match a_context.artifacts.get(k) {
             None => added.push(
                 json!({ "key": k, "kind": r.kind, "digest": r.digest.to_hex(), "size": r.size }),
             ),
@@ -176,7 +195,11 @@ pub fn diff(
         }
     }
     let (mut taken, mut cleared) = (Vec::new(), Vec::new());
-    for k in a.artifacts.keys().filter(|k| !b.artifacts.contains_key(*k)) {
+    for k in a_context
+        .artifacts
+        .keys()
+        .filter(|k| !b_context.artifacts.contains_key(*k))
+    {
         match removed_by.get(k) {
             Some(&"taken") => taken.push(k.clone()),
             _ => cleared.push(k.clone()),
@@ -200,30 +223,36 @@ pub fn diff(
         (added, changed)
     }
     let (entries_added, entries_changed) = keys_diff(
-        a.entries.keys().collect(),
-        b.entries
+        a_context.entries.keys().collect(),
+        b_context
+            .entries
             .iter()
-            .map(|(k, e)| (k, a.entries.get(k) == Some(e)))
+            .map(|(k, e)| (k, a_context.entries.get(k) == Some(e)))
             .collect(),
     );
-    let entries_removed: Vec<&String> = a
+    let entries_removed: Vec<&String> = a_context
         .entries
         .keys()
-        .filter(|k| !b.entries.contains_key(*k))
+        .filter(|k| !b_context.entries.contains_key(*k))
         .collect();
     let (cache_added, cache_changed) = keys_diff(
-        a.dynamo_cache.keys().collect(),
-        b.dynamo_cache
+        a_cache.keys().collect(),
+        b_cache
             .iter()
-            .map(|(k, e)| (k, a.dynamo_cache.get(k) == Some(e)))
+            .map(|(k, e)| (k, a_cache.get(k) == Some(e)))
             .collect(),
     );
-    Ok(json!({
+    let mut out = json!({
         "from": from,
         "to": to,
         "artifacts": { "added": added, "changed": changed, "taken": taken, "cleared": cleared },
         "entries": { "added": entries_added, "changed": entries_changed, "removed": entries_removed },
         "dynamo_cache": { "added": cache_added, "changed": cache_changed },
         "clears": clears,
-    }))
+    });
+    if !within.is_default() {
+        out["context"] = json!(within.context);
+        out["namespace"] = json!(within.namespace);
+    }
+    Ok(out)
 }

@@ -89,7 +89,11 @@ pub(crate) enum Command {
         filter: pcx::audit::query::LogFilter,
     },
     /// Audit: every event that touched KEY, oldest first, as JSON lines.
-    History { key: String },
+    History {
+        key: String,
+        #[command(flatten)]
+        within: pcx::audit::query::Within,
+    },
     /// Audit: the context right after an event (the latest by default), rebuilt from the log.
     State {
         #[arg(long, conflicts_with = "at_time")]
@@ -100,6 +104,8 @@ pub(crate) enum Command {
         /// Show this artifact's content as it was then.
         #[arg(long)]
         key: Option<String>,
+        #[command(flatten)]
+        within: pcx::audit::query::Within,
     },
     /// Audit: what was added, changed, taken or cleared between two points.
     Diff {
@@ -107,6 +113,8 @@ pub(crate) enum Command {
         from: u64,
         #[arg(long)]
         to: u64,
+        #[command(flatten)]
+        within: pcx::audit::query::Within,
     },
     /// Audit: check the whole log (records, sequence, hash chain, blobs, snapshots).
     Verify,

@@ -193,9 +193,19 @@ fn read_command(
                 Err(e) => answer_error(e.kind(), &e.to_string()),
             });
         }
-        Command::History { key } => Query::History { key },
-        Command::State { at, at_time, key } => Query::State { at, at_time, key },
-        Command::Diff { from, to } => Query::Diff { from, to },
+        Command::History { key, within } => Query::History { key, within },
+        Command::State {
+            at,
+            at_time,
+            key,
+            within,
+        } => Query::State {
+            at,
+            at_time,
+            key,
+            within,
+        },
+        Command::Diff { from, to, within } => Query::Diff { from, to, within },
         Command::Verify => Query::Verify,
         Command::Export { content, output } => {
             let bar = progress_bar(config, total, "exporting");
