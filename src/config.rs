@@ -74,6 +74,19 @@ pub enum ConfigError {
     Invalid { origin: String, message: String },
 }
 
+/// The setting a `PCX_*` variable that names none was probably meant to be: one within two
+/// edits of its name, or the same but for underscores. Other `PCX_*` variables (a bench's,
+/// the Python side's, a script's) are not pcx's settings and are left alone.
+fn resembled<'t>(key: &str, table: &'t toml::Table) -> Option<&'t str> {
+    let squeezed = |s: &str| s.replace('_', "");
+    table
+        .keys()
+        .map(|k| (strsim::damerau_levenshtein(key, k), k))
+        .filter(|(d, k)| *d <= 2 || squeezed(k) == squeezed(key))
+        .min()
+        .map(|(_, k)| k.as_str())
+}
+
 impl Config {
     /// Defaults, overlaid with `file` (if given) and then with `env` pairs named `PCX_<KEY>`.
     pub fn load(
@@ -102,6 +115,17 @@ impl Config {
                 continue;
             };
             let Some(current) = table.get(&key) else {
+                if let Some(meant) = resembled(&key, &table) {
+                    return Err(ConfigError::Invalid {
+                        origin: "the environment".into(),
+                        message: format!(
+                            "{name} is not a pcx setting; did you mean PCX_{}? (a misspelt \
+                             setting would be ignored: PCX_JOURNL=postgres would leave the \
+                             journal on this machine's disk)",
+                            meant.to_ascii_uppercase()
+                        ),
+                    });
+                }
                 continue;
             };
             let value = match current {
@@ -308,6 +332,37 @@ mod tests {
         let c = Config::load(None, env).unwrap();
         assert_eq!(c.snapshot_every, 5);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    /// Regression: a misspelt `PCX_*` variable was ignored like any other, so a fleet
+    /// worker started with `PCX_JOURNL=postgres` kept its journal on its own disk, every
+    /// change answered, none in the cluster. Now a variable one or two edits from a setting
+    /// is refused naming the setting; the other `PCX_*` variables are still left alone.
+    #[test]
+    fn a_misspelt_pcx_variable_is_refused_naming_the_setting_it_resembles() {
+        for (name, meant) in [
+            ("PCX_JOURNL", "PCX_JOURNAL"),
+            ("PCX_JOURNAL_ULR", "PCX_JOURNAL_URL"),
+            ("PCX_SNAPSHOTEVERY", "PCX_SNAPSHOT_EVERY"),
+            ("PCX_DATADIR", "PCX_DATA_DIR"),
+        ] {
+            let env = vec![(name.to_string(), "postgres".to_string())];
+            let err = Config::load(None, env).unwrap_err().to_string();
+            assert!(
+                err.contains(name) && err.contains(&format!("did you mean {meant}?")),
+                "{name}: {err}"
+            );
+        }
+        for others in [
+            "PCX_BENCH_DIR",
+            "PCX_TEST_PG_URL",
+            "PCX_BIN",
+            "PCX_TORCH_KINDS",
+            "PCX_PG_DIR",
+        ] {
+            let env = vec![(others.to_string(), "1".to_string())];
+            assert!(Config::load(None, env).is_ok(), "{others} is left alone");
+        }
     }
 
     #[test]
