@@ -715,6 +715,74 @@ fn an_entry_or_system_info_that_is_not_valid_json_gets_the_answer_batch_gives() 
     assert_eq!(info["debug_info"], json!({}), "{info}");
 }
 
+/// The CLI's single-request commands act in the context and namespace given with the global
+/// `--context` and `--namespace` (torch's changes all live in named contexts, which the CLI
+/// could not reach), `pcx contexts` lists the contexts, and a command that reads or serves
+/// every context refuses the flags rather than ignore them.
+#[test]
+fn single_shot_commands_act_in_the_context_given_and_whole_log_commands_refuse_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cli_ok(
+        dir,
+        &["record-artifact", "k", "--text", "in c", "--context", "c"],
+    );
+    cli_ok(
+        dir,
+        &[
+            "--context",
+            "c",
+            "record-entry",
+            "e",
+            "--json",
+            r#"{"device_type":"cpu","codes":[{"backend_ids":["k"]}]}"#,
+        ],
+    );
+    cli_ok(dir, &["save", "--context", "c", "--namespace", "n"]);
+    cli_ok(dir, &["record-artifact", "k", "--text", "default's"]);
+    assert_eq!(
+        artifact_text(&cli_ok(dir, &["get", "k", "--context", "c"]), "k").as_deref(),
+        Some("in c")
+    );
+    assert_eq!(
+        artifact_text(&cli_ok(dir, &["get", "k"]), "k").as_deref(),
+        Some("default's")
+    );
+    let loaded = cli_ok(dir, &["load", "e", "--context", "d", "--namespace", "n"]);
+    assert_eq!(loaded["saved_by"], "c", "{loaded}");
+    let contexts = cli_ok(dir, &["contexts"]);
+    let names: Vec<&str> = contexts["contexts"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(names.contains(&"c") && names.contains(&"d"), "{contexts}");
+    assert_eq!(
+        artifact_text(&cli_ok(dir, &["take", "k", "--context", "c"]), "k").as_deref(),
+        Some("in c")
+    );
+    assert_eq!(
+        cli_ok(dir, &["get", "k", "--context", "c"])["artifact"],
+        Value::Null
+    );
+    for refused in [
+        &["--context", "c", "batch"][..],
+        &["log", "--context", "c"],
+        &["verify", "--namespace", "n"],
+        &["contexts", "--context", "c"],
+        &["get", "k", "--context", "a b"],
+    ] {
+        let run = cli(dir, refused);
+        assert_eq!(run.status.code(), Some(2), "{refused:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("--context") || run.stderr.contains("--namespace"),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
 #[test]
 fn single_shot_commands_work_across_processes() {
     let tmp = tempfile::tempdir().unwrap();

@@ -116,13 +116,9 @@ pub(super) fn content_json(r: &ArtifactRef) -> Value {
 /// Which context, and which namespace of the dynamo cache, a question about content (`state`,
 /// `history`, `diff`) is asked of: the request's `context` and `namespace`, the default ones
 /// when not given. Questions about the log itself (`log`, `verify`) read every context.
-#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Within {
-    /// The context asked about (torch's are named `torch@HOST:PID:MS`; see `pcx log`).
-    #[arg(long, default_value = DEFAULT)]
     pub context: String,
-    /// The namespace of the dynamo cache asked about.
-    #[arg(long, default_value = DEFAULT)]
     pub namespace: String,
 }
 

@@ -25,12 +25,23 @@ pub(crate) struct Cli {
     /// Load no plugins: only the built-in `eager` kind.
     #[arg(long, global = true)]
     pub(crate) no_plugins: bool,
+    /// The context a single-request command acts in, and `history`, `state` and `diff`
+    /// describe (default: the default one; `pcx contexts` lists them, torch's are
+    /// `torch@HOST:PID:MS`).
+    #[arg(long, global = true)]
+    pub(crate) context: Option<String>,
+    /// The namespace of the dynamo cache a single-request command acts in (save, load), and
+    /// `state` and `diff` describe.
+    #[arg(long, global = true)]
+    pub(crate) namespace: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
+    /// List the contexts that hold something, with their counts (list_contexts).
+    Contexts,
     /// Record a backend artifact (content from --file, --content-b64, --text or stdin).
     RecordArtifact {
         key: String,
@@ -91,7 +102,8 @@ pub(crate) enum Command {
     /// Audit: every event that touched KEY, oldest first, as JSON lines.
     History {
         key: String,
-        #[command(flatten)]
+        /// From the global `--context` and `--namespace`.
+        #[arg(skip)]
         within: pcx::audit::query::Within,
     },
     /// Audit: the context right after an event (the latest by default), rebuilt from the log.
@@ -104,7 +116,8 @@ pub(crate) enum Command {
         /// Show this artifact's content as it was then.
         #[arg(long)]
         key: Option<String>,
-        #[command(flatten)]
+        /// From the global `--context` and `--namespace`.
+        #[arg(skip)]
         within: pcx::audit::query::Within,
     },
     /// Audit: what was added, changed, taken or cleared between two points.
@@ -113,7 +126,8 @@ pub(crate) enum Command {
         from: u64,
         #[arg(long)]
         to: u64,
-        #[command(flatten)]
+        /// From the global `--context` and `--namespace`.
+        #[arg(skip)]
         within: pcx::audit::query::Within,
     },
     /// Audit: check the whole log (records, sequence, hash chain, blobs, snapshots).

@@ -31,6 +31,7 @@ use crate::remote::{client, serve};
 use crate::report::error_text;
 use crate::report::exit_code;
 use pcx::config::Config;
+use pcx::core::scope::{valid_name, Scope};
 use pcx::interface::protocol::{self, refused, Request, RequestError, WireEdit};
 use pcx::trace::{self};
 use pcx::Context;
@@ -52,9 +53,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let (command, scope) = match scoped(cli.command, cli.context, cli.namespace) {
+        Ok(c) => c,
+        Err(message) => {
+            eprintln!("pcx: {message}");
+            return ExitCode::from(2);
+        }
+    };
     trace::init(config.log_format, &config.log_filter);
     let system = actix::System::new();
-    match system.block_on(run(cli.command, config)) {
+    match system.block_on(run(command, config, scope)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pcx: {}", error_text(&e));
@@ -80,7 +88,64 @@ fn configure(cli: &Cli) -> Result<Config> {
     Ok(config)
 }
 
-async fn run(command: Command, config: Config) -> Result<ExitCode> {
+/// `command` with the global `--context` and `--namespace` given to it: to `history`,
+/// `state` and `diff` as what they describe, and to a single-request command as the scope
+/// its request is sent in. Refused (exit 2) for a name that is not one, or for a command that
+/// reads or serves every context, where it would be ignored without a word.
+fn scoped(
+    mut command: Command,
+    context: Option<String>,
+    namespace: Option<String>,
+) -> Result<(Command, Option<Scope>), String> {
+    if context.is_none() && namespace.is_none() {
+        return Ok((command, None));
+    }
+    let mut scope = Scope::default();
+    for (flag, given, slot) in [
+        ("--context", context, &mut scope.context),
+        ("--namespace", namespace, &mut scope.namespace),
+    ] {
+        if let Some(name) = given {
+            if !valid_name(&name) {
+                return Err(format!(
+                    "{flag} {name:?} is not a name: 1 to 128 characters from [A-Za-z0-9_.:@+-]"
+                ));
+            }
+            *slot = name;
+        }
+    }
+    let within = pcx::audit::query::Within {
+        context: scope.context.clone(),
+        namespace: scope.namespace.clone(),
+    };
+    match &mut command {
+        Command::History { within: w, .. }
+        | Command::State { within: w, .. }
+        | Command::Diff { within: w, .. } => {
+            *w = within;
+            Ok((command, None))
+        }
+        Command::RecordArtifact { .. }
+        | Command::RecordEntry { .. }
+        | Command::Edit { .. }
+        | Command::Get { .. }
+        | Command::Take { .. }
+        | Command::Clear
+        | Command::DebugInfo
+        | Command::Stitch
+        | Command::Save
+        | Command::Load { .. } => Ok((command, Some(scope))),
+        _ => Err(
+            "--context and --namespace go with the single-request commands (record-artifact, \
+             get, take, save, load, …) and with history, state and diff; this command reads \
+             or serves every context (each `log` line names its context; a batch or client \
+             request carries its own \"context\" and \"namespace\")"
+                .to_string(),
+        ),
+    }
+}
+
+async fn run(command: Command, config: Config, scope: Option<Scope>) -> Result<ExitCode> {
     let request = match command {
         Command::Batch => return batch(config).await,
         Command::Demo => return demo(config).await,
@@ -103,8 +168,15 @@ async fn run(command: Command, config: Config) -> Result<ExitCode> {
         | Command::Import { .. }
         | Command::Compact { .. }
         | Command::Recover { .. }) => return audit_command(c, &config),
+        Command::Contexts => Request::ListContexts,
         other => match request_of(other, &config)? {
-            Ok(request) => request,
+            Ok(request) => match scope {
+                Some(scope) => Request::Scoped {
+                    scope,
+                    request: Box::new(request),
+                },
+                None => request,
+            },
             // A request the batch protocol would refuse gets batch's answer, before any open.
             Err(answer) => {
                 println!("{answer}");
