@@ -7,6 +7,7 @@ use actix::prelude::*;
 
 use super::context_actor::{same, ContextActor};
 use super::messages::InScope;
+use super::reply::Durable;
 use crate::actor::error::ContextError;
 use crate::core::event::Event;
 
@@ -41,18 +42,15 @@ pub(super) trait AlreadyApplied: Sized {
     fn already_applied(actor: &mut ContextActor, request_id: &str, reused: bool) -> Option<Self>;
 }
 
-impl<T: Send + 'static> AlreadyApplied for super::reply::Durable<T> {
+impl<T: Send + 'static> AlreadyApplied for Durable<T> {
     fn already_applied(actor: &mut ContextActor, request_id: &str, reused: bool) -> Option<Self> {
-        let request_id = request_id.to_string();
-        let refusal = if reused {
-            crate::actor::error::ContextError::RequestIdReused { request_id }
-        } else {
-            crate::actor::error::ContextError::AlreadyApplied {
-                request_id,
-                taken: None,
-            }
-        };
-        Some(actor.finish(Err(refusal), super::context_actor::same))
+        Some(actor.retry_answer(request_id, reused))
+    }
+}
+
+impl<T> AlreadyApplied for actix::prelude::ResponseFuture<T> {
+    fn already_applied(_: &mut ContextActor, _: &str, _: bool) -> Option<Self> {
+        None
     }
 }
 
@@ -77,6 +75,21 @@ impl ContextActor {
         }
         Some((id.to_string(), reused))
     }
+
+    /// The answer to a retry of an applied request: "already applied" once the first is
+    /// durable, or at once `request_id_reused` when it is another request under the same id.
+    fn retry_answer<T: Send + 'static>(&mut self, request_id: &str, reused: bool) -> Durable<T> {
+        let request_id = request_id.to_string();
+        let refusal = if reused {
+            ContextError::RequestIdReused { request_id }
+        } else {
+            ContextError::AlreadyApplied {
+                request_id,
+                taken: None,
+            }
+        };
+        self.finish(Err(refusal), same)
+    }
 }
 
 /// A take retried under its request id is answered with what the first took, read back from
@@ -91,29 +104,23 @@ impl Handler<InScope<super::messages::TakeArtifact>> for ContextActor {
         ctx: &mut Self::Context,
     ) -> Self::Result {
         if let Some((id, reused)) = self.retried(&msg.scope) {
-            let mut answer = <Self::Result as AlreadyApplied>::already_applied(self, &id, reused)
-                .unwrap_or_else(|| self.finish(Err(ContextError::Closed), same));
+            let mut answer = self.retry_answer(&id, reused);
             if !reused {
                 let journal = crate::audit::query::Capped {
                     inner: self.journal.clone(),
                     cap: self.head.seq,
                 };
-                answer.recover = Some(Box::new(move |refusal| {
+                answer.recover = Some(Box::new(move |_already_applied| {
                     match crate::audit::query::taken_by(&journal, &id) {
                         Ok(taken) => ContextError::AlreadyApplied {
                             request_id: id,
                             taken: taken.map(Box::new),
                         },
+                        // The take was applied, but what it took cannot be read back (a
+                        // damaged log or content): say so, not a bare "applied".
                         Err(e) => {
                             tracing::error!(request_id = %id, error = %e, "cannot read back what a retried take took");
-                            match e {
-                                // Damaged content or log: say so, not a bare "applied".
-                                crate::audit::query::AuditError::Store(_)
-                                | crate::audit::query::AuditError::Replay(_) => {
-                                    ContextError::from(e)
-                                }
-                                _ => refusal,
-                            }
+                            ContextError::from(e)
                         }
                     }
                 }));
@@ -124,12 +131,6 @@ impl Handler<InScope<super::messages::TakeArtifact>> for ContextActor {
         let result = <Self as Handler<super::messages::TakeArtifact>>::handle(self, msg.msg, ctx);
         self.scope = outer;
         result
-    }
-}
-
-impl<T> AlreadyApplied for actix::prelude::ResponseFuture<T> {
-    fn already_applied(_: &mut ContextActor, _: &str, _: bool) -> Option<Self> {
-        None
     }
 }
 
