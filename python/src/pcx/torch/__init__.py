@@ -17,7 +17,6 @@ refuses a torch without it).
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
 import re
@@ -88,9 +87,7 @@ def install(
     if client is None:
         client = Client.default()
     named = _supports(client, "list_contexts")
-    own = False
     if named:
-        own = client.context is None
         # A view of the connection: the client given keeps its own context and namespace
         # for the caller's own requests.
         client = client.scoped(
@@ -105,23 +102,7 @@ def install(
     hooks = Hooks(client, torch_kinds=torch_kinds, shared_cache=named)
     hooks.apply()
     _hooks = hooks
-    if named and own:
-        atexit.register(_drop_at_exit, client, os.getpid())
     return client
-
-
-def _drop_at_exit(client: Client, pid: int) -> None:
-    """Drops this process's own context when the interpreter exits, as torch's per-process
-    ``PrecompileContext`` goes with its process: otherwise every process that ever ran would
-    leave its context in the server's state (and memory) for good. What it saved stays in the
-    dynamo cache, and the log keeps its history (``pcx state --context``). A forked child that
-    inherited this handler, or a server already gone, is left alone."""
-    if os.getpid() != pid:
-        return
-    try:
-        client.drop_context()
-    except Exception:  # noqa: BLE001 - at exit, nothing is left to tell
-        pass
 
 
 def uninstall() -> None:
