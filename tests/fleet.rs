@@ -1779,3 +1779,34 @@ fn verify_while_a_compaction_commits_reads_one_snapshot_and_finds_the_journal_so
     assert_eq!(after["ok"], true, "{after}");
     assert_eq!(after["anchored_at"], events - 101, "{after}");
 }
+
+/// A take retried under its request id at the holder that took over (its first answer lost
+/// with the holder that made it) is answered `already_applied` with the artifact the first
+/// take took, read back from the cluster's log, and takes nothing again.
+#[test]
+fn a_take_retried_at_the_next_holder_hands_over_what_the_first_took() {
+    let name = fresh_name("retried-take");
+    let dir = tempfile::tempdir().expect("a dir");
+    let take = json!({"op": "take_artifact", "key": "k", "request_id": "take-k"});
+    let first = {
+        let mut a = Batch::start(dir.path(), &name, 1_000, 0);
+        for request in [record("k", "taken once"), record("other", "stays")] {
+            let answer = a.ask(request);
+            assert_eq!(answer["ok"], true, "{answer}");
+        }
+        let first = a.ask(take.clone());
+        assert_eq!(first["ok"], true, "{first}");
+        // The holder dies (SIGKILL on drop) with its lease still running.
+        first
+    };
+    let mut b = Batch::start(dir.path(), &name, 1_000, 30_000);
+    let retry = b.ask(take);
+    assert_eq!(retry["already_applied"], true, "{retry}");
+    assert_eq!(retry["artifact"], first["artifact"], "{retry}");
+    let state = b.ask(json!({"op": "dump_debug_info"}));
+    assert_eq!(
+        state["debug_info"]["backends"],
+        json!(["other"]),
+        "taken once: {state}"
+    );
+}
