@@ -29,7 +29,7 @@ from typing import Optional
 
 from .errors import ServerStartError
 
-__all__ = ["default_data_dir", "find_binary", "ensure_server", "server_pid"]
+__all__ = ["default_data_dir", "find_binary", "ensure_server", "server_pid", "check_peer"]
 
 #: How long a started server may take to listen.
 START_TIMEOUT_S = 30.0
@@ -68,6 +68,27 @@ def _trusted(uid: int) -> bool:
     return uid in (os.getuid(), 0)
 
 
+def peer_uid(sock: socket.socket, socket_path: Path) -> int:
+    """The user of the process at the other end of ``sock`` (connected to ``socket_path``)."""
+    if hasattr(socket, "SO_PEERCRED"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        uid: int = struct.unpack("3i", creds)[1]
+        return uid
+    return os.stat(socket_path).st_uid
+
+
+def check_peer(sock: socket.socket, socket_path: Path) -> None:
+    """Refuses (:class:`ServerStartError`) a server run by another user at ``socket_path``:
+    pcx will not send it this user's artifacts nor unpickle what it answers."""
+    uid = peer_uid(sock, socket_path)
+    if not _trusted(uid):
+        raise ServerStartError(
+            f"the server answering on {socket_path} runs as user {uid}, not as this user "
+            f"({os.getuid()}): pcx will not send it your artifacts nor load what it answers; "
+            f"point PCX_DATA_DIR at a directory of your own"
+        )
+
+
 def _answers(socket_path: Path) -> bool:
     """Whether a server answers on ``socket_path``; one run by another user is refused
     (:class:`ServerStartError`), never used."""
@@ -75,21 +96,11 @@ def _answers(socket_path: Path) -> bool:
     sock.settimeout(2.0)
     try:
         sock.connect(str(socket_path))
-        if hasattr(socket, "SO_PEERCRED"):
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            uid = struct.unpack("3i", creds)[1]
-        else:
-            uid = os.stat(socket_path).st_uid
+        check_peer(sock, socket_path)
     except OSError:
         return False
     finally:
         sock.close()
-    if not _trusted(uid):
-        raise ServerStartError(
-            f"the server answering on {socket_path} runs as user {uid}, not as this user "
-            f"({os.getuid()}): pcx will not send it your artifacts nor load what it answers; "
-            f"point PCX_DATA_DIR at a directory of your own"
-        )
     return True
 
 
@@ -126,10 +137,48 @@ def ensure_server(data_dir: Optional[Path] = None, binary: Optional[str] = None)
     return str(socket_path)
 
 
+#: What a server's log says when another process holds its data directory.
+_IN_USE = "is in use"
+
+
 def _start(data_dir: Path, socket_path: Path, binary: str) -> None:
+    """Starts ``pcx serve`` and waits until it listens. A server stopped with SIGTERM holds
+    its data directory until it has written its accepted answers and closed (up to its 5 s
+    grace), longer than a new server waits for it (2 s), so a start that finds the directory
+    in use is made again until :data:`START_TIMEOUT_S`: a client made while the old server
+    finishes reaches the new one instead of failing."""
     log_path = data_dir.parent / (data_dir.name + ".serve.log")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        proc = _spawn(data_dir, socket_path, binary, log_path)
+        while time.monotonic() < deadline:
+            if _answers(socket_path):
+                # Written only now: a pid file naming a child that never listened (it found
+                # the directory in use) made `kill $(cat DATA_DIR.serve.pid)` miss the server.
+                if proc.poll() is None:
+                    (data_dir.parent / (data_dir.name + ".serve.pid")).write_text(f"{proc.pid}\n")
+                return
+            code = proc.poll()
+            if code is not None:
+                break
+            time.sleep(0.02)
+        else:
+            raise ServerStartError(
+                f"`{binary} --data-dir {data_dir} serve` did not listen on {socket_path} within "
+                f"{START_TIMEOUT_S:.0f} s; its log: {log_path}"
+            )
+        tail = _tail(log_path)
+        if _IN_USE not in tail or time.monotonic() >= deadline:
+            raise ServerStartError(
+                f"`{binary} --data-dir {data_dir} serve` exited with {code} before listening; "
+                f"its log: {log_path}: {tail}"
+            )
+        time.sleep(0.1)
+
+
+def _spawn(data_dir: Path, socket_path: Path, binary: str, log_path: Path) -> "subprocess.Popen[bytes]":
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             # The socket named too: the server inherits this environment, where a
             # PCX_SOCKET_PATH would otherwise put it somewhere the client does not look.
             [binary, "--data-dir", str(data_dir), "serve", "--socket", str(socket_path)],
@@ -138,22 +187,6 @@ def _start(data_dir: Path, socket_path: Path, binary: str) -> None:
             stderr=log,
             start_new_session=True,
         )
-    (data_dir.parent / (data_dir.name + ".serve.pid")).write_text(f"{proc.pid}\n")
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if _answers(socket_path):
-            return
-        code = proc.poll()
-        if code is not None:
-            raise ServerStartError(
-                f"`{binary} --data-dir {data_dir} serve` exited with {code} before listening; "
-                f"its log: {log_path}: {_tail(log_path)}"
-            )
-        time.sleep(0.02)
-    raise ServerStartError(
-        f"`{binary} --data-dir {data_dir} serve` did not listen on {socket_path} within "
-        f"{START_TIMEOUT_S:.0f} s; its log: {log_path}"
-    )
 
 
 def server_pid(data_dir: Optional[Path] = None) -> Optional[int]:

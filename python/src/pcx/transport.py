@@ -86,6 +86,11 @@ class SocketTransport(Transport):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(sock, f"pcx serve at {host}:{port}")
 
+    @property
+    def socket(self) -> socket.socket:
+        """The connected socket (for checking who is at the other end)."""
+        return self._sock
+
     def send(self, request: Request) -> None:
         body = self._packer.pack(dict(request))
         try:
