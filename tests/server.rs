@@ -1545,6 +1545,70 @@ fn a_server_shutting_down_leaves_the_socket_a_new_server_bound_at_its_path() {
     new.stop();
 }
 
+/// Two `pcx serve` started at the same instant on one socket path, where a SIGKILLed server
+/// left its socket file: each found the file stale, and the one that came second to replacing
+/// it deleted the socket the first had just bound. Both then ran, the first holding its data
+/// directory and reachable by no one. Now finding out whether a socket is live, replacing it
+/// and binding are done under a lock on the socket's directory: exactly one server listens,
+/// the other exits saying so, and a client reaches the one that runs.
+#[test]
+fn two_servers_started_at_once_on_one_stale_socket_leave_exactly_one_listening_and_reachable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    // What a SIGKILLed server leaves: a socket file no one listens on.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let paused = tmp.path().join("paused");
+    // The first stops right after finding the socket stale, before replacing it…
+    let mut first = serve(&tmp.path().join("a"), &socket, &[]);
+    first
+        .env("PCX_TEST_PAUSE", "serve:stale-found")
+        .env("PCX_TEST_PAUSE_FILE", &paused);
+    let (mut first, first_log) = spawn_logged(first, &socket);
+    let deadline = Instant::now() + TIMEOUT;
+    while !paused.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first server never reached its pause"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    // …while the second starts, finds the same stale file and binds.
+    let (mut second, second_log) =
+        spawn_logged(serve(&tmp.path().join("b"), &socket, &[]), &socket);
+    thread::sleep(Duration::from_millis(1500));
+    std::fs::remove_file(&paused).unwrap();
+    let logs = || {
+        format!(
+            "first: {}\nsecond: {}",
+            std::fs::read_to_string(&first_log).unwrap_or_default(),
+            std::fs::read_to_string(&second_log).unwrap_or_default()
+        )
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    let (loser, mut winner) = loop {
+        if let Some(status) = first.0.try_wait().unwrap() {
+            break (status, second);
+        }
+        if let Some(status) = second.0.try_wait().unwrap() {
+            break (status, first);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both servers run on one socket path: one of them is reachable by no one\n{}",
+            logs()
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(loser.code(), Some(1), "{}", logs());
+    assert!(logs().contains("already listening"), "{}", logs());
+    let mut conn = Conn::try_unix(&socket)
+        .unwrap_or_else(|e| panic!("no server at the socket: {e}\n{}", logs()));
+    assert_ok(&conn.ask(&record("k", b"v")));
+    drop(conn);
+    winner.signal("TERM");
+    assert!(winner.wait_for(STOP_TIMEOUT).is_some(), "{}", logs());
+}
+
 // ---------------------------------------------------------------------------------------------
 // TCP
 

@@ -210,9 +210,53 @@ pub fn frame_budget_bytes(configured: u64, max_frame_bytes: u64) -> u64 {
     (memory / 4).max(max_frame_bytes)
 }
 
+/// An flock(2) on the directory that holds a socket path, held while a server finds out
+/// whether the socket file there is a live server's, replaces a stale one and binds, and
+/// while it removes its own at shutdown. Without it two servers started at once on one path
+/// (a SIGKILLed server's socket file left there) both found the file stale, and the later
+/// one's removal deleted the socket the earlier had just bound: both ran, the earlier one
+/// holding its data directory and reachable by no one. Released when dropped.
+struct SocketDirLock {
+    _held: std::fs::File,
+}
+
+impl SocketDirLock {
+    fn take(socket: &Path) -> Result<SocketDirLock, ServeError> {
+        use std::os::unix::io::AsRawFd;
+        let dir = socket
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let failed = |source| ServeError::Listen {
+            what: format!("{} (locking it to bind a socket in it)", dir.display()),
+            source,
+        };
+        let file = std::fs::File::open(dir).map_err(failed)?;
+        let deadline = Instant::now() + crate::store::swap::LOCK_PATIENCE;
+        loop {
+            // SAFETY: flock only locks the descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(SocketDirLock { _held: file });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock || Instant::now() >= deadline {
+                return Err(failed(e));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 /// Binds the Unix socket: a stale socket file (no server answering) is replaced, a live one
-/// is an error; the socket is created with mode 0600.
+/// is an error; the socket is created with mode 0600. All of it under [`SocketDirLock`].
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| ServeError::Listen {
+            what: parent.display().to_string(),
+            source,
+        })?;
+    }
+    let _lock = SocketDirLock::take(path)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -227,14 +271,9 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ServeError::Live(path.to_path_buf()));
         }
+        crate::store::swap::pause_point("serve:stale-found");
         std::fs::remove_file(path).map_err(|source| ServeError::Listen {
             what: format!("{} (removing a stale socket)", path.display()),
-            source,
-        })?;
-    }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|source| ServeError::Listen {
-            what: parent.display().to_string(),
             source,
         })?;
     }
@@ -378,6 +417,9 @@ pub async fn run(
             "some connections did not take their answers within the grace period; closing them"
         );
     }
+    // Under the lock, so a server replacing this one's socket as stale meanwhile cannot have
+    // its own removed between the check and the removal.
+    let _lock = SocketDirLock::take(&config.socket_path);
     if bound.is_some() && socket_identity(&config.socket_path) == bound {
         let _ = std::fs::remove_file(&config.socket_path);
     }
