@@ -1609,6 +1609,61 @@ fn two_servers_started_at_once_on_one_stale_socket_leave_exactly_one_listening_a
     assert!(winner.wait_for(STOP_TIMEOUT).is_some(), "{}", logs());
 }
 
+/// A socket path longer than `sun_path` holds (108 bytes, the NUL included): a data directory
+/// deep in a CI workspace or a project tree. Before: `pcx serve` failed "path must be shorter
+/// than SUN_LEN" and `pcx client` could not connect either, so such a directory could not be
+/// served at all (nor by the Python package's embedded default). Now both reach the socket
+/// through its directory (`/proc/self/fd/N/NAME`) when its path is too long.
+#[test]
+fn a_socket_path_longer_than_sun_path_is_served_and_reached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let deep = tmp.path().join("d".repeat(60)).join("e".repeat(60));
+    let dir = deep.join("data");
+    let socket = dir.join("pcx.sock");
+    assert!(socket.as_os_str().len() > 108, "{}", socket.display());
+    let (mut server, log) = spawn_logged(serve(&dir, &socket, &[]), &socket);
+    let deadline = Instant::now() + TIMEOUT;
+    while std::fs::symlink_metadata(&socket).is_err() {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            panic!(
+                "pcx serve exited ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "pcx serve did not bind");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let input = format!(
+        "{}\n{}\n",
+        record("k", b"v"),
+        json!({"op": "serialize_artifact_by_key", "key": "k"})
+    );
+    let client = run(
+        pcx_cmd(&["client", "--socket", path_str(&socket)]),
+        input.as_bytes(),
+    );
+    assert!(client.status.success(), "pcx client: {}", client.stderr);
+    let answers: Vec<Value> = client
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 2, "{}", client.stdout);
+    assert_ok(&answers[0]);
+    assert_eq!(
+        answers[1]["artifact"]["content_b64"], "dg==",
+        "{}",
+        client.stdout
+    );
+    server.signal("TERM");
+    let status = server.wait_for(STOP_TIMEOUT);
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(
+        std::fs::symlink_metadata(&socket).is_err(),
+        "the socket is removed at shutdown"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // TCP
 

@@ -30,11 +30,14 @@ def default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def _wait_gone(pid: int) -> None:
+    """Until `pid` has exited (a zombie of this process, which started it, counts as gone)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (ProcessLookupError, FileNotFoundError):
             return
         time.sleep(0.05)
 
@@ -212,3 +215,27 @@ def test_a_default_client_made_while_the_old_server_still_finishes_waits_for_it(
     new = server.server_pid(default_dir)
     assert new is not None and new != old
     os.kill(new, 0)  # the pid file names the server that runs now
+
+
+def test_a_data_directory_whose_socket_path_is_longer_than_sun_path_is_served_and_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a socket's address holds 107 bytes of path, and `DATA_DIR/pcx.sock` of a
+    data directory deep in a CI workspace or project tree is longer: the server
+    `Client.default()` started exited "path must be shorter than SUN_LEN", so
+    `pcx.ServerStartError` (and `pcx.torch.install()` raised). Now the server binds and the
+    client connects through a descriptor on the socket's directory when the path is too
+    long."""
+    data = tmp_path / ("d" * 60) / ("e" * 60) / "pcx"
+    assert len(str(data / "pcx.sock")) > 108
+    monkeypatch.setenv("PCX_DATA_DIR", str(data))
+    try:
+        with pcx.Client.default() as c:
+            c.record_artifact("k", b"v")
+        with pcx.Client.connect(str(data / "pcx.sock")) as c:
+            assert c.serialize_artifact_by_key("k")["content_b64"] == b"v"
+    finally:
+        pid = server.server_pid(data)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            _wait_gone(pid)

@@ -268,7 +268,7 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
                 ),
             });
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if crate::interface::unix_path::connect(path).is_ok() {
             return Err(ServeError::Live(path.to_path_buf()));
         }
         crate::store::swap::pause_point("serve:stale-found");
@@ -280,7 +280,8 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     // SAFETY: umask only changes this process's file-creation mask; it is set for the bind
     // and restored right after, at start-up, before any other thread creates files.
     let old = unsafe { libc::umask(0o177) };
-    let bound = tokio::net::UnixListener::bind(path);
+    let bound =
+        crate::interface::unix_path::with_short_path(path, |p| tokio::net::UnixListener::bind(p));
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     bound.map_err(|source| ServeError::Listen {

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ServerStartError
+from .transport import connect_unix
 
 __all__ = ["default_data_dir", "find_binary", "ensure_server", "server_pid", "check_peer"]
 
@@ -95,7 +96,7 @@ def _answers(socket_path: Path) -> bool:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(2.0)
     try:
-        sock.connect(str(socket_path))
+        connect_unix(sock, socket_path)
         check_peer(sock, socket_path)
     except OSError:
         return False
