@@ -239,3 +239,41 @@ def test_a_data_directory_whose_socket_path_is_longer_than_sun_path_is_served_an
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
             _wait_gone(pid)
+
+
+def test_a_default_client_behind_a_stopped_starter_gives_up_in_time_not_never(
+    default_dir: Path,
+) -> None:
+    """Regression: `Client.default()` waited for `DATA_DIR.start-lock` without a bound. A
+    process stopped while it held it (Ctrl-Z, a debugger's breakpoint in a notebook) made
+    every other process's `Client.default()` (every torchrun rank's `pcx.torch.install()`)
+    hang for as long as it stayed stopped, saying nothing. Now the wait for the lock counts
+    against the start's own deadline (`START_TIMEOUT_S`), after which it fails naming the
+    lock, and a server that comes up meanwhile is used at once."""
+    default_dir.parent.mkdir(parents=True)
+    lock_path = default_dir.parent / (default_dir.name + ".start-lock")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, signal, sys; f = open(sys.argv[1], 'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); "
+            "os.kill(os.getpid(), signal.SIGSTOP)",
+            str(lock_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code = (
+            "import pcx, pcx.server as s; s.START_TIMEOUT_S = 2.0\n"
+            "try:\n    pcx.Client.default()\nexcept pcx.ServerStartError as e:\n    print(e)\n"
+        )
+        waited = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+        )
+        assert "start-lock" in waited.stdout, waited.stdout + waited.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)

@@ -130,11 +130,28 @@ def ensure_server(data_dir: Optional[Path] = None, binary: Optional[str] = None)
         return str(socket_path)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = data_dir.parent / (data_dir.name + ".start-lock")
+    # One deadline for the whole start, the wait for the lock included: a process stopped
+    # while it held the lock (Ctrl-Z, a breakpoint) made every other one wait for ever, and
+    # processes queued behind a start that kept failing waited one full start each.
+    deadline = time.monotonic() + START_TIMEOUT_S
     with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if _answers(socket_path):
+                    return str(socket_path)
+                if time.monotonic() >= deadline:
+                    raise ServerStartError(
+                        f"another process has held {lock_path} for {START_TIMEOUT_S:.0f} s, "
+                        f"starting the server on {data_dir}, and none answers on "
+                        f"{socket_path}: is that process stopped (Ctrl-Z, a debugger)?"
+                    ) from None
+                time.sleep(0.05)
         if _answers(socket_path):
             return str(socket_path)
-        _start(data_dir, socket_path, binary or find_binary())
+        _start(data_dir, socket_path, binary or find_binary(), deadline)
     return str(socket_path)
 
 
@@ -142,14 +159,13 @@ def ensure_server(data_dir: Optional[Path] = None, binary: Optional[str] = None)
 _IN_USE = "is in use"
 
 
-def _start(data_dir: Path, socket_path: Path, binary: str) -> None:
+def _start(data_dir: Path, socket_path: Path, binary: str, deadline: float) -> None:
     """Starts ``pcx serve`` and waits until it listens. A server stopped with SIGTERM holds
     its data directory until it has written its accepted answers and closed (up to its 5 s
     grace), longer than a new server waits for it (2 s), so a start that finds the directory
-    in use is made again until :data:`START_TIMEOUT_S`: a client made while the old server
-    finishes reaches the new one instead of failing."""
+    in use is made again until ``deadline``: a client made while the old server finishes
+    reaches the new one instead of failing."""
     log_path = data_dir.parent / (data_dir.name + ".serve.log")
-    deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         proc = _spawn(data_dir, socket_path, binary, log_path)
         while time.monotonic() < deadline:
