@@ -277,3 +277,48 @@ def test_a_default_client_behind_a_stopped_starter_gives_up_in_time_not_never(
     finally:
         holder.kill()
         holder.wait(timeout=10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+@pytest.mark.parametrize("name", ["pcx.serve.pid", "pcx.serve.log", "pcx.start-lock"])
+def test_a_link_another_user_put_beside_the_data_directory_is_refused_not_written_through(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    """Regression: the embedded default keeps its start lock, its server's log and pid beside
+    the data directory, and opened them following symbolic links. With `PCX_DATA_DIR` in a
+    directory every user can write (`/tmp/pcx`), another user's link
+    `/tmp/pcx.serve.pid -> ~/.bashrc` had `Client.default()` overwrite that file with the
+    server's pid (the log and the lock likewise wrote or created where the link pointed). Now
+    those files are opened without following a link, and one of another user is refused with
+    `pcx.ServerStartError` naming it, nothing written."""
+    import shutil
+    import tempfile
+
+    nobody = 65534
+    shared = Path(tempfile.mkdtemp(prefix="pcx-shared-"))  # like /tmp: sticky, writable by all
+    os.chmod(shared, 0o1777)
+    victim = tmp_path / "precious"
+    victim.write_text("precious\n")
+    pid = os.fork()
+    if pid == 0:  # the other user plants the link
+        try:
+            os.setgid(nobody)
+            os.setuid(nobody)
+            os.symlink(victim, shared / name)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    monkeypatch.setenv("PCX_DATA_DIR", str(shared / "pcx"))
+    try:
+        with pytest.raises(pcx.ServerStartError, match=name):
+            pcx.Client.default()
+        assert victim.read_text() == "precious\n"
+    finally:
+        started = server.server_pid(shared / "pcx")
+        if started is not None and started != os.getpid():
+            try:
+                os.kill(started, signal.SIGTERM)
+                _wait_gone(started)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(shared, ignore_errors=True)

@@ -25,7 +25,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
 from .errors import ServerStartError
 from .transport import connect_unix
@@ -120,6 +120,30 @@ def _check_owner(data_dir: Path) -> None:
             )
 
 
+def _open_beside(path: Path, flags: int) -> int:
+    """Opens (creating, mode 0600) one of the files kept beside the data directory: the start
+    lock, the server's log and its pid. Never through a symbolic link, and never one of
+    another user's: in a directory every user can write (``PCX_DATA_DIR=/tmp/pcx``) another
+    user could put a link there to any file of this user, which was then overwritten (the pid,
+    the log; the lock truncated it), or a file of their own to read the server's log."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ServerStartError(
+            f"cannot open {path} ({e}): pcx keeps it beside the data directory and opens no "
+            f"symbolic link there, where another user may have put one; remove it, or point "
+            f"PCX_DATA_DIR at a directory in one of your own"
+        ) from e
+    uid = os.fstat(fd).st_uid
+    if not _trusted(uid):
+        os.close(fd)
+        raise ServerStartError(
+            f"{path} belongs to user {uid}, not to this user ({os.getuid()}): pcx will not "
+            f"use it; remove it, or point PCX_DATA_DIR at a directory in one of your own"
+        )
+    return fd
+
+
 def ensure_server(data_dir: Optional[Path] = None, binary: Optional[str] = None) -> str:
     """The socket path of the server on ``data_dir`` (the embedded default's when ``None``),
     starting ``pcx serve`` there if nothing answers yet."""
@@ -134,7 +158,7 @@ def ensure_server(data_dir: Optional[Path] = None, binary: Optional[str] = None)
     # while it held the lock (Ctrl-Z, a breakpoint) made every other one wait for ever, and
     # processes queued behind a start that kept failing waited one full start each.
     deadline = time.monotonic() + START_TIMEOUT_S
-    with open(lock_path, "w") as lock:
+    with os.fdopen(_open_beside(lock_path, os.O_WRONLY), "w") as lock:
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,44 +190,52 @@ def _start(data_dir: Path, socket_path: Path, binary: str, deadline: float) -> N
     in use is made again until ``deadline``: a client made while the old server finishes
     reaches the new one instead of failing."""
     log_path = data_dir.parent / (data_dir.name + ".serve.log")
-    while True:
-        proc = _spawn(data_dir, socket_path, binary, log_path)
-        while time.monotonic() < deadline:
-            if _answers(socket_path):
-                # Written only now: a pid file naming a child that never listened (it found
-                # the directory in use) made `kill $(cat DATA_DIR.serve.pid)` miss the server.
-                if proc.poll() is None:
-                    (data_dir.parent / (data_dir.name + ".serve.pid")).write_text(f"{proc.pid}\n")
-                return
-            code = proc.poll()
-            if code is not None:
-                break
-            time.sleep(0.02)
-        else:
-            raise ServerStartError(
-                f"`{binary} --data-dir {data_dir} serve` did not listen on {socket_path} within "
-                f"{START_TIMEOUT_S:.0f} s; its log: {log_path}"
-            )
-        tail = _tail(log_path)
-        if _IN_USE not in tail or time.monotonic() >= deadline:
-            raise ServerStartError(
-                f"`{binary} --data-dir {data_dir} serve` exited with {code} before listening; "
-                f"its log: {log_path}: {tail}"
-            )
-        time.sleep(0.1)
+    pid_path = data_dir.parent / (data_dir.name + ".serve.pid")
+    # Both opened (and checked) before anything starts.
+    with os.fdopen(_open_beside(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log, os.fdopen(
+        _open_beside(pid_path, os.O_WRONLY), "w"
+    ) as pid_file:
+        while True:
+            proc = _spawn(data_dir, socket_path, binary, log)
+            while time.monotonic() < deadline:
+                if _answers(socket_path):
+                    # Written only now: a pid file naming a child that never listened (it
+                    # found the directory in use) made `kill $(cat DATA_DIR.serve.pid)` miss
+                    # the server.
+                    if proc.poll() is None:
+                        pid_file.truncate()
+                        pid_file.write(f"{proc.pid}\n")
+                    return
+                code = proc.poll()
+                if code is not None:
+                    break
+                time.sleep(0.02)
+            else:
+                raise ServerStartError(
+                    f"`{binary} --data-dir {data_dir} serve` did not listen on {socket_path} "
+                    f"within {START_TIMEOUT_S:.0f} s; its log: {log_path}"
+                )
+            tail = _tail(log_path)
+            if _IN_USE not in tail or time.monotonic() >= deadline:
+                raise ServerStartError(
+                    f"`{binary} --data-dir {data_dir} serve` exited with {code} before "
+                    f"listening; its log: {log_path}: {tail}"
+                )
+            time.sleep(0.1)
 
 
-def _spawn(data_dir: Path, socket_path: Path, binary: str, log_path: Path) -> "subprocess.Popen[bytes]":
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            # The socket named too: the server inherits this environment, where a
-            # PCX_SOCKET_PATH would otherwise put it somewhere the client does not look.
-            [binary, "--data-dir", str(data_dir), "serve", "--socket", str(socket_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
+def _spawn(
+    data_dir: Path, socket_path: Path, binary: str, log: IO[bytes]
+) -> "subprocess.Popen[bytes]":
+    return subprocess.Popen(
+        # The socket named too: the server inherits this environment, where a
+        # PCX_SOCKET_PATH would otherwise put it somewhere the client does not look.
+        [binary, "--data-dir", str(data_dir), "serve", "--socket", str(socket_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
 
 
 def server_pid(data_dir: Optional[Path] = None) -> Optional[int]:
