@@ -137,3 +137,46 @@ def test_install_leaves_the_context_and_namespace_of_the_client_it_is_given_as_t
         assert other.serialize_artifact_by_key("mine")["content_b64"] == b"x"
         assert other.get_cache_entry("saved-by-me") is not None
     mine.close()
+
+
+def test_install_from_many_threads_at_once_installs_once_and_uninstall_puts_torchs_own_back(
+    served: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: ``install()`` is idempotent, but threads of a pool that each called it at
+    the same moment all found nothing installed yet, and each put its hooks over the one
+    before, saving that one's hooks as "torch's own": ``uninstall()`` then put back another
+    thread's pcx hooks (torch went on recording into pcx through a client no one held, while
+    ``installed()`` said ``None``), and a fall-back for an unreachable server did the same.
+    Now install and uninstall are serialised: every thread gets the one client installed,
+    and uninstall puts torch's own methods back."""
+    import threading
+
+    import pcx.torch
+    from torch._dynamo.precompile_context import PrecompileContext
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torchs_own = dict(PrecompileContext.__dict__)
+    barrier = threading.Barrier(8)
+    installed: list = []
+
+    def install() -> None:
+        barrier.wait(timeout=30)
+        installed.append(pcx.torch.install(pcx.Client.connect(str(served.socket))))
+
+    threads = [threading.Thread(target=install) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert len(installed) == 8
+        assert len({id(c) for c in installed}) == 1, "one client installed, for every thread"
+    finally:
+        pcx.torch.uninstall()
+    changed = [
+        name
+        for name in ("record_artifact", "clear", "save_to_dynamo_cache", "_backend_artifacts_by_key")
+        if PrecompileContext.__dict__[name] is not torchs_own[name]
+    ]
+    assert changed == [], f"still pcx's after uninstall: {changed}"
+    assert pcx.torch.installed() is None

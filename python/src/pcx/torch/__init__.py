@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import socket
+import threading
 import time
 from typing import Any, Optional
 
@@ -31,6 +32,10 @@ from .hooks import Hooks
 __all__ = ["install", "uninstall", "installed", "default_namespace"]
 
 _hooks: Optional[Hooks] = None
+#: Serialises install and uninstall: threads of a pool that each called ``install()`` at
+#: once all found nothing installed, and each put its hooks over the one before, saving
+#: those as torch's own, so ``uninstall()`` (or a fall-back) put pcx's hooks back, not torch's.
+_installing = threading.Lock()
 
 
 def default_namespace() -> str:
@@ -75,6 +80,13 @@ def install(
     directory). Processes on several machines share a cache by naming the same namespace. ``torch_kinds``: record artifacts as
     ``torch.bundled_aot_autograd``/``torch.pickle`` (needs pcx's torch-pickle plugin in the
     server's plugin directory) instead of ``eager``; default from ``PCX_TORCH_KINDS=1``."""
+    with _installing:
+        return _install(client, namespace=namespace, torch_kinds=torch_kinds)
+
+
+def _install(
+    client: Optional[Client], *, namespace: Optional[str], torch_kinds: Optional[bool]
+) -> Client:
     global _hooks
     if _hooks is not None:
         return _hooks.client
@@ -108,9 +120,10 @@ def install(
 def uninstall() -> None:
     """Puts torch's own precompile context and dynamo cache back."""
     global _hooks
-    if _hooks is not None:
-        _hooks.remove()
-        _hooks = None
+    with _installing:
+        if _hooks is not None:
+            _hooks.remove()
+            _hooks = None
 
 
 def installed() -> Optional[Client]:
