@@ -8,6 +8,7 @@ Skipped, saying so, where torch is not installed (`.ci/run` installs it)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -180,3 +181,40 @@ def test_install_from_many_threads_at_once_installs_once_and_uninstall_puts_torc
     ]
     assert changed == [], f"still pcx's after uninstall: {changed}"
     assert pcx.torch.installed() is None
+
+
+def test_a_torch_process_that_exits_leaves_no_context_behind_in_the_server(
+    served: Any, tmp_path: Path
+) -> None:
+    """Regression: each torch process records into a context of its own in the shared server
+    (as torch's precompile context is per process), and none was ever dropped: every rank of
+    every run, every notebook kernel restarted, left its artifacts and entries in the
+    server's state for good, growing its memory, its snapshots and its restarts without
+    bound, though torch's own context ends with its process. Now a process drops the context
+    ``install()`` made for it when it exits (saved entries are in the dynamo cache, and the
+    log keeps the history)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pcx, pcx.torch\n"
+        "c = pcx.torch.install(pcx.Client.connect(sys.argv[1]))\n"
+        "c.record_artifact('a', b'compiled')\n"
+        "print(c.context)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(served.socket)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
+    )
+    assert done.returncode == 0, done.stderr
+    context = done.stdout.strip()
+    assert context.startswith("torch@"), done.stdout
+    with pcx.Client.connect(str(served.socket)) as c:
+        names = [x["name"] for x in c.list_contexts()]
+        assert context not in names, names
+        # The history is still there: the record, then the drop.
+        events = [e["event"] for e in c.log() if e.get("context") == context]
+        assert events[0] == "ArtifactRecorded" and events[-1] == "ContextDropped", events

@@ -17,6 +17,7 @@ refuses a torch without it).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
@@ -26,12 +27,15 @@ import time
 from typing import Any, Optional
 
 from ..client import Client
+from ..transport import SocketTransport
 from ..errors import UnknownOp
 from .hooks import Hooks
 
 __all__ = ["install", "uninstall", "installed", "default_namespace"]
 
 _hooks: Optional[Hooks] = None
+#: How long the drop of this process's context may take at exit.
+_DROP_TIMEOUT_S = 5.0
 #: Serialises install and uninstall: threads of a pool that each called ``install()`` at
 #: once all found nothing installed, and each put its hooks over the one before, saving
 #: those as torch's own, so ``uninstall()`` (or a fall-back) put pcx's hooks back, not torch's.
@@ -99,6 +103,7 @@ def _install(
     if client is None:
         client = Client.default()
     named = _supports(client, "list_contexts")
+    own_context = named and client.context is None
     if named:
         # A view of the connection: the client given keeps its own context and namespace
         # for the caller's own requests.
@@ -114,7 +119,28 @@ def _install(
     hooks = Hooks(client, torch_kinds=torch_kinds, shared_cache=named)
     hooks.apply()
     _hooks = hooks
+    if own_context:
+        atexit.register(_drop_context_at_exit, hooks, os.getpid())
     return client
+
+
+def _drop_context_at_exit(hooks: Hooks, pid: int) -> None:
+    """Drops the context :func:`install` made for this process, as torch's own precompile
+    context ends with its process: otherwise every rank of every run (every notebook kernel
+    restarted) left its artifacts and entries in the shared server for good, growing its
+    state, snapshots and restarts without bound. What was saved is in the dynamo cache, and
+    the log keeps the history. Skipped in a forked child (the context is its parent's), after
+    a fall-back (the connection is gone), and bounded: a server that does not answer within
+    a few seconds does not hold up the exit."""
+    if os.getpid() != pid or hooks.fell_back is not None:
+        return
+    transport = hooks.client._transport
+    try:
+        if isinstance(transport, SocketTransport):
+            transport.socket.settimeout(_DROP_TIMEOUT_S)
+        hooks.client.drop_context()
+    except Exception:  # the server gone, or the client closed: nothing to tidy up there
+        pass
 
 
 def uninstall() -> None:
