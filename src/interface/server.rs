@@ -221,28 +221,47 @@ struct SocketDirLock {
 }
 
 impl SocketDirLock {
-    fn take(socket: &Path) -> Result<SocketDirLock, ServeError> {
+    /// Takes the lock, waiting at most [`crate::store::swap::LOCK_PATIENCE`] for another
+    /// server to let go. `None` where the directory cannot be locked at all (a file system
+    /// without flock on directories, such as some NFS homes): the socket is then handled as
+    /// before, unlocked, rather than not served.
+    fn take(socket: &Path) -> Result<Option<SocketDirLock>, ServeError> {
         use std::os::unix::io::AsRawFd;
         let dir = socket
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let failed = |source| ServeError::Listen {
-            what: format!("{} (locking it to bind a socket in it)", dir.display()),
-            source,
+        let Ok(file) = std::fs::File::open(dir) else {
+            return Ok(None);
         };
-        let file = std::fs::File::open(dir).map_err(failed)?;
         let deadline = Instant::now() + crate::store::swap::LOCK_PATIENCE;
         loop {
             // SAFETY: flock only locks the descriptor this function owns.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(SocketDirLock { _held: file });
+                return Ok(Some(SocketDirLock { _held: file }));
             }
             let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::WouldBlock || Instant::now() >= deadline {
-                return Err(failed(e));
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                std::io::ErrorKind::WouldBlock => {
+                    return Err(ServeError::Listen {
+                        what: format!(
+                            "{} (another pcx server has held its lock for {:?} while binding \
+                             a socket in it)",
+                            dir.display(),
+                            crate::store::swap::LOCK_PATIENCE
+                        ),
+                        source: e,
+                    })
+                }
+                _ => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "cannot lock the socket's directory; binding unlocked");
+                    return Ok(None);
+                }
             }
-            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
