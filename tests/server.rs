@@ -1664,6 +1664,40 @@ fn a_socket_path_longer_than_sun_path_is_served_and_reached() {
     );
 }
 
+/// A socket file removed under a running server (by hand, taken for a stale one, or with the
+/// whole data directory). Before: the server ran on, reachable by no one and holding its data
+/// directory, so every server started there next exited "in use" (the Python client's
+/// embedded default failed for good) until someone found the orphan and killed it. Now it
+/// notices within a second, shuts down as on SIGTERM (exit 0, everything durable), and a new
+/// server on the same directory starts and has every change.
+#[test]
+fn a_server_whose_socket_file_was_removed_shuts_down_and_lets_go_of_its_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let socket = tmp.path().join("s.sock");
+    let mut old = Server::start(&dir, &socket);
+    assert_ok(&old.connect().ask(&record("k", b"v")));
+    std::fs::remove_file(&socket).unwrap();
+    let status = old.process.wait_for(STOP_TIMEOUT);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the server whose socket was removed did not stop\n{}",
+        old.stderr()
+    );
+    assert!(
+        old.stderr().contains("removed or replaced"),
+        "{}",
+        old.stderr()
+    );
+    let new = Server::start(&dir, &socket);
+    let answer = new
+        .connect()
+        .ask(&json!({"op": "serialize_artifact_by_key", "key": "k"}));
+    assert_eq!(answer["artifact"]["content_b64"], "dg==", "{answer}");
+    new.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // TCP
 

@@ -20,7 +20,8 @@
 //! of descriptors the accept loop backs off instead of spinning, warning once a second at most.
 //!
 //! Shutdown (the future given to [`run`]): stop accepting, stop reading new frames, finish
-//! and write every answer already accepted, then return; the caller closes the context.
+//! and write every answer already accepted, then return; the caller closes the context. A
+//! server with no TCP listener does the same once its socket file is removed or replaced.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -52,6 +53,10 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 /// Descriptors kept for the data directory's own files (log, blobs, snapshots, plugins) when
 /// `max_connections` is derived from the descriptor limit (at most half the limit).
 const DESCRIPTOR_HEADROOM: u64 = 64;
+
+/// How often a server with no TCP listener checks that its socket file is still the one it
+/// bound (see [`run`]).
+const SOCKET_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Bytes read from a connection at a time (frames larger than this are read in pieces).
 const READ_BUFFER: usize = 64 << 10;
@@ -354,6 +359,12 @@ pub async fn run(
     let mut tasks = Vec::new();
     let mut backoff: Option<Duration> = None;
     let mut warnings = AcceptWarnings::default();
+    // A server reachable only through its socket file stops once that file is gone or is
+    // another's (removed by hand as "stale", or with the whole data directory): before, it
+    // ran on reachable by no one and holding its data directory, so every server started
+    // there next failed "in use" (the Python client's embedded default with it).
+    let mut socket_check = tokio::time::interval(SOCKET_CHECK_EVERY);
+    let watch_socket = tcp.is_none() && bound.is_some();
     tokio::pin!(shutdown);
     loop {
         if let Some(pause) = backoff {
@@ -364,6 +375,15 @@ pub async fn run(
         }
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
+            _ = socket_check.tick(), if watch_socket => {
+                if socket_identity(&config.socket_path) != bound {
+                    tracing::warn!(socket = %config.socket_path.display(),
+                        "this server's socket file was removed or replaced, so no client can \
+                         reach it: shutting down, letting go of the data directory");
+                    break;
+                }
+                continue;
+            }
             a = unix.accept() => a.map(|(stream, _)| Connection::Unix(stream)),
             a = async { match &tcp { Some((l, _)) => l.accept().await, None => std::future::pending().await } } => {
                 a.map(|(stream, _)| Connection::Tcp(stream))
