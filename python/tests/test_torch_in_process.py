@@ -218,3 +218,16 @@ def test_a_torch_process_that_exits_leaves_no_context_behind_in_the_server(
         # The history is still there: the record, then the drop.
         events = [e["event"] for e in c.log() if e.get("context") == context]
         assert events[0] == "ArtifactRecorded" and events[-1] == "ContextDropped", events
+        logged = len(c.log())
+    # A process that recorded nothing leaves nothing, not even a drop.
+    idle = subprocess.run(
+        [sys.executable, "-c", code.replace("c.record_artifact('a', b'compiled')\n", ""),
+         str(served.socket)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
+    )
+    assert idle.returncode == 0, idle.stderr
+    with pcx.Client.connect(str(served.socket)) as c:
+        assert len(c.log()) == logged, c.log()[logged:]

@@ -138,7 +138,11 @@ def _drop_context_at_exit(hooks: Hooks, pid: int) -> None:
     try:
         if isinstance(transport, SocketTransport):
             transport.socket.settimeout(_DROP_TIMEOUT_S)
-        hooks.client.drop_context()
+        # Only a context that holds something: a drop is an event in the log, and a process
+        # that recorded nothing (it only loaded from the cache, or compiled nothing) would
+        # leave one at every exit.
+        if any(c.get("name") == hooks.client.context for c in hooks.client.list_contexts()):
+            hooks.client.drop_context()
     except Exception:  # the server gone, or the client closed: nothing to tidy up there
         pass
 
