@@ -187,7 +187,7 @@ def test_a_default_client_made_while_the_old_server_still_finishes_waits_for_it(
     directory and exits "in use": `pcx.ServerStartError` (so `pcx.torch.install()` raised),
     and `DATA_DIR.serve.pid` named that dead child instead of any server. Now a start the old
     holder keeps out of the directory is made again until `START_TIMEOUT_S`, and the pid file
-    is written only once the server it names listens."""
+    is put back as it was when a started child exits without listening."""
     import socket
     import struct
 

@@ -193,18 +193,26 @@ def _start(data_dir: Path, socket_path: Path, binary: str, deadline: float) -> N
     pid_path = data_dir.parent / (data_dir.name + ".serve.pid")
     # Both opened (and checked) before anything starts.
     with os.fdopen(_open_beside(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log, os.fdopen(
-        _open_beside(pid_path, os.O_WRONLY), "w"
+        _open_beside(pid_path, os.O_RDWR), "r+"
     ) as pid_file:
+        previous = pid_file.read()
+
+        def name_in_pid_file(text: str) -> None:
+            pid_file.seek(0)
+            pid_file.truncate()
+            pid_file.write(text)
+            pid_file.flush()
+
         while True:
             proc = _spawn(data_dir, socket_path, binary, log)
+            # Named at once (an interrupted start still leaves the server it started
+            # findable), and the earlier name put back if this child never listens: it named
+            # a dead child, so `kill $(cat DATA_DIR.serve.pid)` missed the server.
+            name_in_pid_file(f"{proc.pid}\n")
             while time.monotonic() < deadline:
                 if _answers(socket_path):
-                    # Written only now: a pid file naming a child that never listened (it
-                    # found the directory in use) made `kill $(cat DATA_DIR.serve.pid)` miss
-                    # the server.
-                    if proc.poll() is None:
-                        pid_file.truncate()
-                        pid_file.write(f"{proc.pid}\n")
+                    if proc.poll() is not None:
+                        name_in_pid_file(previous)
                     return
                 code = proc.poll()
                 if code is not None:
@@ -215,6 +223,7 @@ def _start(data_dir: Path, socket_path: Path, binary: str, deadline: float) -> N
                     f"`{binary} --data-dir {data_dir} serve` did not listen on {socket_path} "
                     f"within {START_TIMEOUT_S:.0f} s; its log: {log_path}"
                 )
+            name_in_pid_file(previous)
             tail = _tail(log_path)
             if _IN_USE not in tail or time.monotonic() >= deadline:
                 raise ServerStartError(
