@@ -182,8 +182,8 @@ class Client:
                 failure: Exception = e
             else:
                 try:
-                    assert isinstance(client._transport, SocketTransport)
-                    server.check_peer(client._transport.socket, Path(path))
+                    if isinstance(client._transport, SocketTransport):
+                        server.check_peer(client._transport.socket, Path(path))
                     client.request("stats")
                     return client
                 except TransportError as e:

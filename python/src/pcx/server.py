@@ -193,7 +193,7 @@ def _start(data_dir: Path, socket_path: Path, binary: str, deadline: float) -> N
     pid_path = data_dir.parent / (data_dir.name + ".serve.pid")
     # Both opened (and checked) before anything starts.
     with os.fdopen(_open_beside(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log, os.fdopen(
-        _open_beside(pid_path, os.O_RDWR), "r+"
+        _open_beside(pid_path, os.O_RDWR), "r+", encoding="utf-8", errors="replace"
     ) as pid_file:
         previous = pid_file.read()
 
