@@ -231,3 +231,35 @@ def test_a_torch_process_that_exits_leaves_no_context_behind_in_the_server(
     assert idle.returncode == 0, idle.stderr
     with pcx.Client.connect(str(served.socket)) as c:
         assert len(c.log()) == logged, c.log()[logged:]
+
+
+def test_a_fall_back_for_what_pcx_refused_leaves_the_callers_own_client_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: ``install(client)`` gives torch a view of the caller's own connection, and
+    when pcx refused what torch recorded (an artifact over ``max_content_bytes``) the
+    fall-back to torch's own context closed that connection, though it was in step: the
+    caller's client (one a thread pool shares, say) then failed every request with
+    ``pcx.TransportError`` ("the client was closed"). Now a fall-back closes the connection
+    only when it is broken anyway."""
+    import pcx.torch
+    from conftest import Served
+
+    monkeypatch.setenv("PCX_MAX_CONTENT_BYTES", "2000")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    small = Served(tmp_path / "small-limit")
+    mine = pcx.Client.connect(str(small.socket))
+    try:
+        pcx.torch.install(mine, namespace="refused")
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(caching_precompile=True):
+            x = torch.randn(8, 8)
+            torch.compile(lambda t: (t @ t).relu().sum(dim=0))(x)
+        assert pcx.torch.installed() is None, "pcx refused the artifact and torch fell back"
+        assert mine.record_artifact("mine", b"x")["ok"]
+        assert mine.serialize_artifact_by_key("mine")["content_b64"] == b"x"
+    finally:
+        pcx.torch.uninstall()
+        torch._dynamo.reset()
+        mine.close()
+        small.stop()

@@ -129,10 +129,11 @@ def _drop_context_at_exit(hooks: Hooks, pid: int) -> None:
     context ends with its process: otherwise every rank of every run (every notebook kernel
     restarted) left its artifacts and entries in the shared server for good, growing its
     state, snapshots and restarts without bound. What was saved is in the dynamo cache, and
-    the log keeps the history. Skipped in a forked child (the context is its parent's), after
-    a fall-back (the connection is gone), and bounded: a server that does not answer within
-    a few seconds does not hold up the exit."""
-    if os.getpid() != pid or hooks.fell_back is not None:
+    the log keeps the history. Skipped in a forked child (the context is its parent's) and on
+    a broken connection (a fall-back because pcx could not be reached: the request fails at
+    once), and bounded: a server that does not answer within a few seconds does not hold up
+    the exit."""
+    if os.getpid() != pid:
         return
     transport = hooks.client._transport
     try:
