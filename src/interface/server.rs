@@ -376,7 +376,7 @@ pub async fn run(
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             _ = socket_check.tick(), if watch_socket => {
-                if socket_identity(&config.socket_path) != bound {
+                if socket_lost(&config.socket_path, bound) {
                     tracing::warn!(socket = %config.socket_path.display(),
                         "this server's socket file was removed or replaced, so no client can \
                          reach it: shutting down, letting go of the data directory");
@@ -501,6 +501,17 @@ fn socket_identity(path: &Path) -> Option<(u64, u64)> {
     std::fs::symlink_metadata(path)
         .ok()
         .map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether the socket file at `path` is known to be gone, or to be another file than the one
+/// bound (`bound`); a look that fails for another reason (a permission changed for a moment)
+/// proves nothing, and a server is not stopped on it.
+fn socket_lost(path: &Path, bound: Option<(u64, u64)>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Some((m.dev(), m.ino())) != bound,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
 }
 
 enum Connection {
