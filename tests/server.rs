@@ -1545,6 +1545,159 @@ fn a_server_shutting_down_leaves_the_socket_a_new_server_bound_at_its_path() {
     new.stop();
 }
 
+/// Two `pcx serve` started at the same instant on one socket path, where a SIGKILLed server
+/// left its socket file: each found the file stale, and the one that came second to replacing
+/// it deleted the socket the first had just bound. Both then ran, the first holding its data
+/// directory and reachable by no one. Now finding out whether a socket is live, replacing it
+/// and binding are done under a lock on the socket's directory: exactly one server listens,
+/// the other exits saying so, and a client reaches the one that runs.
+#[test]
+fn two_servers_started_at_once_on_one_stale_socket_leave_exactly_one_listening_and_reachable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    // What a SIGKILLed server leaves: a socket file no one listens on.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let paused = tmp.path().join("paused");
+    // The first stops right after finding the socket stale, before replacing it…
+    let mut first = serve(&tmp.path().join("a"), &socket, &[]);
+    first
+        .env("PCX_TEST_PAUSE", "serve:stale-found")
+        .env("PCX_TEST_PAUSE_FILE", &paused);
+    let (mut first, first_log) = spawn_logged(first, &socket);
+    let deadline = Instant::now() + TIMEOUT;
+    while !paused.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first server never reached its pause"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    // …while the second starts, finds the same stale file and binds.
+    let (mut second, second_log) =
+        spawn_logged(serve(&tmp.path().join("b"), &socket, &[]), &socket);
+    thread::sleep(Duration::from_millis(1500));
+    std::fs::remove_file(&paused).unwrap();
+    let logs = || {
+        format!(
+            "first: {}\nsecond: {}",
+            std::fs::read_to_string(&first_log).unwrap_or_default(),
+            std::fs::read_to_string(&second_log).unwrap_or_default()
+        )
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    let (loser, mut winner) = loop {
+        if let Some(status) = first.0.try_wait().unwrap() {
+            break (status, second);
+        }
+        if let Some(status) = second.0.try_wait().unwrap() {
+            break (status, first);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both servers run on one socket path: one of them is reachable by no one\n{}",
+            logs()
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(loser.code(), Some(1), "{}", logs());
+    assert!(logs().contains("already listening"), "{}", logs());
+    let mut conn = Conn::try_unix(&socket)
+        .unwrap_or_else(|e| panic!("no server at the socket: {e}\n{}", logs()));
+    assert_ok(&conn.ask(&record("k", b"v")));
+    drop(conn);
+    winner.signal("TERM");
+    assert!(winner.wait_for(STOP_TIMEOUT).is_some(), "{}", logs());
+}
+
+/// A socket path longer than `sun_path` holds (108 bytes, the NUL included): a data directory
+/// deep in a CI workspace or a project tree. Before: `pcx serve` failed "path must be shorter
+/// than SUN_LEN" and `pcx client` could not connect either, so such a directory could not be
+/// served at all (nor by the Python package's embedded default). Now both reach the socket
+/// through its directory (`/proc/self/fd/N/NAME`) when its path is too long.
+#[test]
+fn a_socket_path_longer_than_sun_path_is_served_and_reached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let deep = tmp.path().join("d".repeat(60)).join("e".repeat(60));
+    let dir = deep.join("data");
+    let socket = dir.join("pcx.sock");
+    assert!(socket.as_os_str().len() > 108, "{}", socket.display());
+    let (mut server, log) = spawn_logged(serve(&dir, &socket, &[]), &socket);
+    let deadline = Instant::now() + TIMEOUT;
+    while std::fs::symlink_metadata(&socket).is_err() {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            panic!(
+                "pcx serve exited ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "pcx serve did not bind");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let input = format!(
+        "{}\n{}\n",
+        record("k", b"v"),
+        json!({"op": "serialize_artifact_by_key", "key": "k"})
+    );
+    let client = run(
+        pcx_cmd(&["client", "--socket", path_str(&socket)]),
+        input.as_bytes(),
+    );
+    assert!(client.status.success(), "pcx client: {}", client.stderr);
+    let answers: Vec<Value> = client
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 2, "{}", client.stdout);
+    assert_ok(&answers[0]);
+    assert_eq!(
+        answers[1]["artifact"]["content_b64"], "dg==",
+        "{}",
+        client.stdout
+    );
+    server.signal("TERM");
+    let status = server.wait_for(STOP_TIMEOUT);
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(
+        std::fs::symlink_metadata(&socket).is_err(),
+        "the socket is removed at shutdown"
+    );
+}
+
+/// A socket file removed under a running server (by hand, taken for a stale one, or with the
+/// whole data directory). Before: the server ran on, reachable by no one and holding its data
+/// directory, so every server started there next exited "in use" (the Python client's
+/// embedded default failed for good) until someone found the orphan and killed it. Now it
+/// notices within a second, shuts down as on SIGTERM (exit 0, everything durable), and a new
+/// server on the same directory starts and has every change.
+#[test]
+fn a_server_whose_socket_file_was_removed_shuts_down_and_lets_go_of_its_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let socket = tmp.path().join("s.sock");
+    let mut old = Server::start(&dir, &socket);
+    assert_ok(&old.connect().ask(&record("k", b"v")));
+    std::fs::remove_file(&socket).unwrap();
+    let status = old.process.wait_for(STOP_TIMEOUT);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the server whose socket was removed did not stop\n{}",
+        old.stderr()
+    );
+    assert!(
+        old.stderr().contains("removed or replaced"),
+        "{}",
+        old.stderr()
+    );
+    let new = Server::start(&dir, &socket);
+    let answer = new
+        .connect()
+        .ask(&json!({"op": "serialize_artifact_by_key", "key": "k"}));
+    assert_eq!(answer["artifact"]["content_b64"], "dg==", "{answer}");
+    new.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // TCP
 

@@ -173,10 +173,14 @@ def test_each_process_records_into_a_context_of_its_own(served: Any, tmp_path: P
     run(served, tmp_path, "b")
     with pcx.Client.connect(str(served.socket)) as client:
         contexts = client.list_contexts()
-    torch_contexts = [c for c in contexts if c["name"].startswith("torch@")]
-    assert len(torch_contexts) == 2, contexts
+        events = client.log()
+    torch_contexts = {e["context"] for e in events if e.get("context", "").startswith("torch@")}
+    assert len(torch_contexts) == 2, events
+    # Each dropped its own when it exited, as torch's own context ends with its process.
+    dropped = {e["context"] for e in events if e["event"] == "ContextDropped"}
+    assert dropped == torch_contexts, events
     # The default context is untouched: torch's processes each had their own.
-    assert contexts[0]["name"] == "default" and contexts[0]["artifacts"] == 0, contexts
+    assert contexts == [{"name": "default", "artifacts": 0, "entries": 0}], contexts
 
 
 def test_torch_kinds_are_checked_by_the_plugin_and_still_warm_start(

@@ -8,6 +8,7 @@ Skipped, saying so, where torch is not installed (`.ci/run` installs it)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -137,3 +138,128 @@ def test_install_leaves_the_context_and_namespace_of_the_client_it_is_given_as_t
         assert other.serialize_artifact_by_key("mine")["content_b64"] == b"x"
         assert other.get_cache_entry("saved-by-me") is not None
     mine.close()
+
+
+def test_install_from_many_threads_at_once_installs_once_and_uninstall_puts_torchs_own_back(
+    served: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: ``install()`` is idempotent, but threads of a pool that each called it at
+    the same moment all found nothing installed yet, and each put its hooks over the one
+    before, saving that one's hooks as "torch's own": ``uninstall()`` then put back another
+    thread's pcx hooks (torch went on recording into pcx through a client no one held, while
+    ``installed()`` said ``None``), and a fall-back for an unreachable server did the same.
+    Now install and uninstall are serialised: every thread gets the one client installed,
+    and uninstall puts torch's own methods back."""
+    import threading
+
+    import pcx.torch
+    from torch._dynamo.precompile_context import PrecompileContext
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torchs_own = dict(PrecompileContext.__dict__)
+    barrier = threading.Barrier(8)
+    installed: list = []
+
+    def install() -> None:
+        barrier.wait(timeout=30)
+        installed.append(pcx.torch.install(pcx.Client.connect(str(served.socket))))
+
+    threads = [threading.Thread(target=install) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert len(installed) == 8
+        assert len({id(c) for c in installed}) == 1, "one client installed, for every thread"
+    finally:
+        pcx.torch.uninstall()
+    changed = [
+        name
+        for name in ("record_artifact", "clear", "save_to_dynamo_cache", "_backend_artifacts_by_key")
+        if PrecompileContext.__dict__[name] is not torchs_own[name]
+    ]
+    assert changed == [], f"still pcx's after uninstall: {changed}"
+    assert pcx.torch.installed() is None
+
+
+def test_a_torch_process_that_exits_leaves_no_context_behind_in_the_server(
+    served: Any, tmp_path: Path
+) -> None:
+    """Regression: each torch process records into a context of its own in the shared server
+    (as torch's precompile context is per process), and none was ever dropped: every rank of
+    every run, every notebook kernel restarted, left its artifacts and entries in the
+    server's state for good, growing its memory, its snapshots and its restarts without
+    bound, though torch's own context ends with its process. Now a process drops the context
+    ``install()`` made for it when it exits (saved entries are in the dynamo cache, and the
+    log keeps the history)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pcx, pcx.torch\n"
+        "c = pcx.torch.install(pcx.Client.connect(sys.argv[1]))\n"
+        "c.record_artifact('a', b'compiled')\n"
+        "print(c.context)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(served.socket)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
+    )
+    assert done.returncode == 0, done.stderr
+    context = done.stdout.strip()
+    assert context.startswith("torch@"), done.stdout
+    with pcx.Client.connect(str(served.socket)) as c:
+        names = [x["name"] for x in c.list_contexts()]
+        assert context not in names, names
+        # The history is still there: the record, then the drop.
+        events = [e["event"] for e in c.log() if e.get("context") == context]
+        assert events[0] == "ArtifactRecorded" and events[-1] == "ContextDropped", events
+        logged = len(c.log())
+    # A process that recorded nothing leaves nothing, not even a drop.
+    idle = subprocess.run(
+        [sys.executable, "-c", code.replace("c.record_artifact('a', b'compiled')\n", ""),
+         str(served.socket)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
+    )
+    assert idle.returncode == 0, idle.stderr
+    with pcx.Client.connect(str(served.socket)) as c:
+        assert len(c.log()) == logged, c.log()[logged:]
+
+
+def test_a_fall_back_for_what_pcx_refused_leaves_the_callers_own_client_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: ``install(client)`` gives torch a view of the caller's own connection, and
+    when pcx refused what torch recorded (an artifact over ``max_content_bytes``) the
+    fall-back to torch's own context closed that connection, though it was in step: the
+    caller's client (one a thread pool shares, say) then failed every request with
+    ``pcx.TransportError`` ("the client was closed"). Now a fall-back closes the connection
+    only when it is broken anyway."""
+    import pcx.torch
+    from conftest import Served
+
+    monkeypatch.setenv("PCX_MAX_CONTENT_BYTES", "2000")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    small = Served(tmp_path / "small-limit")
+    mine = pcx.Client.connect(str(small.socket))
+    try:
+        pcx.torch.install(mine, namespace="refused")
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(caching_precompile=True):
+            x = torch.randn(8, 8)
+            torch.compile(lambda t: (t @ t).relu().sum(dim=0))(x)
+        assert pcx.torch.installed() is None, "pcx refused the artifact and torch fell back"
+        assert mine.record_artifact("mine", b"x")["ok"]
+        assert mine.serialize_artifact_by_key("mine")["content_b64"] == b"x"
+    finally:
+        pcx.torch.uninstall()
+        torch._dynamo.reset()
+        mine.close()
+        small.stop()

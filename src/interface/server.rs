@@ -20,7 +20,8 @@
 //! of descriptors the accept loop backs off instead of spinning, warning once a second at most.
 //!
 //! Shutdown (the future given to [`run`]): stop accepting, stop reading new frames, finish
-//! and write every answer already accepted, then return; the caller closes the context.
+//! and write every answer already accepted, then return; the caller closes the context. A
+//! server with no TCP listener does the same once its socket file is removed or replaced.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -52,6 +53,10 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 /// Descriptors kept for the data directory's own files (log, blobs, snapshots, plugins) when
 /// `max_connections` is derived from the descriptor limit (at most half the limit).
 const DESCRIPTOR_HEADROOM: u64 = 64;
+
+/// How often a server with no TCP listener checks that its socket file is still the one it
+/// bound (see [`run`]).
+const SOCKET_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Bytes read from a connection at a time (frames larger than this are read in pieces).
 const READ_BUFFER: usize = 64 << 10;
@@ -210,9 +215,72 @@ pub fn frame_budget_bytes(configured: u64, max_frame_bytes: u64) -> u64 {
     (memory / 4).max(max_frame_bytes)
 }
 
+/// An flock(2) on the directory that holds a socket path, held while a server finds out
+/// whether the socket file there is a live server's, replaces a stale one and binds, and
+/// while it removes its own at shutdown. Without it two servers started at once on one path
+/// (a SIGKILLed server's socket file left there) both found the file stale, and the later
+/// one's removal deleted the socket the earlier had just bound: both ran, the earlier one
+/// holding its data directory and reachable by no one. Released when dropped.
+struct SocketDirLock {
+    _held: std::fs::File,
+}
+
+impl SocketDirLock {
+    /// Takes the lock, waiting at most [`crate::store::swap::LOCK_PATIENCE`] for another
+    /// server to let go. `None` where the directory cannot be locked at all (a file system
+    /// without flock on directories, such as some NFS homes): the socket is then handled as
+    /// before, unlocked, rather than not served.
+    fn take(socket: &Path) -> Result<Option<SocketDirLock>, ServeError> {
+        use std::os::unix::io::AsRawFd;
+        let dir = socket
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let Ok(file) = std::fs::File::open(dir) else {
+            return Ok(None);
+        };
+        let deadline = Instant::now() + crate::store::swap::LOCK_PATIENCE;
+        loop {
+            // SAFETY: flock only locks the descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Some(SocketDirLock { _held: file }));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                std::io::ErrorKind::WouldBlock => {
+                    return Err(ServeError::Listen {
+                        what: format!(
+                            "{} (another pcx server has held its lock for {:?} while binding \
+                             a socket in it)",
+                            dir.display(),
+                            crate::store::swap::LOCK_PATIENCE
+                        ),
+                        source: e,
+                    })
+                }
+                _ => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "cannot lock the socket's directory; binding unlocked");
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
 /// Binds the Unix socket: a stale socket file (no server answering) is replaced, a live one
-/// is an error; the socket is created with mode 0600.
+/// is an error; the socket is created with mode 0600. All of it under [`SocketDirLock`].
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| ServeError::Listen {
+            what: parent.display().to_string(),
+            source,
+        })?;
+    }
+    let _lock = SocketDirLock::take(path)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -224,24 +292,20 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
                 ),
             });
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if crate::interface::unix_path::connect(path).is_ok() {
             return Err(ServeError::Live(path.to_path_buf()));
         }
+        crate::store::swap::pause_point("serve:stale-found");
         std::fs::remove_file(path).map_err(|source| ServeError::Listen {
             what: format!("{} (removing a stale socket)", path.display()),
-            source,
-        })?;
-    }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|source| ServeError::Listen {
-            what: parent.display().to_string(),
             source,
         })?;
     }
     // SAFETY: umask only changes this process's file-creation mask; it is set for the bind
     // and restored right after, at start-up, before any other thread creates files.
     let old = unsafe { libc::umask(0o177) };
-    let bound = tokio::net::UnixListener::bind(path);
+    let bound =
+        crate::interface::unix_path::with_short_path(path, |p| tokio::net::UnixListener::bind(p));
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     bound.map_err(|source| ServeError::Listen {
@@ -295,6 +359,12 @@ pub async fn run(
     let mut tasks = Vec::new();
     let mut backoff: Option<Duration> = None;
     let mut warnings = AcceptWarnings::default();
+    // A server reachable only through its socket file stops once that file is gone or is
+    // another's (removed by hand as "stale", or with the whole data directory): before, it
+    // ran on reachable by no one and holding its data directory, so every server started
+    // there next failed "in use" (the Python client's embedded default with it).
+    let mut socket_check = tokio::time::interval(SOCKET_CHECK_EVERY);
+    let watch_socket = tcp.is_none() && bound.is_some();
     tokio::pin!(shutdown);
     loop {
         if let Some(pause) = backoff {
@@ -305,6 +375,15 @@ pub async fn run(
         }
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
+            _ = socket_check.tick(), if watch_socket => {
+                if socket_lost(&config.socket_path, bound) {
+                    tracing::warn!(socket = %config.socket_path.display(),
+                        "this server's socket file was removed or replaced, so no client can \
+                         reach it: shutting down, letting go of the data directory");
+                    break;
+                }
+                continue;
+            }
             a = unix.accept() => a.map(|(stream, _)| Connection::Unix(stream)),
             a = async { match &tcp { Some((l, _)) => l.accept().await, None => std::future::pending().await } } => {
                 a.map(|(stream, _)| Connection::Tcp(stream))
@@ -378,6 +457,9 @@ pub async fn run(
             "some connections did not take their answers within the grace period; closing them"
         );
     }
+    // Under the lock, so a server replacing this one's socket as stale meanwhile cannot have
+    // its own removed between the check and the removal.
+    let _lock = SocketDirLock::take(&config.socket_path);
     if bound.is_some() && socket_identity(&config.socket_path) == bound {
         let _ = std::fs::remove_file(&config.socket_path);
     }
@@ -419,6 +501,17 @@ fn socket_identity(path: &Path) -> Option<(u64, u64)> {
     std::fs::symlink_metadata(path)
         .ok()
         .map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether the socket file at `path` is known to be gone, or to be another file than the one
+/// bound (`bound`); a look that fails for another reason (a permission changed for a moment)
+/// proves nothing, and a server is not stopped on it.
+fn socket_lost(path: &Path, bound: Option<(u64, u64)>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Some((m.dev(), m.ino())) != bound,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
 }
 
 enum Connection {

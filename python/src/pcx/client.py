@@ -162,10 +162,42 @@ class Client:
         cls, *, context: Optional[str] = None, namespace: Optional[str] = None
     ) -> "Client":
         """The embedded default: connects to the per-user ``pcx serve``, starting it if no
-        process serves it yet (:func:`pcx.server.ensure_server`)."""
-        from .server import ensure_server
+        process serves it yet (:func:`pcx.server.ensure_server`).
 
-        return cls.connect(ensure_server(), context=context, namespace=namespace)
+        The connection answers one request (``stats``) before it is handed out: a server
+        told to stop closes its listener and resets the connections still in its backlog, so
+        a connect that succeeded in that moment is not yet a server. Until one answers (up
+        to :data:`pcx.server.START_TIMEOUT_S`), the next server is found or started. The
+        user at the other end is checked on this very connection, not on an earlier one."""
+        from pathlib import Path
+
+        from . import server
+
+        deadline = time.monotonic() + server.START_TIMEOUT_S
+        while True:
+            path = server.ensure_server()
+            try:
+                client = cls.connect(path, context=context, namespace=namespace)
+            except OSError as e:
+                failure: Exception = e
+            else:
+                try:
+                    if isinstance(client._transport, SocketTransport):
+                        server.check_peer(client._transport.socket, Path(path))
+                    client.request("stats")
+                    return client
+                except TransportError as e:
+                    client.close()
+                    failure = e
+                except BaseException:
+                    client.close()
+                    raise
+            if time.monotonic() >= deadline:
+                raise TransportError(
+                    f"no pcx server at {path} answered within {server.START_TIMEOUT_S:.0f} s "
+                    f"(the last attempt: {failure})"
+                )
+            time.sleep(0.05)
 
     @classmethod
     def follow(

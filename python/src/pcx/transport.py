@@ -24,7 +24,7 @@ import msgpack
 
 from .errors import InvalidRequest, TransportError
 
-__all__ = ["Transport", "SocketTransport", "BatchTransport", "Request", "Answer"]
+__all__ = ["Transport", "SocketTransport", "BatchTransport", "Request", "Answer", "connect_unix"]
 
 #: A request map: ``{"op": NAME, ...fields}``.
 Request = Mapping[str, Any]
@@ -35,6 +35,26 @@ _HEADER = struct.Struct(">I")
 #: The most an answer's buffer first holds: it grows as bytes arrive, never to a length a
 #: header only claims (a garbage header of 4 GiB allocates nothing up front).
 _FIRST_READ = 1 << 20
+
+
+#: The most bytes of path a socket address holds (``sun_path`` less its NUL).
+_MAX_SOCKET_PATH = 107
+
+
+def connect_unix(sock: socket.socket, path: "os.PathLike[str] | str") -> None:
+    """Connects ``sock`` to the Unix socket at ``path``, whatever its length: a path longer
+    than a socket address holds (a data directory deep in a CI workspace) is reached through
+    a descriptor on its directory (``/proc/self/fd/N/NAME``), as ``pcx serve`` binds it."""
+    path = os.fspath(path)
+    if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+        sock.connect(path)
+        return
+    directory, name = os.path.split(path)
+    fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{fd}/{name}")
+    finally:
+        os.close(fd)
 
 
 class Transport:
@@ -73,7 +93,7 @@ class SocketTransport(Transport):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            connect_unix(sock, path)
         except OSError:
             sock.close()
             raise
@@ -85,6 +105,11 @@ class SocketTransport(Transport):
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(sock, f"pcx serve at {host}:{port}")
+
+    @property
+    def socket(self) -> socket.socket:
+        """The connected socket (for checking who is at the other end)."""
+        return self._sock
 
     def send(self, request: Request) -> None:
         body = self._packer.pack(dict(request))

@@ -164,7 +164,7 @@ pub(crate) fn client(
         }
         None => {
             let path = socket.unwrap_or_else(|| config.socket());
-            let mut stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+            let mut stream = pcx::interface::unix_path::connect(&path).with_context(|| {
                 format!("connecting to {} (is `pcx serve` running?)", path.display())
             })?;
             if let Some(found) = &following {

@@ -17,20 +17,29 @@ refuses a torch without it).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
 import socket
+import threading
 import time
 from typing import Any, Optional
 
 from ..client import Client
+from ..transport import SocketTransport
 from ..errors import UnknownOp
 from .hooks import Hooks
 
 __all__ = ["install", "uninstall", "installed", "default_namespace"]
 
 _hooks: Optional[Hooks] = None
+#: How long the drop of this process's context may take at exit.
+_DROP_TIMEOUT_S = 5.0
+#: Serialises install and uninstall: threads of a pool that each called ``install()`` at
+#: once all found nothing installed, and each put its hooks over the one before, saving
+#: those as torch's own, so ``uninstall()`` (or a fall-back) put pcx's hooks back, not torch's.
+_installing = threading.Lock()
 
 
 def default_namespace() -> str:
@@ -75,6 +84,13 @@ def install(
     directory). Processes on several machines share a cache by naming the same namespace. ``torch_kinds``: record artifacts as
     ``torch.bundled_aot_autograd``/``torch.pickle`` (needs pcx's torch-pickle plugin in the
     server's plugin directory) instead of ``eager``; default from ``PCX_TORCH_KINDS=1``."""
+    with _installing:
+        return _install(client, namespace=namespace, torch_kinds=torch_kinds)
+
+
+def _install(
+    client: Optional[Client], *, namespace: Optional[str], torch_kinds: Optional[bool]
+) -> Client:
     global _hooks
     if _hooks is not None:
         return _hooks.client
@@ -87,6 +103,7 @@ def install(
     if client is None:
         client = Client.default()
     named = _supports(client, "list_contexts")
+    own_context = named and client.context is None
     if named:
         # A view of the connection: the client given keeps its own context and namespace
         # for the caller's own requests.
@@ -102,15 +119,42 @@ def install(
     hooks = Hooks(client, torch_kinds=torch_kinds, shared_cache=named)
     hooks.apply()
     _hooks = hooks
+    if own_context:
+        atexit.register(_drop_context_at_exit, hooks, os.getpid())
     return client
+
+
+def _drop_context_at_exit(hooks: Hooks, pid: int) -> None:
+    """Drops the context :func:`install` made for this process, as torch's own precompile
+    context ends with its process: otherwise every rank of every run (every notebook kernel
+    restarted) left its artifacts and entries in the shared server for good, growing its
+    state, snapshots and restarts without bound. What was saved is in the dynamo cache, and
+    the log keeps the history. Skipped in a forked child (the context is its parent's) and on
+    a broken connection (a fall-back because pcx could not be reached: the request fails at
+    once), and bounded: a server that does not answer within a few seconds does not hold up
+    the exit."""
+    if os.getpid() != pid:
+        return
+    transport = hooks.client._transport
+    try:
+        if isinstance(transport, SocketTransport):
+            transport.socket.settimeout(_DROP_TIMEOUT_S)
+        # Only a context that holds something: a drop is an event in the log, and a process
+        # that recorded nothing (it only loaded from the cache, or compiled nothing) would
+        # leave one at every exit.
+        if any(c.get("name") == hooks.client.context for c in hooks.client.list_contexts()):
+            hooks.client.drop_context()
+    except Exception:  # the server gone, or the client closed: nothing to tidy up there
+        pass
 
 
 def uninstall() -> None:
     """Puts torch's own precompile context and dynamo cache back."""
     global _hooks
-    if _hooks is not None:
-        _hooks.remove()
-        _hooks = None
+    with _installing:
+        if _hooks is not None:
+            _hooks.remove()
+            _hooks = None
 
 
 def installed() -> Optional[Client]:

@@ -188,10 +188,14 @@ class Hooks:
 
         PrecompileContext._backend_artifacts_by_key.update(artifacts)
         PrecompileContext._dynamo_cache_entries.update(entries)
-        try:
-            self.client.close()
-        except Exception:  # already broken; closing is a courtesy
-            pass
+        # Closed only when broken anyway: after a refusal the connection is in step, and it
+        # may be the caller's own (install(client) gives torch a view of it), shared with
+        # their threads, which closing it here made fail every request.
+        if isinstance(error, TransportError):
+            try:
+                self.client.close()
+            except Exception:  # already broken; closing is a courtesy
+                pass
 
     # -- PrecompileContext --------------------------------------------------------------------
 
