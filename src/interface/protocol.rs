@@ -358,14 +358,6 @@ pub fn submit_from(ctx: &Context, request: Request, peer: Option<&str>) -> Answe
     submit_in(ctx, scope, request)
 }
 
-/// The context and namespace a question about content is asked of: the request's.
-fn within(scope: &Scope) -> crate::audit::query::Within {
-    crate::audit::query::Within {
-        context: scope.context.clone(),
-        namespace: scope.namespace.clone(),
-    }
-}
-
 /// [`submit`], deciding the context's requests in `scope`.
 fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
     let addr = ctx.addr().clone();
@@ -419,7 +411,7 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
             Audit {
                 query: Query::History {
                     key,
-                    within: within(&scope)
+                    within: (&scope).into()
                 }
             },
             Value::Object
@@ -431,7 +423,7 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
                         at,
                         at_time,
                         key,
-                        within: within(&scope)
+                        within: (&scope).into()
                     }
                 },
                 Value::Object
@@ -442,7 +434,7 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
                 query: Query::Diff {
                     from,
                     to,
-                    within: within(&scope)
+                    within: (&scope).into()
                 }
             },
             Value::Object

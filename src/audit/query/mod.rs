@@ -131,6 +131,16 @@ impl Default for Within {
     }
 }
 
+impl From<&crate::core::scope::Scope> for Within {
+    /// The context and namespace a request was sent in.
+    fn from(scope: &crate::core::scope::Scope) -> Within {
+        Within {
+            context: scope.context.clone(),
+            namespace: scope.namespace.clone(),
+        }
+    }
+}
+
 impl Within {
     /// Whether this is the default context and namespace (answers then look as they always
     /// did; others say which context and namespace they describe).

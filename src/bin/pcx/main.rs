@@ -114,10 +114,7 @@ fn scoped(
             *slot = name;
         }
     }
-    let within = pcx::audit::query::Within {
-        context: scope.context.clone(),
-        namespace: scope.namespace.clone(),
-    };
+    let within = pcx::audit::query::Within::from(&scope);
     match &mut command {
         Command::History { within: w, .. }
         | Command::State { within: w, .. }
