@@ -284,6 +284,36 @@ fn a_storage_failure_that_sticks_is_healed_by_reopening_without_a_restart() {
 }
 
 #[test]
+fn a_data_directory_removed_under_a_running_context_refuses_writes_instead_of_losing_them() {
+    // `rm -rf` of a live data directory: sled writes on through its open file, every flush
+    // succeeds, and each write was answered and gone.
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("data");
+    let config = config(&data, 10_000);
+    block_on(async {
+        let ctx = open(&config);
+        record(&ctx, "a", b"one").await;
+        std::fs::remove_dir_all(&data).expect("removing the data directory");
+        let err = ctx
+            .record_artifact(artifact("b", b"two"))
+            .await
+            .expect_err("a write into a removed data directory is refused");
+        assert_eq!(err.kind(), "storage", "{err}");
+        assert!(
+            err.to_string().contains("deleted while in use"),
+            "the error says what happened: {err}"
+        );
+        // Not healed into an empty log while the directory is gone.
+        let err = ctx
+            .record_artifact(artifact("c", b"three"))
+            .await
+            .expect_err("still refused");
+        assert_eq!(err.kind(), "storage", "{err}");
+        let _ = ctx.close().await;
+    });
+}
+
+#[test]
 fn many_records_in_flight_share_a_few_group_commits() {
     const N: usize = 500;
     let dir = tempfile::tempdir().unwrap();

@@ -40,6 +40,14 @@ pub enum StoreError {
     },
     #[error("the data directory is closed")]
     Closed,
+    /// The log's file was unlinked while in use (the data directory removed under a running
+    /// pcx): what is written now goes to a file no one can open again, so it is refused.
+    #[error(
+        "the event log {path} was deleted while in use (its data directory removed?): \
+         nothing written now would survive, so nothing was acknowledged; restart pcx on a data \
+         directory that is there"
+    )]
+    Removed { path: PathBuf },
     #[error("No space left on device: a write needs about {needed} bytes free, {available} are")]
     NoSpace { needed: u64, available: u64 },
     #[error("the event log is being reopened after a storage failure; try again")]

@@ -250,7 +250,26 @@ impl SledJournal {
             path: self.dir.join("db"),
             source,
         })?;
-        self.sync_blob_files()
+        self.sync_blob_files()?;
+        // Last, so that a removal before the answer is seen: sled writes on through its open
+        // file after `rm -rf` of the directory, and every flush succeeds, into nothing.
+        Self::still_linked(&h.data_file, &self.dir.join("db"))
+    }
+
+    /// A refusal once `file` (open at `path`) has no name left on disk.
+    fn still_linked(file: &File, path: &Path) -> Result<(), StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().map_err(|source| StoreError::Io {
+            op: "checking",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.nlink() == 0 {
+            return Err(StoreError::Removed {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(())
     }
 
     /// sled writes values too large for a log segment to files under `blobs/` without syncing
