@@ -1836,6 +1836,109 @@ fn tcp_needs_the_token_and_a_loopback_address() {
     assert!(stderr.contains("token"), "{stderr}");
 }
 
+#[test]
+fn tcp_authentication_by_challenge_admits_the_token_and_refuses_a_replayed_proof() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let socket = tmp.path().join("s.sock");
+    let port = free_port();
+    let token = "s3cret-s3cret-s3cret";
+    let server = Server::start_with(
+        &dir,
+        &socket,
+        &[("PCX_TCP_TOKEN", token)],
+        &["--tcp", &format!("127.0.0.1:{port}")],
+    );
+    let nonce = [5u8; 32];
+    let challenge = json!({"op": "auth_challenge", "client_nonce_b64": b64.encode(nonce)});
+
+    // The server proves it knows the token, over the client's nonce and its own.
+    let mut c = Conn::tcp(port);
+    let answer = c.ask(&challenge);
+    let field = |name: &str| {
+        b64.decode(answer[name].as_str().unwrap_or_default())
+            .unwrap()
+    };
+    let (server_nonce, server_proof) = (field("server_nonce_b64"), field("server_proof_b64"));
+    use pcx::interface::tcp_auth::{proof, Role};
+    assert_eq!(
+        server_proof,
+        proof(token, Role::Server, &nonce, &server_nonce),
+        "{answer}"
+    );
+    // A client that hands the server's proof back as its own is refused.
+    let replayed = json!({"op": "auth_proof", "client_proof_b64": b64.encode(&server_proof)});
+    assert_failed(&c.ask(&replayed), "unauthorized");
+    c.expect_closed(IO_TIMEOUT);
+
+    // Each connection gets a fresh server nonce, and the client's proof lets it in.
+    let mut c = Conn::tcp(port);
+    let answer = c.ask(&challenge);
+    let fresh = b64
+        .decode(answer["server_nonce_b64"].as_str().unwrap_or_default())
+        .unwrap();
+    assert_ne!(fresh, server_nonce, "a server nonce used twice");
+    let mine = proof(token, Role::Client, &nonce, &fresh);
+    assert_eq!(
+        c.ask(&json!({"op": "auth_proof", "client_proof_b64": b64.encode(mine)})),
+        json!({"ok": true})
+    );
+    assert_ok(&c.ask(&record("t", b"over tcp")));
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn pcx_client_never_sends_the_token_to_a_stranger_listening_at_the_address() {
+    // The port a holder served on, now another process's: it answers {"ok":true} to
+    // everything and keeps every byte it is sent.
+    let stranger = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = stranger.local_addr().unwrap().to_string();
+    let heard = std::thread::spawn(move || {
+        let (mut conn, _) = stranger.accept().expect("accept");
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut all = Vec::new();
+        let mut frames = 0;
+        loop {
+            let mut header = [0u8; HEADER_LEN];
+            if conn.read_exact(&mut header).is_err() {
+                return (all, frames);
+            }
+            let mut body = vec![0u8; body_len(header) as usize];
+            if conn.read_exact(&mut body).is_err() {
+                return (all, frames);
+            }
+            all.extend_from_slice(&body);
+            frames += 1;
+            if conn.write_all(&frame(&json!({"ok": true}))).is_err() {
+                return (all, frames);
+            }
+        }
+    });
+    let token = "s3cret-s3cret-s3cret";
+    let mut cmd = pcx_cmd(&["client", "--tcp", &address]);
+    cmd.env("PCX_TCP_TOKEN", token);
+    let out = run(
+        cmd,
+        format!("{}\n", record("k", b"for the holder")).as_bytes(),
+    );
+    assert!(
+        !out.status.success(),
+        "the client trusted a stranger: {}",
+        out.stdout
+    );
+    assert!(out.stderr.contains("proof"), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    let (heard, frames) = heard.join().unwrap();
+    assert_eq!(frames, 1, "only the challenge reached the stranger");
+    assert!(
+        !heard.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the token was sent to the stranger"
+    );
+}
+
 /// Product bug (minor): the Unix socket is bound before the TCP settings are checked, so a
 /// start refused for its TCP address leaves a stale socket file behind (src/server.rs, `run`).
 #[test]

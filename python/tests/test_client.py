@@ -314,3 +314,37 @@ def test_an_answer_that_comes_after_the_timeout_is_not_taken_for_the_next_reques
     with pytest.raises(pcx.TransportError, match="broken"):
         client.serialize_artifact_by_key("second")
     client.close()
+
+
+def test_a_tcp_client_never_sends_the_token_to_a_stranger_at_the_address() -> None:
+    """Regression: ``Client.tcp`` sent the token as its first frame, so whatever listened at
+    the address (another local user's process on the port a holder served on before it died)
+    got the token, and its ``{"ok": true}`` was taken for the server's: every write after it
+    was answered and went nowhere."""
+    token = "s3cret-s3cret-s3cret"
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    heard: list[bytes] = []
+
+    def stranger() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            try:
+                while True:
+                    header = conn.recv(4, socket.MSG_WAITALL)
+                    if len(header) < 4:
+                        return
+                    heard.append(conn.recv(struct.unpack(">I", header)[0], socket.MSG_WAITALL))
+                    conn.sendall(_frame({"ok": True}))
+            except OSError:
+                return
+
+    thread = threading.Thread(target=stranger, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    with pytest.raises(pcx.Unauthorized, match="proof"):
+        pcx.Client.tcp("127.0.0.1", port, token, timeout=10)
+    thread.join(timeout=10)
+    assert len(heard) == 1, "only the challenge reached the stranger"
+    assert token.encode() not in b"".join(heard)

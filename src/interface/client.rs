@@ -41,6 +41,53 @@ pub fn exchange(stream: &mut (impl Read + Write), request: &Value) -> io::Result
     read_answer(stream)
 }
 
+/// Why authentication on TCP failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("authenticating: {0}")]
+    Io(#[from] io::Error),
+    #[error("the server refused the token: {0}")]
+    Refused(Value),
+    /// The peer could not prove it knows the token: not the server meant (an address that
+    /// outlived it, now another process's). Nothing but a nonce was sent to it.
+    #[error(
+        "unauthorized: the server's proof does not match the token given, so either the token \
+         is not this server's or the address is not the pcx server meant (now another \
+         process's?); nothing but a nonce was sent to it"
+    )]
+    Unproven,
+}
+
+/// TCP: the server proves it knows `token`, then this client does
+/// ([`crate::interface::tcp_auth`]); the token itself never crosses the connection.
+pub fn authenticate(stream: &mut (impl Read + Write), token: &str) -> Result<(), AuthError> {
+    use crate::interface::tcp_auth::{self, Role, NONCE_BYTES, PROOF_BYTES};
+    let client_nonce = tcp_auth::nonce()?;
+    let challenge = exchange(
+        stream,
+        &serde_json::json!({"op": "auth_challenge", "client_nonce_b64": tcp_auth::b64(&client_nonce)}),
+    )?;
+    if challenge["ok"] != true {
+        return Err(AuthError::Refused(challenge));
+    }
+    let server_nonce = tcp_auth::field_bytes(&challenge, "server_nonce_b64", NONCE_BYTES)
+        .ok_or(AuthError::Unproven)?;
+    let proven = tcp_auth::field_bytes(&challenge, "server_proof_b64", PROOF_BYTES)
+        .is_some_and(|p| tcp_auth::verify(token, Role::Server, &client_nonce, &server_nonce, &p));
+    if !proven {
+        return Err(AuthError::Unproven);
+    }
+    let proof = tcp_auth::proof(token, Role::Client, &client_nonce, &server_nonce);
+    let answer = exchange(
+        stream,
+        &serde_json::json!({"op": "auth_proof", "client_proof_b64": tcp_auth::b64(&proof)}),
+    )?;
+    if answer["ok"] != true {
+        return Err(AuthError::Refused(answer));
+    }
+    Ok(())
+}
+
 /// Runs the client over a connected stream. Returns how many answers were written.
 pub fn run<S>(
     stream: S,

@@ -821,41 +821,12 @@ async fn serve_connection(
     // next frames read with them.
     let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
     if let Some(token) = token {
-        // TCP: the first frame must be {"op":"auth","token":…}.
-        let first = tokio::select! {
+        let deadline = tokio::time::Instant::now() + config.tcp_auth_timeout;
+        let authenticated = tokio::select! {
             _ = stop.wait_for(|s| *s) => return Ok(()),
-            f = tokio::time::timeout(config.tcp_auth_timeout, read_frame(&mut reader, config.max_frame_bytes.min(1 << 16), None)) => f,
+            a = authenticate(&mut reader, &mut writer, &token, deadline) => a?,
         };
-        let timed_out = first.is_err();
-        let ok = match first {
-            Err(_) | Ok(Err(_)) => false,
-            Ok(Ok(frame)) => match frame {
-                Frame::Body(b, _) => decode_body(&b)
-                    .ok()
-                    .and_then(|v| to_json(v).ok())
-                    .is_some_and(|v| {
-                        v["op"] == "auth"
-                            && v["token"]
-                                .as_str()
-                                .is_some_and(|t| tokens_equal(t.as_bytes(), token.as_bytes()))
-                    }),
-                _ => false,
-            },
-        };
-        let answer = if ok {
-            json!({ "ok": true })
-        } else if timed_out {
-            json!({ "ok": false, "error": { "kind": "unauthorized", "message": format!(
-                "no {{\"op\":\"auth\",\"token\":…}} frame within tcp_auth_timeout_ms ({} ms); closing",
-                config.tcp_auth_timeout.as_millis()
-            ) } })
-        } else {
-            json!({ "ok": false, "error": { "kind": "unauthorized", "message": "the first frame on TCP must be {\"op\":\"auth\",\"token\":…} with the server's token" } })
-        };
-        // A short answer always fits in a frame.
-        let frame = encode_frame(&to_msgpack(&answer)).unwrap_or_default();
-        writer.write_all(&frame).await?;
-        if !ok {
+        if !authenticated {
             return Ok(());
         }
     }
@@ -1011,6 +982,94 @@ impl AnswerBudget {
         self.writing.set(0);
         self.changed.notify_one();
     }
+}
+
+/// TCP: the first frames must prove the client knows the token, by the challenge of
+/// [`crate::interface::tcp_auth`] (what pcx's clients send), or by the token itself
+/// (`{"op":"auth","token":…}`, from clients written before the challenge). Answers each step;
+/// true once the client is in. A refusal or a deadline passed is answered `unauthorized`
+/// and the caller closes the connection.
+async fn authenticate(
+    reader: &mut (impl AsyncRead + Unpin),
+    writer: &mut (impl AsyncWrite + Unpin),
+    token: &str,
+    deadline: tokio::time::Instant,
+) -> std::io::Result<bool> {
+    use crate::interface::tcp_auth::{self, Role, NONCE_BYTES, PROOF_BYTES};
+    let refuse = |message: String| json!({ "ok": false, "error": { "kind": "unauthorized", "message": message } });
+    let timed_out =
+        || refuse("authentication did not finish within tcp_auth_timeout_ms; closing".into());
+    // A short answer always fits in a frame.
+    let answer = |v: &Value| encode_frame(&to_msgpack(v)).unwrap_or_default();
+    let Ok(first) = tokio::time::timeout_at(deadline, read_json(reader)).await else {
+        writer.write_all(&answer(&timed_out())).await?;
+        return Ok(false);
+    };
+    let first = first?;
+    match first.as_ref().and_then(|v| v["op"].as_str()) {
+        Some("auth") => {
+            let ok = first.as_ref().is_some_and(|v| {
+                v["token"]
+                    .as_str()
+                    .is_some_and(|t| tokens_equal(t.as_bytes(), token.as_bytes()))
+            });
+            let reply = if ok {
+                json!({ "ok": true })
+            } else {
+                refuse("the token is not this server's".into())
+            };
+            writer.write_all(&answer(&reply)).await?;
+            Ok(ok)
+        }
+        Some("auth_challenge") => {
+            let Some(client_nonce) = first
+                .as_ref()
+                .and_then(|v| tcp_auth::field_bytes(v, "client_nonce_b64", NONCE_BYTES))
+            else {
+                let message =
+                    format!("auth_challenge needs client_nonce_b64: {NONCE_BYTES} bytes in base64");
+                writer.write_all(&answer(&refuse(message))).await?;
+                return Ok(false);
+            };
+            let server_nonce = tcp_auth::nonce()?;
+            let challenge = json!({
+                "ok": true,
+                "server_nonce_b64": tcp_auth::b64(&server_nonce),
+                "server_proof_b64": tcp_auth::b64(&tcp_auth::proof(token, Role::Server, &client_nonce, &server_nonce)),
+            });
+            writer.write_all(&answer(&challenge)).await?;
+            let Ok(second) = tokio::time::timeout_at(deadline, read_json(reader)).await else {
+                writer.write_all(&answer(&timed_out())).await?;
+                return Ok(false);
+            };
+            let ok = second?.is_some_and(|v| {
+                v["op"] == "auth_proof"
+                    && tcp_auth::field_bytes(&v, "client_proof_b64", PROOF_BYTES).is_some_and(|p| {
+                        tcp_auth::verify(token, Role::Client, &client_nonce, &server_nonce, &p)
+                    })
+            });
+            let reply = if ok {
+                json!({ "ok": true })
+            } else {
+                refuse("the proof is not one made with this server's token".into())
+            };
+            writer.write_all(&answer(&reply)).await?;
+            Ok(ok)
+        }
+        _ => {
+            let message = "the first frame on TCP must be {\"op\":\"auth_challenge\",…} (or {\"op\":\"auth\",\"token\":…}): see tcp_auth in docs/protocol.md";
+            writer.write_all(&answer(&refuse(message.into()))).await?;
+            Ok(false)
+        }
+    }
+}
+
+/// One small frame (authentication's) as JSON: `None` when it is not one, or the peer closed.
+async fn read_json(reader: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<Value>> {
+    Ok(match read_frame(reader, 1 << 16, None).await? {
+        Frame::Body(b, _) => decode_body(&b).ok().and_then(|v| to_json(v).ok()),
+        _ => None,
+    })
 }
 
 /// Whether two tokens are equal, in a time that does not depend on where they differ (nor on

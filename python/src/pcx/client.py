@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import hmac
 import json
 import os
 import subprocess
@@ -32,6 +34,12 @@ from .errors import CorruptLog, InvalidRequest, TransportError, error_from_answe
 from .transport import Answer, BatchTransport, SocketTransport, Transport
 
 __all__ = ["Client"]
+
+
+def _tcp_proof(token: str, role: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What ``role`` sends to prove it knows ``token`` (src/interface/tcp_auth.rs)."""
+    message = f"pcx-tcp-auth-v1/{role}\0".encode() + client_nonce + server_nonce
+    return hmac.new(token.encode(), message, hashlib.sha256).digest()
 
 # Requests that address a context, and those that address the dynamo cache's namespace.
 _CONTEXT_OPS = frozenset(
@@ -126,18 +134,49 @@ class Client:
         namespace: Optional[str] = None,
     ) -> "Client":
         """Connects over loopback TCP and authenticates with the server's ``tcp_token``
-        (:class:`pcx.Unauthorized` when it is not the server's)."""
+        (:class:`pcx.Unauthorized` when it is not the server's, or when the server cannot prove
+        that it knows the token). The token itself is never sent: the server proves it knows
+        it first, then this client does (docs/protocol.md, TCP authentication), so a process
+        that took over the address of a server that died learns nothing and is sent nothing."""
         client = cls(
             SocketTransport.tcp(host, port, timeout=timeout),
             context=context,
             namespace=namespace,
         )
         try:
-            client.request("auth", token=token)
+            client._authenticate(token)
         except BaseException:
             client.close()
             raise
         return client
+
+    def _authenticate(self, token: str) -> None:
+        from .errors import Unauthorized
+
+        client_nonce = os.urandom(32)
+        challenge = self.request("auth_challenge", client_nonce_b64=client_nonce)
+        server_nonce = challenge.get("server_nonce_b64")
+        server_proof = challenge.get("server_proof_b64")
+        if not (
+            isinstance(server_nonce, bytes)
+            and len(server_nonce) == 32
+            and isinstance(server_proof, bytes)
+            and hmac.compare_digest(
+                server_proof, _tcp_proof(token, "server", client_nonce, server_nonce)
+            )
+        ):
+            message = (
+                "the server's proof does not match the token given, so either the token is "
+                "not this server's or the address is not the pcx server meant (now another "
+                "process's?); nothing but a nonce was sent to it"
+            )
+            # Said as the server says a refusal, so callers read it alike.
+            error = {"kind": Unauthorized.KIND, "message": message}
+            raise Unauthorized(Unauthorized.KIND, message, {"ok": False, "error": error})
+        self.request(
+            "auth_proof",
+            client_proof_b64=_tcp_proof(token, "client", client_nonce, server_nonce),
+        )
 
     @classmethod
     def batch(

@@ -150,13 +150,8 @@ pub(crate) fn client(
             }
             let mut stream = std::net::TcpStream::connect(&addr)
                 .with_context(|| format!("connecting to {addr}"))?;
-            let hello = pcx::interface::client::exchange(
-                &mut stream,
-                &json!({"op": "auth", "token": token}),
-            )?;
-            if hello["ok"] != true {
-                anyhow::bail!("the server refused the token: {hello}");
-            }
+            pcx::interface::client::authenticate(&mut stream, &token)
+                .with_context(|| format!("authenticating to {addr}"))?;
             if let Some(found) = &following {
                 check_holder(&mut stream, config, found)?;
             }
