@@ -246,6 +246,14 @@ impl Context {
         self.ask(StateDigest {}).await
     }
 
+    /// Drops the events before `before` and the content only they used, keeping the state, in
+    /// the data directory this context holds, while it goes on serving: `pcx compact` for a
+    /// process that never stops. Commits wait while the copy is made; reads go on. Answers
+    /// the compaction's report (`anchored_at`, `events_removed`, `blobs_removed`, …).
+    pub async fn compact(&self, before: u64) -> Answer<serde_json::Map<String, serde_json::Value>> {
+        self.ask(crate::actor::CompactLog { before }).await
+    }
+
     /// Waits for everything accepted to be durable, stops the actor and releases the data
     /// directory (so it can be opened again, by this process or another).
     pub async fn close(self) -> Answer<()> {

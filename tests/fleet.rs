@@ -1810,3 +1810,38 @@ fn a_take_retried_at_the_next_holder_hands_over_what_the_first_took() {
         "taken once: {state}"
     );
 }
+
+/// The holder of a journal in PostgreSQL compacts it while it serves (`compact` to the holder,
+/// as a long-running server would be asked): one transaction beside its own commits, the state
+/// kept, and the journal verifying and opening again from the anchor.
+#[test]
+fn the_holder_of_a_journal_compacts_it_in_place_and_keeps_serving() {
+    use common::protocol::{record, take};
+    let name = fresh_name("compact-live");
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Batch::start(dir.path(), &name, 2_000, 10_000);
+    for i in 0..12 {
+        let answer = holder.ask(record(&format!("k{i}"), format!("content {i}")));
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    let answer = holder.ask(take("k0"));
+    assert_eq!(answer["ok"], true, "{answer}");
+    let digest = holder.ask(json!({"op": "state"}))["state"]["state_digest"].clone();
+    let compacted = holder.ask(json!({"op": "compact", "before": 10}));
+    assert_eq!(compacted["ok"], true, "{compacted}");
+    assert_eq!(compacted["anchored_at"], json!(9), "{compacted}");
+    assert_eq!(compacted["events_removed"], json!(9), "{compacted}");
+    let answer = holder.ask(record("after", "written after"));
+    assert_eq!(answer["seq"], json!(14), "{answer}");
+    let answer = holder.ask(take("after"));
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(
+        holder.ask(json!({"op": "state"}))["state"]["state_digest"],
+        digest
+    );
+    let verified = holder.ask(json!({"op": "verify"}));
+    assert_eq!(verified["verify"]["ok"], true, "{verified}");
+    assert_eq!(verified["verify"]["anchored_at"], json!(9), "{verified}");
+    holder.finish();
+    journal_verifies_and_opens_again(dir.path(), &name);
+}

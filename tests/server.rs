@@ -169,7 +169,13 @@ fn spawn_logged(mut cmd: Command, socket: &Path) -> (Guard, PathBuf) {
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent).expect("create the socket's directory");
     }
-    let log = socket.with_file_name(format!("serve-{n}.log"));
+    // Beside the socket; beside the data directory for its default socket, `DATA/pcx.sock`
+    // (a compaction refuses a data directory holding files pcx did not write).
+    let beside = match (socket.file_name(), socket.parent()) {
+        (Some(name), Some(dir)) if name == "pcx.sock" => dir,
+        _ => socket,
+    };
+    let log = beside.with_file_name(format!("serve-{n}.log"));
     let stderr = File::create(&log).expect("create the server's log file");
     let child = cmd
         .stdin(Stdio::null())
@@ -2065,4 +2071,206 @@ fn the_python_client_and_orchestrator_run_green_against_pcx_serve() {
     assert!(s["dynamo_cache_hits"].as_u64().unwrap() >= 16, "{s}");
     drop(conn);
     server.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// compaction in place
+
+/// The content of writer `w`'s `i`-th record: small ones go to sled's packs, every fifth a
+/// content file (over 64 KiB).
+fn compaction_content(w: usize, i: usize) -> Vec<u8> {
+    let len = if i % 5 == 0 { 70_000 } else { 300 };
+    let mut content = format!("writer {w}, record {i}: ").into_bytes();
+    content.extend((0..len).map(|b| (w * 31 + i * 7 + b) as u8));
+    content
+}
+
+/// A long-running server compacts its log without stopping (`compact` over its socket, or
+/// `pcx compact` on its directory, which asks it): clients go on writing and reading all the
+/// while, every answered change is there afterwards and after a restart, the log begins at
+/// the anchor and verifies, and the socket in the data directory still reaches the server.
+#[test]
+fn a_server_compacts_its_log_in_place_while_clients_write_and_read_and_loses_nothing() {
+    const WRITERS: usize = 3;
+    const RECORDS: usize = 120;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    // Where the embedded default keeps it: in the directory the compaction replaces.
+    let socket = dir.join("pcx.sock");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let server = Server::start(&dir, &socket);
+    let mut conn = server.connect();
+    for i in 0..40 {
+        assert_ok(&conn.ask(&record(&format!("early-{i}"), compaction_content(9, i))));
+    }
+    // Taken before the anchor: their contents are dropped by the compaction.
+    for i in 0..10 {
+        assert_ok(&conn.ask(&take(&format!("early-{i}"))));
+    }
+    let started = Arc::new(Barrier::new(WRITERS + 1));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let mut c = server.connect();
+            let started = started.clone();
+            thread::spawn(move || {
+                started.wait();
+                let mut answered = Vec::new();
+                for i in 0..RECORDS {
+                    let key = format!("w{w}-{i}");
+                    assert_ok(&c.ask(&record(&key, compaction_content(w, i))));
+                    answered.push(key.clone());
+                    // Read back at once, compaction or not.
+                    let got = content_of(&c.ask(&serialize(&key)));
+                    assert_eq!(got, Some(compaction_content(w, i)), "{key} read back");
+                }
+                answered
+            })
+        })
+        .collect();
+    started.wait();
+    thread::sleep(Duration::from_millis(20));
+    // Events 1–40 record, 41–50 take; the writers' come after.
+    let compacted = conn.ask(&json!({"op": "compact", "before": 51}));
+    assert_ok(&compacted);
+    assert_eq!(compacted["anchored_at"], json!(50), "{compacted}");
+    assert_eq!(compacted["events_removed"], json!(50), "{compacted}");
+    assert_eq!(
+        compacted["blobs_removed"],
+        json!(10),
+        "the contents only the taken artifacts used are dropped: {compacted}"
+    );
+    let answered: Vec<String> = writers
+        .into_iter()
+        .flat_map(|w| w.join().expect("a writer failed"))
+        .collect();
+    // `pcx compact` on a directory the server holds asks the server.
+    let head = conn.ask(&json!({"op": "stats"}))["stats"]["head_seq"]
+        .as_u64()
+        .unwrap();
+    let again = cli(&dir, &["compact", "--before", &(head - 5).to_string()]);
+    again.assert_success();
+    assert_eq!(
+        again.answer()["anchored_at"],
+        json!(head - 6),
+        "{}",
+        again.stdout
+    );
+    for key in answered.iter().chain(
+        (10..40)
+            .map(|i| format!("early-{i}"))
+            .collect::<Vec<_>>()
+            .iter(),
+    ) {
+        assert!(
+            content_of(&conn.ask(&serialize(key))).is_some(),
+            "{key} was answered and is gone"
+        );
+    }
+    let verified = conn.ask(&json!({"op": "verify"}));
+    assert_eq!(verified["verify"]["ok"], json!(true), "{verified}");
+    assert_eq!(
+        verified["verify"]["anchored_at"],
+        json!(head - 6),
+        "{verified}"
+    );
+    let digest = conn.ask(&json!({"op": "state"}))["state"]["state_digest"].clone();
+    assert!(digest.is_string(), "a state digest");
+    drop(conn);
+    server.stop();
+
+    assert_verify_passes(&dir);
+    let server = Server::start(&dir, &socket);
+    let mut conn = server.connect();
+    assert_eq!(
+        conn.ask(&json!({"op": "state"}))["state"]["state_digest"],
+        digest,
+        "a restart replays the compacted log to the same state"
+    );
+    for (n, key) in answered.iter().enumerate() {
+        let (w, i) = (n / RECORDS, n % RECORDS);
+        assert_eq!(
+            content_of(&conn.ask(&serialize(key))),
+            Some(compaction_content(w, i)),
+            "{key} after a restart"
+        );
+    }
+    drop(conn);
+    server.stop();
+}
+
+/// A server SIGKILLed at each step of a compaction in place: the restart finds the old log
+/// (before the new one is marked complete) or the compacted one (after), every answered
+/// change in it, `verify` clean; and a write sent while the copy is being made is not
+/// answered before the swap (it would be missing from the copy).
+#[test]
+fn a_server_killed_at_each_step_of_a_compaction_in_place_keeps_every_answered_change() {
+    let steps = [
+        ("compact:writing", false),
+        ("swap:marked", false),
+        ("swap:moved-aside", true),
+        ("swap:moved-in", true),
+        ("swap:done", true),
+    ];
+    for (step, compacted) in steps {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let socket = tmp.path().join("s.sock");
+        let pause = tmp.path().join("pause");
+        let pause_env = path_str(&pause).to_string();
+        let server = Server::start_with(
+            &dir,
+            &socket,
+            &[
+                ("PCX_TEST_PAUSE", step),
+                ("PCX_TEST_PAUSE_FILE", &pause_env),
+            ],
+            &[],
+        );
+        let mut conn = server.connect();
+        for i in 0..30 {
+            assert_ok(&conn.ask(&record(&format!("k{i}"), compaction_content(1, i))));
+        }
+        let mut compacting = server.connect();
+        compacting
+            .send(&json!({"op": "compact", "before": 20}))
+            .unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while !pause.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{step}: the compaction never paused"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        if step == "compact:writing" {
+            // Writes wait for the swap: one answered now would not be in the copy.
+            let mut late = server.connect();
+            late.set_timeouts(Duration::from_millis(300), IO_TIMEOUT);
+            late.send(&record("late", b"sent while copying")).unwrap();
+            assert!(
+                late.recv().is_err(),
+                "{step}: a write was answered while the log was being copied"
+            );
+        }
+        drop((conn, compacting));
+        server.kill();
+
+        let server = Server::start(&dir, &socket);
+        let mut conn = server.connect();
+        for i in 0..30 {
+            assert_eq!(
+                content_of(&conn.ask(&serialize(&format!("k{i}")))),
+                Some(compaction_content(1, i)),
+                "{step}: k{i} was answered and is gone"
+            );
+        }
+        let verified = conn.ask(&json!({"op": "verify"}));
+        assert_eq!(verified["verify"]["ok"], json!(true), "{step}: {verified}");
+        let anchored = verified["verify"]["anchored_at"] == json!(19);
+        assert_eq!(anchored, compacted, "{step}: {verified}");
+        drop(conn);
+        server.stop();
+        assert_verify_passes(&dir);
+    }
 }

@@ -94,6 +94,25 @@ def test_verify_of_a_damaged_log_raises_corrupt_log_not_a_report_to_overlook(
         assert raised.value.answer["verify"]["ok"] is False
 
 
+def test_a_live_log_is_compacted_in_place_and_keeps_the_state(client: pcx.Client) -> None:
+    for i in range(20):
+        client.record_artifact(f"k{i}", f"content {i}".encode())
+    for i in range(5):
+        client.take_artifact(f"k{i}")
+    before = client.request("state")["state"]["state_digest"]
+    report = client.compact(26)
+    assert report["anchored_at"] == 25 and report["events_removed"] == 25
+    assert report["blobs_removed"] == 5
+    client.record_artifact("after", b"written after the compaction")
+    verified = client.verify()
+    assert verified["anchored_at"] == 25 and verified["last_seq"] == 26
+    client.take_artifact("after")
+    assert client.request("state")["state"]["state_digest"] == before
+    assert client.serialize_artifact_by_key("k7")["content_b64"] == b"content 7"
+    with pytest.raises(pcx.PcxError, match="nothing to compact"):
+        client.compact(10)
+
+
 def test_a_retry_with_the_same_request_id_is_applied_once(client: pcx.Client) -> None:
     first = client.request("record_artifact", key="k", content_b64=b"v1", request_id="job-1:k")
     assert first["ok"] and "already_applied" not in first

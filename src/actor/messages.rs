@@ -164,6 +164,10 @@ message!(/// `export`: the log, as of this point in the stream, written to the f
     /// backup of a live context), once every change accepted before it is durable, on a thread
     /// of its own. Answers `{"exported": {output, events, last_seq, bytes}}`.
     ExportTo { output: std::path::PathBuf, mode: crate::audit::export::ContentMode } -> serde_json::Map<String, serde_json::Value>);
+message!(/// `compact`: the log made to begin at `before`, as `pcx compact --before` does offline,
+    /// in the data directory the context holds, while it goes on serving (commits wait for the
+    /// swap; reads go on). Answers the compaction's report.
+    CompactLog { before: u64 } -> serde_json::Map<String, serde_json::Value>);
 message!(/// What the context has done since it started.
     GetStats {} -> Stats);
 message!(/// The current load counters.

@@ -1,12 +1,14 @@
 //! The handlers of questions that change nothing: audit queries over the log, stats, load
-//! counters and the state's digest.
+//! counters and the state's digest; and compaction, which changes the log's storage but not
+//! what it says, run on a thread as the audits are.
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::context_actor::{same, ContextActor};
 use super::messages::{
-    Ack, Answer, Audit, ExportTo, GetLoadCounters, GetStats, LoadCounters, StateDigest, Stats,
+    Ack, Answer, Audit, CompactLog, ExportTo, GetLoadCounters, GetStats, LoadCounters, StateDigest,
+    Stats,
 };
 use super::reply::Durable;
 use crate::actor::committer::Committer;
@@ -38,6 +40,60 @@ impl Handler<ExportTo> for ContextActor {
             out.insert("exported".into(), exported);
             Ok(out)
         })
+    }
+}
+
+impl Handler<CompactLog> for ContextActor {
+    type Result = ResponseFuture<Answer<serde_json::Map<String, serde_json::Value>>>;
+
+    /// On a thread of its own, once every change accepted before it is durable: the journal
+    /// holds commits off while it copies, and the actor goes on serving meanwhile.
+    fn handle(&mut self, msg: CompactLog, _: &mut Self::Context) -> Self::Result {
+        self.settle_loads();
+        let (tx, rx) = oneshot::channel();
+        if self.closed {
+            let _ = tx.send(Err(ContextError::Closed));
+        } else {
+            let journal = self.journal.clone();
+            self.when_durable(Box::new(move |ready| {
+                if let Err(e) = ready {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                let spawned = std::thread::Builder::new()
+                    .name("pcx-compact".into())
+                    .spawn(move || {
+                        let report = crate::audit::compact::compact_in_place(
+                            journal.as_ref(),
+                            msg.before,
+                            &mut |_| {},
+                        );
+                        drop(journal);
+                        let answer = match report {
+                            Ok(serde_json::Value::Object(mut report)) => {
+                                report.remove("ok");
+                                Ok(Ack {
+                                    seq: None,
+                                    value: report,
+                                })
+                            }
+                            Ok(_) => Ok(Ack {
+                                seq: None,
+                                value: serde_json::Map::new(),
+                            }),
+                            Err(e) => Err(ContextError::Audit {
+                                kind: "compact_failed",
+                                message: e.to_string(),
+                            }),
+                        };
+                        let _ = tx.send(answer);
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a compaction thread");
+                }
+            }));
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(ContextError::Closed)) })
     }
 }
 

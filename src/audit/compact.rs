@@ -51,6 +51,17 @@ pub enum CompactError {
     BeyondEnd { before: u64, last: u64 },
     #[error("data directory {0} does not exist: nothing has been recorded there")]
     Missing(PathBuf),
+    /// The compacted copy does not replay to the state and head the log does: it is not
+    /// swapped in, and the log is as it was.
+    #[error("the compacted copy in {side} replays to {got}, the log to {expected}: it was not swapped in, and the log is as it was")]
+    Mismatch {
+        side: PathBuf,
+        got: String,
+        expected: String,
+    },
+    /// A server asked to compact a journal that is not a data directory it holds.
+    #[error("{0}")]
+    NotHere(String),
 }
 
 impl From<SwapError> for CompactError {
@@ -103,7 +114,10 @@ pub fn compact(
     pause_point("compact:locked");
     let bytes_before = dir_bytes(dir);
     let new_dir = sibling(dir, COMPACTING);
-    let mut report = match write_compacted(dir, &new_dir, before, cache_capacity, progress) {
+    let written = SledJournal::open_held(dir, cache_capacity)
+        .map_err(CompactError::from)
+        .and_then(|old| write_compacted(&old, &new_dir, before, cache_capacity, progress));
+    let mut report = match written {
         Ok(report) => report,
         Err(e) => {
             // Nothing was swapped: the log is as it was. The side directory's space goes back
@@ -143,9 +157,52 @@ fn anchor_for(journal: &dyn Journal, start: &Base, before: u64) -> Result<u64, C
     Ok(anchor_seq)
 }
 
-/// Writes the compacted log into `new_dir` (under the lock the caller holds), and closes it.
+/// Compacts the log of a running server (or batch) in its data directory, as [`compact`]
+/// does offline: its journal replaces the directory under itself
+/// ([`SledJournal::replace_in_place`]), holding commits off while the copy is written, so
+/// the server goes on answering reads and takes up writes again on the compacted log.
+pub fn compact_in_place(
+    journal: &dyn Journal,
+    before: u64,
+    progress: Progress,
+) -> Result<Value, CompactError> {
+    #[cfg(feature = "postgres")]
+    if let Some(pg) = journal.as_pg() {
+        // One transaction, under this holder's lease: commits go on beside it.
+        return compact_postgres(pg, before, progress);
+    }
+    let Some(sled) = journal.as_sled() else {
+        return Err(CompactError::NotHere(
+            "this context's journal is neither a data directory nor a journal in PostgreSQL".into(),
+        ));
+    };
+    let dir = sled.dir();
+    // The swap replaces `dir` whole (and checks this again): said before any work is done.
+    let foreign = crate::store::swap::foreign_entries(dir);
+    if !foreign.is_empty() {
+        return Err(crate::store::swap::SwapError::Foreign {
+            dir: dir.to_path_buf(),
+            entries: crate::store::swap::some_of(&foreign),
+        }
+        .into());
+    }
+    let bytes_before = dir_bytes(dir);
+    let side = sibling(dir, COMPACTING);
+    let cache_capacity = sled.cache_capacity();
+    let mut report = sled.replace_in_place(&side, |old| {
+        write_compacted(old, &side, before, cache_capacity, progress)
+    })?;
+    let bytes_after = dir_bytes(dir);
+    report["bytes_before"] = json!(bytes_before);
+    report["bytes_after"] = json!(bytes_after);
+    report["reclaimed_bytes"] = json!(bytes_before.saturating_sub(bytes_after));
+    Ok(report)
+}
+
+/// Writes the compacted log of `old` into `new_dir` (under the lock the caller holds),
+/// checks that it replays to what `old` does, and closes it.
 fn write_compacted(
-    dir: &Path,
+    old: &SledJournal,
     new_dir: &Path,
     before: u64,
     cache_capacity: u64,
@@ -155,10 +212,9 @@ fn write_compacted(
         let path = path.to_path_buf();
         move |source| CompactError::Io { op, path, source }
     };
-    let old = SledJournal::open_held(dir, cache_capacity)?;
-    let start = base(&old).map_err(AuditError::from)?;
-    let anchor_seq = anchor_for(&old, &start, before)?;
-    let (anchor_state, anchor_head) = state_at(&old, anchor_seq, progress)?;
+    let start = base(old).map_err(AuditError::from)?;
+    let anchor_seq = anchor_for(old, &start, before)?;
+    let (anchor_state, anchor_head) = state_at(old, anchor_seq, progress)?;
 
     if new_dir.exists() {
         std::fs::remove_dir_all(new_dir).map_err(io("removing", new_dir))?;
@@ -185,7 +241,7 @@ fn write_compacted(
     let mut kept_events = 0u64;
     let mut failure: Option<StoreError> = None;
     walk(
-        &old,
+        old,
         Base {
             state: anchor_state,
             head: anchor_head,
@@ -253,6 +309,8 @@ fn write_compacted(
     }
     new.commit(&kept)?;
     new.rewrite_cache_view(&old.cache_view()?)?;
+    same_replay(old, &new, new_dir)?;
+    drop(new);
     let events_removed = anchor_seq - start.head.seq;
     Ok(json!({
         "ok": true,
@@ -262,6 +320,33 @@ fn write_compacted(
         "blobs_removed": blobs_removed,
         "blob_bytes_removed": blob_bytes_removed,
     }))
+}
+
+/// Refuses a compacted copy that does not replay to the state and head its log does: what
+/// is swapped in must be the same log, shorter.
+fn same_replay(old: &dyn Journal, new: &dyn Journal, new_dir: &Path) -> Result<(), CompactError> {
+    let replay = |j: &dyn Journal| {
+        crate::store::replay::recover(j)
+            .map(|r| (r.state.digest(), r.head))
+            .map_err(AuditError::from)
+    };
+    let (expected, got) = (replay(old)?, replay(new)?);
+    if expected != got {
+        let say = |(d, h): (Digest, crate::store::replay::Head)| {
+            format!(
+                "state {} at event {} ({})",
+                d.to_hex(),
+                h.seq,
+                h.hash.to_hex()
+            )
+        };
+        return Err(CompactError::Mismatch {
+            side: new_dir.to_path_buf(),
+            got: say(got),
+            expected: say(expected),
+        });
+    }
+    Ok(())
 }
 
 /// `pcx compact --before SEQ` on a journal in PostgreSQL, as its writer: the anchor (the state

@@ -9,8 +9,8 @@ use serde_json::{json, Map, Value};
 
 use crate::actor::error::ContextError;
 use crate::actor::{
-    Audit, Clear, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, ExportTo, GetArtifact,
-    GetStats, InScope, LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache,
+    Audit, Clear, CompactLog, CreateCacheEntries, DumpDebugInfo, Edit, EditArtifact, ExportTo,
+    GetArtifact, GetStats, InScope, LoadCacheEntry, RecordArtifact, RecordEntry, SaveToDynamoCache,
     TakeArtifact,
 };
 use crate::audit::query::{LogFilter, Query};
@@ -104,6 +104,13 @@ pub enum Request {
         output: String,
         #[serde(default)]
         content: crate::audit::export::ContentMode,
+    },
+    /// The log made to begin at event `before` (the events before it and the content only
+    /// they used dropped, the state kept), as `pcx compact --before` does, while the context
+    /// goes on serving. Over a socket, only a client of the server's own user on its Unix
+    /// socket may ask (it deletes history).
+    Compact {
+        before: u64,
     },
     /// What the context has done since it started.
     Stats,
@@ -455,6 +462,7 @@ fn submit_in(ctx: &Context, scope: Scope, request: Request) -> AnswerFuture {
             },
             Value::Object
         ),
+        Request::Compact { before } => send!(CompactLog { before }, Value::Object),
         Request::Export { output, content } => {
             let output = std::path::PathBuf::from(output);
             if !output.is_absolute() {

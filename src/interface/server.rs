@@ -365,6 +365,7 @@ pub async fn run(
     // there next failed "in use" (the Python client's embedded default with it).
     let mut socket_check = tokio::time::interval(SOCKET_CHECK_EVERY);
     let watch_socket = tcp.is_none() && bound.is_some();
+    let mut socket_missed = false;
     tokio::pin!(shutdown);
     loop {
         if let Some(pause) = backoff {
@@ -376,7 +377,13 @@ pub async fn run(
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             _ = socket_check.tick(), if watch_socket => {
-                if socket_lost(&config.socket_path, bound) {
+                // Gone at two checks running: a compaction in place swaps the data directory
+                // (and the socket file in it, linked into the new one) in two renames, between
+                // which the path names nothing for a moment.
+                let lost = socket_lost(&config.socket_path, bound);
+                let gone = lost && socket_missed;
+                socket_missed = lost;
+                if gone {
                     tracing::warn!(socket = %config.socket_path.display(),
                         "this server's socket file was removed or replaced, so no client can \
                          reach it: shutting down, letting go of the data directory");
@@ -486,12 +493,14 @@ fn answer_frame(answer: Value) -> Vec<u8> {
     }
 }
 
-/// Whether `request` has the server write a file of the client's choosing (`export`).
-fn writes_a_file(request: &Request) -> bool {
+/// Why only the server's own user may ask for `request`, if so: `export` has the server write
+/// a file of the client's choosing, `compact` deletes history.
+fn owners_only(request: &Request) -> Option<&'static str> {
     match request {
-        Request::Export { .. } => true,
-        Request::Scoped { request, .. } => writes_a_file(request),
-        _ => false,
+        Request::Export { .. } => Some("`export` writes a file with the server's rights"),
+        Request::Compact { .. } => Some("`compact` deletes the log's history"),
+        Request::Scoped { request, .. } => owners_only(request),
+        _ => None,
     }
 }
 
@@ -767,12 +776,13 @@ fn answer_for(
     let (id, request) = parse_value(value);
     match request {
         Err(e) => ready(with_id(id, refused(&e))),
-        Ok(r) if writes_a_file(&r) && !own_user => ready(with_id(
+        Ok(r) if !own_user && owners_only(&r).is_some() => ready(with_id(
             id,
             json!({ "ok": false, "error": { "kind": "unauthorized", "message": format!(
-                "`export` writes a file with the server's rights, so only a client of the \
-                 server's own user on its Unix socket may ask for it (this one: {peer}); \
-                 run `pcx export` where the data directory is, or ask over the Unix socket"
+                "{}, so only a client of the server's own user on its Unix socket may ask for \
+                 it (this one: {peer}); ask over the Unix socket, or run the command where the \
+                 data directory is",
+                owners_only(&r).unwrap_or_default()
             ) } }),
         )),
         Ok(Request::Stats) => {

@@ -39,6 +39,7 @@ pub const OPS: &[&str] = &[
     "list_cache_entries",
     "clear_dynamo_cache",
     "export",
+    "compact",
 ];
 
 /// The fields `op` takes besides `op` itself (and `id`, `request_id`, `context` and
@@ -63,6 +64,7 @@ pub fn fields_of(op: &str) -> Option<&'static [&'static str]> {
         "state" => &["at", "at_time", "key"],
         "diff" => &["from", "to"],
         "export" => &["output", "content"],
+        "compact" => &["before"],
         _ => return None,
     })
 }

@@ -141,6 +141,18 @@ impl ContentFiles {
         })
     }
 
+    /// Starts over on the content files now in the data directory (a compaction replaced it
+    /// while it was open): every file held open is let go, and the one to append to is found
+    /// again.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let _appending = self.appending.lock().unwrap_or_else(|p| p.into_inner());
+        let data_dir = self.dir.parent().unwrap_or(&self.dir);
+        let fresh = ContentFiles::open(data_dir)?;
+        let files = fresh.files.into_inner().unwrap_or_else(|p| p.into_inner());
+        *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
+        Ok(())
+    }
+
     /// Appends `parts` back to back and makes them durable. Gives the file and the offset
     /// of the first part; the others follow it.
     pub fn append(&self, parts: &[&[u8]]) -> Result<(u64, u64), StoreError> {

@@ -244,6 +244,18 @@ pub trait Journal: Send + Sync + 'static {
     fn lease_epoch(&self) -> Option<i64> {
         None
     }
+    /// The sled journal this is, if it is one: a running server compacts its data directory
+    /// by replacing it under the open journal
+    /// ([`SledJournal::replace_in_place`](crate::store::sled_journal::SledJournal::replace_in_place)).
+    fn as_sled(&self) -> Option<&crate::store::sled_journal::SledJournal> {
+        None
+    }
+    /// The PostgreSQL journal this is, if it is one: its holder compacts it in one transaction
+    /// while serving ([`PgJournal::compact_before`](crate::store::pg_journal::PgJournal::compact_before)).
+    #[cfg(feature = "postgres")]
+    fn as_pg(&self) -> Option<&crate::store::pg_journal::PgJournal> {
+        None
+    }
 }
 
 /// What a closed context holds in place of its journal: every operation says it is closed.
@@ -440,6 +452,13 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn lease_epoch(&self) -> Option<i64> {
         self.inner.lease_epoch()
     }
+    fn as_sled(&self) -> Option<&crate::store::sled_journal::SledJournal> {
+        self.inner.as_sled()
+    }
+    #[cfg(feature = "postgres")]
+    fn as_pg(&self) -> Option<&crate::store::pg_journal::PgJournal> {
+        self.inner.as_pg()
+    }
 }
 
 impl<J: Journal> Journal for std::sync::Arc<J> {
@@ -500,5 +519,12 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     }
     fn lease_epoch(&self) -> Option<i64> {
         (**self).lease_epoch()
+    }
+    fn as_sled(&self) -> Option<&crate::store::sled_journal::SledJournal> {
+        (**self).as_sled()
+    }
+    #[cfg(feature = "postgres")]
+    fn as_pg(&self) -> Option<&crate::store::pg_journal::PgJournal> {
+        (**self).as_pg()
     }
 }

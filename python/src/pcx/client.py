@@ -577,6 +577,15 @@ class Client:
         ]
         return exported
 
+    def compact(self, before: int) -> Dict[str, Any]:
+        """Drops the events before ``before`` and the content only they used, keeping the
+        state, while the server goes on serving (writes wait for the swap; reads go on): the
+        log of a server that never stops does not grow for ever. Over a socket only the
+        server's own user may ask. Gives the report (``anchored_at``, ``events_removed``,
+        ``blobs_removed``, ``reclaimed_bytes``…)."""
+        answer = self.request("compact", before=before)
+        return {k: v for k, v in answer.items() if k not in ("ok", "id")}
+
     def stats(self) -> Dict[str, Any]:
         """Counters since the server started (events, flushes, stitches, cache hits…)."""
         stats: Dict[str, Any] = self.request("stats")["stats"]

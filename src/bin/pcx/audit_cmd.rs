@@ -48,6 +48,9 @@ pub(crate) fn audit_command(command: Command, config: &Config) -> Result<ExitCod
             Err(e @ pcx::audit::compact::CompactError::Missing(_)) => {
                 answer_error("no_data_directory", &e.to_string())
             }
+            Err(pcx::audit::compact::CompactError::Open(
+                e @ pcx::store::error::OpenError::Locked { .. },
+            )) => compact_through_server(config, before, &e.to_string()),
             other => compaction_answer(other),
         });
     }
@@ -257,6 +260,34 @@ fn read_command(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `pcx compact` on a directory a server holds: the server compacts it in place, answering
+/// meanwhile (the `compact` request), as the user meant; `locked` is said when no server
+/// answers on the directory's socket (another command holds it).
+fn compact_through_server(config: &Config, before: u64, locked: &str) -> ExitCode {
+    let socket = config.socket();
+    let Ok(mut stream) = pcx::interface::unix_path::connect(&socket) else {
+        return answer_error("compact_failed", locked);
+    };
+    match pcx::interface::client::exchange(&mut stream, &json!({"op": "compact", "before": before}))
+    {
+        Ok(answer) if answer["ok"] == true => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            println!("{answer}");
+            ExitCode::FAILURE
+        }
+        Err(e) => answer_error(
+            "compact_failed",
+            &format!(
+                "{locked}; asking its server at {} failed: {e}",
+                socket.display()
+            ),
+        ),
+    }
 }
 
 /// A compaction's report on stdout, or its failure.

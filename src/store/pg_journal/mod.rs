@@ -588,6 +588,9 @@ impl Drop for PgJournal {
 }
 
 impl Journal for PgJournal {
+    fn as_pg(&self) -> Option<&PgJournal> {
+        Some(self)
+    }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         let d = *digest;
         let found = self.read("reading a content", move |client, _| {

@@ -230,6 +230,7 @@ impl SledJournal {
         &self,
         blobs: impl IntoIterator<Item = (&'a Digest, &'a [u8])>,
     ) -> Result<(), StoreError> {
+        let _swapping = self.swapping.read().unwrap_or_else(|p| p.into_inner());
         let h = self.h()?;
         let staged = self.stage(&h, blobs);
         if staged.packs.is_some() || staged.fresh.is_empty() {

@@ -2,13 +2,15 @@
 //! packs or content files, snapshots, the dynamo cache view and the compaction anchor, made
 //! durable by sled's flush plus an explicit `fdatasync` of its files.
 //!
-//! The journal is three files: this one (the journal itself: opening, commits, durability,
+//! The journal is four files: this one (the journal itself: opening, commits, durability,
 //! and the `Journal` trait's reads and writes), [`handles`] (opening sled and its trees, and
-//! the file-system facts a commit needs), and [`contents`] (where contents go: sled packs or
-//! content files, and the in-memory index of them).
+//! the file-system facts a commit needs), [`contents`] (where contents go: sled packs or
+//! content files, and the in-memory index of them) and [`in_place`] (replacing the directory
+//! while the journal is open: a running server's compaction).
 
 mod contents;
 mod handles;
+mod in_place;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -58,6 +60,11 @@ pub struct SledJournal {
     /// ([`Journal::prewrite`]), not yet in the index: the group that stores them writes
     /// their index entries instead of writing them again.
     prewritten: Mutex<std::collections::HashMap<Digest, crate::store::pack::Loc>>,
+    /// Held (shared) by whatever reads or writes contents through the index and the content
+    /// files together (`blob`, contents written ahead), and exclusively while the directory
+    /// under them is replaced ([`in_place`]), so none of them mixes the old directory's index
+    /// with the new one's files.
+    swapping: std::sync::RwLock<()>,
     /// The data directory's lock, held as long as the journal (none for the side directories
     /// a compaction or import writes under the lock it holds itself). Last, so it goes last.
     _lock: Option<crate::store::swap::DirLock>,
@@ -134,6 +141,7 @@ impl SledJournal {
             writer: Mutex::new(()),
             prewritten: Mutex::new(std::collections::HashMap::new()),
             files,
+            swapping: std::sync::RwLock::new(()),
             _lock: None,
         })
     }
@@ -174,6 +182,11 @@ impl SledJournal {
         &self.dir
     }
 
+    /// The cache size sled was opened with (a copy of the directory is opened alike).
+    pub fn cache_capacity(&self) -> u64 {
+        self.cache_capacity
+    }
+
     /// Sets the compaction anchor and makes it durable (compaction and import only).
     pub fn set_anchor(&self, snapshot: &[u8]) -> Result<(), StoreError> {
         let h = self.h()?;
@@ -187,8 +200,10 @@ impl SledJournal {
     /// it (`record` keeps them), durably. The record is written first, so no crash leaves
     /// the snapshots gone without it.
     pub fn accept_lost_tail(&self, record: &[u8], ahead: &[u64]) -> Result<(), StoreError> {
-        let h = self.h()?;
+        // The writer's turn first, then the handles: a write waiting for its turn must not
+        // hold on to the handles of a directory a compaction in place is replacing.
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let h = self.h()?;
         let n = h.meta.scan_prefix(LOST_TAIL_PREFIX).count() as u64;
         let mut key = LOST_TAIL_PREFIX.to_vec();
         key.extend_from_slice(&seq_key(n));
@@ -205,8 +220,10 @@ impl SledJournal {
 
     /// Empties every tree (a refused import takes back what it wrote).
     pub fn wipe(&self) -> Result<(), StoreError> {
-        let h = self.h()?;
+        // The writer's turn first, then the handles: a write waiting for its turn must not
+        // hold on to the handles of a directory a compaction in place is replacing.
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let h = self.h()?;
         let trees = [
             &h.pages,
             &h.packs,
@@ -375,7 +392,11 @@ impl Journal for SledJournal {
     fn data_dir(&self) -> Option<&Path> {
         Some(&self.dir)
     }
+    fn as_sled(&self) -> Option<&SledJournal> {
+        Some(self)
+    }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let _swapping = self.swapping.read().unwrap_or_else(|p| p.into_inner());
         let h = self.h()?;
         let loc = self.contents_ref().locs.get(digest).copied();
         let Some(loc) = loc else {
@@ -397,8 +418,10 @@ impl Journal for SledJournal {
     }
 
     fn commit(&self, c: &Commit) -> Result<(), StoreError> {
-        let h = self.h()?;
+        // The writer's turn first, then the handles: a write waiting for its turn must not
+        // hold on to the handles of a directory a compaction in place is replacing.
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let h = self.h()?;
         let staged = self.stage(&h, c.blobs.iter().map(|(d, b)| (d, b.as_slice())));
         let mut written = Written::default();
         match self.try_commit(&h, c, &staged, &mut written) {
@@ -531,18 +554,7 @@ impl Journal for SledJournal {
         // Drop ours first: sled's lock on the directory goes with its last handle (an
         // iterator still held elsewhere may keep it a moment; opening waits for that).
         *slot = None;
-        let reopened =
-            open_handles(&self.dir, self.cache_capacity).map_err(|e| StoreError::Io {
-                op: "reopening the event log in",
-                path: self.dir.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        let contents =
-            load_contents(&reopened, &self.dir).map_err(|what| StoreError::Damaged { what })?;
-        *self.contents_mut() = contents;
-        // Written again by their groups rather than trusted across a failure.
-        self.prewritten_mut().clear();
-        *slot = Some(std::sync::Arc::new(reopened));
+        self.take_up(&mut slot)?;
         tracing::info!(dir = %self.dir.display(), "event log reopened");
         Ok(())
     }
@@ -556,6 +568,7 @@ impl Journal for SledJournal {
     }
 
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let h = self.h()?;
         h.cache
             .clear()
