@@ -98,19 +98,23 @@ impl SledJournal {
         }
         // The new log, or the old one after a swap that did not happen.
         self.take_up(&mut slot)?;
-        *self
-            .synced_blob_files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = 0;
-        self.files.reopen()?;
         swapped?;
         tracing::info!(dir = %self.dir.display(), "data directory replaced in place");
         Ok(rewritten)
     }
 
-    /// Opens sled on the data directory again, with its content index, into `slot` (the
-    /// handles' lock, held by the caller with the writer's): after a failure, or a swap.
+    /// Opens sled on the data directory again, with its content index, its content files and
+    /// what of it is synced, into `slot` (the handles' lock, held by the caller with the
+    /// writer's): after a failure, or a swap. All of it every time: a swap whose take-up
+    /// failed is taken up by the next reset, and content files still open from the directory
+    /// before would take appends into a file no longer there.
     pub(super) fn take_up(&self, slot: &mut Slot) -> Result<(), StoreError> {
+        self.files.reopen()?;
+        // sled numbers the files of large values from its own log; a new directory's restart.
+        *self
+            .synced_blob_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = 0;
         let reopened =
             open_handles(&self.dir, self.cache_capacity).map_err(|e| StoreError::Io {
                 op: "reopening the event log in",
