@@ -1845,3 +1845,24 @@ fn the_holder_of_a_journal_compacts_it_in_place_and_keeps_serving() {
     holder.finish();
     journal_verifies_and_opens_again(dir.path(), &name);
 }
+
+/// `pcx compact` on a journal a live `pcx serve` holds: instead of "served by …", the holder
+/// (found in the database, as `pcx client` finds it) compacts in place.
+#[test]
+fn pcx_compact_on_a_journal_a_server_holds_has_the_holder_compact_it() {
+    let name = fresh_name("compact-cli");
+    let dir = tempfile::tempdir().expect("a dir");
+    let (_server, socket) = Serve::start(dir.path(), &name, 0);
+    Serve::wait_listening(&socket);
+    for i in 0..6 {
+        let answer = client_following(&name, &record(&format!("k{i}"), "x"));
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    let (code, out) = pcx_on_journal(dir.path(), &name, &["compact", "--before", "4"]);
+    assert_eq!(code, Some(0), "{out}");
+    let report: Value = serde_json::from_str(out.lines().next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["anchored_at"], json!(3), "{report}");
+    let verified = client_following(&name, &json!({"op": "verify"}));
+    assert_eq!(verified["verify"]["anchored_at"], json!(3), "{verified}");
+}

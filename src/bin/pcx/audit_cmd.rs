@@ -262,30 +262,22 @@ fn read_command(
     })
 }
 
-/// `pcx compact` on a directory a server holds: the server compacts it in place, answering
-/// meanwhile (the `compact` request), as the user meant; `locked` is said when no server
-/// answers on the directory's socket (another command holds it).
-fn compact_through_server(config: &Config, before: u64, locked: &str) -> ExitCode {
-    let socket = config.socket();
-    let Ok(mut stream) = pcx::interface::unix_path::connect(&socket) else {
-        return answer_error("compact_failed", locked);
-    };
-    match pcx::interface::client::exchange(&mut stream, &json!({"op": "compact", "before": before}))
-    {
-        Ok(answer) if answer["ok"] == true => {
-            println!("{answer}");
-            ExitCode::SUCCESS
-        }
+/// `pcx compact` on a data directory or journal a server holds: the server compacts it in
+/// place, answering meanwhile (the `compact` request), as the user meant; `held` (why it
+/// could not be opened) is said with why the server could not be asked.
+fn compact_through_server(config: &Config, before: u64, held: &str) -> ExitCode {
+    match crate::remote::ask_server(config, &json!({"op": "compact", "before": before})) {
         Ok(answer) => {
             println!("{answer}");
-            ExitCode::FAILURE
+            if answer["ok"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => answer_error(
             "compact_failed",
-            &format!(
-                "{locked}; asking its server at {} failed: {e}",
-                socket.display()
-            ),
+            &format!("{held}; asking the server that holds it failed: {e:#}"),
         ),
     }
 }
@@ -342,6 +334,10 @@ fn postgres_audit(command: Command, config: &Config) -> Result<ExitCode> {
             // Compaction writes: it takes the journal's lease, as a server would.
             let journal = match pcx::store::pg_journal::PgJournal::open(settings) {
                 Ok(j) => j,
+                Err(e @ pcx::store::error::OpenError::LeaseHeld { .. }) => {
+                    // A live holder: it compacts in place.
+                    return Ok(compact_through_server(config, before, &e.to_string()));
+                }
                 Err(e) => return Ok(answer_error("open_failed", &error_text(&e.into()))),
             };
             let bar = progress_bar(config, before, "compacting");

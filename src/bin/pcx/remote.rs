@@ -171,6 +171,46 @@ pub(crate) fn client(
     Ok(ExitCode::SUCCESS)
 }
 
+/// One request to the server that holds the configured data directory (on its socket) or
+/// journal in PostgreSQL (its holder, found and checked as `pcx client` finds it), and its
+/// answer: how a command that would otherwise open what a server holds asks that server.
+pub(crate) fn ask_server(
+    config: &Config,
+    request: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    fn exchange(
+        stream: &mut (impl std::io::Read + std::io::Write),
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        pcx::interface::client::exchange(stream, request).context("asking the server")
+    }
+    if config.journal != pcx::config::JournalBackend::Postgres {
+        let path = config.socket();
+        let mut stream = pcx::interface::unix_path::connect(&path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
+        return exchange(&mut stream, request);
+    }
+    let (socket, tcp, found) = holder(config)?;
+    match (socket, tcp) {
+        (_, Some(addr)) => {
+            let token = client_token(config, None, None)?;
+            let mut stream = std::net::TcpStream::connect(&addr)
+                .with_context(|| format!("connecting to {addr}"))?;
+            pcx::interface::client::authenticate(&mut stream, &token)
+                .with_context(|| format!("authenticating to {addr}"))?;
+            check_holder(&mut stream, config, &found)?;
+            exchange(&mut stream, request)
+        }
+        (socket, None) => {
+            let path = socket.unwrap_or_else(|| config.socket());
+            let mut stream = pcx::interface::unix_path::connect(&path)
+                .with_context(|| format!("connecting to {}", path.display()))?;
+            check_holder(&mut stream, config, &found)?;
+            exchange(&mut stream, request)
+        }
+    }
+}
+
 /// Who holds the configured journal (in PostgreSQL), where it serves (a TCP address, or a
 /// socket path on its machine) and its epoch.
 fn lookup_holder(config: &Config) -> Result<(String, String, i64)> {
