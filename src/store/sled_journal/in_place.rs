@@ -109,6 +109,13 @@ impl SledJournal {
     /// failed is taken up by the next reset, and content files still open from the directory
     /// before would take appends into a file no longer there.
     pub(super) fn take_up(&self, slot: &mut Slot) -> Result<(), StoreError> {
+        // Never made again here: a directory removed under the running process (`rm -rf`)
+        // would be healed into an empty log, and every client would read its changes gone.
+        if !self.dir.is_dir() {
+            return Err(StoreError::Removed {
+                path: self.dir.join("db"),
+            });
+        }
         self.files.reopen()?;
         // sled numbers the files of large values from its own log; a new directory's restart.
         *self
