@@ -416,6 +416,15 @@ fn assert_contents(conn: &mut Conn, expected: &[(String, Vec<u8>)], what: &str) 
     }
 }
 
+/// Waits (at most [`TIMEOUT`]) until `path` exists: a paused process's mark.
+fn wait_until_exists(path: &Path, why: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{why}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// `pcx verify` on a data directory no server holds: exits 0.
 fn assert_verify_passes(dir: &Path) {
     cli(dir, &["verify"]).assert_success();
@@ -1570,14 +1579,7 @@ fn two_servers_started_at_once_on_one_stale_socket_leave_exactly_one_listening_a
         .env("PCX_TEST_PAUSE", "serve:stale-found")
         .env("PCX_TEST_PAUSE_FILE", &paused);
     let (mut first, first_log) = spawn_logged(first, &socket);
-    let deadline = Instant::now() + TIMEOUT;
-    while !paused.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the first server never reached its pause"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    wait_until_exists(&paused, "the first server never reached its pause");
     // …while the second starts, finds the same stale file and binds.
     let (mut second, second_log) =
         spawn_logged(serve(&tmp.path().join("b"), &socket, &[]), &socket);
@@ -2235,14 +2237,7 @@ fn a_server_killed_at_each_step_of_a_compaction_in_place_keeps_every_answered_ch
         compacting
             .send(&json!({"op": "compact", "before": 20}))
             .unwrap();
-        let deadline = Instant::now() + TIMEOUT;
-        while !pause.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "{step}: the compaction never paused"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_until_exists(&pause, &format!("{step}: the compaction never paused"));
         if step == "compact:writing" {
             // Writes wait for the swap: one answered now would not be in the copy.
             let mut late = server.connect();

@@ -88,6 +88,14 @@ pub fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Adds to a compaction's report the bytes `dir` took before (`bytes_before`) and takes now.
+fn sizes(report: &mut Value, bytes_before: u64, dir: &Path) {
+    let bytes_after = dir_bytes(dir);
+    report["bytes_before"] = json!(bytes_before);
+    report["bytes_after"] = json!(bytes_after);
+    report["reclaimed_bytes"] = json!(bytes_before.saturating_sub(bytes_after));
+}
+
 /// Compacts the log in `dir` so it begins after event `before - 1`. Returns a JSON report.
 pub fn compact(
     dir: &Path,
@@ -103,14 +111,7 @@ pub fn compact(
         return Err(CompactError::Missing(dir.to_path_buf()));
     }
     // The swap replaces `dir` whole (and checks this again): said before any work is done.
-    let foreign = crate::store::swap::foreign_entries(dir);
-    if !foreign.is_empty() {
-        return Err(crate::store::swap::SwapError::Foreign {
-            dir: dir.to_path_buf(),
-            entries: crate::store::swap::some_of(&foreign),
-        }
-        .into());
-    }
+    crate::store::swap::only_ours(dir)?;
     pause_point("compact:locked");
     let bytes_before = dir_bytes(dir);
     let new_dir = sibling(dir, COMPACTING);
@@ -132,11 +133,8 @@ pub fn compact(
         }
     };
     swap_in(dir, &new_dir, &lock)?;
-    let bytes_after = dir_bytes(dir);
+    sizes(&mut report, bytes_before, dir);
     drop(lock);
-    report["bytes_before"] = json!(bytes_before);
-    report["bytes_after"] = json!(bytes_after);
-    report["reclaimed_bytes"] = json!(bytes_before.saturating_sub(bytes_after));
     Ok(report)
 }
 
@@ -166,36 +164,28 @@ pub fn compact_in_place(
     before: u64,
     progress: Progress,
 ) -> Result<Value, CompactError> {
+    let backend = journal.backend();
     #[cfg(feature = "postgres")]
-    if let Some(pg) = journal.as_pg() {
+    if let Some(pg) = backend.and_then(|b| b.downcast_ref::<crate::store::pg_journal::PgJournal>())
+    {
         // One transaction, under this holder's lease: commits go on beside it.
         return compact_postgres(pg, before, progress);
     }
-    let Some(sled) = journal.as_sled() else {
+    let Some(sled) = backend.and_then(|b| b.downcast_ref::<SledJournal>()) else {
         return Err(CompactError::NotHere(
             "this context's journal is neither a data directory nor a journal in PostgreSQL".into(),
         ));
     };
     let dir = sled.dir();
     // The swap replaces `dir` whole (and checks this again): said before any work is done.
-    let foreign = crate::store::swap::foreign_entries(dir);
-    if !foreign.is_empty() {
-        return Err(crate::store::swap::SwapError::Foreign {
-            dir: dir.to_path_buf(),
-            entries: crate::store::swap::some_of(&foreign),
-        }
-        .into());
-    }
+    crate::store::swap::only_ours(dir)?;
     let bytes_before = dir_bytes(dir);
     let side = sibling(dir, COMPACTING);
     let cache_capacity = sled.cache_capacity();
     let mut report = sled.replace_in_place(&side, |old| {
         write_compacted(old, &side, before, cache_capacity, progress)
     })?;
-    let bytes_after = dir_bytes(dir);
-    report["bytes_before"] = json!(bytes_before);
-    report["bytes_after"] = json!(bytes_after);
-    report["reclaimed_bytes"] = json!(bytes_before.saturating_sub(bytes_after));
+    sizes(&mut report, bytes_before, dir);
     Ok(report)
 }
 

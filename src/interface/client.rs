@@ -62,14 +62,16 @@ pub enum AuthError {
 /// ([`crate::interface::tcp_auth`]); the token itself never crosses the connection.
 pub fn authenticate(stream: &mut (impl Read + Write), token: &str) -> Result<(), AuthError> {
     use crate::interface::tcp_auth::{self, Role, NONCE_BYTES, PROOF_BYTES};
+    // One step: an answer that is not ok is the server's refusal.
+    let mut step = |request: Value| match exchange(stream, &request)? {
+        answer if answer["ok"] == true => Ok(answer),
+        answer => Err(AuthError::Refused(answer)),
+    };
     let client_nonce = tcp_auth::nonce()?;
-    let challenge = exchange(
-        stream,
-        &serde_json::json!({"op": "auth_challenge", "client_nonce_b64": tcp_auth::b64(&client_nonce)}),
-    )?;
-    if challenge["ok"] != true {
-        return Err(AuthError::Refused(challenge));
-    }
+    let challenge = step(serde_json::json!({
+        "op": "auth_challenge",
+        "client_nonce_b64": tcp_auth::b64(&client_nonce),
+    }))?;
     let server_nonce = tcp_auth::field_bytes(&challenge, "server_nonce_b64", NONCE_BYTES)
         .ok_or(AuthError::Unproven)?;
     let proven = tcp_auth::field_bytes(&challenge, "server_proof_b64", PROOF_BYTES)
@@ -78,13 +80,7 @@ pub fn authenticate(stream: &mut (impl Read + Write), token: &str) -> Result<(),
         return Err(AuthError::Unproven);
     }
     let proof = tcp_auth::proof(token, Role::Client, &client_nonce, &server_nonce);
-    let answer = exchange(
-        stream,
-        &serde_json::json!({"op": "auth_proof", "client_proof_b64": tcp_auth::b64(&proof)}),
-    )?;
-    if answer["ok"] != true {
-        return Err(AuthError::Refused(answer));
-    }
+    step(serde_json::json!({"op": "auth_proof", "client_proof_b64": tcp_auth::b64(&proof)}))?;
     Ok(())
 }
 

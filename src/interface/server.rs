@@ -1016,20 +1016,14 @@ async fn authenticate(
         return Ok(false);
     };
     let first = first?;
-    match first.as_ref().and_then(|v| v["op"].as_str()) {
+    let (ok, refusal) = match first.as_ref().and_then(|v| v["op"].as_str()) {
         Some("auth") => {
             let ok = first.as_ref().is_some_and(|v| {
                 v["token"]
                     .as_str()
                     .is_some_and(|t| tokens_equal(t.as_bytes(), token.as_bytes()))
             });
-            let reply = if ok {
-                json!({ "ok": true })
-            } else {
-                refuse("the token is not this server's".into())
-            };
-            writer.write_all(&answer(&reply)).await?;
-            Ok(ok)
+            (ok, "the token is not this server's")
         }
         Some("auth_challenge") => {
             let Some(client_nonce) = first
@@ -1058,20 +1052,20 @@ async fn authenticate(
                         tcp_auth::verify(token, Role::Client, &client_nonce, &server_nonce, &p)
                     })
             });
-            let reply = if ok {
-                json!({ "ok": true })
-            } else {
-                refuse("the proof is not one made with this server's token".into())
-            };
-            writer.write_all(&answer(&reply)).await?;
-            Ok(ok)
+            (ok, "the proof is not one made with this server's token")
         }
-        _ => {
-            let message = "the first frame on TCP must be {\"op\":\"auth_challenge\",…} (or {\"op\":\"auth\",\"token\":…}): see tcp_auth in docs/protocol.md";
-            writer.write_all(&answer(&refuse(message.into()))).await?;
-            Ok(false)
-        }
-    }
+        _ => (
+            false,
+            "the first frame on TCP must be {\"op\":\"auth_challenge\",…} (or {\"op\":\"auth\",\"token\":…}): see tcp_auth in docs/protocol.md",
+        ),
+    };
+    let reply = if ok {
+        json!({ "ok": true })
+    } else {
+        refuse(refusal.into())
+    };
+    writer.write_all(&answer(&reply)).await?;
+    Ok(ok)
 }
 
 /// One small frame (authentication's) as JSON: `None` when it is not one, or the peer closed.

@@ -244,16 +244,11 @@ pub trait Journal: Send + Sync + 'static {
     fn lease_epoch(&self) -> Option<i64> {
         None
     }
-    /// The sled journal this is, if it is one: a running server compacts its data directory
-    /// by replacing it under the open journal
-    /// ([`SledJournal::replace_in_place`](crate::store::sled_journal::SledJournal::replace_in_place)).
-    fn as_sled(&self) -> Option<&crate::store::sled_journal::SledJournal> {
-        None
-    }
-    /// The PostgreSQL journal this is, if it is one: its holder compacts it in one transaction
-    /// while serving ([`PgJournal::compact_before`](crate::store::pg_journal::PgJournal::compact_before)).
-    #[cfg(feature = "postgres")]
-    fn as_pg(&self) -> Option<&crate::store::pg_journal::PgJournal> {
+    /// The journal itself, for what only one backend does, to be downcast to it: a running
+    /// server's compaction in place (the sled journal replaces its directory under itself, the
+    /// PostgreSQL journal compacts in one transaction). `None` for a wrapper that must not be
+    /// gone around (a capped view), and the test doubles forward it.
+    fn backend(&self) -> Option<&dyn std::any::Any> {
         None
     }
 }
@@ -452,12 +447,8 @@ impl<J: Journal> Journal for FaultyJournal<J> {
     fn lease_epoch(&self) -> Option<i64> {
         self.inner.lease_epoch()
     }
-    fn as_sled(&self) -> Option<&crate::store::sled_journal::SledJournal> {
-        self.inner.as_sled()
-    }
-    #[cfg(feature = "postgres")]
-    fn as_pg(&self) -> Option<&crate::store::pg_journal::PgJournal> {
-        self.inner.as_pg()
+    fn backend(&self) -> Option<&dyn std::any::Any> {
+        self.inner.backend()
     }
 }
 
@@ -520,11 +511,7 @@ impl<J: Journal> Journal for std::sync::Arc<J> {
     fn lease_epoch(&self) -> Option<i64> {
         (**self).lease_epoch()
     }
-    fn as_sled(&self) -> Option<&crate::store::sled_journal::SledJournal> {
-        (**self).as_sled()
-    }
-    #[cfg(feature = "postgres")]
-    fn as_pg(&self) -> Option<&crate::store::pg_journal::PgJournal> {
-        (**self).as_pg()
+    fn backend(&self) -> Option<&dyn std::any::Any> {
+        (**self).backend()
     }
 }

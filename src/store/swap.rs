@@ -125,6 +125,19 @@ pub fn foreign_entries(dir: &Path) -> Vec<String> {
     foreign
 }
 
+/// Refuses a directory holding anything pcx did not write ([`foreign_entries`]), naming some
+/// of it: a swap replaces the directory whole and would delete it.
+pub fn only_ours(dir: &Path) -> Result<(), SwapError> {
+    let foreign = foreign_entries(dir);
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    Err(SwapError::Foreign {
+        dir: dir.to_path_buf(),
+        entries: some_of(&foreign),
+    })
+}
+
 /// `names`, the first few of them, for a message.
 pub fn some_of(names: &[String]) -> String {
     let mut shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
@@ -377,13 +390,7 @@ pub fn wait_for_sled(dir: &Path, patience: Duration) -> Result<(), SwapError> {
 pub fn swap_in(dir: &Path, new: &Path, _held: &DirLock) -> Result<(), SwapError> {
     // The old directory is deleted once the new one is in: only if it holds nothing but the
     // log (a compaction of a directory holding a user's notes deleted them).
-    let foreign = foreign_entries(dir);
-    if !foreign.is_empty() {
-        return Err(SwapError::Foreign {
-            dir: dir.to_path_buf(),
-            entries: some_of(&foreign),
-        });
-    }
+    only_ours(dir)?;
     let patience = LOCK_PATIENCE;
     wait_for_sled(new, patience)?;
     if dir.exists() {

@@ -588,7 +588,7 @@ impl Drop for PgJournal {
 }
 
 impl Journal for PgJournal {
-    fn as_pg(&self) -> Option<&PgJournal> {
+    fn backend(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {

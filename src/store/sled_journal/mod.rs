@@ -392,7 +392,7 @@ impl Journal for SledJournal {
     fn data_dir(&self) -> Option<&Path> {
         Some(&self.dir)
     }
-    fn as_sled(&self) -> Option<&SledJournal> {
+    fn backend(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
     fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
