@@ -2828,3 +2828,61 @@ fn audit_questions_asked_of_a_named_context_answer_for_it_not_the_default() {
     assert_eq!(dropped["artifacts"]["cleared"], json!(["a"]), "{dropped}");
     assert_eq!(dropped["clears"], json!([8]), "{dropped}");
 }
+
+#[test]
+fn a_compaction_keeps_the_content_of_named_contexts_and_namespaces_and_an_export_carries_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let in_c = |mut request: Value| {
+        request["context"] = json!("c");
+        request["namespace"] = json!("n");
+        request
+    };
+    let answers = batch(
+        &dir,
+        &[
+            in_c(common::protocol::record("a", "c's a")),
+            in_c(common::protocol::record("b", "c's b, saved in n")),
+            in_c(record_entry("e", entry_with_codes(&[&["b"]]))),
+            in_c(common::protocol::save()),
+            // From here on only namespace n's saved entry refers to b's content.
+            in_c(take("b")),
+            common::protocol::record("d", "default's"),
+        ],
+    );
+    assert!(answers.iter().all(|a| a["ok"] == true), "{answers:#?}");
+    let last = answers.last().unwrap()["seq"].as_u64().unwrap();
+    let compacted = cli_value(&dir, &["compact", "--before", &last.to_string()]);
+    // (PostgreSQL's compaction removes no content, and says nothing of it.)
+    assert_eq!(
+        compacted["blobs_removed"].as_u64().unwrap_or(0),
+        0,
+        "{compacted}"
+    );
+    let content_of_a = |dir: &Path| {
+        cli_value(dir, &["state", "--key", "a", "--context", "c"])["artifact"]["content_b64"]
+            .clone()
+    };
+    let loaded_b = |dir: &Path| {
+        let mut load = op("load_cache_entry");
+        load["key"] = json!("e");
+        load["context"] = json!("elsewhere");
+        load["namespace"] = json!("n");
+        let answer = batch(dir, &[load]).remove(0);
+        assert_eq!(answer["ok"], true, "{answer}");
+        answer["entry"]["backends"]["b"]["content_b64"].clone()
+    };
+    assert_eq!(content_of_a(&dir), b64("c's a"));
+    assert_eq!(loaded_b(&dir), b64("c's b, saved in n"));
+    let verified = cli_value(&dir, &["verify"]);
+    assert_eq!(verified["ok"], true, "{verified}");
+    // The anchor's content is checked too: a, b and the default's d.
+    assert_eq!(verified["blobs_checked"], 3, "{verified}");
+    // An export of the compacted log carries it, and its import serves it.
+    let file = tmp.path().join("export.jsonl");
+    export(&dir, &file, "inline");
+    let copy = tmp.path().join("copy");
+    assert_eq!(import(&copy, &file)["ok"], true);
+    assert_eq!(content_of_a(&copy), b64("c's a"));
+    assert_eq!(loaded_b(&copy), b64("c's b, saved in n"));
+}

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::audit::export::state_refs;
 use crate::audit::query::{state_at, walk, AuditError, Progress};
 use crate::core::model::Digest;
 use crate::store::error::{OpenError, StoreError};
@@ -226,7 +225,7 @@ fn write_compacted(
     pause_point("compact:writing");
 
     // The kept events, their exact bytes; and what they refer to.
-    let mut keep: HashSet<Digest> = state_refs(&anchor_state).into_iter().collect();
+    let mut keep: HashSet<Digest> = anchor_state.content_refs().into_iter().collect();
     let mut batch = Commit::default();
     let mut kept_events = 0u64;
     let mut failure: Option<StoreError> = None;
@@ -270,7 +269,7 @@ fn write_compacted(
     {
         if let Some(bytes) = old.snapshot(seq)? {
             if let Ok(s) = decode_snapshot(&bytes) {
-                keep.extend(state_refs(&s.state));
+                keep.extend(s.state.content_refs());
                 new.commit(&Commit {
                     snapshot: Some((seq, bytes.to_vec())),
                     ..Commit::default()

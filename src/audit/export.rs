@@ -139,7 +139,7 @@ pub fn export(
             &json!({ "blob": d.to_hex(), "content_b64": B64.encode(content) }),
         )
     };
-    let anchor_refs: Vec<Digest> = state_refs(&start.state);
+    let anchor_refs: Vec<Digest> = start.state.content_refs();
     for d in anchor_refs {
         send_blob(out, d)?;
     }
@@ -182,21 +182,6 @@ pub fn export(
     )?;
     out.flush().map_err(ExportError::Write)?;
     Ok(events)
-}
-
-/// Every content digest a state refers to.
-pub fn state_refs(state: &State) -> Vec<Digest> {
-    state
-        .artifacts
-        .values()
-        .map(|r| r.digest)
-        .chain(
-            state
-                .dynamo_cache
-                .values()
-                .flat_map(|e| e.backends.values().map(|r| r.digest)),
-        )
-        .collect()
 }
 
 /// What an import did.
@@ -372,7 +357,7 @@ fn import_into(
             .map_err(|e| bad(1, format!("anchor_b64: {e}")))?;
         let snap = decode_snapshot(&bytes).map_err(|e| bad(1, format!("anchor: {e}")))?;
         set_anchor(&bytes)?;
-        anchor_refs = state_refs(&snap.state);
+        anchor_refs = snap.state.content_refs();
         state = snap.state;
         head = Head {
             seq: snap.seq,
@@ -451,7 +436,7 @@ fn import_into(
             return Err(bad(line, format!("unknown line: {v}")));
         }
     };
-    for d in anchor_refs.into_iter().chain(state_refs(&state)) {
+    for d in anchor_refs.into_iter().chain(state.content_refs()) {
         if !have.contains(&d) && journal.blob(&d)?.is_none() {
             return Err(bad(
                 line,

@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::audit::export::{state_refs, ExportError, EXPORT_VERSION};
+use crate::audit::export::{ExportError, EXPORT_VERSION};
 use crate::core::model::Digest;
 use crate::core::state::State;
 use crate::store::raw::{read, Candidate, Found, FoundAt};
@@ -102,7 +102,7 @@ pub fn salvage(dir: &Path, scan: bool, out: &mut dyn Write) -> Result<Value, Exp
             Err(why) => Ok(Err(why)),
         }
     };
-    for d in state_refs(&state) {
+    for d in state.content_refs() {
         if broken.is_some() {
             break;
         }

@@ -82,6 +82,22 @@ impl State {
             as u64
     }
 
+    /// Every content digest the state refers to: the artifacts of every context and the
+    /// backends saved in every namespace of the dynamo cache. What a compaction keeps, an
+    /// export carries and `verify` checks of an anchor's state.
+    pub fn content_refs(&self) -> Vec<Digest> {
+        let artifacts = self
+            .artifacts
+            .values()
+            .chain(self.contexts.values().flat_map(|c| c.artifacts.values()));
+        let saved = self
+            .dynamo_cache
+            .values()
+            .chain(self.namespaces.values().flat_map(IndexMap::values))
+            .flat_map(|e| e.backends.values());
+        artifacts.chain(saved).map(|r| r.digest).collect()
+    }
+
     /// The context `name` (an unknown one reads as empty, as a new PyTorch process's does).
     pub fn context(&self, name: &str) -> ContextRef<'_> {
         if name == DEFAULT {

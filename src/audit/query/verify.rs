@@ -51,16 +51,8 @@ pub fn verify(
     // The anchor's own state refers to content too.
     let mut pending: Vec<(u64, Digest)> = start
         .state
-        .artifacts
-        .values()
-        .map(|r| r.digest)
-        .chain(
-            start
-                .state
-                .dynamo_cache
-                .values()
-                .flat_map(|e| e.backends.values().map(|r| r.digest)),
-        )
+        .content_refs()
+        .into_iter()
         .map(|d| (anchored, d))
         .collect();
     let mut check_blob = |seq: u64, d: Digest| -> Result<Option<Unsound>, StoreError> {
