@@ -2886,3 +2886,38 @@ fn a_compaction_keeps_the_content_of_named_contexts_and_namespaces_and_an_export
     assert_eq!(content_of_a(&copy), b64("c's a"));
     assert_eq!(loaded_b(&copy), b64("c's b, saved in n"));
 }
+
+#[test]
+fn state_of_an_artifact_whose_content_is_missing_or_altered_is_refused_not_answered_null_or_wrong()
+{
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let (echo, delta) = (Digest::of(b"echo"), Digest::of(b"delta"));
+    damage_log_contents(&dir, |c| {
+        assert!(c.remove(&echo).is_some(), "the echo blob exists");
+        c.insert(delta, b"DELTA".to_vec());
+    });
+    for (key, at, digest, what) in [("d", "5", delta, "digest"), ("e", "7", echo, "missing")] {
+        let run = cli(&dir, &["state", "--at", at, "--key", key]);
+        assert!(
+            !run.status.success(),
+            "state --key {key} answered damaged content: {}",
+            run.stdout
+        );
+        let error = run.answer();
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&digest.to_hex()) && message.contains(what) && message.contains(key),
+            "{error}"
+        );
+        // The protocol's `state` says the same.
+        let asked = batch(
+            &dir,
+            &[json!({"op":"state","at":at.parse::<u64>().unwrap(),"key":key})],
+        );
+        assert_eq!(asked[0]["ok"], false, "{}", asked[0]);
+    }
+    // The state without content still answers: digests only.
+    assert_eq!(cli_value(&dir, &["state", "--at", "7"])["seq"], 7);
+}

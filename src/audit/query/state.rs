@@ -9,7 +9,9 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::core::event::Event;
+use crate::core::model::Digest;
 use crate::core::state::State;
+use crate::store::error::StoreError;
 use crate::store::journal::Journal;
 use crate::store::record::decode_snapshot;
 use crate::store::replay::{base, Base, Head};
@@ -104,7 +106,8 @@ pub fn state_json(state: &State, seq: u64, within: &Within) -> Value {
     out
 }
 
-/// `state --at S --key K`'s answer: one artifact's content as it was then, or null.
+/// `state --at S --key K`'s answer: one artifact's content as it was then (null when it was
+/// not there); content missing or not matching its digest is refused as damage.
 pub fn artifact_at_json(
     journal: &dyn Journal,
     state: &State,
@@ -115,10 +118,26 @@ pub fn artifact_at_json(
     let artifact = match state.context(&within.context).artifacts.get(key) {
         None => Value::Null,
         Some(r) => {
-            let content = journal.blob(&r.digest)?;
+            // Content that is not there, or not what the record says, is damage, never an
+            // answer: an auditor would take `null` or other bytes for the artifact then.
+            let damaged = |what: &str| {
+                AuditError::Store(StoreError::Damaged {
+                    what: format!(
+                        "content {} of artifact {key} after event {seq} {what}",
+                        r.digest.to_hex()
+                    ),
+                })
+            };
+            let content = match journal.blob(&r.digest)? {
+                None => return Err(damaged("is missing from the content store")),
+                Some(c) if Digest::of(&c) != r.digest => {
+                    return Err(damaged("no longer matches its digest"))
+                }
+                Some(c) => c,
+            };
             json!({
                 "key": key, "kind": r.kind, "digest": r.digest.to_hex(), "size": r.size,
-                "content_b64": content.map(|c| B64.encode(c)),
+                "content_b64": B64.encode(content),
             })
         }
     };
