@@ -2921,3 +2921,31 @@ fn state_of_an_artifact_whose_content_is_missing_or_altered_is_refused_not_answe
     // The state without content still answers: digests only.
     assert_eq!(cli_value(&dir, &["state", "--at", "7"])["seq"], 7);
 }
+
+#[test]
+fn an_export_of_a_log_missing_a_content_fails_naming_it_not_a_backup_that_cannot_be_imported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    let echo = Digest::of(b"echo");
+    damage_log_contents(&dir, |c| {
+        assert!(c.remove(&echo).is_some(), "the echo blob exists");
+    });
+    let file = tmp.path().join("backup.jsonl");
+    let run = cli(&dir, &["export", "--output", file.to_str().unwrap()]);
+    assert!(
+        !run.status.success(),
+        "an export without the content of event 7 was written as a backup: {}",
+        run.stdout
+    );
+    let error = run.answer();
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&echo.to_hex()) && message.contains("event 7"),
+        "{error}"
+    );
+    assert!(!file.exists(), "no file is left behind");
+    // A digest export carries no content, so it is written as before.
+    let digests = tmp.path().join("digests.jsonl");
+    export(&dir, &digests, "digest");
+}

@@ -127,21 +127,33 @@ pub fn export(
         }),
     )?;
     let mut sent: HashSet<Digest> = HashSet::new();
-    let mut send_blob = |out: &mut dyn Write, d: Digest| -> Result<(), ExportError> {
+    // Content that is missing or not what its records say is damage: an export without it
+    // is a backup that no import takes, found out only when it is needed.
+    let mut send_blob = |out: &mut dyn Write, seq: u64, d: Digest| -> Result<(), ExportError> {
         if mode == ContentMode::Digest || !sent.insert(d) {
             return Ok(());
         }
-        let Some(content) = journal.blob(&d)? else {
-            return Ok(());
+        let damaged = |what: &str| {
+            ExportError::Store(StoreError::Damaged {
+                what: format!(
+                    "content {d} that event {seq} refers to {what}: the log is damaged \
+                     (`pcx verify` reports it; `pcx salvage` exports what still verifies, \
+                     `--content digest` the log without content)"
+                ),
+            })
+        };
+        let content = match journal.blob(&d)? {
+            None => return Err(damaged("is missing from the content store")),
+            Some(c) if Digest::of(&c) != d => return Err(damaged("does not match its digest")),
+            Some(c) => c,
         };
         write_line(
             out,
             &json!({ "blob": d.to_hex(), "content_b64": B64.encode(content) }),
         )
     };
-    let anchor_refs: Vec<Digest> = start.state.content_refs();
-    for d in anchor_refs {
-        send_blob(out, d)?;
+    for d in start.state.content_refs() {
+        send_blob(out, start.head.seq, d)?;
     }
     let mut events = 0u64;
     let mut failure: Option<ExportError> = None;
@@ -149,7 +161,7 @@ pub fn export(
         progress(e.seq);
         let result = (|| {
             for d in e.event.content_refs() {
-                send_blob(out, d)?;
+                send_blob(out, e.seq, d)?;
             }
             let bytes = journal
                 .records(e.seq)
