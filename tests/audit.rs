@@ -2949,3 +2949,40 @@ fn an_export_of_a_log_missing_a_content_fails_naming_it_not_a_backup_that_cannot
     let digests = tmp.path().join("digests.jsonl");
     export(&dir, &digests, "digest");
 }
+
+#[test]
+fn an_import_of_two_exports_concatenated_or_of_lines_after_the_closing_one_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    batch_ok(&first, &[record("a", "first's")]);
+    batch_ok(
+        &second,
+        &[record("b", "second's"), record("c", "second's too")],
+    );
+    let (one, two) = (tmp.path().join("one.jsonl"), tmp.path().join("two.jsonl"));
+    export(&first, &one, "inline");
+    export(&second, &two, "inline");
+    let one_text = std::fs::read_to_string(&one).unwrap();
+    let both = tmp.path().join("both.jsonl");
+    std::fs::write(
+        &both,
+        format!("{one_text}{}", std::fs::read_to_string(&two).unwrap()),
+    )
+    .unwrap();
+    let trailing = tmp.path().join("trailing.jsonl");
+    std::fs::write(&trailing, format!("{one_text}{{\"seq\":2}}\n")).unwrap();
+    for (file, words, into) in [
+        (&both, "another export", "into-both"),
+        (&trailing, "after its closing line", "into-trailing"),
+    ] {
+        let target = tmp.path().join(into);
+        let error = import_refused(&target, file);
+        assert!(error.contains(words), "{error}");
+        // Nothing of it was imported: the directory still takes an import.
+        assert_eq!(import(&target, &one)["events"], 1);
+    }
+    // Blank lines after it are no content.
+    let blank = tmp.path().join("blank.jsonl");
+    std::fs::write(&blank, format!("{one_text}\n\n")).unwrap();
+    assert_eq!(import(&tmp.path().join("into-blank"), &blank)["events"], 1);
+}

@@ -448,6 +448,21 @@ fn import_into(
             return Err(bad(line, format!("unknown line: {v}")));
         }
     };
+    // The closing line closes the export: a line after it (a second export concatenated, a
+    // hand edit) would otherwise be dropped without a word, its changes never imported.
+    if let Some(after) = next(input)? {
+        let what = if after.get("pcx_export").is_some() {
+            "the header of another export (exports concatenated?): import each into a data \
+             directory of its own"
+                .to_string()
+        } else {
+            format!("{after}")
+        };
+        return Err(bad(
+            line + 1,
+            format!("the export goes on after its closing line (line {line}): {what}"),
+        ));
+    }
     for d in anchor_refs.into_iter().chain(state.content_refs()) {
         if !have.contains(&d) && journal.blob(&d)?.is_none() {
             return Err(bad(
