@@ -2986,3 +2986,44 @@ fn an_import_of_two_exports_concatenated_or_of_lines_after_the_closing_one_is_re
     std::fs::write(&blank, format!("{one_text}\n\n")).unwrap();
     assert_eq!(import(&tmp.path().join("into-blank"), &blank)["events"], 1);
 }
+
+#[test]
+fn state_at_a_snapshot_swapped_in_from_another_log_is_refused_not_answered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    // Another log's snapshot at the same sequence number: its own hash holds, its head is
+    // that log's event 12, its state that log's.
+    damage_log_snapshots(&dir, |s| {
+        let mut snap = decode_snapshot(s.get(&12).expect("a snapshot at 12")).unwrap();
+        let (_, first) = snap.state.artifacts.shift_remove_index(0).unwrap();
+        snap.state
+            .artifacts
+            .insert("from_another_log".into(), first);
+        let other = encode_snapshot_of(12, Digest::of(b"another log's event 12"), &snap.state, 0);
+        s.insert(12, other.unwrap());
+    });
+    for args in [
+        &["state", "--at", "12"][..],
+        &["state"],
+        &["state", "--at", "12", "--key", "from_another_log"],
+    ] {
+        let error = cli_error(&dir, args, "corrupt_log");
+        assert!(error.contains("snapshot 12"), "pcx {args:?}: {error}");
+    }
+    // `diff` replays from the state at 9 and so answers what the log holds.
+    let diff = cli_value(&dir, &["diff", "--from", "9", "--to", "12"]);
+    assert_eq!(
+        diff["artifacts"]["added"].as_array().unwrap().len(),
+        2,
+        "{diff}"
+    );
+    // The query itself, as the protocol's `state` asks it.
+    let journal = open_suite_reader(&dir);
+    let refused = state_at(journal.as_ref(), 12, &mut |_| {});
+    assert!(
+        matches!(refused, Err(AuditError::Replay(_))),
+        "{:?}",
+        refused.map(|(s, _)| s.artifacts.keys().cloned().collect::<Vec<_>>())
+    );
+}

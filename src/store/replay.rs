@@ -312,7 +312,7 @@ fn recover_with(journal: &dyn Journal, past_lost_tail: bool) -> Result<Recovered
 }
 
 /// The hash of the record at `seq`, if it is there and its own hash holds.
-fn record_hash(journal: &dyn Journal, seq: u64) -> Result<Option<Digest>, StoreError> {
+pub fn record_hash(journal: &dyn Journal, seq: u64) -> Result<Option<Digest>, StoreError> {
     let Some(item) = journal.records(seq).next() else {
         return Ok(None);
     };

@@ -14,7 +14,7 @@ use crate::core::state::State;
 use crate::store::error::StoreError;
 use crate::store::journal::Journal;
 use crate::store::record::decode_snapshot;
-use crate::store::replay::{base, Base, Head};
+use crate::store::replay::{base, record_hash, Base, Head, ReplayError};
 
 use super::{content_json, walk, AuditError, Progress, Within};
 
@@ -45,6 +45,22 @@ pub fn state_at(
             .and_then(|b| decode_snapshot(&b).ok())
         {
             if snap.seq == seq {
+                // A snapshot answers for the log only if it was taken after the log's own
+                // record (as an open checks): one from another log, or after a record since
+                // rewritten, would otherwise be answered whole for `at == seq`.
+                match record_hash(journal, seq)? {
+                    Some(found) if found != snap.head => {
+                        return Err(ReplayError::SnapshotContradicts {
+                            seq,
+                            expected: snap.head,
+                            found,
+                        }
+                        .into())
+                    }
+                    Some(_) => {}
+                    // The record does not read: an older start finds and names it.
+                    None => continue,
+                }
                 start = Base {
                     state: snap.state,
                     head: Head {
