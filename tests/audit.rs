@@ -3027,3 +3027,31 @@ fn state_at_a_snapshot_swapped_in_from_another_log_is_refused_not_answered() {
         refused.map(|(s, _)| s.artifacts.keys().cloned().collect::<Vec<_>>())
     );
 }
+
+#[test]
+fn a_compaction_over_a_forged_snapshot_is_refused_not_laundered_into_an_anchor_that_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    // A well-formed snapshot at 9 (its own hash holds, it names event 9's real hash) of a
+    // state the events do not give, and the later snapshot that would contradict what
+    // follows from it removed.
+    damage_log_snapshots(&dir, |s| {
+        let mut snap = decode_snapshot(s.get(&9).expect("a snapshot at 9")).unwrap();
+        let forged = pcx::core::model::ArtifactRef {
+            kind: "eager".into(),
+            digest: Digest::of(b"golf"),
+            size: 4,
+        };
+        snap.state.artifacts.insert("forged".into(), forged);
+        s.insert(9, encode_snapshot_of(9, snap.head, &snap.state, 0).unwrap());
+        s.remove(&12);
+    });
+    assert_verify_finds(&dir, 9, &["snapshot at 9", "does not match"]);
+    let error = cli_error(&dir, &["compact", "--before", "10"], "compact_failed");
+    assert!(error.contains("snapshot at 9"), "{error}");
+    // Nothing was compacted: the events that refute the snapshot are still there.
+    let report = assert_verify_finds(&dir, 9, &["snapshot at 9", "does not match"]);
+    assert!(report.get("anchored_at").is_none(), "{report}");
+    assert_eq!(cli_lines(&dir, &["log", "--to", "1"]).len(), 1);
+}

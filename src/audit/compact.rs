@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::audit::query::{state_at, walk, AuditError, Progress};
+use crate::audit::query::{snapshot_problem, walk, AuditError, Progress};
 use crate::core::model::Digest;
 use crate::store::error::{OpenError, StoreError};
 use crate::store::journal::{Commit, Journal};
@@ -58,6 +58,10 @@ pub enum CompactError {
         got: String,
         expected: String,
     },
+    /// A snapshot among the events compaction would remove is not what they replay to: the
+    /// log is damaged (or forged), and compacting would remove the evidence with them.
+    #[error("{0}: the log is damaged, and compacting would remove the evidence with the events it covers; nothing was compacted (`pcx verify` reports the log)")]
+    Unsound(String),
     /// A server asked to compact a journal that is not a data directory it holds.
     #[error("{0}")]
     NotHere(String),
@@ -154,6 +158,34 @@ fn anchor_for(journal: &dyn Journal, start: &Base, before: u64) -> Result<u64, C
     Ok(anchor_seq)
 }
 
+/// The state right after event `anchor_seq` and its head, replayed from `start` (the log's
+/// beginning): never taken from a snapshot, since compaction removes the events that would
+/// refute one. Every snapshot among those events is checked against the replay on the way,
+/// and one that does not match refuses the compaction ([`CompactError::Unsound`]).
+fn replayed_to(
+    journal: &dyn Journal,
+    start: Base,
+    anchor_seq: u64,
+    progress: Progress,
+) -> Result<(crate::core::state::State, crate::store::replay::Head), CompactError> {
+    let snapshots: HashSet<u64> = journal.snapshot_seqs()?.into_iter().collect();
+    let mut unsound = None;
+    let (state, head) = walk(journal, start, |e, hash, before| {
+        if e.seq > anchor_seq {
+            return Ok(false);
+        }
+        progress(e.seq);
+        if snapshots.contains(&e.seq) {
+            unsound = snapshot_problem(journal, e, hash, before)?;
+        }
+        Ok(unsound.is_none())
+    })?;
+    if let Some(what) = unsound {
+        return Err(CompactError::Unsound(what));
+    }
+    Ok((state, head))
+}
+
 /// Compacts the log of a running server (or batch) in its data directory, as [`compact`]
 /// does offline: its journal replaces the directory under itself
 /// ([`SledJournal::replace_in_place`]), holding commits off while the copy is written, so
@@ -203,7 +235,7 @@ fn write_compacted(
     };
     let start = base(old).map_err(AuditError::from)?;
     let anchor_seq = anchor_for(old, &start, before)?;
-    let (anchor_state, anchor_head) = state_at(old, anchor_seq, progress)?;
+    let (anchor_state, anchor_head) = replayed_to(old, start.clone(), anchor_seq, progress)?;
 
     if new_dir.exists() {
         std::fs::remove_dir_all(new_dir).map_err(io("removing", new_dir))?;
@@ -351,7 +383,7 @@ pub fn compact_postgres(
 ) -> Result<Value, CompactError> {
     let start = base(journal).map_err(AuditError::from)?;
     let anchor_seq = anchor_for(journal, &start, before)?;
-    let (anchor_state, anchor_head) = state_at(journal, anchor_seq, progress)?;
+    let (anchor_state, anchor_head) = replayed_to(journal, start, anchor_seq, progress)?;
     let anchor =
         encode_snapshot_of(anchor_seq, anchor_head.hash, &anchor_state, 0).map_err(|e| {
             StoreError::Damaged {

@@ -21,6 +21,7 @@ pub use capped::Capped;
 pub use log::{event_keys, history, log, log_line, LogFilter};
 pub use state::{artifact_at_json, diff, seq_at_time, state_at, state_json};
 pub use taken::taken_by;
+pub(crate) use verify::snapshot_problem;
 pub use verify::{lost_tail_json, verify, Unsound};
 
 use std::time::{Duration, UNIX_EPOCH};

@@ -7,9 +7,10 @@ use std::collections::HashSet;
 use serde_json::{json, Value};
 
 use crate::core::model::Digest;
+use crate::core::state::State;
 use crate::store::error::StoreError;
 use crate::store::journal::Journal;
-use crate::store::record::{decode_lost_tail, decode_snapshot, LostTail};
+use crate::store::record::{decode_lost_tail, decode_snapshot, Envelope, LostTail};
 use crate::store::replay::{base, ReplayError};
 
 use super::{format_time, walk, AuditError, Progress};
@@ -98,23 +99,7 @@ pub fn verify(
         }
         events += 1;
         if snapshots.contains(&e.seq) {
-            let mut after = before.clone();
-            after.apply(e.event.clone());
-            let snap = journal.snapshot(e.seq)?.map(|b| decode_snapshot(&b));
-            let problem = match snap {
-                None => None,
-                Some(Err(err)) => Some(format!("snapshot at {} does not decode: {err}", e.seq)),
-                Some(Ok(s)) if s.head != hash || s.seq != e.seq => Some(format!(
-                    "snapshot at {} does not point at this record",
-                    e.seq
-                )),
-                Some(Ok(s)) if s.state.digest() != after.digest() => Some(format!(
-                    "snapshot at {} does not match a replay of the events it covers",
-                    e.seq
-                )),
-                Some(Ok(_)) => None,
-            };
-            if let Some(what) = problem {
+            if let Some(what) = snapshot_problem(journal, e, hash, before)? {
                 first_bad = Some(Unsound { seq: e.seq, what });
                 return Ok(false);
             }
@@ -214,6 +199,34 @@ pub fn verify(
         "state_digest": state.digest().to_hex(),
         "lost_tails": lost_tails,
     })))
+}
+
+/// What is wrong with the snapshot stored at the event `e` (whose record hashes to `hash`,
+/// and which `before` is the state before), if anything: it does not decode, does not point
+/// at this record, or does not match the replay of the events it covers.
+pub(crate) fn snapshot_problem(
+    journal: &dyn Journal,
+    e: &Envelope,
+    hash: Digest,
+    before: &State,
+) -> Result<Option<String>, StoreError> {
+    let Some(bytes) = journal.snapshot(e.seq)? else {
+        return Ok(None);
+    };
+    let seq = e.seq;
+    Ok(match decode_snapshot(&bytes) {
+        Err(err) => Some(format!("snapshot at {seq} does not decode: {err}")),
+        Ok(s) if s.head != hash || s.seq != seq => {
+            Some(format!("snapshot at {seq} does not point at this record"))
+        }
+        Ok(s) => {
+            let mut after = before.clone();
+            after.apply(e.event.clone());
+            (s.state.digest() != after.digest()).then(|| {
+                format!("snapshot at {seq} does not match a replay of the events it covers")
+            })
+        }
+    })
 }
 
 /// What an accepted lost tail gave up, as `verify` and `pcx recover` show it.
