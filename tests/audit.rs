@@ -3055,3 +3055,28 @@ fn a_compaction_over_a_forged_snapshot_is_refused_not_laundered_into_an_anchor_t
     assert!(report.get("anchored_at").is_none(), "{report}");
     assert_eq!(cli_lines(&dir, &["log", "--to", "1"]).len(), 1);
 }
+
+#[test]
+fn a_state_request_giving_both_at_and_at_time_is_refused_not_answered_for_one_of_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    batch_ok(&dir, &[record("a", "1"), record("b", "2")]);
+    let answers = batch(
+        &dir,
+        &[json!({"op":"state","at":1,"at_time":"2100-01-01T00:00:00Z"})],
+    );
+    assert_eq!(answers[0]["ok"], false, "{}", answers[0]);
+    assert_eq!(
+        answers[0]["error"]["kind"], "invalid_request",
+        "{}",
+        answers[0]
+    );
+    let message = answers[0]["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("at_time"), "{message}");
+    // The command line refuses the same (its arguments conflict).
+    let run = cli(
+        &dir,
+        &["state", "--at", "1", "--at-time", "2100-01-01T00:00:00Z"],
+    );
+    assert!(!run.status.success(), "{}", run.stdout);
+}

@@ -49,6 +49,8 @@ pub enum AuditError {
     BeyondEnd { asked: u64, last: u64 },
     #[error("--from {from} is after --to {to}")]
     Backwards { from: u64, to: u64 },
+    #[error("`at` ({at}) and `at_time` ({at_time}) were both given: ask for one point, by sequence number or by time")]
+    TwoPoints { at: u64, at_time: String },
     #[error("time `{text}` is not an RFC 3339 time (e.g. 2026-11-26T03:30:00Z): {message}")]
     BadTime { text: String, message: String },
 }
@@ -61,7 +63,7 @@ impl AuditError {
             AuditError::Store(_) => "storage",
             AuditError::Compacted { .. } => "compacted",
             AuditError::BeyondEnd { .. } => "beyond_end",
-            AuditError::Backwards { .. } => "invalid_request",
+            AuditError::Backwards { .. } | AuditError::TwoPoints { .. } => "invalid_request",
             AuditError::BadTime { .. } => "invalid_request",
         }
     }
@@ -203,7 +205,13 @@ impl Query {
                 within,
             } => {
                 let at = match (at, at_time) {
-                    (Some(s), _) => *s,
+                    (Some(at), Some(t)) => {
+                        return Err(AuditError::TwoPoints {
+                            at: *at,
+                            at_time: t.clone(),
+                        })
+                    }
+                    (Some(s), None) => *s,
                     (None, Some(t)) => seq_at_time(journal, parse_time(t)?)?,
                     (None, None) => journal.last_seq()?.unwrap_or(base(journal)?.head.seq),
                 };
