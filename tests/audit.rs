@@ -3080,3 +3080,60 @@ fn a_state_request_giving_both_at_and_at_time_is_refused_not_answered_for_one_of
     );
     assert!(!run.status.success(), "{}", run.stdout);
 }
+
+/// An anchor stands for the events a compaction removed, so it is at event 1 or later: one at
+/// event 0, with the empty log's hash, continues into the real event 1 and so passed every
+/// check of the chain, while its state (anything at all) was served as what the events give.
+#[test]
+fn a_forged_anchor_at_event_0_under_the_real_events_is_refused_not_served_with_the_pinned_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    batch_ok(&src, &[record("a", "alpha"), record("b", "bravo")]);
+    let source = cli_value(&src, &["verify"]);
+    let file = tmp.path().join("export.jsonl");
+    export(&src, &file, "inline");
+    let text = std::fs::read_to_string(&file).unwrap();
+    // The anchor's state: an artifact no event recorded (its content one the log carries).
+    let mut injected = pcx::core::state::State::default();
+    injected.artifacts.insert(
+        "injected".into(),
+        pcx::core::model::ArtifactRef {
+            kind: "eager".into(),
+            digest: Digest::of(b"alpha"),
+            size: 5,
+        },
+    );
+    let anchor = encode_snapshot_of(0, pcx::store::record::GENESIS, &injected, 0).unwrap();
+    let mut state = injected.clone();
+    let mut forged = String::new();
+    for l in text.lines() {
+        let mut v: Value = serde_json::from_str(l).unwrap();
+        if v.get("pcx_export").is_some() {
+            v["anchor_b64"] = json!(b64(&anchor));
+        } else if v.get("record_b64").is_some() {
+            state.apply(decode_event(&unb64(&v["record_b64"])).unwrap().0.event);
+        } else if v["end"] == true {
+            v["state_digest"] = json!(state.digest().to_hex());
+        }
+        forged.push_str(&format!("{v}\n"));
+    }
+    let forged_file = tmp.path().join("forged.jsonl");
+    std::fs::write(&forged_file, forged).unwrap();
+    let dst = tmp.path().join("dst");
+    let why = import_refused(&dst, &forged_file);
+    assert!(why.contains("event 0"), "{why}");
+    // Put into the store itself (the snapshots that would contradict it removed), it is
+    // refused by `verify` and every reader.
+    damage_log_anchor(&src, &anchor);
+    damage_log_snapshots(&src, |s| s.clear());
+    let report = assert_verify_finds(&src, 0, &["anchor", "event 0"]);
+    assert_ne!(report["ok"], source["ok"]);
+    for args in [&["state"][..], &["log"], &["export"]] {
+        let run = cli(&src, args);
+        assert!(
+            !run.status.success(),
+            "pcx {args:?} answered: {}",
+            run.stdout
+        );
+    }
+}

@@ -31,8 +31,8 @@ use crate::core::model::Digest;
 use crate::core::state::State;
 use crate::store::error::{OpenError, StoreError};
 use crate::store::journal::{Commit, Journal};
-use crate::store::record::{decode_event, decode_snapshot, encode_snapshot_of, SCHEMA_VERSION};
-use crate::store::replay::{base, Head};
+use crate::store::record::{decode_event, encode_snapshot_of, SCHEMA_VERSION};
+use crate::store::replay::{base, decode_anchor, Head};
 use crate::store::sled_journal::SledJournal;
 
 /// The export format's version.
@@ -367,7 +367,7 @@ fn import_into(
         let bytes = B64
             .decode(a)
             .map_err(|e| bad(1, format!("anchor_b64: {e}")))?;
-        let snap = decode_snapshot(&bytes).map_err(|e| bad(1, format!("anchor: {e}")))?;
+        let snap = decode_anchor(&bytes).map_err(|e| bad(1, format!("anchor: {e}")))?;
         set_anchor(&bytes)?;
         anchor_refs = snap.state.content_refs();
         state = snap.state;

@@ -24,6 +24,7 @@ use crate::core::model::Digest;
 use crate::core::state::State;
 use crate::store::raw::{read, Candidate, Found, FoundAt};
 use crate::store::record::{decode_event, decode_snapshot, Snapshot, GENESIS, SCHEMA_VERSION};
+use crate::store::replay::decode_anchor;
 use crate::store::replay::{checked, Head};
 
 /// Where and why the log breaks.
@@ -297,8 +298,7 @@ fn start_of<'a>(
     copies_of: &dyn Fn(u64) -> Vec<&'a Candidate>,
 ) -> Result<(Option<Vec<u8>>, Option<Snapshot>), String> {
     if let Some(bytes) = &found.anchor {
-        let snap =
-            decode_snapshot(bytes).map_err(|e| format!("the compaction anchor is damaged: {e}"))?;
+        let snap = decode_anchor(bytes).map_err(|e| e.to_string())?;
         return Ok((Some(bytes.clone()), Some(snap)));
     }
     let begins_at_one = copies_of(1)

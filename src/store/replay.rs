@@ -7,7 +7,7 @@ use crate::core::state::State;
 use crate::store::error::StoreError;
 use crate::store::journal::Journal;
 use crate::store::record::{
-    check_snapshot, decode_event, decode_snapshot, DecodeError, Envelope, GENESIS,
+    check_snapshot, decode_event, decode_snapshot, DecodeError, Envelope, Snapshot, GENESIS,
 };
 
 /// The last record folded: where the next append continues.
@@ -58,6 +58,14 @@ pub enum ReplayError {
         #[source]
         source: DecodeError,
     },
+    /// An anchor stands for the events a compaction removed, so it is at event 1 or later.
+    #[error(
+        "the compaction anchor stands at event 0, for no events: a compaction removes at least \
+         one, so this anchor was put there by other means, and its state (which the events \
+         after it do not give) would be served as theirs. Refusing to serve it; `pcx verify` \
+         reports the log"
+    )]
+    AnchorAtZero,
     /// A snapshot is ahead of the log: the events it was taken after were acknowledged and
     /// have since been lost (sled writes a group's events before its snapshot, and recovers a
     /// prefix of its log, so no crash leaves a snapshot without its events).
@@ -147,7 +155,7 @@ pub fn base(journal: &dyn Journal) -> Result<Base, ReplayError> {
             head: Head::EMPTY,
         }),
         Some(bytes) => {
-            let snap = decode_snapshot(&bytes).map_err(|source| ReplayError::Anchor { source })?;
+            let snap = decode_anchor(&bytes)?;
             if let Some(first) = journal.records(1).next() {
                 let (first, _) = first?;
                 if first <= snap.seq {
@@ -166,6 +174,15 @@ pub fn base(journal: &dyn Journal) -> Result<Base, ReplayError> {
             })
         }
     }
+}
+
+/// Decodes a compaction anchor: a snapshot at event 1 or later.
+pub fn decode_anchor(bytes: &[u8]) -> Result<Snapshot, ReplayError> {
+    let snap = decode_snapshot(bytes).map_err(|source| ReplayError::Anchor { source })?;
+    if snap.seq == 0 {
+        return Err(ReplayError::AnchorAtZero);
+    }
+    Ok(snap)
 }
 
 /// Replays the whole log (through snapshots where they hold). Refuses a log that a stored
