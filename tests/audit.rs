@@ -3137,3 +3137,17 @@ fn a_forged_anchor_at_event_0_under_the_real_events_is_refused_not_served_with_t
         );
     }
 }
+
+#[test]
+fn a_compaction_over_a_damaged_record_behind_a_snapshot_is_refused_not_removed_unseen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_damage_log(&dir);
+    // Event 3 damaged; the snapshot at 9 lets a reader start past it.
+    damage_log_records(&dir, |r| flip_middle_byte(r.get_mut(&3).expect("event 3")));
+    assert_verify_finds(&dir, 3, &["event 3"]);
+    let error = cli_error(&dir, &["compact", "--before", "10"], "compact_failed");
+    assert!(error.contains("event 3"), "{error}");
+    // The damaged record is still there to be found.
+    assert_verify_finds(&dir, 3, &["event 3"]);
+}
