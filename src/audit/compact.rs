@@ -120,7 +120,10 @@ pub fn compact(
     let new_dir = sibling(dir, COMPACTING);
     let written = SledJournal::open_held(dir, cache_capacity)
         .map_err(CompactError::from)
-        .and_then(|old| write_compacted(&old, &new_dir, before, cache_capacity, progress));
+        .and_then(|old| {
+            let anchor = anchor_of(&old, before, &mut *progress)?;
+            write_compacted(&old, &new_dir, anchor, cache_capacity, progress)
+        });
     let mut report = match written {
         Ok(report) => report,
         Err(e) => {
@@ -158,16 +161,26 @@ fn anchor_for(journal: &dyn Journal, start: &Base, before: u64) -> Result<u64, C
     Ok(anchor_seq)
 }
 
-/// The state right after event `anchor_seq` and its head, replayed from `start` (the log's
-/// beginning): never taken from a snapshot, since compaction removes the events that would
-/// refute one. Every snapshot among those events is checked against the replay on the way,
-/// and one that does not match refuses the compaction ([`CompactError::Unsound`]).
-fn replayed_to(
+/// What the anchor of `compact --before BEFORE` holds: the state right after event
+/// `BEFORE - 1` and that record's head, and how many events it stands for.
+struct Anchor {
+    state: crate::core::state::State,
+    head: crate::store::replay::Head,
+    removed: u64,
+}
+
+/// The anchor of `compact --before BEFORE`, replayed from the log's beginning: never taken
+/// from a snapshot, since compaction removes the events that would refute one. Every record
+/// among those events is checked as it is read, and every snapshot against the replay; one
+/// that does not match refuses the compaction ([`CompactError::Unsound`]).
+fn anchor_of(
     journal: &dyn Journal,
-    start: Base,
-    anchor_seq: u64,
+    before: u64,
     progress: Progress,
-) -> Result<(crate::core::state::State, crate::store::replay::Head), CompactError> {
+) -> Result<Anchor, CompactError> {
+    let start = base(journal).map_err(AuditError::from)?;
+    let anchor_seq = anchor_for(journal, &start, before)?;
+    let first = start.head.seq;
     let snapshots: HashSet<u64> = journal.snapshot_seqs()?.into_iter().collect();
     let mut unsound = None;
     let (state, head) = walk(journal, start, |e, hash, before| {
@@ -183,7 +196,18 @@ fn replayed_to(
     if let Some(what) = unsound {
         return Err(CompactError::Unsound(what));
     }
-    Ok((state, head))
+    if head.seq != anchor_seq {
+        return Err(AuditError::BeyondEnd {
+            asked: anchor_seq,
+            last: head.seq,
+        }
+        .into());
+    }
+    Ok(Anchor {
+        state,
+        head,
+        removed: anchor_seq - first,
+    })
 }
 
 /// Compacts the log of a running server (or batch) in its data directory, as [`compact`]
@@ -213,8 +237,11 @@ pub fn compact_in_place(
     let bytes_before = dir_bytes(dir);
     let side = sibling(dir, COMPACTING);
     let cache_capacity = sled.cache_capacity();
+    // The events the anchor stands for do not change: they are replayed before commits are
+    // held off for the copy.
+    let anchor = anchor_of(sled, before, &mut *progress)?;
     let mut report = sled.replace_in_place(&side, |old| {
-        write_compacted(old, &side, before, cache_capacity, progress)
+        write_compacted(old, &side, anchor, cache_capacity, progress)
     })?;
     sizes(&mut report, bytes_before, dir);
     Ok(report)
@@ -225,7 +252,7 @@ pub fn compact_in_place(
 fn write_compacted(
     old: &SledJournal,
     new_dir: &Path,
-    before: u64,
+    anchor: Anchor,
     cache_capacity: u64,
     progress: Progress,
 ) -> Result<Value, CompactError> {
@@ -233,9 +260,12 @@ fn write_compacted(
         let path = path.to_path_buf();
         move |source| CompactError::Io { op, path, source }
     };
-    let start = base(old).map_err(AuditError::from)?;
-    let anchor_seq = anchor_for(old, &start, before)?;
-    let (anchor_state, anchor_head) = replayed_to(old, start.clone(), anchor_seq, progress)?;
+    let Anchor {
+        state: anchor_state,
+        head: anchor_head,
+        removed: events_removed,
+    } = anchor;
+    let anchor_seq = anchor_head.seq;
 
     if new_dir.exists() {
         std::fs::remove_dir_all(new_dir).map_err(io("removing", new_dir))?;
@@ -332,7 +362,6 @@ fn write_compacted(
     new.rewrite_cache_view(&old.cache_view()?)?;
     same_replay(old, &new, new_dir)?;
     drop(new);
-    let events_removed = anchor_seq - start.head.seq;
     Ok(json!({
         "ok": true,
         "anchored_at": anchor_seq,
@@ -381,9 +410,12 @@ pub fn compact_postgres(
     before: u64,
     progress: Progress,
 ) -> Result<Value, CompactError> {
-    let start = base(journal).map_err(AuditError::from)?;
-    let anchor_seq = anchor_for(journal, &start, before)?;
-    let (anchor_state, anchor_head) = replayed_to(journal, start, anchor_seq, progress)?;
+    let Anchor {
+        state: anchor_state,
+        head: anchor_head,
+        ..
+    } = anchor_of(journal, before, progress)?;
+    let anchor_seq = anchor_head.seq;
     let anchor =
         encode_snapshot_of(anchor_seq, anchor_head.hash, &anchor_state, 0).map_err(|e| {
             StoreError::Damaged {
