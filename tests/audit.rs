@@ -3151,3 +3151,21 @@ fn a_compaction_over_a_damaged_record_behind_a_snapshot_is_refused_not_removed_u
     // The damaged record is still there to be found.
     assert_verify_finds(&dir, 3, &["event 3"]);
 }
+
+#[test]
+fn a_log_asked_up_to_a_compacted_event_says_compacted_not_an_empty_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    batch_ok(
+        &dir,
+        &[record("a", "1"), record("b", "2"), record("c", "3")],
+    );
+    cli_value(&dir, &["compact", "--before", "3"]);
+    let error = cli_error(&dir, &["log", "--to", "2"], "compacted");
+    assert!(error.contains("2"), "{error}");
+    let asked = batch(&dir, &[json!({"op":"log","to":1})]);
+    assert_eq!(asked[0]["error"]["kind"], "compacted", "{}", asked[0]);
+    // A range reaching past the anchor shows what is kept.
+    assert_eq!(cli_lines(&dir, &["log", "--to", "3"]).len(), 1);
+    assert_eq!(cli_lines(&dir, &["log"]).len(), 1);
+}

@@ -198,7 +198,8 @@ pub struct LogFilter {
 }
 
 /// The events matching `filter`, oldest first, each given to `out` as it is found. An empty
-/// range is an empty answer; asking to start inside a compacted range is an error.
+/// range is an empty answer; asking to start (or, from the beginning, to end) inside a
+/// compacted range is an error.
 pub fn log(
     journal: &dyn Journal,
     filter: &LogFilter,
@@ -211,6 +212,16 @@ pub fn log(
         if from > 0 && from <= start.head.seq && filter.to.is_none_or(|to| from <= to) {
             return Err(AuditError::Compacted {
                 asked: from,
+                first_kept: start.head.seq,
+            });
+        }
+    }
+    // A range that ends inside the compacted events is theirs whole: not an empty answer,
+    // which reads as "nothing happened then".
+    if let (None, Some(to)) = (filter.from, filter.to) {
+        if to > 0 && to <= start.head.seq {
+            return Err(AuditError::Compacted {
+                asked: to,
                 first_kept: start.head.seq,
             });
         }
