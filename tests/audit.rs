@@ -1412,7 +1412,9 @@ fn log_filters_by_range_time_key_event_and_limit() {
     assert!(log(&["--from", "6", "--to", "3"]).is_empty());
     assert!(log(&["--limit", "0"]).is_empty());
     assert!(log(&["--from", "13"]).is_empty());
-    assert!(log(&["--event", "NoSuchEvent"]).is_empty());
+    // (An event name that is no event's is refused, not an empty answer:
+    // `a_log_filtered_by_a_misspelt_event_name_is_refused_not_answered_empty`.)
+    assert!(log(&["--event", "ContextDropped"]).is_empty());
 
     // Limit: the first N matches.
     assert_eq!(seqs(&log(&["--limit", "2"])), vec![1, 2]);
@@ -3168,4 +3170,22 @@ fn a_log_asked_up_to_a_compacted_event_says_compacted_not_an_empty_answer() {
     // A range reaching past the anchor shows what is kept.
     assert_eq!(cli_lines(&dir, &["log", "--to", "3"]).len(), 1);
     assert_eq!(cli_lines(&dir, &["log"]).len(), 1);
+}
+
+#[test]
+fn a_log_filtered_by_a_misspelt_event_name_is_refused_not_answered_empty() {
+    let (_tmp, dir) = story("data");
+    let error = cli_error(&dir, &["log", "--event", "ArtifactEdit"], "invalid_request");
+    assert!(
+        error.contains("ArtifactEdit") && error.contains("ArtifactEdited"),
+        "{error}"
+    );
+    let asked = batch(&dir, &[json!({"op":"log","event":"artifactrecorded"})]);
+    assert_eq!(asked[0]["error"]["kind"], "invalid_request", "{}", asked[0]);
+    // Every name the log shows is one it can be filtered by.
+    for line in cli_lines(&dir, &["log"]) {
+        let name = line["event"].as_str().unwrap();
+        let matching = cli_lines(&dir, &["log", "--event", name]);
+        assert!(matching.iter().any(|l| l["seq"] == line["seq"]), "{name}");
+    }
 }

@@ -116,6 +116,24 @@ pub struct StitchFailure {
     pub error: String,
 }
 
+/// Every name [`Event::name`] gives (a wrapper gives the name of the event it wraps): what
+/// `log --event` may ask for.
+pub const EVENT_NAMES: [&str; 13] = [
+    "ArtifactRecorded",
+    "DynamoEntryRecorded",
+    "ArtifactEdited",
+    "ArtifactTaken",
+    "Cleared",
+    "Stitched",
+    "SavedToDynamoCache",
+    "EntryLoaded",
+    "ContextDropped",
+    "CacheEntryPut",
+    "CacheEntryDeleted",
+    "DynamoCacheCleared",
+    "DynamoEntryExtended",
+];
+
 impl Event {
     /// The change itself: the event without the client request id it was made under (a
     /// request id says who asked, not what changed; every reader of what changed looks here).

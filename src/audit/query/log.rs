@@ -207,6 +207,14 @@ pub fn log(
 ) -> Result<u64, AuditError> {
     let since = filter.since.as_deref().map(parse_time).transpose()?;
     let until = filter.until.as_deref().map(parse_time).transpose()?;
+    // A misspelt name would match nothing: an empty answer, read as "no such event happened".
+    if let Some(name) = filter
+        .event
+        .as_deref()
+        .filter(|n| !crate::core::event::EVENT_NAMES.contains(n))
+    {
+        return Err(AuditError::UnknownEvent(name.to_string()));
+    }
     let start = base(journal)?;
     if let Some(from) = filter.from {
         if from > 0 && from <= start.head.seq && filter.to.is_none_or(|to| from <= to) {

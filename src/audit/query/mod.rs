@@ -51,6 +51,8 @@ pub enum AuditError {
     Backwards { from: u64, to: u64 },
     #[error("`at` ({at}) and `at_time` ({at_time}) were both given: ask for one point, by sequence number or by time")]
     TwoPoints { at: u64, at_time: String },
+    #[error("no event is named `{0}` (the names: {names})", names = crate::core::event::EVENT_NAMES.join(", "))]
+    UnknownEvent(String),
     #[error("time `{text}` is not an RFC 3339 time (e.g. 2026-11-26T03:30:00Z): {message}")]
     BadTime { text: String, message: String },
 }
@@ -63,7 +65,9 @@ impl AuditError {
             AuditError::Store(_) => "storage",
             AuditError::Compacted { .. } => "compacted",
             AuditError::BeyondEnd { .. } => "beyond_end",
-            AuditError::Backwards { .. } | AuditError::TwoPoints { .. } => "invalid_request",
+            AuditError::Backwards { .. }
+            | AuditError::TwoPoints { .. }
+            | AuditError::UnknownEvent(_) => "invalid_request",
             AuditError::BadTime { .. } => "invalid_request",
         }
     }
