@@ -263,3 +263,90 @@ def test_a_fall_back_for_what_pcx_refused_leaves_the_callers_own_client_working(
         torch._dynamo.reset()
         mine.close()
         small.stop()
+
+
+@pytest.fixture
+def torch_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """torch with its own context and cache (pcx not installed), caching precompile on."""
+    import pcx.torch
+    from torch._dynamo.precompile_context import PrecompileContext
+
+    pcx.torch.uninstall()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    PrecompileContext.clear()
+    try:
+        with torch._dynamo.config.patch(caching_precompile=True):
+            yield
+    finally:
+        pcx.torch.uninstall()
+        torch._dynamo.reset()
+        PrecompileContext.clear()
+
+
+def test_an_install_after_compiles_keeps_what_torch_recorded_before_it(
+    served: Any, torch_alone: None
+) -> None:
+    """Regression: ``install()`` put empty dicts in place of torch's, so what torch had
+    recorded before it (a compile made first, then ``import pcx.torch; install()``) was in
+    no save made afterwards: ``save_cache_artifacts()`` saved nothing, answered as usual, and
+    the next process compiled everything again. Now install records it into pcx."""
+    import pcx.torch
+    from torch._dynamo.precompile_context import PrecompileContext
+    from torch._dynamo.utils import counters
+
+    def fn(x: Any) -> Any:
+        return x.sin() * 3 - x
+
+    x = torch.randn(4, 3)
+    expected = torch.compile(fn)(x)  # recorded in torch's own context
+    client = pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="late")
+    PrecompileContext.save_to_dynamo_cache()
+    assert [e["key"] for e in client.list_cache_entries()] == [entry_key(fn)]
+    reload_as_torch_tests_do()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(fn)(x), expected)
+    assert counters["dynamo_cache"]["dynamo_cache_hit"] == 1
+
+
+def test_an_uninstall_hands_torch_back_what_was_recorded_while_installed(
+    served: Any, torch_alone: None
+) -> None:
+    """Regression: ``uninstall()`` put back torch's dicts as they were before ``install()``,
+    so what torch recorded while pcx was installed was in no save made after it: a save on
+    torch's own cache (or after installing again) saved nothing and the next process
+    compiled everything again. Now torch's own context gets it back, as after a fall-back."""
+    import pcx.torch
+    from torch._dynamo.precompile_context import PrecompileContext
+    from torch._dynamo.utils import counters
+
+    def fn(x: Any) -> Any:
+        return x.cos() * 5 + x
+
+    def other(x: Any) -> Any:
+        return x.exp() - 2
+
+    x = torch.randn(4, 3)
+    pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="handed-back")
+    expected = torch.compile(fn)(x)
+    pcx.torch.uninstall()
+    PrecompileContext.save_to_dynamo_cache()  # torch's own, on files
+    # Installed again: what torch holds goes back to pcx with it.
+    client = pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="again")
+    expected_other = torch.compile(other)(x)
+    PrecompileContext.save_to_dynamo_cache()
+    assert sorted(e["key"] for e in client.list_cache_entries()) == sorted(
+        [entry_key(fn), entry_key(other)]
+    )
+    pcx.torch.uninstall()
+    reload_as_torch_tests_do()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(fn)(x), expected)  # from torch's own files
+    assert counters["dynamo_cache"]["dynamo_cache_hit"] == 1
+    pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="again")
+    reload_as_torch_tests_do()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(other)(x), expected_other)
+        assert torch.equal(torch.compile(fn)(x), expected)
+    assert counters["dynamo_cache"]["dynamo_cache_hit"] == 3

@@ -118,14 +118,40 @@ class Hooks:
         # them as this process's mirror of its pcx context instead of leaving them empty.
         for name in _CONTEXT_DICTS:
             self._saved_dicts[name] = PrecompileContext.__dict__[name]
+        # What torch recorded before pcx was installed (compiles made before install(), or
+        # handed back by an uninstall) moves into pcx: left in torch's dicts, it was out of
+        # every save made while installed, silently.
+        artifacts = dict(PrecompileContext._backend_artifacts_by_key)
+        entries = dict(PrecompileContext._dynamo_cache_entries)
+        PrecompileContext._backend_artifacts_by_key.clear()
+        PrecompileContext._dynamo_cache_entries.clear()
         PrecompileContext._backend_artifacts_by_key = self._artifacts  # type: ignore[assignment]
         PrecompileContext._dynamo_cache_entries = self._entries
         self._cache = package.DynamoCache
         for name in _CACHE_METHODS:
             hook = self._guarded(name, getattr(self, "_cache_" + name), context=False)
             setattr(self._cache, name, hook)
+        # Through the class: a refusal or a lost server falls back as for any record.
+        for artifact in artifacts.values():
+            PrecompileContext.record_artifact(artifact)
+        for key, entry in entries.items():
+            PrecompileContext.record_dynamo_cache_entry(cache_entry=entry, key=key)
 
     def remove(self) -> None:
+        """Puts torch's own methods and dicts back, the dicts holding what this process
+        recorded while pcx was installed (as torch's own context would have): an uninstall
+        that left them as they were before install() made every save after it miss it."""
+        from torch._dynamo.precompile_context import PrecompileContext
+
+        artifacts, entries = dict(self._artifacts), dict(self._entries)
+        # Handed over once (a fall-back and then an uninstall remove twice).
+        dict.clear(self._artifacts)
+        self._entries.clear()
+        self._unhook()
+        PrecompileContext._backend_artifacts_by_key.update(artifacts)
+        PrecompileContext._dynamo_cache_entries.update(entries)
+
+    def _unhook(self) -> None:
         from torch._dynamo.precompile_context import PrecompileContext
 
         for name, original in self._saved_context.items():
@@ -182,12 +208,7 @@ class Hooks:
             len(self._artifacts),
             len(self._entries),
         )
-        artifacts, entries = dict(self._artifacts), dict(self._entries)
         self.remove()
-        from torch._dynamo.precompile_context import PrecompileContext
-
-        PrecompileContext._backend_artifacts_by_key.update(artifacts)
-        PrecompileContext._dynamo_cache_entries.update(entries)
         # Closed only when broken anyway: after a refusal the connection is in step, and it
         # may be the caller's own (install(client) gives torch a view of it), shared with
         # their threads, which closing it here made fail every request.
