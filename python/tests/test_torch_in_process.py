@@ -350,3 +350,37 @@ def test_an_uninstall_hands_torch_back_what_was_recorded_while_installed(
         assert torch.equal(torch.compile(other)(x), expected_other)
         assert torch.equal(torch.compile(fn)(x), expected)
     assert counters["dynamo_cache"]["dynamo_cache_hit"] == 3
+
+
+def test_the_bytes_save_cache_artifacts_returns_carry_the_dynamo_entries_to_a_hot_load(
+    served: Any, torch_alone: None
+) -> None:
+    """Regression: torch's save records each dynamo entry it writes for its hot load, so the
+    bytes ``torch.compiler.save_cache_artifacts()`` returns carry them (``precompile`` in
+    its ``CacheInfo``); pcx's save did not, so those bytes, shipped to another machine and
+    given to ``torch.compiler.load_cache_artifacts()``, warm-started nothing; and a hot load
+    in a process with pcx installed wrote the entries into torch's directory, where its
+    loads (from pcx) never looked. Now both go through pcx as through torch's own cache."""
+    import pcx.torch
+    from torch._dynamo.utils import counters
+
+    def fn(x: Any) -> Any:
+        return x.tanh() * 2 + x
+
+    x = torch.randn(4, 3)
+    pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="hot-save")
+    expected = torch.compile(fn)(x)
+    saved = torch.compiler.save_cache_artifacts()
+    assert saved is not None
+    artifacts, info = saved
+    # (Earlier saves of this process are carried too: torch's manager keeps them.)
+    assert entry_key(fn) in info.artifacts["precompile"], info
+    pcx.torch.uninstall()
+    # Another machine: a cache of its own, with nothing in it.
+    client = pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="hot-load")
+    reload_as_torch_tests_do()
+    torch.compiler.load_cache_artifacts(artifacts)
+    assert entry_key(fn) in [e["key"] for e in client.list_cache_entries()]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(fn)(x), expected)
+    assert counters["dynamo_cache"]["dynamo_cache_hit"] == 1

@@ -3,7 +3,8 @@
 ``PrecompileContext``'s class methods are replaced (torch calls them through the class, from
 AOTAutograd, Dynamo's ``DynamoStore`` and ``torch.compiler.save_cache_artifacts``), and the
 module-level ``DynamoCache`` object gets instance attributes that shadow its ``load``,
-``read``, ``write`` and ``clear`` (every caller reaches it as that one object). Nothing of
+``read``, ``write``, ``clear`` and ``_write_to_local_cache`` (torch's hot load writes through
+it; every caller reaches it as that one object). Nothing of
 torch's source is changed, and :meth:`Hooks.remove` puts every original back.
 
 When pcx cannot be reached (the server died, was never there, or answers nonsense: a
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 from ..client import Client
 from ..errors import PackageNotFound, PcxError, TransportError
@@ -36,7 +38,9 @@ _CONTEXT_METHODS = (
     "save_to_dynamo_cache",
     "create_cache_entries",
 )
-_CACHE_METHODS = ("load", "read", "write", "clear")
+# ``_write_to_local_cache`` too: torch's hot load (``torch.compiler.load_cache_artifacts``)
+# writes the dynamo entries it carries through it, not through ``write``.
+_CACHE_METHODS = ("load", "read", "write", "clear", "_write_to_local_cache")
 # What torch records: torch itself never refuses it, so pcx refusing it for any reason (an
 # artifact over the server's max_content_bytes, a kind its plugin refuses…) falls back too.
 _RECORDING = ("record_artifact", "record_dynamo_cache_entry")
@@ -259,6 +263,14 @@ class Hooks:
     def _ctx_save_to_dynamo_cache(self, cls: type) -> Dict[str, Any]:
         answer = self.client.save_to_dynamo_cache(trace=True)
         _re_emit(answer.get("trace", []))
+        if self.shared_cache:
+            # torch's save records each entry it writes for torch.compiler's hot load, so
+            # that the bytes save_cache_artifacts() returns carry them: without this, they
+            # carried none, and load_cache_artifacts() elsewhere warm-started nothing.
+            for key in answer.get("saved", []):
+                entry = self.client.get_cache_entry(key)
+                if entry is not None:
+                    _record_for_hot_load(self._entry_from_pcx(entry), key)
         return _debug_info(answer)
 
     def _ctx_create_cache_entries(self, cls: type) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -319,23 +331,53 @@ class Hooks:
     def _cache_write(self, entry: Any, path: str) -> None:
         self._need_shared_cache("write")
         try:
-            self.client.put_cache_entry(
-                path,
-                {
-                    "dynamo": convert.entry_to_pcx(entry.dynamo),
-                    "backends": convert.backends_to_pcx(entry.backends, self.torch_kinds),
-                },
-            )
+            self._put(entry, path)
+        except TransportError:
+            raise  # pcx is gone: fall back to torch's own cache (see _guarded)
         except PcxError as e:
             raise RuntimeError(f"Failed to save package to {path}: {e}") from e
+        _record_for_hot_load(entry, path)
+
+    def _cache__write_to_local_cache(self, pickled_content: bytes, path: str) -> None:
+        """What torch's hot load writes (a pickled ``PrecompileCacheEntry``): into pcx,
+        where this process's loads look. What pcx cannot take (an old server, an entry over
+        its limits) goes to torch's own directory, as without pcx: a hot load never fails
+        for pcx's sake."""
+        if self.shared_cache:
+            try:
+                self._put(convert.artifact_from_bytes(pickled_content), path)
+                return
+            except TransportError:
+                raise  # pcx is gone: fall back to torch's own cache (see _guarded)
+            except PcxError as e:
+                logger.warning(
+                    "pcx.torch: pcx refused the hot-loaded dynamo cache entry %s (%s); it "
+                    "goes to torch's own cache directory",
+                    path,
+                    e,
+                )
+        type(self._cache)._write_to_local_cache(self._cache, pickled_content, path)
+
+    def _put(self, entry: Any, path: str) -> None:
+        self.client.put_cache_entry(
+            path,
+            {
+                "dynamo": convert.entry_to_pcx(entry.dynamo),
+                "backends": convert.backends_to_pcx(entry.backends, self.torch_kinds),
+            },
+        )
 
     def _cache_read(self, path: str) -> Any:
-        from torch._dynamo.package import PrecompileCacheEntry
-
         self._need_shared_cache("read")
         entry = self.client.get_cache_entry(path)
         if entry is None:
             raise RuntimeError(f"No package found with key {path}")
+        return self._entry_from_pcx(entry)
+
+    @staticmethod
+    def _entry_from_pcx(entry: Mapping[str, Any]) -> Any:
+        from torch._dynamo.package import PrecompileCacheEntry
+
         return PrecompileCacheEntry(
             dynamo=convert.entry_from_pcx(entry["dynamo"]),
             backends=convert.backends_from_pcx(entry["backends"]),
@@ -344,6 +386,17 @@ class Hooks:
     def _cache_clear(self) -> None:
         self._need_shared_cache("clear")
         self.client.clear_dynamo_cache()
+
+
+def _record_for_hot_load(entry: Any, key: str) -> None:
+    """Records a saved entry for torch.compiler's hot load, as torch's
+    ``DiskDynamoStore.write`` does (``save_cache_artifacts()`` serialises it)."""
+    from torch._dynamo.package import PrecompileCacheArtifact
+    from torch.compiler._cache import CacheArtifactRecorder
+
+    CacheArtifactRecorder(PrecompileCacheArtifact.type(), key).record(
+        pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+    )
 
 
 def _debug_info(answer: Dict[str, Any]) -> Dict[str, Any]:
