@@ -384,3 +384,38 @@ def test_the_bytes_save_cache_artifacts_returns_carry_the_dynamo_entries_to_a_ho
     with torch.compiler.set_stance("fail_on_recompile"):
         assert torch.equal(torch.compile(fn)(x), expected)
     assert counters["dynamo_cache"]["dynamo_cache_hit"] == 1
+
+
+def test_a_cache_directory_set_after_install_keeps_its_dynamo_cache_apart(
+    served: Any, torch_alone: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: with no namespace named, pcx.torch fixed its namespace from torch's cache
+    directory once, at ``install()``; torch's ``DynamoCache`` finds its directory at each
+    call. So two scripts that each set ``TORCHINDUCTOR_CACHE_DIR`` after ``PCX_TORCH=1``
+    installed at interpreter start (or one in ``fresh_cache()``) shared one dynamo cache,
+    where stock torch kept them apart: a function of one at the same name and line as the
+    other's loaded the other's entry, and torch then failed in the user's call (``NameError:
+    name '__compiled_fn_…' is not defined``). Now the namespace follows the directory."""
+    import pcx.torch
+    from torch._dynamo.package import DynamoCache
+    from torch._dynamo.precompile_context import PrecompileContext
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("PCX_TORCH_NAMESPACE", raising=False)
+    client = pcx.torch.install(pcx.Client.connect(str(served.socket)))
+
+    def fn(x: Any) -> Any:
+        return x.sigmoid() * 7
+
+    x = torch.randn(4, 3)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "project-a"))
+    torch.compile(fn)(x)
+    PrecompileContext.save_to_dynamo_cache()
+    assert [e["key"] for e in client.list_cache_entries()] == [entry_key(fn)]
+    # Another project's directory: nothing of project A's is there, as on torch's files.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "project-b"))
+    reload_as_torch_tests_do()
+    assert DynamoCache.load(fn) is None
+    assert counters["dynamo_cache"]["dynamo_cache_miss"] == 2
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "project-a"))
+    assert DynamoCache.load(fn) is not None

@@ -96,8 +96,19 @@ class Hooks:
     (``put_cache_entry``…); without them ``DynamoCache.write``/``read``/``clear`` fail with a
     message saying so, while save and load (through the context) still work."""
 
-    def __init__(self, client: Client, *, torch_kinds: bool, shared_cache: bool) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        torch_kinds: bool,
+        shared_cache: bool,
+        namespace_of_cache_dir: Optional[Callable[[], str]] = None,
+    ) -> None:
         self.client = client
+        #: When no namespace was named: the one of torch's cache directory *now*, as torch's
+        #: ``DynamoCache`` finds its directory at each call (a script that sets
+        #: ``TORCHINDUCTOR_CACHE_DIR`` after ``PCX_TORCH=1`` installed, ``fresh_cache()``).
+        self._namespace_of_cache_dir = namespace_of_cache_dir
         self.torch_kinds = torch_kinds
         self.shared_cache = shared_cache
         self._saved_context: Dict[str, Any] = {}
@@ -222,6 +233,12 @@ class Hooks:
             except Exception:  # already broken; closing is a courtesy
                 pass
 
+    def _cache_client(self) -> Client:
+        """The client for the dynamo cache's operations, in the namespace they are for now."""
+        if self._namespace_of_cache_dir is not None:
+            self.client.namespace = self._namespace_of_cache_dir()
+        return self.client
+
     # -- PrecompileContext --------------------------------------------------------------------
 
     def _ctx_clear(self, cls: type) -> None:
@@ -261,14 +278,14 @@ class Hooks:
         return None if current is None else convert.artifact_from_bytes(current["content_b64"])
 
     def _ctx_save_to_dynamo_cache(self, cls: type) -> Dict[str, Any]:
-        answer = self.client.save_to_dynamo_cache(trace=True)
+        answer = self._cache_client().save_to_dynamo_cache(trace=True)
         _re_emit(answer.get("trace", []))
         if self.shared_cache:
             # torch's save records each entry it writes for torch.compiler's hot load, so
             # that the bytes save_cache_artifacts() returns carry them: without this, they
             # carried none, and load_cache_artifacts() elsewhere warm-started nothing.
             for key in answer.get("saved", []):
-                entry = self.client.get_cache_entry(key)
+                entry = self._cache_client().get_cache_entry(key)
                 if entry is not None:
                     _record_for_hot_load(self._entry_from_pcx(entry), key)
         return _debug_info(answer)
@@ -298,7 +315,7 @@ class Hooks:
 
         key = CompilePackage.source_id_from_fn(fn)
         try:
-            answer = self.client.load_cache_entry(key)
+            answer = self._cache_client().load_cache_entry(key)
             entry = answer["entry"]
             result = PrecompileCacheEntry(
                 dynamo=convert.entry_from_pcx(entry["dynamo"]),
@@ -359,7 +376,7 @@ class Hooks:
         type(self._cache)._write_to_local_cache(self._cache, pickled_content, path)
 
     def _put(self, entry: Any, path: str) -> None:
-        self.client.put_cache_entry(
+        self._cache_client().put_cache_entry(
             path,
             {
                 "dynamo": convert.entry_to_pcx(entry.dynamo),
@@ -369,7 +386,7 @@ class Hooks:
 
     def _cache_read(self, path: str) -> Any:
         self._need_shared_cache("read")
-        entry = self.client.get_cache_entry(path)
+        entry = self._cache_client().get_cache_entry(path)
         if entry is None:
             raise RuntimeError(f"No package found with key {path}")
         return self._entry_from_pcx(entry)
@@ -385,7 +402,7 @@ class Hooks:
 
     def _cache_clear(self) -> None:
         self._need_shared_cache("clear")
-        self.client.clear_dynamo_cache()
+        self._cache_client().clear_dynamo_cache()
 
 
 def _record_for_hot_load(entry: Any, key: str) -> None:
