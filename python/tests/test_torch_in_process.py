@@ -263,3 +263,159 @@ def test_a_fall_back_for_what_pcx_refused_leaves_the_callers_own_client_working(
         torch._dynamo.reset()
         mine.close()
         small.stop()
+
+
+@pytest.fixture
+def torch_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """torch with its own context and cache (pcx not installed), caching precompile on."""
+    import pcx.torch
+    from torch._dynamo.precompile_context import PrecompileContext
+
+    pcx.torch.uninstall()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    PrecompileContext.clear()
+    try:
+        with torch._dynamo.config.patch(caching_precompile=True):
+            yield
+    finally:
+        pcx.torch.uninstall()
+        torch._dynamo.reset()
+        PrecompileContext.clear()
+
+
+def test_an_install_after_compiles_keeps_what_torch_recorded_before_it(
+    served: Any, torch_alone: None
+) -> None:
+    """Regression: ``install()`` put empty dicts in place of torch's, so what torch had
+    recorded before it (a compile made first, then ``import pcx.torch; install()``) was in
+    no save made afterwards: ``save_cache_artifacts()`` saved nothing, answered as usual, and
+    the next process compiled everything again. Now install records it into pcx."""
+    import pcx.torch
+    from torch._dynamo.precompile_context import PrecompileContext
+    from torch._dynamo.utils import counters
+
+    def fn(x: Any) -> Any:
+        return x.sin() * 3 - x
+
+    x = torch.randn(4, 3)
+    expected = torch.compile(fn)(x)  # recorded in torch's own context
+    client = pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="late")
+    PrecompileContext.save_to_dynamo_cache()
+    assert [e["key"] for e in client.list_cache_entries()] == [entry_key(fn)]
+    reload_as_torch_tests_do()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(fn)(x), expected)
+    assert counters["dynamo_cache"]["dynamo_cache_hit"] == 1
+
+
+def test_an_uninstall_hands_torch_back_what_was_recorded_while_installed(
+    served: Any, torch_alone: None
+) -> None:
+    """Regression: ``uninstall()`` put back torch's dicts as they were before ``install()``,
+    so what torch recorded while pcx was installed was in no save made after it: a save on
+    torch's own cache (or after installing again) saved nothing and the next process
+    compiled everything again. Now torch's own context gets it back, as after a fall-back."""
+    import pcx.torch
+    from torch._dynamo.precompile_context import PrecompileContext
+    from torch._dynamo.utils import counters
+
+    def fn(x: Any) -> Any:
+        return x.cos() * 5 + x
+
+    def other(x: Any) -> Any:
+        return x.exp() - 2
+
+    x = torch.randn(4, 3)
+    pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="handed-back")
+    expected = torch.compile(fn)(x)
+    pcx.torch.uninstall()
+    PrecompileContext.save_to_dynamo_cache()  # torch's own, on files
+    # Installed again: what torch holds goes back to pcx with it.
+    client = pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="again")
+    expected_other = torch.compile(other)(x)
+    PrecompileContext.save_to_dynamo_cache()
+    assert sorted(e["key"] for e in client.list_cache_entries()) == sorted(
+        [entry_key(fn), entry_key(other)]
+    )
+    pcx.torch.uninstall()
+    reload_as_torch_tests_do()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(fn)(x), expected)  # from torch's own files
+    assert counters["dynamo_cache"]["dynamo_cache_hit"] == 1
+    pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="again")
+    reload_as_torch_tests_do()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(other)(x), expected_other)
+        assert torch.equal(torch.compile(fn)(x), expected)
+    assert counters["dynamo_cache"]["dynamo_cache_hit"] == 3
+
+
+def test_the_bytes_save_cache_artifacts_returns_carry_the_dynamo_entries_to_a_hot_load(
+    served: Any, torch_alone: None
+) -> None:
+    """Regression: torch's save records each dynamo entry it writes for its hot load, so the
+    bytes ``torch.compiler.save_cache_artifacts()`` returns carry them (``precompile`` in
+    its ``CacheInfo``); pcx's save did not, so those bytes, shipped to another machine and
+    given to ``torch.compiler.load_cache_artifacts()``, warm-started nothing; and a hot load
+    in a process with pcx installed wrote the entries into torch's directory, where its
+    loads (from pcx) never looked. Now both go through pcx as through torch's own cache."""
+    import pcx.torch
+    from torch._dynamo.utils import counters
+
+    def fn(x: Any) -> Any:
+        return x.tanh() * 2 + x
+
+    x = torch.randn(4, 3)
+    pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="hot-save")
+    expected = torch.compile(fn)(x)
+    saved = torch.compiler.save_cache_artifacts()
+    assert saved is not None
+    artifacts, info = saved
+    # (Earlier saves of this process are carried too: torch's manager keeps them.)
+    assert entry_key(fn) in info.artifacts["precompile"], info
+    pcx.torch.uninstall()
+    # Another machine: a cache of its own, with nothing in it.
+    client = pcx.torch.install(pcx.Client.connect(str(served.socket)), namespace="hot-load")
+    reload_as_torch_tests_do()
+    torch.compiler.load_cache_artifacts(artifacts)
+    assert entry_key(fn) in [e["key"] for e in client.list_cache_entries()]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(torch.compile(fn)(x), expected)
+    assert counters["dynamo_cache"]["dynamo_cache_hit"] == 1
+
+
+def test_a_cache_directory_set_after_install_keeps_its_dynamo_cache_apart(
+    served: Any, torch_alone: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: with no namespace named, pcx.torch fixed its namespace from torch's cache
+    directory once, at ``install()``; torch's ``DynamoCache`` finds its directory at each
+    call. So two scripts that each set ``TORCHINDUCTOR_CACHE_DIR`` after ``PCX_TORCH=1``
+    installed at interpreter start (or one in ``fresh_cache()``) shared one dynamo cache,
+    where stock torch kept them apart: a function of one at the same name and line as the
+    other's loaded the other's entry, and torch then failed in the user's call (``NameError:
+    name '__compiled_fn_…' is not defined``). Now the namespace follows the directory."""
+    import pcx.torch
+    from torch._dynamo.package import DynamoCache
+    from torch._dynamo.precompile_context import PrecompileContext
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("PCX_TORCH_NAMESPACE", raising=False)
+    client = pcx.torch.install(pcx.Client.connect(str(served.socket)))
+
+    def fn(x: Any) -> Any:
+        return x.sigmoid() * 7
+
+    x = torch.randn(4, 3)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "project-a"))
+    torch.compile(fn)(x)
+    PrecompileContext.save_to_dynamo_cache()
+    assert [e["key"] for e in client.list_cache_entries()] == [entry_key(fn)]
+    # Another project's directory: nothing of project A's is there, as on torch's files.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "project-b"))
+    reload_as_torch_tests_do()
+    assert DynamoCache.load(fn) is None
+    assert counters["dynamo_cache"]["dynamo_cache_miss"] == 2
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "project-a"))
+    assert DynamoCache.load(fn) is not None

@@ -81,7 +81,7 @@ def install(
 
     ``namespace``: the dynamo cache namespace, used when the server has namespaces; default
     ``$PCX_TORCH_NAMESPACE``, else one per torch cache directory (as torch's own cache is one
-    directory). Processes on several machines share a cache by naming the same namespace. ``torch_kinds``: record artifacts as
+    directory), the directory torch's cache is in at each call, as torch finds it. Processes on several machines share a cache by naming the same namespace. ``torch_kinds``: record artifacts as
     ``torch.bundled_aot_autograd``/``torch.pickle`` (needs pcx's torch-pickle plugin in the
     server's plugin directory) instead of ``eager``; default from ``PCX_TORCH_KINDS=1``."""
     with _installing:
@@ -104,19 +104,23 @@ def _install(
         client = Client.default()
     named = _supports(client, "list_contexts")
     own_context = named and client.context is None
+    namespace = namespace or client.namespace or os.environ.get("PCX_TORCH_NAMESPACE")
     if named:
         # A view of the connection: the client given keeps its own context and namespace
         # for the caller's own requests.
         client = client.scoped(
             context=client.context or _process_context(),
-            namespace=namespace
-            or client.namespace
-            or os.environ.get("PCX_TORCH_NAMESPACE")
-            or default_namespace(),
+            namespace=namespace or default_namespace(),
         )
     if torch_kinds is None:
         torch_kinds = os.environ.get("PCX_TORCH_KINDS") == "1"
-    hooks = Hooks(client, torch_kinds=torch_kinds, shared_cache=named)
+    hooks = Hooks(
+        client,
+        torch_kinds=torch_kinds,
+        shared_cache=named,
+        # None named: the namespace follows torch's cache directory, as its DynamoCache does.
+        namespace_of_cache_dir=default_namespace if named and not namespace else None,
+    )
     hooks.apply()
     _hooks = hooks
     if own_context:

@@ -3,7 +3,8 @@
 ``PrecompileContext``'s class methods are replaced (torch calls them through the class, from
 AOTAutograd, Dynamo's ``DynamoStore`` and ``torch.compiler.save_cache_artifacts``), and the
 module-level ``DynamoCache`` object gets instance attributes that shadow its ``load``,
-``read``, ``write`` and ``clear`` (every caller reaches it as that one object). Nothing of
+``read``, ``write``, ``clear`` and ``_write_to_local_cache`` (torch's hot load writes through
+it; every caller reaches it as that one object). Nothing of
 torch's source is changed, and :meth:`Hooks.remove` puts every original back.
 
 When pcx cannot be reached (the server died, was never there, or answers nonsense: a
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 from ..client import Client
 from ..errors import PackageNotFound, PcxError, TransportError
@@ -36,7 +38,9 @@ _CONTEXT_METHODS = (
     "save_to_dynamo_cache",
     "create_cache_entries",
 )
-_CACHE_METHODS = ("load", "read", "write", "clear")
+# ``_write_to_local_cache`` too: torch's hot load (``torch.compiler.load_cache_artifacts``)
+# writes the dynamo entries it carries through it, not through ``write``.
+_CACHE_METHODS = ("load", "read", "write", "clear", "_write_to_local_cache")
 # What torch records: torch itself never refuses it, so pcx refusing it for any reason (an
 # artifact over the server's max_content_bytes, a kind its plugin refuses…) falls back too.
 _RECORDING = ("record_artifact", "record_dynamo_cache_entry")
@@ -92,8 +96,19 @@ class Hooks:
     (``put_cache_entry``…); without them ``DynamoCache.write``/``read``/``clear`` fail with a
     message saying so, while save and load (through the context) still work."""
 
-    def __init__(self, client: Client, *, torch_kinds: bool, shared_cache: bool) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        torch_kinds: bool,
+        shared_cache: bool,
+        namespace_of_cache_dir: Optional[Callable[[], str]] = None,
+    ) -> None:
         self.client = client
+        #: When no namespace was named: the one of torch's cache directory *now*, as torch's
+        #: ``DynamoCache`` finds its directory at each call (a script that sets
+        #: ``TORCHINDUCTOR_CACHE_DIR`` after ``PCX_TORCH=1`` installed, ``fresh_cache()``).
+        self._namespace_of_cache_dir = namespace_of_cache_dir
         self.torch_kinds = torch_kinds
         self.shared_cache = shared_cache
         self._saved_context: Dict[str, Any] = {}
@@ -118,14 +133,40 @@ class Hooks:
         # them as this process's mirror of its pcx context instead of leaving them empty.
         for name in _CONTEXT_DICTS:
             self._saved_dicts[name] = PrecompileContext.__dict__[name]
+        # What torch recorded before pcx was installed (compiles made before install(), or
+        # handed back by an uninstall) moves into pcx: left in torch's dicts, it was out of
+        # every save made while installed, silently.
+        artifacts = dict(PrecompileContext._backend_artifacts_by_key)
+        entries = dict(PrecompileContext._dynamo_cache_entries)
+        PrecompileContext._backend_artifacts_by_key.clear()
+        PrecompileContext._dynamo_cache_entries.clear()
         PrecompileContext._backend_artifacts_by_key = self._artifacts  # type: ignore[assignment]
         PrecompileContext._dynamo_cache_entries = self._entries
         self._cache = package.DynamoCache
         for name in _CACHE_METHODS:
             hook = self._guarded(name, getattr(self, "_cache_" + name), context=False)
             setattr(self._cache, name, hook)
+        # Through the class: a refusal or a lost server falls back as for any record.
+        for artifact in artifacts.values():
+            PrecompileContext.record_artifact(artifact)
+        for key, entry in entries.items():
+            PrecompileContext.record_dynamo_cache_entry(cache_entry=entry, key=key)
 
     def remove(self) -> None:
+        """Puts torch's own methods and dicts back, the dicts holding what this process
+        recorded while pcx was installed (as torch's own context would have): an uninstall
+        that left them as they were before install() made every save after it miss it."""
+        from torch._dynamo.precompile_context import PrecompileContext
+
+        artifacts, entries = dict(self._artifacts), dict(self._entries)
+        # Handed over once (a fall-back and then an uninstall remove twice).
+        dict.clear(self._artifacts)
+        self._entries.clear()
+        self._unhook()
+        PrecompileContext._backend_artifacts_by_key.update(artifacts)
+        PrecompileContext._dynamo_cache_entries.update(entries)
+
+    def _unhook(self) -> None:
         from torch._dynamo.precompile_context import PrecompileContext
 
         for name, original in self._saved_context.items():
@@ -182,12 +223,7 @@ class Hooks:
             len(self._artifacts),
             len(self._entries),
         )
-        artifacts, entries = dict(self._artifacts), dict(self._entries)
         self.remove()
-        from torch._dynamo.precompile_context import PrecompileContext
-
-        PrecompileContext._backend_artifacts_by_key.update(artifacts)
-        PrecompileContext._dynamo_cache_entries.update(entries)
         # Closed only when broken anyway: after a refusal the connection is in step, and it
         # may be the caller's own (install(client) gives torch a view of it), shared with
         # their threads, which closing it here made fail every request.
@@ -196,6 +232,12 @@ class Hooks:
                 self.client.close()
             except Exception:  # already broken; closing is a courtesy
                 pass
+
+    def _cache_client(self) -> Client:
+        """The client for the dynamo cache's operations, in the namespace they are for now."""
+        if self._namespace_of_cache_dir is not None:
+            self.client.namespace = self._namespace_of_cache_dir()
+        return self.client
 
     # -- PrecompileContext --------------------------------------------------------------------
 
@@ -236,8 +278,16 @@ class Hooks:
         return None if current is None else convert.artifact_from_bytes(current["content_b64"])
 
     def _ctx_save_to_dynamo_cache(self, cls: type) -> Dict[str, Any]:
-        answer = self.client.save_to_dynamo_cache(trace=True)
+        answer = self._cache_client().save_to_dynamo_cache(trace=True)
         _re_emit(answer.get("trace", []))
+        if self.shared_cache:
+            # torch's save records each entry it writes for torch.compiler's hot load, so
+            # that the bytes save_cache_artifacts() returns carry them: without this, they
+            # carried none, and load_cache_artifacts() elsewhere warm-started nothing.
+            for key in answer.get("saved", []):
+                entry = self._cache_client().get_cache_entry(key)
+                if entry is not None:
+                    _record_for_hot_load(self._entry_from_pcx(entry), key)
         return _debug_info(answer)
 
     def _ctx_create_cache_entries(self, cls: type) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -265,7 +315,7 @@ class Hooks:
 
         key = CompilePackage.source_id_from_fn(fn)
         try:
-            answer = self.client.load_cache_entry(key)
+            answer = self._cache_client().load_cache_entry(key)
             entry = answer["entry"]
             result = PrecompileCacheEntry(
                 dynamo=convert.entry_from_pcx(entry["dynamo"]),
@@ -298,23 +348,53 @@ class Hooks:
     def _cache_write(self, entry: Any, path: str) -> None:
         self._need_shared_cache("write")
         try:
-            self.client.put_cache_entry(
-                path,
-                {
-                    "dynamo": convert.entry_to_pcx(entry.dynamo),
-                    "backends": convert.backends_to_pcx(entry.backends, self.torch_kinds),
-                },
-            )
+            self._put(entry, path)
+        except TransportError:
+            raise  # pcx is gone: fall back to torch's own cache (see _guarded)
         except PcxError as e:
             raise RuntimeError(f"Failed to save package to {path}: {e}") from e
+        _record_for_hot_load(entry, path)
+
+    def _cache__write_to_local_cache(self, pickled_content: bytes, path: str) -> None:
+        """What torch's hot load writes (a pickled ``PrecompileCacheEntry``): into pcx,
+        where this process's loads look. What pcx cannot take (an old server, an entry over
+        its limits) goes to torch's own directory, as without pcx: a hot load never fails
+        for pcx's sake."""
+        if self.shared_cache:
+            try:
+                self._put(convert.artifact_from_bytes(pickled_content), path)
+                return
+            except TransportError:
+                raise  # pcx is gone: fall back to torch's own cache (see _guarded)
+            except PcxError as e:
+                logger.warning(
+                    "pcx.torch: pcx refused the hot-loaded dynamo cache entry %s (%s); it "
+                    "goes to torch's own cache directory",
+                    path,
+                    e,
+                )
+        type(self._cache)._write_to_local_cache(self._cache, pickled_content, path)
+
+    def _put(self, entry: Any, path: str) -> None:
+        self._cache_client().put_cache_entry(
+            path,
+            {
+                "dynamo": convert.entry_to_pcx(entry.dynamo),
+                "backends": convert.backends_to_pcx(entry.backends, self.torch_kinds),
+            },
+        )
 
     def _cache_read(self, path: str) -> Any:
-        from torch._dynamo.package import PrecompileCacheEntry
-
         self._need_shared_cache("read")
-        entry = self.client.get_cache_entry(path)
+        entry = self._cache_client().get_cache_entry(path)
         if entry is None:
             raise RuntimeError(f"No package found with key {path}")
+        return self._entry_from_pcx(entry)
+
+    @staticmethod
+    def _entry_from_pcx(entry: Mapping[str, Any]) -> Any:
+        from torch._dynamo.package import PrecompileCacheEntry
+
         return PrecompileCacheEntry(
             dynamo=convert.entry_from_pcx(entry["dynamo"]),
             backends=convert.backends_from_pcx(entry["backends"]),
@@ -322,7 +402,18 @@ class Hooks:
 
     def _cache_clear(self) -> None:
         self._need_shared_cache("clear")
-        self.client.clear_dynamo_cache()
+        self._cache_client().clear_dynamo_cache()
+
+
+def _record_for_hot_load(entry: Any, key: str) -> None:
+    """Records a saved entry for torch.compiler's hot load, as torch's
+    ``DiskDynamoStore.write`` does (``save_cache_artifacts()`` serialises it)."""
+    from torch._dynamo.package import PrecompileCacheArtifact
+    from torch.compiler._cache import CacheArtifactRecorder
+
+    CacheArtifactRecorder(PrecompileCacheArtifact.type(), key).record(
+        pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+    )
 
 
 def _debug_info(answer: Dict[str, Any]) -> Dict[str, Any]:
