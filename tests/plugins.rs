@@ -78,6 +78,14 @@ const C_FIXTURES: &[(&str, &[&str])] = &[
     ("ctor_abort", &["-DCTOR_ABORT"]),
     ("ctor_loop", &["-DCTOR_LOOP"]),
     (
+        "c_null_sink",
+        &[
+            r#"-DPLUGIN_NAME="c-null-sink""#,
+            r#"-DKIND="c_null_sink""#,
+            "-DNULL_SINK_PTR",
+        ],
+    ),
+    (
         "c_hang",
         &[r#"-DPLUGIN_NAME="c-hang""#, r#"-DKIND="c_hang""#, "-DHANG"],
     ),
@@ -553,6 +561,35 @@ fn a_non_utf8_kind_name_is_refused() {
 fn an_invalid_kind_name_is_refused() {
     let (_, e) = refused_beside_good("bad_kind_name");
     assert_contains(&e.to_string(), &["`Bad Kind` is not a valid name"]);
+}
+
+/// Before, a sink took a write of `len` bytes from a null pointer as a write of nothing and
+/// answered OK: a plugin that ignored that answer gave shorter bytes than it meant (here none)
+/// and pcx served them, or committed them as an edit's result, as right.
+#[test]
+fn a_plugin_writing_from_a_null_pointer_with_a_length_is_refused_not_served_short() {
+    let s = Setup::new();
+    s.c("c_null_sink");
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    assert!(kinds.problems().is_empty(), "{:#?}", kinds.problems());
+    let e = kinds
+        .after_deserialization("b1", "c_null_sink", b"abc")
+        .expect_err("bytes it did not give are not served");
+    assert_contains(
+        &e.to_string(),
+        &[
+            "c-null-sink",
+            "c_null_sink",
+            "wrote 3 bytes from a null pointer",
+        ],
+    );
+    let e = kinds
+        .edit("k", "c_null_sink", "append", b"xy", b"abc")
+        .expect_err("an edit's result it did not give is not taken");
+    assert_contains(
+        &e.to_string(),
+        &["c-null-sink", "wrote 2 bytes from a null pointer", "edit"],
+    );
 }
 
 #[test]
