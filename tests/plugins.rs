@@ -86,6 +86,14 @@ const C_FIXTURES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "c_kind_twice",
+        &[
+            r#"-DPLUGIN_NAME="c-kind-twice""#,
+            r#"-DKIND="c_twice""#,
+            r#"-DKIND2="c_twice""#,
+        ],
+    ),
+    (
         "c_hang",
         &[r#"-DPLUGIN_NAME="c-hang""#, r#"-DKIND="c_hang""#, "-DHANG"],
     ),
@@ -590,6 +598,13 @@ fn a_plugin_writing_from_a_null_pointer_with_a_length_is_refused_not_served_shor
         &e.to_string(),
         &["c-null-sink", "wrote 2 bytes from a null pointer", "edit"],
     );
+}
+
+/// Before, a plugin listing one kind twice loaded, and `plugins list` showed the kind twice.
+#[test]
+fn a_plugin_listing_one_kind_twice_is_refused() {
+    let (_, e) = refused_beside_good("c_kind_twice");
+    assert_contains(&e.to_string(), &["kinds[1] `c_twice` is listed twice"]);
 }
 
 #[test]

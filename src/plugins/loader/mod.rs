@@ -236,6 +236,12 @@ unsafe fn names(
                 format!("{what}[{i}] `{name}` is not a valid name ([a-z0-9_.-]{{1,64}})"),
             ));
         }
+        if out.contains(&name) {
+            return Err(invalid(
+                path,
+                format!("{what}[{i}] `{name}` is listed twice"),
+            ));
+        }
         out.push(name);
     }
     Ok(out)
