@@ -832,6 +832,31 @@ fn a_plugin_writing_more_than_the_output_limit_is_refused() {
     assert_eq!(unb64(&extra[1]["artifact"]["content_b64"]), b"echo me");
 }
 
+/// Before, a plugin edit's result was committed without the check content gets at record: an
+/// edit giving content the plugin's own `after_deserialization` refuses was acknowledged, and
+/// every later load of the artifact (and of the entries using it) failed.
+#[test]
+fn a_plugin_edit_whose_result_its_plugin_refuses_is_refused_and_changes_nothing() {
+    let (_, extra) = misbehaving_load(
+        "fixture_echo",
+        &[],
+        &[
+            plugin_edit("fine", "unloadable", b""),
+            serialize("fine"),
+            load("fine_entry"),
+        ],
+    );
+    let message = assert_failed(&extra[0], "plugin_failed");
+    assert_contains(
+        &message,
+        &["misbehaving 0.3.1", "`fixture_echo`", "unloadable content"],
+    );
+    assert_eq!(unb64(&extra[1]["artifact"]["content_b64"]), b"echo me");
+    assert_ok(&extra[2]);
+    let fine = &extra[2]["deserialized"]["fine"];
+    assert_eq!(unb64(&fine["content_b64"]), b"echo me", "{fine}");
+}
+
 #[test]
 fn a_missing_plugin_directory_is_reported_and_eager_still_works() {
     let s = Setup::new();
@@ -989,7 +1014,7 @@ fn plugins_list_shows_name_version_abi_kinds_and_path() {
              "kinds": ["c_upper"], "edits": ["append"], "target": HOST_TARGET, "path": c},
             {"name": "misbehaving", "version": "0.3.1", "abi": "1.0",
              "kinds": ["fixture_panic", "fixture_error", "fixture_flood", "fixture_echo"],
-             "edits": ["panic", "flood", "fail"], "target": HOST_TARGET, "path": m},
+             "edits": ["panic", "flood", "fail", "unloadable"], "target": HOST_TARGET, "path": m},
         ])
     );
 
