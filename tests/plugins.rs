@@ -86,6 +86,14 @@ const C_FIXTURES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "c_chatty",
+        &[
+            r#"-DPLUGIN_NAME="c-chatty""#,
+            r#"-DKIND="c_chatty""#,
+            "-DCTOR_PRINTF",
+        ],
+    ),
+    (
         "c_kind_twice",
         &[
             r#"-DPLUGIN_NAME="c-kind-twice""#,
@@ -1024,6 +1032,20 @@ fn plugins_list_shows_name_version_abi_kinds_and_path() {
         off.assert_success().answer(),
         json!({"plugin_dir": null, "plugins": [], "problems": []})
     );
+}
+
+/// Before, the check child's answer was its last line on stdout, so a library that printed on
+/// stdout while loading (here a C constructor's buffered `printf`, flushed at exit, after the
+/// answer) was refused "with no answer" by `plugins check`, `plugins list`, `serve` and
+/// `batch`, though nothing was wrong with it.
+#[test]
+fn a_plugin_printing_on_stdout_while_loading_is_not_refused_by_its_check() {
+    let s = Setup::new();
+    let chatty = s.c("c_chatty");
+    let out = run(s.pcx(&["plugins", "check", chatty.to_str().unwrap()]), b"");
+    let answer = out.assert_success().answer();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["plugin"]["kinds"], json!(["c_chatty"]));
 }
 
 #[test]

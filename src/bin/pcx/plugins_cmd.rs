@@ -41,11 +41,17 @@ pub(crate) fn plugins_command(command: PluginsCommand, config: &Config) -> Resul
             })
         }
         PluginsCommand::Probe { path } => {
+            // The answer goes out on a copy of stdout; stdout itself is pointed at stderr
+            // before the library loads, so what it prints (while loading, or from a buffer
+            // flushed at exit) cannot pass for, or bury, the answer.
+            let mut out = answer_channel()?;
             let answer = match probe(&path) {
                 Ok(p) => json!({"ok": true, "plugin": plugin_json(&p)}),
                 Err(e) => json!({"ok": false, "error": e}),
             };
-            println!("{answer}");
+            use std::io::Write as _;
+            writeln!(out, "{answer}").context("writing the probe's answer")?;
+            out.flush().context("writing the probe's answer")?;
             Ok(if answer["ok"] == true {
                 ExitCode::SUCCESS
             } else {
@@ -61,6 +67,24 @@ pub(crate) fn plugins_command(command: PluginsCommand, config: &Config) -> Resul
                 ExitCode::FAILURE
             })
         }
+    }
+}
+
+/// A copy of stdout for the probe's answer, stdout itself then pointing at stderr.
+fn answer_channel() -> Result<std::fs::File> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: dup and dup2 on the standard descriptors have no memory-safety preconditions;
+    // the copy is a new descriptor owned by the `File` alone.
+    unsafe {
+        let copy = libc::dup(libc::STDOUT_FILENO);
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error()).context("copying stdout");
+        }
+        let answer = std::fs::File::from_raw_fd(copy);
+        if libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) < 0 {
+            return Err(std::io::Error::last_os_error()).context("pointing stdout at stderr");
+        }
+        Ok(answer)
     }
 }
 
