@@ -1048,6 +1048,35 @@ fn a_plugin_printing_on_stdout_while_loading_is_not_refused_by_its_check() {
     assert_eq!(answer["plugin"]["kinds"], json!(["c_chatty"]));
 }
 
+/// Before, a library loaded in `pcx batch` (or `plugins list`) that printed on stdout put its
+/// text among the answers, a line that is not JSON in the protocol's channel.
+#[test]
+fn a_plugin_printing_on_stdout_does_not_corrupt_batch_answers() {
+    let s = Setup::new();
+    s.c("c_chatty");
+    let (answers, Run { stderr, .. }) = batch_with(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record_kind("c1", "c_chatty", b"abc"),
+            record_forward("fwd", &["c1"]),
+            save(),
+            load("fwd"),
+        ],
+    );
+    answers.iter().for_each(assert_ok);
+    assert_eq!(
+        unb64(&answers[3]["deserialized"]["c1"]["content_b64"]),
+        b"ABC"
+    );
+    assert_contains(&stderr, &["c-chatty: loaded"]);
+    let list = run(s.pcx_plugins(&["plugins", "list"]), b"");
+    let answer = list.assert_success().answer();
+    assert_eq!(answer["plugins"][0]["name"], "c-chatty", "{answer}");
+    let one = run(s.pcx_plugins(&["load", "fwd"]), b"");
+    let answer = one.assert_success().answer();
+    assert_eq!(unb64(&answer["deserialized"]["c1"]["content_b64"]), b"ABC");
+}
+
 #[test]
 fn plugins_check_accepts_a_good_plugin_and_says_what_is_wrong_with_a_bad_one() {
     let s = Setup::new();

@@ -26,14 +26,18 @@ pub(crate) fn plugins_command(command: PluginsCommand, config: &Config) -> Resul
                 );
                 return Ok(ExitCode::SUCCESS);
             };
+            let mut out = answer_channel()?;
             let timeout = std::time::Duration::from_millis(config.plugin_call_timeout_ms);
             let kinds = pcx::plugins::kinds::Kinds::load_with(&dir, usize::MAX, timeout);
             let plugins: Vec<Value> = kinds.plugins().iter().map(|p| plugin_json(p)).collect();
             let problems: Vec<String> = kinds.problems().iter().map(|e| e.to_string()).collect();
-            println!(
+            use std::io::Write as _;
+            writeln!(
+                out,
                 "{}",
                 json!({"plugin_dir": dir, "plugins": plugins, "problems": problems})
-            );
+            )
+            .context("writing the plugin list")?;
             Ok(if problems.is_empty() {
                 ExitCode::SUCCESS
             } else {
@@ -70,8 +74,10 @@ pub(crate) fn plugins_command(command: PluginsCommand, config: &Config) -> Resul
     }
 }
 
-/// A copy of stdout for the probe's answer, stdout itself then pointing at stderr.
-fn answer_channel() -> Result<std::fs::File> {
+/// A copy of stdout for this process's answers, stdout itself then pointing at stderr: a
+/// plugin loaded in this process that prints on stdout (while loading, or from a buffer
+/// flushed at exit) cannot mix its text into the answers.
+pub(crate) fn answer_channel() -> Result<std::fs::File> {
     use std::os::fd::FromRawFd as _;
     // SAFETY: dup and dup2 on the standard descriptors have no memory-safety preconditions;
     // the copy is a new descriptor owned by the `File` alone.
