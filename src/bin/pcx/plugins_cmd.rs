@@ -82,13 +82,15 @@ pub(crate) fn answer_channel() -> Result<std::fs::File> {
     // SAFETY: dup and dup2 on the standard descriptors have no memory-safety preconditions;
     // the copy is a new descriptor owned by the `File` alone.
     unsafe {
-        let copy = libc::dup(libc::STDOUT_FILENO);
+        // Above the standard descriptors, so the copy never takes the place of a closed stderr.
+        let copy = libc::fcntl(libc::STDOUT_FILENO, libc::F_DUPFD_CLOEXEC, 3);
         if copy < 0 {
             return Err(std::io::Error::last_os_error()).context("copying stdout");
         }
         let answer = std::fs::File::from_raw_fd(copy);
+        // With stderr closed there is nowhere better: stdout stays as it was.
         if libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) < 0 {
-            return Err(std::io::Error::last_os_error()).context("pointing stdout at stderr");
+            tracing::debug!(error = %std::io::Error::last_os_error(), "stdout left as it was");
         }
         Ok(answer)
     }
