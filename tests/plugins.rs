@@ -78,6 +78,30 @@ const C_FIXTURES: &[(&str, &[&str])] = &[
     ("ctor_abort", &["-DCTOR_ABORT"]),
     ("ctor_loop", &["-DCTOR_LOOP"]),
     (
+        "c_null_sink",
+        &[
+            r#"-DPLUGIN_NAME="c-null-sink""#,
+            r#"-DKIND="c_null_sink""#,
+            "-DNULL_SINK_PTR",
+        ],
+    ),
+    (
+        "c_chatty",
+        &[
+            r#"-DPLUGIN_NAME="c-chatty""#,
+            r#"-DKIND="c_chatty""#,
+            "-DCTOR_PRINTF",
+        ],
+    ),
+    (
+        "c_kind_twice",
+        &[
+            r#"-DPLUGIN_NAME="c-kind-twice""#,
+            r#"-DKIND="c_twice""#,
+            r#"-DKIND2="c_twice""#,
+        ],
+    ),
+    (
         "c_hang",
         &[r#"-DPLUGIN_NAME="c-hang""#, r#"-DKIND="c_hang""#, "-DHANG"],
     ),
@@ -555,6 +579,42 @@ fn an_invalid_kind_name_is_refused() {
     assert_contains(&e.to_string(), &["`Bad Kind` is not a valid name"]);
 }
 
+/// Before, a sink took a write of `len` bytes from a null pointer as a write of nothing and
+/// answered OK: a plugin that ignored that answer gave shorter bytes than it meant (here none)
+/// and pcx served them, or committed them as an edit's result, as right.
+#[test]
+fn a_plugin_writing_from_a_null_pointer_with_a_length_is_refused_not_served_short() {
+    let s = Setup::new();
+    s.c("c_null_sink");
+    let kinds = Kinds::load(&s.plugins(), usize::MAX);
+    assert!(kinds.problems().is_empty(), "{:#?}", kinds.problems());
+    let e = kinds
+        .after_deserialization("b1", "c_null_sink", b"abc")
+        .expect_err("bytes it did not give are not served");
+    assert_contains(
+        &e.to_string(),
+        &[
+            "c-null-sink",
+            "c_null_sink",
+            "wrote 3 bytes from a null pointer",
+        ],
+    );
+    let e = kinds
+        .edit("k", "c_null_sink", "append", b"xy", b"abc")
+        .expect_err("an edit's result it did not give is not taken");
+    assert_contains(
+        &e.to_string(),
+        &["c-null-sink", "wrote 2 bytes from a null pointer", "edit"],
+    );
+}
+
+/// Before, a plugin listing one kind twice loaded, and `plugins list` showed the kind twice.
+#[test]
+fn a_plugin_listing_one_kind_twice_is_refused() {
+    let (_, e) = refused_beside_good("c_kind_twice");
+    assert_contains(&e.to_string(), &["kinds[1] `c_twice` is listed twice"]);
+}
+
 #[test]
 fn two_plugins_claiming_one_kind_the_first_keeps_it_and_the_second_registers_nothing() {
     let s = Setup::new();
@@ -780,6 +840,31 @@ fn a_plugin_writing_more_than_the_output_limit_is_refused() {
     assert_eq!(unb64(&extra[1]["artifact"]["content_b64"]), b"echo me");
 }
 
+/// Before, a plugin edit's result was committed without the check content gets at record: an
+/// edit giving content the plugin's own `after_deserialization` refuses was acknowledged, and
+/// every later load of the artifact (and of the entries using it) failed.
+#[test]
+fn a_plugin_edit_whose_result_its_plugin_refuses_is_refused_and_changes_nothing() {
+    let (_, extra) = misbehaving_load(
+        "fixture_echo",
+        &[],
+        &[
+            plugin_edit("fine", "unloadable", b""),
+            serialize("fine"),
+            load("fine_entry"),
+        ],
+    );
+    let message = assert_failed(&extra[0], "plugin_failed");
+    assert_contains(
+        &message,
+        &["misbehaving 0.3.1", "`fixture_echo`", "unloadable content"],
+    );
+    assert_eq!(unb64(&extra[1]["artifact"]["content_b64"]), b"echo me");
+    assert_ok(&extra[2]);
+    let fine = &extra[2]["deserialized"]["fine"];
+    assert_eq!(unb64(&fine["content_b64"]), b"echo me", "{fine}");
+}
+
 #[test]
 fn a_missing_plugin_directory_is_reported_and_eager_still_works() {
     let s = Setup::new();
@@ -937,7 +1022,7 @@ fn plugins_list_shows_name_version_abi_kinds_and_path() {
              "kinds": ["c_upper"], "edits": ["append"], "target": HOST_TARGET, "path": c},
             {"name": "misbehaving", "version": "0.3.1", "abi": "1.0",
              "kinds": ["fixture_panic", "fixture_error", "fixture_flood", "fixture_echo"],
-             "edits": ["panic", "flood", "fail"], "target": HOST_TARGET, "path": m},
+             "edits": ["panic", "flood", "fail", "unloadable"], "target": HOST_TARGET, "path": m},
         ])
     );
 
@@ -947,6 +1032,49 @@ fn plugins_list_shows_name_version_abi_kinds_and_path() {
         off.assert_success().answer(),
         json!({"plugin_dir": null, "plugins": [], "problems": []})
     );
+}
+
+/// Before, the check child's answer was its last line on stdout, so a library that printed on
+/// stdout while loading (here a C constructor's buffered `printf`, flushed at exit, after the
+/// answer) was refused "with no answer" by `plugins check`, `plugins list`, `serve` and
+/// `batch`, though nothing was wrong with it.
+#[test]
+fn a_plugin_printing_on_stdout_while_loading_is_not_refused_by_its_check() {
+    let s = Setup::new();
+    let chatty = s.c("c_chatty");
+    let out = run(s.pcx(&["plugins", "check", chatty.to_str().unwrap()]), b"");
+    let answer = out.assert_success().answer();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["plugin"]["kinds"], json!(["c_chatty"]));
+}
+
+/// Before, a library loaded in `pcx batch` (or `plugins list`) that printed on stdout put its
+/// text among the answers, a line that is not JSON in the protocol's channel.
+#[test]
+fn a_plugin_printing_on_stdout_does_not_corrupt_batch_answers() {
+    let s = Setup::new();
+    s.c("c_chatty");
+    let (answers, Run { stderr, .. }) = batch_with(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record_kind("c1", "c_chatty", b"abc"),
+            record_forward("fwd", &["c1"]),
+            save(),
+            load("fwd"),
+        ],
+    );
+    answers.iter().for_each(assert_ok);
+    assert_eq!(
+        unb64(&answers[3]["deserialized"]["c1"]["content_b64"]),
+        b"ABC"
+    );
+    assert_contains(&stderr, &["c-chatty: loaded"]);
+    let list = run(s.pcx_plugins(&["plugins", "list"]), b"");
+    let answer = list.assert_success().answer();
+    assert_eq!(answer["plugins"][0]["name"], "c-chatty", "{answer}");
+    let one = run(s.pcx_plugins(&["load", "fwd"]), b"");
+    let answer = one.assert_success().answer();
+    assert_eq!(unb64(&answer["deserialized"]["c1"]["content_b64"]), b"ABC");
 }
 
 #[test]

@@ -117,8 +117,12 @@ impl Handler<EditArtifact> for ContextActor {
                         key: key.clone(),
                         message,
                     })?,
+                    // The result gets the check content gets at record: content its own
+                    // plugin refuses would fail every later load.
                     Edit::Plugin { op, args } => {
-                        this.plugin_edit(&key, &current.kind, op, args, content)?
+                        let edited = this.plugin_edit(&key, &current.kind, op, args, content)?;
+                        this.plugin_check(&key, &current.kind, &edited)?;
+                        edited
                     }
                 };
                 let r = this.store_content(&key, &current.kind, edited)?;

@@ -15,10 +15,12 @@ use pcx::interface::protocol::{self};
 use pcx::Context;
 
 pub(crate) async fn batch(config: Config) -> Result<ExitCode> {
+    // Answers go out on a copy of stdout, line by line as stdout would; what a plugin prints
+    // on stdout goes to stderr.
+    let mut stdout = io::LineWriter::new(crate::plugins_cmd::answer_channel()?);
     let ctx =
         Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
     let stdin = io::BufReader::with_capacity(1 << 16, io::stdin());
-    let mut stdout = io::stdout().lock();
     let summary = pcx::interface::batch::run(
         &ctx,
         stdin,

@@ -181,11 +181,16 @@ async fn run(command: Command, config: Config, scope: Option<Scope>) -> Result<E
             }
         },
     };
+    // What a plugin loaded here prints on stdout goes to stderr, not after the answer.
+    let mut out = crate::plugins_cmd::answer_channel()?;
     let ctx =
         Context::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?;
     let answer = protocol::submit(&ctx, request).await;
     let closed = ctx.close().await;
-    println!("{answer}");
+    {
+        use std::io::Write as _;
+        writeln!(out, "{answer}").context("writing the answer")?;
+    }
     if let Err(e) = closed {
         anyhow::bail!("closing the data directory: {e}");
     }

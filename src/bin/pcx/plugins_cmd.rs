@@ -26,14 +26,18 @@ pub(crate) fn plugins_command(command: PluginsCommand, config: &Config) -> Resul
                 );
                 return Ok(ExitCode::SUCCESS);
             };
+            let mut out = answer_channel()?;
             let timeout = std::time::Duration::from_millis(config.plugin_call_timeout_ms);
             let kinds = pcx::plugins::kinds::Kinds::load_with(&dir, usize::MAX, timeout);
             let plugins: Vec<Value> = kinds.plugins().iter().map(|p| plugin_json(p)).collect();
             let problems: Vec<String> = kinds.problems().iter().map(|e| e.to_string()).collect();
-            println!(
+            use std::io::Write as _;
+            writeln!(
+                out,
                 "{}",
                 json!({"plugin_dir": dir, "plugins": plugins, "problems": problems})
-            );
+            )
+            .context("writing the plugin list")?;
             Ok(if problems.is_empty() {
                 ExitCode::SUCCESS
             } else {
@@ -41,11 +45,17 @@ pub(crate) fn plugins_command(command: PluginsCommand, config: &Config) -> Resul
             })
         }
         PluginsCommand::Probe { path } => {
+            // The answer goes out on a copy of stdout; stdout itself is pointed at stderr
+            // before the library loads, so what it prints (while loading, or from a buffer
+            // flushed at exit) cannot pass for, or bury, the answer.
+            let mut out = answer_channel()?;
             let answer = match probe(&path) {
                 Ok(p) => json!({"ok": true, "plugin": plugin_json(&p)}),
                 Err(e) => json!({"ok": false, "error": e}),
             };
-            println!("{answer}");
+            use std::io::Write as _;
+            writeln!(out, "{answer}").context("writing the probe's answer")?;
+            out.flush().context("writing the probe's answer")?;
             Ok(if answer["ok"] == true {
                 ExitCode::SUCCESS
             } else {
@@ -61,6 +71,28 @@ pub(crate) fn plugins_command(command: PluginsCommand, config: &Config) -> Resul
                 ExitCode::FAILURE
             })
         }
+    }
+}
+
+/// A copy of stdout for this process's answers, stdout itself then pointing at stderr: a
+/// plugin loaded in this process that prints on stdout (while loading, or from a buffer
+/// flushed at exit) cannot mix its text into the answers.
+pub(crate) fn answer_channel() -> Result<std::fs::File> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: dup and dup2 on the standard descriptors have no memory-safety preconditions;
+    // the copy is a new descriptor owned by the `File` alone.
+    unsafe {
+        // Above the standard descriptors, so the copy never takes the place of a closed stderr.
+        let copy = libc::fcntl(libc::STDOUT_FILENO, libc::F_DUPFD_CLOEXEC, 3);
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error()).context("copying stdout");
+        }
+        let answer = std::fs::File::from_raw_fd(copy);
+        // With stderr closed there is nowhere better: stdout stays as it was.
+        if libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) < 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "stdout left as it was");
+        }
+        Ok(answer)
     }
 }
 

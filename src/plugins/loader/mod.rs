@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use pcx_plugin_abi::{
     AfterDeserializationFn, DescribeFn, DropValueFn, EditFn, EntryFn, PcxBytes, PcxErrorBuf,
-    PcxSink, PluginDescriptor, Status, ABI_MAJOR, CAP_EDIT, ENTRY_SYMBOL, MAGIC, STATUS_OK,
-    STATUS_OUTPUT_LIMIT, STATUS_PANIC,
+    PcxSink, PluginDescriptor, Status, ABI_MAJOR, CAP_EDIT, ENTRY_SYMBOL, MAGIC, STATUS_ERROR,
+    STATUS_OK, STATUS_OUTPUT_LIMIT, STATUS_PANIC,
 };
 
 /// The oldest ABI minor this host accepts.
@@ -236,6 +236,12 @@ unsafe fn names(
                 format!("{what}[{i}] `{name}` is not a valid name ([a-z0-9_.-]{{1,64}})"),
             ));
         }
+        if out.contains(&name) {
+            return Err(invalid(
+                path,
+                format!("{what}[{i}] `{name}` is listed twice"),
+            ));
+        }
         out.push(name);
     }
     Ok(out)
@@ -350,6 +356,9 @@ struct SinkBuf {
     bytes: Vec<u8>,
     limit: usize,
     overflowed: bool,
+    /// The length of a write the plugin made from a null pointer: bytes it said it gave but
+    /// did not, so the output would be shorter than the plugin meant.
+    null_write: Option<usize>,
 }
 
 unsafe extern "C" fn sink_write(ctx: *mut c_void, ptr: *const u8, len: usize) -> Status {
@@ -358,6 +367,10 @@ unsafe extern "C" fn sink_write(ctx: *mut c_void, ptr: *const u8, len: usize) ->
         let Some(buf) = (unsafe { ctx.cast::<SinkBuf>().as_mut() }) else {
             return STATUS_OUTPUT_LIMIT;
         };
+        if ptr.is_null() && len > 0 {
+            buf.null_write.get_or_insert(len);
+            return STATUS_ERROR;
+        }
         if buf.bytes.len().saturating_add(len) > buf.limit {
             buf.overflowed = true;
             return STATUS_OUTPUT_LIMIT;
@@ -376,6 +389,7 @@ impl SinkBuf {
             bytes: Vec::new(),
             limit,
             overflowed: false,
+            null_write: None,
         }
     }
     fn sink(&mut self) -> PcxSink {
@@ -471,6 +485,21 @@ impl LoadedPlugin {
         }
     }
 
+    /// A sink written from a null pointer (`what` names the sink), if one was.
+    fn null_write(&self, kind: &str, what: &str, sink: &SinkBuf) -> Result<(), PluginError> {
+        match sink.null_write {
+            None => Ok(()),
+            Some(len) => Err(PluginError::Failed {
+                plugin: self.name.clone(),
+                version: self.version.clone(),
+                kind: kind.into(),
+                message: format!(
+                    "wrote {len} bytes from a null pointer into {what} (a length that lies)"
+                ),
+            }),
+        }
+    }
+
     fn overflow(&self, kind: &str, limit: usize) -> PluginError {
         PluginError::OutputLimit {
             plugin: self.name.clone(),
@@ -518,6 +547,8 @@ impl LoadedPlugin {
         let status = unsafe { (self.describe)(handle, &mut bytes_sink, &mut json_sink, err.buf()) };
         // SAFETY: released exactly once, by the plugin that made it.
         unsafe { (self.drop_value)(handle) };
+        self.null_write(kind, "the bytes sink of describe", &bytes)?;
+        self.null_write(kind, "the JSON sink of describe", &json)?;
         if bytes.overflowed {
             return Err(self.overflow(kind, limit));
         }
@@ -577,6 +608,7 @@ impl LoadedPlugin {
                 err.buf(),
             )
         };
+        self.null_write(kind, "the sink of edit", &out)?;
         if out.overflowed {
             return Err(self.overflow(kind, limit));
         }
