@@ -436,20 +436,8 @@ fn truncated_library_is_refused(keep: usize) {
         &[&bad_text, "cannot be loaded"],
     );
 
-    let (answers, Run { stderr, .. }) = batch_with(
-        s.pcx_plugins(&["batch"]),
-        &[
-            record_kind("c1", "c_upper", b"still served"),
-            record_forward("fwd", &["c1"]),
-            save(),
-            load("fwd"),
-        ],
-    );
-    answers.iter().for_each(assert_ok);
-    assert_eq!(
-        unb64(&answers[3]["deserialized"]["c1"]["content_b64"]),
-        b"STILL SERVED"
-    );
+    let (c1, stderr) = served_through_batch(&s, "c_upper", b"still served");
+    assert_eq!(unb64(&c1["content_b64"]), b"STILL SERVED");
     assert_contains(&stderr, &[&bad_text]);
 }
 
@@ -647,17 +635,8 @@ fn two_plugins_claiming_one_kind_the_first_keeps_it_and_the_second_registers_not
     assert!(matches!(e, ContextError::NoPlugin { .. }), "{e:?}");
 
     // Through the binary: the first plugin serves the kind.
-    let (answers, Run { stderr, .. }) = batch_with(
-        s.pcx_plugins(&["batch"]),
-        &[
-            record_kind("c1", "c_upper", b"mine"),
-            record_forward("fwd", &["c1"]),
-            save(),
-            load("fwd"),
-        ],
-    );
-    answers.iter().for_each(assert_ok);
-    assert_eq!(answers[3]["deserialized"]["c1"]["plugin"], "c-upper");
+    let (c1, stderr) = served_through_batch(&s, "c_upper", b"mine");
+    assert_eq!(c1["plugin"], "c-upper");
     assert_contains(&stderr, &["liba_first.so", "libb_second.so"]);
 }
 
@@ -1054,20 +1033,8 @@ fn a_plugin_printing_on_stdout_while_loading_is_not_refused_by_its_check() {
 fn a_plugin_printing_on_stdout_does_not_corrupt_batch_answers() {
     let s = Setup::new();
     s.c("c_chatty");
-    let (answers, Run { stderr, .. }) = batch_with(
-        s.pcx_plugins(&["batch"]),
-        &[
-            record_kind("c1", "c_chatty", b"abc"),
-            record_forward("fwd", &["c1"]),
-            save(),
-            load("fwd"),
-        ],
-    );
-    answers.iter().for_each(assert_ok);
-    assert_eq!(
-        unb64(&answers[3]["deserialized"]["c1"]["content_b64"]),
-        b"ABC"
-    );
+    let (c1, stderr) = served_through_batch(&s, "c_chatty", b"abc");
+    assert_eq!(unb64(&c1["content_b64"]), b"ABC");
     assert_contains(&stderr, &["c-chatty: loaded"]);
     let list = run(s.pcx_plugins(&["plugins", "list"]), b"");
     let answer = list.assert_success().answer();
@@ -1622,6 +1589,22 @@ async fn a_failed_commit_aborts_the_loads_queued_behind_it() {
 // 6. plugins that never return, constructors that crash or loop, files anyone could write
 
 /// `pcx batch` with the plugin directory and a plugin call deadline of `deadline_ms`.
+/// Through `pcx batch`: `c1` recorded under `kind`, forwarded by an entry, saved and loaded,
+/// every answer ok; gives what the load deserialized for `c1`, and the run's stderr.
+fn served_through_batch(s: &Setup, kind: &str, content: &[u8]) -> (Value, String) {
+    let (answers, Run { stderr, .. }) = batch_with(
+        s.pcx_plugins(&["batch"]),
+        &[
+            record_kind("c1", kind, content),
+            record_forward("fwd", &["c1"]),
+            save(),
+            load("fwd"),
+        ],
+    );
+    answers.iter().for_each(assert_ok);
+    (answers[3]["deserialized"]["c1"].clone(), stderr)
+}
+
 fn batch_with_deadline(s: &Setup, deadline_ms: &str) -> Command {
     let mut cmd = s.pcx_plugins(&["batch"]);
     cmd.env("PCX_PLUGIN_CALL_TIMEOUT_MS", deadline_ms);
@@ -1907,20 +1890,8 @@ fn a_library_whose_constructor_aborts_is_refused_with_a_message() {
         );
     }
     // Everything else is served, as with any other broken plugin.
-    let (answers, Run { stderr, .. }) = batch_with(
-        s.pcx_plugins(&["batch"]),
-        &[
-            record_kind("c1", "c_upper", b"served"),
-            record_forward("fwd", &["c1"]),
-            save(),
-            load("fwd"),
-        ],
-    );
-    answers.iter().for_each(assert_ok);
-    assert_eq!(
-        unb64(&answers[3]["deserialized"]["c1"]["content_b64"]),
-        b"SERVED"
-    );
+    let (c1, stderr) = served_through_batch(&s, "c_upper", b"served");
+    assert_eq!(unb64(&c1["content_b64"]), b"SERVED");
     assert_contains(&stderr, &[&abort.display().to_string(), "SIGABRT"]);
 }
 
