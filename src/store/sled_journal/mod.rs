@@ -155,6 +155,15 @@ impl SledJournal {
         }
     }
 
+    /// The writer's turn, then sled's handles, in that order: a write waiting for its turn
+    /// must not hold on to the handles of a directory a compaction in place is replacing.
+    fn writers_turn(
+        &self,
+    ) -> Result<(std::sync::MutexGuard<'_, ()>, std::sync::Arc<Handles>), StoreError> {
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        Ok((writer, self.h()?))
+    }
+
     /// sled's handles, or an error while they are being reopened.
     fn h(&self) -> Result<std::sync::Arc<Handles>, StoreError> {
         self.handles
@@ -200,10 +209,7 @@ impl SledJournal {
     /// it (`record` keeps them), durably. The record is written first, so no crash leaves
     /// the snapshots gone without it.
     pub fn accept_lost_tail(&self, record: &[u8], ahead: &[u64]) -> Result<(), StoreError> {
-        // The writer's turn first, then the handles: a write waiting for its turn must not
-        // hold on to the handles of a directory a compaction in place is replacing.
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let h = self.h()?;
+        let (_writer, h) = self.writers_turn()?;
         let n = h.meta.scan_prefix(LOST_TAIL_PREFIX).count() as u64;
         let mut key = LOST_TAIL_PREFIX.to_vec();
         key.extend_from_slice(&seq_key(n));
@@ -220,10 +226,7 @@ impl SledJournal {
 
     /// Empties every tree (a refused import takes back what it wrote).
     pub fn wipe(&self) -> Result<(), StoreError> {
-        // The writer's turn first, then the handles: a write waiting for its turn must not
-        // hold on to the handles of a directory a compaction in place is replacing.
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let h = self.h()?;
+        let (_writer, h) = self.writers_turn()?;
         let trees = [
             &h.pages,
             &h.packs,
@@ -418,10 +421,7 @@ impl Journal for SledJournal {
     }
 
     fn commit(&self, c: &Commit) -> Result<(), StoreError> {
-        // The writer's turn first, then the handles: a write waiting for its turn must not
-        // hold on to the handles of a directory a compaction in place is replacing.
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let h = self.h()?;
+        let (_writer, h) = self.writers_turn()?;
         let staged = self.stage(&h, c.blobs.iter().map(|(d, b)| (d, b.as_slice())));
         let mut written = Written::default();
         match self.try_commit(&h, c, &staged, &mut written) {
@@ -568,8 +568,7 @@ impl Journal for SledJournal {
     }
 
     fn rewrite_cache_view(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let h = self.h()?;
+        let (_writer, h) = self.writers_turn()?;
         h.cache
             .clear()
             .map_err(sled_err("rewriting the dynamo cache"))?;
